@@ -1,0 +1,35 @@
+"""Shared test fixtures: a temp work dir and a loader for the hyphenated scripts."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+from types import ModuleType
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def load_script(name: str) -> ModuleType:
+    """Imports a top-level script such as 'data-extractor.py' as a module."""
+    path = REPO / name
+    module_name = path.stem.replace('-', '_')
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def work_dir(tmp_path: pathlib.Path) -> str:
+    """An empty work dir, as a string path."""
+    path = tmp_path / 'work'
+    path.mkdir()
+    return str(path)

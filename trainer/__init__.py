@@ -1,0 +1,1 @@
+"""Biased matrix factorisation for MovieLens ratings, and the names every stage shares."""

@@ -1,0 +1,288 @@
+"""Every name the stages share: dataset layouts, feature keys, specs, work-dir layout.
+
+The extractor, the Beam pipeline, the trainer, the exporter and the tests all
+import these names from here, so a column, a feature key or a sub-path is
+spelled exactly once.  This module holds no hyperparameters and imports no
+Beam (Dataflow workers and the training container both install it).
+
+Work-dir layout (a local path or ``gs://bucket/prefix``)::
+
+    WORK_DIR/
+      raw/                      data-extractor.py
+        source.json             what was staged: dataset, layout, url, md5
+        <ratings file>          as in the archive: u.data, ratings.dat, ratings.csv
+        <movies file>           as in the archive: u.item, movies.dat, movies.csv
+        truth.json              synthetic data only: the planted noise floor
+      transformed/              preprocess.py (refused when non-empty, unless --overwrite)
+        train-*.tfrecord.gz     gzipped tf.train.Example, TRANSFORMED_FEATURE_SPEC
+        eval-*.tfrecord.gz
+        transform_fn/           the TFT graph: raw ids -> vocabulary indices
+        transformed_metadata/
+        rejected/               rejected-*.csv: reason, line
+        dataset_info.json       counts and the train mean; written last
+      model/                    python -m trainer.task
+        checkpoints/
+        export/                 SavedModel, serving_default(user_id, movie_id) -> rating
+        loss_log.csv            one row per epoch
+        metrics.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import posixpath
+from typing import Any
+
+import tensorflow as tf
+
+# --- Raw features: one MovieLens rating. -------------------------------------
+USER_ID = 'user_id'
+MOVIE_ID = 'movie_id'
+RATING = 'rating'
+TIMESTAMP = 'timestamp'
+RAW_COLUMNS = (USER_ID, MOVIE_ID, RATING, TIMESTAMP)
+
+RAW_FEATURE_SPEC = {
+    USER_ID: tf.io.FixedLenFeature([], tf.string),
+    MOVIE_ID: tf.io.FixedLenFeature([], tf.string),
+    RATING: tf.io.FixedLenFeature([], tf.float32),
+    TIMESTAMP: tf.io.FixedLenFeature([], tf.int64),
+}
+
+# --- Transformed features: what the trainer reads. ---------------------------
+USER = 'user'  # int64 index into the user vocabulary; OOV is the last row.
+ITEM = 'item'  # int64 index into the movie vocabulary; OOV is the last row.
+
+TRANSFORMED_FEATURE_SPEC = {
+    USER: tf.io.FixedLenFeature([], tf.int64),
+    ITEM: tf.io.FixedLenFeature([], tf.int64),
+    RATING: tf.io.FixedLenFeature([], tf.float32),
+    USER_ID: tf.io.FixedLenFeature([], tf.string),
+    MOVIE_ID: tf.io.FixedLenFeature([], tf.string),
+}
+
+USER_VOCAB = 'user_vocab'
+MOVIE_VOCAB = 'movie_vocab'
+# One out-of-vocabulary bucket per vocabulary, so an id unseen in training gets
+# its own row (index == vocabulary size) instead of TFT's default -1, which an
+# embedding lookup would silently read as the last real row.
+NUM_OOV_BUCKETS = 1
+
+TRAIN = 'train'
+EVAL = 'eval'
+SPLITS = (TRAIN, EVAL)
+
+# --- Work-dir layout. ----------------------------------------------------------
+RAW_DIR = 'raw'
+SOURCE_FILE = 'source.json'
+TRUTH_FILE = 'truth.json'
+TRANSFORMED_DIR = 'transformed'
+REJECTED_DIR = 'rejected'
+DATASET_INFO_FILE = 'dataset_info.json'
+TFRECORD_SUFFIX = '.tfrecord.gz'
+MODEL_DIR = 'model'
+CHECKPOINT_DIR = 'checkpoints'
+EXPORT_DIR = 'export'
+LOSS_LOG_FILE = 'loss_log.csv'
+METRICS_FILE = 'metrics.json'
+
+# Columns of the loss log, in order.
+LOSS_LOG_COLUMNS = (
+    'epoch', 'train_mse', 'train_rmse', 'train_mae',
+    'eval_mse', 'eval_rmse', 'eval_mae', 'seconds')
+
+
+def join(*parts: str) -> str:
+    """Joins path parts with '/', for local paths and gs:// URLs alike."""
+    return posixpath.join(*parts)
+
+
+def raw_dir(work_dir: str) -> str:
+    return join(work_dir, RAW_DIR)
+
+
+def transformed_dir(work_dir: str) -> str:
+    """The preprocessing output; also the directory `tft.TFTransformOutput` reads."""
+    return join(work_dir, TRANSFORMED_DIR)
+
+
+def split_prefix(work_dir: str, split: str) -> str:
+    """The TFRecord shard prefix of one split, e.g. WORK_DIR/transformed/train."""
+    return join(transformed_dir(work_dir), split)
+
+
+def split_pattern(work_dir: str, split: str) -> str:
+    """The glob that matches every TFRecord shard of one split."""
+    return split_prefix(work_dir, split) + '-*' + TFRECORD_SUFFIX
+
+
+def default_model_dir(work_dir: str) -> str:
+    return join(work_dir, MODEL_DIR)
+
+
+# --- Dataset layouts. ------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DatasetLayout:
+    """How one GroupLens archive stores its ratings and titles.
+
+    Attributes:
+      name: the --dataset value.
+      url: the download address, or None when there is nothing to download.
+      md5: the archive's published MD5 checksum, or None where GroupLens
+        updates the archive in place (ml-latest-small), so none is stable.
+      ratings_member: the ratings file's path inside the zip.
+      ratings_separator: the field separator of the ratings file.
+      ratings_header: whether the ratings file starts with a header line.
+      movies_member: the movie-title file's path inside the zip.
+      movies_separator: the field separator of the movie-title file.
+      movies_encoding: the movie-title file's text encoding.
+      rating_min: the lowest rating on the scale.
+      rating_max: the highest rating on the scale.
+      rating_step: 1.0 for whole stars, 0.5 for half stars.
+    """
+    name: str
+    url: str | None
+    md5: str | None
+    ratings_member: str
+    ratings_separator: str
+    ratings_header: bool
+    movies_member: str
+    movies_separator: str
+    movies_encoding: str
+    rating_min: float
+    rating_max: float
+    rating_step: float
+
+    @property
+    def ratings_file(self) -> str:
+        """The staged ratings file's name under raw/."""
+        return posixpath.basename(self.ratings_member)
+
+    @property
+    def movies_file(self) -> str:
+        """The staged movie-title file's name under raw/."""
+        return posixpath.basename(self.movies_member)
+
+
+_GROUPLENS = 'https://files.grouplens.org/datasets/movielens/'
+
+
+def _csv_layout(name: str, folder: str, md5: str | None) -> DatasetLayout:
+    return DatasetLayout(
+        name=name, url=f'{_GROUPLENS}{name}.zip', md5=md5,
+        ratings_member=f'{folder}/ratings.csv', ratings_separator=',',
+        ratings_header=True, movies_member=f'{folder}/movies.csv',
+        movies_separator=',', movies_encoding='utf-8',
+        rating_min=0.5, rating_max=5.0, rating_step=0.5)
+
+
+def _dat_layout(name: str, folder: str, md5: str, encoding: str,
+                rating_min: float, rating_step: float) -> DatasetLayout:
+    return DatasetLayout(
+        name=name, url=f'{_GROUPLENS}{name}.zip', md5=md5,
+        ratings_member=f'{folder}/ratings.dat', ratings_separator='::',
+        ratings_header=False, movies_member=f'{folder}/movies.dat',
+        movies_separator='::', movies_encoding=encoding,
+        rating_min=rating_min, rating_max=5.0, rating_step=rating_step)
+
+
+ML_100K = DatasetLayout(
+    name='ml-100k', url=f'{_GROUPLENS}ml-100k.zip',
+    md5='0e33842e24a9c977be4e0107933c0723',
+    ratings_member='ml-100k/u.data', ratings_separator='\t',
+    ratings_header=False, movies_member='ml-100k/u.item',
+    movies_separator='|', movies_encoding='latin-1',
+    rating_min=1.0, rating_max=5.0, rating_step=1.0)
+
+DATASETS: dict[str, DatasetLayout] = {
+    layout.name: layout for layout in (
+        ML_100K,
+        _dat_layout('ml-1m', 'ml-1m', 'c4d9eecfca2ab87c1945afe126590906',
+                    'latin-1', rating_min=1.0, rating_step=1.0),
+        _dat_layout('ml-10m', 'ml-10M100K', 'ce571fd55effeba0271552578f2648bd',
+                    'utf-8', rating_min=0.5, rating_step=0.5),
+        _csv_layout('ml-20m', 'ml-20m', 'cd245b17a1ae2cc31bb14903e1204af3'),
+        _csv_layout('ml-25m', 'ml-25m', '6b51fb2759a8657d3bfcbfc42b592ada'),
+        _csv_layout('ml-latest-small', 'ml-latest-small', None),
+    )
+}
+
+SYNTHETIC = 'synthetic'
+DATASET_CHOICES = (*DATASETS, SYNTHETIC)
+DEFAULT_DATASET = ML_100K.name
+
+
+# --- Hand-offs between stages (JSON, never pickles). ---------------------------
+@dataclasses.dataclass(frozen=True)
+class SourceInfo:
+    """What data-extractor.py staged under raw/ (raw/source.json).
+
+    Attributes:
+      dataset: the --dataset value (a DATASETS key or 'synthetic').
+      layout: the DATASETS key whose file layout the staged files follow.
+      source: where the archive came from (URL or path).
+      md5: the archive's MD5 as computed while staging.
+    """
+    dataset: str
+    layout: str
+    source: str
+    md5: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What preprocess.py wrote (transformed/dataset_info.json).
+
+    Counts satisfy rows_read == rows_accepted + rows_rejected and
+    rows_accepted == train_ratings + eval_ratings.
+    """
+    dataset: str
+    layout: str
+    seed: int
+    eval_percent: float
+    rows_read: int
+    rows_accepted: int
+    rows_rejected: int
+    rejected_by_reason: dict[str, int]
+    train_ratings: int
+    eval_ratings: int
+    users: int
+    movies: int
+    train_mean_rating: float
+    global_mean_eval_rmse: float
+    rating_min: float
+    rating_max: float
+    train_pattern: str
+    eval_pattern: str
+    noise_floor_rmse: float | None = None
+    source_md5: str = ''
+
+
+def to_json(record: Any) -> str:
+    """Serialises a SourceInfo or DatasetInfo (or a plain dict) as JSON."""
+    if dataclasses.is_dataclass(record):
+        record = dataclasses.asdict(record)
+    return json.dumps(record, indent=2, sort_keys=True) + '\n'
+
+
+def write_json(path: str, record: Any) -> None:
+    """Writes JSON through tf.io.gfile, atomically where the storage allows."""
+    tmp = path + '.tmp'
+    with tf.io.gfile.GFile(tmp, 'w') as f:
+        f.write(to_json(record))
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def read_json(path: str) -> dict[str, Any]:
+    with tf.io.gfile.GFile(path) as f:
+        return json.load(f)
+
+
+def read_source_info(work_dir: str) -> SourceInfo:
+    return SourceInfo(**read_json(join(raw_dir(work_dir), SOURCE_FILE)))
+
+
+def read_dataset_info(work_dir: str) -> DatasetInfo:
+    return DatasetInfo(
+        **read_json(join(transformed_dir(work_dir), DATASET_INFO_FILE)))
