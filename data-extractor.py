@@ -1,0 +1,428 @@
+"""Fetches, checks and stages one MovieLens archive under WORK_DIR/raw/.
+
+Owns getting ratings into the work dir (a local path or gs://bucket/prefix,
+written only through tf.io.gfile); never parses or cleans rows (preprocess.py
+does). Usage::
+
+    python data-extractor.py --work-dir DIR [--dataset ml-100k] [--data-sources URL_OR_PATH]
+    python data-extractor.py --work-dir DIR --dataset synthetic [--num-ratings 100000 ...]
+
+Where the archive comes from: the GroupLens URL in features.DATASETS, or
+--data-sources (http(s) URL, local path, file:// URL or gs:// path of a zip in
+the GroupLens layout of --dataset). `--dataset synthetic` writes one with
+trainer.synthetic (layout --synthetic-layout), whose truth.json is staged too.
+
+Checks, before anything lands in raw/:
+  * MD5, when the table has one and the archive is named like the official
+    one (ml-100k.zip): a download from the official URL, a mirror or a copy
+    claims to be that archive, so it must match byte for byte. Any other
+    name (a subset, a synthetic zip) has no known MD5: it is staged as is
+    and its MD5 recorded in source.json.
+  * It is a zip holding the layout's ratings member, and no entry has an
+    absolute path or '..' (such an archive is refused, not partly used).
+
+Staging: the ratings member, and the movies and truth.json members when
+present, land in raw/ under their basenames, each written to a .tmp name and
+renamed; raw/source.json (features.SourceInfo) is written last and marks a
+complete staging. A re-run for the same dataset and source reuses it and
+fetches nothing; other staged data (or files without source.json) are refused
+unless --overwrite, which clears raw/ once the new archive has passed its
+checks.
+
+Exit status: 0 staged or reused, 1 a fetch or check failed (one error line),
+2 bad flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import http.client
+import logging
+import os
+import posixpath
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+import zipfile
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+from trainer import features
+from trainer import synthetic
+
+logger = logging.getLogger(__name__)
+
+_COPY_BYTES = 8 << 20
+_PROGRESS_MIN_BYTES = 16 << 20
+_REMOTE_SCHEMES = ('http', 'https', 'gs')
+_WAYS_FORWARD = ('without network, pass --dataset synthetic, or fetch the zip elsewhere '
+                 'and pass --data-sources PATH')
+_SYNTHETIC_FLAGS = {'num_users': '--num-users', 'num_movies': '--num-movies',
+                    'num_ratings': '--num-ratings', 'seed': '--seed',
+                    'synthetic_layout': '--synthetic-layout'}
+
+
+class ExtractError(Exception):
+    """A failure the user can act on; main logs its message as one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractorConfig:
+    """What to stage where.
+
+    Attributes:
+      work_dir: local path or gs://bucket/prefix; files land in WORK_DIR/raw/.
+      dataset: a features.DATASET_CHOICES value.
+      data_source: the archive to use instead of the GroupLens URL.
+      overwrite: whether other staged data may be cleared.
+      synthetic: what to generate; set exactly when dataset is 'synthetic'.
+      download_timeout: seconds a download may wait for data.
+    """
+    work_dir: str
+    dataset: str = features.DEFAULT_DATASET
+    data_source: str | None = None
+    overwrite: bool = False
+    synthetic: synthetic.SyntheticConfig | None = None
+    download_timeout: float = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where the archive comes from, as recorded in source.json."""
+    location: str
+    layout: features.DatasetLayout
+    expected_md5: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Staged:
+    """What raw/ holds after a run."""
+    info: features.SourceInfo
+    file_bytes: dict[str, int]
+    rating_lines: int | None  # None when reused: nothing was read
+    md5_verified: bool
+    reused: bool
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n\n')[0],
+        epilog='Details: the docstring at the top of data-extractor.py.')
+    parser.add_argument('--work-dir', required=True,
+                        help='local directory or gs://bucket/prefix; files land in WORK_DIR/raw/')
+    parser.add_argument('--dataset', choices=features.DATASET_CHOICES,
+                        default=features.DEFAULT_DATASET, help='default: %(default)s')
+    parser.add_argument('--data-sources', metavar='URL_OR_PATH',
+                        help='zip in the GroupLens layout of --dataset, used instead of the '
+                             'GroupLens URL: http(s) URL, local path, file:// URL or gs:// '
+                             'path; MD5-checked when named like the official archive')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='clear WORK_DIR/raw/ when it holds other staged data')
+    parser.add_argument('--download-timeout', type=float, default=60.0, metavar='SECONDS',
+                        help='give up a download that stalls this long (default: %(default)s)')
+    defaults = synthetic.SyntheticConfig()
+    group = parser.add_argument_group('--dataset synthetic only')
+    group.add_argument('--num-users', type=int, help=f'default: {defaults.num_users}')
+    group.add_argument('--num-movies', type=int, help=f'default: {defaults.num_movies}')
+    group.add_argument('--num-ratings', type=int, help=f'default: {defaults.num_ratings}')
+    group.add_argument('--seed', type=int, help=f'default: {defaults.seed}')
+    group.add_argument('--synthetic-layout', choices=tuple(features.DATASETS),
+                       help=f'file layout and rating scale (default: {defaults.layout})')
+    return parser
+
+
+def config_from_args(parser: argparse.ArgumentParser,
+                     args: argparse.Namespace) -> ExtractorConfig:
+    """Validates the flags; calls parser.error (exit 2) with one line on a bad one."""
+    if not args.work_dir.strip():
+        parser.error("--work-dir '': pass a local directory or gs://bucket/prefix")
+    if args.download_timeout <= 0:
+        parser.error(f'--download-timeout {args.download_timeout}: must be > 0 seconds')
+    if args.dataset != features.SYNTHETIC:
+        for name, flag in _SYNTHETIC_FLAGS.items():
+            if getattr(args, name) is not None:
+                parser.error(f'{flag} {getattr(args, name)}: applies only to --dataset '
+                             f'synthetic, not {args.dataset}; drop it or pass --dataset synthetic')
+        if args.data_sources is not None:
+            check_data_source(parser, args.data_sources)
+        return ExtractorConfig(
+            work_dir=args.work_dir, dataset=args.dataset, data_source=args.data_sources,
+            overwrite=args.overwrite, download_timeout=args.download_timeout)
+    if args.data_sources is not None:
+        parser.error(f'--data-sources {args.data_sources}: --dataset synthetic generates '
+                     'its archive; drop --data-sources or pick the dataset it holds')
+    return ExtractorConfig(
+        work_dir=args.work_dir, dataset=args.dataset, overwrite=args.overwrite,
+        synthetic=synthetic_config(parser, args), download_timeout=args.download_timeout)
+
+
+def check_data_source(parser: argparse.ArgumentParser, value: str) -> None:
+    scheme = urllib.parse.urlparse(value).scheme
+    if scheme not in ('', 'file', *_REMOTE_SCHEMES):
+        parser.error(f'--data-sources {value}: scheme {scheme}:// is not supported; '
+                     'pass a local path or a file://, http(s):// or gs:// URL')
+    if scheme in ('', 'file') and not os.path.isfile(local_path(value)):
+        parser.error(f'--data-sources {value}: no such file; pass the path of a zip')
+
+
+def synthetic_config(parser: argparse.ArgumentParser,
+                     args: argparse.Namespace) -> synthetic.SyntheticConfig:
+    chosen = {name: getattr(args, name) for name in _SYNTHETIC_FLAGS
+              if getattr(args, name) is not None}
+    for name, value in chosen.items():
+        lowest = 0 if name == 'seed' else 1
+        if name != 'synthetic_layout' and value < lowest:
+            parser.error(f'{_SYNTHETIC_FLAGS[name]} {value}: must be >= {lowest}')
+    if 'synthetic_layout' in chosen:
+        chosen['layout'] = chosen.pop('synthetic_layout')
+    sizes = {**dataclasses.asdict(synthetic.SyntheticConfig()), **chosen}
+    try:
+        return synthetic.SyntheticConfig(**chosen)
+    except ValueError as error:
+        parser.error(f"--num-users {sizes['num_users']} --num-movies {sizes['num_movies']} "
+                     f"--num-ratings {sizes['num_ratings']}: {error}")
+
+
+def local_path(location: str) -> str:
+    """The absolute local path of a path or file:// URL."""
+    parsed = urllib.parse.urlparse(location)
+    path = urllib.request.url2pathname(parsed.path) if parsed.scheme == 'file' else location
+    return os.path.abspath(path)
+
+
+def resolve_source(config: ExtractorConfig) -> Source:
+    """Where the archive comes from and which MD5 it must have, if any."""
+    if config.synthetic is not None:
+        settings = ','.join(f'{key}={value}' for key, value
+                            in dataclasses.asdict(config.synthetic).items())
+        return Source(location=f'{features.SYNTHETIC}:{settings}',
+                      layout=features.DATASETS[config.synthetic.layout], expected_md5=None)
+    layout = features.DATASETS[config.dataset]
+    location = config.data_source or layout.url
+    if urllib.parse.urlparse(location).scheme in _REMOTE_SCHEMES:
+        name = posixpath.basename(urllib.parse.urlparse(location).path)
+    else:
+        location = local_path(location)
+        name = os.path.basename(location)
+    named_official = name == posixpath.basename(urllib.parse.urlparse(layout.url).path)
+    return Source(location=location, layout=layout,
+                  expected_md5=layout.md5 if named_official else None)
+
+
+def find_staged(work_dir: str, dataset: str, location: str,
+                overwrite: bool) -> features.SourceInfo | None:
+    """The staging to reuse; None when raw/ is free (or --overwrite will clear it).
+
+    Raises:
+      ExtractError: raw/ holds other data and overwrite is False.
+    """
+    raw_dir = features.raw_dir(work_dir)
+    if not tf.io.gfile.isdir(raw_dir) or not tf.io.gfile.listdir(raw_dir) or overwrite:
+        return None
+    if not tf.io.gfile.exists(features.join(raw_dir, features.SOURCE_FILE)):
+        raise ExtractError(f'{raw_dir} holds files but no {features.SOURCE_FILE} (an '
+                           'interrupted run?); pass --overwrite to clear it')
+    staged = features.read_source_info(work_dir)
+    if staged.dataset != dataset or staged.source != location:
+        raise ExtractError(f'{raw_dir} already holds {staged.dataset} from {staged.source}; '
+                           f'pass --overwrite to replace it with {dataset} from {location}')
+    return staged
+
+
+def obtain_archive(config: ExtractorConfig, source: Source, temp_dir: str) -> str:
+    """Returns a local path of the zip: generated, downloaded, copied or as given."""
+    if config.synthetic is not None:
+        path = os.path.join(temp_dir, f'{features.SYNTHETIC}.zip')
+        logger.info('generating %d synthetic ratings (layout %s, seed %d)',
+                    config.synthetic.num_ratings, config.synthetic.layout, config.synthetic.seed)
+        synthetic.write_archive(path, config.synthetic)
+        return path
+    scheme = urllib.parse.urlparse(source.location).scheme
+    if scheme not in _REMOTE_SCHEMES:
+        return source.location
+    path = os.path.join(temp_dir, posixpath.basename(
+        urllib.parse.urlparse(source.location).path) or 'archive.zip')
+    if scheme == 'gs':
+        logger.info('copying %s', source.location)
+        try:
+            tf.io.gfile.copy(source.location, path, overwrite=True)
+        except tf.errors.OpError as error:
+            raise ExtractError(f'cannot copy {source.location}: {error.message}') from None
+    else:
+        download(source.location, path, config.download_timeout)
+    return path
+
+
+def download(url: str, path: str, timeout: float) -> None:
+    """Streams url into the local file path, logging progress for big files.
+
+    Raises:
+      ExtractError: the server cannot be reached or the transfer breaks off.
+    """
+    logger.info('downloading %s', url)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(path, 'wb') as out:
+            total = int(response.headers.get('Content-Length') or 0)
+            done, next_report = 0, total / 10
+            while chunk := response.read(_COPY_BYTES):
+                out.write(chunk)
+                done += len(chunk)
+                if total >= _PROGRESS_MIN_BYTES and done >= next_report:
+                    logger.info('downloaded %d of %d MiB', done >> 20, total >> 20)
+                    next_report += total / 10
+    except (OSError, http.client.HTTPException) as error:
+        reason = getattr(error, 'reason', None) or error
+        raise ExtractError(f'cannot download {url} ({reason}); {_WAYS_FORWARD}') from None
+
+
+def file_md5(path: str) -> str:
+    digest = hashlib.md5()
+    with open(path, 'rb') as stream:
+        while chunk := stream.read(_COPY_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def members_to_stage(path: str, source: Source) -> list[str]:
+    """The archive members to stage: ratings, then movies and truth.json if present.
+
+    Raises:
+      ExtractError: not a zip, an entry escapes the target, or no ratings member.
+    """
+    if not zipfile.is_zipfile(path):
+        raise ExtractError(f'{source.location} is not a zip archive')
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    unsafe = [name for name in names if is_unsafe(name)]
+    if unsafe:
+        raise ExtractError(f'{source.location} has entries with an absolute path or "..", '
+                           f'e.g. {unsafe[0]!r}; refusing the whole archive')
+    layout = source.layout
+    if layout.ratings_member not in names:
+        raise ExtractError(f'{source.location} has no {layout.ratings_member}, so it is not '
+                           f'a {layout.name} archive (it holds {len(names)} entries)')
+    truth = posixpath.join(posixpath.dirname(layout.ratings_member), features.TRUTH_FILE)
+    if layout.movies_member not in names:
+        logger.warning('%s has no %s: staging ratings without titles',
+                       source.location, layout.movies_member)
+    return [name for name in (layout.ratings_member, layout.movies_member, truth)
+            if name in names]
+
+
+def is_unsafe(name: str) -> bool:
+    """Whether a zip entry name could land outside the directory it is unpacked in."""
+    parts = name.replace('\\', '/').split('/')
+    return name.startswith(('/', '\\')) or '..' in parts or ':' in parts[0]
+
+
+def clear_raw_dir(raw_dir: str) -> None:
+    """Deletes raw/, the completion marker first, so a crash leaves nothing that looks good."""
+    if not tf.io.gfile.isdir(raw_dir):
+        return
+    logger.warning('--overwrite: deleting %s and its %d entries',
+                   raw_dir, len(tf.io.gfile.listdir(raw_dir)))
+    marker = features.join(raw_dir, features.SOURCE_FILE)
+    if tf.io.gfile.exists(marker):
+        tf.io.gfile.remove(marker)
+    tf.io.gfile.rmtree(raw_dir)
+
+
+def stage_members(path: str, members: list[str], raw_dir: str,
+                  layout: features.DatasetLayout) -> tuple[dict[str, int], int]:
+    """Copies members into raw_dir under their basenames, each via a .tmp name.
+
+    Returns:
+      Bytes per staged file name, and the ratings file's rating lines.
+    """
+    tf.io.gfile.makedirs(raw_dir)
+    file_bytes, newlines = {}, 0
+    with zipfile.ZipFile(path) as archive:
+        for member in members:
+            name = posixpath.basename(member)
+            target = features.join(raw_dir, name)
+            size = 0
+            with archive.open(member) as stream, tf.io.gfile.GFile(target + '.tmp', 'wb') as out:
+                while chunk := stream.read(_COPY_BYTES):
+                    out.write(chunk)
+                    size += len(chunk)
+                    if member == layout.ratings_member:
+                        newlines += chunk.count(b'\n')
+            tf.io.gfile.rename(target + '.tmp', target, overwrite=True)
+            file_bytes[name] = size
+            logger.info('staged %s (%d bytes)', target, size)
+    return file_bytes, newlines - int(layout.ratings_header)
+
+
+def extract(config: ExtractorConfig) -> Staged:
+    """Stages the configured archive in WORK_DIR/raw/, or reuses what is there.
+
+    Raises:
+      ExtractError: fetching or a check failed; raw/ then holds no new source.json.
+    """
+    source = resolve_source(config)
+    raw_dir = features.raw_dir(config.work_dir)
+    staged = find_staged(config.work_dir, config.dataset, source.location, config.overwrite)
+    if staged is not None:
+        logger.info('reusing %s already staged in %s from %s', staged.dataset, raw_dir,
+                    staged.source)
+        sizes = {name: tf.io.gfile.stat(features.join(raw_dir, name)).length
+                 for name in sorted(tf.io.gfile.listdir(raw_dir))}
+        return Staged(info=staged, file_bytes=sizes, rating_lines=None,
+                      md5_verified=source.expected_md5 == staged.md5, reused=True)
+    with tempfile.TemporaryDirectory(prefix='data-extractor-') as temp_dir:
+        path = obtain_archive(config, source, temp_dir)
+        md5 = file_md5(path)
+        if source.expected_md5 is not None and md5 != source.expected_md5:
+            raise ExtractError(f'{source.location} has MD5 {md5}, but {source.layout.name} '
+                               f'should have {source.expected_md5}: corrupt or changed '
+                               'download; fetch it again')
+        members = members_to_stage(path, source)
+        if config.overwrite:
+            clear_raw_dir(raw_dir)
+        file_bytes, rating_lines = stage_members(path, members, raw_dir, source.layout)
+    info = features.SourceInfo(dataset=config.dataset, layout=source.layout.name,
+                               source=source.location, md5=md5)
+    features.write_json(features.join(raw_dir, features.SOURCE_FILE), info)
+    return Staged(info=info, file_bytes=file_bytes, rating_lines=rating_lines,
+                  md5_verified=source.expected_md5 is not None, reused=False)
+
+
+def format_summary(staged: Staged, work_dir: str, seconds: float) -> str:
+    info = staged.info
+    check = 'verified' if staged.md5_verified else 'no published MD5 to check'
+    verb = 'Reused' if staged.reused else 'Staged'
+    lines = [f'{verb} {info.dataset} (layout {info.layout}) in {features.raw_dir(work_dir)}, '
+             f'{seconds:.1f} s',
+             f'  source: {info.source}',
+             f'  md5:    {info.md5} ({check})']
+    for name, size in staged.file_bytes.items():
+        count = (f', {staged.rating_lines:,} ratings' if staged.rating_lines is not None
+                 and name == features.DATASETS[info.layout].ratings_file else '')
+        lines.append(f'  file:   {name} ({size:,} bytes{count})')
+    if staged.reused:
+        lines.append('  nothing fetched: same dataset and source as staged before')
+    return '\n'.join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    config = config_from_args(parser, parser.parse_args(argv))
+    logging.basicConfig(level=logging.INFO,
+                        format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    start = time.monotonic()
+    try:
+        staged = extract(config)
+    except ExtractError as error:
+        logger.error('%s', error)
+        return 1
+    print(format_summary(staged, config.work_dir, time.monotonic() - start))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

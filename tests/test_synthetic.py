@@ -1,0 +1,173 @@
+"""Tests of trainer/synthetic.py: counts, scales, planted answer, archive layout."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import pathlib
+import posixpath
+import zipfile
+
+import numpy as np
+import pytest
+
+from trainer import features
+from trainer import synthetic
+
+SMALL = dict(num_users=40, num_movies=60, num_ratings=900)
+
+
+@pytest.fixture(scope='module')
+def default_data() -> synthetic.SyntheticRatings:
+    return synthetic.generate(synthetic.SyntheticConfig())
+
+
+def read_member(path: pathlib.Path, member: str) -> bytes:
+    with zipfile.ZipFile(path) as archive:
+        return archive.read(member)
+
+
+def parse_ratings(text: str, layout: features.DatasetLayout) -> list[list[str]]:
+    lines = text.splitlines()
+    if layout.ratings_header:
+        assert lines[0] == 'userId,movieId,rating,timestamp'
+        lines = lines[1:]
+    return [line.split(layout.ratings_separator) for line in lines]
+
+
+def parse_titles(text: str, layout: features.DatasetLayout) -> list[str]:
+    if layout.movies_separator == ',':
+        rows = list(csv.reader(io.StringIO(text)))
+        assert rows[0] == ['movieId', 'title', 'genres']
+        assert all(len(row) == 3 for row in rows[1:])
+        return [row[1] for row in rows[1:]]
+    rows = [line.split(layout.movies_separator) for line in text.splitlines()]
+    assert {len(row) for row in rows} == {24 if layout.movies_separator == '|' else 3}
+    return [row[1] for row in rows]
+
+
+def test_same_seed_gives_same_bytes(tmp_path: pathlib.Path) -> None:
+    paths = [tmp_path / name for name in ('a.zip', 'b.zip', 'c.zip')]
+    synthetic.write_archive(str(paths[0]), synthetic.SyntheticConfig(**SMALL, seed=3))
+    synthetic.write_archive(str(paths[1]), synthetic.SyntheticConfig(**SMALL, seed=3))
+    synthetic.write_archive(str(paths[2]), synthetic.SyntheticConfig(**SMALL, seed=4))
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    assert paths[0].read_bytes() != paths[2].read_bytes()
+
+
+@pytest.mark.parametrize('sizes', [
+    SMALL,
+    dict(num_users=10, num_movies=10, num_ratings=50),  # every user at the floor and cap
+    dict(num_users=943, num_movies=1682, num_ratings=100_000),
+])
+def test_exact_counts_unique_pairs_and_user_floor(sizes: dict[str, int]) -> None:
+    data = synthetic.generate(synthetic.SyntheticConfig(**sizes))
+
+    assert data.ratings.size == sizes['num_ratings']
+    for column in (data.user_ids, data.movie_ids, data.timestamps, data.oracle):
+        assert column.shape == data.ratings.shape
+    pairs = data.user_ids.astype(np.int64) * (sizes['num_movies'] + 1) + data.movie_ids
+    assert np.unique(pairs).size == pairs.size
+    per_user = np.bincount(data.user_ids, minlength=sizes['num_users'] + 1)[1:]
+    floor = min(20, sizes['num_ratings'] // sizes['num_users'])
+    assert per_user.min() >= floor
+    assert per_user.max() <= sizes['num_movies'] // 2
+    assert data.movie_ids.min() >= 1 and data.movie_ids.max() <= sizes['num_movies']
+    assert len(data.titles) == sizes['num_movies']
+
+
+@pytest.mark.parametrize('layout_name', sorted(features.DATASETS))
+def test_archive_follows_layout_scale_and_step(
+        tmp_path: pathlib.Path, layout_name: str) -> None:
+    layout = features.DATASETS[layout_name]
+    config = synthetic.SyntheticConfig(**SMALL, layout=layout_name)
+    path = tmp_path / 'synthetic.zip'
+
+    truth = synthetic.write_archive(str(path), config)
+
+    data = synthetic.generate(config)
+    folder = posixpath.dirname(layout.ratings_member)
+    with zipfile.ZipFile(path) as archive:
+        assert set(archive.namelist()) == {
+            folder + '/', layout.ratings_member, layout.movies_member,
+            f'{folder}/{features.TRUTH_FILE}'}
+    assert json.loads(read_member(path, f'{folder}/{features.TRUTH_FILE}')) == truth
+    rows = parse_ratings(read_member(path, layout.ratings_member).decode('ascii'), layout)
+    assert len(rows) == config.num_ratings
+    written = np.array([float(row[2]) for row in rows])
+    np.testing.assert_array_equal(written, data.ratings)
+    np.testing.assert_array_equal([int(row[0]) for row in rows], data.user_ids)
+    np.testing.assert_array_equal([int(row[3]) for row in rows], data.timestamps)
+    steps = (written - layout.rating_min) / layout.rating_step
+    np.testing.assert_allclose(steps, np.round(steps))
+    assert written.min() >= layout.rating_min and written.max() <= layout.rating_max
+    if layout.rating_step == 1.0:
+        assert all(row[2].isdigit() for row in rows)  # '4', as u.data writes it
+    else:
+        assert all(len(row[2]) == 3 and row[2][1] == '.' for row in rows)  # '4.0', '3.5'
+        assert {row[2][2] for row in rows} == {'0', '5'}
+
+
+@pytest.mark.parametrize('layout_name', sorted(features.DATASETS))
+def test_titles_survive_the_layout_encoding(
+        tmp_path: pathlib.Path, layout_name: str) -> None:
+    layout = features.DATASETS[layout_name]
+    config = synthetic.SyntheticConfig(**SMALL, layout=layout_name)
+    path = tmp_path / 'synthetic.zip'
+    synthetic.write_archive(str(path), config)
+
+    text = read_member(path, layout.movies_member).decode(layout.movies_encoding)
+
+    titles = parse_titles(text, layout)
+    assert titles == synthetic.generate(config).titles
+    assert any(not title.isascii() for title in titles)
+    if layout.movies_separator == ',':
+        assert any(',' in title for title in titles)
+        assert any('"' in title for title in titles)
+
+
+def test_noise_floor_is_sane(default_data: synthetic.SyntheticRatings) -> None:
+    truth = default_data.truth
+    ratings = default_data.ratings.astype(np.float64)
+    noise_std = synthetic.SyntheticConfig().noise_std
+
+    assert truth['noise_floor_rmse'] == pytest.approx(
+        np.sqrt(np.mean((default_data.oracle - ratings) ** 2)))
+    assert truth['global_mean_rmse'] == pytest.approx(ratings.std())
+    assert truth['noise_floor_rmse'] < 0.8 * truth['global_mean_rmse']
+    # Rounding adds step**2 / 12 of variance, clipping takes some away.
+    assert 0.9 * noise_std < truth['noise_floor_rmse'] < np.sqrt(noise_std ** 2 + 1 / 12)
+    assert truth['rating_mean'] == pytest.approx(3.5, abs=0.1)
+    assert truth['rating_std'] == pytest.approx(1.1, abs=0.1)
+    assert truth['num_ratings'] == 100_000 and truth['rank'] == 3
+
+
+def test_popularity_and_activity_have_long_tails(
+        default_data: synthetic.SyntheticRatings) -> None:
+    per_movie = np.sort(np.bincount(default_data.movie_ids)[1:])[::-1]
+    per_user = np.bincount(default_data.user_ids)[1:]
+
+    top_tenth = per_movie[:per_movie.size // 10].sum() / per_movie.sum()
+    assert top_tenth > 0.3
+    assert (per_movie <= 3).sum() > 10
+    assert per_user.max() > 5 * np.median(per_user)
+    assert per_user.min() >= 20
+
+
+def test_timestamps_are_plausible(default_data: synthetic.SyntheticRatings) -> None:
+    seconds = default_data.timestamps
+    assert seconds.dtype == np.int64
+    assert seconds.min() >= 874_724_710 and seconds.max() <= 893_286_638
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(layout='ml-7k'), 'layout'),
+    (dict(num_users=10, num_ratings=40), 'num_ratings 40'),
+    (dict(num_users=10, num_movies=10, num_ratings=51), 'num_ratings 51'),
+    (dict(num_movies=9), 'num_movies'),
+    (dict(noise_std=-0.1), 'std'),
+])
+def test_bad_config_is_refused(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        synthetic.SyntheticConfig(**overrides)
