@@ -1,0 +1,101 @@
+"""Tests of trainer/config.py: defaults, flags, one-line errors, AIP_* overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from trainer import config, features, optimizers
+
+
+def test_defaults_put_everything_under_the_work_dir():
+    parsed = config.parse_args(['--work-dir', 'gs://bucket/work'], environ={})
+    assert parsed == config.TrainConfig(
+        work_dir='gs://bucket/work', model_dir='gs://bucket/work/model',
+        checkpoint_dir='gs://bucket/work/model/checkpoints',
+        export_dir='gs://bucket/work/model/export')
+    assert parsed.optimizer in optimizers.OPTIMIZERS
+    assert parsed.overwrite is False
+
+
+def test_kebab_case_flags_fill_the_fields():
+    parsed = config.parse_args([
+        '--work-dir', 'w', '--job-dir', 'out', '--optimizer', 'sgd',
+        '--learning-rate', '0.5', '--num-factors', '4', '--batch-size', '64',
+        '--num-epochs', '3', '--l2', '0', '--l2-bias', '0.2',
+        '--init-stddev', '0.01', '--seed', '9', '--shuffle-buffer', '10',
+        '--eval-batch-size', '100', '--overwrite'], environ={})
+    assert parsed == config.TrainConfig(
+        work_dir='w', model_dir='out', checkpoint_dir='out/checkpoints',
+        export_dir='out/export', optimizer='sgd', learning_rate=0.5,
+        num_factors=4, batch_size=64, num_epochs=3, l2=0.0, l2_bias=0.2,
+        init_stddev=0.01, seed=9, shuffle_buffer=10, eval_batch_size=100,
+        overwrite=True)
+
+
+def test_vertex_environment_moves_export_and_checkpoints():
+    environ = {config.ENV_MODEL_DIR: 'gs://b/aip/model',
+               config.ENV_CHECKPOINT_DIR: 'gs://b/aip/checkpoints'}
+    parsed = config.parse_args(['--work-dir', 'w'], environ=environ)
+    assert parsed.export_dir == 'gs://b/aip/model'
+    assert parsed.checkpoint_dir == 'gs://b/aip/checkpoints'
+    assert parsed.model_dir == features.default_model_dir('w')
+
+
+def test_empty_environment_values_count_as_unset():
+    parsed = config.parse_args(
+        ['--work-dir', 'w'], environ={config.ENV_MODEL_DIR: ''})
+    assert parsed.export_dir == 'w/model/export'
+
+
+def test_os_environ_is_read_when_no_mapping_is_given(monkeypatch):
+    monkeypatch.setenv(config.ENV_MODEL_DIR, '/tmp/aip-model')
+    assert config.parse_args(['--work-dir', 'w']).export_dir == '/tmp/aip-model'
+
+
+@pytest.mark.parametrize('flag, value', [
+    ('--learning-rate', '0'),
+    ('--learning-rate', 'fast'),
+    ('--learning-rate', 'nan'),
+    ('--num-factors', '0'),
+    ('--num-factors', '2.5'),
+    ('--batch-size', '-8'),
+    ('--num-epochs', '0'),
+    ('--l2', '-0.1'),
+    ('--l2-bias', 'inf'),
+    ('--init-stddev', '0'),
+    ('--seed', '-1'),
+    ('--optimizer', 'rmsprop'),
+])
+def test_bad_values_get_one_line_naming_flag_value_and_range(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        config.parse_args(['--work-dir', 'w', flag, value], environ={})
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines()
+              if 'error:' in line]
+    assert len(errors) == 1
+    assert flag in errors[0] and repr(value) in errors[0]
+    if flag != '--optimizer':
+        assert 'in [' in errors[0] or 'in (' in errors[0]
+        assert f'pass e.g. {flag} ' in errors[0]
+
+
+@pytest.mark.parametrize('argv', [
+    ['--work-dir', 'w', '--num_factors', '4'],  # snake case is not our style
+    ['--work-dir', 'w', '--num-fact', '4'],     # no abbreviations
+    ['--work-dir', 'w', '--epochs', '4'],
+    ['--num-epochs', '4'],                      # --work-dir is required
+    ['--work-dir', ''],
+])
+def test_unknown_missing_or_empty_flags_are_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        config.parse_args(argv, environ={})
+    assert exit_info.value.code == 2
+    assert 'error:' in capsys.readouterr().err
+
+
+def test_config_is_frozen():
+    parsed = config.parse_args(['--work-dir', 'w'], environ={})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        parsed.num_epochs = 3  # type: ignore[misc]

@@ -1,0 +1,81 @@
+"""Tests of trainer/task.py: main() from a preprocessed work dir to export and summary."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import preprocess
+from trainer import config, export, features, synthetic, task
+
+LAYOUT = features.ML_100K
+
+
+@pytest.fixture(scope='module')
+def preprocessed(tmp_path_factory) -> str:
+    """A work dir after preprocess.py ran on 1,500 staged synthetic ratings."""
+    work_dir = str(tmp_path_factory.mktemp('work'))
+    ratings = synthetic.generate(synthetic.SyntheticConfig(
+        num_users=60, num_movies=60, num_ratings=1_500, seed=2, noise_std=0.5))
+    raw_dir = features.raw_dir(work_dir)
+    os.makedirs(raw_dir)
+    lines = [f'{u}\t{m}\t{int(r)}\t{t}\n' for u, m, r, t in zip(
+        ratings.user_ids, ratings.movie_ids, ratings.ratings, ratings.timestamps)]
+    with open(os.path.join(raw_dir, LAYOUT.ratings_file), 'w', encoding='utf-8') as f:
+        f.writelines(lines)
+    features.write_json(os.path.join(raw_dir, features.SOURCE_FILE), features.SourceInfo(
+        dataset=features.SYNTHETIC, layout=LAYOUT.name, source='test', md5=''))
+    assert preprocess.main(['--work-dir', work_dir]) == 0
+    return work_dir
+
+
+def test_main_trains_exports_and_summarises(preprocessed, tmp_path, monkeypatch, capsys):
+    aip_model_dir = str(tmp_path / 'aip-model')
+    monkeypatch.setenv(config.ENV_MODEL_DIR, aip_model_dir)
+    model_dir = str(tmp_path / 'model')
+    assert task.main(['--work-dir', preprocessed, '--job-dir', model_dir,
+                      '--num-epochs', '3', '--batch-size', '64',
+                      '--learning-rate', '0.02', '--num-factors', '4']) == 0
+
+    with open(os.path.join(model_dir, features.LOSS_LOG_FILE), encoding='utf-8') as f:
+        log = f.read().splitlines()
+    assert log[0] == ','.join(features.LOSS_LOG_COLUMNS)
+    assert [line.split(',')[0] for line in log[1:]] == ['1', '2', '3']
+
+    info = features.read_dataset_info(preprocessed)
+    metrics = features.read_json(os.path.join(model_dir, features.METRICS_FILE))
+    assert metrics['epochs'] == 3 and metrics['epochs_this_run'] == 3
+    assert metrics['eval_rmse'] < info.global_mean_eval_rmse
+    assert metrics['global_mean_eval_rmse'] == pytest.approx(info.global_mean_eval_rmse)
+    assert metrics['export_dir'] == aip_model_dir
+    assert metrics['ratings_per_second'] > 0
+    assert metrics['config']['num_factors'] == 4
+
+    served = tf.saved_model.load(aip_model_dir).signatures[export.SIGNATURE](
+        user_id=tf.constant(['1', 'nobody']), movie_id=tf.constant(['1', '1']))
+    rating = served[features.RATING].numpy()
+    assert rating.shape == (2,) and np.all((rating >= 1) & (rating <= 5))
+    assert not os.path.exists(os.path.join(model_dir, features.EXPORT_DIR))
+
+    summary = capsys.readouterr().out
+    assert f'eval RMSE {metrics["eval_rmse"]:.4f}' in summary
+    assert f'predicting the train mean: {info.global_mean_eval_rmse:.4f}' in summary
+    for path in (aip_model_dir, os.path.join(model_dir, features.LOSS_LOG_FILE),
+                 os.path.join(model_dir, features.METRICS_FILE)):
+        assert path in summary
+
+    # Resuming that run with another shape is refused in one line.
+    assert task.main(['--work-dir', preprocessed, '--job-dir', model_dir,
+                      '--num-factors', '5']) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and '--overwrite' in errors[0]
+
+
+def test_main_without_preprocessing_says_what_to_run(work_dir, capsys):
+    assert task.main(['--work-dir', work_dir]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1
+    assert 'preprocess.py' in errors[0] and features.DATASET_INFO_FILE in errors[0]

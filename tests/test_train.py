@@ -1,0 +1,230 @@
+"""Tests of trainer/train.py and trainer/optimizers.py on small planted data."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import config, features, optimizers, synthetic, train
+
+# 150 users x 120 movies, 7,000 ratings: biases and rank-3 factors plus N(0, 0.5^2) noise.
+PLANTED = synthetic.SyntheticConfig(num_users=150, num_movies=120,
+                                    num_ratings=7_000, seed=4, noise_std=0.5)
+FAST = dict(num_factors=8, batch_size=128, learning_rate=0.01, num_epochs=4,
+            l2=0.05, eval_batch_size=1024)
+
+
+def _example(user: int, item: int, rating: float) -> bytes:
+    feature = {
+        features.USER: tf.train.Feature(int64_list=tf.train.Int64List(value=[user])),
+        features.ITEM: tf.train.Feature(int64_list=tf.train.Int64List(value=[item])),
+        features.RATING: tf.train.Feature(float_list=tf.train.FloatList(value=[rating])),
+    }
+    return tf.train.Example(
+        features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def _write_split(work_dir: str, split: str, users, items, ratings) -> None:
+    path = (features.split_prefix(work_dir, split) + '-00000-of-00001'
+            + features.TFRECORD_SUFFIX)
+    with tf.io.TFRecordWriter(path, options='GZIP') as writer:
+        for row in zip(users.tolist(), items.tolist(), ratings.tolist()):
+            writer.write(_example(*row))
+
+
+@pytest.fixture(scope='module')
+def planted(tmp_path_factory) -> tuple[features.DatasetInfo, int, int]:
+    """Transformed TFRecords of PLANTED (80/20 split), its DatasetInfo and vocab sizes.
+
+    Indices are id - 1; eval ids unseen in train map to the OOV row.
+    """
+    work_dir = str(tmp_path_factory.mktemp('planted'))
+    ratings = synthetic.generate(PLANTED)
+    is_eval = np.random.default_rng(0).random(ratings.ratings.size) < 0.2
+    train_users = np.isin(np.arange(PLANTED.num_users), ratings.user_ids[~is_eval] - 1)
+    train_items = np.isin(np.arange(PLANTED.num_movies), ratings.movie_ids[~is_eval] - 1)
+    users = np.where(train_users[ratings.user_ids - 1], ratings.user_ids - 1, PLANTED.num_users)
+    items = np.where(train_items[ratings.movie_ids - 1], ratings.movie_ids - 1, PLANTED.num_movies)
+    os.makedirs(features.transformed_dir(work_dir))
+    for split, mask in ((features.TRAIN, ~is_eval), (features.EVAL, is_eval)):
+        _write_split(work_dir, split, users[mask], items[mask], ratings.ratings[mask])
+    train_mean = float(ratings.ratings[~is_eval].mean())
+    eval_ratings = ratings.ratings[is_eval].astype(np.float64)
+    info = features.DatasetInfo(
+        dataset='synthetic', layout='ml-100k', seed=0, eval_percent=20.0,
+        rows_read=ratings.ratings.size, rows_accepted=ratings.ratings.size,
+        rows_rejected=0, rejected_by_reason={},
+        train_ratings=int((~is_eval).sum()), eval_ratings=int(is_eval.sum()),
+        users=PLANTED.num_users, movies=PLANTED.num_movies,
+        train_mean_rating=train_mean,
+        global_mean_eval_rmse=float(np.sqrt(np.mean((eval_ratings - train_mean) ** 2))),
+        rating_min=1.0, rating_max=5.0,
+        train_pattern=features.split_pattern(work_dir, features.TRAIN),
+        eval_pattern=features.split_pattern(work_dir, features.EVAL))
+    return info, PLANTED.num_users, PLANTED.num_movies
+
+
+def _run(planted, model_dir: str, **overrides) -> train.TrainResult:
+    info, num_users, num_movies = planted
+    settings = {**FAST, **overrides}
+    run_config = config.make_config(work_dir='unused', model_dir=model_dir,
+                                    **settings)
+    return train.train(run_config, info, num_users, num_movies)
+
+
+@pytest.fixture(scope='module')
+def four_epochs(planted, tmp_path_factory) -> train.TrainResult:
+    """One uninterrupted run of FAST, shared by several checks."""
+    return _run(planted, str(tmp_path_factory.mktemp('four') / 'model'))
+
+
+def _metrics(result: train.TrainResult) -> np.ndarray:
+    row = dataclasses.asdict(result.final)
+    return np.array([row[name] for name in features.LOSS_LOG_COLUMNS[1:-1]])
+
+
+def test_loss_log_columns_are_the_epoch_metrics_fields():
+    assert tuple(field.name for field in dataclasses.fields(train.EpochMetrics)) \
+        == features.LOSS_LOG_COLUMNS
+
+
+def test_training_beats_the_global_mean_and_the_loss_falls(planted, four_epochs):
+    info, _, _ = planted
+    history = four_epochs.history
+    assert [row.epoch for row in history] == [1, 2, 3, 4]
+    assert four_epochs.final.eval_rmse < 0.85 * info.global_mean_eval_rmse
+    train_mse = [row.train_mse for row in history]
+    assert train_mse == sorted(train_mse, reverse=True)
+    assert history[-1].eval_rmse < history[0].eval_rmse
+    assert four_epochs.ratings_trained == 4 * info.train_ratings
+
+
+def test_the_same_seed_gives_the_same_model(planted, four_epochs, tmp_path):
+    again = _run(planted, str(tmp_path / 'again'))
+    np.testing.assert_allclose(_metrics(again), _metrics(four_epochs), rtol=1e-6)
+    np.testing.assert_allclose(again.model.item_factors.numpy(),
+                               four_epochs.model.item_factors.numpy(), rtol=1e-6)
+    other = _run(planted, str(tmp_path / 'other'), seed=1)
+    assert not np.allclose(_metrics(other), _metrics(four_epochs), rtol=1e-4)
+
+
+def test_resuming_continues_the_run_and_keeps_one_log_row_per_epoch(
+        planted, four_epochs, tmp_path):
+    model_dir = str(tmp_path / 'model')
+    first = _run(planted, model_dir, num_epochs=2)
+    assert first.initial_epoch == 0
+    log_path = os.path.join(model_dir, features.LOSS_LOG_FILE)
+    # A run that died after logging epoch 3 but before its checkpoint.
+    with open(log_path, 'a', encoding='utf-8') as f:
+        f.write('3,9,9,9,9,9,9,9\n')
+    resumed = _run(planted, model_dir, num_epochs=4)
+    assert resumed.initial_epoch == 2
+    assert resumed.ratings_trained == 2 * planted[0].train_ratings
+    logged = train.read_loss_log(log_path)
+    assert [row.epoch for row in logged] == [1, 2, 3, 4]
+    assert logged[-1] == resumed.final
+    # Each epoch's shuffle is seeded by (seed, epoch) and the checkpoint holds
+    # the optimiser slots and step, so the resumed run repeats the same float
+    # operations in the same order: only the last bits may differ.
+    np.testing.assert_allclose(_metrics(resumed), _metrics(four_epochs), rtol=1e-6)
+
+
+def test_resuming_with_another_optimizer_is_refused(planted, tmp_path):
+    model_dir = str(tmp_path / 'model')
+    _run(planted, model_dir, num_epochs=1, optimizer='adam')
+    with pytest.raises(train.ResumeError, match='--overwrite'):
+        _run(planted, model_dir, num_epochs=2, optimizer='adagrad')
+    fresh = _run(planted, model_dir, num_epochs=1, optimizer='adagrad',
+                 overwrite=True)
+    assert fresh.initial_epoch == 0
+    assert [row.epoch for row in fresh.history] == [1]
+
+
+def test_a_finished_run_is_not_trained_again(planted, tmp_path):
+    model_dir = str(tmp_path / 'model')
+    done = _run(planted, model_dir, num_epochs=1)
+    again = _run(planted, model_dir, num_epochs=1)
+    assert again.initial_epoch == 1 and again.ratings_trained == 0
+    assert [row.epoch for row in again.history] == [1]
+    assert again.final.eval_rmse == pytest.approx(done.final.eval_rmse, rel=1e-6)
+
+
+@pytest.mark.parametrize('name, learning_rate', [
+    ('sgd', 2.0), ('adagrad', 0.2), ('adam', 0.01)])
+def test_each_optimizer_trains(planted, tmp_path, name, learning_rate):
+    info, _, _ = planted
+    result = _run(planted, str(tmp_path / name), optimizer=name,
+                  learning_rate=learning_rate, num_epochs=3)
+    assert result.final.eval_rmse < 0.9 * info.global_mean_eval_rmse
+
+
+@pytest.mark.parametrize('name', sorted(optimizers.OPTIMIZERS))
+def test_optimizers_update_only_touched_rows_and_sum_duplicates(name):
+    table = tf.Variable(tf.ones([4, 2]))
+    optimizer = optimizers.make_optimizer(name, {'table': table}, 0.1)
+    gradient = tf.IndexedSlices(tf.constant([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]),
+                                tf.constant([2, 0, 2]))
+    optimizer.apply_gradients({'table': gradient}, {'table': table})
+    summed = {0: 2.0, 2: 4.0}  # row 2 appears twice: 1 + 3
+    expected = {  # one step from zero slots, for a summed gradient g
+        'sgd': lambda g: 1.0 - 0.1 * g,
+        'adagrad': lambda g: 1.0 - 0.1 * g / (np.sqrt(0.1 + g * g) + 1e-7),
+        'adam': lambda g: 1.0 - 0.1 * g / (abs(g) + 1e-7),
+    }[name]
+    np.testing.assert_allclose(
+        table.numpy(),
+        [[expected(2.0)] * 2, [1.0] * 2, [expected(4.0)] * 2, [1.0] * 2], rtol=1e-5)
+    assert int(optimizer.iterations.numpy()) == 1
+
+
+def test_dense_gradients_are_refused():
+    with pytest.raises(TypeError, match='tf.gather'):
+        optimizers.combine_duplicates(tf.ones([3]))
+
+
+def test_a_mirrored_strategy_over_two_devices_matches_the_default(planted, tmp_path):
+    """The step is strategy-compatible: two CPU replicas give the same model."""
+    info, num_users, num_movies = planted
+    script = textwrap.dedent(f'''
+        import json, sys
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices('CPU')[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from trainer import config, features, train
+        info = features.DatasetInfo(**json.loads(sys.argv[1]))
+        results = []
+        for name, strategy in (
+                ('default', None),
+                ('mirrored', tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1']))):
+            run_config = config.make_config(
+                work_dir='unused', model_dir=sys.argv[2] + '/' + name,
+                num_factors=4, batch_size=256, num_epochs=2)
+            result = train.train(run_config, info, {num_users}, {num_movies}, strategy)
+            results.append([result.final.train_rmse, result.final.eval_rmse])
+        print(json.dumps(results))
+    ''')
+    process = subprocess.run(
+        [sys.executable, '-c', script, features.to_json(info), str(tmp_path)],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True, text=True, timeout=300, check=False)
+    assert process.returncode == 0, process.stderr[-3000:]
+    default, mirrored = np.array(json.loads(process.stdout.strip().splitlines()[-1]))
+    # Replicas sum their half-batch gradients in another order: float noise only.
+    np.testing.assert_allclose(mirrored, default, rtol=1e-4)
+
+
+def test_a_loss_log_with_other_columns_is_refused(tmp_path):
+    path = tmp_path / features.LOSS_LOG_FILE
+    path.write_text('epoch,loss\n1,0.5\n', encoding='utf-8')
+    with pytest.raises(train.ResumeError, match='--overwrite'):
+        train.read_loss_log(str(path))
+    assert train.read_loss_log(str(tmp_path / 'absent.csv')) == ()

@@ -1,0 +1,187 @@
+"""The trainer's configuration: a frozen dataclass with defaults, and its flags.
+
+`parse_args` is the only place that reads flags or the environment
+(`AIP_MODEL_DIR`, `AIP_CHECKPOINT_DIR`, set by Vertex AI custom jobs); every
+function below `task.main` receives a `TrainConfig`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+
+from trainer import features
+from trainer import optimizers
+
+# Vertex AI custom-job environment: where the SavedModel and checkpoints go.
+ENV_MODEL_DIR = 'AIP_MODEL_DIR'
+ENV_CHECKPOINT_DIR = 'AIP_CHECKPOINT_DIR'
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs.
+
+    Defaults were measured on synthetic ml-100k-shaped data (100k ratings,
+    80/20 split): eval RMSE 0.916, 1.07x the noise floor of 0.854 (the
+    global mean scores 1.119), after 12 epochs, about 4 s of training on 2
+    cores.  Exact alternating least squares on the same objective gets no
+    closer than 1.06x, so the gap is the objective's, not the optimiser's;
+    8 or 32 factors, batch 256, more epochs or a lower learning rate all
+    stayed at 1.07-1.08x.
+
+    Attributes:
+      work_dir: the pipeline work dir (reads WORK_DIR/transformed/).
+      model_dir: checkpoints (unless checkpoint_dir), loss log, metrics.
+      checkpoint_dir: where tf.train.CheckpointManager writes.
+      export_dir: where the SavedModel goes.
+      optimizer: a key of `optimizers.OPTIMIZERS`.
+      learning_rate: the optimiser's step size.
+      num_factors: length of each user and item factor row.
+      batch_size: ratings per step (the global batch across replicas).
+      num_epochs: total epochs, counting those restored from a checkpoint.
+      l2: per-example L2 strength on the touched factor rows.
+      l2_bias: per-example L2 strength on the touched biases.
+      init_stddev: standard deviation of the initial factors.
+      seed: seeds the initial factors and each epoch's shuffle.
+      shuffle_buffer: the shuffle buffer, in ratings (>= the split size
+        gives a uniform shuffle).
+      eval_batch_size: ratings per batch when computing metrics.
+      overwrite: clear model_dir (and checkpoint_dir) first instead of resuming.
+    """
+    work_dir: str
+    model_dir: str
+    checkpoint_dir: str
+    export_dir: str
+    optimizer: str = 'adam'
+    learning_rate: float = 0.005
+    num_factors: int = 16
+    batch_size: int = 1024
+    num_epochs: int = 12
+    l2: float = 0.12
+    l2_bias: float = 0.01
+    init_stddev: float = 0.1
+    seed: int = 0
+    shuffle_buffer: int = 1_000_000
+    eval_batch_size: int = 8192
+    overwrite: bool = False
+
+
+def make_config(work_dir: str, model_dir: str | None = None,
+                environ: Mapping[str, str] | None = None,
+                **hyperparameters: object) -> TrainConfig:
+    """Resolves the output directories and builds a TrainConfig.
+
+    Args:
+      work_dir: the pipeline work dir.
+      model_dir: the --job-dir; None means WORK_DIR/model.
+      environ: the environment to read AIP_* from; None means none set.
+      **hyperparameters: other TrainConfig fields.
+
+    Returns:
+      The config, with checkpoint_dir = AIP_CHECKPOINT_DIR or
+      MODEL_DIR/checkpoints and export_dir = AIP_MODEL_DIR or MODEL_DIR/export.
+    """
+    environ = environ or {}
+    model_dir = model_dir or features.default_model_dir(work_dir)
+    return TrainConfig(
+        work_dir=work_dir,
+        model_dir=model_dir,
+        checkpoint_dir=(environ.get(ENV_CHECKPOINT_DIR)
+                        or features.join(model_dir, features.CHECKPOINT_DIR)),
+        export_dir=(environ.get(ENV_MODEL_DIR)
+                    or features.join(model_dir, features.EXPORT_DIR)),
+        **hyperparameters)
+
+
+def _bounded(kind: Callable[[str], float], flag: str, low: float, high: float,
+             low_inclusive: bool = True) -> Callable[[str], float]:
+    """An argparse `type` that accepts kind(text) in [low, high] (or (low, high])."""
+    opening = '[' if low_inclusive else '('
+    allowed = f'{opening}{low:g}, {high:g}]'
+    default = getattr(TrainConfig, flag[2:].replace('-', '_'))
+
+    def convert(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        in_range = value is not None and math.isfinite(value) and (
+            low <= value <= high if low_inclusive else low < value <= high)
+        if not in_range:
+            raise argparse.ArgumentTypeError(
+                f'{text!r} is not a {kind.__name__} in {allowed}; '
+                f'pass e.g. {flag} {default} (the default)')
+        return value
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The trainer's flags; names are kebab-case TrainConfig fields."""
+    parser = argparse.ArgumentParser(
+        prog='python -m trainer.task', allow_abbrev=False,
+        description='Trains biased matrix factorisation on the TFT output '
+                    'of preprocess.py and exports a SavedModel.')
+    add = parser.add_argument
+    add('--work-dir', required=True,
+        help='work dir holding transformed/ (local path or gs://)')
+    add('--job-dir', default=None,
+        help='model dir: checkpoints, loss log, metrics, export '
+             '(default: WORK_DIR/model)')
+    add('--optimizer', default=TrainConfig.optimizer,
+        choices=sorted(optimizers.OPTIMIZERS))
+    add('--learning-rate', default=TrainConfig.learning_rate,
+        type=_bounded(float, '--learning-rate', 0, 10, low_inclusive=False))
+    add('--num-factors', default=TrainConfig.num_factors,
+        type=_bounded(int, '--num-factors', 1, 1024))
+    add('--batch-size', default=TrainConfig.batch_size,
+        type=_bounded(int, '--batch-size', 1, 1 << 20))
+    add('--num-epochs', default=TrainConfig.num_epochs,
+        type=_bounded(int, '--num-epochs', 1, 10_000))
+    add('--l2', default=TrainConfig.l2, type=_bounded(float, '--l2', 0, 100),
+        help='per-example L2 strength on factor rows')
+    add('--l2-bias', default=TrainConfig.l2_bias,
+        type=_bounded(float, '--l2-bias', 0, 100),
+        help='per-example L2 strength on biases')
+    add('--init-stddev', default=TrainConfig.init_stddev,
+        type=_bounded(float, '--init-stddev', 0, 10, low_inclusive=False))
+    add('--seed', default=TrainConfig.seed,
+        type=_bounded(int, '--seed', 0, 2**31 - 1))
+    add('--shuffle-buffer', default=TrainConfig.shuffle_buffer,
+        type=_bounded(int, '--shuffle-buffer', 1, 1 << 30))
+    add('--eval-batch-size', default=TrainConfig.eval_batch_size,
+        type=_bounded(int, '--eval-batch-size', 1, 1 << 20))
+    add('--overwrite', action='store_true',
+        help='clear the model dir and start fresh instead of resuming')
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None,
+               environ: Mapping[str, str] | None = None) -> TrainConfig:
+    """Parses flags (exits with a one-line error on bad ones) into a TrainConfig.
+
+    Args:
+      argv: the flags, without the program name; None means sys.argv[1:].
+      environ: where AIP_MODEL_DIR / AIP_CHECKPOINT_DIR are read; None means
+        os.environ.  Empty values count as unset.
+
+    Returns:
+      The validated config.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.work_dir.strip():
+        parser.error("argument --work-dir: '' is empty; pass the directory "
+                     'that preprocess.py wrote, e.g. --work-dir workdir')
+    hyperparameters = {
+        field.name: getattr(args, field.name)
+        for field in dataclasses.fields(TrainConfig)
+        if field.default is not dataclasses.MISSING}
+    return make_config(
+        work_dir=args.work_dir, model_dir=args.job_dir,
+        environ=os.environ if environ is None else environ, **hyperparameters)

@@ -1,0 +1,104 @@
+"""Entry point: flags -> config -> train -> export -> metrics.json -> summary.
+
+    python -m trainer.task --work-dir WORK_DIR [--job-dir MODEL_DIR]
+        [--optimizer adam] [--num-epochs 12] [--overwrite] ...
+
+Reads WORK_DIR/transformed/ (written by preprocess.py); writes checkpoints,
+loss_log.csv, metrics.json and the SavedModel under the model dir (or to
+AIP_CHECKPOINT_DIR / AIP_MODEL_DIR on Vertex AI).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Sequence
+
+import tensorflow as tf
+
+from trainer import config as config_lib
+from trainer import data
+from trainer import export
+from trainer import features
+from trainer import logs
+from trainer import train as train_lib
+
+
+def _metrics_record(result: train_lib.TrainResult, info: features.DatasetInfo,
+                    config: config_lib.TrainConfig, export_dir: str,
+                    wall_seconds: float) -> dict[str, object]:
+    final = result.final
+    return {
+        'dataset': info.dataset,
+        'epochs': final.epoch,
+        'epochs_this_run': final.epoch - result.initial_epoch,
+        'eval_rmse': final.eval_rmse,
+        'eval_mae': final.eval_mae,
+        'train_rmse': final.train_rmse,
+        'train_mae': final.train_mae,
+        'global_mean_eval_rmse': info.global_mean_eval_rmse,
+        'noise_floor_rmse': info.noise_floor_rmse,
+        'train_ratings': info.train_ratings,
+        'eval_ratings': info.eval_ratings,
+        'wall_seconds': wall_seconds,
+        'train_seconds': result.train_seconds,
+        'ratings_per_second': (result.ratings_trained / result.train_seconds
+                               if result.train_seconds > 0 else None),
+        'export_dir': export_dir,
+        'config': dataclasses.asdict(config),
+    }
+
+
+def _summary(metrics: dict, info: features.DatasetInfo,
+             config: config_lib.TrainConfig) -> str:
+    lines = [
+        f'trainer: {info.train_ratings} train / {info.eval_ratings} eval ratings '
+        f'({info.users} users, {info.movies} movies); {metrics["epochs"]} epochs '
+        f'({metrics["epochs_this_run"]} this run) in {metrics["wall_seconds"]:.1f} s',
+        f'  eval RMSE {metrics["eval_rmse"]:.4f} (MAE {metrics["eval_mae"]:.4f}); '
+        f'predicting the train mean: {info.global_mean_eval_rmse:.4f}',
+    ]
+    if info.noise_floor_rmse is not None:
+        lines.append(f'  noise floor {info.noise_floor_rmse:.4f} (eval RMSE is '
+                     f'{metrics["eval_rmse"] / info.noise_floor_rmse:.3f}x it)')
+    lines += [
+        f'  export: {metrics["export_dir"]}',
+        f'  loss log: {features.join(config.model_dir, features.LOSS_LOG_FILE)}',
+        f'  metrics: {features.join(config.model_dir, features.METRICS_FILE)}',
+    ]
+    return '\n'.join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Trains and exports; returns the process exit code."""
+    logs.setup_logging()
+    config = config_lib.parse_args(argv)
+    started = time.perf_counter()
+    tft_dir = features.transformed_dir(config.work_dir)
+    info_path = features.join(tft_dir, features.DATASET_INFO_FILE)
+    if not tf.io.gfile.exists(info_path):
+        print(f'trainer: error: {info_path} does not exist; run '
+              f'python preprocess.py --work-dir {config.work_dir} first',
+              file=sys.stderr)
+        return 2
+    info = features.read_dataset_info(config.work_dir)
+    user_vocab_size, item_vocab_size = data.read_vocabulary_sizes(tft_dir)
+    try:
+        result = train_lib.train(config, info, user_vocab_size, item_vocab_size)
+    except (FileNotFoundError, train_lib.ResumeError) as error:
+        print(f'trainer: error: {error}', file=sys.stderr)
+        return 2
+    export_dir = export.export_saved_model(
+        result.model, tft_dir, config.export_dir, info.rating_min,
+        info.rating_max)
+    metrics = _metrics_record(result, info, config, export_dir,
+                              time.perf_counter() - started)
+    features.write_json(features.join(config.model_dir, features.METRICS_FILE),
+                        metrics)
+    print(_summary(metrics, info, config))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
