@@ -33,3 +33,10 @@ def work_dir(tmp_path: pathlib.Path) -> str:
     path = tmp_path / 'work'
     path.mkdir()
     return str(path)
+
+
+@pytest.fixture(scope='session')
+def gcs():
+    """A real GCS emulator on 127.0.0.1 with one bucket; see tests/gcs_emulator.py."""
+    import gcs_emulator  # pylint: disable=import-outside-toplevel
+    yield from gcs_emulator.gcs_emulator_fixture()

@@ -1,0 +1,340 @@
+#!/usr/bin/env bash
+# The whole workflow on Google Cloud: stage MovieLens ratings in gs://, preprocess
+# them on Dataflow, build the training image with Cloud Build, train it as a
+# Vertex AI custom job (or tune its hyperparameters), wait for the job, chart the loss.
+#
+#   ./run-cloud.sh --work-dir gs://BUCKET/PREFIX [flags] [-- TRAINER_FLAGS...]
+#
+# Every command is echoed before it runs.  --dry-run echoes the commands and the
+# job config and runs none of them (it only renders the config, locally).  Flag
+# values are checked against strict patterns before anything runs, and are only
+# ever passed as single quoted arguments: nothing here evaluates them.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+readonly DATASETS="ml-100k ml-1m ml-10m ml-20m ml-25m ml-latest-small synthetic"
+readonly JOB_PREFIX="movielens_mf"
+# The default --image: IMAGE_REPOSITORY is the Artifact Registry Docker repository
+# of the one-time set-up (README), IMAGE_NAME the image in it.
+readonly IMAGE_REPOSITORY="movielens"
+readonly IMAGE_NAME="trainer"
+readonly TERMINAL_STATES=" JOB_STATE_SUCCEEDED JOB_STATE_FAILED JOB_STATE_CANCELLED JOB_STATE_EXPIRED JOB_STATE_PARTIALLY_SUCCEEDED "
+# Consecutive failed `describe` calls (network blips) tolerated while waiting.
+readonly MAX_DESCRIBE_FAILURES=5
+
+usage() {
+  cat <<USAGE
+usage: ./run-cloud.sh --work-dir gs://BUCKET/PREFIX [flags] [-- TRAINER_FLAGS...]
+  --work-dir gs://B/P     where every step reads and writes (required; Cloud Storage)
+  --project ID            Google Cloud project (default: gcloud config get-value project)
+  --region REGION         Dataflow and Vertex AI region (default: us-central1)
+  --service-account EMAIL identity of the Dataflow workers and the Vertex AI job
+                          (default: each service's default identity; see the README)
+  --dataset NAME          one of: ${DATASETS} (default: ml-100k)
+  --data-sources PATH     a GroupLens-layout zip (path, URL or gs://) instead of the download
+  --workers N             worker replicas besides the chief (default: 0); see the README
+                          on multi-worker status
+  --machine-type TYPE     machine of every replica (default: n1-standard-4)
+  --gpu TYPE:COUNT        accelerators per replica, e.g. NVIDIA_TESLA_T4:1 (needs a
+                          CUDA-enabled image; the default image is CPU-only)
+  --hp-tuning             run a hyperparameter-tuning job (hptuning.yaml) instead
+  --max-trials N          --hp-tuning only: trials in all (default: 12)
+  --parallel-trials N     --hp-tuning only: trials at a time (default: 3)
+  --image URI             use this training image; skips the Cloud Build step
+                          (default: REGION-docker.pkg.dev/PROJECT/${IMAGE_REPOSITORY}/${IMAGE_NAME}:JOB_NAME)
+  --skip-extract          skip data-extractor.py (the data is staged already)
+  --skip-preprocess       skip the Dataflow job (WORK_DIR/transformed/ is done already)
+  --skip-plot             skip the loss chart (it reads the loss log from gs://)
+  --fig-dir DIR           where the chart goes (default: fig)
+  --overwrite             redo the steps (extract, preprocess, train), replacing earlier
+                          outputs in the work dir
+  --poll-seconds N        seconds between job-state checks (default: 60)
+  --dry-run               print the commands and the job config; run nothing
+  -- FLAGS                passed to python -m trainer.task (e.g. -- --num-epochs 30)
+USAGE
+}
+
+die() { echo "run-cloud.sh: error: $*" >&2; exit 2; }
+fail() { echo "run-cloud.sh: error: $*" >&2; exit 1; }
+
+# Shows a flag value on one line, whatever characters it holds.
+shown() {
+  if [[ "$1" =~ ^[[:print:]]*$ ]]; then printf "'%s'" "$1"; else printf '%q' "$1"; fi
+}
+
+# check FLAG VALUE PATTERN WHAT: dies naming the flag unless VALUE matches PATTERN.
+check() { [[ "$2" =~ $3 ]] || die "$1 $(shown "$2") is not $4"; }
+
+need_value() { [[ $# -ge 2 ]] || die "$1 needs a value; see ./run-cloud.sh --help"; }
+
+echo_command() { printf '+'; printf ' %q' "$@"; printf '\n'; }
+
+# Echoes a command, then runs it unless --dry-run.
+run() {
+  echo_command "$@"
+  [[ "${dry_run}" == true ]] || "$@"
+}
+
+work_dir=""
+project=""
+region="us-central1"
+service_account=""
+dataset="ml-100k"
+data_sources=""
+workers="0"
+machine_type="n1-standard-4"
+gpu=""
+hp_tuning=false
+max_trials=""
+parallel_trials=""
+image=""
+skip_extract=false
+skip_preprocess=false
+skip_plot=false
+fig_dir="fig"
+overwrite=()
+poll_seconds="60"
+dry_run=false
+trainer_flags=()
+
+parse_flags() {
+  while [[ $# -gt 0 ]]; do
+    case "$1" in
+      --) shift; trainer_flags=("$@"); return ;;
+      --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
+      -h|--help) usage; exit 0 ;;
+      --work-dir) need_value "$@"; work_dir="$2"; shift 2 ;;
+      --project) need_value "$@"; project="$2"; shift 2 ;;
+      --region) need_value "$@"; region="$2"; shift 2 ;;
+      --service-account) need_value "$@"; service_account="$2"; shift 2 ;;
+      --dataset) need_value "$@"; dataset="$2"; shift 2 ;;
+      --data-sources) need_value "$@"; data_sources="$2"; shift 2 ;;
+      --workers) need_value "$@"; workers="$2"; shift 2 ;;
+      --machine-type) need_value "$@"; machine_type="$2"; shift 2 ;;
+      --gpu) need_value "$@"; gpu="$2"; shift 2 ;;
+      --max-trials) need_value "$@"; max_trials="$2"; shift 2 ;;
+      --parallel-trials) need_value "$@"; parallel_trials="$2"; shift 2 ;;
+      --image) need_value "$@"; image="$2"; shift 2 ;;
+      --fig-dir) need_value "$@"; fig_dir="$2"; shift 2 ;;
+      --poll-seconds) need_value "$@"; poll_seconds="$2"; shift 2 ;;
+      --hp-tuning) hp_tuning=true; shift ;;
+      --skip-extract) skip_extract=true; shift ;;
+      --skip-preprocess) skip_preprocess=true; shift ;;
+      --skip-plot) skip_plot=true; shift ;;
+      --overwrite) overwrite=(--overwrite); shift ;;
+      --dry-run) dry_run=true; shift ;;
+      *) die "unknown flag $(shown "$1"); see ./run-cloud.sh --help (trainer flags go after --)" ;;
+    esac
+  done
+}
+
+# Every value is checked here, before anything runs; the patterns admit no
+# spaces and no shell metacharacters.
+validate_flags() {
+  [[ -n "${work_dir}" ]] || die "--work-dir is required: a Cloud Storage path, e.g. --work-dir gs://my-bucket/movielens"
+  [[ "${work_dir}" == gs://* ]] || die "--work-dir $(shown "${work_dir}") is not a gs:// path; the cloud steps share their files through Cloud Storage, e.g. --work-dir gs://my-bucket/movielens"
+  check --work-dir "${work_dir}" '^gs://[a-z0-9][-_.a-z0-9]{1,61}[a-z0-9](/[-_.=+A-Za-z0-9]+)*/?$' \
+    "a gs://BUCKET/PREFIX path (bucket: 3-63 lowercase letters, digits, -_.; prefix: letters, digits, -_.=+)"
+  work_dir="${work_dir%/}"
+  [[ -z "${project}" ]] || check --project "${project}" '^[a-z][-a-z0-9]{4,28}[a-z0-9]$' \
+    "a project ID (6-30 lowercase letters, digits or hyphens, starting with a letter), e.g. --project my-project"
+  check --region "${region}" '^[a-z]+-[a-z]+[0-9]+$' "a region such as --region us-central1"
+  [[ -z "${service_account}" ]] || check --service-account "${service_account}" \
+    '^[a-z0-9][-a-z0-9]*@[a-z0-9][-a-z0-9.]*\.gserviceaccount\.com$' \
+    "a service account email such as --service-account movielens-runner@my-project.iam.gserviceaccount.com"
+  [[ " ${DATASETS} " == *" ${dataset} "* ]] || die "--dataset $(shown "${dataset}") is unknown; use one of: ${DATASETS}"
+  [[ -z "${data_sources}" ]] || check --data-sources "${data_sources}" '^[[:graph:]]+$' \
+    "a path or URL without spaces, e.g. --data-sources gs://my-bucket/ml-100k.zip"
+  check --workers "${workers}" '^(0|[1-9][0-9]{0,2})$' \
+    "a non-negative integer (worker replicas besides the chief, at most 999), e.g. --workers 2"
+  check --machine-type "${machine_type}" '^[a-z][a-z0-9]*(-[a-z0-9]+)+$' \
+    "a Compute Engine machine type such as --machine-type n1-standard-4"
+  [[ -z "${gpu}" ]] || check --gpu "${gpu}" '^[A-Z][A-Z0-9_]*:[1-9][0-9]?$' \
+    "TYPE:COUNT with COUNT a positive integer, e.g. --gpu NVIDIA_TESLA_T4:1"
+  [[ -z "${image}" ]] || check --image "${image}" \
+    '^[a-z0-9][-.a-z0-9]*(:[0-9]+)?(/[a-z0-9][-_.a-z0-9]*)+(:[A-Za-z0-9_][-_.A-Za-z0-9]{0,127}|@sha256:[a-f0-9]{64})?$' \
+    "an image URI such as --image us-central1-docker.pkg.dev/my-project/${IMAGE_REPOSITORY}/${IMAGE_NAME}:v1"
+  check --fig-dir "${fig_dir}" '^[[:graph:]]+$' "a directory without spaces, e.g. --fig-dir fig"
+  check --poll-seconds "${poll_seconds}" '^(0|[1-9][0-9]{0,3})$' "a number of seconds from 0 to 9999, e.g. --poll-seconds 60"
+  validate_tuning_flags
+}
+
+validate_tuning_flags() {
+  if [[ "${hp_tuning}" == false ]]; then
+    [[ -z "${max_trials}${parallel_trials}" ]] || die "--max-trials and --parallel-trials only apply with --hp-tuning; add --hp-tuning or drop them"
+    return 0
+  fi
+  max_trials="${max_trials:-12}"
+  parallel_trials="${parallel_trials:-3}"
+  check --max-trials "${max_trials}" '^[1-9][0-9]{0,3}$' "a positive integer, e.g. --max-trials 12"
+  check --parallel-trials "${parallel_trials}" '^[1-9][0-9]{0,3}$' "a positive integer, e.g. --parallel-trials 3"
+  (( parallel_trials <= max_trials )) || die "--parallel-trials ${parallel_trials} is more than --max-trials ${max_trials}; pass at most ${max_trials}"
+}
+
+resolve_project() {
+  [[ -z "${project}" ]] || return 0
+  if [[ "${dry_run}" == true ]]; then
+    project="PROJECT_ID"
+    echo "# --project not given: PROJECT_ID stands for the output of: gcloud config get-value project"
+    return 0
+  fi
+  echo_command gcloud config get-value project
+  project="$(gcloud config get-value project 2>/dev/null || true)"
+  [[ -n "${project}" ]] || die "--project is not given and gcloud has no default project; pass --project YOUR_PROJECT_ID (or run gcloud config set project YOUR_PROJECT_ID)"
+  check "--project (from gcloud config)" "${project}" '^[a-z][-a-z0-9]{4,28}[a-z0-9]$' \
+    "a project ID of 6-30 lowercase letters, digits or hyphens; pass --project YOUR_PROJECT_ID"
+}
+
+# Renders the job config into ${job_config} and prints it.
+render_job_config() {
+  local base_output_dir="${work_dir}/model" render=()
+  [[ "${hp_tuning}" == false ]] || base_output_dir="${work_dir}/hptuning/${job_name}"
+  render=(python scripts/render_job_config.py --out "${job_config}" --image-uri "${image}"
+          --machine-type "${machine_type}" --work-dir "${work_dir}"
+          --base-output-dir "${base_output_dir}" --workers "${workers}")
+  [[ -z "${gpu}" ]] || render+=(--gpu "${gpu}")
+  [[ "${hp_tuning}" == false ]] || render+=(--hp-tuning)
+  render+=("${overwrite[@]}")
+  echo_command "${render[@]}" -- "${trainer_flags[@]}"
+  "${render[@]}" -- "${trainer_flags[@]}" || exit 2
+  echo "# ${job_config}:"
+  cat "${job_config}"
+}
+
+run_extract() {
+  local flags=(--work-dir "${work_dir}" --dataset "${dataset}" "${overwrite[@]}")
+  [[ -z "${data_sources}" ]] || flags+=(--data-sources "${data_sources}")
+  run python data-extractor.py "${flags[@]}"
+}
+
+run_preprocess() {
+  local beam_flags=(--runner DataflowRunner --project "${project}" --region "${region}"
+                    --temp_location "${work_dir}/tmp" --staging_location "${work_dir}/staging"
+                    --setup_file ./setup.py --job_name "${dataflow_job}")
+  [[ -z "${service_account}" ]] || beam_flags+=(--service_account_email "${service_account}")
+  run python preprocess.py --work-dir "${work_dir}" "${overwrite[@]}" "${beam_flags[@]}"
+}
+
+# Creates the Vertex AI job; sets job_id (the numeric id of the resource name).
+submit_job() {
+  local create=(gcloud ai "${job_kind}" create --project "${project}" --region "${region}"
+                --display-name "${job_name}" --config "${job_config}")
+  [[ "${hp_tuning}" == false ]] || create+=(--max-trial-count "${max_trials}" --parallel-trial-count "${parallel_trials}")
+  [[ -z "${service_account}" ]] || create+=(--service-account "${service_account}")
+  create+=(--format 'value(name)')
+  echo_command "${create[@]}"
+  if [[ "${dry_run}" == true ]]; then
+    job_id="JOB_ID"
+    return 0
+  fi
+  local resource
+  resource="$("${create[@]}")" || fail "gcloud ai ${job_kind} create failed (see above)"
+  job_id="${resource##*/}"
+  [[ "${job_id}" =~ ^[0-9A-Za-z_-]+$ ]] || fail "gcloud ai ${job_kind} create printed $(shown "${resource}"), not a job resource name"
+  echo "run-cloud.sh: submitted ${resource} (${job_name})"
+}
+
+stop_stream() {
+  if [[ -n "${stream_pid}" ]]; then
+    kill "${stream_pid}" 2>/dev/null || true
+    wait "${stream_pid}" 2>/dev/null || true
+    stream_pid=""
+  fi
+}
+
+# Streams the job's logs in the background and polls its state until it ends;
+# exits 1 unless it succeeded.
+wait_for_job() {
+  local where=("${job_id}" --project "${project}" --region "${region}")
+  local describe=(gcloud ai "${job_kind}" describe "${where[@]}" --format 'value(state)')
+  echo_command gcloud ai "${job_kind}" stream-logs "${where[@]}"
+  echo_command "${describe[@]}"
+  echo "# (the state is checked every ${poll_seconds} s until it is one of:${TERMINAL_STATES% })"
+  [[ "${dry_run}" == false ]] || return 0
+  gcloud ai "${job_kind}" stream-logs "${where[@]}" &
+  stream_pid=$!
+  local state="" previous="" failures=0
+  while true; do
+    if state="$("${describe[@]}")" && [[ -n "${state}" ]]; then
+      failures=0
+      [[ "${state}" == "${previous}" ]] || echo "run-cloud.sh: ${job_name} is ${state}"
+      previous="${state}"
+      [[ "${TERMINAL_STATES}" != *" ${state} "* ]] || break
+    else
+      failures=$((failures + 1))
+      (( failures < MAX_DESCRIBE_FAILURES )) || fail "could not read the state of ${job_name} ${failures} times in a row; check it with: gcloud ai ${job_kind} describe ${job_id} --region ${region}"
+    fi
+    sleep "${poll_seconds}"
+  done
+  stop_stream
+  [[ "${state}" == JOB_STATE_SUCCEEDED ]] || fail "${job_name} ended in ${state}; its logs: gcloud ai ${job_kind} stream-logs ${job_id} --project ${project} --region ${region}"
+}
+
+summarize() {
+  [[ "${dry_run}" == false ]] || return 0
+  echo "run-cloud.sh: ${job_name} succeeded"
+  if [[ "${hp_tuning}" == true ]]; then
+    echo "  trials: ${work_dir}/hptuning/${job_name}/<trial id>/ (loss_log.csv, metrics.json, model/)"
+    echo "  best trial: gcloud ai hp-tuning-jobs describe ${job_id} --project ${project} --region ${region}"
+    echo "  chart a trial: python plot.py --model-dir ${work_dir}/hptuning/${job_name}/TRIAL_ID"
+    return 0
+  fi
+  echo "  model dir: ${work_dir}/model (loss_log.csv, metrics.json, checkpoints/)"
+  echo "  SavedModel: ${work_dir}/model/model/ (Vertex's AIP_MODEL_DIR)"
+  [[ "${skip_plot}" == true ]] || echo "  chart: ${chart}"
+}
+
+on_interrupt() {
+  stop_stream
+  if [[ -n "${job_id}" && "${job_id}" != JOB_ID ]]; then
+    echo "run-cloud.sh: stopped waiting; ${job_name} keeps running. Cancel it with: gcloud ai ${job_kind} cancel ${job_id} --project ${project} --region ${region}" >&2
+  fi
+  exit 130
+}
+
+cleanup() {
+  stop_stream
+  [[ -z "${tmp_dir}" ]] || rm -rf "${tmp_dir}"
+}
+
+parse_flags "$@"
+validate_flags
+if [[ "${dry_run}" == false ]]; then
+  command -v gcloud >/dev/null 2>&1 || die "gcloud is not on PATH; install the Google Cloud CLI (https://cloud.google.com/sdk/docs/install), or use --dry-run to see the commands"
+else
+  echo "# --dry-run: these are the commands run-cloud.sh would run; none is run (the job config below is only rendered locally)"
+fi
+resolve_project
+
+# shellcheck source=scripts/venv.sh
+source scripts/venv.sh
+ensure_venv
+
+job_name="${JOB_PREFIX}_$(date -u +%Y%m%d_%H%M%S)"
+dataflow_job="${job_name//_/-}"  # Dataflow job names: lowercase letters, digits, dashes
+build_image=false
+if [[ -z "${image}" ]]; then
+  # Built from this checkout by Cloud Build, tagged with the job name.
+  build_image=true
+  image="${region}-docker.pkg.dev/${project}/${IMAGE_REPOSITORY}/${IMAGE_NAME}:${job_name}"
+fi
+job_kind="custom-jobs"
+[[ "${hp_tuning}" == false ]] || job_kind="hp-tuning-jobs"
+chart="${fig_dir}/${dataset}-cloud-loss.png"
+job_id=""
+stream_pid=""
+tmp_dir="$(mktemp -d)"
+job_config="${tmp_dir}/${job_name}.yaml"
+trap cleanup EXIT
+trap on_interrupt INT TERM
+
+# The config is rendered first: a bad trainer flag stops the run before any step.
+render_job_config
+[[ "${skip_extract}" == true ]] || run_extract
+[[ "${skip_preprocess}" == true ]] || run_preprocess
+[[ "${build_image}" == false ]] || run gcloud builds submit --project "${project}" --tag "${image}" .
+submit_job
+wait_for_job
+[[ "${skip_plot}" == true || "${hp_tuning}" == true ]] \
+  || run python plot.py --model-dir "${work_dir}/model" --out "${chart}"
+summarize

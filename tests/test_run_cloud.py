@@ -1,0 +1,401 @@
+"""run-cloud.sh and scripts/render_job_config.py, against a recording gcloud.
+
+tests/fake_gcloud/gcloud stands in for the Google Cloud CLI: it records each call
+(and the --config file it was given) and answers with fixed values; nothing here
+reaches Google Cloud.  data-extractor.py and preprocess.py (Dataflow) are
+skipped (--skip-extract --skip-preprocess); their command lines are checked in
+--dry-run output.  The chart step runs for real once, reading a loss log from
+the GCS emulator (the `gcs` fixture, tests/gcs_emulator.py); the other runs skip
+it.  What the recorded YAML would do on Vertex AI is not tested here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import yaml
+
+from conftest import REPO, load_script
+
+RUN_CLOUD = REPO / 'run-cloud.sh'
+FAKE_GCLOUD_DIR = REPO / 'tests' / 'fake_gcloud'
+WORK_DIR = 'gs://test-bucket/movielens'
+IMAGE = 'us-central1-docker.pkg.dev/test-project/movielens/trainer:v1'
+FAKE_PROJECT = 'fake-project-123'  # what the fake answers to `config get-value project`
+# The steps that need a real bucket are skipped; job states are polled without waiting.
+OFFLINE = ('--skip-extract', '--skip-preprocess', '--skip-plot', '--poll-seconds', '0')
+JOB_NAME = re.compile(r'^movielens_mf_\d{8}_\d{6}$')
+
+render = load_script('scripts/render_job_config.py')
+
+
+@dataclasses.dataclass(frozen=True)
+class CloudRun:
+    """One run of run-cloud.sh: exit code, output, and the gcloud calls recorded."""
+    returncode: int
+    stdout: str
+    stderr: str
+    calls: list[dict[str, Any]]
+
+    def gcloud(self, *prefix: str) -> list[dict[str, Any]]:
+        """The recorded calls whose argv starts with `prefix`."""
+        return [call for call in self.calls if call['argv'][:len(prefix)] == list(prefix)]
+
+    def submitted_config(self, kind: str = 'custom-jobs') -> dict[str, Any]:
+        """The YAML that `gcloud ai KIND create --config` received, parsed."""
+        (create,) = self.gcloud('ai', kind, 'create')
+        return yaml.safe_load(create['config'])
+
+
+def flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+@pytest.fixture
+def run_cloud(tmp_path: pathlib.Path) -> Callable[..., CloudRun]:
+    """Runs run-cloud.sh with the recording gcloud first on PATH."""
+    log = tmp_path / 'gcloud-calls.jsonl'
+
+    def run(*flags: str, **env: str) -> CloudRun:
+        environ = {**os.environ, 'FAKE_GCLOUD_LOG': str(log),
+                   'PATH': f'{FAKE_GCLOUD_DIR}{os.pathsep}{os.environ["PATH"]}', **env}
+        done = subprocess.run([str(RUN_CLOUD), *flags], env=environ, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        calls = ([json.loads(line) for line in log.read_text().splitlines()]
+                 if log.exists() else [])
+        return CloudRun(done.returncode, done.stdout, done.stderr, calls)
+
+    return run
+
+
+def test_single_replica_job_config_field_by_field(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR + '/', '--image', IMAGE,
+                       '--machine-type', 'n1-highmem-2', *OFFLINE,
+                       '--', '--num-epochs', '3', '--learning-rate', '0.01')
+    assert result.returncode == 0, result.stderr
+    config = result.submitted_config()
+    assert list(config) == ['workerPoolSpecs', 'baseOutputDirectory']
+    (chief,) = config['workerPoolSpecs']
+    assert chief['replicaCount'] == 1
+    assert chief['machineSpec'] == {'machineType': 'n1-highmem-2'}
+    assert chief['containerSpec']['imageUri'] == IMAGE
+    assert chief['containerSpec']['args'] == [
+        '--work-dir', WORK_DIR, '--num-epochs', '3', '--learning-rate', '0.01']
+    assert config['baseOutputDirectory'] == {'outputUriPrefix': WORK_DIR + '/model'}
+    (create,) = result.gcloud('ai', 'custom-jobs', 'create')
+    assert flag(create['argv'], '--project') == FAKE_PROJECT
+    assert flag(create['argv'], '--region') == 'us-central1'
+    assert flag(create['argv'], '--format') == 'value(name)'
+    assert not result.gcloud('builds', 'submit')  # --image given: nothing to build
+
+
+def test_job_name_and_dataflow_job_name(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, '--project', 'my-project', '--dry-run')
+    assert result.returncode == 0, result.stderr
+    (create_line,) = [line for line in result.stdout.splitlines()
+                      if line.startswith('+ gcloud ai custom-jobs create')]
+    job_name = flag(shlex.split(create_line), '--display-name')
+    assert JOB_NAME.match(job_name)
+    (preprocess_line,) = [line for line in result.stdout.splitlines()
+                          if line.startswith('+ python preprocess.py')]
+    assert shlex.split(preprocess_line)[1:] == [
+        'python', 'preprocess.py', '--work-dir', WORK_DIR,
+        '--runner', 'DataflowRunner', '--project', 'my-project', '--region', 'us-central1',
+        '--temp_location', WORK_DIR + '/tmp', '--staging_location', WORK_DIR + '/staging',
+        '--setup_file', './setup.py', '--job_name', job_name.replace('_', '-')]
+
+
+def test_service_account_reaches_dataflow_and_vertex(run_cloud):
+    account = 'movielens-runner@my-project.iam.gserviceaccount.com'
+    result = run_cloud('--work-dir', WORK_DIR, '--project', 'my-project',
+                       '--service-account', account, '--dry-run')
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[2]: shlex.split(line) for line in result.stdout.splitlines()
+             if line.startswith(('+ python preprocess.py', '+ gcloud ai custom-jobs create'))}
+    assert flag(lines['preprocess.py'], '--service_account_email') == account
+    assert flag(lines['ai'], '--service-account') == account
+
+
+def test_overwrite_reaches_every_step(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, '--overwrite', '--dry-run', '--', '--seed', '3')
+    assert result.returncode == 0, result.stderr
+    steps = [shlex.split(line) for line in result.stdout.splitlines()
+             if line.startswith(('+ python data-extractor.py', '+ python preprocess.py'))]
+    assert len(steps) == 2 and all('--overwrite' in step for step in steps)
+    config = yaml.safe_load(result.stdout.split(':\n', 1)[1].split('\n+ ', 1)[0])
+    assert config['workerPoolSpecs'][0]['containerSpec']['args'] == [
+        '--work-dir', WORK_DIR, '--overwrite', '--seed', '3']
+
+
+def test_workers_add_worker_pool_one(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, '--workers', '2', *OFFLINE)
+    assert result.returncode == 0, result.stderr
+    chief, workers = result.submitted_config()['workerPoolSpecs']
+    assert chief['replicaCount'] == 1
+    assert workers['replicaCount'] == 2
+    assert {**workers, 'replicaCount': 1} == chief
+
+
+def test_gpu_sets_the_accelerator_on_every_pool(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, '--workers', '1',
+                       '--gpu', 'NVIDIA_TESLA_T4:1', *OFFLINE)
+    assert result.returncode == 0, result.stderr
+    for pool in result.submitted_config()['workerPoolSpecs']:
+        assert pool['machineSpec'] == {'machineType': 'n1-standard-4',
+                                       'acceleratorType': 'NVIDIA_TESLA_T4',
+                                       'acceleratorCount': 1}
+
+
+def test_hp_tuning_submits_a_study_of_eval_rmse(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, '--hp-tuning',
+                       '--max-trials', '6', '--parallel-trials', '2', *OFFLINE,
+                       '--', '--num-epochs', '5')
+    assert result.returncode == 0, result.stderr
+    assert not result.gcloud('ai', 'custom-jobs')
+    (create,) = result.gcloud('ai', 'hp-tuning-jobs', 'create')
+    assert flag(create['argv'], '--max-trial-count') == '6'
+    assert flag(create['argv'], '--parallel-trial-count') == '2'
+    assert result.gcloud('ai', 'hp-tuning-jobs', 'describe')
+    config = result.submitted_config('hp-tuning-jobs')
+    study = config['studySpec']
+    assert study['metrics'] == [{'metricId': 'eval_rmse', 'goal': 'MINIMIZE'}]
+    parameters = {p['parameterId']: p for p in study['parameters']}
+    assert parameters == {
+        'learning-rate': {'parameterId': 'learning-rate', 'scaleType': 'UNIT_LOG_SCALE',
+                          'doubleValueSpec': {'minValue': 0.0003, 'maxValue': 0.1}},
+        'num-factors': {'parameterId': 'num-factors', 'scaleType': 'UNIT_LOG_SCALE',
+                        'integerValueSpec': {'minValue': 4, 'maxValue': 128}},
+        'l2': {'parameterId': 'l2', 'scaleType': 'UNIT_LOG_SCALE',
+               'doubleValueSpec': {'minValue': 0.001, 'maxValue': 1.0}}}
+    trial = config['trialJobSpec']
+    assert trial['baseOutputDirectory'] == {
+        'outputUriPrefix': f'{WORK_DIR}/hptuning/{flag(create["argv"], "--display-name")}'}
+    assert trial['workerPoolSpecs'][0]['containerSpec']['args'] == [
+        '--work-dir', WORK_DIR, '--num-epochs', '5']
+
+
+def test_tuned_parameters_are_trainer_flags_and_their_bounds_pass():
+    """Vertex passes --<parameterId>=<value>; the trainer must accept both ends."""
+    from trainer import config as trainer_config  # imports TensorFlow: a few seconds
+    parser = trainer_config.build_parser()
+    template = render.read_yaml(render.TUNING_JOB_TEMPLATE)
+    for parameter in template['studySpec']['parameters']:
+        spec = parameter.get('doubleValueSpec') or parameter['integerValueSpec']
+        for value in (spec['minValue'], spec['maxValue']):
+            arg = f'--{parameter["parameterId"]}={value}'
+            parser.parse_args(['--work-dir', 'w', arg])  # exits on a refused value
+
+
+@pytest.mark.parametrize('model_dir, job_dir', [
+    ('gs://b/w/model/model/', 'gs://b/w/model'),            # a custom job
+    ('gs://b/w/hptuning/j/3/model/', 'gs://b/w/hptuning/j/3'),  # trial 3 of a tuning job
+    ('gs://b/w/model/model', 'gs://b/w/model'),             # no trailing slash
+])
+def test_container_command_takes_the_job_dir_from_aip_model_dir(
+        tmp_path: pathlib.Path, model_dir: str, job_dir: str):
+    """Runs config.yaml's command with a stand-in `python` that prints its argv."""
+    spec = render.render_custom_job(
+        render.read_yaml(render.CUSTOM_JOB_TEMPLATE), image_uri=IMAGE,
+        machine_type='n1-standard-4', work_dir=WORK_DIR, base_output_dir='unused',
+        workers=0, accelerator=None, trainer_flags=['--num-epochs', '2'])
+    container = spec['workerPoolSpecs'][0]['containerSpec']
+    echo = tmp_path / 'python'
+    echo.write_text(f'#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n')
+    echo.chmod(0o755)
+    env = {'PATH': f'{tmp_path}{os.pathsep}{os.environ["PATH"]}', 'AIP_MODEL_DIR': model_dir}
+    # Vertex appends the trial's hyperparameters to the args.
+    done = subprocess.run(container['command'] + container['args'] + ['--l2=0.5'],
+                          env=env, capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout) == [
+        '-m', 'trainer.task', '--job-dir', job_dir,
+        '--work-dir', WORK_DIR, '--num-epochs', '2', '--l2=0.5']
+
+
+def test_container_command_fails_without_aip_model_dir():
+    spec = render.read_yaml(render.CUSTOM_JOB_TEMPLATE)
+    command = spec['workerPoolSpecs'][0]['containerSpec']['command']
+    done = subprocess.run(command, env={'PATH': os.environ['PATH']},
+                          capture_output=True, text=True)
+    assert done.returncode != 0
+    assert 'AIP_MODEL_DIR' in done.stderr
+
+
+def test_dry_run_prints_every_command_and_the_yaml_and_runs_no_gcloud(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, '--dataset', 'synthetic', '--dry-run',
+                       '--', '--num-epochs', '4')
+    assert result.returncode == 0, result.stderr
+    assert result.calls == []
+    commands = [shlex.split(line)[1:] for line in result.stdout.splitlines()
+                if line.startswith('+ ')]
+    expected_starts = [
+        ['python', 'scripts/render_job_config.py'],
+        ['python', 'data-extractor.py', '--work-dir', WORK_DIR, '--dataset', 'synthetic'],
+        ['python', 'preprocess.py', '--work-dir', WORK_DIR, '--runner', 'DataflowRunner'],
+        ['gcloud', 'builds', 'submit'],
+        ['gcloud', 'ai', 'custom-jobs', 'create'],
+        ['gcloud', 'ai', 'custom-jobs', 'stream-logs'],
+        ['gcloud', 'ai', 'custom-jobs', 'describe'],
+        ['python', 'plot.py', '--model-dir', WORK_DIR + '/model'],
+    ]
+    assert [command[:len(start)] for command, start in zip(commands, expected_starts)
+            ] == expected_starts
+    assert len(commands) == len(expected_starts)
+    assert commands[-1][-2:] == ['--out', 'fig/synthetic-cloud-loss.png']
+    yaml_text = result.stdout.split(':\n', 1)[1].split('\n+ ', 1)[0]
+    config = yaml.safe_load(yaml_text)
+    assert config['workerPoolSpecs'][0]['containerSpec']['args'][-2:] == ['--num-epochs', '4']
+
+
+def test_dry_run_hp_tuning_prints_the_study(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, '--hp-tuning', '--dry-run')
+    assert result.returncode == 0, result.stderr
+    assert result.calls == []
+    assert 'metricId: eval_rmse' in result.stdout
+    assert '+ gcloud ai hp-tuning-jobs create' in result.stdout
+    assert '+ python plot.py' not in result.stdout  # trials have a loss log each
+
+
+def test_image_is_built_and_used_when_no_image_is_given(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, '--region', 'europe-west4', *OFFLINE)
+    assert result.returncode == 0, result.stderr
+    (build,) = result.gcloud('builds', 'submit')
+    (create,) = result.gcloud('ai', 'custom-jobs', 'create')
+    tag = flag(build['argv'], '--tag')
+    assert tag == ('europe-west4-docker.pkg.dev/fake-project-123/movielens/trainer:'
+                   + flag(create['argv'], '--display-name'))
+    assert build['argv'][-1] == '.'
+    assert result.calls.index(build) < result.calls.index(create)
+    pool = result.submitted_config()['workerPoolSpecs'][0]
+    assert pool['containerSpec']['imageUri'] == tag
+
+
+@pytest.mark.parametrize('state', ['JOB_STATE_FAILED', 'JOB_STATE_CANCELLED'])
+def test_a_job_that_does_not_succeed_fails_the_run(run_cloud, state: str):
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, *OFFLINE,
+                       FAKE_GCLOUD_STATES=f'JOB_STATE_PENDING,JOB_STATE_RUNNING,{state}')
+    assert result.returncode == 1
+    assert f'ended in {state}' in result.stderr
+    assert len(result.gcloud('ai', 'custom-jobs', 'describe')) == 3
+    assert result.gcloud('ai', 'custom-jobs', 'stream-logs')
+
+
+def test_a_job_that_succeeds_after_polling_passes(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, *OFFLINE,
+                       FAKE_GCLOUD_STATES='JOB_STATE_QUEUED,JOB_STATE_RUNNING,JOB_STATE_SUCCEEDED')
+    assert result.returncode == 0, result.stderr
+    assert len(result.gcloud('ai', 'custom-jobs', 'describe')) == 3
+    (describe, *_) = result.gcloud('ai', 'custom-jobs', 'describe')
+    assert describe['argv'][3] == '7777777777'  # the id from the fake's resource name
+    assert 'succeeded' in result.stdout
+
+
+def test_no_project_anywhere_is_one_line_naming_project(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, *OFFLINE, FAKE_GCLOUD_PROJECT='')
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1
+    assert '--project' in result.stderr
+    assert [call['argv'] for call in result.calls] == [['config', 'get-value', 'project']]
+
+
+@pytest.mark.parametrize('flags, named', [
+    ([], '--work-dir'),
+    (['--work-dir', 'test-bucket/movielens'], '--work-dir'),
+    (['--work-dir', '/data/movielens'], '--work-dir'),
+    (['--work-dir', 'gs://test-bucket/$(touch {canary})'], '--work-dir'),
+    (['--work-dir', WORK_DIR, '--workers', '-1'], '--workers'),
+    (['--work-dir', WORK_DIR, '--workers', 'two'], '--workers'),
+    (['--work-dir', WORK_DIR, '--workers', '1.5'], '--workers'),
+    (['--work-dir', WORK_DIR, '--gpu', 'NVIDIA_TESLA_T4'], '--gpu'),
+    (['--work-dir', WORK_DIR, '--gpu', 'NVIDIA_TESLA_T4:0'], '--gpu'),
+    (['--work-dir', WORK_DIR, '--gpu', 'NVIDIA_TESLA_T4:one'], '--gpu'),
+    (['--work-dir', WORK_DIR, '--frobnicate'], 'unknown flag'),
+    (['--work-dir', WORK_DIR, '--region'], '--region'),
+    (['--work-dir', WORK_DIR, '--region', 'us-central1; touch {canary}'], '--region'),
+    (['--work-dir', WORK_DIR, '--project', '$(touch {canary})'], '--project'),
+    (['--work-dir', WORK_DIR, '--project', 'my project'], '--project'),
+    (['--work-dir', WORK_DIR, '--machine-type', 'n1 standard 4'], '--machine-type'),
+    (['--work-dir', WORK_DIR, '--machine-type', 'n1-standard-4`touch {canary}`'],
+     '--machine-type'),
+    (['--work-dir', WORK_DIR, '--image', 'busybox;touch {canary}'], '--image'),
+    (['--work-dir', WORK_DIR, '--dataset', 'ml-5m'], '--dataset'),
+    (['--work-dir', WORK_DIR, '--service-account', 'me; touch {canary}'], '--service-account'),
+    (['--work-dir', WORK_DIR, '--max-trials', '3'], '--max-trials'),
+    (['--work-dir', WORK_DIR, '--hp-tuning', '--parallel-trials', '5', '--max-trials', '2'],
+     '--parallel-trials'),
+])
+def test_a_bad_flag_is_one_line_and_no_gcloud_call(
+        run_cloud, tmp_path: pathlib.Path, flags: list[str], named: str):
+    canary = tmp_path / 'canary'
+    result = run_cloud(*[f.format(canary=canary) for f in flags], *OFFLINE)
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert named in result.stderr
+    assert result.stdout == ''
+    assert result.calls == []
+    assert not canary.exists()
+
+
+@pytest.mark.parametrize('flags, trainer_flag', [
+    (['--hp-tuning'], '--l2'),
+    (['--hp-tuning'], '--learning-rate=0.1'),
+    ([], '--job-dir'),
+    ([], '--overwrite'),
+])
+def test_a_trainer_flag_run_cloud_sets_is_refused_before_any_step(
+        run_cloud, flags: list[str], trainer_flag: str):
+    result = run_cloud('--work-dir', WORK_DIR, '--project', 'my-project', *flags,
+                       *OFFLINE, '--', trainer_flag, '0.5')
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert trainer_flag.split('=')[0] in result.stderr
+    assert result.calls == []
+
+
+def test_trainer_flags_with_shell_characters_reach_the_job_verbatim(
+        run_cloud, tmp_path: pathlib.Path):
+    canary = tmp_path / 'canary'
+    odd = [f'adam; touch {canary}', f'$(touch {canary})', "it's \"quoted\"", 'a b']
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, *OFFLINE,
+                       '--', '--optimizer', *odd)
+    assert result.returncode == 0, result.stderr
+    args = result.submitted_config()['workerPoolSpecs'][0]['containerSpec']['args']
+    assert args[-len(odd):] == odd
+    assert not canary.exists()
+
+
+def test_placeholders_must_match_the_values():
+    with pytest.raises(ValueError, match='IMAGE_URI'):
+        render.fill_placeholders({'imageUri': '${IMAGE_URI}'}, {})
+    with pytest.raises(ValueError, match='WORK_DIR'):
+        render.fill_placeholders({'imageUri': '${IMAGE_URI}'},
+                                 {'IMAGE_URI': 'x', 'WORK_DIR': 'y'})
+    shell = 'exec "${AIP_MODEL_DIR%/}"'  # not a whole-value placeholder: left alone
+    assert render.fill_placeholders([shell, '${A}'], {'A': {'b': 1}}) == [shell, {'b': 1}]
+
+
+def test_the_plot_step_charts_the_loss_log_from_gcs(run_cloud, gcs, tmp_path: pathlib.Path):
+    """Step 6 for real: plot.py reads WORK_DIR/model/loss_log.csv from the GCS emulator."""
+    from google.cloud import storage  # pylint: disable=import-outside-toplevel
+    from trainer import features  # pylint: disable=import-outside-toplevel
+    header = ','.join(features.LOSS_LOG_COLUMNS)
+    rows = ['1,1.0,1.0,0.8,1.1,1.05,0.85,2.0', '2,0.8,0.89,0.7,0.9,0.95,0.75,2.0']
+    storage.Client().bucket(gcs.bucket).blob('cloud-run/model/loss_log.csv').upload_from_string(
+        '\n'.join([header, *rows]) + '\n')
+    fig_dir = tmp_path / 'fig'
+    result = run_cloud('--work-dir', gcs.url('cloud-run'), '--image', IMAGE, '--skip-extract',
+                       '--skip-preprocess', '--poll-seconds', '0', '--fig-dir', str(fig_dir),
+                       **gcs.client_env())
+    assert result.returncode == 0, result.stderr + gcs.log_tail()
+    chart = fig_dir / 'ml-100k-cloud-loss.png'
+    assert chart.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert 'plot: read 2 epochs' in result.stdout
