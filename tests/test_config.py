@@ -99,3 +99,34 @@ def test_config_is_frozen():
     parsed = config.parse_args(['--work-dir', 'w'], environ={})
     with pytest.raises(dataclasses.FrozenInstanceError):
         parsed.num_epochs = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize('environ, hypertune_file', [
+    ({}, None),
+    ({config.ENV_TRIAL_ID: '4'}, config.DEFAULT_HP_METRIC_FILE),
+    ({config.ENV_HP_METRIC_FILE: '/tmp/m/out'}, '/tmp/m/out'),
+    ({config.ENV_TRIAL_ID: '', config.ENV_HP_METRIC_FILE: ''}, None),
+])
+def test_only_a_tuning_trial_reports_a_metric(environ, hypertune_file):
+    parsed = config.parse_args(['--work-dir', 'w'], environ=environ)
+    assert parsed.hypertune_file == hypertune_file
+    assert parsed.trial_id == (environ.get(config.ENV_TRIAL_ID) or None)
+
+
+def test_tensorboard_dir_comes_from_vertex():
+    assert config.parse_args(['--work-dir', 'w'], environ={}).tensorboard_dir is None
+    parsed = config.parse_args(['--work-dir', 'w'], environ={
+        config.ENV_TENSORBOARD_LOG_DIR: 'gs://b/tb/logs/'})
+    assert parsed.tensorboard_dir == 'gs://b/tb/logs/'
+
+
+def test_a_worker_writes_to_scratch_and_resumes_from_the_chief():
+    chief = config.parse_args(['--work-dir', 'w', '--num-factors', '4'], environ={
+        config.ENV_CHECKPOINT_DIR: 'gs://b/ckpt', config.ENV_MODEL_DIR: 'gs://b/model',
+        config.ENV_TENSORBOARD_LOG_DIR: 'gs://b/tb', config.ENV_TRIAL_ID: '2'})
+    worker = config.redirect_outputs(chief, '/tmp/scratch')
+    assert worker == dataclasses.replace(
+        chief, model_dir='/tmp/scratch/model',
+        checkpoint_dir='/tmp/scratch/model/checkpoints',
+        export_dir='/tmp/scratch/model/export', tensorboard_dir=None,
+        hypertune_file=None, resume_checkpoint_dir='gs://b/ckpt')

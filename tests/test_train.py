@@ -228,3 +228,14 @@ def test_a_loss_log_with_other_columns_is_refused(tmp_path):
     with pytest.raises(train.ResumeError, match='--overwrite'):
         train.read_loss_log(str(path))
     assert train.read_loss_log(str(tmp_path / 'absent.csv')) == ()
+
+
+def test_padding_a_gradient_is_undone_after_the_all_reduce():
+    gradient = tf.IndexedSlices(tf.constant([[1.0, 2.0], [3.0, 4.0]]),
+                                tf.constant([3, 0], tf.int64), tf.constant([5, 2], tf.int64))
+    padded = train.pad_rows(gradient, 4)
+    assert padded.values.shape == (4, 2)
+    assert padded.indices.numpy().tolist() == [3, 0, 5, 5]  # 5: out of range
+    restored = train.drop_padding(padded, tf.constant(0.5))
+    assert restored.indices.numpy().tolist() == [3, 0]
+    np.testing.assert_allclose(restored.values.numpy(), [[0.5, 1.0], [1.5, 2.0]])

@@ -1,8 +1,10 @@
 """The trainer's configuration: a frozen dataclass with defaults, and its flags.
 
-`parse_args` is the only place that reads flags or the environment
-(`AIP_MODEL_DIR`, `AIP_CHECKPOINT_DIR`, set by Vertex AI custom jobs); every
-function below `task.main` receives a `TrainConfig`.
+`parse_args` is the only place that reads flags or the Vertex AI environment
+of a custom job (`AIP_MODEL_DIR`, `AIP_CHECKPOINT_DIR`,
+`AIP_TENSORBOARD_LOG_DIR`, and `CLOUD_ML_TRIAL_ID` / `CLOUD_ML_HP_METRIC_FILE`
+in a tuning trial); the cluster (`TF_CONFIG`) is `trainer.distribute`'s.
+Every function below `task.main` receives a `TrainConfig`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,12 @@ from trainer import optimizers
 # Vertex AI custom-job environment: where the SavedModel and checkpoints go.
 ENV_MODEL_DIR = 'AIP_MODEL_DIR'
 ENV_CHECKPOINT_DIR = 'AIP_CHECKPOINT_DIR'
+ENV_TENSORBOARD_LOG_DIR = 'AIP_TENSORBOARD_LOG_DIR'
+# A hyperparameter-tuning trial: its id, and the file the tuning service reads
+# the measurement from (cloudml-hypertune's variables and default path).
+ENV_TRIAL_ID = 'CLOUD_ML_TRIAL_ID'
+ENV_HP_METRIC_FILE = 'CLOUD_ML_HP_METRIC_FILE'
+DEFAULT_HP_METRIC_FILE = '/tmp/hypertune/output.metrics'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +59,12 @@ class TrainConfig:
         gives a uniform shuffle).
       eval_batch_size: ratings per batch when computing metrics.
       overwrite: clear model_dir (and checkpoint_dir) first instead of resuming.
+      tensorboard_dir: where per-epoch TensorBoard scalars go; None: nowhere.
+      hypertune_file: where the tuning metric is reported; None outside a
+        tuning trial.
+      trial_id: the tuning trial, if any.
+      resume_checkpoint_dir: resume from the checkpoints here instead of
+        checkpoint_dir (a non-chief worker resumes from the chief's).
     """
     work_dir: str
     model_dir: str
@@ -68,6 +82,10 @@ class TrainConfig:
     shuffle_buffer: int = 1_000_000
     eval_batch_size: int = 8192
     overwrite: bool = False
+    tensorboard_dir: str | None = None
+    hypertune_file: str | None = None
+    trial_id: str | None = None
+    resume_checkpoint_dir: str | None = None
 
 
 def make_config(work_dir: str, model_dir: str | None = None,
@@ -78,15 +96,21 @@ def make_config(work_dir: str, model_dir: str | None = None,
     Args:
       work_dir: the pipeline work dir.
       model_dir: the --job-dir; None means WORK_DIR/model.
-      environ: the environment to read AIP_* from; None means none set.
+      environ: the environment to read AIP_* and CLOUD_ML_* from; None means
+        none set.
       **hyperparameters: other TrainConfig fields.
 
     Returns:
       The config, with checkpoint_dir = AIP_CHECKPOINT_DIR or
-      MODEL_DIR/checkpoints and export_dir = AIP_MODEL_DIR or MODEL_DIR/export.
+      MODEL_DIR/checkpoints, export_dir = AIP_MODEL_DIR or MODEL_DIR/export,
+      tensorboard_dir = AIP_TENSORBOARD_LOG_DIR, and, in a tuning trial
+      (CLOUD_ML_TRIAL_ID or CLOUD_ML_HP_METRIC_FILE set), hypertune_file =
+      CLOUD_ML_HP_METRIC_FILE or /tmp/hypertune/output.metrics.
     """
     environ = environ or {}
     model_dir = model_dir or features.default_model_dir(work_dir)
+    trial_id = environ.get(ENV_TRIAL_ID) or None
+    in_trial = trial_id is not None or bool(environ.get(ENV_HP_METRIC_FILE))
     return TrainConfig(
         work_dir=work_dir,
         model_dir=model_dir,
@@ -94,7 +118,28 @@ def make_config(work_dir: str, model_dir: str | None = None,
                         or features.join(model_dir, features.CHECKPOINT_DIR)),
         export_dir=(environ.get(ENV_MODEL_DIR)
                     or features.join(model_dir, features.EXPORT_DIR)),
+        tensorboard_dir=environ.get(ENV_TENSORBOARD_LOG_DIR) or None,
+        hypertune_file=((environ.get(ENV_HP_METRIC_FILE)
+                         or DEFAULT_HP_METRIC_FILE) if in_trial else None),
+        trial_id=trial_id,
         **hyperparameters)
+
+
+def redirect_outputs(config: TrainConfig, scratch_dir: str) -> TrainConfig:
+    """The config of a non-chief worker: the same training, outputs in scratch_dir.
+
+    Every worker of a multi-worker run trains and saves (checkpoints and the
+    export are collective), but only the chief's outputs are real.  A worker
+    writes its copies under scratch_dir, writes no TensorBoard events and
+    reports no tuning metric, and resumes from the chief's checkpoints.
+    """
+    model_dir = features.join(scratch_dir, features.MODEL_DIR)
+    return dataclasses.replace(
+        config, model_dir=model_dir,
+        checkpoint_dir=features.join(model_dir, features.CHECKPOINT_DIR),
+        export_dir=features.join(model_dir, features.EXPORT_DIR),
+        tensorboard_dir=None, hypertune_file=None,
+        resume_checkpoint_dir=config.checkpoint_dir)
 
 
 def _bounded(kind: Callable[[str], float], flag: str, low: float, high: float,
@@ -167,7 +212,7 @@ def parse_args(argv: Sequence[str] | None = None,
 
     Args:
       argv: the flags, without the program name; None means sys.argv[1:].
-      environ: where AIP_MODEL_DIR / AIP_CHECKPOINT_DIR are read; None means
+      environ: where the AIP_* and CLOUD_ML_* variables are read; None means
         os.environ.  Empty values count as unset.
 
     Returns:
@@ -181,7 +226,7 @@ def parse_args(argv: Sequence[str] | None = None,
     hyperparameters = {
         field.name: getattr(args, field.name)
         for field in dataclasses.fields(TrainConfig)
-        if field.default is not dataclasses.MISSING}
+        if field.default is not dataclasses.MISSING and hasattr(args, field.name)}
     return make_config(
         work_dir=args.work_dir, model_dir=args.job_dir,
         environ=os.environ if environ is None else environ, **hyperparameters)

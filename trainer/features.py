@@ -22,9 +22,11 @@ Work-dir layout (a local path or ``gs://bucket/prefix``)::
         dataset_info.json       counts and the train mean; written last
       model/                    python -m trainer.task
         checkpoints/
-        export/                 SavedModel, serving_default(user_id, movie_id) -> rating
+        export/                 SavedModel, serving_default(user_id, movie_id) -> rating,
+                                recommend(user_id, k) -> movie_ids, titles, scores
         loss_log.csv            one row per epoch
         metrics.json
+        eval_predictions.csv    predicted-rating counts per true eval rating
 """
 
 from __future__ import annotations
@@ -86,6 +88,17 @@ CHECKPOINT_DIR = 'checkpoints'
 EXPORT_DIR = 'export'
 LOSS_LOG_FILE = 'loss_log.csv'
 METRICS_FILE = 'metrics.json'
+# Counts of clipped eval predictions per true rating, for plot.py.
+EVAL_PREDICTIONS_FILE = 'eval_predictions.csv'
+EVAL_PREDICTIONS_COLUMNS = ('rating', 'predicted_low', 'predicted_high', 'count')
+
+# --- The export's `recommend` signature (trainer/export.py). -------------------
+RECOMMEND_SIGNATURE = 'recommend'
+RECOMMEND_K = 'k'  # the number of movies asked for
+MOVIE_IDS = 'movie_ids'
+TITLES = 'titles'
+SCORES = 'scores'
+FALLBACK = 'fallback'
 
 # Columns of the loss log, in order.
 LOSS_LOG_COLUMNS = (

@@ -5,29 +5,39 @@
 
 Reads WORK_DIR/transformed/ (written by preprocess.py); writes checkpoints,
 loss_log.csv, metrics.json and the SavedModel under the model dir (or to
-AIP_CHECKPOINT_DIR / AIP_MODEL_DIR on Vertex AI).
+AIP_CHECKPOINT_DIR / AIP_MODEL_DIR on Vertex AI), TensorBoard scalars to
+AIP_TENSORBOARD_LOG_DIR and, in a tuning trial, the eval RMSE to the
+hyperparameter-tuning metric file.  In a multi-worker cluster (TF_CONFIG or
+CLUSTER_SPEC) every worker runs this; only the chief's outputs are kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Sequence
 
 import tensorflow as tf
 
+from trainer import catalog as catalog_lib
 from trainer import config as config_lib
 from trainer import data
+from trainer import distribute
+from trainer import eval_predictions
 from trainer import export
 from trainer import features
 from trainer import logs
+from trainer import ranking
+from trainer import reporting
 from trainer import train as train_lib
 
 
 def _metrics_record(result: train_lib.TrainResult, info: features.DatasetInfo,
                     config: config_lib.TrainConfig, export_dir: str,
-                    wall_seconds: float) -> dict[str, object]:
+                    wall_seconds: float, workers: int,
+                    replicas: int) -> dict[str, object]:
     final = result.final
     return {
         'dataset': info.dataset,
@@ -46,6 +56,8 @@ def _metrics_record(result: train_lib.TrainResult, info: features.DatasetInfo,
         'ratings_per_second': (result.ratings_trained / result.train_seconds
                                if result.train_seconds > 0 else None),
         'export_dir': export_dir,
+        'workers': workers,
+        'replicas': replicas,
         'config': dataclasses.asdict(config),
     }
 
@@ -62,6 +74,8 @@ def _summary(metrics: dict, info: features.DatasetInfo,
     if info.noise_floor_rmse is not None:
         lines.append(f'  noise floor {info.noise_floor_rmse:.4f} (eval RMSE is '
                      f'{metrics["eval_rmse"] / info.noise_floor_rmse:.3f}x it)')
+    if 'ranking' in metrics:
+        lines.append('  ' + ranking.summary_line(metrics['ranking']))
     lines += [
         f'  export: {metrics["export_dir"]}',
         f'  loss log: {features.join(config.model_dir, features.LOSS_LOG_FILE)}',
@@ -75,6 +89,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup_logging()
     config = config_lib.parse_args(argv)
     started = time.perf_counter()
+    try:
+        # First: a multi-worker strategy configures the TensorFlow runtime.
+        strategy, task = distribute.make_strategy(os.environ)
+    except distribute.ClusterError as error:
+        print(f'trainer: error: {error}', file=sys.stderr)
+        return 2
+    with distribute.scratch_dir(task) as scratch:
+        if scratch is not None:
+            config = config_lib.redirect_outputs(config, scratch)
+        return _run(config, strategy, task, started)
+
+
+def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
+         task: distribute.Task, started: float) -> int:
+    """Trains, exports and reports on one worker; returns the exit code."""
     tft_dir = features.transformed_dir(config.work_dir)
     info_path = features.join(tft_dir, features.DATASET_INFO_FILE)
     if not tf.io.gfile.exists(info_path):
@@ -85,18 +114,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = features.read_dataset_info(config.work_dir)
     user_vocab_size, item_vocab_size = data.read_vocabulary_sizes(tft_dir)
     try:
-        result = train_lib.train(config, info, user_vocab_size, item_vocab_size)
-    except (FileNotFoundError, train_lib.ResumeError) as error:
+        data.check_shards((info.train_pattern, info.eval_pattern))
+        with reporting.epoch_summaries(config.tensorboard_dir) as on_epoch_end:
+            result = train_lib.train(config, info, user_vocab_size,
+                                     item_vocab_size, strategy, on_epoch_end)
+    except (FileNotFoundError, train_lib.ResumeError, data.ShardError) as error:
         print(f'trainer: error: {error}', file=sys.stderr)
         return 2
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError):
+        # tf.data does not say which file failed: find it, or re-raise.
+        bad_shard = data.find_unreadable_shard((info.train_pattern, info.eval_pattern))
+        if bad_shard is None:
+            raise
+        print(f'trainer: error: {bad_shard}', file=sys.stderr)
+        return 2
+    catalog = catalog_lib.load_catalog(config.work_dir,
+                                       features.DATASETS[info.layout])
     export_dir = export.export_saved_model(
         result.model, tft_dir, config.export_dir, info.rating_min,
-        info.rating_max)
+        info.rating_max, catalog=catalog)
     metrics = _metrics_record(result, info, config, export_dir,
-                              time.perf_counter() - started)
+                              time.perf_counter() - started, task.num_workers,
+                              strategy.num_replicas_in_sync)
+    metrics['ranking'] = ranking.evaluate(result.model, catalog, info.eval_pattern)
+    eval_predictions.write_eval_predictions(result.model, info, config.model_dir,
+                                            config.eval_batch_size)
     features.write_json(features.join(config.model_dir, features.METRICS_FILE),
                         metrics)
-    print(_summary(metrics, info, config))
+    if config.hypertune_file is not None:
+        reporting.report_tuning_metric(
+            config.hypertune_file, result.final.eval_rmse, result.final.epoch,
+            config.trial_id, time.time())
+    if task.num_workers > 1:
+        distribute.wait_for_all(strategy)
+    if task.is_chief:
+        print(_summary(metrics, info, config))
     return 0
 
 

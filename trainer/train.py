@@ -5,7 +5,9 @@ runs the step on every replica with `strategy.run`; gradients are
 `tf.IndexedSlices` over the rows the batch touched, summed across replicas
 with `all_reduce`, and applied by a sparse optimiser (`trainer.optimizers`).
 We own the loop instead of using Keras `fit` so the same code runs under the
-default strategy here and under MultiWorkerMirroredStrategy later.
+default strategy and under MultiWorkerMirroredStrategy (`trainer.distribute`),
+where each worker takes its slice of every global batch and the metrics are
+summed across workers, so every worker logs the same global numbers.
 
 After each epoch the whole train and eval splits are scored (batched, with
 predictions clipped to the rating scale, as served), one row is written to
@@ -14,7 +16,9 @@ A re-run with the same model dir restores the last checkpoint and keeps the
 loss-log rows up to that epoch (a crash between the two writes leaves one
 row too many, which the re-run drops), so the log has exactly one row per
 epoch.  Each epoch's shuffle is seeded by (seed, epoch), so a resumed run
-repeats the uninterrupted one.
+repeats the uninterrupted one.  A non-chief worker writes to a scratch copy
+of the outputs and resumes from the chief's checkpoints
+(`TrainConfig.resume_checkpoint_dir`).
 """
 
 from __future__ import annotations
@@ -82,11 +86,49 @@ class TrainResult:
     final: EpochMetrics
 
 
+def pad_rows(gradient: tf.IndexedSlices, rows: int) -> tf.IndexedSlices:
+    """Pads a sparse gradient to `rows` rows with zero values at an out-of-range index.
+
+    MultiWorkerMirroredStrategy all-reduces `tf.IndexedSlices` by
+    all-gathering them, and in TF 2.21 a collective inside the epoch's
+    while loop keeps one instance key for every iteration, whose shape must
+    not change: the smaller last batch failed with "Shape mismatch in the
+    collective instance".  Padding every batch to the full per-replica size
+    avoids that; `drop_padding` removes the rows again.
+    """
+    padding = rows - tf.shape(gradient.indices)[0]
+    sentinel = tf.cast(gradient.dense_shape[0], gradient.indices.dtype)
+    zeros = tf.zeros(tf.concat([[padding], tf.shape(gradient.values)[1:]], 0),
+                     gradient.values.dtype)
+    return tf.IndexedSlices(
+        tf.concat([gradient.values, zeros], 0),
+        tf.concat([gradient.indices, tf.fill([padding], sentinel)], 0),
+        gradient.dense_shape)
+
+
+def drop_padding(gradient: tf.IndexedSlices, scale: tf.Tensor) -> tf.IndexedSlices:
+    """The rows of `gradient` with an in-range index, times scale."""
+    keep = gradient.indices < tf.cast(gradient.dense_shape[0],
+                                      gradient.indices.dtype)
+    return tf.IndexedSlices(tf.boolean_mask(gradient.values, keep) * scale,
+                            tf.boolean_mask(gradient.indices, keep),
+                            gradient.dense_shape)
+
+
 def make_train_epoch(strategy: tf.distribute.Strategy,
                      model: model_lib.MatrixFactorization,
                      optimizer: optimizers.SparseOptimizer, l2: float,
-                     l2_bias: float) -> Callable[[object], tf.Tensor]:
-    """Builds the epoch function: distributed dataset -> [objective sum, count]."""
+                     l2_bias: float,
+                     batch_size: int) -> Callable[[object], tf.Tensor]:
+    """Builds the epoch function: distributed dataset -> [objective sum, count].
+
+    Each replica takes its slice of the global batch (at most
+    ceil(batch_size / replicas) ratings); the gradients of the summed
+    per-example losses and the rating count are summed across replicas, so
+    the update is the gradient of the mean over the global batch, exactly,
+    however unevenly the last batch splits.
+    """
+    rows_per_replica = math.ceil(batch_size / strategy.num_replicas_in_sync)
 
     def step(batch: dict[str, tf.Tensor]) -> tf.Tensor:
         parameters = model.parameters()
@@ -94,11 +136,15 @@ def make_train_epoch(strategy: tf.distribute.Strategy,
             losses = model_lib.per_example_loss(
                 model, batch[features.USER], batch[features.ITEM],
                 batch[features.RATING], l2, l2_bias)
-            loss = tf.nn.compute_average_loss(losses)
-        gradients = tape.gradient(loss, parameters)
-        gradients = tf.distribute.get_replica_context().all_reduce(
-            _SUM, gradients)
-        optimizer.apply_gradients(gradients, parameters)
+            total = tf.reduce_sum(losses)
+        gradients = {name: pad_rows(gradient, rows_per_replica)
+                     for name, gradient in tape.gradient(total, parameters).items()}
+        count, gradients = tf.distribute.get_replica_context().all_reduce(
+            _SUM, (tf.cast(tf.size(losses), tf.float32), gradients))
+        scale = 1.0 / tf.maximum(count, 1.0)
+        optimizer.apply_gradients(
+            {name: drop_padding(gradient, scale)
+             for name, gradient in gradients.items()}, parameters)
         return tf.stack([tf.reduce_sum(tf.cast(losses, tf.float64)),
                          tf.cast(tf.size(losses), tf.float64)])
 
@@ -203,15 +249,14 @@ def _check_shapes(path: str, model: model_lib.MatrixFactorization) -> None:
                 '--overwrite to start fresh')
 
 
-def restore(manager: tf.train.CheckpointManager,
-            checkpoint: tf.train.Checkpoint) -> None:
-    """Restores the latest checkpoint, if any, insisting on an exact match.
+def restore(checkpoint: tf.train.Checkpoint, directory: str) -> None:
+    """Restores the latest checkpoint in directory, if any, insisting on an exact match.
 
     Raises:
       ResumeError: if the checkpoint was written with another --optimizer,
         --num-factors or vocabulary, which resuming cannot reconcile.
     """
-    path = manager.latest_checkpoint
+    path = tf.train.latest_checkpoint(directory)
     if path is None:
         return
     _check_shapes(path, checkpoint.model)
@@ -274,7 +319,10 @@ def _build_state(config: TrainConfig, info: features.DatasetInfo,
                                      epoch=epoch)
     manager = tf.train.CheckpointManager(
         checkpoint, config.checkpoint_dir, max_to_keep=_CHECKPOINTS_TO_KEEP)
-    restore(manager, checkpoint)
+    # With --overwrite nobody resumes: a worker must not read the chief's
+    # checkpoints while the chief is removing them.
+    if not config.overwrite:
+        restore(checkpoint, config.resume_checkpoint_dir or config.checkpoint_dir)
     return _State(model, optimizer, epoch, manager)
 
 
@@ -287,7 +335,9 @@ def _scored_splits(train_records: tf.data.Dataset, info: features.DatasetInfo,
 
 def train(config: TrainConfig, info: features.DatasetInfo,
           user_vocab_size: int, item_vocab_size: int,
-          strategy: tf.distribute.Strategy | None = None) -> TrainResult:
+          strategy: tf.distribute.Strategy | None = None,
+          on_epoch_end: Callable[[EpochMetrics], None] | None = None
+          ) -> TrainResult:
     """Trains (or resumes training) up to config.num_epochs epochs.
 
     Args:
@@ -297,6 +347,7 @@ def train(config: TrainConfig, info: features.DatasetInfo,
       item_vocab_size: movies in the TFT vocabulary, OOV excluded.
       strategy: the distribution strategy; None means the current one (the
         default strategy unless the caller entered another's scope).
+      on_epoch_end: called with each new loss-log row, after it is written.
 
     Returns:
       The model and its metrics.
@@ -312,12 +363,14 @@ def train(config: TrainConfig, info: features.DatasetInfo,
                          strategy)
     initial_epoch = int(state.epoch.numpy())
     log_path = features.join(config.model_dir, features.LOSS_LOG_FILE)
-    history = _keep_restored_rows(log_path, initial_epoch)
+    # A worker resuming from the chief's checkpoints has no earlier rows.
+    history = (() if config.resume_checkpoint_dir
+               else _keep_restored_rows(log_path, initial_epoch))
     write_loss_log(log_path, history)
     train_records = data.read_records(info.train_pattern)
     scored = _scored_splits(train_records, info, config.eval_batch_size)
     train_epoch = make_train_epoch(strategy, state.model, state.optimizer,
-                                   config.l2, config.l2_bias)
+                                   config.l2, config.l2_bias, config.batch_size)
     evaluate = make_evaluate(strategy, state.model, info.rating_min,
                              info.rating_max)
     if initial_epoch >= config.num_epochs:
@@ -335,6 +388,8 @@ def train(config: TrainConfig, info: features.DatasetInfo,
         seconds = time.perf_counter() - start
         history += (_epoch_metrics(number, seconds, *map(evaluate, scored)),)
         write_loss_log(log_path, history)  # before the checkpoint: see module doc
+        if on_epoch_end is not None:
+            on_epoch_end(history[-1])
         state.epoch.assign(number)
         state.manager.save(checkpoint_number=number)
         train_seconds, ratings = train_seconds + seconds, ratings + int(count)
@@ -344,7 +399,9 @@ def train(config: TrainConfig, info: features.DatasetInfo,
             objective / max(count, 1.0), history[-1].train_rmse,
             history[-1].eval_rmse, info.global_mean_eval_rmse, seconds)
     last_epoch = int(state.epoch.numpy())
-    final = (history[-1] if history and history[-1].epoch == last_epoch
+    # Evaluating is collective: decide on what every worker knows alike (the
+    # restored epoch), not on the loss log only the chief has.
+    final = (history[-1] if last_epoch > initial_epoch
              else _epoch_metrics(last_epoch, 0.0, *map(evaluate, scored)))
     return TrainResult(model=state.model, history=history,
                        initial_epoch=initial_epoch, train_seconds=train_seconds,

@@ -1,0 +1,45 @@
+"""Tests of trainer/reporting.py: TensorBoard scalars and the tuning-metric file."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from conftest import REPO
+from trainer import features, reporting, train
+
+
+def test_the_tuning_metric_is_the_study_metric_and_a_loss_log_column():
+    study = yaml.safe_load((REPO / 'hptuning.yaml').read_text(encoding='utf-8'))
+    assert [metric['metricId'] for metric in study['studySpec']['metrics']] == [
+        reporting.TUNING_METRIC_ID]
+    assert reporting.TUNING_METRIC_ID in features.LOSS_LOG_COLUMNS
+
+
+def test_the_metric_file_has_cloudml_hypertunes_line_and_is_rewritten(tmp_path):
+    path = tmp_path / 'hypertune' / 'output.metrics'
+    reporting.report_tuning_metric(str(path), 0.5, 3, '12', 1700000000.5)
+    reporting.report_tuning_metric(str(path), 0.875, 4, '12', 1700000001.0)
+    # What cloudml-hypertune 0.1.0.dev6 writes for the same report.
+    assert path.read_text(encoding='utf-8') == (
+        '{"checkpoint_path": "", "eval_rmse": "0.875", "global_step": "4", '
+        '"timestamp": 1700000001.0, "trial": "12"}\n')
+
+
+def test_without_a_trial_id_the_trial_is_zero():
+    assert json.loads(reporting.tuning_metric_line(1.0, 2, None, 0.0))['trial'] == '0'
+
+
+def test_no_log_dir_means_no_callback():
+    with reporting.epoch_summaries(None) as on_epoch_end:
+        assert on_epoch_end is None
+
+
+def test_each_epoch_adds_train_and_eval_scalars(tmp_path):
+    row = train.EpochMetrics(epoch=2, train_mse=0.81, train_rmse=0.9, train_mae=0.7,
+                             eval_mse=1.0, eval_rmse=1.0, eval_mae=0.8, seconds=1.0)
+    with reporting.epoch_summaries(str(tmp_path)) as on_epoch_end:
+        on_epoch_end(row)
+    for split in features.SPLITS:
+        assert len(list((tmp_path / split).glob('events.out.tfevents.*'))) == 1
