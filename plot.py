@@ -1,7 +1,12 @@
-"""Chart the trainer's loss log: train and eval RMSE per epoch, as a PNG in fig/.
+"""Chart the trainer's loss log, and its eval results, as PNGs in fig/.
 
-Owns: reading the loss log (local or gs://) and drawing it.  Computes no
-metric: every number comes from the log the trainer wrote.
+Owns: reading the trainer's files (local or gs://) and drawing them.
+Computes no metric: every number comes from files the trainer wrote.
+
+- `<out>` (default fig/<dataset>-loss.png): train and eval RMSE per epoch.
+- `<out stem>-eval.png`, when the model dir has them: how predicted ratings
+  spread for each true eval rating (eval_predictions.csv) and the ranking
+  metrics of the model against the most-popular baseline (metrics.json).
 
     python plot.py --model-dir WORK_DIR/model [--out fig/loss.png] [--title ...] [--show]
 """
@@ -83,6 +88,117 @@ def draw_loss_chart(log: LossLog, title: str, baseline_rmse: float | None = None
     return figure
 
 
+@dataclasses.dataclass(frozen=True)
+class PredictionCounts:
+    """eval_predictions.csv: counts per (true rating, predicted-rating bin)."""
+    ratings: list[float]
+    bin_edges: list[float]
+    counts: dict[float, list[int]]
+
+
+def read_prediction_counts(path: str) -> PredictionCounts:
+    """Reads features.EVAL_PREDICTIONS_FILE (bins shared by every true rating).
+
+    Raises:
+      ValueError: when a column is missing or the file has no rows.
+    """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    with tf.io.gfile.GFile(path) as f:
+        rows = list(csv.DictReader(io.StringIO(f.read())))
+    if not rows or any(name not in rows[0] for name in features.EVAL_PREDICTIONS_COLUMNS):
+        raise ValueError(f'{path} is not an eval prediction table: expected columns '
+                         f'{", ".join(features.EVAL_PREDICTIONS_COLUMNS)} and rows')
+    counts: dict[float, list[int]] = {}
+    edges: dict[float, float] = {}
+    for row in rows:
+        counts.setdefault(float(row['rating']), []).append(int(row['count']))
+        edges[float(row['predicted_low'])] = float(row['predicted_high'])
+    lows = sorted(edges)
+    return PredictionCounts(ratings=sorted(counts), bin_edges=lows + [edges[lows[-1]]],
+                            counts=counts)
+
+
+def draw_prediction_panel(axes, predictions: PredictionCounts) -> None:
+    """One step line per true rating: where its predictions fell, as shares."""
+    for rating in predictions.ratings:
+        counts = predictions.counts[rating]
+        total = sum(counts)
+        if total:
+            axes.stairs([count / total for count in counts], predictions.bin_edges,
+                        label=f'true {rating:g} ({total} ratings)')
+    axes.set_xlabel('predicted rating (clipped, as served)')
+    axes.set_ylabel('share of the eval ratings with that true rating')
+    axes.set_title('Predicted vs true rating on eval')
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize='small')
+
+
+_RANKING_LABELS = {'model': 'this model', 'most_popular': 'most popular (train count)',
+                   'fallback': 'newcomer fallback'}
+_RANKING_METRICS = ('precision', 'recall', 'ndcg', 'coverage')
+
+
+def draw_ranking_panel(axes, ranking: dict) -> None:
+    """Grouped bars: each ranking metric for the model and the baselines."""
+    names = [name for name in _RANKING_LABELS if name in ranking]
+    width = 0.8 / max(len(names), 1)
+    for offset, name in enumerate(names):
+        values = [ranking[name][metric] for metric in _RANKING_METRICS]
+        positions = [index + (offset - (len(names) - 1) / 2) * width
+                     for index in range(len(_RANKING_METRICS))]
+        bars = axes.bar(positions, values, width, label=_RANKING_LABELS[name])
+        axes.bar_label(bars, fmt='%.3f', fontsize='x-small')
+    k = ranking.get('k', 10)
+    axes.set_xticks(range(len(_RANKING_METRICS)),
+                    [f'{metric if metric != "ndcg" else "NDCG"}@{k}'
+                     for metric in _RANKING_METRICS])
+    axes.set_title(f'Top-{k} on eval ({ranking.get("users_with_relevant", "?")} users '
+                   f'with a rating >= {ranking.get("relevant_rating", 4):g})')
+    axes.grid(alpha=0.3, axis='y')
+    axes.legend(fontsize='small')
+
+
+def draw_eval_chart(title: str, predictions: PredictionCounts | None,
+                    ranking: dict | None):
+    """The eval figure: the panels whose data is there; returns the Figure."""
+    from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+    panels = [panel for panel in ((draw_prediction_panel, predictions),
+                                  (draw_ranking_panel, ranking)) if panel[1]]
+    figure = Figure(figsize=(6.5 * len(panels), 4.5), dpi=120)
+    for axes, (draw, content) in zip(figure.subplots(1, len(panels), squeeze=False)[0],
+                                     panels):
+        draw(axes, content)
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def eval_chart_path(out: str) -> str:
+    """<out stem>-eval.png next to the loss chart."""
+    path = pathlib.Path(out)
+    return str(path.with_name(f'{path.stem}-eval{path.suffix}'))
+
+
+def write_eval_chart(model_dir: str, out: str, dataset: str) -> str | None:
+    """Draws the eval chart when the trainer left its data; returns the path or None.
+
+    Raises:
+      ValueError: when eval_predictions.csv is malformed.
+    """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    predictions_path = features.join(model_dir, features.EVAL_PREDICTIONS_FILE)
+    predictions = (read_prediction_counts(predictions_path)
+                   if tf.io.gfile.exists(predictions_path) else None)
+    metrics_path = features.join(model_dir, features.METRICS_FILE)
+    ranking = (features.read_json(metrics_path).get('ranking')
+               if tf.io.gfile.exists(metrics_path) else None)
+    if predictions is None and not ranking:
+        return None
+    eval_out = eval_chart_path(out)
+    draw_eval_chart(f'Biased MF on {dataset}: eval', predictions, ranking).savefig(eval_out)
+    return eval_out
+
+
 def read_reference_lines(model_dir: str) -> dict[str, float | None]:
     """The baselines the trainer recorded in metrics.json, when it is there."""
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -131,10 +247,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                              reference.get('noise_floor_rmse'))
     pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out)
+    try:
+        eval_out = write_eval_chart(posix_parent(config.loss_log), out, dataset)
+    except ValueError as error:
+        print(f'plot.py: error: {error}', file=sys.stderr)
+        return 2
     if config.show:
         show_window(figure)
     print(f'plot: read {len(log.epochs)} epochs from {config.loss_log}; '
-          f'final eval RMSE {log.columns["eval_rmse"][-1]:.4f}; wrote {out}')
+          f'final eval RMSE {log.columns["eval_rmse"][-1]:.4f}; wrote {out}'
+          + (f' and {eval_out}' if eval_out else ''))
     return 0
 
 

@@ -21,6 +21,9 @@ readonly IMAGE_NAME="trainer"
 readonly TERMINAL_STATES=" JOB_STATE_SUCCEEDED JOB_STATE_FAILED JOB_STATE_CANCELLED JOB_STATE_EXPIRED JOB_STATE_PARTIALLY_SUCCEEDED "
 # Consecutive failed `describe` calls (network blips) tolerated while waiting.
 readonly MAX_DESCRIBE_FAILURES=5
+# --deploy: the newest prebuilt Vertex AI TensorFlow prediction image (there is none
+# for TF 2.21; this one loads our export, see the README) and its defaults.
+readonly SERVING_IMAGE="us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.2-15:latest"
 
 usage() {
   cat <<USAGE
@@ -32,8 +35,8 @@ usage: ./run-cloud.sh --work-dir gs://BUCKET/PREFIX [flags] [-- TRAINER_FLAGS...
                           (default: each service's default identity; see the README)
   --dataset NAME          one of: ${DATASETS} (default: ml-100k)
   --data-sources PATH     a GroupLens-layout zip (path, URL or gs://) instead of the download
-  --workers N             worker replicas besides the chief (default: 0); see the README
-                          on multi-worker status
+  --workers N             worker replicas besides the chief (default: 0): synchronous
+                          data-parallel training; see the README, "Distributed training"
   --machine-type TYPE     machine of every replica (default: n1-standard-4)
   --gpu TYPE:COUNT        accelerators per replica, e.g. NVIDIA_TESLA_T4:1 (needs a
                           CUDA-enabled image; the default image is CPU-only)
@@ -49,6 +52,12 @@ usage: ./run-cloud.sh --work-dir gs://BUCKET/PREFIX [flags] [-- TRAINER_FLAGS...
   --overwrite             redo the steps (extract, preprocess, train), replacing earlier
                           outputs in the work dir
   --poll-seconds N        seconds between job-state checks (default: 60)
+  --deploy                after training, upload the SavedModel to the Vertex AI Model
+                          Registry and deploy it to an endpoint (created when missing)
+  --endpoint NAME         --deploy only: the endpoint's display name (default: movielens-mf)
+  --serving-image URI     --deploy only: the prediction container
+                          (default: ${SERVING_IMAGE})
+  --serving-machine-type TYPE  --deploy only: machine of the endpoint (default: n1-standard-2)
   --dry-run               print the commands and the job config; run nothing
   -- FLAGS                passed to python -m trainer.task (e.g. -- --num-epochs 30)
 USAGE
@@ -95,6 +104,10 @@ fig_dir="fig"
 overwrite=()
 poll_seconds="60"
 dry_run=false
+deploy=false
+endpoint=""
+serving_image=""
+serving_machine_type=""
 trainer_flags=()
 
 parse_flags() {
@@ -123,6 +136,10 @@ parse_flags() {
       --skip-plot) skip_plot=true; shift ;;
       --overwrite) overwrite=(--overwrite); shift ;;
       --dry-run) dry_run=true; shift ;;
+      --deploy) deploy=true; shift ;;
+      --endpoint) need_value "$@"; endpoint="$2"; shift 2 ;;
+      --serving-image) need_value "$@"; serving_image="$2"; shift 2 ;;
+      --serving-machine-type) need_value "$@"; serving_machine_type="$2"; shift 2 ;;
       *) die "unknown flag $(shown "$1"); see ./run-cloud.sh --help (trainer flags go after --)" ;;
     esac
   done
@@ -157,6 +174,25 @@ validate_flags() {
   check --fig-dir "${fig_dir}" '^[[:graph:]]+$' "a directory without spaces, e.g. --fig-dir fig"
   check --poll-seconds "${poll_seconds}" '^(0|[1-9][0-9]{0,3})$' "a number of seconds from 0 to 9999, e.g. --poll-seconds 60"
   validate_tuning_flags
+  validate_deploy_flags
+}
+
+validate_deploy_flags() {
+  if [[ "${deploy}" == false ]]; then
+    [[ -z "${endpoint}${serving_image}${serving_machine_type}" ]] \
+      || die "--endpoint, --serving-image and --serving-machine-type only apply with --deploy; add --deploy or drop them"
+    return 0
+  fi
+  [[ "${hp_tuning}" == false ]] || die "--deploy does not go with --hp-tuning: train the best trial's flags in a plain job with --deploy"
+  endpoint="${endpoint:-movielens-mf}"
+  serving_image="${serving_image:-${SERVING_IMAGE}}"
+  serving_machine_type="${serving_machine_type:-n1-standard-2}"
+  check --endpoint "${endpoint}" '^[a-z][-_a-z0-9]{0,62}$' "an endpoint name of lowercase letters, digits, - and _, e.g. --endpoint movielens-mf"
+  check --serving-image "${serving_image}" \
+    '^[a-z0-9][-.a-z0-9]*(:[0-9]+)?(/[a-z0-9][-_.a-z0-9]*)+(:[A-Za-z0-9_][-_.A-Za-z0-9]{0,127}|@sha256:[a-f0-9]{64})?$' \
+    "an image URI such as --serving-image ${SERVING_IMAGE}"
+  check --serving-machine-type "${serving_machine_type}" '^[a-z][a-z0-9]*(-[a-z0-9]+)+$' \
+    "a Compute Engine machine type such as --serving-machine-type n1-standard-2"
 }
 
 validate_tuning_flags() {
@@ -282,6 +318,42 @@ summarize() {
   echo "  model dir: ${work_dir}/model (loss_log.csv, metrics.json, checkpoints/)"
   echo "  SavedModel: ${work_dir}/model/model/ (Vertex's AIP_MODEL_DIR)"
   [[ "${skip_plot}" == true ]] || echo "  chart: ${chart}"
+  [[ -z "${deployed_endpoint}" ]] || echo "  endpoint: ${deployed_endpoint} in ${region} (predict: see the README)"
+}
+
+# Runs a gcloud command that prints one resource name and keeps its last part
+# (the numeric id) in the variable named by $1; in --dry-run it keeps $2.
+resource_id() {
+  local into="$1" placeholder="$2" name
+  shift 2
+  echo_command "$@"
+  if [[ "${dry_run}" == true ]]; then
+    printf -v "${into}" '%s' "${placeholder}"
+    return 0
+  fi
+  name="$("$@" | head -n 1)" || fail "$(printf '%s ' "${@:1:3}")failed (see above)"
+  printf -v "${into}" '%s' "${name##*/}"
+}
+
+# Uploads the SavedModel to the Model Registry and deploys it to the endpoint,
+# creating the endpoint when none has that display name.
+deploy_model() {
+  local where=(--project "${project}" --region "${region}") model_id="" endpoint_id=""
+  run gcloud ai models upload "${where[@]}" --display-name "${job_name}" \
+    --artifact-uri "${work_dir}/model/model" --container-image-uri "${serving_image}"
+  resource_id model_id MODEL_ID gcloud ai models list "${where[@]}" \
+    --filter "display_name=${job_name}" --format 'value(name)'
+  [[ -n "${model_id}" ]] || fail "the uploaded model ${job_name} is not in the Model Registry"
+  resource_id endpoint_id "" gcloud ai endpoints list "${where[@]}" \
+    --filter "display_name=${endpoint}" --format 'value(name)'
+  if [[ -z "${endpoint_id}" ]]; then
+    [[ "${dry_run}" == false ]] || echo "# only when no endpoint is named ${endpoint}:"
+    resource_id endpoint_id ENDPOINT_ID gcloud ai endpoints create "${where[@]}" \
+      --display-name "${endpoint}" --format 'value(name)'
+  fi
+  run gcloud ai endpoints deploy-model "${endpoint_id}" "${where[@]}" --model "${model_id}" \
+    --display-name "${job_name}" --machine-type "${serving_machine_type}" --traffic-split 0=100
+  deployed_endpoint="${endpoint_id}"
 }
 
 on_interrupt() {
@@ -322,6 +394,7 @@ job_kind="custom-jobs"
 [[ "${hp_tuning}" == false ]] || job_kind="hp-tuning-jobs"
 chart="${fig_dir}/${dataset}-cloud-loss.png"
 job_id=""
+deployed_endpoint=""
 stream_pid=""
 tmp_dir="$(mktemp -d)"
 job_config="${tmp_dir}/${job_name}.yaml"
@@ -337,4 +410,5 @@ submit_job
 wait_for_job
 [[ "${skip_plot}" == true || "${hp_tuning}" == true ]] \
   || run python plot.py --model-dir "${work_dir}/model" --out "${chart}"
+[[ "${deploy}" == false ]] || deploy_model
 summarize

@@ -15,7 +15,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 
 import preprocess
-from trainer import export, features
+from trainer import catalog, export, features
 from trainer.model import MatrixFactorization
 
 RAW_ROWS = [(user, movie, rating) for user, movie, rating in [
@@ -105,3 +105,81 @@ def test_export_replaces_an_earlier_one_and_leaves_no_temp_dirs(tft_dir, model, 
         user_id=tf.constant(['stranger']), movie_id=tf.constant(['unseen']))
     assert served[features.RATING].numpy()[0] == pytest.approx(
         2.0 + float(model.item_bias[-1]), rel=1e-6)
+
+
+TITLES = {'m1': 'Amélie (2001)', 'm2': 'Léon (1994)'}  # m3 has none: shown by id
+
+
+def _train_catalog(tft_dir: str) -> catalog.Catalog:
+    """Every RAW_ROWS rating as a train pair; titles in TITLES."""
+    tft_output = tft.TFTransformOutput(tft_dir)
+    movie_ids = [word.decode() for word in tft_output.vocabulary_by_name(features.MOVIE_VOCAB)]
+    users = _indices(tft_output, features.USER_VOCAB, [row[0] for row in RAW_ROWS])
+    items = _indices(tft_output, features.MOVIE_VOCAB, [row[1] for row in RAW_ROWS])
+    return catalog.build_catalog(
+        movie_ids, TITLES, tft_output.vocabulary_size_by_name(features.USER_VOCAB),
+        users.numpy(), items.numpy())
+
+
+def test_the_export_alone_recommends_unrated_movies_and_falls_back(tft_dir, model, tmp_path):
+    tft_copy = str(tmp_path / 'work' / 'transformed')
+    shutil.copytree(tft_dir, tft_copy)
+    movies = _train_catalog(tft_copy)
+    export_dir = export.export_saved_model(model, tft_copy, str(tmp_path / 'work' / 'export'),
+                                           1.0, 5.0, catalog=movies)
+    served_dir = str(tmp_path / 'elsewhere')
+    shutil.copytree(export_dir, served_dir)
+    shutil.rmtree(tmp_path / 'work')  # the TFT dir and the original export
+
+    loaded = tf.saved_model.load(served_dir)
+    assert set(loaded.signatures) == {export.SIGNATURE, export.RECOMMEND_SIGNATURE}
+    rating = loaded.signatures[export.SIGNATURE](
+        user_id=tf.constant(['u4']), movie_id=tf.constant(['m1']))[features.RATING]
+    tft_output = tft.TFTransformOutput(tft_dir)
+    user = _indices(tft_output, features.USER_VOCAB, ['u4', 'u2'])
+    item = _indices(tft_output, features.MOVIE_VOCAB, ['m1', 'm2'])
+    np.testing.assert_allclose(rating.numpy(), np.clip(model(user[:1], item[:1]).numpy(), 1, 5),
+                               rtol=1e-6)
+
+    out = loaded.signatures[export.RECOMMEND_SIGNATURE](
+        user_id=tf.constant(['u4', 'u2', 'u1', 'stranger']), k=tf.constant(2))
+    ids = out[features.MOVIE_IDS].numpy().astype(str).tolist()
+    scores = out[features.SCORES].numpy()
+    # u4 rated only m3: m1 and m2 remain, ordered by the model's score.
+    u4 = model(tf.repeat(user[:1], 2), item).numpy()
+    assert ids[0] == (['m1', 'm2'] if u4[0] > u4[1] else ['m2', 'm1'])
+    np.testing.assert_allclose(scores[0], np.sort(u4)[::-1], rtol=1e-6)  # unclipped
+    # u2 rated m1 and m3: one movie, then padding; u1 rated all three.
+    assert ids[1] == ['m2', ''] and ids[2] == ['', '']
+    assert scores[1][0] == pytest.approx(float(model(user[1:], item[1:])[0]), rel=1e-6)
+    assert scores[1][1] == 0.0 and scores[2].tolist() == [0.0, 0.0]
+    # A stranger gets mu + b_i * n / (n + 10): m1 (3 ratings) and m3 (3) beat m2 (2).
+    counts = dict(zip(movies.movie_ids, movies.item_counts))
+    bias = dict(zip(movies.movie_ids, model.item_bias.numpy()))
+    fallback = {m: 3.0 + bias[m] * counts[m] / (counts[m] + 10.0) for m in counts}
+    assert ids[3] == sorted(fallback, key=fallback.get, reverse=True)[:2]
+    np.testing.assert_allclose(scores[3], sorted(fallback.values(), reverse=True)[:2], rtol=1e-6)
+    assert out[features.FALLBACK].numpy().tolist() == [False, False, False, True]
+    titles = dict(zip(sum(ids, []), sum(out[features.TITLES].numpy().tolist(), [])))
+    assert titles['m1'].decode() == 'Amélie (2001)'  # latin-1 letters survive
+    assert titles['m2'].decode() == 'Léon (1994)'
+
+
+def test_recommend_caps_k_at_the_catalogue_and_refuses_k_below_one(tft_dir, model, tmp_path):
+    export_dir = export.export_saved_model(model, tft_dir, str(tmp_path / 'export'), 1.0, 5.0,
+                                           catalog=_train_catalog(tft_dir))
+    recommend = tf.saved_model.load(export_dir).signatures[export.RECOMMEND_SIGNATURE]
+    out = recommend(user_id=tf.constant(['stranger', 'u4']), k=tf.constant(50))
+    assert out[features.MOVIE_IDS].shape == (2, 3)
+    assert sorted(out[features.TITLES].numpy()[0].astype(bytes).tolist()) == sorted(
+        [b'm3', 'Amélie (2001)'.encode(), 'Léon (1994)'.encode()])
+    with pytest.raises(tf.errors.InvalidArgumentError, match='k must be >= 1'):
+        recommend(user_id=tf.constant(['u4']), k=tf.constant(0))
+
+
+def test_a_catalogue_of_other_vocabularies_is_refused(tft_dir, model, tmp_path):
+    wrong = catalog.build_catalog(['m1', 'm2'], {}, 4, np.array([0]), np.array([1]))
+    with pytest.raises(ValueError, match='not the same vocabularies'):
+        export.export_saved_model(model, tft_dir, str(tmp_path / 'export'), 1.0, 5.0,
+                                  catalog=wrong)
+    assert not os.path.exists(tmp_path / 'export')

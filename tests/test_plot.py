@@ -63,3 +63,57 @@ def test_bad_out_flag_gets_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         plot.main(['--model-dir', str(tmp_path), '--out', 'chart.jpg'])
     assert '--out' in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+RANKING = {'k': 10, 'relevant_rating': 4.0, 'users': 90, 'users_with_relevant': 80,
+           'model': {'precision': 0.05, 'recall': 0.04, 'ndcg': 0.06, 'coverage': 0.3},
+           'most_popular': {'precision': 0.1, 'recall': 0.09, 'ndcg': 0.12, 'coverage': 0.02},
+           'fallback': {'precision': 0.03, 'recall': 0.02, 'ndcg': 0.03, 'coverage': 0.01}}
+
+
+def _write_eval_predictions(model_dir: str) -> None:
+    with open(os.path.join(model_dir, features.EVAL_PREDICTIONS_FILE), 'w') as f:
+        f.write(','.join(features.EVAL_PREDICTIONS_COLUMNS) + '\n')
+        for rating in (1, 2, 3, 4, 5):
+            for low in range(8):  # half-star bins over [1, 5]
+                count = max(0, 10 - 4 * abs(low - 2 * (rating - 1)))  # peak at the true rating
+                f.write(f'{rating},{1 + low / 2:g},{1.5 + low / 2:g},{count}\n')
+
+
+@pytest.mark.parametrize('with_predictions, with_ranking', [
+    (True, True), (True, False), (False, True)])
+def test_main_also_draws_the_eval_chart_from_what_is_there(
+        tmp_path, capsys, with_predictions, with_ranking):
+    model_dir = str(tmp_path / 'model')
+    _write_log(model_dir)
+    if with_predictions:
+        _write_eval_predictions(model_dir)
+    with open(os.path.join(model_dir, features.METRICS_FILE), 'w') as f:
+        json.dump({'dataset': 'synthetic', **({'ranking': RANKING} if with_ranking else {})}, f)
+    out = tmp_path / 'fig' / 'synthetic-loss.png'
+    assert plot.main(['--model-dir', model_dir, '--out', str(out)]) == 0
+    eval_chart = tmp_path / 'fig' / 'synthetic-loss-eval.png'
+    assert eval_chart.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert out.exists() and f'and {eval_chart}' in capsys.readouterr().out
+
+
+def test_no_eval_chart_without_its_data(tmp_path, capsys):
+    _write_log(str(tmp_path))
+    assert plot.main(['--model-dir', str(tmp_path), '--out', str(tmp_path / 'loss.png')]) == 0
+    assert sorted(p.name for p in tmp_path.glob('*.png')) == ['loss.png']
+    assert ' and ' not in capsys.readouterr().out
+
+
+def test_read_prediction_counts_keeps_bins_in_order(tmp_path):
+    _write_eval_predictions(str(tmp_path))
+    table = plot.read_prediction_counts(str(tmp_path / features.EVAL_PREDICTIONS_FILE))
+    assert table.ratings == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert table.bin_edges == pytest.approx([1 + i / 2 for i in range(9)])
+    assert table.counts[3.0][4] == 10  # true 3 peaks in the bin [3, 3.5)
+
+
+def test_a_malformed_eval_table_gets_one_line(tmp_path, capsys):
+    _write_log(str(tmp_path))
+    (tmp_path / features.EVAL_PREDICTIONS_FILE).write_text('rating,count\n1,2\n')
+    assert plot.main(['--model-dir', str(tmp_path), '--out', str(tmp_path / 'x.png')]) == 2
+    assert 'not an eval prediction table' in capsys.readouterr().err

@@ -399,3 +399,68 @@ def test_the_plot_step_charts_the_loss_log_from_gcs(run_cloud, gcs, tmp_path: pa
     chart = fig_dir / 'ml-100k-cloud-loss.png'
     assert chart.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     assert 'plot: read 2 epochs' in result.stdout
+
+
+# --- --deploy: Model Registry upload and endpoint deployment. ----------------------------
+def test_deploy_uploads_the_export_and_creates_an_endpoint(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, '--deploy', *OFFLINE)
+    assert result.returncode == 0, result.stderr
+    (create_job,) = result.gcloud('ai', 'custom-jobs', 'create')
+    job_name = flag(create_job['argv'], '--display-name')
+    (upload,) = result.gcloud('ai', 'models', 'upload')
+    assert flag(upload['argv'], '--artifact-uri') == WORK_DIR + '/model/model'
+    assert flag(upload['argv'], '--display-name') == job_name
+    assert flag(upload['argv'], '--container-image-uri').startswith(
+        'us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.')
+    (create_endpoint,) = result.gcloud('ai', 'endpoints', 'create')
+    assert flag(create_endpoint['argv'], '--display-name') == 'movielens-mf'
+    (deploy,) = result.gcloud('ai', 'endpoints', 'deploy-model')
+    assert deploy['argv'][3] == '6666666666'  # the id of the endpoint just created
+    assert flag(deploy['argv'], '--model') == '5555555555'
+    assert flag(deploy['argv'], '--traffic-split') == '0=100'
+    assert result.calls.index(create_job) < result.calls.index(upload)
+    assert 'endpoint: 6666666666' in result.stdout
+
+
+def test_deploy_reuses_an_endpoint_with_the_same_name(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, '--deploy', '--endpoint', 'recs',
+                       '--serving-machine-type', 'n1-standard-4', *OFFLINE,
+                       FAKE_GCLOUD_ENDPOINT='projects/1/locations/us-central1/endpoints/42')
+    assert result.returncode == 0, result.stderr
+    assert result.gcloud('ai', 'endpoints', 'create') == []
+    (listing,) = result.gcloud('ai', 'endpoints', 'list')
+    assert flag(listing['argv'], '--filter') == 'display_name=recs'
+    (deploy,) = result.gcloud('ai', 'endpoints', 'deploy-model')
+    assert deploy['argv'][3] == '42'
+    assert flag(deploy['argv'], '--machine-type') == 'n1-standard-4'
+
+
+def test_deploy_is_skipped_when_the_job_fails(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, '--deploy', *OFFLINE,
+                       FAKE_GCLOUD_STATES='JOB_STATE_FAILED')
+    assert result.returncode == 1
+    assert result.gcloud('ai', 'models') == [] and result.gcloud('ai', 'endpoints') == []
+
+
+def test_dry_run_deploy_prints_the_deployment_commands(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, '--deploy', '--dry-run')
+    assert result.returncode == 0, result.stderr
+    assert result.calls == []
+    for command in ('+ gcloud ai models upload', '+ gcloud ai models list',
+                    '+ gcloud ai endpoints list', '+ gcloud ai endpoints create',
+                    '+ gcloud ai endpoints deploy-model ENDPOINT_ID'):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize('flags, named', [
+    (('--deploy', '--hp-tuning'), '--deploy'),
+    (('--endpoint', 'recs'), '--endpoint'),
+    (('--deploy', '--endpoint', 'x; touch CANARY'), '--endpoint'),
+    (('--deploy', '--serving-machine-type', 'n1 standard'), '--serving-machine-type'),
+])
+def test_bad_deploy_flags_are_one_line_and_no_gcloud_call(run_cloud, tmp_path, flags, named):
+    result = run_cloud('--work-dir', WORK_DIR, *flags, *OFFLINE)
+    assert result.returncode == 2
+    assert result.calls == []
+    assert named in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / 'CANARY').exists()

@@ -1,12 +1,25 @@
-"""The SavedModel: raw MovieLens ids in, predicted ratings out.
+"""The SavedModel: raw MovieLens ids in, predicted ratings and top-k movies out.
 
 The exported `tf.Module` tracks both the trained model and the TFT transform
 layer (`TFTransformOutput.transform_features_layer()`, a tf_keras layer that
 carries the vocabulary files as assets), so the export needs nothing else at
-serving time: `tf.saved_model.load(export_dir).signatures['serving_default']
-(user_id=..., movie_id=...)['rating']`.  Ids outside the vocabularies map to
-the OOV rows.  Only `user_id` and `movie_id` are fed: the transform layer
-prunes the outputs it cannot compute without `rating` and `timestamp`.
+serving time.  Ids outside the vocabularies map to the OOV rows.  Only raw
+ids are fed: the transform layer prunes the outputs it cannot compute
+without `rating` and `timestamp`.  Two signatures:
+
+- `serving_default(user_id [N], movie_id [N]) -> {'rating' [N]}`: the
+  predicted rating, clipped to the scale.
+- `recommend(user_id [N], k []) -> {'movie_ids', 'titles', 'scores'
+  [N, k], 'fallback' [N]}` (exported when a `catalog.Catalog` is given):
+  each user's k best-scored movies among those they did not rate in
+  training, best first.  `scores` are unclipped predicted ratings (clipping
+  would tie the top of the list at the scale's maximum).  An unknown user
+  gets `ranking.fallback_scores` (the learned movie bias shrunk by its
+  train count) and `fallback` True.  k is capped at the number of movies;
+  a user with fewer than k unrated movies gets rows padded with movie id
+  '', title '' and score 0.  The catalogue (ids, titles, train counts and
+  every user's train movies as a ragged int32 tensor) is stored as
+  variables, so it lands in the variables files, not the graph.
 
 The export is written to a sibling temp directory and renamed into place, so
 a crash mid-export never leaves a half SavedModel at `export_dir`.
@@ -19,12 +32,15 @@ import logging
 import tensorflow as tf
 import tensorflow_transform as tft
 
+from trainer import catalog as catalog_lib
 from trainer import features
+from trainer import ranking
 from trainer.model import MatrixFactorization
 
 logger = logging.getLogger(__name__)
 
 SIGNATURE = tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY
+RECOMMEND_SIGNATURE = features.RECOMMEND_SIGNATURE
 _TMP_SUFFIX = '.tmp'
 _OLD_SUFFIX = '.old'
 
@@ -52,15 +68,76 @@ class ServingModule(tf.Module):
             rating, self.rating_min, self.rating_max)}
 
 
+def _constant_variable(value: object, dtype: tf.DType, name: str) -> tf.Variable:
+    return tf.Variable(tf.constant(value, dtype), trainable=False, name=name)
+
+
+class RecommendingModule(ServingModule):
+    """ServingModule plus the catalogue and a top-k `recommend` function."""
+
+    def __init__(self, model: MatrixFactorization, transform_layer: tf.Module,
+                 rating_min: float, rating_max: float,
+                 catalog: catalog_lib.Catalog,
+                 fallback_prior_ratings: float) -> None:
+        super().__init__(model, transform_layer, rating_min, rating_max)
+        rows = (catalog.num_users + features.NUM_OOV_BUCKETS,
+                catalog.num_items + features.NUM_OOV_BUCKETS)
+        if rows != (model.user_bias.shape[0], model.item_bias.shape[0]):
+            raise ValueError(
+                f'the catalogue has {catalog.num_users} users and {catalog.num_items} '
+                f'movies, the model {model.user_bias.shape[0]} and '
+                f'{model.item_bias.shape[0]} rows (with OOV): not the same vocabularies')
+        self.num_users = catalog.num_users
+        self.fallback_prior_ratings = float(fallback_prior_ratings)
+        self.movie_ids = _constant_variable(
+            [movie_id.encode('utf-8') for movie_id in catalog.movie_ids],
+            tf.string, 'movie_ids')
+        self.titles = _constant_variable(
+            [title.encode('utf-8') for title in catalog.titles], tf.string, 'titles')
+        self.item_counts = _constant_variable(catalog.item_counts, tf.int64,
+                                              'item_counts')
+        self.seen_items = _constant_variable(catalog.seen_items, tf.int32,
+                                             'seen_items')
+        self.seen_row_splits = _constant_variable(catalog.seen_row_splits,
+                                                  tf.int64, 'seen_row_splits')
+
+    @tf.function(input_signature=[
+        tf.TensorSpec([None], tf.string, name=features.USER_ID),
+        tf.TensorSpec([], tf.int32, name=features.RECOMMEND_K)])
+    def recommend(self, user_id: tf.Tensor, k: tf.Tensor) -> dict[str, tf.Tensor]:
+        """The k best unrated movies per raw user id; see the module doc."""
+        tf.debugging.assert_positive(k, message='k must be >= 1')
+        user = self.transform_layer({features.USER_ID: user_id})[features.USER]
+        num_items = tf.size(self.movie_ids)
+        fallback = user >= self.num_users
+        scores = tf.where(
+            fallback[:, None],
+            ranking.fallback_scores(self.model, self.item_counts,
+                                    self.fallback_prior_ratings)[None, :],
+            ranking.score_items(self.model, user, num_items))
+        seen = tf.RaggedTensor.from_row_splits(
+            self.seen_items, self.seen_row_splits, validate=False)
+        values, indices, valid = ranking.top_k_unseen(
+            scores, tf.gather(seen, user), tf.minimum(k, num_items))
+        return {
+            features.MOVIE_IDS: tf.where(valid, tf.gather(self.movie_ids, indices), ''),
+            features.TITLES: tf.where(valid, tf.gather(self.titles, indices), ''),
+            features.SCORES: tf.where(valid, values, 0.0),
+            features.FALLBACK: fallback,
+        }
+
+
 def _remove_leftover(path: str, why: str) -> None:
     if tf.io.gfile.exists(path):
         logger.warning('Removing %s (%s)', path, why)
         tf.io.gfile.rmtree(path)
 
 
-def export_saved_model(model: MatrixFactorization, tft_dir: str,
-                       export_dir: str, rating_min: float,
-                       rating_max: float) -> str:
+def export_saved_model(
+        model: MatrixFactorization, tft_dir: str, export_dir: str,
+        rating_min: float, rating_max: float,
+        catalog: catalog_lib.Catalog | None = None,
+        fallback_prior_ratings: float = ranking.FALLBACK_PRIOR_RATINGS) -> str:
     """Writes the serving SavedModel, replacing an earlier export atomically.
 
     Args:
@@ -69,6 +146,11 @@ def export_saved_model(model: MatrixFactorization, tft_dir: str,
       export_dir: where the SavedModel goes (MODEL_DIR/export or AIP_MODEL_DIR).
       rating_min: the lowest rating served.
       rating_max: the highest rating served.
+      catalog: movie ids, titles and train pairs in the vocabularies of
+        tft_dir; with it the export also has the `recommend` signature,
+        without it only `serving_default`.
+      fallback_prior_ratings: the shrinkage of the unknown-user ranking
+        (`ranking.fallback_scores`).
 
     Returns:
       export_dir, without a trailing slash.
@@ -78,13 +160,20 @@ def export_saved_model(model: MatrixFactorization, tft_dir: str,
     _remove_leftover(tmp_dir, 'an unfinished earlier export')
     _remove_leftover(old_dir, 'an export an interrupted run was replacing')
     transform_layer = tft.TFTransformOutput(tft_dir).transform_features_layer()
-    module = ServingModule(model, transform_layer, rating_min, rating_max)
-    tf.saved_model.save(module, tmp_dir, signatures={SIGNATURE: module.serve})
+    if catalog is None:
+        module = ServingModule(model, transform_layer, rating_min, rating_max)
+        signatures = {SIGNATURE: module.serve}
+    else:
+        module = RecommendingModule(model, transform_layer, rating_min, rating_max,
+                                    catalog, fallback_prior_ratings)
+        signatures = {SIGNATURE: module.serve, RECOMMEND_SIGNATURE: module.recommend}
+    tf.saved_model.save(module, tmp_dir, signatures=signatures)
     if tf.io.gfile.exists(export_dir):
         logger.info('Replacing the previous export in %s', export_dir)
         tf.io.gfile.rename(export_dir, old_dir)
     tf.io.gfile.rename(tmp_dir, export_dir)
     if tf.io.gfile.exists(old_dir):
         tf.io.gfile.rmtree(old_dir)
-    logger.info('Exported the SavedModel to %s', export_dir)
+    logger.info('Exported the SavedModel (%s) to %s', ', '.join(signatures),
+                export_dir)
     return export_dir

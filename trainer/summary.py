@@ -35,6 +35,13 @@ def format_summary(info: features.DatasetInfo, metrics: dict, model_dir: str,
     if info.noise_floor_rmse is not None:
         lines.append(f'== planted noise floor {info.noise_floor_rmse:.4f} '
                      f'(eval RMSE is {metrics["eval_rmse"] / info.noise_floor_rmse:.3f}x it)')
+    ranking = metrics.get('ranking')
+    if ranking:
+        lines.append(
+            f'== top-{ranking["k"]} on eval: NDCG {ranking["model"]["ndcg"]:.4f}, '
+            f'recall {ranking["model"]["recall"]:.4f}, coverage {ranking["model"]["coverage"]:.3f}; '
+            f'most popular: NDCG {ranking["most_popular"]["ndcg"]:.4f}, '
+            f'recall {ranking["most_popular"]["recall"]:.4f}')
     if steps:
         lines.append('== seconds: ' + ', '.join(f'{name} {seconds:.1f}'
                                                 for name, seconds in steps)

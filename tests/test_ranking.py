@@ -1,0 +1,154 @@
+"""Tests of trainer/ranking.py: hand-made cases whose top-k lists and metrics are known."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import catalog as catalog_lib
+from trainer import ranking
+from trainer.model import MatrixFactorization
+
+LOG2_3 = math.log2(3)
+
+
+def _model(num_users: int, num_items: int, num_factors: int = 2) -> MatrixFactorization:
+    return MatrixFactorization(num_users, num_items, num_factors, global_mean=3.0,
+                               init_stddev=0.5, seed=3)
+
+
+def test_ranking_metrics_of_hand_made_lists():
+    # k = 3 over 6 items. User 0 finds 1 of 2 relevant at rank 2; user 1 finds
+    # its only relevant one at rank 1 (its list is padded); user 2 has none
+    # relevant: skipped for precision/recall/NDCG, counted for coverage.
+    top = np.array([[0, 1, 2], [3, 4, -1], [0, 3, 1]])
+    rows = np.array([0, 0, 1])
+    items = np.array([1, 5, 3])
+    metrics = ranking.ranking_metrics(top, rows, items, num_items=6, k=3)
+    ndcg_user0 = (1 / LOG2_3) / (1 + 1 / LOG2_3)
+    assert metrics['precision'] == pytest.approx((1 / 3 + 1 / 3) / 2)
+    assert metrics['recall'] == pytest.approx((1 / 2 + 1) / 2)
+    assert metrics['ndcg'] == pytest.approx((ndcg_user0 + 1.0) / 2)
+    assert metrics['coverage'] == pytest.approx(5 / 6)  # items 0..4 shown
+
+
+def test_ranking_metrics_without_relevant_items_are_nan_but_coverage_is_not():
+    metrics = ranking.ranking_metrics(np.array([[0, 1]]), np.zeros(0, np.int64),
+                                      np.zeros(0, np.int64), num_items=4, k=2)
+    assert all(math.isnan(metrics[name]) for name in ('precision', 'recall', 'ndcg'))
+    assert metrics['coverage'] == pytest.approx(0.5)
+
+
+def test_perfect_lists_score_one():
+    top = np.array([[2, 0], [1, 3]])
+    metrics = ranking.ranking_metrics(top, np.array([0, 0, 1]), np.array([0, 2, 1]),
+                                      num_items=4, k=2)
+    assert metrics == pytest.approx({'precision': 0.75, 'recall': 1.0, 'ndcg': 1.0,
+                                     'coverage': 1.0})
+
+
+def test_top_k_unseen_skips_seen_items_and_marks_padding():
+    scores = tf.constant([[5.0, 4.0, 3.0, 2.0], [1.0, 2.0, 3.0, 4.0]])
+    seen = tf.ragged.constant([[0, 2], [0, 1, 2]], dtype=tf.int32)
+    values, indices, valid = ranking.top_k_unseen(scores, seen, 2)
+    np.testing.assert_array_equal(indices.numpy(), [[1, 3], [3, 0]])
+    np.testing.assert_array_equal(valid.numpy(), [[True, True], [True, False]])
+    np.testing.assert_allclose(values.numpy()[0], [4.0, 2.0])
+
+
+def test_score_items_matches_the_model_pair_by_pair():
+    model = _model(num_users=3, num_items=4)
+    model.user_bias.assign([0.5, -0.2, 0.1, 0.0])
+    model.item_bias.assign([0.3, -0.4, 0.2, 0.9, 0.0])
+    users = tf.constant([0, 2, 3], tf.int64)  # 3 is the OOV user
+    scores = ranking.score_items(model, users, 4).numpy()
+    assert scores.shape == (3, 4)
+    for row, user in enumerate(users.numpy()):
+        expected = model(tf.fill([4], user), tf.range(4, dtype=tf.int64)).numpy()
+        np.testing.assert_allclose(scores[row], expected, rtol=1e-6)
+    # The OOV user has zero factors and bias: the mean plus each item bias.
+    np.testing.assert_allclose(scores[2], 3.0 + np.array([0.3, -0.4, 0.2, 0.9]), rtol=1e-6)
+
+
+def test_fallback_shrinks_the_bias_of_rarely_rated_movies():
+    model = _model(num_users=1, num_items=3)
+    # Movie 0: bias 1.0 from 1 rating; movie 1: 0.5 from 100; movie 2: 0 from 500.
+    model.item_bias.assign([1.0, 0.5, 0.0, 0.0])
+    scores = ranking.fallback_scores(model, tf.constant([1, 100, 500]), 10.0).numpy()
+    np.testing.assert_allclose(scores, [3.0 + 1.0 / 11, 3.0 + 0.5 * 100 / 110, 3.0],
+                               rtol=1e-6)
+    assert list(np.argsort(-scores)) == [1, 0, 2]  # unshrunk bias would put 0 first
+
+
+def _catalog(num_users: int, movie_ids: list[str], train: list[tuple[int, int]]
+             ) -> catalog_lib.Catalog:
+    users, items = (np.array(column) for column in zip(*train))
+    return catalog_lib.build_catalog(movie_ids, {}, num_users, users, items)
+
+
+def test_evaluate_lists_on_a_hand_made_case():
+    # 2 users x 4 items. Model scores are item biases [0.1, 0.4, 0.3, 0.2] for
+    # everyone (zero factors), so its order is 1, 2, 3, 0; popularity by train
+    # count is item 0 (2 ratings), 3 (1), 2 (1), then 1.
+    model = _model(num_users=2, num_items=4)
+    model.user_factors.assign(tf.zeros_like(model.user_factors))
+    model.item_bias.assign([0.1, 0.4, 0.3, 0.2, 0.0])
+    catalog = _catalog(2, ['a', 'b', 'c', 'd'], [(0, 0), (1, 0), (1, 3), (0, 2)])
+    np.testing.assert_array_equal(catalog.item_counts, [2, 0, 1, 1])
+    # Eval: user 0 liked 1 and disliked 3; user 1 liked 2; an OOV user (2)
+    # and an OOV item (4) are ignored.
+    eval_users = np.array([0, 0, 1, 2, 1])
+    eval_items = np.array([1, 3, 2, 0, 4])
+    eval_ratings = np.array([5.0, 2.0, 4.0, 5.0, 5.0])
+    num_items = catalog.num_items
+    popularity = tf.constant(catalog.item_counts, tf.float32)[None, :]
+    record = ranking.evaluate_lists(
+        {'model': lambda user: ranking.score_items(model, user, num_items),
+         'most_popular': lambda user: tf.repeat(popularity, tf.shape(user)[0], axis=0)},
+        catalog, eval_users, eval_items, eval_ratings, k=2)
+    assert record['users'] == 2 and record['users_with_relevant'] == 2
+    # Model, unseen only: user 0 -> [1, 3] (hit at 1), user 1 -> [1, 2] (hit at 2).
+    assert record['model'] == pytest.approx({
+        'precision': 0.5, 'recall': 1.0, 'ndcg': (1 + 1 / LOG2_3) / 2,
+        'coverage': 3 / 4})
+    # Popularity, unseen only: user 0 -> [3, 1] (hit at 2), user 1 -> [2, 1] (hit at 1).
+    assert record['most_popular'] == pytest.approx({
+        'precision': 0.5, 'recall': 1.0, 'ndcg': (1 / LOG2_3 + 1) / 2,
+        'coverage': 3 / 4})
+
+
+def test_rank_users_in_blocks_equals_one_block(monkeypatch):
+    model = _model(num_users=7, num_items=5)
+    catalog = _catalog(7, list('abcde'), [(0, 1), (3, 4), (3, 0), (6, 2)])
+    users = np.arange(7)
+
+    def rank() -> np.ndarray:
+        return ranking.rank_users(lambda user: ranking.score_items(model, user, 5),
+                                  users, catalog.seen(), 5, k=3)
+
+    whole = rank()
+    monkeypatch.setattr(ranking, '_BLOCK_FLOATS', 10)  # 2 users per block
+    np.testing.assert_array_equal(rank(), whole)
+    assert 1 not in whole[0] and 4 not in whole[3] and 0 not in whole[3]
+
+
+def test_one_order_ranking_equals_scoring_every_user():
+    rng = np.random.default_rng(5)
+    num_users, num_items = 30, 12
+    # Ties (integer scores) and heavy users (one has seen all but 2) included.
+    scores = rng.integers(0, 4, num_items).astype(np.float64)
+    pairs = {(int(u), int(i)) for u, i in zip(rng.integers(0, num_users, 150),
+                                              rng.integers(0, num_items, 150))}
+    pairs |= {(7, i) for i in range(num_items - 2)}
+    catalog = _catalog(num_users, [str(i) for i in range(num_items)], sorted(pairs))
+    users = np.array([7, 0, 29, 30, 3, 3])  # 30 is the OOV user: nothing seen
+    row = tf.constant(scores, tf.float32)[None, :]
+    for k in (1, 5, 12):
+        expected = ranking.rank_users(lambda user: tf.repeat(row, tf.shape(user)[0], axis=0),
+                                      users, catalog.seen(), num_items, k)
+        got = ranking.rank_users_by_one_order(scores, users, catalog.seen(), k)
+        np.testing.assert_array_equal(got, expected)
+    assert (got[0] == -1).sum() == num_items - 2  # user 7 has two unseen items

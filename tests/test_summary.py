@@ -1,0 +1,33 @@
+"""Tests of trainer/summary.py: the closing lines of run-local.sh."""
+
+from __future__ import annotations
+
+from trainer import features, summary
+
+INFO = features.DatasetInfo(
+    dataset='synthetic', layout='ml-100k', seed=42, eval_percent=20.0, rows_read=103,
+    rows_accepted=100, rows_rejected=3, rejected_by_reason={'blank_line': 3}, train_ratings=80,
+    eval_ratings=20, users=10, movies=12, train_mean_rating=3.5, global_mean_eval_rmse=1.1,
+    rating_min=1.0, rating_max=5.0, train_pattern='t', eval_pattern='e', noise_floor_rmse=0.8)
+METRICS = {'eval_rmse': 0.88, 'eval_mae': 0.7, 'epochs': 12, 'export_dir': 'w/model/export',
+           'ranking': {'k': 10, 'model': {'ndcg': 0.2, 'recall': 0.3, 'coverage': 0.5},
+                       'most_popular': {'ndcg': 0.1, 'recall': 0.15}}}
+
+
+def test_summary_names_counts_quality_times_and_paths():
+    text = summary.format_summary(INFO, METRICS, 'w/model', 'fig/x.png',
+                                  [('extract', 1.0), ('train', 2.5)])
+    assert '103 rows read, 100 accepted, 3 rejected' in text
+    assert 'eval RMSE 0.8800' in text and 'predicting the train mean: 1.1000' in text
+    assert '1.100x' in text  # 0.88 / 0.8
+    assert 'NDCG 0.2000' in text and 'most popular: NDCG 0.1000' in text
+    assert 'extract 1.0, train 2.5 (total 3.5)' in text
+    assert 'w/model/export' in text and 'fig/x.png' in text
+
+
+def test_summary_without_noise_floor_or_ranking_leaves_those_lines_out():
+    import dataclasses
+    info = dataclasses.replace(INFO, noise_floor_rmse=None)
+    metrics = {key: value for key, value in METRICS.items() if key != 'ranking'}
+    text = summary.format_summary(info, metrics, 'w/model', None, [])
+    assert 'noise floor' not in text and 'NDCG' not in text and 'seconds' not in text
