@@ -22,12 +22,15 @@ Checks, before anything lands in raw/:
     absolute path or '..' (such an archive is refused, not partly used).
 
 Staging: the ratings member, and the movies and truth.json members when
-present, land in raw/ under their basenames, each written to a .tmp name and
-renamed; raw/source.json (features.SourceInfo) is written last and marks a
-complete staging. A re-run for the same dataset and source reuses it and
-fetches nothing; other staged data (or files without source.json) are refused
-unless --overwrite, which clears raw/ once the new archive has passed its
-checks.
+present, are unpacked to .tmp names in raw/ (zip CRCs checked on the way; a
+corrupt member removes them and fails), then, with --overwrite, the old
+staging is deleted (source.json first), the .tmp files are renamed to their
+basenames and raw/source.json (features.SourceInfo) is written last: it marks
+a complete staging. A download shorter than its Content-Length fails. A
+re-run for the same dataset and source reuses the staging and fetches
+nothing; other staged data (or files without source.json, as a killed run
+leaves) are refused unless --overwrite, so a bad new archive never costs the
+old staging.
 
 Exit status: 0 staged or reused, 1 a fetch or check failed (one error line),
 2 bad flags.
@@ -48,6 +51,7 @@ import time
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Sequence
 
 import tensorflow as tf
@@ -278,6 +282,10 @@ def download(url: str, path: str, timeout: float) -> None:
     except (OSError, http.client.HTTPException) as error:
         reason = getattr(error, 'reason', None) or error
         raise ExtractError(f'cannot download {url} ({reason}); {_WAYS_FORWARD}') from None
+    # http.client ends a chunked read quietly when the server closes early.
+    if total and done != total:
+        raise ExtractError(f'download of {url} stopped after {done} of {total} bytes '
+                           '(connection cut?); run again to fetch it afresh')
 
 
 def file_md5(path: str) -> str:
@@ -295,7 +303,8 @@ def members_to_stage(path: str, source: Source) -> list[str]:
       ExtractError: not a zip, an entry escapes the target, or no ratings member.
     """
     if not zipfile.is_zipfile(path):
-        raise ExtractError(f'{source.location} is not a zip archive')
+        raise ExtractError(f'{source.location} is not a zip archive (truncated, or an '
+                           'error page instead of the archive?)')
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
     unsafe = [name for name in names if is_unsafe(name)]
@@ -320,42 +329,71 @@ def is_unsafe(name: str) -> bool:
     return name.startswith(('/', '\\')) or '..' in parts or ':' in parts[0]
 
 
-def clear_raw_dir(raw_dir: str) -> None:
-    """Deletes raw/, the completion marker first, so a crash leaves nothing that looks good."""
+def clear_raw_dir(raw_dir: str, keep: Sequence[str] = ()) -> None:
+    """Deletes raw/ but `keep`, the completion marker first, so a crash leaves
+    nothing that looks good."""
     if not tf.io.gfile.isdir(raw_dir):
         return
-    logger.warning('--overwrite: deleting %s and its %d entries',
-                   raw_dir, len(tf.io.gfile.listdir(raw_dir)))
-    marker = features.join(raw_dir, features.SOURCE_FILE)
-    if tf.io.gfile.exists(marker):
-        tf.io.gfile.remove(marker)
-    tf.io.gfile.rmtree(raw_dir)
+    old = [name for name in tf.io.gfile.listdir(raw_dir) if name not in keep]
+    if not old:
+        return
+    logger.warning('--overwrite: deleting %d entries of %s', len(old), raw_dir)
+    if features.SOURCE_FILE in old:
+        tf.io.gfile.remove(features.join(raw_dir, features.SOURCE_FILE))
+    for name in old:
+        path = features.join(raw_dir, name.rstrip('/'))
+        if tf.io.gfile.isdir(path):
+            tf.io.gfile.rmtree(path)
+        elif tf.io.gfile.exists(path):
+            tf.io.gfile.remove(path)
 
 
-def stage_members(path: str, members: list[str], raw_dir: str,
-                  layout: features.DatasetLayout) -> tuple[dict[str, int], int]:
-    """Copies members into raw_dir under their basenames, each via a .tmp name.
+def stage_members(path: str, source: Source, members: list[str],
+                  raw_dir: str) -> tuple[dict[str, int], int]:
+    """Copies members into raw_dir as <basename>.tmp, checking each CRC on the way.
 
     Returns:
       Bytes per staged file name, and the ratings file's rating lines.
+
+    Raises:
+      ExtractError: a member is corrupt (bad CRC or deflate data); the .tmp
+        files written so far are removed.
     """
     tf.io.gfile.makedirs(raw_dir)
-    file_bytes, newlines = {}, 0
-    with zipfile.ZipFile(path) as archive:
-        for member in members:
-            name = posixpath.basename(member)
-            target = features.join(raw_dir, name)
-            size = 0
-            with archive.open(member) as stream, tf.io.gfile.GFile(target + '.tmp', 'wb') as out:
-                while chunk := stream.read(_COPY_BYTES):
-                    out.write(chunk)
-                    size += len(chunk)
-                    if member == layout.ratings_member:
-                        newlines += chunk.count(b'\n')
-            tf.io.gfile.rename(target + '.tmp', target, overwrite=True)
-            file_bytes[name] = size
-            logger.info('staged %s (%d bytes)', target, size)
+    layout = source.layout
+    file_bytes, newlines, member = {}, 0, members[0]
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in members:
+                name = posixpath.basename(member)
+                size = 0
+                with archive.open(member) as stream, \
+                        tf.io.gfile.GFile(_tmp_path(raw_dir, name), 'wb') as out:
+                    while chunk := stream.read(_COPY_BYTES):
+                        out.write(chunk)
+                        size += len(chunk)
+                        if member == layout.ratings_member:
+                            newlines += chunk.count(b'\n')
+                file_bytes[name] = size
+    except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+        for name in (*file_bytes, posixpath.basename(member)):
+            if tf.io.gfile.exists(_tmp_path(raw_dir, name)):
+                tf.io.gfile.remove(_tmp_path(raw_dir, name))
+        raise ExtractError(f'{source.location} is corrupt: {member} cannot be unpacked '
+                           f'({error}); fetch the archive again') from None
     return file_bytes, newlines - int(layout.ratings_header)
+
+
+def _tmp_path(raw_dir: str, name: str) -> str:
+    return features.join(raw_dir, name + '.tmp')
+
+
+def publish_members(raw_dir: str, names: Sequence[str]) -> None:
+    """Renames each staged <name>.tmp to <name>."""
+    for name in names:
+        tf.io.gfile.rename(_tmp_path(raw_dir, name), features.join(raw_dir, name),
+                           overwrite=True)
+        logger.info('staged %s', features.join(raw_dir, name))
 
 
 def extract(config: ExtractorConfig) -> Staged:
@@ -382,9 +420,10 @@ def extract(config: ExtractorConfig) -> Staged:
                                f'should have {source.expected_md5}: corrupt or changed '
                                'download; fetch it again')
         members = members_to_stage(path, source)
-        if config.overwrite:
-            clear_raw_dir(raw_dir)
-        file_bytes, rating_lines = stage_members(path, members, raw_dir, source.layout)
+        file_bytes, rating_lines = stage_members(path, source, members, raw_dir)
+    if config.overwrite:
+        clear_raw_dir(raw_dir, keep=[name + '.tmp' for name in file_bytes])
+    publish_members(raw_dir, list(file_bytes))
     info = features.SourceInfo(dataset=config.dataset, layout=source.layout.name,
                                source=source.location, md5=md5)
     features.write_json(features.join(raw_dir, features.SOURCE_FILE), info)

@@ -14,12 +14,15 @@ time; the in-process runner needs no network.  In the cloud pass
 --setup_file ./setup.py, which installs `trainer` (and so trainer/features.py)
 on the workers.
 
-Rows are parsed in batches: a strict regular expression accepts the common
-case column-wise with pyarrow; only lines that fail it go through the per-line
-parser, which names the reason.  Rejected rows are counted and written with
-that reason under transformed/rejected/, never dropped silently.  The
-train/eval split is a keyed 64-bit hash of (seed, user, movie), so the same
-input gives the same split on every run and every retry.
+Lines are read as bytes and parsed in batches: a strict regular expression
+accepts the common case column-wise with pyarrow; only lines that fail it go
+through the per-line parser, which names the reason (bytes that are not UTF-8
+are one).  Rejected rows are counted and written with that reason under
+transformed/rejected/, never dropped silently.  A (user, movie) pair rated more
+than once keeps its latest rating (`DeduplicateRatings`); the others are
+rejected as duplicate_rating.  The train/eval split is a keyed 64-bit hash of
+(seed, user, movie), so the same input gives the same split on every run and
+every retry.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import argparse
 import csv
 import dataclasses
 import io
+import itertools
 import json
 import logging
 import math
@@ -63,12 +67,36 @@ RATING_NOT_FINITE = 'rating_not_finite'
 RATING_OUT_OF_RANGE = 'rating_out_of_range'
 RATING_OFF_STEP = 'rating_off_step'
 BAD_TIMESTAMP = 'bad_timestamp'
+NOT_UTF8 = 'not_utf8'
+DUPLICATE_RATING = 'duplicate_rating'
+
+# The column of parsed rows that keeps each line as read, so a duplicate found
+# after parsing goes to rejected/ with its original text.
+LINE = 'line'
+# Parsed rows, before the duplicate check: numeric ids (so hashing and sorting
+# need no string work), the rating and timestamp, and the line.
+PARSED_SCHEMA = pa.schema([
+    (features.USER_ID, pa.uint64()), (features.MOVIE_ID, pa.uint64()),
+    (features.RATING, pa.float64()), (features.TIMESTAMP, pa.int64()),
+    (LINE, pa.large_string())])
+
+# Duplicates are found per bucket of (user, movie) pairs; more buckets spread
+# the work over more workers, each bucket holds rows / buckets rows.
+DEFAULT_DEDUPE_BUCKETS = 64
+DEFAULT_MAX_BATCH_SIZE = 65536
+# Any fixed key: the bucket only has to put equal pairs together.
+_BUCKET_KEY = 0x5EED
 
 _NUM_FIELDS = 4
 # Ids are decimal integers in every MovieLens release; 18 digits keep them
 # inside uint64 for the vectorised split hash.
 _MAX_ID_DIGITS = 18
+# A rating as MovieLens writes it, and the spellings float() reads as non-finite.
+_RATING_TEXT = re.compile(r'[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?', re.ASCII)
+_NOT_FINITE_TEXT = ('nan', 'inf', 'infinity')
 _STATS_FILE = 'stats.json'
+# Lines check_sample parses before any pipeline starts.
+_SAMPLE_LINES = 200
 _TMP_DIR = 'tmp'
 
 
@@ -88,7 +116,8 @@ def parse_rating_line(
 
     A UTF-8 byte-order mark, a trailing CR and spaces around fields are
     normalised away; ids are decimal integers, written back without leading
-    zeros.
+    zeros.  A rating is a plain decimal number ('4', '4.0', '3.5'; not '4_0'
+    or non-ASCII digits, which Python's float() would take).
 
     Args:
       line: one line of the ratings file, without its newline.
@@ -113,10 +142,11 @@ def parse_rating_line(
         raise ValueError(EMPTY_ID)
     if not (_is_decimal(user_text) and _is_decimal(movie_text)):
         raise ValueError(NON_NUMERIC_ID)
-    try:
-        rating = float(rating_text)
-    except ValueError:
-        raise ValueError(NON_NUMERIC_RATING) from None
+    if rating_text.lower().lstrip('+-') in _NOT_FINITE_TEXT:
+        raise ValueError(RATING_NOT_FINITE)
+    if not _RATING_TEXT.fullmatch(rating_text):
+        raise ValueError(NON_NUMERIC_RATING)
+    rating = float(rating_text)
     check_rating(rating, layout)
     if not _is_decimal(timestamp_text):
         raise ValueError(BAD_TIMESTAMP)
@@ -150,23 +180,24 @@ class ParsedBatch:
     """The outcome of parsing a batch of lines.
 
     Attributes:
-      valid: a RecordBatch of the accepted rows (see `make_raw_record_batch`).
+      valid: a RecordBatch of the accepted rows, in PARSED_SCHEMA.
       rejected: (reason, line) for every rejected line, in input order.
     """
     valid: pa.RecordBatch
     rejected: list[tuple[str, str]]
 
 
-def parse_rating_lines(
-        lines: Sequence[str], layout: features.DatasetLayout) -> ParsedBatch:
+def parse_rating_lines(lines: Sequence[str] | Sequence[bytes],
+                       layout: features.DatasetLayout) -> ParsedBatch:
     """Parses a batch of ratings lines, column-wise where the lines are clean.
 
     Lines that match the layout's strict pattern and whose rating is on the
     scale are converted with pyarrow in one go; every other line goes through
     `parse_rating_line`, which either accepts it (after normalising it) or
-    names why it is rejected.
+    names why it is rejected.  Lines given as bytes that are not UTF-8 are
+    rejected as NOT_UTF8, shown with backslash escapes (b'\\xe9' as '\\\\xe9').
     """
-    text = pa.array(lines, pa.large_string())
+    text = decode_lines(lines)
     clean = pc.fill_null(pc.match_substring_regex(text, _strict_pattern(layout)), False)
     columns = pc.split_pattern(pc.filter(text, clean), layout.ratings_separator)
     users = _column(columns, 0, pa.uint64())
@@ -175,23 +206,47 @@ def parse_rating_lines(
     timestamps = _column(columns, 3, pa.int64())
     on_scale = _on_scale(ratings, layout)
 
-    clean_mask = np.asarray(clean.to_numpy(zero_copy_only=False), dtype=bool)
-    slow_mask = ~clean_mask
-    slow_mask[np.flatnonzero(clean_mask)[~on_scale]] = True
-    slow_rows, rejected = _parse_slowly(
-        (lines[i] for i in np.flatnonzero(slow_mask)), layout)
+    fast = np.asarray(clean.to_numpy(zero_copy_only=False), dtype=bool)
+    fast[np.flatnonzero(fast)[~on_scale]] = False
+    slow = np.flatnonzero(~fast)
+    slow_rows, slow_lines, rejected = _parse_slowly(
+        pc.take(text, pa.array(slow, pa.int64())).to_pylist(),
+        [lines[i] for i in slow], layout)
+    kept_lines = pc.filter(text, pa.array(fast))
     if slow_rows:
         extra = np.array(slow_rows, dtype=object).T
         users = np.concatenate([users[on_scale], extra[0].astype(np.uint64)])
         movies = np.concatenate([movies[on_scale], extra[1].astype(np.uint64)])
         ratings = np.concatenate([ratings[on_scale], extra[2].astype(np.float64)])
         timestamps = np.concatenate([timestamps[on_scale], extra[3].astype(np.int64)])
+        kept_lines = pa.concat_arrays([kept_lines, pa.array(slow_lines, pa.large_string())])
     else:
         users, movies = users[on_scale], movies[on_scale]
         ratings, timestamps = ratings[on_scale], timestamps[on_scale]
     return ParsedBatch(
-        valid=make_raw_record_batch(users, movies, ratings, timestamps),
+        valid=make_parsed_batch(users, movies, ratings, timestamps, kept_lines),
         rejected=rejected)
+
+
+def decode_lines(lines: Sequence[str] | Sequence[bytes]) -> pa.Array:
+    """The lines as a large_string array, null where bytes are not UTF-8.
+
+    One validation of the whole batch in the common case; line by line only
+    when the batch holds a line that is not UTF-8.
+    """
+    if not lines or isinstance(lines[0], str):
+        return pa.array(lines, pa.large_string())
+    try:
+        return pa.array(lines, pa.large_binary()).cast(pa.large_string())
+    except pa.ArrowInvalid:
+        return pa.array([_utf8_or_none(line) for line in lines], pa.large_string())
+
+
+def _utf8_or_none(line: bytes) -> str | None:
+    try:
+        return line.decode('utf-8')
+    except UnicodeDecodeError:
+        return None
 
 
 def _column(columns: pa.Array, index: int, dtype: pa.DataType) -> np.ndarray:
@@ -206,16 +261,55 @@ def _on_scale(ratings: np.ndarray, layout: features.DatasetLayout) -> np.ndarray
 
 
 def _parse_slowly(
-        lines: Iterable[str], layout: features.DatasetLayout,
-) -> tuple[list[tuple[int, int, float, int]], list[tuple[str, str]]]:
-    """The per-line path for the few lines the strict pattern did not take."""
-    rows, rejected = [], []
-    for line in lines:
+        texts: Sequence[str | None], originals: Sequence[str | bytes],
+        layout: features.DatasetLayout,
+) -> tuple[list[tuple[int, int, float, int]], list[str], list[tuple[str, str]]]:
+    """The per-line path for the few lines the strict pattern did not take.
+
+    Args:
+      texts: the lines decoded, None where they are not UTF-8.
+      originals: the same lines as given (str or bytes).
+      layout: the layout of the lines.
+
+    Returns:
+      The accepted rows, their lines, and (reason, line) of the rejected ones.
+    """
+    rows, kept, rejected = [], [], []
+    for text, original in zip(texts, originals):
+        if text is None:
+            rejected.append((NOT_UTF8, original.decode('utf-8', 'backslashreplace')))
+            continue
         try:
-            rows.append(parse_rating_line(line, layout))
+            rows.append(parse_rating_line(text, layout))
+            kept.append(text)
         except ValueError as error:
-            rejected.append((str(error), line))
-    return rows, rejected
+            rejected.append((str(error), text))
+    return rows, kept, rejected
+
+
+def make_parsed_batch(users: np.ndarray, movies: np.ndarray, ratings: np.ndarray,
+                      timestamps: np.ndarray, lines: pa.Array | Sequence[str]) -> pa.RecordBatch:
+    """Builds a RecordBatch of parsed rows in PARSED_SCHEMA."""
+    return pa.RecordBatch.from_arrays(
+        [pa.array(users, pa.uint64()), pa.array(movies, pa.uint64()),
+         pa.array(ratings, pa.float64()), pa.array(timestamps, pa.int64()),
+         pa.array(lines, pa.large_string())], schema=PARSED_SCHEMA)
+
+
+def count_header_lines(first_line: str | bytes, layout: features.DatasetLayout) -> int:
+    """1 when the file's first line is a header (in any layout), else 0.
+
+    The header is skipped without being counted; a header anywhere else is
+    rejected as HEADER_LINE.  A layout that should have a header but does not
+    (say, ratings.csv cut from the middle of a file) loses no row this way.
+    """
+    if isinstance(first_line, bytes):
+        first_line = first_line.decode('utf-8', 'replace')
+    try:
+        parse_rating_line(first_line, layout)
+    except ValueError as error:
+        return int(str(error) == HEADER_LINE)
+    return 0
 
 
 def _as_list_array(values: pa.Array) -> pa.LargeListArray:
@@ -252,16 +346,20 @@ def _mix64(values: np.ndarray) -> np.ndarray:
     return values ^ (values >> np.uint64(31))
 
 
+def pair_hash(users: np.ndarray, movies: np.ndarray, key: int) -> np.ndarray:
+    """A keyed 64-bit hash of each (user, movie) pair, vectorised."""
+    with np.errstate(over='ignore'):
+        mixed_key = _mix64(np.uint64(key) * _GOLDEN + _GOLDEN)
+        return _mix64(_mix64(users.astype(np.uint64) ^ mixed_key) + movies.astype(np.uint64))
+
+
 def split_buckets(users: np.ndarray, movies: np.ndarray, seed: int) -> np.ndarray:
     """A per-rating bucket in [0, 10000) from a keyed hash of (seed, user, movie).
 
     The hash depends on nothing but its arguments, so a rating lands in the same
     split on every run, worker and retry (unlike `random` in `beam.Partition`).
     """
-    with np.errstate(over='ignore'):
-        key = _mix64(np.uint64(seed) * _GOLDEN + _GOLDEN)
-        hashed = _mix64(_mix64(users.astype(np.uint64) ^ key) + movies.astype(np.uint64))
-    return (hashed % np.uint64(10000)).astype(np.int64)
+    return (pair_hash(users, movies, seed) % np.uint64(10000)).astype(np.int64)
 
 
 def assign_split(users: np.ndarray, movies: np.ndarray, seed: int,
@@ -270,19 +368,81 @@ def assign_split(users: np.ndarray, movies: np.ndarray, seed: int,
     return split_buckets(users, movies, seed) < round(eval_percent * 100)
 
 
-def _ids_of(batch: pa.RecordBatch, column: str) -> np.ndarray:
-    values = pc.cast(batch.column(column).flatten(), pa.large_string())
-    return np.asarray(pc.cast(values, pa.uint64()).to_numpy(zero_copy_only=False))
+# --- Duplicates. -------------------------------------------------------------------
+def dedupe_buckets(users: np.ndarray, movies: np.ndarray, num_buckets: int) -> np.ndarray:
+    """The bucket in [0, num_buckets) of each pair; equal pairs share a bucket."""
+    return (pair_hash(users, movies, _BUCKET_KEY) % np.uint64(num_buckets)).astype(np.int64)
+
+
+def partition_by_bucket(batch: pa.RecordBatch,
+                        num_buckets: int) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """Splits parsed rows into one slice per non-empty bucket (a loop over buckets)."""
+    buckets = dedupe_buckets(batch.column(features.USER_ID).to_numpy(),
+                             batch.column(features.MOVIE_ID).to_numpy(), num_buckets)
+    ordered = batch.take(pa.array(np.argsort(buckets, kind='stable')))
+    counts = np.bincount(buckets, minlength=num_buckets)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    for bucket in np.flatnonzero(counts):
+        yield int(bucket), ordered.slice(starts[bucket], counts[bucket])
+
+
+def keep_latest_ratings(rows: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """Keeps one rating per (user, movie): the latest, deterministically.
+
+    Rows are sorted by (user, movie, timestamp, rating, line) and the last of
+    each pair is kept: the latest timestamp wins; on equal timestamps the
+    higher rating, then the line that sorts last.  The result depends only on
+    the rows, never on the order they arrive in.
+
+    Args:
+      rows: parsed rows in PARSED_SCHEMA.
+
+    Returns:
+      (kept, duplicates), both in PARSED_SCHEMA, sorted by pair.
+    """
+    ordered = rows.sort_by([(features.USER_ID, 'ascending'), (features.MOVIE_ID, 'ascending'),
+                            (features.TIMESTAMP, 'ascending'), (features.RATING, 'ascending'),
+                            (LINE, 'ascending')]).combine_chunks()
+    users = ordered.column(features.USER_ID).to_numpy()
+    movies = ordered.column(features.MOVIE_ID).to_numpy()
+    last = np.ones(ordered.num_rows, dtype=bool)
+    last[:-1] = (users[1:] != users[:-1]) | (movies[1:] != movies[:-1])
+    return ordered.filter(pa.array(last)), ordered.filter(pa.array(~last))
+
+
+def _to_ipc(batch: pa.RecordBatch) -> bytes:
+    """Arrow IPC bytes of one batch: compact, and only the slice's own data."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+def _from_ipc(blobs: Iterable[bytes]) -> pa.Table:
+    batches = [batch for blob in blobs for batch in pa.ipc.open_stream(blob)]
+    return pa.Table.from_batches(batches, schema=PARSED_SCHEMA)
+
+
+def format_rejected(rows: Iterable[tuple[str, str]]) -> str:
+    """CSV text of (reason, line) rows, one per text line, no final newline.
+
+    The '\\r\\n' terminator makes the csv module quote a line holding a bare CR
+    (which Python 3.11 leaves unquoted with a '\\n' terminator); rows are then
+    joined with '\\n', as WriteToText ends lines.  Lines never hold '\\n'.
+    """
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator='\r\n').writerows(rows)
+    return buffer.getvalue()[:-2].replace('\r\n', '\n')
 
 
 # --- Beam. -----------------------------------------------------------------------------
 class ParseRatings(beam.PTransform):
-    """Lines -> RecordBatches of valid rows, (reason, line) rejects, and counts."""
+    """Lines (bytes) -> parsed RecordBatches, (reason, line) rejects, and counts."""
 
     VALID, REJECTED, STATS = 'valid', 'rejected', 'stats'
 
-    def __init__(self, layout: features.DatasetLayout,
-                 min_batch_size: int = 1024, max_batch_size: int = 65536):
+    def __init__(self, layout: features.DatasetLayout, min_batch_size: int = 1024,
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
         super().__init__()
         self._layout = layout
         self._min_batch_size = min_batch_size
@@ -303,15 +463,15 @@ class _ParseBatchFn(beam.DoFn):
         super().__init__()
         self._layout = layout
         self._read = beam.metrics.Metrics.counter('preprocess', 'rows_read')
-        self._accepted = beam.metrics.Metrics.counter('preprocess', 'rows_accepted')
+        self._valid = beam.metrics.Metrics.counter('preprocess', 'rows_valid')
         self._rejected = beam.metrics.Metrics.counter('preprocess', 'rows_rejected')
 
-    def process(self, lines: list[str]) -> Iterator[Any]:
+    def process(self, lines: list[bytes]) -> Iterator[Any]:
         parsed = parse_rating_lines(lines, self._layout)
         self._read.inc(len(lines))
-        self._accepted.inc(parsed.valid.num_rows)
+        self._valid.inc(parsed.valid.num_rows)
         self._rejected.inc(len(parsed.rejected))
-        stats = {'rows_read': len(lines), 'rows_accepted': parsed.valid.num_rows}
+        stats = {'rows_read': len(lines), 'rows_valid': parsed.valid.num_rows}
         for reason, line in parsed.rejected:
             stats['rejected:' + reason] = stats.get('rejected:' + reason, 0) + 1
             yield beam.pvalue.TaggedOutput(ParseRatings.REJECTED, (reason, line))
@@ -320,8 +480,63 @@ class _ParseBatchFn(beam.DoFn):
             yield parsed.valid
 
 
+class DeduplicateRatings(beam.PTransform):
+    """Parsed RecordBatches -> one rating per (user, movie), rejects, counts.
+
+    Each batch is cut into slices by a hash of the pair (numpy), the slices
+    of a bucket are grouped (GroupByKey on the bucket id; elements are Arrow
+    IPC chunks, not rows), and each bucket keeps the latest rating of every
+    pair (`keep_latest_ratings`).  Outputs: VALID, parsed RecordBatches of at
+    most max_batch_size rows; REJECTED, CSV text blocks of the duplicates'
+    'duplicate_rating,<line>' rows; STATS, the accepted and duplicate counts.
+    """
+
+    VALID, REJECTED, STATS = ParseRatings.VALID, ParseRatings.REJECTED, ParseRatings.STATS
+
+    def __init__(self, num_buckets: int = DEFAULT_DEDUPE_BUCKETS,
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
+        super().__init__()
+        self._num_buckets = num_buckets
+        self._max_batch_size = max_batch_size
+
+    def expand(self, batches):
+        return (
+            batches
+            | 'HashPairsToBuckets' >> beam.FlatMap(
+                _bucket_chunks, self._num_buckets).with_output_types(tuple[int, bytes])
+            | 'GroupBuckets' >> beam.GroupByKey()
+            | 'KeepLatest' >> beam.ParDo(_KeepLatestFn(self._max_batch_size)).with_outputs(
+                self.REJECTED, self.STATS, main=self.VALID))
+
+
+def _bucket_chunks(batch: pa.RecordBatch, num_buckets: int) -> Iterator[tuple[int, bytes]]:
+    for bucket, rows in partition_by_bucket(batch, num_buckets):
+        yield bucket, _to_ipc(rows)
+
+
+class _KeepLatestFn(beam.DoFn):
+    def __init__(self, max_batch_size: int):
+        super().__init__()
+        self._max_batch_size = max_batch_size
+        self._accepted = beam.metrics.Metrics.counter('preprocess', 'rows_accepted')
+        self._duplicates = beam.metrics.Metrics.counter('preprocess', 'rows_duplicate')
+
+    def process(self, bucket_and_blobs: tuple[int, Iterable[bytes]]) -> Iterator[Any]:
+        kept, duplicates = keep_latest_ratings(_from_ipc(bucket_and_blobs[1]))
+        self._accepted.inc(kept.num_rows)
+        self._duplicates.inc(duplicates.num_rows)
+        stats = {'rows_accepted': kept.num_rows}
+        if duplicates.num_rows:
+            stats['rejected:' + DUPLICATE_RATING] = duplicates.num_rows
+            yield beam.pvalue.TaggedOutput(DeduplicateRatings.REJECTED, format_rejected(zip(
+                itertools.repeat(DUPLICATE_RATING), duplicates.column(LINE).to_pylist())))
+        yield beam.pvalue.TaggedOutput(DeduplicateRatings.STATS, stats)
+        yield from kept.to_batches(max_chunksize=self._max_batch_size)
+
+
 class SplitRatings(beam.PTransform):
-    """RecordBatches -> train and eval RecordBatches, plus per-split sums."""
+    """Parsed RecordBatches -> train and eval RecordBatches (RAW_FEATURE_SPEC
+    shape, see `make_raw_record_batch`), plus per-split sums."""
 
     def __init__(self, seed: int, eval_percent: float):
         super().__init__()
@@ -341,10 +556,11 @@ class _SplitBatchFn(beam.DoFn):
         self._eval_percent = eval_percent
 
     def process(self, batch: pa.RecordBatch) -> Iterator[Any]:
-        is_eval = assign_split(_ids_of(batch, features.USER_ID),
-                               _ids_of(batch, features.MOVIE_ID),
-                               self._seed, self._eval_percent)
-        ratings = np.asarray(batch.column(features.RATING).flatten(), np.float64)
+        users = batch.column(features.USER_ID).to_numpy()
+        movies = batch.column(features.MOVIE_ID).to_numpy()
+        ratings = batch.column(features.RATING).to_numpy()
+        timestamps = batch.column(features.TIMESTAMP).to_numpy()
+        is_eval = assign_split(users, movies, self._seed, self._eval_percent)
         eval_ratings = ratings[is_eval]
         yield beam.pvalue.TaggedOutput(ParseRatings.STATS, {
             'train_ratings': int((~is_eval).sum()),
@@ -353,10 +569,11 @@ class _SplitBatchFn(beam.DoFn):
             'eval_rating_sum': float(eval_ratings.sum()),
             'eval_rating_square_sum': float(np.square(eval_ratings).sum()),
         })
-        if (~is_eval).any():
-            yield batch.filter(pa.array(~is_eval))
-        if is_eval.any():
-            yield beam.pvalue.TaggedOutput(features.EVAL, batch.filter(pa.array(is_eval)))
+        for tag, rows in ((None, ~is_eval), (features.EVAL, is_eval)):
+            if rows.any():
+                raw = make_raw_record_batch(users[rows], movies[rows], ratings[rows],
+                                            timestamps[rows])
+                yield raw if tag is None else beam.pvalue.TaggedOutput(tag, raw)
 
 
 class _SumStatsFn(beam.CombineFn):
@@ -438,32 +655,30 @@ def _encode_examples(batch_and_passthrough: tuple[pa.RecordBatch, Any]) -> list[
     return example_coder.RecordBatchToExamples(batch_and_passthrough[0])
 
 
-def _format_rejected(reason_and_line: tuple[str, str]) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator='').writerow(reason_and_line)
-    return buffer.getvalue()
-
-
 def build_pipeline(p: beam.Pipeline, lines, work_dir: str, layout: features.DatasetLayout,
-                   seed: int, eval_percent: float) -> dict[str, Any]:
+                   seed: int, eval_percent: float,
+                   num_buckets: int = DEFAULT_DEDUPE_BUCKETS) -> dict[str, Any]:
     """Adds every step after reading to `p`; returns the PCollections tests check.
 
     Args:
       p: the pipeline.
-      lines: a PCollection of ratings lines (header already skipped).
+      lines: a PCollection of ratings lines, bytes or str (header already skipped).
       work_dir: the work dir whose transformed/ receives the outputs.
       layout: the layout of the lines.
       seed: the split seed.
       eval_percent: the share of ratings that go to eval, in percent.
+      num_buckets: buckets of (user, movie) pairs for the duplicate check.
 
     Returns:
       A dict with 'train' and 'eval' (serialized tf.Examples), 'rejected'
-      ((reason, line) tuples) and 'stats' (one dict of summed counts).
+      (CSV text of every rejected row, a block per element) and 'stats' (one
+      dict of summed counts).
     """
     import tensorflow_transform.beam as tft_beam  # pylint: disable=import-outside-toplevel
     out_dir = features.transformed_dir(work_dir)
     parsed = lines | 'ParseRatings' >> ParseRatings(layout)
-    splits = parsed[ParseRatings.VALID] | 'SplitRatings' >> SplitRatings(seed, eval_percent)
+    unique = parsed[ParseRatings.VALID] | 'DeduplicateRatings' >> DeduplicateRatings(num_buckets)
+    splits = unique[DeduplicateRatings.VALID] | 'SplitRatings' >> SplitRatings(seed, eval_percent)
     examples = ((splits[features.TRAIN], splits[features.EVAL])
                 | 'TransformRatings' >> TransformRatings())
     _ = examples['transform_fn'] | 'WriteTransformFn' >> tft_beam.WriteTransformFn(out_dir)
@@ -472,13 +687,15 @@ def build_pipeline(p: beam.Pipeline, lines, work_dir: str, layout: features.Data
             features.split_prefix(work_dir, split),
             file_name_suffix=features.TFRECORD_SUFFIX,
             compression_type=beam.io.filesystem.CompressionTypes.GZIP)
-    rejected = parsed[ParseRatings.REJECTED]
-    _ = (rejected
-         | 'FormatRejected' >> beam.Map(_format_rejected)
-         | 'WriteRejected' >> beam.io.WriteToText(
-             features.join(out_dir, features.REJECTED_DIR, 'rejected'),
-             file_name_suffix='.csv', header='reason,line'))
-    stats = ((parsed[ParseRatings.STATS], splits[ParseRatings.STATS])
+    rejected = ((parsed[ParseRatings.REJECTED]
+                 | 'FormatRejected' >> beam.Map(lambda row: format_rejected([row])),
+                 unique[DeduplicateRatings.REJECTED])
+                | 'MergeRejected' >> beam.Flatten())
+    _ = rejected | 'WriteRejected' >> beam.io.WriteToText(
+        features.join(out_dir, features.REJECTED_DIR, 'rejected'),
+        file_name_suffix='.csv', header='reason,line')
+    stats = ((parsed[ParseRatings.STATS], unique[DeduplicateRatings.STATS],
+              splits[ParseRatings.STATS])
              | 'MergeStats' >> beam.Flatten()
              | 'SumStats' >> beam.CombineGlobally(_SumStatsFn()))
     _ = (stats
@@ -489,9 +706,11 @@ def build_pipeline(p: beam.Pipeline, lines, work_dir: str, layout: features.Data
             'rejected': rejected, 'stats': stats}
 
 
-def read_lines(p: beam.Pipeline, path: str, layout: features.DatasetLayout):
+def read_lines(p: beam.Pipeline, path: str, header_lines: int):
+    """The ratings lines as bytes (decoded by the parser, which rejects non-UTF-8)."""
+    from apache_beam import coders  # pylint: disable=import-outside-toplevel
     return p | 'ReadRatings' >> beam.io.ReadFromText(
-        path, skip_header_lines=1 if layout.ratings_header else 0)
+        path, skip_header_lines=header_lines, coder=coders.BytesCoder())
 
 
 # --- Edges: flags, output dir, run, summary. ---------------------------------------------
@@ -575,20 +794,44 @@ class UserError(Exception):
     """A problem the user can fix; main prints it as one line."""
 
 
-def check_sample(path: str, layout: features.DatasetLayout, sample_lines: int = 200) -> None:
-    """Fails fast, before any pipeline starts, when no sampled line parses."""
+def read_head(path: str, count: int) -> list[bytes]:
+    """The first `count` lines of a file, as bytes without line ends."""
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     with tf.io.gfile.GFile(path, 'rb') as f:
-        head = [f.readline() for _ in range(sample_lines + 1)]
-    lines = [raw.decode('utf-8', 'replace').rstrip('\n') for raw in head if raw]
-    if layout.ratings_header:
-        lines = lines[1:]
+        head = [f.readline() for _ in range(count)]
+    return [raw.rstrip(b'\r\n') for raw in head if raw]
+
+
+def check_sample(head: Sequence[bytes], path: str, layout: features.DatasetLayout) -> int:
+    """Fails fast, before any pipeline starts, when no sampled line parses.
+
+    Args:
+      head: the first lines of the ratings file (`read_head`).
+      path: the file, for the message.
+      layout: the layout the file should follow.
+
+    Returns:
+      The number of header lines to skip (`count_header_lines`).
+
+    Raises:
+      UserError: the file is empty, holds only a header, or none of the
+        sampled lines is a valid rating of the layout.
+    """
+    if not head:
+        raise UserError(f'{path} is empty: no ratings to preprocess; stage it again with '
+                        'python data-extractor.py --overwrite')
+    header_lines = count_header_lines(head[0], layout)
+    lines = head[header_lines:header_lines + _SAMPLE_LINES]
+    if not lines:
+        raise UserError(f'{path} holds a header and no ratings; stage it again with '
+                        'python data-extractor.py --overwrite')
     parsed = parse_rating_lines(lines, layout)
-    if lines and not parsed.valid.num_rows:
+    if not parsed.valid.num_rows:
         reasons = sorted({reason for reason, _ in parsed.rejected})
         raise UserError(
             f'none of the first {len(lines)} lines of {path} is a valid {layout.name} '
             f'rating ({", ".join(reasons)}); check that --dataset matches the file')
+    return header_lines
 
 
 def make_dataset_info(stats: dict[str, float], config: PreprocessConfig,
@@ -636,7 +879,10 @@ def run(config: PreprocessConfig, beam_args: Sequence[str]) -> features.DatasetI
     source = features.read_source_info(config.work_dir)
     layout = features.DATASETS[source.layout]
     ratings_path = features.join(features.raw_dir(config.work_dir), layout.ratings_file)
-    check_sample(ratings_path, layout)
+    header_lines = check_sample(read_head(ratings_path, _SAMPLE_LINES + 1), ratings_path, layout)
+    if layout.ratings_header and not header_lines:
+        logger.warning('%s has no header line; reading ratings from its first line',
+                       ratings_path)
     done = prepare_output_dir(config, source)
     if done:
         logger.info('%s already holds this output (same data, seed and eval share); '
@@ -649,7 +895,7 @@ def run(config: PreprocessConfig, beam_args: Sequence[str]) -> features.DatasetI
     logger.info('Preprocessing %s (%s layout) into %s', ratings_path, layout.name, out_dir)
     with beam.Pipeline(options=options) as p:
         with tft_beam.Context(temp_dir=temp_dir):
-            build_pipeline(p, read_lines(p, ratings_path, layout), config.work_dir,
+            build_pipeline(p, read_lines(p, ratings_path, header_lines), config.work_dir,
                            layout, config.seed, config.eval_percent)
     stats_path = features.join(out_dir, _TMP_DIR, _STATS_FILE)
     with tf.io.gfile.GFile(stats_path) as f:

@@ -7,24 +7,50 @@
 #
 # Sets up .venv (Python 3.11, pinned packages) on first use.
 set -euo pipefail
+caller_dir="$(pwd)"
 cd "$(dirname "$0")"
 
-readonly DATASETS="ml-100k ml-1m ml-10m ml-20m ml-25m ml-latest-small synthetic"
+readonly DATASETS=(ml-100k ml-1m ml-10m ml-20m ml-25m ml-latest-small synthetic)
 
 usage() {
   cat <<USAGE
 usage: ./run-local.sh [--work-dir DIR] [--dataset NAME] [--data-sources PATH_OR_URL]
                       [--fig-dir DIR] [--overwrite] [-- TRAINER_FLAGS...]
   --work-dir DIR        where every step reads and writes (default: workdir, ignored by git)
-  --dataset NAME        one of: ${DATASETS} (default: ml-100k)
+  --dataset NAME        one of: ${DATASETS[*]} (default: ml-100k)
   --data-sources PATH   a GroupLens-layout zip (path, file:// or http(s) URL) instead of the download
   --fig-dir DIR         where the loss chart goes (default: fig)
   --overwrite           redo every step, replacing earlier outputs in the work dir
   -- FLAGS              passed to python -m trainer.task (e.g. -- --num-epochs 30)
+Values are used as given (spaces and shell characters included) and never run.
 USAGE
 }
 
 die() { echo "run-local.sh: error: $*" >&2; exit 2; }
+
+# Shows a flag value on one line, whatever characters it holds.
+shown() {
+  if [[ "$1" =~ ^[[:print:]]*$ ]]; then printf "'%s'" "$1"; else printf '%q' "$1"; fi
+}
+
+# Paths given on the command line are relative to where the script was started;
+# the defaults (workdir, fig) are relative to the repository.
+from_caller() {
+  case "$1" in
+    /*|gs://*|http://*|https://*|file://*) printf '%s' "$1" ;;
+    *) printf '%s/%s' "${caller_dir}" "$1" ;;
+  esac
+}
+
+need_value() { [[ $# -ge 2 ]] || die "$1 needs a value; see ./run-local.sh --help"; }
+
+# check_path FLAG VALUE: a path is used as given, but must be non-empty, must not
+# look like a flag (a forgotten value) and must hold no control characters.
+check_path() {
+  [[ -n "$2" ]] || die "$1 is empty; pass a path, e.g. $1 $3"
+  [[ "$2" != -* ]] || die "$1 $(shown "$2") looks like a flag (a missing value?); write ./$2 for a path starting with -"
+  [[ "$2" =~ ^[[:print:]]*$ ]] || die "$1 $(shown "$2") holds a control character (a newline?); pass a plain path"
+}
 
 work_dir="workdir"
 dataset="ml-100k"
@@ -34,22 +60,28 @@ overwrite=()
 trainer_flags=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --work-dir) [[ $# -ge 2 && -n "$2" ]] || die "--work-dir needs a directory, e.g. --work-dir workdir"; work_dir="$2"; shift 2 ;;
-    --work-dir=*) work_dir="${1#*=}"; shift ;;
-    --dataset) [[ $# -ge 2 ]] || die "--dataset needs a name: one of ${DATASETS}"; dataset="$2"; shift 2 ;;
-    --dataset=*) dataset="${1#*=}"; shift ;;
-    --data-sources) [[ $# -ge 2 && -n "$2" ]] || die "--data-sources needs a zip path or URL"; data_sources="$2"; shift 2 ;;
-    --data-sources=*) data_sources="${1#*=}"; shift ;;
-    --fig-dir) [[ $# -ge 2 && -n "$2" ]] || die "--fig-dir needs a directory, e.g. --fig-dir fig"; fig_dir="$2"; shift 2 ;;
-    --fig-dir=*) fig_dir="${1#*=}"; shift ;;
-    --overwrite) overwrite=(--overwrite); shift ;;
-    -h|--help) usage; exit 0 ;;
     --) shift; trainer_flags=("$@"); break ;;
-    *) die "unknown flag '$1'; see ./run-local.sh --help (trainer flags go after --)" ;;
+    --work-dir=*|--dataset=*|--data-sources=*|--fig-dir=*)
+      set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
+    -h|--help) usage; exit 0 ;;
+    --work-dir) need_value "$@"; check_path "$1" "$2" workdir; work_dir="$(from_caller "$2")"; shift 2 ;;
+    --dataset) need_value "$@"; dataset="$2"; shift 2 ;;
+    --data-sources) need_value "$@"; check_path "$1" "$2" ml-100k.zip; data_sources="$(from_caller "$2")"; shift 2 ;;
+    --fig-dir) need_value "$@"; check_path "$1" "$2" fig; fig_dir="$(from_caller "$2")"; shift 2 ;;
+    --overwrite) overwrite=(--overwrite); shift ;;
+    *) die "unknown flag $(shown "$1"); see ./run-local.sh --help (trainer flags go after --)" ;;
   esac
 done
-[[ -n "${work_dir}" ]] || die "--work-dir is empty; pass a directory such as workdir"
-[[ " ${DATASETS} " == *" ${dataset} "* ]] || die "--dataset '${dataset}' is unknown; use one of: ${DATASETS}"
+known=false
+for name in "${DATASETS[@]}"; do
+  [[ "${dataset}" != "${name}" ]] || known=true
+done
+[[ "${known}" == true ]] || die "--dataset $(shown "${dataset}") is unknown; use one of: ${DATASETS[*]}"
+for flag in "${trainer_flags[@]}"; do
+  case "${flag}" in
+    --work-dir|--work-dir=*) die "--work-dir after -- would train on another work dir than the one prepared; pass it before --" ;;
+  esac
+done
 
 # shellcheck source=scripts/venv.sh
 source scripts/venv.sh

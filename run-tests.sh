@@ -6,5 +6,5 @@ cd "$(dirname "$0")"
 # shellcheck source=scripts/venv.sh
 source scripts/venv.sh
 ensure_venv
-echo "+ python -m pytest $*"
+printf '+ python -m pytest'; printf ' %q' "$@"; printf '\n'
 exec python -m pytest "$@"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import pathlib
 import sys
 from types import ModuleType
@@ -40,3 +41,16 @@ def gcs():
     """A real GCS emulator on 127.0.0.1 with one bucket; see tests/gcs_emulator.py."""
     import gcs_emulator  # pylint: disable=import-outside-toplevel
     yield from gcs_emulator.gcs_emulator_fixture()
+
+
+@pytest.fixture(autouse=True)
+def drop_main_log_handlers():
+    """A main() called in-process logs to that test's captured stderr; remove its
+    handler afterwards so later tests do not log to a closed stream."""
+    root = logging.getLogger()
+    before, level = set(root.handlers), root.level
+    yield
+    for handler in root.handlers[:]:
+        if handler not in before and not type(handler).__module__.startswith('_pytest'):
+            root.removeHandler(handler)
+    root.setLevel(level)

@@ -202,6 +202,15 @@ def bad_archive(kind: str, path: pathlib.Path) -> pathlib.Path:
         return path
     if kind == 'missing-ratings':
         return build_zip(path, layout, ratings=False)
+    if kind == 'truncated-zip':  # an interrupted copy: the central directory is gone
+        content = build_zip(path, layout).read_bytes()
+        path.write_bytes(content[:len(content) * 3 // 5])
+        return path
+    if kind == 'corrupt-member':  # intact directory, one flipped byte in u.data
+        content = bytearray(build_zip(path, layout).read_bytes())
+        content[content.index(RATINGS_TEXT['\t'].encode()) + 5] ^= 0x01
+        path.write_bytes(bytes(content))
+        return path
     entry = '../evil.txt' if kind == 'dot-dot-entry' else '/tmp/evil.txt'
     return build_zip(path, layout, extra={entry: b'escaped'})
 
@@ -209,6 +218,8 @@ def bad_archive(kind: str, path: pathlib.Path) -> pathlib.Path:
 @pytest.mark.parametrize('kind, phrase', [
     ('md5-mismatch', 'should have 0e33842e24a9c977be4e0107933c0723'),
     ('not-a-zip', 'is not a zip archive'),
+    ('truncated-zip', 'is not a zip archive'),
+    ('corrupt-member', 'is corrupt: ml-100k/u.data cannot be unpacked (Bad CRC-32'),
     ('missing-ratings', 'has no ml-100k/u.data'),
     ('dot-dot-entry', "'../evil.txt'"),
     ('absolute-entry', "'/tmp/evil.txt'"),
@@ -226,6 +237,60 @@ def test_bad_archive_fails_with_one_line_and_stages_nothing(
     assert phrase in message and '\n' not in message
     assert raw_files(work_dir) == set()
     assert not (tmp_path / 'evil.txt').exists()
+
+
+def test_a_corrupt_archive_with_overwrite_keeps_the_old_staging(
+        work_dir: str, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert extractor.main(['--work-dir', work_dir, *SYNTHETIC_FLAGS]) == 0
+    raw = pathlib.Path(features.raw_dir(work_dir))
+    before = {path.name: path.read_bytes() for path in raw.iterdir()}
+    path = bad_archive('corrupt-member', tmp_path / 'custom.zip')
+
+    code = extractor.main(['--work-dir', work_dir, '--dataset', 'ml-100k',
+                           '--data-sources', str(path), '--overwrite'])
+
+    assert code == 1
+    [message] = error_records(caplog)
+    assert 'is corrupt' in message
+    assert {path.name: path.read_bytes() for path in raw.iterdir()} == before
+    assert extractor.main(['--work-dir', work_dir, *SYNTHETIC_FLAGS]) == 0  # still reusable
+    assert any(message.startswith('reusing synthetic') for message in caplog.messages)
+
+
+class _CutOffHandler(http.server.BaseHTTPRequestHandler):
+    """Promises a whole zip in Content-Length, sends 60% of it and hangs up."""
+    body = b''
+
+    def do_GET(self) -> None:  # noqa: N802 (the http.server API)
+        self.send_response(200)
+        self.send_header('Content-Length', str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body[:len(self.body) * 3 // 5])
+        self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_download_cut_short_fails_and_stages_nothing(
+        work_dir: str, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    handler = type('Handler', (_CutOffHandler,), {
+        'body': build_zip(tmp_path / 'custom.zip', features.ML_100K).read_bytes()})
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f'http://127.0.0.1:{server.server_address[1]}/custom.zip'
+    try:
+        code = extractor.main(['--work-dir', work_dir, '--data-sources', url])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert code == 1
+    [message] = error_records(caplog)
+    size = (tmp_path / 'custom.zip').stat().st_size
+    assert f'stopped after {size * 3 // 5} of {size} bytes' in message
+    assert raw_files(work_dir) == set()
 
 
 def test_download_without_network_names_both_ways_forward(

@@ -58,7 +58,7 @@ def test_parse_rating_line_names_the_reason(layout, line, reason):
 
 
 def _columns(batch):
-    return {name: batch.column(name).flatten().to_pylist() for name in batch.schema.names}
+    return {name: batch.column(name).to_pylist() for name in batch.schema.names}
 
 
 def test_parse_rating_lines_matches_the_per_line_parser():
@@ -67,8 +67,9 @@ def test_parse_rating_lines_matches_the_per_line_parser():
     parsed = preprocess.parse_rating_lines(lines, ML_100K)
     cols = _columns(parsed.valid)
     rows = sorted(zip(cols['user_id'], cols['movie_id'], cols['rating'], cols['timestamp']))
-    assert rows == [(b'1', b'10', 5.0, 100), (b'2', b'20', 3.0, 200), (b'4', b'40', 1.0, 400),
-                    (b'5', b'50', 2.0, 500)]
+    assert rows == [(1, 10, 5.0, 100), (2, 20, 3.0, 200), (4, 40, 1.0, 400), (5, 50, 2.0, 500)]
+    assert sorted(cols['line']) == sorted([' 4\t40\t1\t400', '\ufeff5\t50\t2\t500',
+                                           '1\t10\t5\t100', '2\t20\t3\t200'])
     assert parsed.rejected == [
         (preprocess.WRONG_FIELD_COUNT, 'bad'), (preprocess.RATING_OUT_OF_RANGE, '3\t30\t9\t300'),
         (preprocess.RATING_OFF_STEP, '6\t60\t2.5\t600'), (preprocess.BLANK_LINE, '')]
@@ -103,8 +104,8 @@ def test_parse_ratings_transform_outputs_rows_rejects_and_counts():
     with _pipeline() as p:
         parsed = p | beam.Create(lines) | preprocess.ParseRatings(ML_100K)
         ids = (parsed[preprocess.ParseRatings.VALID]
-               | 'Ids' >> beam.FlatMap(lambda b: b.column('user_id').flatten().to_pylist()))
-        assert_that(ids, equal_to([b'1', b'2']), label='CheckValid')
+               | 'Ids' >> beam.FlatMap(lambda b: b.column('user_id').to_pylist()))
+        assert_that(ids, equal_to([1, 2]), label='CheckValid')
         assert_that(parsed[preprocess.ParseRatings.REJECTED], equal_to([
             (preprocess.NON_NUMERIC_ID, 'x\t1\t1\t1'),
             (preprocess.RATING_OUT_OF_RANGE, '3\t30\t6\t300'),
@@ -112,7 +113,7 @@ def test_parse_ratings_transform_outputs_rows_rejects_and_counts():
         totals = (parsed[preprocess.ParseRatings.STATS]
                   | beam.CombineGlobally(preprocess._SumStatsFn()))
         assert_that(totals, equal_to([{
-            'rows_read': 5, 'rows_accepted': 2, 'rejected:non_numeric_id': 1,
+            'rows_read': 5, 'rows_valid': 2, 'rejected:non_numeric_id': 1,
             'rejected:rating_out_of_range': 1, 'rejected:blank_line': 1}]), label='CheckStats')
 
 
