@@ -239,3 +239,14 @@ def test_padding_a_gradient_is_undone_after_the_all_reduce():
     restored = train.drop_padding(padded, tf.constant(0.5))
     assert restored.indices.numpy().tolist() == [3, 0]
     np.testing.assert_allclose(restored.values.numpy(), [[0.5, 1.0], [1.5, 2.0]])
+
+
+def test_resuming_on_other_data_is_refused(planted, tmp_path):
+    model_dir = str(tmp_path / 'model')
+    _run(planted, model_dir, num_epochs=1)
+    info, users, items = planted
+    resplit = (dataclasses.replace(info, seed=info.seed + 1), users, items)
+    with pytest.raises(train.ResumeError, match='seed changed.*--overwrite'):
+        _run(resplit, model_dir, num_epochs=2)
+    again = _run(resplit, model_dir, num_epochs=1, overwrite=True)
+    assert again.initial_epoch == 0

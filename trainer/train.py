@@ -302,6 +302,39 @@ class _State:
     manager: tf.train.CheckpointManager
 
 
+_DATA_FILE = 'data.json'
+# The DatasetInfo fields that identify the data a checkpoint was trained on.
+_DATA_FIELDS = ('dataset', 'source_md5', 'seed', 'eval_percent', 'train_ratings',
+                'eval_ratings', 'users', 'movies')
+
+
+def check_same_data(config: TrainConfig, info: features.DatasetInfo) -> None:
+    """Refuses to resume a checkpoint trained on other data; records this data.
+
+    A checkpoint dir remembers which preprocessing output it was trained on
+    (checkpoints/data.json).  When preprocess.py re-ran with --overwrite (another
+    split seed, another archive), resuming would continue a model fitted to the
+    old split and report it against the new one: refused.
+
+    Raises:
+      ResumeError: the checkpoints were trained on other data.
+    """
+    current = {name: getattr(info, name) for name in _DATA_FIELDS}
+    resume_dir = config.resume_checkpoint_dir or config.checkpoint_dir
+    recorded_path = features.join(resume_dir, _DATA_FILE)
+    if (not config.overwrite and tf.train.latest_checkpoint(resume_dir)
+            and tf.io.gfile.exists(recorded_path)):
+        recorded = features.read_json(recorded_path)
+        changed = sorted(name for name in _DATA_FIELDS if recorded.get(name) != current[name])
+        if changed:
+            raise ResumeError(
+                f'the checkpoints in {resume_dir} were trained on other data '
+                f'({", ".join(changed)} changed: preprocess.py re-ran?); pass '
+                '--overwrite to train afresh, or another --job-dir')
+    tf.io.gfile.makedirs(config.checkpoint_dir)
+    features.write_json(features.join(config.checkpoint_dir, _DATA_FILE), current)
+
+
 def _build_state(config: TrainConfig, info: features.DatasetInfo,
                  user_vocab_size: int, item_vocab_size: int,
                  strategy: tf.distribute.Strategy) -> _State:
@@ -359,6 +392,7 @@ def train(config: TrainConfig, info: features.DatasetInfo,
     strategy = strategy or tf.distribute.get_strategy()
     clear_outputs(config)
     tf.io.gfile.makedirs(config.model_dir)
+    check_same_data(config, info)
     state = _build_state(config, info, user_vocab_size, item_vocab_size,
                          strategy)
     initial_epoch = int(state.epoch.numpy())
