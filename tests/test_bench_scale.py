@@ -1,0 +1,92 @@
+"""Tests for bench/scale.py: flags, and one small run whose table must add up.
+
+The run uses 200k ratings and 2 epochs (about 45-55 s on two busy cores). No
+test asserts anything about time: timings depend on the machine's load.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, load_script
+
+from trainer import features
+
+scale = load_script('bench/scale.py')
+
+
+@pytest.mark.parametrize('text, expected', [
+    ('200k', 200_000), ('1m', 1_000_000), ('25M', 25_000_000), ('1.5m', 1_500_000),
+    ('50000', 50_000)])
+def test_parse_size(text: str, expected: int) -> None:
+    assert scale.parse_size(text) == expected
+
+
+@pytest.mark.parametrize('text', ['', 'k', '1g', '-1m', 'one'])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match='is not a size'):
+        scale.parse_size(text)
+
+
+@pytest.mark.parametrize('argv, flag', [
+    (['--sizes', '1x'], '--sizes'), (['--sizes', '5k'], '--sizes'),
+    (['--epochs', '0'], '--epochs'), (['--seed', '-1'], '--seed'),
+    (['--data-sources', '/no/such.zip'], '--data-sources'),
+    (['--sizes', '1m', '--data-sources', __file__], '--sizes')])
+def test_bad_flags_exit_2_with_one_line(argv: list[str], flag: str,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        scale.parse_args(argv)
+    assert exit_info.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines()
+                   if line.startswith('bench/scale.py: error:')]
+    assert len(error_lines) == 1 and flag in error_lines[0]
+
+
+def test_names_match_features() -> None:
+    """bench/scale.py repeats these to stay TensorFlow-free; they must agree."""
+    layout = features.DATASETS[scale.DATASET]
+    assert layout.ratings_header and layout.rating_step == pytest.approx(0.5)
+    assert scale.DATASET_INFO_PATH == (features.TRANSFORMED_DIR, features.DATASET_INFO_FILE)
+    assert scale.METRICS_PATH == (features.MODEL_DIR, features.METRICS_FILE)
+    assert scale.LOSS_LOG_PATH == (features.MODEL_DIR, features.LOSS_LOG_FILE)
+
+
+def test_shape_follows_ml_25m() -> None:
+    assert scale.synthetic_shape(25_000_000) == (162_541, 59_047)
+    users, movies = scale.synthetic_shape(1_000_000)
+    assert (users, movies) == (6_502, 11_809)
+
+
+def test_run_200k_adds_up(tmp_path: pathlib.Path) -> None:
+    json_out = tmp_path / 'scale.json'
+    result = subprocess.run(
+        [sys.executable, 'bench/scale.py', '--sizes', '200k', '--epochs', '2',
+         '--work-root', str(tmp_path / 'root'), '--json-out', str(json_out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f'JSON: {json_out}' in result.stdout
+    (row,) = json.loads(json_out.read_text())['results']
+    assert row['label'] == '200k'
+    assert [step['name'] for step in row['steps']] == list(scale.STEPS)
+    for step in row['steps']:
+        for key in ('seconds', 'ratings_per_second', 'peak_tree_rss_bytes',
+                    'max_process_rss_bytes'):
+            assert step[key] > 0, (step['name'], key)
+        assert step['name'] in result.stdout
+    counts = row['counts']
+    assert counts['generated'] == 200_000 == counts['rows_read']
+    assert counts['rows_read'] == counts['rows_accepted'] + counts['rows_rejected']
+    assert counts['train_ratings'] + counts['eval_ratings'] == counts['rows_accepted']
+    trainer = row['trainer']
+    assert trainer['epochs'] == 2 and len(trainer['epoch_seconds']) == 2
+    assert min(trainer['epoch_seconds']) > 0
+    assert trainer['export_seconds'] > 0
+    assert trainer['train_seconds'] == pytest.approx(sum(trainer['epoch_seconds']))
+    assert row['noise_floor_rmse'] < row['global_mean_eval_rmse']
+    assert row['eval_rmse'] > 0
