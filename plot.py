@@ -46,22 +46,18 @@ class LossLog:
 
 
 def read_loss_log(path: str) -> LossLog:
-    """Reads a loss log CSV with features.LOSS_LOG_COLUMNS.
+    """Reads the trainer's loss log (through the trainer's own reader) as columns.
 
     Raises:
-      ValueError: when the file has no rows or misses a column.
+      ValueError: when the file has no rows or other columns than a loss log.
     """
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    with tf.io.gfile.GFile(path) as f:
-        rows = list(csv.DictReader(io.StringIO(f.read())))
+    from trainer import train  # pylint: disable=import-outside-toplevel
+    rows = train.read_loss_log(path)
     if not rows:
         raise ValueError(f'{path} has no epochs yet')
-    missing = [name for name in features.LOSS_LOG_COLUMNS if name not in rows[0]]
-    if missing:
-        raise ValueError(f'{path} is not a loss log: no column {", ".join(missing)}')
     return LossLog(
-        epochs=[int(row['epoch']) for row in rows],
-        columns={name: [float(row[name]) for row in rows]
+        epochs=[row.epoch for row in rows],
+        columns={name: [getattr(row, name) for row in rows]
                  for name in features.LOSS_LOG_COLUMNS if name != 'epoch'})
 
 

@@ -208,8 +208,8 @@ def read_loss_log(path: str) -> tuple[EpochMetrics, ...]:
         header = tuple(next(reader, ()))
         if header != features.LOSS_LOG_COLUMNS:
             raise ResumeError(
-                f'{path} has columns {header!r}, expected '
-                f'{features.LOSS_LOG_COLUMNS!r}; re-run with --overwrite')
+                f'{path} is not a loss log: columns {header!r}, expected '
+                f'{features.LOSS_LOG_COLUMNS!r}; re-run the trainer with --overwrite')
         return tuple(EpochMetrics(int(row[0]), *map(float, row[1:]))
                      for row in reader if row)
 
