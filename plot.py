@@ -19,6 +19,7 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -62,13 +63,34 @@ def read_loss_log(path: str) -> LossLog:
 
 
 def draw_loss_chart(log: LossLog, title: str, baseline_rmse: float | None = None,
-                    noise_floor_rmse: float | None = None):
-    """Draws train and eval RMSE per epoch; returns the matplotlib Figure."""
+                    noise_floor_rmse: float | None = None,
+                    best_epoch: int | None = None,
+                    model_eval_rmse: float | None = None):
+    """Draws train, validation and eval RMSE per epoch; returns the matplotlib Figure.
+
+    A vertical line marks best_epoch (the epoch whose parameters the
+    trainer kept, from metrics.json), or else the epoch with the lowest
+    validation RMSE; a star at best_epoch marks model_eval_rmse, the eval
+    RMSE of the exported model (after a refit, not the search's).
+    """
     from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
     figure = Figure(figsize=(7, 4.2), dpi=120)
     axes = figure.subplots()
-    axes.plot(log.epochs, log.columns['train_rmse'], marker='o', label='train RMSE')
+    axes.plot(log.epochs, log.columns['train_rmse'], marker='o',
+              label='train RMSE (during the epoch)')
+    validation = log.columns['validation_rmse']
+    if any(math.isfinite(value) for value in validation):
+        axes.plot(log.epochs, validation, marker='^', label='validation RMSE')
+        if best_epoch is None:
+            best_epoch = log.epochs[min(range(len(validation)), key=lambda index: (
+                validation[index] if math.isfinite(validation[index]) else math.inf))]
+        axes.axvline(best_epoch, color='purple', linestyle='-.', alpha=0.5,
+                     label=f'kept: epoch {best_epoch} (best validation)')
     axes.plot(log.epochs, log.columns['eval_rmse'], marker='s', label='eval RMSE')
+    if model_eval_rmse is not None and best_epoch is not None:
+        axes.plot([best_epoch], [model_eval_rmse], marker='*', markersize=14,
+                  linestyle='none', color='black',
+                  label=f'exported model: eval RMSE {model_eval_rmse:.4f}')
     if baseline_rmse is not None:
         axes.axhline(baseline_rmse, color='grey', linestyle='--',
                      label=f'predict the train mean ({baseline_rmse:.3f})')
@@ -204,7 +226,9 @@ def read_reference_lines(model_dir: str) -> dict[str, float | None]:
     metrics = features.read_json(path)
     return {'dataset': metrics.get('dataset'),
             'baseline_rmse': metrics.get('global_mean_eval_rmse'),
-            'noise_floor_rmse': metrics.get('noise_floor_rmse')}
+            'noise_floor_rmse': metrics.get('noise_floor_rmse'),
+            'best_epoch': metrics.get('best_epoch'),
+            'model_eval_rmse': metrics.get('eval_rmse')}
 
 
 def parse_args(argv: Sequence[str] | None) -> PlotConfig:
@@ -240,7 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     title = config.title or f'Biased MF on {dataset}: RMSE per epoch'
     out = config.out or str(DEFAULT_FIG_DIR / f'{dataset}-loss.png')
     figure = draw_loss_chart(log, title, reference.get('baseline_rmse'),
-                             reference.get('noise_floor_rmse'))
+                             reference.get('noise_floor_rmse'), reference.get('best_epoch'),
+                             reference.get('model_eval_rmse'))
     pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out)
     try:
@@ -250,8 +275,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if config.show:
         show_window(figure)
+    exported = reference.get('model_eval_rmse')
     print(f'plot: read {len(log.epochs)} epochs from {config.loss_log}; '
-          f'final eval RMSE {log.columns["eval_rmse"][-1]:.4f}; wrote {out}'
+          f'last epoch eval RMSE {log.columns["eval_rmse"][-1]:.4f}'
+          + (f', exported model {exported:.4f}' if exported is not None else '')
+          + f'; wrote {out}'
           + (f' and {eval_out}' if eval_out else ''))
     return 0
 

@@ -432,8 +432,9 @@ def model_dir(config: BenchConfig) -> str:
 def trainer_row(metrics: dict[str, Any]) -> Row:
     """Our trainer's row, from its metrics.json."""
     settings = metrics.get('config', {})
-    note = (f"{settings.get('num_factors')} factors, {metrics.get('epochs')} epochs of "
-            f"{settings.get('optimizer')} ({metrics.get('epochs_this_run')} this run)")
+    note = (f"{settings.get('num_factors')} factors, l2 {settings.get('l2')}, "
+            f"{settings.get('optimizer')}; best of {metrics.get('epochs')} epochs: "
+            f"{metrics.get('best_epoch')}, final model {metrics.get('final_model')}")
     return Row('this trainer', metrics['eval_rmse'], metrics['eval_mae'],
                fit_seconds=metrics.get('train_seconds'), note=note)
 

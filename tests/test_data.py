@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -65,22 +66,53 @@ def test_unshuffled_batches_follow_the_sorted_shards(pattern):
     assert _rows(data.make_dataset(pattern, batch_size=6)) == ROWS
 
 
-def test_a_shuffled_epoch_sees_every_row_once(pattern):
-    rows = _rows(data.make_dataset(pattern, batch_size=4, shuffle_seed=3,
-                                   shuffle_buffer=100))
-    assert Counter(rows) == Counter(ROWS)
-    assert rows != ROWS
+def test_load_ratings_reads_every_row_in_sorted_shard_order(pattern):
+    ratings = data.load_ratings(pattern)
+    assert len(ratings) == len(ROWS)
+    assert ratings.user.dtype == tf.int32 and ratings.rating.dtype == tf.float32
+    assert list(zip(ratings.user.numpy().tolist(), ratings.item.numpy().tolist(),
+                    ratings.rating.numpy().tolist())) == ROWS
 
 
-def test_shuffles_repeat_with_the_seed_and_change_with_it(pattern):
-    records = data.read_records(pattern)
+def _triples(ratings: data.Ratings) -> list[tuple[int, int, float]]:
+    return list(zip(ratings.user.numpy().tolist(), ratings.item.numpy().tolist(),
+                    ratings.rating.numpy().tolist()))
 
-    def order(seed: int) -> list:
-        return _rows(data.make_batches(records, 5, shuffle_seed=seed,
-                                       shuffle_buffer=100))
 
-    assert order(11) == order(11)
-    assert order(11) != order(12)
+def test_a_shuffle_is_a_seeded_permutation(pattern):
+    ratings = data.load_ratings(pattern)
+    first = _triples(data.shuffle(ratings, 11))
+    assert Counter(first) == Counter(ROWS) and first != ROWS
+    assert _triples(data.shuffle(ratings, 11)) == first
+    assert _triples(data.shuffle(ratings, 12)) != first
+
+
+def test_the_validation_slice_is_seeded_disjoint_and_in_file_order(pattern):
+    ratings = data.load_ratings(pattern)
+    fit, validation = data.split_validation(ratings, 20.0, seed=42)
+    assert (len(fit), len(validation)) == (28, 7)
+    assert Counter(_triples(fit) + _triples(validation)) == Counter(ROWS)
+    assert _triples(fit) == [row for row in ROWS if row in set(_triples(fit))]
+    again = data.split_validation(ratings, 20.0, seed=42)[1]
+    other = data.split_validation(ratings, 20.0, seed=43)[1]
+    assert _triples(again) == _triples(validation) != _triples(other)
+    fit, validation = data.split_validation(ratings, 0.0, seed=42)
+    assert (len(fit), len(validation)) == (35, 0)
+    with pytest.raises(ValueError, match='validation percent'):
+        data.split_validation(ratings, 100.0, seed=42)
+
+
+def test_frequency_weights_are_n_to_the_minus_alpha_with_mean_one():
+    ratings = data.Ratings(tf.constant([0, 0, 0, 1], tf.int32),
+                           tf.constant([0, 1, 1, 1], tf.int32),
+                           tf.constant([1.0, 2.0, 3.0, 4.0]))
+    user, item = data.frequency_weights(ratings, user_rows=3, item_rows=2, exponent=1.0)
+    # counts: users 3, 1, 0 -> raw 1/3, 1, 1 (empty rows count as 1); mean over
+    # the four ratings (3 * 1/3 + 1) / 4 = 0.5.
+    np.testing.assert_allclose(user.numpy(), [2 / 3, 2.0, 2.0], rtol=1e-6)
+    np.testing.assert_allclose(item.numpy(), [2.0, 2 / 3], rtol=1e-6)
+    ones = data.frequency_weights(ratings, 3, 2, exponent=0.0)
+    np.testing.assert_allclose(ones[0].numpy(), 1.0)
 
 
 def test_epoch_seeds_are_stable_and_distinct():
@@ -92,14 +124,12 @@ def test_epoch_seeds_are_stable_and_distinct():
 
 def test_missing_shards_say_to_run_preprocess(work_dir):
     with pytest.raises(FileNotFoundError, match='run preprocess.py first'):
-        data.read_records(features.split_pattern(work_dir, features.EVAL))
+        data.load_ratings(features.split_pattern(work_dir, features.EVAL))
 
 
-@pytest.mark.parametrize('kwargs', [
-    {'batch_size': 0}, {'batch_size': 4, 'shuffle_seed': 1, 'shuffle_buffer': 0}])
-def test_bad_sizes_are_refused(pattern, kwargs):
+def test_bad_sizes_are_refused(pattern):
     with pytest.raises(ValueError, match='must be >= 1'):
-        data.make_dataset(pattern, **kwargs)
+        data.make_dataset(pattern, batch_size=0)
 
 
 def test_the_model_reads_a_subset_of_the_shared_spec():

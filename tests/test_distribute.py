@@ -10,6 +10,7 @@ preemption notifier instead of exiting.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -43,7 +44,7 @@ CLUSTER_AND_VERTEX_VARIABLES = (
     config.ENV_CHECKPOINT_DIR, config.ENV_TENSORBOARD_LOG_DIR,
     config.ENV_TRIAL_ID, config.ENV_HP_METRIC_FILE)
 EPOCH_LINE = re.compile(r'Epoch (\d+)/\d+: objective (\S+), train RMSE (\S+), '
-                        r'eval RMSE (\S+)')
+                        r'validation RMSE (\S+) .*?, eval RMSE (\S+)')
 
 
 @pytest.fixture(scope='module')
@@ -77,6 +78,7 @@ def single(prepared, tmp_path_factory) -> dict:
         paths['time_window'] = (started, time.time())
     paths['metrics'] = features.read_json(
         os.path.join(paths['model_dir'], features.METRICS_FILE))
+    paths['history'] = _loss_log(paths['model_dir'])
     return paths
 
 
@@ -202,11 +204,14 @@ def test_a_tuning_trial_writes_the_metric_file_vertex_reads(single):
     assert len(lines) == 1
     report = json.loads(lines[0])
     # cloudml-hypertune 0.1.0.dev6's keys and value types.
-    assert sorted(report) == ['checkpoint_path', 'eval_rmse', 'global_step',
-                              'timestamp', 'trial']
-    assert report['trial'] == '7' and report['global_step'] == str(EPOCHS)
-    assert float(report['eval_rmse']) == pytest.approx(
-        single['metrics']['eval_rmse'], rel=1e-12)
+    assert sorted(report) == ['checkpoint_path', 'global_step', 'timestamp', 'trial',
+                              'validation_rmse']
+    assert report['trial'] == '7'
+    assert report['global_step'] == str(single['metrics']['best_epoch'])
+    # The validation slice's RMSE, never the eval split's.
+    assert float(report['validation_rmse']) == pytest.approx(
+        single['metrics']['validation_rmse'], rel=1e-12)
+    assert single['metrics']['validation_rmse'] != single['metrics']['eval_rmse']
     assert single['time_window'][0] <= report['timestamp'] <= single['time_window'][1]
     assert list(report) == sorted(report)  # written with sorted keys
 
@@ -318,10 +323,18 @@ def _assert_matches_single(metrics: dict, single: dict, epoch: int) -> None:
     outside it: a whole --batch-size per worker (one process with batch 514)
     ends epoch 2 at eval RMSE 1.0512 instead of 1.0269.
     """
-    row = next(row for row in _loss_log(single['model_dir']) if row.epoch == epoch)
     assert metrics['epochs'] == epoch
-    for name in ('eval_rmse', 'eval_mae', 'train_rmse'):
-        assert metrics[name] == pytest.approx(getattr(row, name), rel=1e-5)
+    best = metrics['best_epoch']
+    assert best == min(single['history'][:epoch], key=lambda row: row.validation_rmse).epoch
+    if metrics['final_model'] == 'refit':
+        # Refit on all train ratings for `best` epochs, as the single run did.
+        assert epoch == single['metrics']['epochs']
+        expected = single['metrics']
+    else:
+        expected = dataclasses.asdict(
+            next(row for row in single['history'] if row.epoch == best))
+    for name in ('eval_rmse', 'eval_mae', 'validation_rmse'):
+        assert metrics[name] == pytest.approx(expected[name], rel=1e-5)
 
 
 def _vertex_layout(base: pathlib.Path) -> dict[str, str]:
@@ -359,9 +372,12 @@ def first_run(prepared, tmp_path_factory) -> dict:
         # Separate machines on Vertex AI: each replica has its own /tmp.
         config.ENV_HP_METRIC_FILE: str(root / f'metrics-{index}'),
     } for index in range(2)]
+    # Two of the single run's three epochs, keeping the best as trained
+    # (the restarted run below refits, as the single run does).
     run['outputs'] = _run_replicas(environments, [
         '--work-dir', prepared, '--job-dir', str(run['base']),
-        '--num-epochs', str(EPOCHS - 1), *TRAINER_FLAGS], root / 'logs')
+        '--num-epochs', str(EPOCHS - 1), '--final-model', 'best', *TRAINER_FLAGS],
+        root / 'logs')
     run['metric_files'] = [root / f'metrics-{index}' for index in range(2)]
     return run
 

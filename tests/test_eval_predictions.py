@@ -11,7 +11,7 @@ from trainer.model import MatrixFactorization
 
 def test_counts_put_each_clipped_prediction_in_its_bin():
     model = MatrixFactorization(2, 3, num_factors=1, global_mean=3.0, init_stddev=0.0, seed=0)
-    model.item_bias.assign([-2.5, 0.25, 1.99, 0.0])  # predictions 0.5 -> 1, 3.25, 4.99
+    model.set_weights(item_bias=[-2.5, 0.25, 1.99, 0.0])  # predictions 0.5 -> 1, 3.25, 4.99
     dataset = tf.data.Dataset.from_tensor_slices({
         features.USER: tf.constant([0, 1, 0, 1], tf.int64),
         features.ITEM: tf.constant([0, 1, 2, 2], tf.int64),

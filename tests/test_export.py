@@ -60,9 +60,10 @@ def model(tft_dir) -> MatrixFactorization:
                              init_stddev=0.5, seed=7)
     u1 = int(_indices(tft_output, features.USER_VOCAB, ['u1'])[0])
     u3 = int(_indices(tft_output, features.USER_VOCAB, ['u3'])[0])
-    mf.user_bias.scatter_update(tf.IndexedSlices(tf.constant([3.0, -3.0]),
-                                                 tf.constant([u1, u3])))
-    mf.item_bias.assign(tf.range(movies + features.NUM_OOV_BUCKETS, dtype=tf.float32) * 0.1)
+    user_bias = np.zeros(users + features.NUM_OOV_BUCKETS, np.float32)
+    user_bias[[u1, u3]] = [3.0, -3.0]
+    mf.set_weights(user_bias=user_bias, item_bias=np.arange(
+        movies + features.NUM_OOV_BUCKETS, dtype=np.float32) * 0.1)
     return mf
 
 

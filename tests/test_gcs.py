@@ -205,8 +205,8 @@ def test_plot_reads_a_loss_log_from_the_bucket(gcs, tmp_path, capsys):
     log = io.StringIO()
     writer = csv.writer(log)
     writer.writerow(features.LOSS_LOG_COLUMNS)
-    writer.writerows([(1, 1.2, 1.095, 0.9, 1.3, 1.14, 0.95, 0.5),
-                      (2, 0.9, 0.949, 0.75, 1.0, 1.0, 0.8, 0.4)])
+    writer.writerows([(1, 1.2, 1.095, 0.9, 1.21, 1.1, 0.93, 1.3, 1.14, 0.95, 0.5),
+                      (2, 0.9, 0.949, 0.75, 0.98, 0.99, 0.79, 1.0, 1.0, 0.8, 0.4)])
     bucket.blob(f'{model_dir}/{features.LOSS_LOG_FILE}').upload_from_string(log.getvalue())
     bucket.blob(f'{model_dir}/{features.METRICS_FILE}').upload_from_string(
         json.dumps({'dataset': 'synthetic', 'global_mean_eval_rmse': 1.1}))
@@ -217,7 +217,7 @@ def test_plot_reads_a_loss_log_from_the_bucket(gcs, tmp_path, capsys):
     assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     stdout = capsys.readouterr().out
     assert f'read 2 epochs from {gcs.url(model_dir)}/{features.LOSS_LOG_FILE}' in stdout
-    assert 'final eval RMSE 1.0000' in stdout
+    assert 'last epoch eval RMSE 1.0000' in stdout
 
 
 def test_trainer_reads_and_exports_through_the_bucket(gcs, trained):

@@ -7,7 +7,8 @@ import pytest
 import tensorflow as tf
 
 from trainer import features
-from trainer.model import MatrixFactorization, l2_penalties, per_example_loss
+from trainer.model import (MatrixFactorization, loss_and_gradients, penalty_weights,
+                           per_example_loss)
 
 OOV = features.NUM_OOV_BUCKETS
 
@@ -17,11 +18,11 @@ def _hand_set_model() -> MatrixFactorization:
     model = MatrixFactorization(user_vocab_size=2, item_vocab_size=3,
                                 num_factors=2, global_mean=3.5,
                                 init_stddev=0.1, seed=0)
-    model.user_bias.assign([0.5, -0.25] + [0.0] * OOV)
-    model.item_bias.assign([0.1, 0.2, -0.3] + [0.0] * OOV)
-    model.user_factors.assign([[1.0, 2.0], [0.5, -1.0]] + [[0.0, 0.0]] * OOV)
-    model.item_factors.assign(
-        [[0.2, 0.1], [-1.0, 0.5], [0.0, 3.0]] + [[0.0, 0.0]] * OOV)
+    model.set_weights(
+        user_factors=[[1.0, 2.0], [0.5, -1.0]] + [[0.0, 0.0]] * OOV,
+        user_bias=[0.5, -0.25] + [0.0] * OOV,
+        item_factors=[[0.2, 0.1], [-1.0, 0.5], [0.0, 3.0]] + [[0.0, 0.0]] * OOV,
+        item_bias=[0.1, 0.2, -0.3] + [0.0] * OOV)
     return model
 
 
@@ -70,22 +71,39 @@ def test_per_example_loss_is_squared_error_plus_l2_on_touched_rows():
 
 def test_penalty_counts_a_row_once_per_example_that_touches_it():
     model = _hand_set_model()
-    rows = model.gather(_ids(0, 0, 0), _ids(0, 0, 0))
-    penalties = l2_penalties(rows, l2=1.0, l2_bias=0.0)
-    np.testing.assert_allclose(penalties.numpy(), [5.05] * 3, rtol=1e-6)
+    losses = per_example_loss(model, _ids(0, 0, 0), _ids(0, 0, 0),
+                              tf.constant([4.0] * 3), l2=1.0, l2_bias=0.0)
+    error = 3.5 + 0.5 + 0.1 + 0.4 - 4.0
+    np.testing.assert_allclose(losses.numpy(), [error ** 2 + 5.05] * 3, rtol=1e-6)
 
 
-def test_gradients_are_sparse_over_the_touched_rows():
+@pytest.mark.parametrize('weighted', [False, True])
+def test_hand_written_gradients_match_the_tape(weighted):
     model = _hand_set_model()
-    parameters = model.parameters()
+    user, item = _ids(1, 1, 0), _ids(2, 0, 2)
+    rating = tf.constant([3.0, 4.0, 1.5])
+    penalty = penalty_weights(model.num_factors, l2=0.1, l2_bias=0.03)
+    user_weight = tf.constant([0.5, 0.5, 2.0]) if weighted else 1.0
+    item_weight = tf.constant([1.5, 0.25, 1.5]) if weighted else 1.0
     with tf.GradientTape() as tape:
-        loss = tf.reduce_mean(per_example_loss(
-            model, _ids(1, 1), _ids(2, 0), tf.constant([3.0, 4.0]), 0.1, 0.1))
-    gradients = tape.gradient(loss, parameters)
-    for name, gradient in gradients.items():
-        assert isinstance(gradient, tf.IndexedSlices), name
-    assert sorted(set(gradients['user_factors'].indices.numpy())) == [1]
-    assert sorted(set(gradients['item_bias'].indices.numpy())) == [0, 2]
+        user_rows, item_rows = model.gather(user, item)
+        loss, _, user_gradient, item_gradient = loss_and_gradients(
+            model, user_rows, item_rows, rating, penalty, user_weight, item_weight)
+        total = tf.reduce_sum(loss)
+    expected = tape.gradient(total, model.parameters())
+    for name, rows, indices in (('user_embedding', user_gradient, user),
+                                ('item_embedding', item_gradient, item)):
+        assert isinstance(expected[name], tf.IndexedSlices), name
+        dense = tf.math.unsorted_segment_sum(rows, indices, model.parameters()[name].shape[0])
+        np.testing.assert_allclose(dense.numpy(), tf.convert_to_tensor(expected[name]).numpy(),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_embedding_rows_are_factors_then_bias():
+    model = _hand_set_model()
+    np.testing.assert_allclose(model.user_embedding.numpy()[0], [1.0, 2.0, 0.5])
+    np.testing.assert_allclose(model.item_bias.numpy(), [0.1, 0.2, -0.3, 0.0])
+    np.testing.assert_allclose(model.item_factors.numpy()[2], [0.0, 3.0])
 
 
 def test_initialisation_is_seeded():
@@ -97,7 +115,7 @@ def test_initialisation_is_seeded():
     np.testing.assert_array_equal(first.user_bias.numpy(), 0.0)
     assert first.global_mean.trainable is False
     assert {v.name.split(':')[0] for v in first.trainable_variables} == {
-        'user_bias', 'item_bias', 'user_factors', 'item_factors'}
+        'user_embedding', 'item_embedding'}
 
 
 @pytest.mark.parametrize('sizes', [(0, 3, 2), (3, 0, 2), (3, 3, 0)])

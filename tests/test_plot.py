@@ -11,9 +11,9 @@ import plot
 from trainer import features
 
 ROWS = [
-    (1, 1.2, 1.095, 0.9, 1.3, 1.14, 0.95, 0.5),
-    (2, 0.9, 0.949, 0.75, 1.0, 1.0, 0.8, 0.4),
-    (3, 0.8, 0.894, 0.7, 0.95, 0.975, 0.78, 0.4),
+    (1, 1.2, 1.095, 0.9, 1.21, 1.1, 0.93, 1.3, 1.14, 0.95, 0.5),
+    (2, 0.9, 0.949, 0.75, 0.98, 0.99, 0.79, 1.0, 1.0, 0.8, 0.4),
+    (3, 0.8, 0.894, 0.7, 0.96, 0.98, 0.77, 0.95, 0.975, 0.78, 0.4),
 ]
 
 
@@ -31,6 +31,7 @@ def test_read_loss_log_reads_every_column(tmp_path):
     assert log.epochs == [1, 2, 3]
     assert log.columns['eval_rmse'] == pytest.approx([1.14, 1.0, 0.975])
     assert log.columns['train_rmse'] == pytest.approx([1.095, 0.949, 0.894])
+    assert log.columns['validation_rmse'] == pytest.approx([1.1, 0.99, 0.98])
 
 
 def test_main_writes_a_png_titled_with_the_dataset(tmp_path, capsys):

@@ -61,8 +61,8 @@ def test_top_k_unseen_skips_seen_items_and_marks_padding():
 
 def test_score_items_matches_the_model_pair_by_pair():
     model = _model(num_users=3, num_items=4)
-    model.user_bias.assign([0.5, -0.2, 0.1, 0.0])
-    model.item_bias.assign([0.3, -0.4, 0.2, 0.9, 0.0])
+    model.set_weights(user_bias=[0.5, -0.2, 0.1, 0.0])
+    model.set_weights(item_bias=[0.3, -0.4, 0.2, 0.9, 0.0])
     users = tf.constant([0, 2, 3], tf.int64)  # 3 is the OOV user
     scores = ranking.score_items(model, users, 4).numpy()
     assert scores.shape == (3, 4)
@@ -76,7 +76,7 @@ def test_score_items_matches_the_model_pair_by_pair():
 def test_fallback_shrinks_the_bias_of_rarely_rated_movies():
     model = _model(num_users=1, num_items=3)
     # Movie 0: bias 1.0 from 1 rating; movie 1: 0.5 from 100; movie 2: 0 from 500.
-    model.item_bias.assign([1.0, 0.5, 0.0, 0.0])
+    model.set_weights(item_bias=[1.0, 0.5, 0.0, 0.0])
     scores = ranking.fallback_scores(model, tf.constant([1, 100, 500]), 10.0).numpy()
     np.testing.assert_allclose(scores, [3.0 + 1.0 / 11, 3.0 + 0.5 * 100 / 110, 3.0],
                                rtol=1e-6)
@@ -94,8 +94,8 @@ def test_evaluate_lists_on_a_hand_made_case():
     # everyone (zero factors), so its order is 1, 2, 3, 0; popularity by train
     # count is item 0 (2 ratings), 3 (1), 2 (1), then 1.
     model = _model(num_users=2, num_items=4)
-    model.user_factors.assign(tf.zeros_like(model.user_factors))
-    model.item_bias.assign([0.1, 0.4, 0.3, 0.2, 0.0])
+    model.set_weights(user_factors=tf.zeros_like(model.user_factors))
+    model.set_weights(item_bias=[0.1, 0.4, 0.3, 0.2, 0.0])
     catalog = _catalog(2, ['a', 'b', 'c', 'd'], [(0, 0), (1, 0), (1, 3), (0, 2)])
     np.testing.assert_array_equal(catalog.item_counts, [2, 0, 1, 1])
     # Eval: user 0 liked 1 and disliked 3; user 1 liked 2; an OOV user (2)

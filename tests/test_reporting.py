@@ -23,8 +23,8 @@ def test_the_metric_file_has_cloudml_hypertunes_line_and_is_rewritten(tmp_path):
     reporting.report_tuning_metric(str(path), 0.875, 4, '12', 1700000001.0)
     # What cloudml-hypertune 0.1.0.dev6 writes for the same report.
     assert path.read_text(encoding='utf-8') == (
-        '{"checkpoint_path": "", "eval_rmse": "0.875", "global_step": "4", '
-        '"timestamp": 1700000001.0, "trial": "12"}\n')
+        '{"checkpoint_path": "", "global_step": "4", '
+        '"timestamp": 1700000001.0, "trial": "12", "validation_rmse": "0.875"}\n')
 
 
 def test_without_a_trial_id_the_trial_is_zero():
@@ -36,10 +36,11 @@ def test_no_log_dir_means_no_callback():
         assert on_epoch_end is None
 
 
-def test_each_epoch_adds_train_and_eval_scalars(tmp_path):
+def test_each_epoch_adds_train_validation_and_eval_scalars(tmp_path):
     row = train.EpochMetrics(epoch=2, train_mse=0.81, train_rmse=0.9, train_mae=0.7,
+                             validation_mse=0.9, validation_rmse=0.95, validation_mae=0.75,
                              eval_mse=1.0, eval_rmse=1.0, eval_mae=0.8, seconds=1.0)
     with reporting.epoch_summaries(str(tmp_path)) as on_epoch_end:
         on_epoch_end(row)
-    for split in features.SPLITS:
+    for split in (*features.SPLITS, reporting.VALIDATION):
         assert len(list((tmp_path / split).glob('events.out.tfevents.*'))) == 1

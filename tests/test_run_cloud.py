@@ -156,7 +156,7 @@ def test_gpu_sets_the_accelerator_on_every_pool(run_cloud):
                                        'acceleratorCount': 1}
 
 
-def test_hp_tuning_submits_a_study_of_eval_rmse(run_cloud):
+def test_hp_tuning_submits_a_study_of_validation_rmse(run_cloud):
     result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, '--hp-tuning',
                        '--max-trials', '6', '--parallel-trials', '2', *OFFLINE,
                        '--', '--num-epochs', '5')
@@ -168,7 +168,7 @@ def test_hp_tuning_submits_a_study_of_eval_rmse(run_cloud):
     assert result.gcloud('ai', 'hp-tuning-jobs', 'describe')
     config = result.submitted_config('hp-tuning-jobs')
     study = config['studySpec']
-    assert study['metrics'] == [{'metricId': 'eval_rmse', 'goal': 'MINIMIZE'}]
+    assert study['metrics'] == [{'metricId': 'validation_rmse', 'goal': 'MINIMIZE'}]
     parameters = {p['parameterId']: p for p in study['parameters']}
     assert parameters == {
         'learning-rate': {'parameterId': 'learning-rate', 'scaleType': 'UNIT_LOG_SCALE',
@@ -260,7 +260,7 @@ def test_dry_run_hp_tuning_prints_the_study(run_cloud):
     result = run_cloud('--work-dir', WORK_DIR, '--hp-tuning', '--dry-run')
     assert result.returncode == 0, result.stderr
     assert result.calls == []
-    assert 'metricId: eval_rmse' in result.stdout
+    assert 'metricId: validation_rmse' in result.stdout
     assert '+ gcloud ai hp-tuning-jobs create' in result.stdout
     assert '+ python plot.py' not in result.stdout  # trials have a loss log each
 
@@ -388,7 +388,8 @@ def test_the_plot_step_charts_the_loss_log_from_gcs(run_cloud, gcs, tmp_path: pa
     from google.cloud import storage  # pylint: disable=import-outside-toplevel
     from trainer import features  # pylint: disable=import-outside-toplevel
     header = ','.join(features.LOSS_LOG_COLUMNS)
-    rows = ['1,1.0,1.0,0.8,1.1,1.05,0.85,2.0', '2,0.8,0.89,0.7,0.9,0.95,0.75,2.0']
+    rows = ['1,1.0,1.0,0.8,1.0,1.0,0.8,1.1,1.05,0.85,2.0',
+            '2,0.8,0.89,0.7,0.85,0.92,0.72,0.9,0.95,0.75,2.0']
     storage.Client().bucket(gcs.bucket).blob('cloud-run/model/loss_log.csv').upload_from_string(
         '\n'.join([header, *rows]) + '\n')
     fig_dir = tmp_path / 'fig'

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import preprocess
-from trainer import config, export, features, synthetic, task
+from trainer import config, export, features, synthetic, task, tune
 
 LAYOUT = features.ML_100K
 
@@ -79,3 +79,52 @@ def test_main_without_preprocessing_says_what_to_run(work_dir, capsys):
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 1
     assert 'preprocess.py' in errors[0] and features.DATASET_INFO_FILE in errors[0]
+
+
+def test_the_search_space_is_the_cloud_tuning_jobs_and_its_ids_are_trainer_flags():
+    space = tune.read_space(str(tune.DEFAULT_SPACE))
+    assert [parameter.name for parameter in space] == ['learning-rate', 'num-factors', 'l2']
+    parser_flags = {action.option_strings[0] for action in config.build_parser()._actions
+                    if action.option_strings}
+    assert {f'--{parameter.name}' for parameter in space} <= parser_flags
+    trials = tune.draw_trials(space, 20, seed=5)
+    assert trials[0] == {} and trials == tune.draw_trials(space, 20, seed=5)
+    for flags in trials[1:]:
+        for parameter in space:
+            assert parameter.low <= flags[parameter.name] <= parameter.high
+        assert isinstance(flags['num-factors'], int)
+    # Log-uniform: the learning rate's draws spread over its decades.
+    rates = [flags['learning-rate'] for flags in tune.draw_trials(space, 200, seed=1)[1:]]
+    assert min(rates) < 0.001 and max(rates) > 0.03
+
+
+def test_tune_ranks_trials_by_validation_and_refuses_to_mix_searches(
+        preprocessed, tmp_path, capsys):
+    job_dir = str(tmp_path / 'search')
+    flags = ['--work-dir', preprocessed, '--job-dir', job_dir, '--trials', '3',
+             '--num-epochs', '3', '--batch-size', '64', '--num-factors', '4']
+    assert tune.main(flags) == 0
+    out = capsys.readouterr().out
+    results = features.read_json(os.path.join(job_dir, tune.RESULTS_FILE))
+    trials = results['trials']
+    assert [trial['trial'] for trial in trials] == [0, 1, 2]
+    assert trials[0]['flags'] == {}
+    best = min(trials, key=lambda trial: trial['validation_rmse'])
+    assert f'best validation RMSE {best["validation_rmse"]:.4f}' in out
+    table = [line.split()[0] for line in out.splitlines()[1:4]]
+    assert table == [str(trial['trial']) for trial in
+                     sorted(trials, key=lambda trial: trial['validation_rmse'])]
+    assert f'python -m trainer.task --work-dir {preprocessed} --num-epochs 3' in out
+    assert '--job-dir' not in out.splitlines()[-1]
+    # A second search into the same dir would mix two searches: refused.
+    assert tune.main(flags) == 2
+    assert '--overwrite' in capsys.readouterr().err
+    assert tune.main(flags + ['--overwrite']) == 0
+
+
+def test_tune_without_a_validation_slice_is_refused_in_one_line(preprocessed, capsys):
+    with pytest.raises(SystemExit) as stop:
+        tune.main(['--work-dir', preprocessed, '--validation-percent', '0'])
+    assert stop.value.code == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert '--validation-percent 10' in errors[-1]

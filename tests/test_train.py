@@ -19,7 +19,7 @@ from trainer import config, features, optimizers, synthetic, train
 PLANTED = synthetic.SyntheticConfig(num_users=150, num_movies=120,
                                     num_ratings=7_000, seed=4, noise_std=0.5)
 FAST = dict(num_factors=8, batch_size=128, learning_rate=0.01, num_epochs=4,
-            l2=0.05, eval_batch_size=1024)
+            l2=0.05, eval_batch_size=1024, final_model='best')
 
 
 def _example(user: int, item: int, rating: float) -> bytes:
@@ -104,7 +104,9 @@ def test_training_beats_the_global_mean_and_the_loss_falls(planted, four_epochs)
     train_mse = [row.train_mse for row in history]
     assert train_mse == sorted(train_mse, reverse=True)
     assert history[-1].eval_rmse < history[0].eval_rmse
-    assert four_epochs.ratings_trained == 4 * info.train_ratings
+    assert four_epochs.ratings_trained == 4 * four_epochs.fit_ratings
+    assert four_epochs.fit_ratings + four_epochs.validation_ratings == info.train_ratings
+    assert four_epochs.validation_ratings == round(0.1 * info.train_ratings)
 
 
 def test_the_same_seed_gives_the_same_model(planted, four_epochs, tmp_path):
@@ -124,13 +126,14 @@ def test_resuming_continues_the_run_and_keeps_one_log_row_per_epoch(
     log_path = os.path.join(model_dir, features.LOSS_LOG_FILE)
     # A run that died after logging epoch 3 but before its checkpoint.
     with open(log_path, 'a', encoding='utf-8') as f:
-        f.write('3,9,9,9,9,9,9,9\n')
+        f.write('3' + ',9' * (len(features.LOSS_LOG_COLUMNS) - 1) + '\n')
     resumed = _run(planted, model_dir, num_epochs=4)
     assert resumed.initial_epoch == 2
-    assert resumed.ratings_trained == 2 * planted[0].train_ratings
+    assert resumed.ratings_trained == 2 * resumed.fit_ratings
     logged = train.read_loss_log(log_path)
     assert [row.epoch for row in logged] == [1, 2, 3, 4]
-    assert logged[-1] == resumed.final
+    assert logged == resumed.history
+    assert resumed.best_epoch == four_epochs.best_epoch
     # Each epoch's shuffle is seeded by (seed, epoch) and the checkpoint holds
     # the optimiser slots and step, so the resumed run repeats the same float
     # operations in the same order: only the last bits may differ.
@@ -227,6 +230,9 @@ def test_a_loss_log_with_other_columns_is_refused(tmp_path):
     path.write_text('epoch,loss\n1,0.5\n', encoding='utf-8')
     with pytest.raises(train.ResumeError, match='--overwrite'):
         train.read_loss_log(str(path))
+    path.write_text(','.join(features.LOSS_LOG_COLUMNS) + '\n1,0.5\n', encoding='utf-8')
+    with pytest.raises(train.ResumeError, match='cut off.*--overwrite'):
+        train.read_loss_log(str(path))
     assert train.read_loss_log(str(tmp_path / 'absent.csv')) == ()
 
 
@@ -250,3 +256,90 @@ def test_resuming_on_other_data_is_refused(planted, tmp_path):
         _run(resplit, model_dir, num_epochs=2)
     again = _run(resplit, model_dir, num_epochs=1, overwrite=True)
     assert again.initial_epoch == 0
+
+
+# Validation RMSE by epoch: best at 3, then three epochs without improvement.
+# Eval RMSE is best at epoch 6: a loop that peeked at eval would keep epoch 6.
+PLANTED_VALIDATION = [1.0, 0.9, 0.85, 0.851, 0.87, 0.86, 0.5]
+PLANTED_EVAL = [1.0, 0.95, 0.9, 0.9, 0.88, 0.7, 0.7]
+
+
+def test_early_stopping_keeps_the_best_validation_epoch_and_ignores_eval(
+        planted, tmp_path, monkeypatch):
+    """A planted validation curve decides; the eval split never does."""
+    real_scorer, real_build_state = train.make_scorer, train.state_lib.build_state
+    calls = {'validation': 0, 'eval': 0}
+    held = {}
+
+    def planted_scorer(model, rating_min, rating_max, chunk_size):
+        score = real_scorer(model, rating_min, rating_max, chunk_size)
+
+        def fake(ratings):
+            metrics = score(ratings)
+            for name, curve in (('validation', PLANTED_VALIDATION), ('eval', PLANTED_EVAL)):
+                if len(ratings) == held[name] and calls[name] < len(curve):
+                    metrics = {**metrics, 'rmse': curve[calls[name]]}
+                    calls[name] += 1
+                    break
+            return metrics
+        return fake
+
+    def remember_splits(config, info):
+        splits = real_load_splits(config, info)
+        held.update(validation=len(splits.validation), eval=len(splits.eval))
+        return splits
+
+    snapshots = {}
+
+    def capture_state(*args, **kwargs):
+        held['state'] = real_build_state(*args, **kwargs)
+        return held['state']
+
+    real_load_splits = train.load_splits
+    monkeypatch.setattr(train, 'make_scorer', planted_scorer)
+    monkeypatch.setattr(train, 'load_splits', remember_splits)
+    monkeypatch.setattr(train.state_lib, 'build_state', capture_state)
+    info, num_users, num_movies = planted
+    run_config = config.make_config(work_dir='unused', model_dir=str(tmp_path / 'model'),
+                                    **{**FAST, 'num_epochs': 20})
+    result = train.train(
+        run_config, info, num_users, num_movies,
+        on_epoch_end=lambda row: snapshots.setdefault(
+            row.epoch, held['state'].model.user_embedding.numpy().copy()))
+    assert [row.epoch for row in result.history] == [1, 2, 3, 4, 5, 6]
+    assert result.best_epoch == 3 and result.stopped_early
+    np.testing.assert_array_equal(result.model.user_embedding.numpy(), snapshots[3])
+    assert not np.array_equal(snapshots[6], snapshots[3])
+    # A re-run resumes the stopped run and trains no further.
+    monkeypatch.setattr(train, 'make_scorer', real_scorer)
+    again = train.train(run_config, info, num_users, num_movies)
+    assert again.ratings_trained == 0 and again.best_epoch == 3
+    np.testing.assert_array_equal(again.model.user_embedding.numpy(), snapshots[3])
+
+
+def test_without_a_validation_slice_the_last_epoch_is_kept(planted, tmp_path):
+    result = _run(planted, str(tmp_path / 'model'), validation_percent=0.0, num_epochs=3)
+    assert result.validation_ratings == 0 and result.best_epoch == 3
+    assert not result.stopped_early
+    assert all(np.isnan(row.validation_rmse) for row in result.history)
+
+
+def test_a_refit_retrains_on_all_train_ratings_for_the_best_epoch_count(
+        planted, tmp_path):
+    model_dir = str(tmp_path / 'model')
+    refit = _run(planted, model_dir, final_model='refit', num_epochs=6)
+    assert refit.refit and refit.fit_ratings == planted[0].train_ratings
+    assert 1 <= refit.best_epoch <= 6
+    assert np.isnan(refit.final.validation_rmse)  # in-sample after a refit
+    # The same as training on the whole split for that many epochs: the
+    # same initial factors and the same seeded shuffles.
+    direct = _run(planted, str(tmp_path / 'direct'), validation_percent=0.0,
+                  num_epochs=refit.best_epoch)
+    np.testing.assert_array_equal(refit.model.user_embedding.numpy(),
+                                  direct.model.user_embedding.numpy())
+    assert refit.final.eval_rmse == direct.final.eval_rmse
+    # A re-run resumes both phases and trains nothing more.
+    again = _run(planted, model_dir, final_model='refit', num_epochs=6)
+    assert again.ratings_trained == 0 and again.refit
+    np.testing.assert_array_equal(again.model.user_embedding.numpy(),
+                                  refit.model.user_embedding.numpy())

@@ -118,17 +118,12 @@ def read_titles(work_dir: str, layout: features.DatasetLayout) -> dict[str, str]
 
 
 def split_batches(file_pattern: str, batch_size: int) -> tf.data.Dataset:
-    """Parsed batches of one split for a single pass, in file order.
-
-    Not `data.read_records`: its in-memory cache would hold a second copy of
-    the split (1.2 GB of serialised examples at ml-25m) for one pass.
+    """Parsed batches of one split for a single streaming pass, in file order.
 
     Raises:
       FileNotFoundError: if no shard matches.
     """
-    records = tf.data.TFRecordDataset(data.list_shards(file_pattern),
-                                      compression_type='GZIP')
-    return data.make_batches(records, batch_size)
+    return data.make_dataset(file_pattern, batch_size)
 
 
 def read_split(file_pattern: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,11 +1,17 @@
-"""`tf.data` input: the transformed TFRecord shards as batches of user, item, rating.
+"""Input: the transformed TFRecord shards, as in-memory rating columns or `tf.data` batches.
 
-Records are read once from the sorted shard list and cached (as serialised
-examples); each training epoch shuffles them with a seed derived from the run
-seed and the epoch number, so epoch k sees the same order whether the run
-started fresh or resumed from a checkpoint.  Batches are parsed with one
-`tf.io.parse_example` call each (batch, then parse), keeping only the keys
-the model reads.
+The trainer reads each split once (`load_ratings`): the sorted shards are
+parsed in batches of 65536 with one `tf.io.parse_example` call each, keeping
+only the keys the model reads, into three columns (int32 user and item
+indices, float32 ratings): 12 bytes a rating, 300 MB for 25M ratings.  Every
+epoch then takes a seeded permutation of those columns (`shuffle`, seed
+derived from the run seed and the epoch number, so epoch k sees the same
+order whether the run started fresh or resumed), and the training loop slices
+batches from it inside one `tf.function`: no per-batch input pipeline, no
+parsing after the first read.  `split_validation` carves the validation
+slice from the train split by a seeded permutation of row positions.
+`make_batches` keeps the streaming form for whole-split passes that run once
+(rankings, eval predictions).
 
 Broken input is named, never trained on: `list_shards` refuses an empty
 shard file or a gap in a -SSSSS-of-NNNNN shard set, `check_shards` refuses a
@@ -16,6 +22,7 @@ a read error (which `tf.data` reports without a file name)
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import zlib
 
@@ -138,10 +145,109 @@ def _first_line(error: tf.errors.OpError) -> str:
     return message.split(' [Op:')[0].strip()
 
 
-def read_records(file_pattern: str) -> tf.data.Dataset:
-    """Serialised examples of every shard, in file order, cached in memory."""
-    return tf.data.TFRecordDataset(
-        list_shards(file_pattern), compression_type='GZIP').cache()
+@dataclasses.dataclass(frozen=True)
+class Ratings:
+    """One split in memory, in file order or shuffled; columns of equal length.
+
+    Attributes:
+      user: int32 [N] user vocabulary indices.
+      item: int32 [N] item vocabulary indices.
+      rating: float32 [N].
+    """
+    user: tf.Tensor
+    item: tf.Tensor
+    rating: tf.Tensor
+
+    def __len__(self) -> int:
+        return int(self.rating.shape[0])
+
+    def take(self, positions: tf.Tensor) -> 'Ratings':
+        """The rows at positions, in that order."""
+        return Ratings(*(tf.gather(column, positions) for column in
+                         (self.user, self.item, self.rating)))
+
+
+# Examples parsed per call when a split is loaded.
+_LOAD_BATCH = 65536
+# Seeds the validation slice's permutation apart from the epochs' shuffles.
+_VALIDATION_STREAM = 0x7A11D
+
+
+def load_ratings(file_pattern: str) -> Ratings:
+    """Every rating of the shards matching file_pattern, in sorted-file order.
+
+    Raises:
+      FileNotFoundError: if nothing matches.
+      ShardError: if a shard is missing or empty (see `list_shards`).
+    """
+    batches = (tf.data.TFRecordDataset(list_shards(file_pattern),
+                                       compression_type='GZIP')
+               .batch(_LOAD_BATCH)
+               .map(parse_batch, num_parallel_calls=tf.data.AUTOTUNE,
+                    deterministic=True)
+               .prefetch(tf.data.AUTOTUNE))
+    columns = {key: [] for key in MODEL_KEYS}
+    for batch in batches:
+        for key in MODEL_KEYS:
+            columns[key].append(batch[key])
+
+    def concat(key: str, dtype: tf.DType) -> tf.Tensor:
+        parts = columns[key] or [tf.zeros([0], dtype)]
+        return tf.cast(tf.concat(parts, axis=0), dtype)
+
+    return Ratings(concat(features.USER, tf.int32), concat(features.ITEM, tf.int32),
+                   concat(features.RATING, tf.float32))
+
+
+def _permutation(size: int, seed: tuple[int, int]) -> tf.Tensor:
+    return tf.random.experimental.stateless_shuffle(
+        tf.range(size, dtype=tf.int32), seed=seed)
+
+
+def shuffle(ratings: Ratings, seed: int) -> Ratings:
+    """The rows in a seeded uniform random order (the same on every worker)."""
+    return ratings.take(_permutation(len(ratings), (seed, 0)))
+
+
+def split_validation(ratings: Ratings, percent: float,
+                     seed: int) -> tuple[Ratings, Ratings]:
+    """(fit, validation): round(percent% of rows) chosen by a seeded permutation.
+
+    Both parts keep file order.  The choice depends only on the row count,
+    the percent and the seed, so every worker (and a resumed run) carves the
+    same slice.
+
+    Raises:
+      ValueError: if percent is outside [0, 100).
+    """
+    if not 0 <= percent < 100:
+        raise ValueError(f'validation percent must be in [0, 100), got {percent!r}')
+    size = len(ratings)
+    count = int(round(size * percent / 100))
+    chosen = _permutation(size, (seed, _VALIDATION_STREAM))
+    return (ratings.take(tf.sort(chosen[count:])),
+            ratings.take(tf.sort(chosen[:count])))
+
+
+def frequency_weights(ratings: Ratings, user_rows: int, item_rows: int,
+                      exponent: float) -> tuple[tf.Tensor, tf.Tensor]:
+    """Per-row penalty weights n^-exponent (n = the row's ratings, at least 1).
+
+    Scaled so that their mean over the ratings' rows is 1, on each side: the
+    L2 strength keeps its meaning whatever the exponent.  exponent 0 gives
+    ones.
+
+    Returns:
+      (user weights [user_rows], item weights [item_rows]), float32.
+    """
+    def side(indices: tf.Tensor, rows: int) -> tf.Tensor:
+        counts = tf.math.bincount(indices, minlength=rows, maxlength=rows,
+                                  dtype=tf.float32)
+        weights = tf.pow(tf.maximum(counts, 1.0), -exponent)
+        mean = tf.reduce_sum(counts * weights) / tf.maximum(tf.reduce_sum(counts), 1.0)
+        return weights / tf.where(mean > 0, mean, 1.0)
+
+    return side(ratings.user, user_rows), side(ratings.item, item_rows)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -154,50 +260,31 @@ def parse_batch(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
     return tf.io.parse_example(serialized, MODEL_FEATURE_SPEC)
 
 
-def make_batches(records: tf.data.Dataset, batch_size: int,
-                 shuffle_seed: int | None = None,
-                 shuffle_buffer: int = 0) -> tf.data.Dataset:
-    """Batches of parsed features from `read_records` output.
+def make_batches(records: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
+    """Batches of parsed features from serialised examples, in their order.
 
     Args:
       records: serialised examples.
       batch_size: examples per batch; the last batch may be smaller.
-      shuffle_seed: None to keep file order, else the seed of this pass's shuffle.
-      shuffle_buffer: the shuffle buffer in examples (used with a seed).
 
     Returns:
       A dataset of {user: int64 [B], item: int64 [B], rating: float32 [B]}.
 
     Raises:
-      ValueError: if a size is not positive.
+      ValueError: if batch_size is not positive.
     """
     if batch_size < 1:
         raise ValueError(f'batch_size must be >= 1, got {batch_size!r}')
-    if shuffle_seed is not None:
-        if shuffle_buffer < 1:
-            raise ValueError(
-                f'shuffle_buffer must be >= 1, got {shuffle_buffer!r}')
-        records = records.shuffle(shuffle_buffer, seed=shuffle_seed,
-                                  reshuffle_each_iteration=False)
-    # Workers of a multi-worker strategy shard by element, not by file: the
-    # splits are often one shard each, and every worker shuffles with the
-    # same seed, so their element-wise shards are disjoint.
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = (
-        tf.data.experimental.AutoShardPolicy.DATA)
     return (records.batch(batch_size)
             .map(parse_batch, num_parallel_calls=tf.data.AUTOTUNE,
                  deterministic=True)
-            .prefetch(tf.data.AUTOTUNE)
-            .with_options(options))
+            .prefetch(tf.data.AUTOTUNE))
 
 
-def make_dataset(file_pattern: str, batch_size: int,
-                 shuffle_seed: int | None = None,
-                 shuffle_buffer: int = 0) -> tf.data.Dataset:
-    """`make_batches(read_records(file_pattern), ...)`, for one-off use."""
-    return make_batches(read_records(file_pattern), batch_size,
-                        shuffle_seed=shuffle_seed, shuffle_buffer=shuffle_buffer)
+def make_dataset(file_pattern: str, batch_size: int) -> tf.data.Dataset:
+    """`make_batches` over every shard matching file_pattern, for one-off passes."""
+    return make_batches(tf.data.TFRecordDataset(
+        list_shards(file_pattern), compression_type='GZIP'), batch_size)
 
 
 def read_vocabulary_sizes(tft_dir: str) -> tuple[int, int]:

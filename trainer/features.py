@@ -103,6 +103,7 @@ FALLBACK = 'fallback'
 # Columns of the loss log, in order.
 LOSS_LOG_COLUMNS = (
     'epoch', 'train_mse', 'train_rmse', 'train_mae',
+    'validation_mse', 'validation_rmse', 'validation_mae',
     'eval_mse', 'eval_rmse', 'eval_mae', 'seconds')
 
 

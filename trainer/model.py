@@ -9,17 +9,31 @@ the user and item biases, and p_u, q_i are rows of the user and item factor
 matrices.  Training minimises, over the ratings r of a batch,
 
     mean over (u, i, r) of  (r - r_hat(u, i))^2
-                            + l2 * (|p_u|^2 + |q_i|^2)
-                            + l2_bias * (b_u^2 + b_i^2)
+                            + l2 * (w_u |p_u|^2 + w_i |q_i|^2)
+                            + l2_bias * (w_u b_u^2 + w_i b_i^2)
 
 The L2 terms are per example, on the rows the example touches, so a user or
 item with many ratings is regularised more often, as in the SGD of Surprise's
-`SVD`.  Biases start at zero and factors at N(0, init_stddev^2).
+`SVD`; the row weights w (1 unless the trainer passes
+`frequency_weights`) temper that: w = n^-alpha for a row with n train
+ratings, scaled to mean 1 over the ratings, so alpha = 0 is Surprise's
+per-example penalty and alpha = 1 one penalty per row whatever its count.
+Biases start at zero and factors at N(0, init_stddev^2).
+
+Each side is one table, `user_embedding` and `item_embedding`, whose row is
+the factors followed by the bias ([p_u, b_u]): a training step gathers, sums
+duplicate rows of and updates two tables, not four, which halves the sparse
+operations that dominate a step on a CPU.  The properties `user_factors`,
+`user_bias`, `item_factors` and `item_bias` read the columns.
 
 Each table has one row per vocabulary entry plus `features.NUM_OOV_BUCKETS`
 out-of-vocabulary rows (index == vocabulary size).  Those rows start at zero
 and no train example touches them, so an unknown user is predicted as
 mu + b_i, an unknown item as mu + b_u.
+
+`loss_and_gradients` writes the objective's gradient out by hand (it is
+short, and tested against `tf.GradientTape`): the per-example gradient rows
+come out as plain tensors ready for a sparse update, with no tape.
 
 This module holds no IO, flags or logging setup.  Create the model inside
 `strategy.scope()`: its variables use `ONLY_FIRST_REPLICA` aggregation so
@@ -34,22 +48,21 @@ import tensorflow as tf
 from trainer import features
 
 # The trainable tables, by name; optimisers key their slots by these names.
-PARAMETER_NAMES = ('user_bias', 'item_bias', 'user_factors', 'item_factors')
+PARAMETER_NAMES = ('user_embedding', 'item_embedding')
 
 _AGGREGATION = tf.VariableAggregation.ONLY_FIRST_REPLICA
 
 
-def _table(initial_value: tf.Tensor, name: str) -> tf.Variable:
-    return tf.Variable(initial_value, name=name, aggregation=_AGGREGATION)
-
-
-def _normal_rows(vocab_size: int, num_factors: int, init_stddev: float,
-                 seed: tuple[int, int]) -> tf.Tensor:
-    """Seeded N(0, init_stddev^2) rows for the vocabulary, then zero OOV rows."""
-    rows = tf.random.stateless_normal(
+def _embedding(vocab_size: int, num_factors: int, init_stddev: float,
+               seed: tuple[int, int], name: str) -> tf.Variable:
+    """[vocab + OOV, num_factors + 1]: seeded N(0, init_stddev^2) factors, zero
+    bias column, zero OOV rows."""
+    factors = tf.random.stateless_normal(
         [vocab_size, num_factors], seed=seed, stddev=init_stddev)
-    oov_rows = tf.zeros([features.NUM_OOV_BUCKETS, num_factors])
-    return tf.concat([rows, oov_rows], axis=0)
+    rows = tf.concat([factors, tf.zeros([vocab_size, 1])], axis=1)
+    oov_rows = tf.zeros([features.NUM_OOV_BUCKETS, num_factors + 1])
+    return tf.Variable(tf.concat([rows, oov_rows], axis=0), name=name,
+                       aggregation=_AGGREGATION)
 
 
 class MatrixFactorization(tf.Module):
@@ -57,10 +70,9 @@ class MatrixFactorization(tf.Module):
 
     Attributes:
       global_mean: scalar, non-trainable: the train mean rating.
-      user_bias: [user_vocab_size + NUM_OOV_BUCKETS].
-      item_bias: [item_vocab_size + NUM_OOV_BUCKETS].
-      user_factors: [user_vocab_size + NUM_OOV_BUCKETS, num_factors].
-      item_factors: [item_vocab_size + NUM_OOV_BUCKETS, num_factors].
+      user_embedding: [user_vocab_size + NUM_OOV_BUCKETS, num_factors + 1],
+        each row the user's factors then bias.
+      item_embedding: [item_vocab_size + NUM_OOV_BUCKETS, num_factors + 1].
     """
 
     def __init__(self, user_vocab_size: int, item_vocab_size: int,
@@ -91,60 +103,110 @@ class MatrixFactorization(tf.Module):
         self.global_mean = tf.Variable(
             float(global_mean), dtype=tf.float32, trainable=False,
             name='global_mean', aggregation=_AGGREGATION)
-        user_rows = user_vocab_size + features.NUM_OOV_BUCKETS
-        item_rows = item_vocab_size + features.NUM_OOV_BUCKETS
-        self.user_bias = _table(tf.zeros([user_rows]), 'user_bias')
-        self.item_bias = _table(tf.zeros([item_rows]), 'item_bias')
-        self.user_factors = _table(
-            _normal_rows(user_vocab_size, num_factors, init_stddev, (seed, 1)),
-            'user_factors')
-        self.item_factors = _table(
-            _normal_rows(item_vocab_size, num_factors, init_stddev, (seed, 2)),
-            'item_factors')
+        self.user_embedding = _embedding(user_vocab_size, num_factors,
+                                         init_stddev, (seed, 1), 'user_embedding')
+        self.item_embedding = _embedding(item_vocab_size, num_factors,
+                                         init_stddev, (seed, 2), 'item_embedding')
+
+    @property
+    def user_factors(self) -> tf.Tensor:
+        return self.user_embedding[:, :self.num_factors]
+
+    @property
+    def user_bias(self) -> tf.Tensor:
+        return self.user_embedding[:, self.num_factors]
+
+    @property
+    def item_factors(self) -> tf.Tensor:
+        return self.item_embedding[:, :self.num_factors]
+
+    @property
+    def item_bias(self) -> tf.Tensor:
+        return self.item_embedding[:, self.num_factors]
+
+    def set_weights(self, *, user_factors: object = None, user_bias: object = None,
+                    item_factors: object = None, item_bias: object = None) -> None:
+        """Assigns the given parts of the tables (OOV rows included); others stay."""
+        k = self.num_factors
+        for table, factors, bias in ((self.user_embedding, user_factors, user_bias),
+                                     (self.item_embedding, item_factors, item_bias)):
+            if factors is not None:
+                table.assign(tf.concat([tf.constant(factors, tf.float32),
+                                        table[:, k:]], axis=1))
+            if bias is not None:
+                table.assign(tf.concat([table[:, :k],
+                                        tf.constant(bias, tf.float32)[:, None]], axis=1))
 
     def parameters(self) -> dict[str, tf.Variable]:
         """The trainable tables keyed by PARAMETER_NAMES."""
         return {name: getattr(self, name) for name in PARAMETER_NAMES}
 
-    def gather(self, user: tf.Tensor, item: tf.Tensor) -> dict[str, tf.Tensor]:
-        """The rows a batch touches, keyed by PARAMETER_NAMES.
+    def gather(self, user: tf.Tensor, item: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """The (user rows, item rows) a batch touches, [B, num_factors + 1] each."""
+        return (tf.gather(self.user_embedding, user),
+                tf.gather(self.item_embedding, item))
 
-        Gathering once and computing prediction and penalty from the same rows
-        makes the gradients `tf.IndexedSlices` over the touched rows only.
-        """
-        indices = {'user_bias': user, 'item_bias': item,
-                   'user_factors': user, 'item_factors': item}
-        return {name: tf.gather(variable, indices[name])
-                for name, variable in self.parameters().items()}
-
-    def predict_from_rows(self, rows: dict[str, tf.Tensor]) -> tf.Tensor:
+    def predict_from_rows(self, user_rows: tf.Tensor, item_rows: tf.Tensor) -> tf.Tensor:
         """mu + b_u + b_i + p_u . q_i for rows from `gather`."""
-        dot = tf.reduce_sum(rows['user_factors'] * rows['item_factors'], axis=-1)
-        return self.global_mean + rows['user_bias'] + rows['item_bias'] + dot
+        k = self.num_factors
+        dot = tf.reduce_sum(user_rows[:, :k] * item_rows[:, :k], axis=-1)
+        return self.global_mean + user_rows[:, k] + item_rows[:, k] + dot
 
     def __call__(self, user: tf.Tensor, item: tf.Tensor) -> tf.Tensor:
-        """Predicted ratings (unclipped) for int64 index vectors user and item."""
-        return self.predict_from_rows(self.gather(user, item))
+        """Predicted ratings (unclipped) for int index vectors user and item."""
+        return self.predict_from_rows(*self.gather(user, item))
 
 
-def squared_errors(rating: tf.Tensor, prediction: tf.Tensor) -> tf.Tensor:
-    """Per-example (r - r_hat)^2."""
-    return tf.math.squared_difference(rating, prediction)
+def penalty_weights(num_factors: int, l2: float, l2_bias: float) -> tf.Tensor:
+    """The per-column L2 strength of an embedding row: l2 per factor, l2_bias last."""
+    return tf.constant([l2] * num_factors + [l2_bias], tf.float32)
 
 
-def l2_penalties(rows: dict[str, tf.Tensor], l2: float,
-                 l2_bias: float) -> tf.Tensor:
-    """Per-example l2 * (|p_u|^2 + |q_i|^2) + l2_bias * (b_u^2 + b_i^2)."""
-    factors = (tf.reduce_sum(tf.square(rows['user_factors']), axis=-1)
-               + tf.reduce_sum(tf.square(rows['item_factors']), axis=-1))
-    biases = tf.square(rows['user_bias']) + tf.square(rows['item_bias'])
-    return l2 * factors + l2_bias * biases
+def loss_and_gradients(model: MatrixFactorization, user_rows: tf.Tensor,
+                       item_rows: tf.Tensor, rating: tf.Tensor,
+                       penalty: tf.Tensor, user_weight: tf.Tensor | float = 1.0,
+                       item_weight: tf.Tensor | float = 1.0
+                       ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """The objective's per-example terms and their gradients.
+
+    Args:
+      model: the model (for mu and the factor count).
+      user_rows: gathered user rows, [B, K + 1].
+      item_rows: gathered item rows, [B, K + 1].
+      rating: the ratings, [B].
+      penalty: `penalty_weights`, [K + 1].
+      user_weight: per-example weights of the user rows' penalty, [B] or scalar.
+      item_weight: the same for the item rows.
+
+    Returns:
+      (loss [B], prediction [B], user gradient rows [B, K + 1], item gradient
+      rows [B, K + 1]): loss[b] = (r - r_hat)^2 + its rows' penalty, and the
+      gradient rows are d loss[b] / d row (the batch mean's gradient is their
+      sum over equal rows, divided by B).
+    """
+    k = model.num_factors
+    prediction = model.predict_from_rows(user_rows, item_rows)
+    error = prediction - rating
+    user_weight = tf.reshape(tf.cast(user_weight, tf.float32), [-1, 1])
+    item_weight = tf.reshape(tf.cast(item_weight, tf.float32), [-1, 1])
+    user_penalty = penalty * user_weight
+    item_penalty = penalty * item_weight
+    loss = (tf.square(error)
+            + tf.reduce_sum(user_penalty * tf.square(user_rows), axis=-1)
+            + tf.reduce_sum(item_penalty * tf.square(item_rows), axis=-1))
+    twice_error = 2.0 * error[:, None]
+    ones = tf.ones_like(twice_error)
+    user_gradient = (twice_error * tf.concat([item_rows[:, :k], ones], axis=1)
+                     + 2.0 * user_penalty * user_rows)
+    item_gradient = (twice_error * tf.concat([user_rows[:, :k], ones], axis=1)
+                     + 2.0 * item_penalty * item_rows)
+    return loss, prediction, user_gradient, item_gradient
 
 
 def per_example_loss(model: MatrixFactorization, user: tf.Tensor,
                      item: tf.Tensor, rating: tf.Tensor, l2: float,
                      l2_bias: float) -> tf.Tensor:
-    """The objective's per-example terms; their mean is the batch objective."""
-    rows = model.gather(user, item)
-    prediction = model.predict_from_rows(rows)
-    return squared_errors(rating, prediction) + l2_penalties(rows, l2, l2_bias)
+    """The objective's per-example terms (unit row weights)."""
+    user_rows, item_rows = model.gather(user, item)
+    penalty = penalty_weights(model.num_factors, l2, l2_bias)
+    return loss_and_gradients(model, user_rows, item_rows, rating, penalty)[0]

@@ -1,18 +1,19 @@
 """What the chief reports to Vertex AI besides its files: TensorBoard scalars and the tuning metric.
 
 - TensorBoard (`AIP_TENSORBOARD_LOG_DIR`): after each epoch, the scalars
-  `rmse` and `mae` under the runs `train/` and `eval/`, so TensorBoard draws
-  train and eval in one chart per metric; the step is the epoch.  They are
+  `rmse` and `mae` under the runs `train/`, `validation/` and `eval/`, so
+  TensorBoard draws them in one chart per metric; the step is the epoch.  They are
   written with `tf.summary.write` and the scalar plugin's metadata, which is
   what `tf.summary.scalar` writes: that one needs the `tensorboard` package,
   which the training image does not install.
-- Hyperparameter tuning: the final eval RMSE as metric `eval_rmse`, written
-  the way cloudml-hypertune 0.1.0.dev6 writes it (the file Vertex AI's tuning
-  service reads): one JSON object per line, keys sorted, values as strings
-  except the timestamp, e.g.
+- Hyperparameter tuning: the final model's validation RMSE as metric
+  `validation_rmse` (never the eval split's: the tuning service chooses by
+  it), written the way cloudml-hypertune 0.1.0.dev6 writes it (the file
+  Vertex AI's tuning service reads): one JSON object per line, keys sorted,
+  values as strings except the timestamp, e.g.
 
-      {"checkpoint_path": "", "eval_rmse": "0.93", "global_step": "12",
-       "timestamp": 1700000000.0, "trial": "3"}
+      {"checkpoint_path": "", "global_step": "12", "timestamp": 1700000000.0,
+       "trial": "3", "validation_rmse": "0.93"}
 
   cloudml-hypertune rewrites the whole file with the reports of the current
   process; so does `report_tuning_metric`.
@@ -32,7 +33,9 @@ from trainer import features
 from trainer.train import EpochMetrics
 
 # hptuning.yaml's studySpec metricId; the loss-log column of the same name.
-TUNING_METRIC_ID = 'eval_rmse'
+TUNING_METRIC_ID = 'validation_rmse'
+# The TensorBoard run of the validation slice.
+VALIDATION = 'validation'
 
 # TensorBoard's scalar plugin (tensorboard/plugins/scalar/metadata.py).
 _SCALAR_METADATA = summary_pb2.SummaryMetadata(
@@ -44,8 +47,11 @@ def write_epoch_summaries(writers: dict[str, tf.summary.SummaryWriter],
                           row: EpochMetrics) -> None:
     """Writes one epoch's RMSE and MAE to the train and eval writers."""
     values = {features.TRAIN: (row.train_rmse, row.train_mae),
+              VALIDATION: (row.validation_rmse, row.validation_mae),
               features.EVAL: (row.eval_rmse, row.eval_mae)}
     for split, (rmse, mae) in values.items():
+        if split not in writers:
+            continue
         with writers[split].as_default(step=row.epoch):
             for tag, value in (('rmse', rmse), ('mae', mae)):
                 tf.summary.write(tag, tf.constant(value, tf.float32),
@@ -64,7 +70,7 @@ def epoch_summaries(log_dir: str | None
         yield None
         return
     writers = {split: tf.summary.create_file_writer(features.join(log_dir, split))
-               for split in features.SPLITS}
+               for split in (*features.SPLITS, VALIDATION)}
     try:
         yield lambda row: write_epoch_summaries(writers, row)
     finally:

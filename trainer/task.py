@@ -6,7 +6,7 @@
 Reads WORK_DIR/transformed/ (written by preprocess.py); writes checkpoints,
 loss_log.csv, metrics.json and the SavedModel under the model dir (or to
 AIP_CHECKPOINT_DIR / AIP_MODEL_DIR on Vertex AI), TensorBoard scalars to
-AIP_TENSORBOARD_LOG_DIR and, in a tuning trial, the eval RMSE to the
+AIP_TENSORBOARD_LOG_DIR and, in a tuning trial, the validation RMSE to the
 hyperparameter-tuning metric file.  In a multi-worker cluster (TF_CONFIG or
 CLUSTER_SPEC) every worker runs this; only the chief's outputs are kept.
 """
@@ -41,8 +41,13 @@ def _metrics_record(result: train_lib.TrainResult, info: features.DatasetInfo,
     final = result.final
     return {
         'dataset': info.dataset,
-        'epochs': final.epoch,
-        'epochs_this_run': final.epoch - result.initial_epoch,
+        'epochs': result.history[-1].epoch if result.history else final.epoch,
+        'epochs_this_run': len(result.history) and (
+            result.history[-1].epoch - result.initial_epoch),
+        'best_epoch': result.best_epoch,
+        'stopped_early': result.stopped_early,
+        'final_model': 'refit' if result.refit else 'best',
+        'validation_rmse': result.best_validation_rmse,
         'eval_rmse': final.eval_rmse,
         'eval_mae': final.eval_mae,
         'train_rmse': final.train_rmse,
@@ -50,6 +55,8 @@ def _metrics_record(result: train_lib.TrainResult, info: features.DatasetInfo,
         'global_mean_eval_rmse': info.global_mean_eval_rmse,
         'noise_floor_rmse': info.noise_floor_rmse,
         'train_ratings': info.train_ratings,
+        'fit_ratings': result.fit_ratings,
+        'validation_ratings': result.validation_ratings,
         'eval_ratings': info.eval_ratings,
         'wall_seconds': wall_seconds,
         'train_seconds': result.train_seconds,
@@ -62,12 +69,26 @@ def _metrics_record(result: train_lib.TrainResult, info: features.DatasetInfo,
     }
 
 
+def _selection_line(metrics: dict) -> str:
+    if not metrics['validation_ratings']:
+        return f'  no validation slice: the model of the last epoch ({metrics["best_epoch"]})'
+    chosen = (f'best epoch {metrics["best_epoch"]} by validation RMSE '
+              f'{metrics["validation_rmse"]:.4f} on {metrics["validation_ratings"]} '
+              'held-out train ratings'
+              + (' (stopped early)' if metrics['stopped_early'] else ''))
+    if metrics['final_model'] == 'refit':
+        return (f'  {chosen}; refit on all {metrics["train_ratings"]} train ratings '
+                f'for {metrics["best_epoch"]} epochs')
+    return f'  {chosen}; kept its parameters'
+
+
 def _summary(metrics: dict, info: features.DatasetInfo,
              config: config_lib.TrainConfig) -> str:
     lines = [
         f'trainer: {info.train_ratings} train / {info.eval_ratings} eval ratings '
         f'({info.users} users, {info.movies} movies); {metrics["epochs"]} epochs '
         f'({metrics["epochs_this_run"]} this run) in {metrics["wall_seconds"]:.1f} s',
+        _selection_line(metrics),
         f'  eval RMSE {metrics["eval_rmse"]:.4f} (MAE {metrics["eval_mae"]:.4f}); '
         f'predicting the train mean: {info.global_mean_eval_rmse:.4f}',
     ]
@@ -112,6 +133,7 @@ def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
               file=sys.stderr)
         return 2
     info = features.read_dataset_info(config.work_dir)
+    config = config_lib.with_data_defaults(config, info)
     user_vocab_size, item_vocab_size = data.read_vocabulary_sizes(tft_dir)
     try:
         data.check_shards((info.train_pattern, info.eval_pattern))
@@ -143,7 +165,7 @@ def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
                         metrics)
     if config.hypertune_file is not None:
         reporting.report_tuning_metric(
-            config.hypertune_file, result.final.eval_rmse, result.final.epoch,
+            config.hypertune_file, result.best_validation_rmse, result.best_epoch,
             config.trial_id, time.time())
     if task.num_workers > 1:
         distribute.wait_for_all(strategy)

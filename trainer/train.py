@@ -1,18 +1,34 @@
-"""The fit loop: strategy, sparse training step, metrics, loss log, checkpoints.
+"""The fit loop: sparse training step, validation, early stopping, loss log, checkpoints.
 
-One epoch is one `tf.function` call that iterates the distributed dataset and
-runs the step on every replica with `strategy.run`; gradients are
-`tf.IndexedSlices` over the rows the batch touched, summed across replicas
-with `all_reduce`, and applied by a sparse optimiser (`trainer.optimizers`).
-We own the loop instead of using Keras `fit` so the same code runs under the
-default strategy and under MultiWorkerMirroredStrategy (`trainer.distribute`),
-where each worker takes its slice of every global batch and the metrics are
-summed across workers, so every worker logs the same global numbers.
+The train split is loaded into memory once (`trainer.data`); a seeded share
+of it (`--validation-percent`) is set aside as the validation slice, the
+rest is what the model is fitted on.  One epoch is one `tf.function` call
+over a seeded permutation of the fit ratings: a `tf.range` loop slices each
+global batch, every replica takes its contiguous part of it, computes the
+objective's gradient rows by hand (`model.loss_and_gradients`), and the
+gradients (`tf.IndexedSlices` over the rows the batch touched) are summed
+across replicas with `all_reduce` and applied by a sparse optimiser
+(`trainer.optimizers`).  We own the loop instead of using Keras `fit` so the
+same code runs under the default strategy and under
+MultiWorkerMirroredStrategy (`trainer.distribute`), where the update is the
+gradient of the mean over the global batch, exactly.
 
-After each epoch the whole train and eval splits are scored (batched, with
-predictions clipped to the rating scale, as served), one row is written to
-the loss log and then a checkpoint is saved (model, optimiser slots, epoch).
-A re-run with the same model dir restores the last checkpoint and keeps the
+The loss log's train columns are the running error of the epoch's batches,
+measured before each update (free to compute; Keras reports the same); after
+each epoch the validation slice and the eval split are scored in full, with
+predictions clipped to the rating scale, as served.  Only the validation
+RMSE steers training: the best epoch is the one with the lowest validation
+RMSE, its parameters are kept (in the checkpoint too), and training stops
+after `--early-stopping-patience` epochs without improvement.  The final
+model is then, with `--final-model refit` (the default), a fresh model
+trained on the whole train split, validation slice included, for the best
+epoch's number of epochs (its own checkpoints under checkpoints/refit/), or
+with `--final-model best` the best epoch's parameters as they are.  The eval
+split is reported, never used to choose.
+
+After each epoch one row is written to the loss log and then a checkpoint is
+saved (model, optimiser slots, epoch, best epoch and its parameters).  A
+re-run with the same model dir restores the last checkpoint and keeps the
 loss-log rows up to that epoch (a crash between the two writes leaves one
 row too many, which the re-run drops), so the log has exactly one row per
 epoch.  Each epoch's shuffle is seeded by (seed, epoch), so a resumed run
@@ -33,33 +49,42 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
+from trainer import config as config_lib
 from trainer import data
 from trainer import features
 from trainer import model as model_lib
 from trainer import optimizers
+from trainer import state as state_lib
 from trainer.config import TrainConfig
+from trainer.state import ResumeError
 
 logger = logging.getLogger(__name__)
 
 _SUM = tf.distribute.ReduceOp.SUM
-_CHECKPOINTS_TO_KEEP = 3
+# An epoch counts as better only if validation RMSE falls by more than this.
+_MIN_IMPROVEMENT = 1e-4
 
-
-class ResumeError(ValueError):
-    """The model dir holds a run this one cannot continue; the message says why."""
+__all__ = ['EpochMetrics', 'ResumeError', 'TrainResult', 'read_loss_log',
+           'train', 'write_loss_log']
 
 
 @dataclasses.dataclass(frozen=True)
 class EpochMetrics:
     """One loss-log row; fields are features.LOSS_LOG_COLUMNS.
 
-    Metrics are over the whole split, of predictions clipped to the rating
-    scale, after the epoch; `seconds` is the epoch's training time alone.
+    train_*: the running error of the epoch's batches, each measured before
+    its update (NaN for a row that describes a model without training it);
+    validation_* and eval_*: the whole slice or split, after the epoch.  All
+    of predictions clipped to the rating scale; validation_* are NaN without
+    a validation slice.  `seconds` is the epoch's training time alone.
     """
     epoch: int
     train_mse: float
     train_rmse: float
     train_mae: float
+    validation_mse: float
+    validation_rmse: float
+    validation_mae: float
     eval_mse: float
     eval_rmse: float
     eval_mae: float
@@ -71,18 +96,35 @@ class TrainResult:
     """What `train` returns.
 
     Attributes:
-      model: the trained model (restored and trained further).
+      model: the final model: the best epoch's parameters.
       history: every epoch so far, restored rows included.
       initial_epoch: the epoch the checkpoint held (0 for a fresh start).
+      best_epoch: the epoch with the lowest validation RMSE (the last one
+        without a validation slice).
+      best_validation_rmse: its validation RMSE, what model selection saw.
+      refit: the model was retrained on the whole train split for
+        best_epoch epochs (--final-model refit); else it holds the best
+        epoch's parameters.
+      stopped_early: training stopped before --num-epochs (patience ran out).
       train_seconds: seconds spent in training steps in this run.
       ratings_trained: train ratings processed in this run.
-      final: train/eval metrics of the final model.
+      fit_ratings: ratings the final model is fitted on (the whole train
+        split after a refit, else train minus validation).
+      validation_ratings: ratings in the validation slice.
+      final: metrics of the final model, train_* over its fit ratings;
+        validation_* are NaN after a refit (the slice was trained on).
     """
     model: model_lib.MatrixFactorization
     history: tuple[EpochMetrics, ...]
     initial_epoch: int
+    best_epoch: int
+    best_validation_rmse: float
+    refit: bool
+    stopped_early: bool
     train_seconds: float
     ratings_trained: int
+    fit_ratings: int
+    validation_ratings: int
     final: EpochMetrics
 
 
@@ -115,91 +157,130 @@ def drop_padding(gradient: tf.IndexedSlices, scale: tf.Tensor) -> tf.IndexedSlic
                             gradient.dense_shape)
 
 
+def replica_slice(batch: tf.Tensor, batch_size: int, size: tf.Tensor,
+                  replica: tf.Tensor, replicas: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """[start, end) of a replica's contiguous part of global batch `batch`.
+
+    The global batch is rows [batch * batch_size, min(that + batch_size, size));
+    each replica takes ceil(its length / replicas) rows of it in replica
+    order, so the parts cover it exactly (the last ones may be short or empty).
+    """
+    start = batch * batch_size
+    end = tf.minimum(start + batch_size, size)
+    part = (end - start + replicas - 1) // replicas
+    low = tf.minimum(start + tf.cast(replica, start.dtype) * part, end)
+    return low, tf.minimum(low + part, end)
+
+
 def make_train_epoch(strategy: tf.distribute.Strategy,
                      model: model_lib.MatrixFactorization,
-                     optimizer: optimizers.SparseOptimizer, l2: float,
-                     l2_bias: float,
-                     batch_size: int) -> Callable[[object], tf.Tensor]:
-    """Builds the epoch function: distributed dataset -> [objective sum, count].
+                     optimizer: optimizers.SparseOptimizer, penalty: tf.Tensor,
+                     batch_size: int, rating_min: float, rating_max: float
+                     ) -> Callable[..., tf.Tensor]:
+    """Builds the epoch function.
 
-    Each replica takes its slice of the global batch (at most
-    ceil(batch_size / replicas) ratings); the gradients of the summed
-    per-example losses and the rating count are summed across replicas, so
-    the update is the gradient of the mean over the global batch, exactly,
-    however unevenly the last batch splits.
+    The function takes the epoch's shuffled (user, item, rating) columns and
+    the per-row penalty weights (user [U], item [I]), and returns the sums
+    [objective, count, squared error, absolute error] over the epoch, errors
+    of clipped predictions made before each update.
     """
-    rows_per_replica = math.ceil(batch_size / strategy.num_replicas_in_sync)
+    replicas = strategy.num_replicas_in_sync
+    rows_per_replica = math.ceil(batch_size / replicas)
 
-    def step(batch: dict[str, tf.Tensor]) -> tf.Tensor:
+    def step(batch, user, item, rating, user_weights, item_weights):
+        context = tf.distribute.get_replica_context()
+        low, high = replica_slice(batch, batch_size, tf.size(rating),
+                                  context.replica_id_in_sync_group, replicas)
+        user, item, rating = user[low:high], item[low:high], rating[low:high]
+        user_rows, item_rows = model.gather(user, item)
+        if user_weights is None:  # unit weights: skip two gathers
+            user_weight = item_weight = 1.0
+        else:
+            user_weight = tf.gather(user_weights, user)
+            item_weight = tf.gather(item_weights, item)
+        loss, prediction, user_gradient, item_gradient = model_lib.loss_and_gradients(
+            model, user_rows, item_rows, rating, penalty, user_weight, item_weight)
         parameters = model.parameters()
-        with tf.GradientTape() as tape:
-            losses = model_lib.per_example_loss(
-                model, batch[features.USER], batch[features.ITEM],
-                batch[features.RATING], l2, l2_bias)
-            total = tf.reduce_sum(losses)
-        gradients = {name: pad_rows(gradient, rows_per_replica)
-                     for name, gradient in tape.gradient(total, parameters).items()}
-        count, gradients = tf.distribute.get_replica_context().all_reduce(
-            _SUM, (tf.cast(tf.size(losses), tf.float32), gradients))
-        scale = 1.0 / tf.maximum(count, 1.0)
-        optimizer.apply_gradients(
-            {name: drop_padding(gradient, scale)
-             for name, gradient in gradients.items()}, parameters)
-        return tf.stack([tf.reduce_sum(tf.cast(losses, tf.float64)),
-                         tf.cast(tf.size(losses), tf.float64)])
+        gradients = {
+            'user_embedding': tf.IndexedSlices(
+                user_gradient, user, tf.shape(parameters['user_embedding'], tf.int64)),
+            'item_embedding': tf.IndexedSlices(
+                item_gradient, item, tf.shape(parameters['item_embedding'], tf.int64))}
+        count = tf.cast(tf.size(loss), tf.float32)
+        if replicas > 1:
+            gradients = {name: pad_rows(gradient, rows_per_replica)
+                         for name, gradient in gradients.items()}
+            count, gradients = context.all_reduce(_SUM, (count, gradients))
+            gradients = {name: drop_padding(gradient, 1.0 / tf.maximum(count, 1.0))
+                         for name, gradient in gradients.items()}
+        else:
+            gradients = {name: tf.IndexedSlices(gradient.values / tf.maximum(count, 1.0),
+                                                gradient.indices, gradient.dense_shape)
+                         for name, gradient in gradients.items()}
+        optimizer.apply_gradients(gradients, parameters)
+        error = tf.cast(tf.clip_by_value(prediction, rating_min, rating_max) - rating,
+                        tf.float64)
+        return tf.stack([tf.reduce_sum(tf.cast(loss, tf.float64)),
+                         tf.cast(tf.size(loss), tf.float64),
+                         tf.reduce_sum(tf.square(error)),
+                         tf.reduce_sum(tf.abs(error))])
 
     @tf.function
-    def train_epoch(batches: object) -> tf.Tensor:
-        totals = tf.zeros([2], tf.float64)
-        for batch in batches:
-            totals += strategy.reduce(
-                _SUM, strategy.run(step, args=(batch,)), axis=None)
+    def train_epoch(user, item, rating, user_weights, item_weights) -> tf.Tensor:
+        size = tf.size(rating)
+        totals = tf.zeros([4], tf.float64)
+        for batch in tf.range((size + batch_size - 1) // batch_size):
+            totals += strategy.reduce(_SUM, strategy.run(
+                step, args=(batch, user, item, rating, user_weights, item_weights)),
+                axis=None)
         return totals
 
     return train_epoch
 
+def make_scorer(model: model_lib.MatrixFactorization, rating_min: float,
+                rating_max: float, chunk_size: int
+                ) -> Callable[[data.Ratings], dict[str, float]]:
+    """Builds Ratings -> {mse, rmse, mae} of predictions clipped to the scale.
 
-def make_evaluate(strategy: tf.distribute.Strategy,
-                  model: model_lib.MatrixFactorization, rating_min: float,
-                  rating_max: float) -> Callable[[tf.data.Dataset], dict[str, float]]:
-    """Builds dataset -> {mse, rmse, mae} of predictions clipped to the scale.
-
-    An empty dataset gives NaN metrics.
+    Scores on the calling worker alone (every worker holds every rating, so
+    all compute the same numbers without a collective); NaN for no ratings.
     """
 
-    def batch_sums(batch: dict[str, tf.Tensor]) -> tf.Tensor:
-        prediction = tf.clip_by_value(
-            model(batch[features.USER], batch[features.ITEM]),
-            rating_min, rating_max)
-        error = tf.cast(prediction - batch[features.RATING], tf.float64)
-        return tf.stack([tf.reduce_sum(tf.square(error)),
-                         tf.reduce_sum(tf.abs(error)),
-                         tf.cast(tf.size(error), tf.float64)])
-
     @tf.function
-    def error_sums(batches: object) -> tf.Tensor:
-        sums = tf.zeros([3], tf.float64)
-        for batch in batches:
-            sums += strategy.reduce(
-                _SUM, strategy.run(batch_sums, args=(batch,)), axis=None)
+    def error_sums(user, item, rating) -> tf.Tensor:
+        size = tf.size(rating)
+        sums = tf.zeros([2], tf.float64)
+        for start in tf.range(0, size, chunk_size):
+            end = tf.minimum(start + chunk_size, size)
+            prediction = tf.clip_by_value(
+                model(user[start:end], item[start:end]), rating_min, rating_max)
+            error = tf.cast(prediction - rating[start:end], tf.float64)
+            sums += tf.stack([tf.reduce_sum(tf.square(error)),
+                              tf.reduce_sum(tf.abs(error))])
         return sums
 
-    def evaluate(dataset: tf.data.Dataset) -> dict[str, float]:
-        squared, absolute, count = (float(total) for total in error_sums(
-            strategy.experimental_distribute_dataset(dataset)).numpy())
-        if count == 0:
-            return {'mse': math.nan, 'rmse': math.nan, 'mae': math.nan}
-        return {'mse': squared / count, 'rmse': math.sqrt(squared / count),
-                'mae': absolute / count}
+    def score(ratings: data.Ratings) -> dict[str, float]:
+        if len(ratings) == 0:
+            return _metrics(math.nan, math.nan, 0)
+        squared, absolute = error_sums(ratings.user, ratings.item,
+                                       ratings.rating).numpy()
+        return _metrics(float(squared), float(absolute), len(ratings))
 
-    return evaluate
+    return score
+
+
+def _metrics(squared: float, absolute: float, count: float) -> dict[str, float]:
+    if count == 0:
+        return {'mse': math.nan, 'rmse': math.nan, 'mae': math.nan}
+    return {'mse': squared / count, 'rmse': math.sqrt(squared / count),
+            'mae': absolute / count}
 
 
 def read_loss_log(path: str) -> tuple[EpochMetrics, ...]:
     """Rows of an existing loss log; () if there is none.
 
     Raises:
-      ResumeError: if the header is not LOSS_LOG_COLUMNS.
+      ResumeError: if the header is not LOSS_LOG_COLUMNS or a row is short.
     """
     if not tf.io.gfile.exists(path):
         return ()
@@ -210,8 +291,11 @@ def read_loss_log(path: str) -> tuple[EpochMetrics, ...]:
             raise ResumeError(
                 f'{path} is not a loss log: columns {header!r}, expected '
                 f'{features.LOSS_LOG_COLUMNS!r}; re-run the trainer with --overwrite')
-        return tuple(EpochMetrics(int(row[0]), *map(float, row[1:]))
-                     for row in reader if row)
+        rows = [row for row in reader if row]
+    if any(len(row) != len(header) for row in rows):
+        raise ResumeError(f'{path} has rows without {len(header)} columns (cut off?); '
+                          're-run the trainer with --overwrite')
+    return tuple(EpochMetrics(int(row[0]), *map(float, row[1:])) for row in rows)
 
 
 def write_loss_log(path: str, history: tuple[EpochMetrics, ...]) -> None:
@@ -224,52 +308,6 @@ def write_loss_log(path: str, history: tuple[EpochMetrics, ...]) -> None:
     with tf.io.gfile.GFile(tmp, 'w') as f:
         f.write(text.getvalue())
     tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
-def clear_outputs(config: TrainConfig) -> None:
-    """With --overwrite, removes the model and checkpoint dirs (logged)."""
-    if not config.overwrite:
-        return
-    for directory in dict.fromkeys((config.model_dir, config.checkpoint_dir)):
-        if tf.io.gfile.exists(directory):
-            logger.warning('--overwrite: removing %s', directory)
-            tf.io.gfile.rmtree(directory)
-
-
-def _check_shapes(path: str, model: model_lib.MatrixFactorization) -> None:
-    """Refuses a checkpoint whose tables have other shapes, before restoring."""
-    saved = dict(tf.train.list_variables(path))
-    for name, variable in model.parameters().items():
-        shape = saved.get(f'model/{name}/.ATTRIBUTES/VARIABLE_VALUE')
-        if shape is not None and list(shape) != variable.shape.as_list():
-            raise ResumeError(
-                f'checkpoint {path} holds {name} of shape {list(shape)}, this '
-                f'run builds {variable.shape.as_list()} (another --num-factors '
-                'or vocabulary); re-run with the original flags or with '
-                '--overwrite to start fresh')
-
-
-def restore(checkpoint: tf.train.Checkpoint, directory: str) -> None:
-    """Restores the latest checkpoint in directory, if any, insisting on an exact match.
-
-    Raises:
-      ResumeError: if the checkpoint was written with another --optimizer,
-        --num-factors or vocabulary, which resuming cannot reconcile.
-    """
-    path = tf.train.latest_checkpoint(directory)
-    if path is None:
-        return
-    _check_shapes(path, checkpoint.model)
-    status = checkpoint.restore(path)
-    try:
-        status.assert_consumed()
-    except AssertionError as error:
-        status.expect_partial()  # we report the mismatch ourselves
-        raise ResumeError(
-            f'checkpoint {path} does not match this optimizer (another '
-            '--optimizer?); re-run with the original flags or with '
-            '--overwrite to start fresh') from error
-    logger.info('Resuming from %s', path)
 
 
 def _keep_restored_rows(path: str, epoch: int) -> tuple[EpochMetrics, ...]:
@@ -286,84 +324,97 @@ def _keep_restored_rows(path: str, epoch: int) -> tuple[EpochMetrics, ...]:
 
 
 def _epoch_metrics(epoch: int, seconds: float, train: dict[str, float],
-                   eval_: dict[str, float]) -> EpochMetrics:
+                   validation: dict[str, float], eval_: dict[str, float]) -> EpochMetrics:
     return EpochMetrics(
         epoch=epoch, train_mse=train['mse'], train_rmse=train['rmse'],
-        train_mae=train['mae'], eval_mse=eval_['mse'],
-        eval_rmse=eval_['rmse'], eval_mae=eval_['mae'], seconds=seconds)
+        train_mae=train['mae'], validation_mse=validation['mse'],
+        validation_rmse=validation['rmse'], validation_mae=validation['mae'],
+        eval_mse=eval_['mse'], eval_rmse=eval_['rmse'], eval_mae=eval_['mae'],
+        seconds=seconds)
 
 
 @dataclasses.dataclass(frozen=True)
-class _State:
-    """What a checkpoint holds, and its manager."""
-    model: model_lib.MatrixFactorization
-    optimizer: optimizers.SparseOptimizer
-    epoch: tf.Variable
-    manager: tf.train.CheckpointManager
+class _Splits:
+    """The ratings a run reads: the train split, fitted on, validated on, reported on."""
+    train: data.Ratings
+    fit: data.Ratings
+    validation: data.Ratings
+    eval: data.Ratings
 
 
-_DATA_FILE = 'data.json'
-# The DatasetInfo fields that identify the data a checkpoint was trained on.
-_DATA_FIELDS = ('dataset', 'source_md5', 'seed', 'eval_percent', 'train_ratings',
-                'eval_ratings', 'users', 'movies')
+def load_splits(config: TrainConfig, info: features.DatasetInfo) -> _Splits:
+    """Loads train and eval; carves the validation slice (keyed by the split seed).
 
-
-def check_same_data(config: TrainConfig, info: features.DatasetInfo) -> None:
-    """Refuses to resume a checkpoint trained on other data; records this data.
-
-    A checkpoint dir remembers which preprocessing output it was trained on
-    (checkpoints/data.json).  When preprocess.py re-ran with --overwrite (another
-    split seed, another archive), resuming would continue a model fitted to the
-    old split and report it against the new one: refused.
-
-    Raises:
-      ResumeError: the checkpoints were trained on other data.
+    The slice is keyed by preprocess.py's seed, not --seed, so runs that
+    differ only in --seed (or in any hyperparameter) validate on the same
+    ratings.
     """
-    current = {name: getattr(info, name) for name in _DATA_FIELDS}
-    resume_dir = config.resume_checkpoint_dir or config.checkpoint_dir
-    recorded_path = features.join(resume_dir, _DATA_FILE)
-    if (not config.overwrite and tf.train.latest_checkpoint(resume_dir)
-            and tf.io.gfile.exists(recorded_path)):
-        recorded = features.read_json(recorded_path)
-        changed = sorted(name for name in _DATA_FIELDS if recorded.get(name) != current[name])
-        if changed:
-            raise ResumeError(
-                f'the checkpoints in {resume_dir} were trained on other data '
-                f'({", ".join(changed)} changed: preprocess.py re-ran?); pass '
-                '--overwrite to train afresh, or another --job-dir')
-    tf.io.gfile.makedirs(config.checkpoint_dir)
-    features.write_json(features.join(config.checkpoint_dir, _DATA_FILE), current)
+    started = time.perf_counter()
+    train_ratings = data.load_ratings(info.train_pattern)
+    fit, validation = data.split_validation(
+        train_ratings, config.validation_percent, info.seed)
+    splits = _Splits(train_ratings, fit, validation, data.load_ratings(info.eval_pattern))
+    logger.info('Loaded %d ratings to fit, %d to validate (%.3g%% of train), '
+                '%d eval in %.1f s', len(fit), len(validation),
+                config.validation_percent, len(splits.eval),
+                time.perf_counter() - started)
+    return splits
 
 
-def _build_state(config: TrainConfig, info: features.DatasetInfo,
-                 user_vocab_size: int, item_vocab_size: int,
-                 strategy: tf.distribute.Strategy) -> _State:
-    """Creates model, optimiser and epoch counter in the strategy scope; restores."""
-    with strategy.scope():
-        model = model_lib.MatrixFactorization(
-            user_vocab_size, item_vocab_size, config.num_factors,
-            global_mean=info.train_mean_rating,
-            init_stddev=config.init_stddev, seed=config.seed)
-        optimizer = optimizers.make_optimizer(
-            config.optimizer, model.parameters(), config.learning_rate)
-        epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name='epoch',
-                            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
-                                     epoch=epoch)
-    manager = tf.train.CheckpointManager(
-        checkpoint, config.checkpoint_dir, max_to_keep=_CHECKPOINTS_TO_KEEP)
-    # With --overwrite nobody resumes: a worker must not read the chief's
-    # checkpoints while the chief is removing them.
-    if not config.overwrite:
-        restore(checkpoint, config.resume_checkpoint_dir or config.checkpoint_dir)
-    return _State(model, optimizer, epoch, manager)
+def _should_stop(config: TrainConfig, epoch: int, best_epoch: int,
+                 has_validation: bool) -> bool:
+    """Early stopping: patience epochs passed since the best one."""
+    return (has_validation and config.early_stopping_patience > 0
+            and epoch - best_epoch >= config.early_stopping_patience)
 
 
-def _scored_splits(train_records: tf.data.Dataset, info: features.DatasetInfo,
-                   batch_size: int) -> tuple[tf.data.Dataset, tf.data.Dataset]:
-    """The train and eval splits in file order, for metrics."""
-    return (data.make_batches(train_records, batch_size),
-            data.make_batches(data.read_records(info.eval_pattern), batch_size))
+def _is_better(validation_rmse: float, best_rmse: float) -> bool:
+    return math.isfinite(validation_rmse) and validation_rmse < best_rmse - _MIN_IMPROVEMENT
+
+
+@dataclasses.dataclass
+class _Phase:
+    """One fit: its state, its compiled epoch and scorer, and what it has done."""
+    config: TrainConfig
+    state: state_lib.State
+    train_epoch: Callable[..., tf.Tensor]
+    score: Callable[[data.Ratings], dict[str, float]]
+    user_weights: tf.Tensor | None
+    item_weights: tf.Tensor | None
+    train_seconds: float = 0.0
+    ratings: int = 0
+
+
+def _start_phase(config: TrainConfig, info: features.DatasetInfo,
+                 strategy: tf.distribute.Strategy, state: state_lib.State,
+                 fit: data.Ratings) -> _Phase:
+    """Compiles the epoch and scorer of a built (or restored) state."""
+    user_weights = item_weights = None
+    if config.l2_frequency_exponent:
+        user_weights, item_weights = data.frequency_weights(
+            fit, state.model.user_embedding.shape[0],
+            state.model.item_embedding.shape[0], config.l2_frequency_exponent)
+    train_epoch = make_train_epoch(
+        strategy, state.model, state.optimizer,
+        model_lib.penalty_weights(config.num_factors, config.l2, config.l2_bias),
+        config.batch_size, info.rating_min, info.rating_max)
+    score = make_scorer(state.model, info.rating_min, info.rating_max,
+                        config.eval_batch_size)
+    return _Phase(config, state, train_epoch, score, user_weights, item_weights)
+
+
+def _run_epoch(phase: _Phase, fit: data.Ratings, number: int) -> dict[str, float]:
+    """Trains one epoch on a seeded shuffle of fit; returns its running metrics."""
+    shuffled = data.shuffle(fit, data.epoch_seed(phase.config.seed, number))
+    start = time.perf_counter()
+    objective, count, squared, absolute = phase.train_epoch(
+        shuffled.user, shuffled.item, shuffled.rating, phase.user_weights,
+        phase.item_weights).numpy()
+    seconds = time.perf_counter() - start
+    phase.train_seconds += seconds
+    phase.ratings += int(count)
+    return {**_metrics(squared, absolute, count), 'seconds': seconds,
+            'objective': objective / max(count, 1.0), 'speed': count / max(seconds, 1e-9)}
 
 
 def train(config: TrainConfig, info: features.DatasetInfo,
@@ -371,10 +422,14 @@ def train(config: TrainConfig, info: features.DatasetInfo,
           strategy: tf.distribute.Strategy | None = None,
           on_epoch_end: Callable[[EpochMetrics], None] | None = None
           ) -> TrainResult:
-    """Trains (or resumes training) up to config.num_epochs epochs.
+    """Trains (or resumes training) up to config.num_epochs epochs, or until stopped early.
+
+    Then, with --final-model refit and a validation slice, trains a fresh
+    model on the whole train split for as many epochs as the best one took.
 
     Args:
-      config: hyperparameters and directories.
+      config: hyperparameters and directories (None fields get
+        `config.with_data_defaults`).
       info: the preprocessing hand-off (file patterns, train mean, scale).
       user_vocab_size: users in the TFT vocabulary, OOV excluded.
       item_vocab_size: movies in the TFT vocabulary, OOV excluded.
@@ -383,60 +438,118 @@ def train(config: TrainConfig, info: features.DatasetInfo,
       on_epoch_end: called with each new loss-log row, after it is written.
 
     Returns:
-      The model and its metrics.
+      The final model and its metrics.
 
     Raises:
       FileNotFoundError: if a split has no shards.
       ResumeError: if the checkpoint or loss log does not fit this run.
     """
+    config = config_lib.with_data_defaults(config, info)
     strategy = strategy or tf.distribute.get_strategy()
-    clear_outputs(config)
+    state_lib.clear_outputs(config)
     tf.io.gfile.makedirs(config.model_dir)
-    check_same_data(config, info)
-    state = _build_state(config, info, user_vocab_size, item_vocab_size,
-                         strategy)
-    initial_epoch = int(state.epoch.numpy())
+    state_lib.check_same_data(config, info)
+    sizes = (user_vocab_size, item_vocab_size)
+    # Restore (or refuse) before the minutes of loading a large split.
+    state = state_lib.build_state(config, info, *sizes, strategy)
+    splits = load_splits(config, info)
+    search = _start_phase(config, info, strategy, state, splits.fit)
+    initial_epoch = int(search.state.epoch.numpy())
     log_path = features.join(config.model_dir, features.LOSS_LOG_FILE)
     # A worker resuming from the chief's checkpoints has no earlier rows.
     history = (() if config.resume_checkpoint_dir
                else _keep_restored_rows(log_path, initial_epoch))
     write_loss_log(log_path, history)
-    train_records = data.read_records(info.train_pattern)
-    scored = _scored_splits(train_records, info, config.eval_batch_size)
-    train_epoch = make_train_epoch(strategy, state.model, state.optimizer,
-                                   config.l2, config.l2_bias, config.batch_size)
-    evaluate = make_evaluate(strategy, state.model, info.rating_min,
-                             info.rating_max)
-    if initial_epoch >= config.num_epochs:
-        logger.info('Checkpoint is at epoch %d >= --num-epochs %d: no training',
-                    initial_epoch, config.num_epochs)
-    train_seconds, ratings = 0.0, 0
+    has_validation = len(splits.validation) > 0
     for number in range(initial_epoch + 1, config.num_epochs + 1):
-        batches = data.make_batches(
-            train_records, config.batch_size,
-            shuffle_seed=data.epoch_seed(config.seed, number),
-            shuffle_buffer=config.shuffle_buffer)
-        start = time.perf_counter()
-        objective, count = train_epoch(
-            strategy.experimental_distribute_dataset(batches)).numpy()
-        seconds = time.perf_counter() - start
-        history += (_epoch_metrics(number, seconds, *map(evaluate, scored)),)
+        if _should_stop(config, number - 1, int(state.best.epoch.numpy()), has_validation):
+            break
+        running = _run_epoch(search, splits.fit, number)
+        row = _epoch_metrics(number, running['seconds'], running,
+                             search.score(splits.validation), search.score(splits.eval))
+        history += (row,)
         write_loss_log(log_path, history)  # before the checkpoint: see module doc
         if on_epoch_end is not None:
-            on_epoch_end(history[-1])
+            on_epoch_end(row)
+        # Without a validation slice the last epoch is the best.
+        if not has_validation or _is_better(row.validation_rmse,
+                                            float(state.best.validation_rmse.numpy())):
+            state.best.record(number, row.validation_rmse, state.model)
         state.epoch.assign(number)
         state.manager.save(checkpoint_number=number)
-        train_seconds, ratings = train_seconds + seconds, ratings + int(count)
         logger.info(
-            'Epoch %d/%d: objective %.4f, train RMSE %.4f, eval RMSE %.4f '
-            '(global mean %.4f), %.2f s', number, config.num_epochs,
-            objective / max(count, 1.0), history[-1].train_rmse,
-            history[-1].eval_rmse, info.global_mean_eval_rmse, seconds)
+            'Epoch %d/%d: objective %.4f, train RMSE %.4f, validation RMSE %.4f '
+            '(best %.4f at epoch %d), eval RMSE %.4f (global mean %.4f), %.2f s, '
+            '%.2fM ratings/s', number, config.num_epochs, running['objective'],
+            row.train_rmse, row.validation_rmse, state.best.validation_rmse.numpy(),
+            state.best.epoch.numpy(), row.eval_rmse, info.global_mean_eval_rmse,
+            running['seconds'], running['speed'] / 1e6)
+    best_epoch = _keep_best(config, state, has_validation)
+    phases = [search]
+    if config.final_model == 'refit' and has_validation and best_epoch > 0:
+        phases.append(_refit(config, info, sizes, strategy, splits, best_epoch))
+    final_phase = phases[-1]
+    final_fit = splits.fit if len(phases) == 1 else splits.train
+    final = _epoch_metrics(
+        best_epoch, 0.0, final_phase.score(final_fit),
+        # A refit model has seen the validation slice: its score there is in-sample.
+        (final_phase.score(splits.validation) if len(phases) == 1
+         else _metrics(math.nan, math.nan, 0)),
+        final_phase.score(splits.eval))
+    return TrainResult(
+        model=final_phase.state.model, history=history, initial_epoch=initial_epoch,
+        best_epoch=best_epoch,
+        best_validation_rmse=float(state.best.validation_rmse.numpy()),
+        refit=len(phases) > 1,
+        stopped_early=(_should_stop(config, int(state.epoch.numpy()), best_epoch,
+                                    has_validation)
+                       and int(state.epoch.numpy()) < config.num_epochs),
+        train_seconds=sum(phase.train_seconds for phase in phases),
+        ratings_trained=sum(phase.ratings for phase in phases),
+        fit_ratings=len(final_fit), validation_ratings=len(splits.validation),
+        final=final)
+
+
+def _keep_best(config: TrainConfig, state: state_lib.State, has_validation: bool) -> int:
+    """Puts the best epoch's parameters in the search model; returns the epoch."""
     last_epoch = int(state.epoch.numpy())
-    # Evaluating is collective: decide on what every worker knows alike (the
-    # restored epoch), not on the loss log only the chief has.
-    final = (history[-1] if last_epoch > initial_epoch
-             else _epoch_metrics(last_epoch, 0.0, *map(evaluate, scored)))
-    return TrainResult(model=state.model, history=history,
-                       initial_epoch=initial_epoch, train_seconds=train_seconds,
-                       ratings_trained=ratings, final=final)
+    best_epoch = int(state.best.epoch.numpy())
+    if best_epoch > 0:
+        state.best.restore_into(state.model)
+    if _should_stop(config, last_epoch, best_epoch, has_validation) and (
+            last_epoch < config.num_epochs):
+        logger.info('Stopped early: no validation improvement for %d epochs after '
+                    'epoch %d', config.early_stopping_patience, best_epoch)
+    if best_epoch and best_epoch != last_epoch:
+        logger.info('Best epoch by validation: %d (RMSE %.4f)', best_epoch,
+                    state.best.validation_rmse.numpy())
+    return best_epoch
+
+
+REFIT_DIR = 'refit'
+
+
+def _refit(config: TrainConfig, info: features.DatasetInfo, sizes: tuple[int, int],
+           strategy: tf.distribute.Strategy, splits: _Splits, epochs: int) -> _Phase:
+    """Trains a fresh model on the whole train split for `epochs` epochs.
+
+    Checkpoints go to CHECKPOINT_DIR/refit, so an interrupted refit resumes
+    too; it writes no loss-log rows (the loss log is the search's, one row
+    per epoch).
+    """
+    refit_config = dataclasses.replace(
+        config, num_epochs=epochs,
+        checkpoint_dir=features.join(config.checkpoint_dir, REFIT_DIR),
+        resume_checkpoint_dir=(features.join(config.resume_checkpoint_dir, REFIT_DIR)
+                               if config.resume_checkpoint_dir else None))
+    phase = _start_phase(refit_config, info, strategy,
+                         state_lib.build_state(refit_config, info, *sizes, strategy),
+                         splits.train)
+    for number in range(int(phase.state.epoch.numpy()) + 1, epochs + 1):
+        running = _run_epoch(phase, splits.train, number)
+        phase.state.epoch.assign(number)
+        phase.state.manager.save(checkpoint_number=number)
+        logger.info('Refit on all %d train ratings, epoch %d/%d: train RMSE %.4f, '
+                    '%.2f s', len(splits.train), number, epochs, running['rmse'],
+                    running['seconds'])
+    return phase
