@@ -52,8 +52,8 @@ def read_loss_log(path: str) -> LossLog:
     Raises:
       ValueError: when the file has no rows or other columns than a loss log.
     """
-    from trainer import train  # pylint: disable=import-outside-toplevel
-    rows = train.read_loss_log(path)
+    from trainer import history  # pylint: disable=import-outside-toplevel
+    rows = history.read_loss_log(path)
     if not rows:
         raise ValueError(f'{path} has no epochs yet')
     return LossLog(

@@ -29,7 +29,7 @@ from tensorflow.core.util import event_pb2
 
 import preprocess
 from conftest import REPO, load_script
-from trainer import config, distribute, export, features, task, train
+from trainer import config, distribute, export, features, history, task
 
 # 4,040 train ratings: 15 batches of 257 and a last one of 185, which the two
 # workers split 93/92, so the uneven last batch is exercised too.
@@ -235,8 +235,8 @@ def _scalars(run_dir: str) -> dict[str, dict[int, float]]:
     return scalars
 
 
-def _loss_log(model_dir: str | pathlib.Path) -> tuple[train.EpochMetrics, ...]:
-    return train.read_loss_log(os.path.join(model_dir, features.LOSS_LOG_FILE))
+def _loss_log(model_dir: str | pathlib.Path) -> tuple[history.EpochMetrics, ...]:
+    return history.read_loss_log(os.path.join(model_dir, features.LOSS_LOG_FILE))
 
 
 def test_tensorboard_gets_rmse_and_mae_per_epoch(single):

@@ -7,7 +7,7 @@ import json
 import yaml
 
 from conftest import REPO
-from trainer import features, reporting, train
+from trainer import features, history, reporting
 
 
 def test_the_tuning_metric_is_the_study_metric_and_a_loss_log_column():
@@ -37,7 +37,7 @@ def test_no_log_dir_means_no_callback():
 
 
 def test_each_epoch_adds_train_validation_and_eval_scalars(tmp_path):
-    row = train.EpochMetrics(epoch=2, train_mse=0.81, train_rmse=0.9, train_mae=0.7,
+    row = history.EpochMetrics(epoch=2, train_mse=0.81, train_rmse=0.9, train_mae=0.7,
                              validation_mse=0.9, validation_rmse=0.95, validation_mae=0.75,
                              eval_mse=1.0, eval_rmse=1.0, eval_mae=0.8, seconds=1.0)
     with reporting.epoch_summaries(str(tmp_path)) as on_epoch_end:

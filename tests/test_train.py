@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import config, features, optimizers, synthetic, train
+from trainer import config, features, history, optimizers, synthetic, train
 
 # 150 users x 120 movies, 7,000 ratings: biases and rank-3 factors plus N(0, 0.5^2) noise.
 PLANTED = synthetic.SyntheticConfig(num_users=150, num_movies=120,
@@ -92,7 +92,7 @@ def _metrics(result: train.TrainResult) -> np.ndarray:
 
 
 def test_loss_log_columns_are_the_epoch_metrics_fields():
-    assert tuple(field.name for field in dataclasses.fields(train.EpochMetrics)) \
+    assert tuple(field.name for field in dataclasses.fields(history.EpochMetrics)) \
         == features.LOSS_LOG_COLUMNS
 
 
@@ -130,7 +130,7 @@ def test_resuming_continues_the_run_and_keeps_one_log_row_per_epoch(
     resumed = _run(planted, model_dir, num_epochs=4)
     assert resumed.initial_epoch == 2
     assert resumed.ratings_trained == 2 * resumed.fit_ratings
-    logged = train.read_loss_log(log_path)
+    logged = history.read_loss_log(log_path)
     assert [row.epoch for row in logged] == [1, 2, 3, 4]
     assert logged == resumed.history
     assert resumed.best_epoch == four_epochs.best_epoch
@@ -229,11 +229,11 @@ def test_a_loss_log_with_other_columns_is_refused(tmp_path):
     path = tmp_path / features.LOSS_LOG_FILE
     path.write_text('epoch,loss\n1,0.5\n', encoding='utf-8')
     with pytest.raises(train.ResumeError, match='--overwrite'):
-        train.read_loss_log(str(path))
+        history.read_loss_log(str(path))
     path.write_text(','.join(features.LOSS_LOG_COLUMNS) + '\n1,0.5\n', encoding='utf-8')
     with pytest.raises(train.ResumeError, match='cut off.*--overwrite'):
-        train.read_loss_log(str(path))
-    assert train.read_loss_log(str(tmp_path / 'absent.csv')) == ()
+        history.read_loss_log(str(path))
+    assert history.read_loss_log(str(tmp_path / 'absent.csv')) == ()
 
 
 def test_padding_a_gradient_is_undone_after_the_all_reduce():

@@ -30,7 +30,7 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
 from trainer import features
-from trainer.train import EpochMetrics
+from trainer.history import EpochMetrics
 
 # hptuning.yaml's studySpec metricId; the loss-log column of the same name.
 TUNING_METRIC_ID = 'validation_rmse'

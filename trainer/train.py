@@ -39,9 +39,7 @@ of the outputs and resumes from the chief's checkpoints
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import logging
 import math
 import time
@@ -52,10 +50,12 @@ import tensorflow as tf
 from trainer import config as config_lib
 from trainer import data
 from trainer import features
+from trainer import history as history_lib
 from trainer import model as model_lib
 from trainer import optimizers
 from trainer import state as state_lib
 from trainer.config import TrainConfig
+from trainer.history import EpochMetrics
 from trainer.state import ResumeError
 
 logger = logging.getLogger(__name__)
@@ -64,31 +64,7 @@ _SUM = tf.distribute.ReduceOp.SUM
 # An epoch counts as better only if validation RMSE falls by more than this.
 _MIN_IMPROVEMENT = 1e-4
 
-__all__ = ['EpochMetrics', 'ResumeError', 'TrainResult', 'read_loss_log',
-           'train', 'write_loss_log']
-
-
-@dataclasses.dataclass(frozen=True)
-class EpochMetrics:
-    """One loss-log row; fields are features.LOSS_LOG_COLUMNS.
-
-    train_*: the running error of the epoch's batches, each measured before
-    its update (NaN for a row that describes a model without training it);
-    validation_* and eval_*: the whole slice or split, after the epoch.  All
-    of predictions clipped to the rating scale; validation_* are NaN without
-    a validation slice.  `seconds` is the epoch's training time alone.
-    """
-    epoch: int
-    train_mse: float
-    train_rmse: float
-    train_mae: float
-    validation_mse: float
-    validation_rmse: float
-    validation_mae: float
-    eval_mse: float
-    eval_rmse: float
-    eval_mae: float
-    seconds: float
+__all__ = ['ResumeError', 'TrainResult', 'train']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,53 +252,6 @@ def _metrics(squared: float, absolute: float, count: float) -> dict[str, float]:
             'mae': absolute / count}
 
 
-def read_loss_log(path: str) -> tuple[EpochMetrics, ...]:
-    """Rows of an existing loss log; () if there is none.
-
-    Raises:
-      ResumeError: if the header is not LOSS_LOG_COLUMNS or a row is short.
-    """
-    if not tf.io.gfile.exists(path):
-        return ()
-    with tf.io.gfile.GFile(path) as f:
-        reader = csv.reader(f)
-        header = tuple(next(reader, ()))
-        if header != features.LOSS_LOG_COLUMNS:
-            raise ResumeError(
-                f'{path} is not a loss log: columns {header!r}, expected '
-                f'{features.LOSS_LOG_COLUMNS!r}; re-run the trainer with --overwrite')
-        rows = [row for row in reader if row]
-    if any(len(row) != len(header) for row in rows):
-        raise ResumeError(f'{path} has rows without {len(header)} columns (cut off?); '
-                          're-run the trainer with --overwrite')
-    return tuple(EpochMetrics(int(row[0]), *map(float, row[1:])) for row in rows)
-
-
-def write_loss_log(path: str, history: tuple[EpochMetrics, ...]) -> None:
-    """Rewrites the whole CSV (object stores cannot append), via a temp file."""
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator='\n')
-    writer.writerow(features.LOSS_LOG_COLUMNS)
-    writer.writerows(dataclasses.astuple(row) for row in history)
-    tmp = path + '.tmp'
-    with tf.io.gfile.GFile(tmp, 'w') as f:
-        f.write(text.getvalue())
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
-def _keep_restored_rows(path: str, epoch: int) -> tuple[EpochMetrics, ...]:
-    """Loss-log rows up to the restored epoch; later rows are dropped (logged)."""
-    history = read_loss_log(path)
-    kept = tuple(row for row in history if row.epoch <= epoch)
-    if len(kept) < len(history):
-        logger.warning('Dropping %d loss-log rows after restored epoch %d',
-                       len(history) - len(kept), epoch)
-    if [row.epoch for row in kept] != list(range(1, epoch + 1)):
-        logger.warning('Loss log %s lacks rows for some of epochs 1..%d',
-                       path, epoch)
-    return kept
-
-
 def _epoch_metrics(epoch: int, seconds: float, train: dict[str, float],
                    validation: dict[str, float], eval_: dict[str, float]) -> EpochMetrics:
     return EpochMetrics(
@@ -458,8 +387,8 @@ def train(config: TrainConfig, info: features.DatasetInfo,
     log_path = features.join(config.model_dir, features.LOSS_LOG_FILE)
     # A worker resuming from the chief's checkpoints has no earlier rows.
     history = (() if config.resume_checkpoint_dir
-               else _keep_restored_rows(log_path, initial_epoch))
-    write_loss_log(log_path, history)
+               else history_lib.keep_restored_rows(log_path, initial_epoch))
+    history_lib.write_loss_log(log_path, history)
     has_validation = len(splits.validation) > 0
     for number in range(initial_epoch + 1, config.num_epochs + 1):
         if _should_stop(config, number - 1, int(state.best.epoch.numpy()), has_validation):
@@ -468,7 +397,7 @@ def train(config: TrainConfig, info: features.DatasetInfo,
         row = _epoch_metrics(number, running['seconds'], running,
                              search.score(splits.validation), search.score(splits.eval))
         history += (row,)
-        write_loss_log(log_path, history)  # before the checkpoint: see module doc
+        history_lib.write_loss_log(log_path, history)  # before the checkpoint: see module doc
         if on_epoch_end is not None:
             on_epoch_end(row)
         # Without a validation slice the last epoch is the best.
