@@ -85,7 +85,7 @@ def draw_loss_chart(log: LossLog, title: str, baseline_rmse: float | None = None
             best_epoch = log.epochs[min(range(len(validation)), key=lambda index: (
                 validation[index] if math.isfinite(validation[index]) else math.inf))]
         axes.axvline(best_epoch, color='purple', linestyle='-.', alpha=0.5,
-                     label=f'kept: epoch {best_epoch} (best validation)')
+                     label=f'best epoch by validation ({best_epoch})')
     axes.plot(log.epochs, log.columns['eval_rmse'], marker='s', label='eval RMSE')
     if model_eval_rmse is not None and best_epoch is not None:
         axes.plot([best_epoch], [model_eval_rmse], marker='*', markersize=14,
@@ -101,7 +101,7 @@ def draw_loss_chart(log: LossLog, title: str, baseline_rmse: float | None = None
     axes.set_ylabel('RMSE')
     axes.set_title(title)
     axes.grid(alpha=0.3)
-    axes.legend()
+    axes.legend(fontsize='small')
     figure.tight_layout()
     return figure
 
