@@ -14,8 +14,8 @@ packing both in a `Catalog`, in the order of the TFT vocabularies:
   users x movies bitmap would take 1.2 GB.
 - `item_counts[i]` is the number of train ratings of item i.
 
-The pairs are read with batched `tf.data` (one parse per batch of 64k
-examples), never one rating at a time.  Nothing here trains or exports.
+The pairs come from `data.load_ratings` (or the trainer's copy in memory),
+never one rating at a time.  Nothing here trains or exports.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from trainer import features
 
 logger = logging.getLogger(__name__)
 
-_READ_BATCH = 1 << 16
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -117,15 +116,6 @@ def read_titles(work_dir: str, layout: features.DatasetLayout) -> dict[str, str]
     return parse_titles(text, layout)
 
 
-def split_batches(file_pattern: str, batch_size: int) -> tf.data.Dataset:
-    """Parsed batches of one split for a single streaming pass, in file order.
-
-    Raises:
-      FileNotFoundError: if no shard matches.
-    """
-    return data.make_dataset(file_pattern, batch_size)
-
-
 def read_split(file_pattern: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(user, item, rating) of every example of one split, in file order.
 
@@ -135,15 +125,8 @@ def read_split(file_pattern: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     Raises:
       FileNotFoundError: if no shard matches.
     """
-    users, items, ratings = [], [], []
-    for batch in split_batches(file_pattern, _READ_BATCH).as_numpy_iterator():
-        users.append(batch[features.USER].astype(np.int32))
-        items.append(batch[features.ITEM].astype(np.int32))
-        ratings.append(batch[features.RATING])
-    if not users:
-        empty = np.zeros(0, np.int32)
-        return empty, empty, np.zeros(0, np.float32)
-    return np.concatenate(users), np.concatenate(items), np.concatenate(ratings)
+    ratings = data.load_ratings(file_pattern)
+    return ratings.user.numpy(), ratings.item.numpy(), ratings.rating.numpy()
 
 
 def group_by_user(users: np.ndarray, items: np.ndarray,
@@ -201,12 +184,14 @@ def build_catalog(movie_ids: list[str], titles: dict[str, str],
         item_counts=counts[:len(movie_ids)].astype(np.int64))
 
 
-def load_catalog(work_dir: str, layout: features.DatasetLayout) -> Catalog:
+def load_catalog(work_dir: str, layout: features.DatasetLayout,
+                 train: data.Ratings | None = None) -> Catalog:
     """Reads the vocabularies, the staged titles and the train split of a work dir.
 
     Args:
       work_dir: the pipeline work dir (raw/ and transformed/).
       layout: the layout the staged files follow (DatasetInfo.layout).
+      train: the train split when the caller holds it already; None reads it.
 
     Returns:
       The catalog.
@@ -218,7 +203,10 @@ def load_catalog(work_dir: str, layout: features.DatasetLayout) -> Catalog:
     movie_ids = [word.decode('utf-8') if isinstance(word, bytes) else str(word)
                  for word in tft_output.vocabulary_by_name(features.MOVIE_VOCAB)]
     num_users = tft_output.vocabulary_size_by_name(features.USER_VOCAB)
-    users, items, _ = read_split(features.split_pattern(work_dir, features.TRAIN))
+    if train is None:
+        users, items, _ = read_split(features.split_pattern(work_dir, features.TRAIN))
+    else:
+        users, items = train.user.numpy(), train.item.numpy()
     catalog = build_catalog(movie_ids, read_titles(work_dir, layout), num_users,
                             users, items)
     logger.info('Catalog: %d movies, %d users, %d train pairs', catalog.num_items,

@@ -19,7 +19,7 @@ import logging
 import numpy as np
 import tensorflow as tf
 
-from trainer import catalog
+from trainer import data
 from trainer import features
 from trainer.model import MatrixFactorization
 
@@ -80,7 +80,7 @@ def write_eval_predictions(model: MatrixFactorization, info: features.DatasetInf
     """Writes MODEL_DIR/eval_predictions.csv (via a temp file); returns its path."""
     layout = features.DATASETS[info.layout]
     counts = count_predictions(
-        model, catalog.split_batches(info.eval_pattern, batch_size),
+        model, data.make_dataset(info.eval_pattern, batch_size),
         info.rating_min, info.rating_max, layout.rating_step)
     path = features.join(model_dir, features.EVAL_PREDICTIONS_FILE)
     tmp = path + '.tmp'

@@ -52,6 +52,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import catalog as catalog_lib
+from trainer import data
 from trainer.model import MatrixFactorization
 
 logger = logging.getLogger(__name__)
@@ -273,7 +274,8 @@ def evaluate_lists(rankers: dict[str, Ranker],
 
 def evaluate(model: MatrixFactorization, catalog: catalog_lib.Catalog,
              eval_pattern: str, k: int = TOP_K,
-             relevant_rating: float = RELEVANT_RATING) -> dict[str, object]:
+             relevant_rating: float = RELEVANT_RATING,
+             eval_split: data.Ratings | None = None) -> dict[str, object]:
     """The model, most-popular and fallback rankings, scored on the eval split.
 
     Args:
@@ -282,11 +284,17 @@ def evaluate(model: MatrixFactorization, catalog: catalog_lib.Catalog,
       eval_pattern: the eval TFRecords (DatasetInfo.eval_pattern).
       k: the cut-off.
       relevant_rating: eval ratings at or above it are relevant.
+      eval_split: the eval split when the caller holds it already; None
+        reads eval_pattern.
 
     Returns:
       What `evaluate_lists` returns.
     """
-    users, items, ratings = catalog_lib.read_split(eval_pattern)
+    if eval_split is None:
+        users, items, ratings = catalog_lib.read_split(eval_pattern)
+    else:
+        users, items, ratings = (eval_split.user.numpy(), eval_split.item.numpy(),
+                                 eval_split.rating.numpy())
     num_items = catalog.num_items
     record = evaluate_lists(
         {'model': lambda user: score_items(model, user, num_items),

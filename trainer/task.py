@@ -150,15 +150,16 @@ def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
             raise
         print(f'trainer: error: {bad_shard}', file=sys.stderr)
         return 2
-    catalog = catalog_lib.load_catalog(config.work_dir,
-                                       features.DATASETS[info.layout])
+    catalog = catalog_lib.load_catalog(config.work_dir, features.DATASETS[info.layout],
+                                       train=result.splits.train)
     export_dir = export.export_saved_model(
         result.model, tft_dir, config.export_dir, info.rating_min,
         info.rating_max, catalog=catalog)
     metrics = _metrics_record(result, info, config, export_dir,
                               time.perf_counter() - started, task.num_workers,
                               strategy.num_replicas_in_sync)
-    metrics['ranking'] = ranking.evaluate(result.model, catalog, info.eval_pattern)
+    metrics['ranking'] = ranking.evaluate(result.model, catalog, info.eval_pattern,
+                                          eval_split=result.splits.eval)
     eval_predictions.write_eval_predictions(result.model, info, config.model_dir,
                                             config.eval_batch_size)
     features.write_json(features.join(config.model_dir, features.METRICS_FILE),

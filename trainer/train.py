@@ -64,7 +64,7 @@ _SUM = tf.distribute.ReduceOp.SUM
 # An epoch counts as better only if validation RMSE falls by more than this.
 _MIN_IMPROVEMENT = 1e-4
 
-__all__ = ['ResumeError', 'TrainResult', 'train']
+__all__ = ['ResumeError', 'Splits', 'TrainResult', 'train']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +89,7 @@ class TrainResult:
       validation_ratings: ratings in the validation slice.
       final: metrics of the final model, train_* over its fit ratings;
         validation_* are NaN after a refit (the slice was trained on).
+      splits: the ratings in memory, for the evaluations after training.
     """
     model: model_lib.MatrixFactorization
     history: tuple[EpochMetrics, ...]
@@ -102,6 +103,7 @@ class TrainResult:
     fit_ratings: int
     validation_ratings: int
     final: EpochMetrics
+    splits: 'Splits'
 
 
 def pad_rows(gradient: tf.IndexedSlices, rows: int) -> tf.IndexedSlices:
@@ -263,7 +265,7 @@ def _epoch_metrics(epoch: int, seconds: float, train: dict[str, float],
 
 
 @dataclasses.dataclass(frozen=True)
-class _Splits:
+class Splits:
     """The ratings a run reads: the train split, fitted on, validated on, reported on."""
     train: data.Ratings
     fit: data.Ratings
@@ -271,7 +273,7 @@ class _Splits:
     eval: data.Ratings
 
 
-def load_splits(config: TrainConfig, info: features.DatasetInfo) -> _Splits:
+def load_splits(config: TrainConfig, info: features.DatasetInfo) -> Splits:
     """Loads train and eval; carves the validation slice (keyed by the split seed).
 
     The slice is keyed by preprocess.py's seed, not --seed, so runs that
@@ -282,7 +284,7 @@ def load_splits(config: TrainConfig, info: features.DatasetInfo) -> _Splits:
     train_ratings = data.load_ratings(info.train_pattern)
     fit, validation = data.split_validation(
         train_ratings, config.validation_percent, info.seed)
-    splits = _Splits(train_ratings, fit, validation, data.load_ratings(info.eval_pattern))
+    splits = Splits(train_ratings, fit, validation, data.load_ratings(info.eval_pattern))
     logger.info('Loaded %d ratings to fit, %d to validate (%.3g%% of train), '
                 '%d eval in %.1f s', len(fit), len(validation),
                 config.validation_percent, len(splits.eval),
@@ -436,7 +438,7 @@ def train(config: TrainConfig, info: features.DatasetInfo,
         train_seconds=sum(phase.train_seconds for phase in phases),
         ratings_trained=sum(phase.ratings for phase in phases),
         fit_ratings=len(final_fit), validation_ratings=len(splits.validation),
-        final=final)
+        final=final, splits=splits)
 
 
 def _keep_best(config: TrainConfig, state: state_lib.State, has_validation: bool) -> int:
@@ -459,7 +461,7 @@ REFIT_DIR = 'refit'
 
 
 def _refit(config: TrainConfig, info: features.DatasetInfo, sizes: tuple[int, int],
-           strategy: tf.distribute.Strategy, splits: _Splits, epochs: int) -> _Phase:
+           strategy: tf.distribute.Strategy, splits: Splits, epochs: int) -> _Phase:
     """Trains a fresh model on the whole train split for `epochs` epochs.
 
     Checkpoints go to CHECKPOINT_DIR/refit, so an interrupted refit resumes
