@@ -192,7 +192,8 @@ def _bounded(kind: Callable[[str], float], flag: str, low: float, high: float,
     opening = '[' if low_inclusive else '('
     allowed = f'{opening}{low:g}, {high:g}]'
     default = getattr(TrainConfig, flag[2:].replace('-', '_'))
-    example = f'{flag} {default} (the default)' if default is not None else f'{flag} {high / 10:g}'
+    example = (f'{flag} {default} (the default)' if default is not None
+               else f'{flag} {low + (high - low) / 1000:g}')
 
     def convert(text: str) -> float:
         try:
