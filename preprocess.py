@@ -47,7 +47,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from trainer import features, logs
+from trainer import blockio, features, logs
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,13 @@ PARSED_SCHEMA = pa.schema([
 # Duplicates are found per bucket of (user, movie) pairs; more buckets spread
 # the work over more workers, each bucket holds rows / buckets rows.
 DEFAULT_DEDUPE_BUCKETS = 64
+# Rows per batch when lines come one per element (tests, small inputs).
 DEFAULT_MAX_BATCH_SIZE = 65536
+# Rows per RecordBatch after the duplicate check, the batches TFT analyses and
+# transforms: large, so that TFT's per-batch cost (a TF call and conversions)
+# is paid rarely.  (TFT's desired_batch_size only batches instance dicts;
+# RecordBatch input is taken as it comes.)
+DEFAULT_TRANSFORM_BATCH_SIZE = 1 << 20
 # Any fixed key: the bucket only has to put equal pairs together.
 _BUCKET_KEY = 0x5EED
 
@@ -187,14 +193,15 @@ class ParsedBatch:
     rejected: list[tuple[str, str]]
 
 
-def parse_rating_lines(lines: Sequence[str] | Sequence[bytes],
+def parse_rating_lines(lines: Sequence[str] | Sequence[bytes] | pa.Array,
                        layout: features.DatasetLayout) -> ParsedBatch:
     """Parses a batch of ratings lines, column-wise where the lines are clean.
 
     Lines that match the layout's strict pattern and whose rating is on the
     scale are converted with pyarrow in one go; every other line goes through
     `parse_rating_line`, which either accepts it (after normalising it) or
-    names why it is rejected.  Lines given as bytes that are not UTF-8 are
+    names why it is rejected.  Lines given as bytes (a list, or an Arrow
+    binary array as `blockio.ReadLineBlocks` emits) that are not UTF-8 are
     rejected as NOT_UTF8, shown with backslash escapes (b'\\xe9' as '\\\\xe9').
     """
     text = decode_lines(lines)
@@ -211,7 +218,7 @@ def parse_rating_lines(lines: Sequence[str] | Sequence[bytes],
     slow = np.flatnonzero(~fast)
     slow_rows, slow_lines, rejected = _parse_slowly(
         pc.take(text, pa.array(slow, pa.int64())).to_pylist(),
-        [lines[i] for i in slow], layout)
+        _take(lines, slow), layout)
     kept_lines = pc.filter(text, pa.array(fast))
     if slow_rows:
         extra = np.array(slow_rows, dtype=object).T
@@ -228,18 +235,31 @@ def parse_rating_lines(lines: Sequence[str] | Sequence[bytes],
         rejected=rejected)
 
 
-def decode_lines(lines: Sequence[str] | Sequence[bytes]) -> pa.Array:
+def decode_lines(lines: Sequence[str] | Sequence[bytes] | pa.Array) -> pa.Array:
     """The lines as a large_string array, null where bytes are not UTF-8.
 
     One validation of the whole batch in the common case; line by line only
     when the batch holds a line that is not UTF-8.
     """
-    if not lines or isinstance(lines[0], str):
+    if isinstance(lines, pa.Array):
+        binary = lines.cast(pa.large_binary())
+    elif not lines or isinstance(lines[0], str):
         return pa.array(lines, pa.large_string())
+    else:
+        binary = pa.array(lines, pa.large_binary())
     try:
-        return pa.array(lines, pa.large_binary()).cast(pa.large_string())
+        return binary.cast(pa.large_string())
     except pa.ArrowInvalid:
-        return pa.array([_utf8_or_none(line) for line in lines], pa.large_string())
+        return pa.array([_utf8_or_none(line) for line in binary.to_pylist()],
+                        pa.large_string())
+
+
+def _take(lines: Sequence[str] | Sequence[bytes] | pa.Array,
+          indices: np.ndarray) -> list[str] | list[bytes]:
+    """The lines at `indices`, as Python values."""
+    if isinstance(lines, pa.Array):
+        return pc.take(lines, pa.array(indices, pa.int64())).to_pylist()
+    return [lines[i] for i in indices]
 
 
 def _utf8_or_none(line: bytes) -> str | None:
@@ -458,6 +478,27 @@ class ParseRatings(beam.PTransform):
                 self.REJECTED, self.STATS, main=self.VALID))
 
 
+class ReadRatings(beam.PTransform):
+    """A ratings file -> the outputs of `ParseRatings`, read in blocks of lines.
+
+    `blockio.ReadLineBlocks` reads byte ranges of the file as Arrow arrays of
+    lines, parsed where they are read: one element per block, never per line.
+    """
+
+    def __init__(self, path: str, layout: features.DatasetLayout, header_lines: int):
+        super().__init__()
+        self._path = path
+        self._layout = layout
+        self._header_lines = header_lines
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | 'ReadLineBlocks' >> blockio.ReadLineBlocks(self._path, self._header_lines)
+            | 'ParseBlocks' >> beam.ParDo(_ParseBatchFn(self._layout)).with_outputs(
+                ParseRatings.REJECTED, ParseRatings.STATS, main=ParseRatings.VALID))
+
+
 class _ParseBatchFn(beam.DoFn):
     def __init__(self, layout: features.DatasetLayout):
         super().__init__()
@@ -466,7 +507,7 @@ class _ParseBatchFn(beam.DoFn):
         self._valid = beam.metrics.Metrics.counter('preprocess', 'rows_valid')
         self._rejected = beam.metrics.Metrics.counter('preprocess', 'rows_rejected')
 
-    def process(self, lines: list[bytes]) -> Iterator[Any]:
+    def process(self, lines: list[bytes] | pa.Array) -> Iterator[Any]:
         parsed = parse_rating_lines(lines, self._layout)
         self._read.inc(len(lines))
         self._valid.inc(parsed.valid.num_rows)
@@ -630,7 +671,11 @@ def raw_tensor_adapter_config():
 
 
 class TransformRatings(beam.PTransform):
-    """(train, eval) RecordBatches -> serialized tf.Examples per split + transform_fn."""
+    """(train, eval) RecordBatches -> lists of serialized tf.Examples per split + transform_fn.
+
+    One list per transformed RecordBatch, encoded in C++ (tfx_bsl), so no
+    element per example is ever made.
+    """
 
     def expand(self, splits):
         import tensorflow_transform.beam as tft_beam  # pylint: disable=import-outside-toplevel
@@ -644,8 +689,8 @@ class TransformRatings(beam.PTransform):
             ((eval_, config), transform_fn)
             | 'TransformEval' >> tft_beam.TransformDataset(output_record_batches=True))
         return {
-            features.TRAIN: train_out | 'EncodeTrain' >> beam.FlatMap(_encode_examples),
-            features.EVAL: eval_out | 'EncodeEval' >> beam.FlatMap(_encode_examples),
+            features.TRAIN: train_out | 'EncodeTrain' >> beam.Map(_encode_examples),
+            features.EVAL: eval_out | 'EncodeEval' >> beam.Map(_encode_examples),
             'transform_fn': transform_fn,
         }
 
@@ -655,38 +700,33 @@ def _encode_examples(batch_and_passthrough: tuple[pa.RecordBatch, Any]) -> list[
     return example_coder.RecordBatchToExamples(batch_and_passthrough[0])
 
 
-def build_pipeline(p: beam.Pipeline, lines, work_dir: str, layout: features.DatasetLayout,
-                   seed: int, eval_percent: float,
+def build_pipeline(parsed, work_dir: str, seed: int, eval_percent: float,
                    num_buckets: int = DEFAULT_DEDUPE_BUCKETS) -> dict[str, Any]:
-    """Adds every step after reading to `p`; returns the PCollections tests check.
+    """Adds every step after parsing; returns the PCollections tests check.
 
     Args:
-      p: the pipeline.
-      lines: a PCollection of ratings lines, bytes or str (header already skipped).
+      parsed: the outputs of `ReadRatings` (or `ParseRatings`).
       work_dir: the work dir whose transformed/ receives the outputs.
-      layout: the layout of the lines.
       seed: the split seed.
       eval_percent: the share of ratings that go to eval, in percent.
       num_buckets: buckets of (user, movie) pairs for the duplicate check.
 
     Returns:
-      A dict with 'train' and 'eval' (serialized tf.Examples), 'rejected'
+      A dict with 'train' and 'eval' (lists of serialized tf.Examples), 'rejected'
       (CSV text of every rejected row, a block per element) and 'stats' (one
       dict of summed counts).
     """
     import tensorflow_transform.beam as tft_beam  # pylint: disable=import-outside-toplevel
     out_dir = features.transformed_dir(work_dir)
-    parsed = lines | 'ParseRatings' >> ParseRatings(layout)
-    unique = parsed[ParseRatings.VALID] | 'DeduplicateRatings' >> DeduplicateRatings(num_buckets)
+    unique = parsed[ParseRatings.VALID] | 'DeduplicateRatings' >> DeduplicateRatings(
+        num_buckets, max_batch_size=DEFAULT_TRANSFORM_BATCH_SIZE)
     splits = unique[DeduplicateRatings.VALID] | 'SplitRatings' >> SplitRatings(seed, eval_percent)
     examples = ((splits[features.TRAIN], splits[features.EVAL])
                 | 'TransformRatings' >> TransformRatings())
     _ = examples['transform_fn'] | 'WriteTransformFn' >> tft_beam.WriteTransformFn(out_dir)
     for split in features.SPLITS:
-        _ = examples[split] | f'Write{split.capitalize()}Examples' >> beam.io.WriteToTFRecord(
-            features.split_prefix(work_dir, split),
-            file_name_suffix=features.TFRECORD_SUFFIX,
-            compression_type=beam.io.filesystem.CompressionTypes.GZIP)
+        _ = examples[split] | f'Write{split.capitalize()}Examples' >> blockio.WriteTFRecordBlocks(
+            features.split_prefix(work_dir, split), file_name_suffix=features.TFRECORD_SUFFIX)
     rejected = ((parsed[ParseRatings.REJECTED]
                  | 'FormatRejected' >> beam.Map(lambda row: format_rejected([row])),
                  unique[DeduplicateRatings.REJECTED])
@@ -706,11 +746,6 @@ def build_pipeline(p: beam.Pipeline, lines, work_dir: str, layout: features.Data
             'rejected': rejected, 'stats': stats}
 
 
-def read_lines(p: beam.Pipeline, path: str, header_lines: int):
-    """The ratings lines as bytes (decoded by the parser, which rejects non-UTF-8)."""
-    from apache_beam import coders  # pylint: disable=import-outside-toplevel
-    return p | 'ReadRatings' >> beam.io.ReadFromText(
-        path, skip_header_lines=header_lines, coder=coders.BytesCoder())
 
 
 # --- Edges: flags, output dir, run, summary. ---------------------------------------------
@@ -895,8 +930,8 @@ def run(config: PreprocessConfig, beam_args: Sequence[str]) -> features.DatasetI
     logger.info('Preprocessing %s (%s layout) into %s', ratings_path, layout.name, out_dir)
     with beam.Pipeline(options=options) as p:
         with tft_beam.Context(temp_dir=temp_dir):
-            build_pipeline(p, read_lines(p, ratings_path, header_lines), config.work_dir,
-                           layout, config.seed, config.eval_percent)
+            parsed = p | 'ReadRatings' >> ReadRatings(ratings_path, layout, header_lines)
+            build_pipeline(parsed, config.work_dir, config.seed, config.eval_percent)
     stats_path = features.join(out_dir, _TMP_DIR, _STATS_FILE)
     with tf.io.gfile.GFile(stats_path) as f:
         stats = json.loads(f.read() or '{}')
