@@ -147,12 +147,12 @@ def _lines_array(raw: np.ndarray, starts: np.ndarray, ends: np.ndarray,
         [None, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(values))])
 
 
-class ReadLineBlocks(beam.PTransform):
-    """A text file -> Arrow arrays of its lines (bytes), one array per byte range.
+class PlanLineRanges(beam.PTransform):
+    """A text file -> its byte ranges (start, end), for `ReadLineRanges`.
 
-    The ranges are planned from the file's size when the pipeline is built,
-    reshuffled so that a distributed runner spreads them, and each is read
-    with one seek.  The first `header_lines` lines of the file are not read.
+    Planned from the file's size when the pipeline is built, after the first
+    `header_lines` lines, and reshuffled so that a distributed runner spreads
+    them over its workers.
     """
 
     def __init__(self, path: str, header_lines: int = 0,
@@ -168,9 +168,37 @@ class ReadLineBlocks(beam.PTransform):
         ranges = plan_ranges(skip_lines(self._path, self._header_lines), file_size(self._path),
                              self._target_blocks, max_block_bytes=self._max_block_bytes)
         return (pbegin
-                | 'PlanRanges' >> beam.Create(ranges)
-                | 'SpreadRanges' >> beam.Reshuffle()
-                | 'ReadRanges' >> beam.ParDo(_ReadRangeFn(self._path)))
+                | 'CreateRanges' >> beam.Create(ranges)
+                | 'SpreadRanges' >> beam.Reshuffle())
+
+
+class ReadLineRanges(beam.PTransform):
+    """Byte ranges of a text file -> Arrow arrays of their lines (bytes), one per range."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self._path = path
+
+    def expand(self, ranges):
+        return ranges | 'ReadRanges' >> beam.ParDo(_ReadRangeFn(self._path))
+
+
+class ReadLineBlocks(beam.PTransform):
+    """A text file -> Arrow arrays of its lines (bytes), one array per byte range.
+
+    Each range is read with one seek.  The first `header_lines` lines of the
+    file are not read.
+    """
+
+    def __init__(self, path: str, header_lines: int = 0,
+                 target_blocks: int = DEFAULT_TARGET_BLOCKS,
+                 max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES):
+        super().__init__()
+        self._plan = PlanLineRanges(path, header_lines, target_blocks, max_block_bytes)
+        self._read = ReadLineRanges(path)
+
+    def expand(self, pbegin):
+        return pbegin | 'PlanLineRanges' >> self._plan | 'ReadLineRanges' >> self._read
 
 
 class _ReadRangeFn(beam.DoFn):
