@@ -332,18 +332,21 @@ def count_header_lines(first_line: str | bytes, layout: features.DatasetLayout) 
     return 0
 
 
-def _as_list_array(values: pa.Array) -> pa.LargeListArray:
-    """One value per row, as the list column TFXIO's dense tensors read."""
-    offsets = pa.array(np.arange(len(values) + 1, dtype=np.int64))
-    return pa.LargeListArray.from_arrays(offsets, values)
+def _as_list_array(values: pa.Array) -> pa.ListArray:
+    """One value per row, as the list column TFXIO's dense tensors read.
+
+    32-bit offsets (list, binary), not 64-bit (large_list, large_binary):
+    the runner holds these batches in memory for TFT, 24 bytes a row fewer.
+    """
+    offsets = pa.array(np.arange(len(values) + 1, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, values)
 
 
 def make_raw_record_batch(users: np.ndarray, movies: np.ndarray,
                           ratings: np.ndarray, timestamps: np.ndarray) -> pa.RecordBatch:
     """Builds a RecordBatch in the shape of features.RAW_FEATURE_SPEC."""
     def ids(values: np.ndarray) -> pa.Array:
-        return pc.cast(pc.cast(pa.array(values, pa.uint64()), pa.large_string()),
-                       pa.large_binary())
+        return pc.cast(pc.cast(pa.array(values, pa.uint64()), pa.string()), pa.binary())
     return pa.RecordBatch.from_arrays(
         [_as_list_array(ids(users)), _as_list_array(ids(movies)),
          _as_list_array(pa.array(ratings, pa.float32())),
@@ -479,24 +482,46 @@ class ParseRatings(beam.PTransform):
 
 
 class ReadRatings(beam.PTransform):
-    """A ratings file -> the outputs of `ParseRatings`, read in blocks of lines.
+    """Byte ranges of a ratings file -> the outputs of `ParseRatings`.
 
-    `blockio.ReadLineBlocks` reads byte ranges of the file as Arrow arrays of
-    lines, parsed where they are read: one element per block, never per line.
+    `blockio.ReadLineRanges` reads each range (`blockio.PlanLineRanges`) as an
+    Arrow array of lines, parsed where it is read: one element per block,
+    never per line.
     """
 
-    def __init__(self, path: str, layout: features.DatasetLayout, header_lines: int):
+    def __init__(self, path: str, layout: features.DatasetLayout):
         super().__init__()
         self._path = path
         self._layout = layout
-        self._header_lines = header_lines
 
-    def expand(self, pbegin):
+    def expand(self, ranges):
         return (
-            pbegin
-            | 'ReadLineBlocks' >> blockio.ReadLineBlocks(self._path, self._header_lines)
+            ranges
+            | 'ReadLineRanges' >> blockio.ReadLineRanges(self._path)
             | 'ParseBlocks' >> beam.ParDo(_ParseBatchFn(self._layout)).with_outputs(
                 ParseRatings.REJECTED, ParseRatings.STATS, main=ParseRatings.VALID))
+
+
+def read_ratings(p: beam.Pipeline, path: str, layout: features.DatasetLayout,
+                 header_lines: int) -> tuple[Any, Any]:
+    """Reads the ratings file twice: once for the rows, once for the repeated pairs.
+
+    The second pass keeps 8 bytes a row (`FindRepeatedPairs`), so the rows
+    themselves never wait in memory for the duplicate check: reading and
+    parsing again costs less than holding or shuffling every row.  Each pass
+    plans its own ranges: were they shared, the runner could not fuse the
+    first pass with the step that waits for the second (the side input), and
+    would hold every parsed row in memory in between.
+
+    Returns:
+      (the outputs of `ReadRatings`, the repeated pairs for `DeduplicateRatings`).
+    """
+    parsed = (p | 'PlanRanges' >> blockio.PlanLineRanges(path, header_lines)
+              | 'ReadRatings' >> ReadRatings(path, layout))
+    repeated = ((p | 'PlanRangesForPairs' >> blockio.PlanLineRanges(path, header_lines)
+                 | 'ReadRatingsForPairs' >> ReadRatings(path, layout))[ParseRatings.VALID]
+                | 'FindRepeatedPairs' >> FindRepeatedPairs())
+    return parsed, repeated
 
 
 class _ParseBatchFn(beam.DoFn):
@@ -548,6 +573,102 @@ class DeduplicateRatings(beam.PTransform):
             | 'GroupBuckets' >> beam.GroupByKey()
             | 'KeepLatest' >> beam.ParDo(_KeepLatestFn(self._max_batch_size)).with_outputs(
                 self.REJECTED, self.STATS, main=self.VALID))
+
+
+def pair_keys(batch: pa.RecordBatch) -> np.ndarray:
+    """The 64-bit hash of each row's (user, movie) that finds repeated pairs."""
+    return pair_hash(batch.column(features.USER_ID).to_numpy(),
+                     batch.column(features.MOVIE_ID).to_numpy(), _BUCKET_KEY)
+
+
+def repeated_keys(keys: np.ndarray) -> np.ndarray:
+    """The sorted distinct values that occur more than once in `keys`."""
+    ordered = np.sort(keys)
+    return np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+
+
+def is_in_sorted(values: np.ndarray, sorted_values: np.ndarray) -> np.ndarray:
+    """values[i] in sorted_values, for each i (a binary search each)."""
+    if not len(sorted_values):
+        return np.zeros(len(values), dtype=bool)
+    found = np.minimum(np.searchsorted(sorted_values, values), len(sorted_values) - 1)
+    return sorted_values[found] == values
+
+
+class FindRepeatedPairs(beam.PTransform):
+    """Parsed RecordBatches -> one sorted uint64 array of the pair hashes seen twice or more.
+
+    A pair in it may be rated once (two pairs can share a hash); a pair rated
+    more than once is always in it, which is all `DeduplicateRatings` needs.
+    """
+
+    def expand(self, batches):
+        return (batches
+                | 'HashPairs' >> beam.Map(pair_keys)
+                | 'KeepRepeated' >> beam.CombineGlobally(_RepeatedKeysFn()))
+
+
+class _RepeatedKeysFn(beam.CombineFn):
+    """Gathers pair hashes (8 bytes a row) and keeps those that occur more than once."""
+
+    def create_accumulator(self) -> list[np.ndarray]:
+        return []
+
+    def add_input(self, accumulator: list[np.ndarray], keys: np.ndarray) -> list[np.ndarray]:
+        accumulator.append(keys)
+        return accumulator
+
+    def merge_accumulators(self, accumulators) -> list[np.ndarray]:
+        return [keys for accumulator in accumulators for keys in accumulator]
+
+    def extract_output(self, accumulator: list[np.ndarray]) -> np.ndarray:
+        if not accumulator:
+            return np.zeros(0, dtype=np.uint64)
+        return repeated_keys(np.concatenate(accumulator))
+
+
+class SeparateRepeatedPairs(beam.PTransform):
+    """Parsed RecordBatches -> REPEATED rows (a pair hash in `repeated_pairs`)
+    and SINGLE rows (all others, the only rating of their pair), plus counts.
+
+    Only REPEATED rows need `DeduplicateRatings`; duplicates are rare, so its
+    shuffle then carries next to nothing instead of every row.  SINGLE rows
+    are accepted as they are and lose their line (nothing will reject them),
+    in RecordBatches of at most max_batch_size rows.
+    """
+
+    SINGLE, REPEATED, STATS = ParseRatings.VALID, 'repeated', ParseRatings.STATS
+
+    def __init__(self, repeated_pairs, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
+        super().__init__()
+        self._repeated_pairs = repeated_pairs
+        self._max_batch_size = max_batch_size
+
+    def expand(self, batches):
+        return batches | 'SeparateRepeated' >> beam.ParDo(
+            _SeparateRepeatedFn(self._max_batch_size),
+            beam.pvalue.AsSingleton(self._repeated_pairs)).with_outputs(
+                self.REPEATED, self.STATS, main=self.SINGLE)
+
+
+class _SeparateRepeatedFn(beam.DoFn):
+    def __init__(self, max_batch_size: int):
+        super().__init__()
+        self._max_batch_size = max_batch_size
+        self._accepted = beam.metrics.Metrics.counter('preprocess', 'rows_accepted')
+
+    def process(self, batch: pa.RecordBatch, repeated: np.ndarray) -> Iterator[Any]:
+        is_repeated = is_in_sorted(pair_keys(batch), repeated)
+        if is_repeated.any():
+            yield beam.pvalue.TaggedOutput(SeparateRepeatedPairs.REPEATED,
+                                           batch.filter(pa.array(is_repeated)))
+            batch = batch.filter(pa.array(~is_repeated))
+        self._accepted.inc(batch.num_rows)
+        yield beam.pvalue.TaggedOutput(SeparateRepeatedPairs.STATS,
+                                          {'rows_accepted': batch.num_rows})
+        single = batch.drop_columns([LINE])
+        for start in range(0, single.num_rows, self._max_batch_size):
+            yield single.slice(start, self._max_batch_size)
 
 
 def _bucket_chunks(batch: pa.RecordBatch, num_buckets: int) -> Iterator[tuple[int, bytes]]:
@@ -700,8 +821,40 @@ def _encode_examples(batch_and_passthrough: tuple[pa.RecordBatch, Any]) -> list[
     return example_coder.RecordBatchToExamples(batch_and_passthrough[0])
 
 
+def deduplicate_and_split(valid, repeated_pairs, num_buckets: int, seed: int,
+                          eval_percent: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Parsed rows -> the duplicate check's outputs and the train/eval split.
+
+    With `repeated_pairs`, only rows of a repeated pair go through
+    `DeduplicateRatings`; the others pass by it.  The two branches meet
+    before the split (where the runner holds the rows without their lines,
+    32 bytes a row): merged after the split instead, the runner would hold
+    the train split twice.
+
+    Returns:
+      ({REJECTED: rejected rows, STATS: a tuple of count PCollections},
+       the outputs of `SplitRatings`).
+    """
+    dedupe = DeduplicateRatings(num_buckets, max_batch_size=DEFAULT_TRANSFORM_BATCH_SIZE)
+    if repeated_pairs is None:
+        unique = valid | 'DeduplicateRatings' >> dedupe
+        kept = unique[DeduplicateRatings.VALID]
+        stats = (unique[DeduplicateRatings.STATS],)
+    else:
+        separated = valid | 'SeparateRepeatedPairs' >> SeparateRepeatedPairs(
+            repeated_pairs, max_batch_size=DEFAULT_TRANSFORM_BATCH_SIZE)
+        unique = separated[SeparateRepeatedPairs.REPEATED] | 'DeduplicateRatings' >> dedupe
+        kept = ((separated[SeparateRepeatedPairs.SINGLE], unique[DeduplicateRatings.VALID])
+                | 'MergeUnique' >> beam.Flatten())
+        stats = (unique[DeduplicateRatings.STATS], separated[SeparateRepeatedPairs.STATS])
+    splits = kept | 'SplitRatings' >> SplitRatings(seed, eval_percent)
+    return ({DeduplicateRatings.REJECTED: unique[DeduplicateRatings.REJECTED],
+             DeduplicateRatings.STATS: stats}, splits)
+
+
 def build_pipeline(parsed, work_dir: str, seed: int, eval_percent: float,
-                   num_buckets: int = DEFAULT_DEDUPE_BUCKETS) -> dict[str, Any]:
+                   num_buckets: int = DEFAULT_DEDUPE_BUCKETS,
+                   repeated_pairs=None) -> dict[str, Any]:
     """Adds every step after parsing; returns the PCollections tests check.
 
     Args:
@@ -710,6 +863,9 @@ def build_pipeline(parsed, work_dir: str, seed: int, eval_percent: float,
       seed: the split seed.
       eval_percent: the share of ratings that go to eval, in percent.
       num_buckets: buckets of (user, movie) pairs for the duplicate check.
+      repeated_pairs: the output of `FindRepeatedPairs` over the same rows, so
+        that only those rows go through the duplicate check's grouping; None
+        groups every row.
 
     Returns:
       A dict with 'train' and 'eval' (lists of serialized tf.Examples), 'rejected'
@@ -718,9 +874,8 @@ def build_pipeline(parsed, work_dir: str, seed: int, eval_percent: float,
     """
     import tensorflow_transform.beam as tft_beam  # pylint: disable=import-outside-toplevel
     out_dir = features.transformed_dir(work_dir)
-    unique = parsed[ParseRatings.VALID] | 'DeduplicateRatings' >> DeduplicateRatings(
-        num_buckets, max_batch_size=DEFAULT_TRANSFORM_BATCH_SIZE)
-    splits = unique[DeduplicateRatings.VALID] | 'SplitRatings' >> SplitRatings(seed, eval_percent)
+    unique, splits = deduplicate_and_split(parsed[ParseRatings.VALID], repeated_pairs,
+                                           num_buckets, seed, eval_percent)
     examples = ((splits[features.TRAIN], splits[features.EVAL])
                 | 'TransformRatings' >> TransformRatings())
     _ = examples['transform_fn'] | 'WriteTransformFn' >> tft_beam.WriteTransformFn(out_dir)
@@ -734,7 +889,7 @@ def build_pipeline(parsed, work_dir: str, seed: int, eval_percent: float,
     _ = rejected | 'WriteRejected' >> beam.io.WriteToText(
         features.join(out_dir, features.REJECTED_DIR, 'rejected'),
         file_name_suffix='.csv', header='reason,line')
-    stats = ((parsed[ParseRatings.STATS], unique[DeduplicateRatings.STATS],
+    stats = ((parsed[ParseRatings.STATS], *unique[DeduplicateRatings.STATS],
               splits[ParseRatings.STATS])
              | 'MergeStats' >> beam.Flatten()
              | 'SumStats' >> beam.CombineGlobally(_SumStatsFn()))
@@ -930,8 +1085,9 @@ def run(config: PreprocessConfig, beam_args: Sequence[str]) -> features.DatasetI
     logger.info('Preprocessing %s (%s layout) into %s', ratings_path, layout.name, out_dir)
     with beam.Pipeline(options=options) as p:
         with tft_beam.Context(temp_dir=temp_dir):
-            parsed = p | 'ReadRatings' >> ReadRatings(ratings_path, layout, header_lines)
-            build_pipeline(parsed, config.work_dir, config.seed, config.eval_percent)
+            parsed, repeated = read_ratings(p, ratings_path, layout, header_lines)
+            build_pipeline(parsed, config.work_dir, config.seed, config.eval_percent,
+                           repeated_pairs=repeated)
     stats_path = features.join(out_dir, _TMP_DIR, _STATS_FILE)
     with tf.io.gfile.GFile(stats_path) as f:
         stats = json.loads(f.read() or '{}')
