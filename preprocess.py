@@ -433,6 +433,21 @@ def keep_latest_ratings(rows: pa.Table) -> tuple[pa.Table, pa.Table]:
     return ordered.filter(pa.array(last)), ordered.filter(pa.array(~last))
 
 
+def compact_slices(rows: pa.RecordBatch | pa.Table,
+                   max_rows: int) -> Iterator[pa.RecordBatch]:
+    """The rows as RecordBatches of at most max_rows rows, each with its own buffers.
+
+    A slice shares its parent's buffers, and pickling it (as Beam does to pass
+    a batch between stages) writes all of them: slices of a 1M-row batch
+    would each carry the 1M rows.  Each slice is therefore copied, once.
+    """
+    for start in range(0, rows.num_rows, max_rows):
+        part = rows.slice(start, max_rows)
+        columns = [pa.concat_arrays(column.chunks) if isinstance(column, pa.ChunkedArray)
+                   else pa.concat_arrays([column]) for column in part.columns]
+        yield pa.RecordBatch.from_arrays(columns, schema=part.schema)
+
+
 def _to_ipc(batch: pa.RecordBatch) -> bytes:
     """Arrow IPC bytes of one batch: compact, and only the slice's own data."""
     sink = pa.BufferOutputStream()
@@ -667,8 +682,7 @@ class _SeparateRepeatedFn(beam.DoFn):
         yield beam.pvalue.TaggedOutput(SeparateRepeatedPairs.STATS,
                                           {'rows_accepted': batch.num_rows})
         single = batch.drop_columns([LINE])
-        for start in range(0, single.num_rows, self._max_batch_size):
-            yield single.slice(start, self._max_batch_size)
+        yield from compact_slices(single, self._max_batch_size)
 
 
 def _bucket_chunks(batch: pa.RecordBatch, num_buckets: int) -> Iterator[tuple[int, bytes]]:
@@ -693,7 +707,7 @@ class _KeepLatestFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(DeduplicateRatings.REJECTED, format_rejected(zip(
                 itertools.repeat(DUPLICATE_RATING), duplicates.column(LINE).to_pylist())))
         yield beam.pvalue.TaggedOutput(DeduplicateRatings.STATS, stats)
-        yield from kept.to_batches(max_chunksize=self._max_batch_size)
+        yield from compact_slices(kept, self._max_batch_size)
 
 
 class SplitRatings(beam.PTransform):
