@@ -14,15 +14,24 @@ time; the in-process runner needs no network.  In the cloud pass
 --setup_file ./setup.py, which installs `trainer` (and so trainer/features.py)
 on the workers.
 
-Lines are read as bytes and parsed in batches: a strict regular expression
-accepts the common case column-wise with pyarrow; only lines that fail it go
-through the per-line parser, which names the reason (bytes that are not UTF-8
-are one).  Rejected rows are counted and written with that reason under
-transformed/rejected/, never dropped silently.  A (user, movie) pair rated more
-than once keeps its latest rating (`DeduplicateRatings`); the others are
-rejected as duplicate_rating.  The train/eval split is a keyed 64-bit hash of
-(seed, user, movie), so the same input gives the same split on every run and
-every retry.
+The ratings file is read in blocks of lines (trainer/blockio.py: byte ranges
+sized from the file, one Arrow array of lines per range) and parsed block by
+block: a strict regular expression accepts the common case column-wise with
+pyarrow; only lines that fail it go through the per-line parser, which names
+the reason (bytes that are not UTF-8 are one).  Rejected rows are counted and
+written with that reason under transformed/rejected/, never dropped silently.
+A (user, movie) pair rated more than once keeps its latest rating
+(`DeduplicateRatings`); the others are rejected as duplicate_rating.  A first,
+light pass over the file finds the pairs seen more than once
+(`FindRepeatedPairs`), so only their rows are grouped.  The train/eval split is
+a keyed 64-bit hash of (seed, user, movie), so the same input gives the same
+split on every run and every retry.  Examples are encoded per RecordBatch in
+C++ and written as blocks of gzipped TFRecords.
+
+No step passes a Beam element per rating.  Per-rating Python objects remain
+in two places: tfx_bsl's encoder returns a list of bytes (one per example,
+framed by mapping a C checksum over it), and TFT's vocabulary analyser turns
+each batch's distinct ids into Python values.
 """
 
 from __future__ import annotations
@@ -86,10 +95,13 @@ DEFAULT_DEDUPE_BUCKETS = 64
 # Rows per batch when lines come one per element (tests, small inputs).
 DEFAULT_MAX_BATCH_SIZE = 65536
 # Rows per RecordBatch after the duplicate check, the batches TFT analyses and
-# transforms: large, so that TFT's per-batch cost (a TF call and conversions)
-# is paid rarely.  (TFT's desired_batch_size only batches instance dicts;
-# RecordBatch input is taken as it comes.)
-DEFAULT_TRANSFORM_BATCH_SIZE = 1 << 20
+# transforms (a block of the file is at most ~2.7M rows, so in practice one
+# batch per block).  Large, because TFT's vocabulary analyser emits one Python
+# element per distinct id per batch (its combiner keeps at most 10,000 keys
+# before flushing), and pays a TF call and conversions per batch.  TFT's
+# desired_batch_size only batches instance dicts; RecordBatch input is taken
+# as it comes.
+DEFAULT_TRANSFORM_BATCH_SIZE = 1 << 22
 # Any fixed key: the bucket only has to put equal pairs together.
 _BUCKET_KEY = 0x5EED
 
