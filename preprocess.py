@@ -532,12 +532,13 @@ def read_ratings(p: beam.Pipeline, path: str, layout: features.DatasetLayout,
                  header_lines: int) -> tuple[Any, Any]:
     """Reads the ratings file twice: once for the rows, once for the repeated pairs.
 
-    The second pass keeps 8 bytes a row (`FindRepeatedPairs`), so the rows
-    themselves never wait in memory for the duplicate check: reading and
-    parsing again costs less than holding or shuffling every row.  Each pass
-    plans its own ranges: were they shared, the runner could not fuse the
-    first pass with the step that waits for the second (the side input), and
-    would hold every parsed row in memory in between.
+    The second pass keeps 8 bytes a row (`FindRepeatedPairs`), so only the
+    rows of repeated pairs go through the duplicate check's shuffle with
+    their lines: reading and parsing again costs less memory than shuffling
+    every row (the local runner holds a shuffle's input until the job ends).
+    Each pass plans its own ranges: were they shared, the runner could not
+    fuse the first pass with the step that waits for the second (the side
+    input), and would hold every parsed row in memory in between.
 
     Returns:
       (the outputs of `ReadRatings`, the repeated pairs for `DeduplicateRatings`).
