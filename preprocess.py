@@ -14,15 +14,24 @@ time; the in-process runner needs no network.  In the cloud pass
 --setup_file ./setup.py, which installs `trainer` (and so trainer/features.py)
 on the workers.
 
-Lines are read as bytes and parsed in batches: a strict regular expression
-accepts the common case column-wise with pyarrow; only lines that fail it go
-through the per-line parser, which names the reason (bytes that are not UTF-8
-are one).  Rejected rows are counted and written with that reason under
-transformed/rejected/, never dropped silently.  A (user, movie) pair rated more
-than once keeps its latest rating (`DeduplicateRatings`); the others are
-rejected as duplicate_rating.  The train/eval split is a keyed 64-bit hash of
-(seed, user, movie), so the same input gives the same split on every run and
-every retry.
+The ratings file is read in blocks of lines (trainer/blockio.py: byte ranges
+sized from the file, one Arrow array of lines per range) and parsed block by
+block: a strict regular expression accepts the common case column-wise with
+pyarrow; only lines that fail it go through the per-line parser, which names
+the reason (bytes that are not UTF-8 are one).  Rejected rows are counted and
+written with that reason under transformed/rejected/, never dropped silently.
+A (user, movie) pair rated more than once keeps its latest rating
+(`DeduplicateRatings`); the others are rejected as duplicate_rating.  A first,
+light pass over the file finds the pairs seen more than once
+(`FindRepeatedPairs`), so only their rows are grouped.  The train/eval split is
+a keyed 64-bit hash of (seed, user, movie), so the same input gives the same
+split on every run and every retry.  Examples are encoded per RecordBatch in
+C++ and written as blocks of gzipped TFRecords.
+
+No step passes a Beam element per rating.  Per-rating Python objects remain
+in two places: tfx_bsl's encoder returns a list of bytes (one per example,
+framed by mapping a C checksum over it), and TFT's vocabulary analyser turns
+each batch's distinct ids into Python values.
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from trainer import features, logs
+from trainer import blockio, features, logs
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +92,15 @@ PARSED_SCHEMA = pa.schema([
 # Duplicates are found per bucket of (user, movie) pairs; more buckets spread
 # the work over more workers, each bucket holds rows / buckets rows.
 DEFAULT_DEDUPE_BUCKETS = 64
+# Rows per batch when lines come one per element (tests, small inputs).
 DEFAULT_MAX_BATCH_SIZE = 65536
+# Rows per RecordBatch after the duplicate check, the batches TFT analyses and
+# transforms (a block of the file is at most ~2.7M rows, so in practice one
+# batch per block).  Large, because TFT's vocabulary analyser emits one Python
+# element per distinct id per batch (see `preprocessing_fn`), and pays a TF
+# call and conversions per batch.  TFT's desired_batch_size only batches
+# instance dicts; RecordBatch input is taken as it comes.
+DEFAULT_TRANSFORM_BATCH_SIZE = 1 << 22
 # Any fixed key: the bucket only has to put equal pairs together.
 _BUCKET_KEY = 0x5EED
 
@@ -187,14 +204,15 @@ class ParsedBatch:
     rejected: list[tuple[str, str]]
 
 
-def parse_rating_lines(lines: Sequence[str] | Sequence[bytes],
+def parse_rating_lines(lines: Sequence[str] | Sequence[bytes] | pa.Array,
                        layout: features.DatasetLayout) -> ParsedBatch:
     """Parses a batch of ratings lines, column-wise where the lines are clean.
 
     Lines that match the layout's strict pattern and whose rating is on the
     scale are converted with pyarrow in one go; every other line goes through
     `parse_rating_line`, which either accepts it (after normalising it) or
-    names why it is rejected.  Lines given as bytes that are not UTF-8 are
+    names why it is rejected.  Lines given as bytes (a list, or an Arrow
+    binary array as `blockio.ReadLineBlocks` emits) that are not UTF-8 are
     rejected as NOT_UTF8, shown with backslash escapes (b'\\xe9' as '\\\\xe9').
     """
     text = decode_lines(lines)
@@ -211,7 +229,7 @@ def parse_rating_lines(lines: Sequence[str] | Sequence[bytes],
     slow = np.flatnonzero(~fast)
     slow_rows, slow_lines, rejected = _parse_slowly(
         pc.take(text, pa.array(slow, pa.int64())).to_pylist(),
-        [lines[i] for i in slow], layout)
+        _take(lines, slow), layout)
     kept_lines = pc.filter(text, pa.array(fast))
     if slow_rows:
         extra = np.array(slow_rows, dtype=object).T
@@ -228,18 +246,31 @@ def parse_rating_lines(lines: Sequence[str] | Sequence[bytes],
         rejected=rejected)
 
 
-def decode_lines(lines: Sequence[str] | Sequence[bytes]) -> pa.Array:
+def decode_lines(lines: Sequence[str] | Sequence[bytes] | pa.Array) -> pa.Array:
     """The lines as a large_string array, null where bytes are not UTF-8.
 
     One validation of the whole batch in the common case; line by line only
     when the batch holds a line that is not UTF-8.
     """
-    if not lines or isinstance(lines[0], str):
+    if isinstance(lines, pa.Array):
+        binary = lines.cast(pa.large_binary())
+    elif not lines or isinstance(lines[0], str):
         return pa.array(lines, pa.large_string())
+    else:
+        binary = pa.array(lines, pa.large_binary())
     try:
-        return pa.array(lines, pa.large_binary()).cast(pa.large_string())
+        return binary.cast(pa.large_string())
     except pa.ArrowInvalid:
-        return pa.array([_utf8_or_none(line) for line in lines], pa.large_string())
+        return pa.array([_utf8_or_none(line) for line in binary.to_pylist()],
+                        pa.large_string())
+
+
+def _take(lines: Sequence[str] | Sequence[bytes] | pa.Array,
+          indices: np.ndarray) -> list[str] | list[bytes]:
+    """The lines at `indices`, as Python values."""
+    if isinstance(lines, pa.Array):
+        return pc.take(lines, pa.array(indices, pa.int64())).to_pylist()
+    return [lines[i] for i in indices]
 
 
 def _utf8_or_none(line: bytes) -> str | None:
@@ -312,18 +343,21 @@ def count_header_lines(first_line: str | bytes, layout: features.DatasetLayout) 
     return 0
 
 
-def _as_list_array(values: pa.Array) -> pa.LargeListArray:
-    """One value per row, as the list column TFXIO's dense tensors read."""
-    offsets = pa.array(np.arange(len(values) + 1, dtype=np.int64))
-    return pa.LargeListArray.from_arrays(offsets, values)
+def _as_list_array(values: pa.Array) -> pa.ListArray:
+    """One value per row, as the list column TFXIO's dense tensors read.
+
+    32-bit offsets (list, binary), not 64-bit (large_list, large_binary):
+    the runner holds these batches in memory for TFT, 24 bytes a row fewer.
+    """
+    offsets = pa.array(np.arange(len(values) + 1, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, values)
 
 
 def make_raw_record_batch(users: np.ndarray, movies: np.ndarray,
                           ratings: np.ndarray, timestamps: np.ndarray) -> pa.RecordBatch:
     """Builds a RecordBatch in the shape of features.RAW_FEATURE_SPEC."""
     def ids(values: np.ndarray) -> pa.Array:
-        return pc.cast(pc.cast(pa.array(values, pa.uint64()), pa.large_string()),
-                       pa.large_binary())
+        return pc.cast(pc.cast(pa.array(values, pa.uint64()), pa.string()), pa.binary())
     return pa.RecordBatch.from_arrays(
         [_as_list_array(ids(users)), _as_list_array(ids(movies)),
          _as_list_array(pa.array(ratings, pa.float32())),
@@ -410,6 +444,21 @@ def keep_latest_ratings(rows: pa.Table) -> tuple[pa.Table, pa.Table]:
     return ordered.filter(pa.array(last)), ordered.filter(pa.array(~last))
 
 
+def compact_slices(rows: pa.RecordBatch | pa.Table,
+                   max_rows: int) -> Iterator[pa.RecordBatch]:
+    """The rows as RecordBatches of at most max_rows rows, each with its own buffers.
+
+    A slice shares its parent's buffers, and pickling it (as Beam does to pass
+    a batch between stages) writes all of them: slices of a 1M-row batch
+    would each carry the 1M rows.  Each slice is therefore copied, once.
+    """
+    for start in range(0, rows.num_rows, max_rows):
+        part = rows.slice(start, max_rows)
+        columns = [pa.concat_arrays(column.chunks) if isinstance(column, pa.ChunkedArray)
+                   else pa.concat_arrays([column]) for column in part.columns]
+        yield pa.RecordBatch.from_arrays(columns, schema=part.schema)
+
+
 def _to_ipc(batch: pa.RecordBatch) -> bytes:
     """Arrow IPC bytes of one batch: compact, and only the slice's own data."""
     sink = pa.BufferOutputStream()
@@ -458,6 +507,50 @@ class ParseRatings(beam.PTransform):
                 self.REJECTED, self.STATS, main=self.VALID))
 
 
+class ReadRatings(beam.PTransform):
+    """Byte ranges of a ratings file -> the outputs of `ParseRatings`.
+
+    `blockio.ReadLineRanges` reads each range (`blockio.PlanLineRanges`) as an
+    Arrow array of lines, parsed where it is read: one element per block,
+    never per line.
+    """
+
+    def __init__(self, path: str, layout: features.DatasetLayout):
+        super().__init__()
+        self._path = path
+        self._layout = layout
+
+    def expand(self, ranges):
+        return (
+            ranges
+            | 'ReadLineRanges' >> blockio.ReadLineRanges(self._path)
+            | 'ParseBlocks' >> beam.ParDo(_ParseBatchFn(self._layout)).with_outputs(
+                ParseRatings.REJECTED, ParseRatings.STATS, main=ParseRatings.VALID))
+
+
+def read_ratings(p: beam.Pipeline, path: str, layout: features.DatasetLayout,
+                 header_lines: int) -> tuple[Any, Any]:
+    """Reads the ratings file twice: once for the rows, once for the repeated pairs.
+
+    The second pass keeps 8 bytes a row (`FindRepeatedPairs`), so only the
+    rows of repeated pairs go through the duplicate check's shuffle with
+    their lines: reading and parsing again costs less memory than shuffling
+    every row (the local runner holds a shuffle's input until the job ends).
+    Each pass plans its own ranges: were they shared, the runner could not
+    fuse the first pass with the step that waits for the second (the side
+    input), and would hold every parsed row in memory in between.
+
+    Returns:
+      (the outputs of `ReadRatings`, the repeated pairs for `DeduplicateRatings`).
+    """
+    parsed = (p | 'PlanRanges' >> blockio.PlanLineRanges(path, header_lines)
+              | 'ReadRatings' >> ReadRatings(path, layout))
+    repeated = ((p | 'PlanRangesForPairs' >> blockio.PlanLineRanges(path, header_lines)
+                 | 'ReadRatingsForPairs' >> ReadRatings(path, layout))[ParseRatings.VALID]
+                | 'FindRepeatedPairs' >> FindRepeatedPairs())
+    return parsed, repeated
+
+
 class _ParseBatchFn(beam.DoFn):
     def __init__(self, layout: features.DatasetLayout):
         super().__init__()
@@ -466,7 +559,7 @@ class _ParseBatchFn(beam.DoFn):
         self._valid = beam.metrics.Metrics.counter('preprocess', 'rows_valid')
         self._rejected = beam.metrics.Metrics.counter('preprocess', 'rows_rejected')
 
-    def process(self, lines: list[bytes]) -> Iterator[Any]:
+    def process(self, lines: list[bytes] | pa.Array) -> Iterator[Any]:
         parsed = parse_rating_lines(lines, self._layout)
         self._read.inc(len(lines))
         self._valid.inc(parsed.valid.num_rows)
@@ -509,6 +602,101 @@ class DeduplicateRatings(beam.PTransform):
                 self.REJECTED, self.STATS, main=self.VALID))
 
 
+def pair_keys(batch: pa.RecordBatch) -> np.ndarray:
+    """The 64-bit hash of each row's (user, movie) that finds repeated pairs."""
+    return pair_hash(batch.column(features.USER_ID).to_numpy(),
+                     batch.column(features.MOVIE_ID).to_numpy(), _BUCKET_KEY)
+
+
+def repeated_keys(keys: np.ndarray) -> np.ndarray:
+    """The sorted distinct values that occur more than once in `keys`."""
+    ordered = np.sort(keys)
+    return np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+
+
+def is_in_sorted(values: np.ndarray, sorted_values: np.ndarray) -> np.ndarray:
+    """values[i] in sorted_values, for each i (a binary search each)."""
+    if not len(sorted_values):
+        return np.zeros(len(values), dtype=bool)
+    found = np.minimum(np.searchsorted(sorted_values, values), len(sorted_values) - 1)
+    return sorted_values[found] == values
+
+
+class FindRepeatedPairs(beam.PTransform):
+    """Parsed RecordBatches -> one sorted uint64 array of the pair hashes seen twice or more.
+
+    A pair in it may be rated once (two pairs can share a hash); a pair rated
+    more than once is always in it, which is all `DeduplicateRatings` needs.
+    """
+
+    def expand(self, batches):
+        return (batches
+                | 'HashPairs' >> beam.Map(pair_keys)
+                | 'KeepRepeated' >> beam.CombineGlobally(_RepeatedKeysFn()))
+
+
+class _RepeatedKeysFn(beam.CombineFn):
+    """Gathers pair hashes (8 bytes a row) and keeps those that occur more than once."""
+
+    def create_accumulator(self) -> list[np.ndarray]:
+        return []
+
+    def add_input(self, accumulator: list[np.ndarray], keys: np.ndarray) -> list[np.ndarray]:
+        accumulator.append(keys)
+        return accumulator
+
+    def merge_accumulators(self, accumulators) -> list[np.ndarray]:
+        return [keys for accumulator in accumulators for keys in accumulator]
+
+    def extract_output(self, accumulator: list[np.ndarray]) -> np.ndarray:
+        if not accumulator:
+            return np.zeros(0, dtype=np.uint64)
+        return repeated_keys(np.concatenate(accumulator))
+
+
+class SeparateRepeatedPairs(beam.PTransform):
+    """Parsed RecordBatches -> REPEATED rows (a pair hash in `repeated_pairs`)
+    and SINGLE rows (all others, the only rating of their pair), plus counts.
+
+    Only REPEATED rows need `DeduplicateRatings`; duplicates are rare, so its
+    shuffle then carries next to nothing instead of every row.  SINGLE rows
+    are accepted as they are and lose their line (nothing will reject them),
+    in RecordBatches of at most max_batch_size rows.
+    """
+
+    SINGLE, REPEATED, STATS = ParseRatings.VALID, 'repeated', ParseRatings.STATS
+
+    def __init__(self, repeated_pairs, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
+        super().__init__()
+        self._repeated_pairs = repeated_pairs
+        self._max_batch_size = max_batch_size
+
+    def expand(self, batches):
+        return batches | 'SeparateRepeated' >> beam.ParDo(
+            _SeparateRepeatedFn(self._max_batch_size),
+            beam.pvalue.AsSingleton(self._repeated_pairs)).with_outputs(
+                self.REPEATED, self.STATS, main=self.SINGLE)
+
+
+class _SeparateRepeatedFn(beam.DoFn):
+    def __init__(self, max_batch_size: int):
+        super().__init__()
+        self._max_batch_size = max_batch_size
+        self._accepted = beam.metrics.Metrics.counter('preprocess', 'rows_accepted')
+
+    def process(self, batch: pa.RecordBatch, repeated: np.ndarray) -> Iterator[Any]:
+        is_repeated = is_in_sorted(pair_keys(batch), repeated)
+        if is_repeated.any():
+            yield beam.pvalue.TaggedOutput(SeparateRepeatedPairs.REPEATED,
+                                           batch.filter(pa.array(is_repeated)))
+            batch = batch.filter(pa.array(~is_repeated))
+        self._accepted.inc(batch.num_rows)
+        yield beam.pvalue.TaggedOutput(SeparateRepeatedPairs.STATS,
+                                          {'rows_accepted': batch.num_rows})
+        single = batch.drop_columns([LINE])
+        yield from compact_slices(single, self._max_batch_size)
+
+
 def _bucket_chunks(batch: pa.RecordBatch, num_buckets: int) -> Iterator[tuple[int, bytes]]:
     for bucket, rows in partition_by_bucket(batch, num_buckets):
         yield bucket, _to_ipc(rows)
@@ -531,7 +719,7 @@ class _KeepLatestFn(beam.DoFn):
             yield beam.pvalue.TaggedOutput(DeduplicateRatings.REJECTED, format_rejected(zip(
                 itertools.repeat(DUPLICATE_RATING), duplicates.column(LINE).to_pylist())))
         yield beam.pvalue.TaggedOutput(DeduplicateRatings.STATS, stats)
-        yield from kept.to_batches(max_chunksize=self._max_batch_size)
+        yield from compact_slices(kept, self._max_batch_size)
 
 
 class SplitRatings(beam.PTransform):
@@ -601,15 +789,23 @@ def preprocessing_fn(inputs: dict[str, Any]) -> dict[str, Any]:
     """TFT: raw ids -> vocabulary indices (analysed on train only); ratings pass.
 
     Ids unseen in training map to the one OOV bucket (index == vocabulary size).
+
+    Each id has weight 1, which gives the same vocabulary (ordered by
+    count, then id) by a cheaper road: without weights TFT hands every id
+    of every row to Python (`tolist()`) and counts them there one element
+    at a time; with weights the TF graph first reduces each batch to its
+    distinct ids and their summed weights (`tf.unique_with_counts`).
     """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
     import tensorflow_transform as tft  # pylint: disable=import-outside-toplevel
+    ones = tf.ones_like(inputs[features.RATING], dtype=tf.float32)
     return {
         features.USER: tft.compute_and_apply_vocabulary(
             inputs[features.USER_ID], num_oov_buckets=features.NUM_OOV_BUCKETS,
-            vocab_filename=features.USER_VOCAB),
+            vocab_filename=features.USER_VOCAB, weights=ones),
         features.ITEM: tft.compute_and_apply_vocabulary(
             inputs[features.MOVIE_ID], num_oov_buckets=features.NUM_OOV_BUCKETS,
-            vocab_filename=features.MOVIE_VOCAB),
+            vocab_filename=features.MOVIE_VOCAB, weights=ones),
         features.RATING: inputs[features.RATING],
         features.USER_ID: inputs[features.USER_ID],
         features.MOVIE_ID: inputs[features.MOVIE_ID],
@@ -630,7 +826,11 @@ def raw_tensor_adapter_config():
 
 
 class TransformRatings(beam.PTransform):
-    """(train, eval) RecordBatches -> serialized tf.Examples per split + transform_fn."""
+    """(train, eval) RecordBatches -> lists of serialized tf.Examples per split + transform_fn.
+
+    One list per transformed RecordBatch, encoded in C++ (tfx_bsl), so no
+    element per example is ever made.
+    """
 
     def expand(self, splits):
         import tensorflow_transform.beam as tft_beam  # pylint: disable=import-outside-toplevel
@@ -644,8 +844,8 @@ class TransformRatings(beam.PTransform):
             ((eval_, config), transform_fn)
             | 'TransformEval' >> tft_beam.TransformDataset(output_record_batches=True))
         return {
-            features.TRAIN: train_out | 'EncodeTrain' >> beam.FlatMap(_encode_examples),
-            features.EVAL: eval_out | 'EncodeEval' >> beam.FlatMap(_encode_examples),
+            features.TRAIN: train_out | 'EncodeTrain' >> beam.Map(_encode_examples),
+            features.EVAL: eval_out | 'EncodeEval' >> beam.Map(_encode_examples),
             'transform_fn': transform_fn,
         }
 
@@ -655,38 +855,67 @@ def _encode_examples(batch_and_passthrough: tuple[pa.RecordBatch, Any]) -> list[
     return example_coder.RecordBatchToExamples(batch_and_passthrough[0])
 
 
-def build_pipeline(p: beam.Pipeline, lines, work_dir: str, layout: features.DatasetLayout,
-                   seed: int, eval_percent: float,
-                   num_buckets: int = DEFAULT_DEDUPE_BUCKETS) -> dict[str, Any]:
-    """Adds every step after reading to `p`; returns the PCollections tests check.
+def deduplicate_and_split(valid, repeated_pairs, num_buckets: int, seed: int,
+                          eval_percent: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Parsed rows -> the duplicate check's outputs and the train/eval split.
+
+    With `repeated_pairs`, only rows of a repeated pair go through
+    `DeduplicateRatings`; the others pass by it.  The two branches meet
+    before the split (where the runner holds the rows without their lines,
+    32 bytes a row): merged after the split instead, the runner would hold
+    the train split twice.
+
+    Returns:
+      ({REJECTED: rejected rows, STATS: a tuple of count PCollections},
+       the outputs of `SplitRatings`).
+    """
+    dedupe = DeduplicateRatings(num_buckets, max_batch_size=DEFAULT_TRANSFORM_BATCH_SIZE)
+    if repeated_pairs is None:
+        unique = valid | 'DeduplicateRatings' >> dedupe
+        kept = unique[DeduplicateRatings.VALID]
+        stats = (unique[DeduplicateRatings.STATS],)
+    else:
+        separated = valid | 'SeparateRepeatedPairs' >> SeparateRepeatedPairs(
+            repeated_pairs, max_batch_size=DEFAULT_TRANSFORM_BATCH_SIZE)
+        unique = separated[SeparateRepeatedPairs.REPEATED] | 'DeduplicateRatings' >> dedupe
+        kept = ((separated[SeparateRepeatedPairs.SINGLE], unique[DeduplicateRatings.VALID])
+                | 'MergeUnique' >> beam.Flatten())
+        stats = (unique[DeduplicateRatings.STATS], separated[SeparateRepeatedPairs.STATS])
+    splits = kept | 'SplitRatings' >> SplitRatings(seed, eval_percent)
+    return ({DeduplicateRatings.REJECTED: unique[DeduplicateRatings.REJECTED],
+             DeduplicateRatings.STATS: stats}, splits)
+
+
+def build_pipeline(parsed, work_dir: str, seed: int, eval_percent: float,
+                   num_buckets: int = DEFAULT_DEDUPE_BUCKETS,
+                   repeated_pairs=None) -> dict[str, Any]:
+    """Adds every step after parsing; returns the PCollections tests check.
 
     Args:
-      p: the pipeline.
-      lines: a PCollection of ratings lines, bytes or str (header already skipped).
+      parsed: the outputs of `ReadRatings` (or `ParseRatings`).
       work_dir: the work dir whose transformed/ receives the outputs.
-      layout: the layout of the lines.
       seed: the split seed.
       eval_percent: the share of ratings that go to eval, in percent.
       num_buckets: buckets of (user, movie) pairs for the duplicate check.
+      repeated_pairs: the output of `FindRepeatedPairs` over the same rows, so
+        that only those rows go through the duplicate check's grouping; None
+        groups every row.
 
     Returns:
-      A dict with 'train' and 'eval' (serialized tf.Examples), 'rejected'
+      A dict with 'train' and 'eval' (lists of serialized tf.Examples), 'rejected'
       (CSV text of every rejected row, a block per element) and 'stats' (one
       dict of summed counts).
     """
     import tensorflow_transform.beam as tft_beam  # pylint: disable=import-outside-toplevel
     out_dir = features.transformed_dir(work_dir)
-    parsed = lines | 'ParseRatings' >> ParseRatings(layout)
-    unique = parsed[ParseRatings.VALID] | 'DeduplicateRatings' >> DeduplicateRatings(num_buckets)
-    splits = unique[DeduplicateRatings.VALID] | 'SplitRatings' >> SplitRatings(seed, eval_percent)
+    unique, splits = deduplicate_and_split(parsed[ParseRatings.VALID], repeated_pairs,
+                                           num_buckets, seed, eval_percent)
     examples = ((splits[features.TRAIN], splits[features.EVAL])
                 | 'TransformRatings' >> TransformRatings())
     _ = examples['transform_fn'] | 'WriteTransformFn' >> tft_beam.WriteTransformFn(out_dir)
     for split in features.SPLITS:
-        _ = examples[split] | f'Write{split.capitalize()}Examples' >> beam.io.WriteToTFRecord(
-            features.split_prefix(work_dir, split),
-            file_name_suffix=features.TFRECORD_SUFFIX,
-            compression_type=beam.io.filesystem.CompressionTypes.GZIP)
+        _ = examples[split] | f'Write{split.capitalize()}Examples' >> blockio.WriteTFRecordBlocks(
+            features.split_prefix(work_dir, split), file_name_suffix=features.TFRECORD_SUFFIX)
     rejected = ((parsed[ParseRatings.REJECTED]
                  | 'FormatRejected' >> beam.Map(lambda row: format_rejected([row])),
                  unique[DeduplicateRatings.REJECTED])
@@ -694,7 +923,7 @@ def build_pipeline(p: beam.Pipeline, lines, work_dir: str, layout: features.Data
     _ = rejected | 'WriteRejected' >> beam.io.WriteToText(
         features.join(out_dir, features.REJECTED_DIR, 'rejected'),
         file_name_suffix='.csv', header='reason,line')
-    stats = ((parsed[ParseRatings.STATS], unique[DeduplicateRatings.STATS],
+    stats = ((parsed[ParseRatings.STATS], *unique[DeduplicateRatings.STATS],
               splits[ParseRatings.STATS])
              | 'MergeStats' >> beam.Flatten()
              | 'SumStats' >> beam.CombineGlobally(_SumStatsFn()))
@@ -706,11 +935,6 @@ def build_pipeline(p: beam.Pipeline, lines, work_dir: str, layout: features.Data
             'rejected': rejected, 'stats': stats}
 
 
-def read_lines(p: beam.Pipeline, path: str, header_lines: int):
-    """The ratings lines as bytes (decoded by the parser, which rejects non-UTF-8)."""
-    from apache_beam import coders  # pylint: disable=import-outside-toplevel
-    return p | 'ReadRatings' >> beam.io.ReadFromText(
-        path, skip_header_lines=header_lines, coder=coders.BytesCoder())
 
 
 # --- Edges: flags, output dir, run, summary. ---------------------------------------------
@@ -895,8 +1119,9 @@ def run(config: PreprocessConfig, beam_args: Sequence[str]) -> features.DatasetI
     logger.info('Preprocessing %s (%s layout) into %s', ratings_path, layout.name, out_dir)
     with beam.Pipeline(options=options) as p:
         with tft_beam.Context(temp_dir=temp_dir):
-            build_pipeline(p, read_lines(p, ratings_path, header_lines), config.work_dir,
-                           layout, config.seed, config.eval_percent)
+            parsed, repeated = read_ratings(p, ratings_path, layout, header_lines)
+            build_pipeline(parsed, config.work_dir, config.seed, config.eval_percent,
+                           repeated_pairs=repeated)
     stats_path = features.join(out_dir, _TMP_DIR, _STATS_FILE)
     with tf.io.gfile.GFile(stats_path) as f:
         stats = json.loads(f.read() or '{}')

@@ -239,6 +239,42 @@ def test_deduplicate_ratings_in_beam_across_batches_and_buckets():
                     label='CheckStats')
 
 
+def test_repeated_keys_and_sorted_membership():
+    keys = np.array([5, 3, 9, 3, 5, 5, 1], dtype=np.uint64)
+    repeated = preprocess.repeated_keys(keys)
+    assert repeated.tolist() == [3, 5]
+    assert preprocess.is_in_sorted(keys, repeated).tolist() == [
+        True, True, False, True, True, True, False]
+    assert not preprocess.is_in_sorted(keys, np.zeros(0, np.uint64)).any()
+
+
+def test_only_rows_of_repeated_pairs_go_through_the_duplicate_check():
+    """A first pass finds the repeated pairs; the others pass by the grouping, without lines."""
+    first, second = DUPLICATE_ROWS[::2], DUPLICATE_ROWS[1::2]
+    batches = [_parsed_table(first).to_batches()[0], _parsed_table(second).to_batches()[0]]
+    with BeamTestPipeline(runner=preprocess.DEFAULT_RUNNER) as p:
+        valid = p | beam.Create(batches)
+        repeated = valid | preprocess.FindRepeatedPairs()
+        unique, splits = preprocess.deduplicate_and_split(
+            valid, repeated, num_buckets=3, seed=1, eval_percent=50)
+        rows = ((splits[features.TRAIN], splits[features.EVAL]) | 'Both' >> beam.Flatten()
+                | 'Rows' >> beam.FlatMap(lambda batch: zip(
+                    batch.column(features.USER_ID).to_pylist(),
+                    batch.column(features.RATING).to_pylist())))
+        assert_that(rows, equal_to([([str(row[0]).encode()], [row[2]]) for row in KEPT]),
+                    label='CheckKept')
+        rejected = unique[preprocess.DeduplicateRatings.REJECTED] | 'Lines' >> beam.FlatMap(
+            lambda block: [line for _, line in csv.reader(block.split('\n'))])
+        assert_that(rejected, equal_to(['1\t1\t2\t100', '1\t1\t5\t200', '2\t1\t3\t500',
+                                        '3\t1\t2\t700', ' 4\t1\t3\t800', '04\t1\t3\t800']),
+                    label='CheckRejected')
+        totals = (unique[preprocess.DeduplicateRatings.STATS] | 'MergeStats' >> beam.Flatten()
+                  | beam.CombineGlobally(preprocess._SumStatsFn()))
+        # (1, 2) and (5, 1) are rated once: accepted without the grouping.
+        assert_that(totals, equal_to([{'rows_accepted': 6, 'rejected:duplicate_rating': 6}]),
+                    label='CheckStats')
+
+
 @pytest.mark.parametrize('line', ['1\t2\t3\t4', '1,2,"3",4', 'a,b', '', ' x ', '1\t2\r3\t4'])
 def test_rejected_rows_read_back_as_written(line):
     text = preprocess.format_rejected([('some_reason', line), ('other', line)])
