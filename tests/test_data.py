@@ -66,7 +66,18 @@ def test_unshuffled_batches_follow_the_sorted_shards(pattern):
     assert _rows(data.make_dataset(pattern, batch_size=6)) == ROWS
 
 
-def test_load_ratings_reads_every_row_in_sorted_shard_order(pattern):
+def test_load_ratings_puts_rows_in_one_order_whatever_the_shards(work_dir):
+    prefix = features.split_prefix(work_dir, features.TRAIN)
+    os.makedirs(os.path.dirname(prefix))
+    shuffled = [ROWS[i] for i in np.random.default_rng(0).permutation(len(ROWS))]
+    _write_shard(f'{prefix}-00000-of-00003{features.TFRECORD_SUFFIX}', shuffled[:9])
+    _write_shard(f'{prefix}-00001-of-00003{features.TFRECORD_SUFFIX}', shuffled[9:30])
+    _write_shard(f'{prefix}-00002-of-00003{features.TFRECORD_SUFFIX}', shuffled[30:])
+    ratings = data.load_ratings(features.split_pattern(work_dir, features.TRAIN))
+    assert _triples(ratings) == sorted(ROWS)
+
+
+def test_load_ratings_reads_every_row_sorted_by_user_and_item(pattern):
     ratings = data.load_ratings(pattern)
     assert len(ratings) == len(ROWS)
     assert ratings.user.dtype == tf.int32 and ratings.rating.dtype == tf.float32

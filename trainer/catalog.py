@@ -117,7 +117,7 @@ def read_titles(work_dir: str, layout: features.DatasetLayout) -> dict[str, str]
 
 
 def read_split(file_pattern: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(user, item, rating) of every example of one split, in file order.
+    """(user, item, rating) of every example of one split, sorted by (user, item).
 
     Returns:
       int32 user indices, int32 item indices, float32 ratings.
