@@ -109,6 +109,8 @@ def test_tune_ranks_trials_by_validation_and_refuses_to_mix_searches(
     trials = results['trials']
     assert [trial['trial'] for trial in trials] == [0, 1, 2]
     assert trials[0]['flags'] == {}
+    assert all(np.isfinite(trial['validation_rmse']) for trial in trials)
+    assert len({trial['validation_rmse'] for trial in trials}) == 3
     best = min(trials, key=lambda trial: trial['validation_rmse'])
     assert f'best validation RMSE {best["validation_rmse"]:.4f}' in out
     table = [line.split()[0] for line in out.splitlines()[1:4]]
