@@ -44,28 +44,6 @@ def pattern(work_dir: str) -> str:
     return features.split_pattern(work_dir, features.TRAIN)
 
 
-def _rows(dataset: tf.data.Dataset) -> list[tuple[int, int, float]]:
-    rows = []
-    for batch in dataset.as_numpy_iterator():
-        rows += zip(batch[features.USER].tolist(), batch[features.ITEM].tolist(),
-                    batch[features.RATING].tolist())
-    return rows
-
-
-def test_batches_parse_to_model_keys_with_their_dtypes(pattern):
-    batches = list(data.make_dataset(pattern, batch_size=8))
-    assert [len(batch[features.RATING]) for batch in batches] == [8, 8, 8, 8, 3]
-    first = batches[0]
-    assert set(first) == {features.USER, features.ITEM, features.RATING}
-    assert first[features.USER].dtype == tf.int64
-    assert first[features.ITEM].dtype == tf.int64
-    assert first[features.RATING].dtype == tf.float32
-
-
-def test_unshuffled_batches_follow_the_sorted_shards(pattern):
-    assert _rows(data.make_dataset(pattern, batch_size=6)) == ROWS
-
-
 def test_load_ratings_puts_rows_in_one_order_whatever_the_shards(work_dir):
     prefix = features.split_prefix(work_dir, features.TRAIN)
     os.makedirs(os.path.dirname(prefix))
@@ -136,11 +114,6 @@ def test_epoch_seeds_are_stable_and_distinct():
 def test_missing_shards_say_to_run_preprocess(work_dir):
     with pytest.raises(FileNotFoundError, match='run preprocess.py first'):
         data.load_ratings(features.split_pattern(work_dir, features.EVAL))
-
-
-def test_bad_sizes_are_refused(pattern):
-    with pytest.raises(ValueError, match='must be >= 1'):
-        data.make_dataset(pattern, batch_size=0)
 
 
 def test_the_model_reads_a_subset_of_the_shared_spec():

@@ -5,19 +5,18 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from trainer import eval_predictions, features
+from trainer import data, eval_predictions, features
 from trainer.model import MatrixFactorization
 
 
 def test_counts_put_each_clipped_prediction_in_its_bin():
     model = MatrixFactorization(2, 3, num_factors=1, global_mean=3.0, init_stddev=0.0, seed=0)
     model.set_weights(item_bias=[-2.5, 0.25, 1.99, 0.0])  # predictions 0.5 -> 1, 3.25, 4.99
-    dataset = tf.data.Dataset.from_tensor_slices({
-        features.USER: tf.constant([0, 1, 0, 1], tf.int64),
-        features.ITEM: tf.constant([0, 1, 2, 2], tf.int64),
-        features.RATING: tf.constant([1.0, 3.0, 5.0, 4.0]),
-    }).batch(3)
-    counts = eval_predictions.count_predictions(model, dataset, 1.0, 5.0, 1.0, bin_width=0.5)
+    ratings = data.Ratings(tf.constant([0, 1, 0, 1], tf.int32),
+                           tf.constant([0, 1, 2, 2], tf.int32),
+                           tf.constant([1.0, 3.0, 5.0, 4.0]))
+    counts = eval_predictions.count_predictions(model, ratings, 1.0, 5.0, 1.0,
+                                                bin_width=0.5, chunk_size=3)
     expected = np.zeros((5, 8), np.int64)
     expected[0, 0] = 1  # true 1, predicted 0.5 clipped to 1.0: bin [1, 1.5)
     expected[2, 4] = 1  # true 3, predicted 3.25: bin [3, 3.5)
@@ -32,9 +31,8 @@ def test_counts_put_each_clipped_prediction_in_its_bin():
 
 def test_half_star_scales_get_a_row_per_half_star():
     model = MatrixFactorization(1, 1, num_factors=1, global_mean=2.2, init_stddev=0.0, seed=0)
-    dataset = tf.data.Dataset.from_tensor_slices({
-        features.USER: tf.constant([0], tf.int64), features.ITEM: tf.constant([0], tf.int64),
-        features.RATING: tf.constant([2.5])}).batch(1)
-    counts = eval_predictions.count_predictions(model, dataset, 0.5, 5.0, 0.5)
+    ratings = data.Ratings(tf.constant([0], tf.int32), tf.constant([0], tf.int32),
+                           tf.constant([2.5]))
+    counts = eval_predictions.count_predictions(model, ratings, 0.5, 5.0, 0.5)
     assert counts.shape == (10, 45)
     assert counts[4, 17] == 1 and counts.sum() == 1  # true 2.5; 2.2 in [2.2, 2.3)

@@ -14,8 +14,8 @@ packing both in a `Catalog`, in the order of the TFT vocabularies:
   users x movies bitmap would take 1.2 GB.
 - `item_counts[i]` is the number of train ratings of item i.
 
-The pairs come from `data.load_ratings` (or the trainer's copy in memory),
-never one rating at a time.  Nothing here trains or exports.
+The pairs come from the train split in memory (`data.load_ratings`, the
+trainer's copy), never one rating at a time.  Nothing here trains or exports.
 """
 
 from __future__ import annotations
@@ -116,19 +116,6 @@ def read_titles(work_dir: str, layout: features.DatasetLayout) -> dict[str, str]
     return parse_titles(text, layout)
 
 
-def read_split(file_pattern: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(user, item, rating) of every example of one split, sorted by (user, item).
-
-    Returns:
-      int32 user indices, int32 item indices, float32 ratings.
-
-    Raises:
-      FileNotFoundError: if no shard matches.
-    """
-    ratings = data.load_ratings(file_pattern)
-    return ratings.user.numpy(), ratings.item.numpy(), ratings.rating.numpy()
-
-
 def group_by_user(users: np.ndarray, items: np.ndarray,
                   num_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """Items grouped by user as ragged (values, row_splits), items ascending per user.
@@ -185,30 +172,23 @@ def build_catalog(movie_ids: list[str], titles: dict[str, str],
 
 
 def load_catalog(work_dir: str, layout: features.DatasetLayout,
-                 train: data.Ratings | None = None) -> Catalog:
-    """Reads the vocabularies, the staged titles and the train split of a work dir.
+                 train: data.Ratings) -> Catalog:
+    """Reads the vocabularies and the staged titles of a work dir; pairs from train.
 
     Args:
       work_dir: the pipeline work dir (raw/ and transformed/).
       layout: the layout the staged files follow (DatasetInfo.layout).
-      train: the train split when the caller holds it already; None reads it.
+      train: the train split (`data.load_ratings`; the trainer's copy).
 
     Returns:
       The catalog.
-
-    Raises:
-      FileNotFoundError: if the train split has no shards.
     """
     tft_output = tft.TFTransformOutput(features.transformed_dir(work_dir))
     movie_ids = [word.decode('utf-8') if isinstance(word, bytes) else str(word)
                  for word in tft_output.vocabulary_by_name(features.MOVIE_VOCAB)]
     num_users = tft_output.vocabulary_size_by_name(features.USER_VOCAB)
-    if train is None:
-        users, items, _ = read_split(features.split_pattern(work_dir, features.TRAIN))
-    else:
-        users, items = train.user.numpy(), train.item.numpy()
     catalog = build_catalog(movie_ids, read_titles(work_dir, layout), num_users,
-                            users, items)
+                            train.user.numpy(), train.item.numpy())
     logger.info('Catalog: %d movies, %d users, %d train pairs', catalog.num_items,
                 catalog.num_users, catalog.seen_items.size)
     return catalog

@@ -1,4 +1,4 @@
-"""Input: the transformed TFRecord shards, as in-memory rating columns or `tf.data` batches.
+"""Input: the transformed TFRecord shards, as in-memory rating columns.
 
 The trainer reads each split once (`load_ratings`): the sorted shards are
 parsed in batches of 65536 with one `tf.io.parse_example` call each, keeping
@@ -10,9 +10,8 @@ derived from the run seed and the epoch number, so epoch k sees the same
 order whether the run started fresh or resumed), and the training loop slices
 batches from it inside one `tf.function`: no per-batch input pipeline, no
 parsing after the first read.  `split_validation` carves the validation
-slice from the train split by a seeded permutation of row positions.
-`make_batches` keeps the streaming form for whole-split passes that run once
-(rankings, eval predictions).
+slice from the train split by a seeded permutation of row positions.  The
+evaluations after training (ranking, eval predictions) use the same copies.
 
 Broken input is named, never trained on: `list_shards` refuses an empty
 shard file or a gap in a -SSSSS-of-NNNNN shard set, `check_shards` refuses a
@@ -280,33 +279,6 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def parse_batch(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
     """Parses a vector of serialised examples into user, item, rating vectors."""
     return tf.io.parse_example(serialized, MODEL_FEATURE_SPEC)
-
-
-def make_batches(records: tf.data.Dataset, batch_size: int) -> tf.data.Dataset:
-    """Batches of parsed features from serialised examples, in their order.
-
-    Args:
-      records: serialised examples.
-      batch_size: examples per batch; the last batch may be smaller.
-
-    Returns:
-      A dataset of {user: int64 [B], item: int64 [B], rating: float32 [B]}.
-
-    Raises:
-      ValueError: if batch_size is not positive.
-    """
-    if batch_size < 1:
-        raise ValueError(f'batch_size must be >= 1, got {batch_size!r}')
-    return (records.batch(batch_size)
-            .map(parse_batch, num_parallel_calls=tf.data.AUTOTUNE,
-                 deterministic=True)
-            .prefetch(tf.data.AUTOTUNE))
-
-
-def make_dataset(file_pattern: str, batch_size: int) -> tf.data.Dataset:
-    """`make_batches` over every shard matching file_pattern, for one-off passes."""
-    return make_batches(tf.data.TFRecordDataset(
-        list_shards(file_pattern), compression_type='GZIP'), batch_size)
 
 
 def read_vocabulary_sizes(tft_dir: str) -> tuple[int, int]:

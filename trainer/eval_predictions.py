@@ -28,14 +28,16 @@ logger = logging.getLogger(__name__)
 BIN_WIDTH = 0.1
 
 
-def count_predictions(model: MatrixFactorization, dataset: tf.data.Dataset,
+def count_predictions(model: MatrixFactorization, ratings: data.Ratings,
                       rating_min: float, rating_max: float, rating_step: float,
-                      bin_width: float = BIN_WIDTH) -> np.ndarray:
-    """Counts of (true rating, clipped prediction bin) over a batched dataset.
+                      bin_width: float = BIN_WIDTH,
+                      chunk_size: int = 65536) -> np.ndarray:
+    """Counts of (true rating, clipped prediction bin) over ratings in memory.
 
     Args:
       model: the trained model.
-      dataset: batches of {user, item, rating} (`data.make_dataset`).
+      ratings: the split to count (`data.load_ratings`; the trainer's copy).
+      chunk_size: ratings predicted at a time.
       rating_min, rating_max, rating_step: the rating scale.
       bin_width: width of a prediction bin, in stars.
 
@@ -46,19 +48,26 @@ def count_predictions(model: MatrixFactorization, dataset: tf.data.Dataset,
     num_ratings = int(round((rating_max - rating_min) / rating_step)) + 1
     num_bins = int(round((rating_max - rating_min) / bin_width))
 
-    def add_batch(totals: tf.Tensor, batch: dict[str, tf.Tensor]) -> tf.Tensor:
-        prediction = tf.clip_by_value(
-            model(batch[features.USER], batch[features.ITEM]), rating_min, rating_max)
-        true_row = tf.cast(tf.round((batch[features.RATING] - rating_min)
-                                    / rating_step), tf.int32)
-        true_row = tf.clip_by_value(true_row, 0, num_ratings - 1)
-        column = tf.cast(tf.floor((prediction - rating_min) / bin_width), tf.int32)
-        column = tf.clip_by_value(column, 0, num_bins - 1)
-        return totals + tf.math.bincount(
-            true_row * num_bins + column, minlength=num_ratings * num_bins,
-            maxlength=num_ratings * num_bins, dtype=tf.int64)
+    cells = num_ratings * num_bins
 
-    totals = dataset.reduce(tf.zeros([num_ratings * num_bins], tf.int64), add_batch)
+    @tf.function
+    def count(user: tf.Tensor, item: tf.Tensor, rating: tf.Tensor) -> tf.Tensor:
+        size = tf.size(rating)
+        totals = tf.zeros([cells], tf.int64)
+        for start in tf.range(0, size, chunk_size):
+            end = tf.minimum(start + chunk_size, size)
+            prediction = tf.clip_by_value(
+                model(user[start:end], item[start:end]), rating_min, rating_max)
+            true_row = tf.cast(tf.round((rating[start:end] - rating_min) / rating_step),
+                               tf.int32)
+            true_row = tf.clip_by_value(true_row, 0, num_ratings - 1)
+            column = tf.cast(tf.floor((prediction - rating_min) / bin_width), tf.int32)
+            column = tf.clip_by_value(column, 0, num_bins - 1)
+            totals += tf.math.bincount(true_row * num_bins + column, minlength=cells,
+                                       maxlength=cells, dtype=tf.int64)
+        return totals
+
+    totals = count(ratings.user, ratings.item, ratings.rating)
     return totals.numpy().reshape(num_ratings, num_bins)
 
 
@@ -76,12 +85,12 @@ def format_counts(counts: np.ndarray, rating_min: float, rating_step: float,
 
 
 def write_eval_predictions(model: MatrixFactorization, info: features.DatasetInfo,
-                           model_dir: str, batch_size: int) -> str:
+                           model_dir: str, eval_split: data.Ratings,
+                           batch_size: int) -> str:
     """Writes MODEL_DIR/eval_predictions.csv (via a temp file); returns its path."""
     layout = features.DATASETS[info.layout]
-    counts = count_predictions(
-        model, data.make_dataset(info.eval_pattern, batch_size),
-        info.rating_min, info.rating_max, layout.rating_step)
+    counts = count_predictions(model, eval_split, info.rating_min, info.rating_max,
+                               layout.rating_step, chunk_size=batch_size)
     path = features.join(model_dir, features.EVAL_PREDICTIONS_FILE)
     tmp = path + '.tmp'
     with tf.io.gfile.GFile(tmp, 'w') as f:

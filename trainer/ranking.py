@@ -273,28 +273,22 @@ def evaluate_lists(rankers: dict[str, Ranker],
 
 
 def evaluate(model: MatrixFactorization, catalog: catalog_lib.Catalog,
-             eval_pattern: str, k: int = TOP_K,
-             relevant_rating: float = RELEVANT_RATING,
-             eval_split: data.Ratings | None = None) -> dict[str, object]:
+             eval_split: data.Ratings, k: int = TOP_K,
+             relevant_rating: float = RELEVANT_RATING) -> dict[str, object]:
     """The model, most-popular and fallback rankings, scored on the eval split.
 
     Args:
       model: the trained model.
       catalog: the train pairs and counts the export also uses.
-      eval_pattern: the eval TFRecords (DatasetInfo.eval_pattern).
+      eval_split: the eval split (`data.load_ratings`; the trainer's copy).
       k: the cut-off.
       relevant_rating: eval ratings at or above it are relevant.
-      eval_split: the eval split when the caller holds it already; None
-        reads eval_pattern.
 
     Returns:
       What `evaluate_lists` returns.
     """
-    if eval_split is None:
-        users, items, ratings = catalog_lib.read_split(eval_pattern)
-    else:
-        users, items, ratings = (eval_split.user.numpy(), eval_split.item.numpy(),
-                                 eval_split.rating.numpy())
+    users, items, ratings = (eval_split.user.numpy(), eval_split.item.numpy(),
+                             eval_split.rating.numpy())
     num_items = catalog.num_items
     record = evaluate_lists(
         {'model': lambda user: score_items(model, user, num_items),

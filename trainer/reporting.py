@@ -50,8 +50,6 @@ def write_epoch_summaries(writers: dict[str, tf.summary.SummaryWriter],
               VALIDATION: (row.validation_rmse, row.validation_mae),
               features.EVAL: (row.eval_rmse, row.eval_mae)}
     for split, (rmse, mae) in values.items():
-        if split not in writers:
-            continue
         with writers[split].as_default(step=row.epoch):
             for tag, value in (('rmse', rmse), ('mae', mae)):
                 tf.summary.write(tag, tf.constant(value, tf.float32),

@@ -158,10 +158,9 @@ def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
     metrics = _metrics_record(result, info, config, export_dir,
                               time.perf_counter() - started, task.num_workers,
                               strategy.num_replicas_in_sync)
-    metrics['ranking'] = ranking.evaluate(result.model, catalog, info.eval_pattern,
-                                          eval_split=result.splits.eval)
+    metrics['ranking'] = ranking.evaluate(result.model, catalog, result.splits.eval)
     eval_predictions.write_eval_predictions(result.model, info, config.model_dir,
-                                            config.eval_batch_size)
+                                            result.splits.eval, config.eval_batch_size)
     features.write_json(features.join(config.model_dir, features.METRICS_FILE),
                         metrics)
     if config.hypertune_file is not None:

@@ -84,9 +84,6 @@ class TrainResult:
       stopped_early: training stopped before --num-epochs (patience ran out).
       train_seconds: seconds spent in training steps in this run.
       ratings_trained: train ratings processed in this run.
-      fit_ratings: ratings the final model is fitted on (the whole train
-        split after a refit, else train minus validation).
-      validation_ratings: ratings in the validation slice.
       final: metrics of the final model, train_* over its fit ratings;
         validation_* are NaN after a refit (the slice was trained on).
       splits: the ratings in memory, for the evaluations after training.
@@ -100,10 +97,17 @@ class TrainResult:
     stopped_early: bool
     train_seconds: float
     ratings_trained: int
-    fit_ratings: int
-    validation_ratings: int
     final: EpochMetrics
     splits: 'Splits'
+
+    @property
+    def fit_ratings(self) -> int:
+        """Ratings the final model is fitted on: all of train after a refit."""
+        return len(self.splits.train if self.refit else self.splits.fit)
+
+    @property
+    def validation_ratings(self) -> int:
+        return len(self.splits.validation)
 
 
 def pad_rows(gradient: tf.IndexedSlices, rows: int) -> tf.IndexedSlices:
@@ -133,6 +137,12 @@ def drop_padding(gradient: tf.IndexedSlices, scale: tf.Tensor) -> tf.IndexedSlic
     return tf.IndexedSlices(tf.boolean_mask(gradient.values, keep) * scale,
                             tf.boolean_mask(gradient.indices, keep),
                             gradient.dense_shape)
+
+
+def _scaled(gradient: tf.IndexedSlices, scale: tf.Tensor, padded: bool) -> tf.IndexedSlices:
+    if padded:
+        return drop_padding(gradient, scale)
+    return tf.IndexedSlices(gradient.values * scale, gradient.indices, gradient.dense_shape)
 
 
 def replica_slice(batch: tf.Tensor, batch_size: int, size: tf.Tensor,
@@ -185,17 +195,13 @@ def make_train_epoch(strategy: tf.distribute.Strategy,
             'item_embedding': tf.IndexedSlices(
                 item_gradient, item, tf.shape(parameters['item_embedding'], tf.int64))}
         count = tf.cast(tf.size(loss), tf.float32)
-        if replicas > 1:
-            gradients = {name: pad_rows(gradient, rows_per_replica)
-                         for name, gradient in gradients.items()}
-            count, gradients = context.all_reduce(_SUM, (count, gradients))
-            gradients = {name: drop_padding(gradient, 1.0 / tf.maximum(count, 1.0))
-                         for name, gradient in gradients.items()}
-        else:
-            gradients = {name: tf.IndexedSlices(gradient.values / tf.maximum(count, 1.0),
-                                                gradient.indices, gradient.dense_shape)
-                         for name, gradient in gradients.items()}
-        optimizer.apply_gradients(gradients, parameters)
+        if replicas > 1:  # padding only where a collective needs fixed shapes
+            count, gradients = context.all_reduce(_SUM, (count, {
+                name: pad_rows(gradient, rows_per_replica)
+                for name, gradient in gradients.items()}))
+        scale = 1.0 / tf.maximum(count, 1.0)  # the mean over the global batch
+        optimizer.apply_gradients({name: _scaled(gradient, scale, padded=replicas > 1)
+                                   for name, gradient in gradients.items()}, parameters)
         error = tf.cast(tf.clip_by_value(prediction, rating_min, rating_max) - rating,
                         tf.float64)
         return tf.stack([tf.reduce_sum(tf.cast(loss, tf.float64)),
@@ -415,7 +421,7 @@ def train(config: TrainConfig, info: features.DatasetInfo,
             row.train_rmse, row.validation_rmse, state.best.validation_rmse.numpy(),
             state.best.epoch.numpy(), row.eval_rmse, info.global_mean_eval_rmse,
             running['seconds'], running['speed'] / 1e6)
-    best_epoch = _keep_best(config, state, has_validation)
+    best_epoch, stopped_early = _keep_best(config, state, has_validation)
     phases = [search]
     if config.final_model == 'refit' and has_validation and best_epoch > 0:
         phases.append(_refit(config, info, sizes, strategy, splits, best_epoch))
@@ -431,30 +437,32 @@ def train(config: TrainConfig, info: features.DatasetInfo,
         model=final_phase.state.model, history=history, initial_epoch=initial_epoch,
         best_epoch=best_epoch,
         best_validation_rmse=float(state.best.validation_rmse.numpy()),
-        refit=len(phases) > 1,
-        stopped_early=(_should_stop(config, int(state.epoch.numpy()), best_epoch,
-                                    has_validation)
-                       and int(state.epoch.numpy()) < config.num_epochs),
+        refit=len(phases) > 1, stopped_early=stopped_early,
         train_seconds=sum(phase.train_seconds for phase in phases),
         ratings_trained=sum(phase.ratings for phase in phases),
-        fit_ratings=len(final_fit), validation_ratings=len(splits.validation),
         final=final, splits=splits)
 
 
-def _keep_best(config: TrainConfig, state: state_lib.State, has_validation: bool) -> int:
-    """Puts the best epoch's parameters in the search model; returns the epoch."""
+def _keep_best(config: TrainConfig, state: state_lib.State,
+               has_validation: bool) -> tuple[int, bool]:
+    """Puts the best epoch's parameters in the search model.
+
+    Returns:
+      (the best epoch, whether early stopping ended the search).
+    """
     last_epoch = int(state.epoch.numpy())
     best_epoch = int(state.best.epoch.numpy())
     if best_epoch > 0:
         state.best.restore_into(state.model)
-    if _should_stop(config, last_epoch, best_epoch, has_validation) and (
-            last_epoch < config.num_epochs):
+    stopped_early = (_should_stop(config, last_epoch, best_epoch, has_validation)
+                     and last_epoch < config.num_epochs)
+    if stopped_early:
         logger.info('Stopped early: no validation improvement for %d epochs after '
                     'epoch %d', config.early_stopping_patience, best_epoch)
     if best_epoch and best_epoch != last_epoch:
         logger.info('Best epoch by validation: %d (RMSE %.4f)', best_epoch,
                     state.best.validation_rmse.numpy())
-    return best_epoch
+    return best_epoch, stopped_early
 
 
 REFIT_DIR = 'refit'
