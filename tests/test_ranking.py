@@ -59,6 +59,28 @@ def test_top_k_unseen_skips_seen_items_and_marks_padding():
     np.testing.assert_allclose(values.numpy()[0], [4.0, 2.0])
 
 
+@pytest.mark.parametrize('num_items', [5000, 5121, 7 * 128])
+@pytest.mark.parametrize('k', [1, 10])
+def test_top_k_rows_equals_tf_top_k_with_ties_and_masked_items(num_items, k):
+    # Integer scores tie often; -inf entries are masked (seen) items. Row 1
+    # has fewer than k unmasked items, row 2 its best ones in the partial
+    # last chunk, row 3 all ties.
+    rng = np.random.default_rng(k)
+    scores = rng.integers(0, 40, (6, num_items)).astype(np.float32)
+    scores[rng.random(scores.shape) < 0.3] = -np.inf
+    scores[1] = -np.inf
+    scores[1, [3, num_items - 1]] = 1.0
+    scores[2, -3:] = 100.0
+    scores[3] = 7.0
+    expected_values, expected_indices = tf.math.top_k(scores, k)
+    for k_argument in (k, tf.constant(k)):  # static, and dynamic as in `recommend`
+        values, indices = ranking.top_k_rows(tf.constant(scores), k_argument)
+        np.testing.assert_array_equal(values.numpy(), expected_values.numpy())
+        finite = np.isfinite(expected_values.numpy())
+        np.testing.assert_array_equal(indices.numpy()[finite],
+                                      expected_indices.numpy()[finite])
+
+
 def test_score_items_matches_the_model_pair_by_pair():
     model = _model(num_users=3, num_items=4)
     model.set_weights(user_bias=[0.5, -0.2, 0.1, 0.0])
