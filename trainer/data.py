@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import zlib
+from concurrent import futures
 
 import numpy as np
 import tensorflow as tf
@@ -211,6 +212,25 @@ def load_ratings(file_pattern: str) -> Ratings:
     ratings = Ratings(concat(features.USER, tf.int32), concat(features.ITEM, tf.int32),
                       concat(features.RATING, tf.float32))
     return ratings.take(canonical_order(ratings.user.numpy(), ratings.item.numpy()))
+
+
+def load_checked(file_patterns: tuple[str, ...]) -> list[Ratings]:
+    """`load_ratings` of each pattern, with `check_shards` of all of them alongside.
+
+    The check and the loads run in threads (zlib and `tf.data` work outside
+    the GIL), so on two cores the check costs no wall time and a small split
+    loads beside a large one.  A broken shard is reported by the check, as a
+    ShardError naming it, before any read error of a load.
+
+    Raises:
+      FileNotFoundError: a pattern matches nothing.
+      ShardError: a shard is missing, empty, truncated or corrupt.
+    """
+    with futures.ThreadPoolExecutor(len(file_patterns) + 1) as pool:
+        check = pool.submit(check_shards, file_patterns)
+        loads = [pool.submit(load_ratings, pattern) for pattern in file_patterns]
+        check.result()
+        return [load.result() for load in loads]
 
 
 def canonical_order(users: np.ndarray, items: np.ndarray) -> np.ndarray:

@@ -136,7 +136,6 @@ def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
     config = config_lib.with_data_defaults(config, info)
     user_vocab_size, item_vocab_size = data.read_vocabulary_sizes(tft_dir)
     try:
-        data.check_shards((info.train_pattern, info.eval_pattern))
         with reporting.epoch_summaries(config.tensorboard_dir) as on_epoch_end:
             result = train_lib.train(config, info, user_vocab_size,
                                      item_vocab_size, strategy, on_epoch_end)

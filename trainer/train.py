@@ -280,17 +280,17 @@ class Splits:
 
 
 def load_splits(config: TrainConfig, info: features.DatasetInfo) -> Splits:
-    """Loads train and eval; carves the validation slice (keyed by the split seed).
+    """Loads and checks train and eval; carves the validation slice (keyed by the split seed).
 
     The slice is keyed by preprocess.py's seed, not --seed, so runs that
     differ only in --seed (or in any hyperparameter) validate on the same
     ratings.
     """
     started = time.perf_counter()
-    train_ratings = data.load_ratings(info.train_pattern)
+    train_ratings, eval_ratings = data.load_checked((info.train_pattern, info.eval_pattern))
     fit, validation = data.split_validation(
         train_ratings, config.validation_percent, info.seed)
-    splits = Splits(train_ratings, fit, validation, data.load_ratings(info.eval_pattern))
+    splits = Splits(train_ratings, fit, validation, eval_ratings)
     logger.info('Loaded %d ratings to fit, %d to validate (%.3g%% of train), '
                 '%d eval in %.1f s', len(fit), len(validation),
                 config.validation_percent, len(splits.eval),
