@@ -433,6 +433,7 @@ def trainer_row(metrics: dict[str, Any]) -> Row:
     """Our trainer's row, from its metrics.json."""
     settings = metrics.get('config', {})
     note = (f"{settings.get('num_factors')} factors, l2 {settings.get('l2')}, "
+            f"lr decay {settings.get('learning_rate_decay')}, "
             f"{settings.get('optimizer')}; best of {metrics.get('epochs')} epochs: "
             f"{metrics.get('best_epoch')}, final model {metrics.get('final_model')}")
     return Row('this trainer', metrics['eval_rmse'], metrics['eval_mae'],

@@ -67,6 +67,8 @@ def test_os_environ_is_read_when_no_mapping_is_given(monkeypatch):
     ('--l2', '-0.1'),
     ('--l2-bias', 'inf'),
     ('--init-stddev', '0'),
+    ('--learning-rate-decay', '0'),
+    ('--learning-rate-decay', '1.5'),
     ('--seed', '-1'),
     ('--optimizer', 'rmsprop'),
 ])
@@ -95,6 +97,25 @@ def test_unknown_missing_or_empty_flags_are_errors(argv, capsys):
         config.parse_args(argv, environ={})
     assert exit_info.value.code == 2
     assert 'error:' in capsys.readouterr().err
+
+
+def test_the_default_decay_is_per_800_steps_and_at_most_0_8_an_epoch():
+    assert config.default_learning_rate_decay(25_000_000, 1024) == 0.8
+    assert config.default_learning_rate_decay(800 * 1024, 1024) == 0.8
+    # 80k ratings are 78 steps: a tenth of 800, so 0.8^(78/800).
+    assert config.default_learning_rate_decay(80_000, 1024) == pytest.approx(
+        0.8 ** (80_000 / 1024 / 800), abs=1e-4)
+    info = features.DatasetInfo(
+        dataset='synthetic', layout='ml-25m', seed=42, eval_percent=20.0,
+        rows_read=12_500_000, rows_accepted=12_500_000, rows_rejected=0,
+        rejected_by_reason={}, train_ratings=10_000_000, eval_ratings=2_500_000,
+        users=80_000, movies=40_000, train_mean_rating=3.5, global_mean_eval_rmse=1.1,
+        rating_min=0.5, rating_max=5.0, train_pattern='t', eval_pattern='e')
+    filled = config.with_data_defaults(config.make_config(work_dir='w'), info)
+    assert filled.learning_rate_decay == 0.8
+    kept = config.with_data_defaults(
+        config.make_config(work_dir='w', learning_rate_decay=1.0), info)
+    assert kept.learning_rate_decay == 1.0
 
 
 def test_config_is_frozen():

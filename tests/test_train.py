@@ -324,6 +324,18 @@ def test_without_a_validation_slice_the_last_epoch_is_kept(planted, tmp_path):
     assert all(np.isnan(row.validation_rmse) for row in result.history)
 
 
+def test_the_learning_rate_decays_each_epoch(planted, tmp_path):
+    """With a vanishing decay, epochs after the first barely move the model."""
+    def user_rows(name: str, epochs: int, decay: float) -> np.ndarray:
+        result = _run(planted, str(tmp_path / name), num_epochs=epochs,
+                      learning_rate_decay=decay, validation_percent=0.0)
+        return result.model.user_embedding.numpy()
+
+    first = user_rows('one', 1, 1e-6)
+    np.testing.assert_allclose(user_rows('frozen', 3, 1e-6), first, atol=1e-5)
+    assert np.abs(user_rows('constant', 3, 1.0) - first).max() > 1e-2
+
+
 def test_a_refit_retrains_on_all_train_ratings_for_the_best_epoch_count(
         planted, tmp_path):
     model_dir = str(tmp_path / 'model')

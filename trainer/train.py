@@ -343,6 +343,8 @@ def _start_phase(config: TrainConfig, info: features.DatasetInfo,
 def _run_epoch(phase: _Phase, fit: data.Ratings, number: int) -> dict[str, float]:
     """Trains one epoch on a seeded shuffle of fit; returns its running metrics."""
     shuffled = data.shuffle(fit, data.epoch_seed(phase.config.seed, number))
+    phase.state.optimizer.learning_rate.assign(
+        phase.config.learning_rate * phase.config.learning_rate_decay ** (number - 1))
     start = time.perf_counter()
     objective, count, squared, absolute = phase.train_epoch(
         shuffled.user, shuffled.item, shuffled.rating, phase.user_weights,
