@@ -29,7 +29,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 import preprocess
 from conftest import load_script
-from trainer import features
+from trainer import features, rating_parser
 
 extractor = load_script('data-extractor.py')
 
@@ -37,7 +37,7 @@ extractor = load_script('data-extractor.py')
 ML_100K = features.DATASETS['ml-100k']
 ML_1M = features.DATASETS['ml-1m']
 ML_25M = features.DATASETS['ml-25m']
-P = preprocess
+P = rating_parser
 
 
 # --- One line at a time: accepted, normalised or rejected with a named reason. ------
@@ -98,33 +98,33 @@ P = preprocess
 ])
 def test_each_kind_of_line_is_accepted_normalised_or_rejected_with_a_reason(
         layout, line, expected):
-    parsed = preprocess.parse_rating_lines([line], layout)
+    parsed = rating_parser.parse_rating_lines([line], layout)
     if isinstance(expected, tuple):
         assert parsed.rejected == []
         row = parsed.valid.to_pylist()[0]
         assert (row[features.USER_ID], row[features.MOVIE_ID], row[features.RATING],
                 row[features.TIMESTAMP]) == pytest.approx(expected)
-        assert row[preprocess.LINE] == line.decode('utf-8')  # kept as read
+        assert row[rating_parser.LINE] == line.decode('utf-8')  # kept as read
     else:
         assert parsed.valid.num_rows == 0
         [(reason, kept_line)] = parsed.rejected
         assert reason == expected
         assert kept_line == line.decode('utf-8', 'backslashreplace')
     # The per-line parser agrees wherever the line is text.
-    if expected != preprocess.NOT_UTF8:
+    if expected != rating_parser.NOT_UTF8:
         text = line.decode('utf-8')
         if isinstance(expected, tuple):
-            assert preprocess.parse_rating_line(text, layout) == pytest.approx(expected)
+            assert rating_parser.parse_rating_line(text, layout) == pytest.approx(expected)
         else:
             with pytest.raises(ValueError, match=f'^{expected}$'):
-                preprocess.parse_rating_line(text, layout)
+                rating_parser.parse_rating_line(text, layout)
 
 
 def test_a_batch_with_one_non_utf8_line_loses_none_of_the_others():
     lines = [b'1\t10\t5\t100', b'2\t2\xe9\t3\t200', b'3\t30\t4\t300', b'\xef\xbb\xbf4\t40\t1\t1']
-    parsed = preprocess.parse_rating_lines(lines, ML_100K)
+    parsed = rating_parser.parse_rating_lines(lines, ML_100K)
     assert sorted(parsed.valid.column(features.USER_ID).to_pylist()) == [1, 3, 4]
-    assert parsed.rejected == [(preprocess.NOT_UTF8, '2\t2\\xe9\t3\t200')]
+    assert parsed.rejected == [(rating_parser.NOT_UTF8, '2\t2\\xe9\t3\t200')]
 
 
 @pytest.mark.parametrize('layout, first_line, expected', [
@@ -136,7 +136,7 @@ def test_a_batch_with_one_non_utf8_line_loses_none_of_the_others():
     (ML_100K, b'garbage', 0),
 ])
 def test_only_a_real_header_at_the_top_is_skipped(layout, first_line, expected):
-    assert preprocess.count_header_lines(first_line, layout) == expected
+    assert rating_parser.count_header_lines(first_line, layout) == expected
 
 
 @pytest.mark.parametrize('head, phrase', [
@@ -154,7 +154,7 @@ def test_check_sample_refuses_a_file_with_nothing_valid(head, phrase):
 # --- Duplicates: keep the latest, reject the others, deterministically. ---------------
 def _parsed_table(rows: list[tuple[int, int, float, int, str]]) -> pa.Table:
     columns = list(zip(*rows)) if rows else [[]] * 5
-    return pa.Table.from_batches([preprocess.make_parsed_batch(
+    return pa.Table.from_batches([rating_parser.make_parsed_batch(
         np.array(columns[0], np.uint64), np.array(columns[1], np.uint64),
         np.array(columns[2], np.float64), np.array(columns[3], np.int64), list(columns[4]))])
 
@@ -205,8 +205,8 @@ def test_keep_latest_ratings_of_nothing_is_nothing():
 def test_partition_by_bucket_puts_every_row_of_a_pair_in_one_bucket():
     rng = np.random.default_rng(0)
     users, movies = rng.integers(1, 50, 2000), rng.integers(1, 50, 2000)
-    batch = preprocess.make_parsed_batch(users, movies, np.ones(2000), np.arange(2000),
-                                         [str(i) for i in range(2000)])
+    batch = rating_parser.make_parsed_batch(users, movies, np.ones(2000), np.arange(2000),
+                                            [str(i) for i in range(2000)])
     buckets = {}
     for bucket, rows in preprocess.partition_by_bucket(batch, 7):
         for user, movie in zip(rows.column(features.USER_ID).to_pylist(),
@@ -277,7 +277,7 @@ def test_only_rows_of_repeated_pairs_go_through_the_duplicate_check():
 
 @pytest.mark.parametrize('line', ['1\t2\t3\t4', '1,2,"3",4', 'a,b', '', ' x ', '1\t2\r3\t4'])
 def test_rejected_rows_read_back_as_written(line):
-    text = preprocess.format_rejected([('some_reason', line), ('other', line)])
+    text = rating_parser.format_rejected([('some_reason', line), ('other', line)])
     assert text.count('\n') == 1
     assert list(csv.reader(io.StringIO(text, newline=''))) == [['some_reason', line],
                                                                 ['other', line]]
