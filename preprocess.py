@@ -54,6 +54,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from trainer import blockio, features, logs, rating_parser
+from trainer.rating_reader import (DEFAULT_MAX_BATCH_SIZE, ParseRatings, ReadRatings,
+                                   SumStatsFn)
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +66,6 @@ DEFAULT_RUNNER = 'FnApiRunner'
 # Duplicates are found per bucket of (user, movie) pairs; more buckets spread
 # the work over more workers, each bucket holds rows / buckets rows.
 DEFAULT_DEDUPE_BUCKETS = 64
-# Rows per batch when lines come one per element (tests, small inputs).
-DEFAULT_MAX_BATCH_SIZE = 65536
 # Rows per RecordBatch after the duplicate check, the batches TFT analyses and
 # transforms (a block of the file is at most ~2.7M rows, so in practice one
 # batch per block).  Large, because TFT's vocabulary analyser emits one Python
@@ -220,50 +220,6 @@ def _from_ipc(blobs: Iterable[bytes]) -> pa.Table:
     return pa.Table.from_batches(batches, schema=rating_parser.PARSED_SCHEMA)
 
 
-# --- Beam. -----------------------------------------------------------------------------
-class ParseRatings(beam.PTransform):
-    """Lines (bytes) -> parsed RecordBatches, (reason, line) rejects, and counts."""
-
-    VALID, REJECTED, STATS = 'valid', 'rejected', 'stats'
-
-    def __init__(self, layout: features.DatasetLayout, min_batch_size: int = 1024,
-                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
-        super().__init__()
-        self._layout = layout
-        self._min_batch_size = min_batch_size
-        self._max_batch_size = max_batch_size
-
-    def expand(self, lines):
-        return (
-            lines
-            | 'BatchLines' >> beam.BatchElements(
-                min_batch_size=self._min_batch_size,
-                max_batch_size=self._max_batch_size)
-            | 'ParseBatches' >> beam.ParDo(_ParseBatchFn(self._layout)).with_outputs(
-                self.REJECTED, self.STATS, main=self.VALID))
-
-
-class ReadRatings(beam.PTransform):
-    """Byte ranges of a ratings file -> the outputs of `ParseRatings`.
-
-    `blockio.ReadLineRanges` reads each range (`blockio.PlanLineRanges`) as an
-    Arrow array of lines, parsed where it is read: one element per block,
-    never per line.
-    """
-
-    def __init__(self, path: str, layout: features.DatasetLayout):
-        super().__init__()
-        self._path = path
-        self._layout = layout
-
-    def expand(self, ranges):
-        return (
-            ranges
-            | 'ReadLineRanges' >> blockio.ReadLineRanges(self._path)
-            | 'ParseBlocks' >> beam.ParDo(_ParseBatchFn(self._layout)).with_outputs(
-                ParseRatings.REJECTED, ParseRatings.STATS, main=ParseRatings.VALID))
-
-
 def read_ratings(p: beam.Pipeline, path: str, layout: features.DatasetLayout,
                  header_lines: int) -> tuple[Any, Any]:
     """Reads the ratings file twice: once for the rows, once for the repeated pairs.
@@ -285,28 +241,6 @@ def read_ratings(p: beam.Pipeline, path: str, layout: features.DatasetLayout,
                  | 'ReadRatingsForPairs' >> ReadRatings(path, layout))[ParseRatings.VALID]
                 | 'FindRepeatedPairs' >> FindRepeatedPairs())
     return parsed, repeated
-
-
-class _ParseBatchFn(beam.DoFn):
-    def __init__(self, layout: features.DatasetLayout):
-        super().__init__()
-        self._layout = layout
-        self._read = beam.metrics.Metrics.counter('preprocess', 'rows_read')
-        self._valid = beam.metrics.Metrics.counter('preprocess', 'rows_valid')
-        self._rejected = beam.metrics.Metrics.counter('preprocess', 'rows_rejected')
-
-    def process(self, lines: list[bytes] | pa.Array) -> Iterator[Any]:
-        parsed = rating_parser.parse_rating_lines(lines, self._layout)
-        self._read.inc(len(lines))
-        self._valid.inc(parsed.valid.num_rows)
-        self._rejected.inc(len(parsed.rejected))
-        stats = {'rows_read': len(lines), 'rows_valid': parsed.valid.num_rows}
-        for reason, line in parsed.rejected:
-            stats['rejected:' + reason] = stats.get('rejected:' + reason, 0) + 1
-            yield beam.pvalue.TaggedOutput(ParseRatings.REJECTED, (reason, line))
-        yield beam.pvalue.TaggedOutput(ParseRatings.STATS, stats)
-        if parsed.valid.num_rows:
-            yield parsed.valid
 
 
 class DeduplicateRatings(beam.PTransform):
@@ -502,27 +436,6 @@ class _SplitBatchFn(beam.DoFn):
                 yield raw if tag is None else beam.pvalue.TaggedOutput(tag, raw)
 
 
-class _SumStatsFn(beam.CombineFn):
-    """Adds up dicts of counts and sums key by key."""
-
-    def create_accumulator(self) -> dict[str, float]:
-        return {}
-
-    def add_input(self, accumulator: dict[str, float], stats: dict[str, float]):
-        for key, value in stats.items():
-            accumulator[key] = accumulator.get(key, 0) + value
-        return accumulator
-
-    def merge_accumulators(self, accumulators):
-        merged: dict[str, float] = {}
-        for accumulator in accumulators:
-            self.add_input(merged, accumulator)
-        return merged
-
-    def extract_output(self, accumulator):
-        return accumulator
-
-
 def preprocessing_fn(inputs: dict[str, Any]) -> dict[str, Any]:
     """TFT: raw ids -> vocabulary indices (analysed on train only); ratings pass.
 
@@ -664,15 +577,13 @@ def build_pipeline(parsed, work_dir: str, seed: int, eval_percent: float,
     stats = ((parsed[ParseRatings.STATS], *unique[DeduplicateRatings.STATS],
               splits[ParseRatings.STATS])
              | 'MergeStats' >> beam.Flatten()
-             | 'SumStats' >> beam.CombineGlobally(_SumStatsFn()))
+             | 'SumStats' >> beam.CombineGlobally(SumStatsFn()))
     _ = (stats
          | 'StatsToJson' >> beam.Map(lambda s: json.dumps(s, sort_keys=True))
          | 'WriteStats' >> beam.io.WriteToText(
              features.join(out_dir, _TMP_DIR, _STATS_FILE), shard_name_template=''))
     return {features.TRAIN: examples[features.TRAIN], features.EVAL: examples[features.EVAL],
             'rejected': rejected, 'stats': stats}
-
-
 
 
 # --- Edges: flags, output dir, run, summary. ---------------------------------------------

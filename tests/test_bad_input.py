@@ -29,7 +29,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 import preprocess
 from conftest import load_script
-from trainer import features, rating_parser
+from trainer import features, rating_parser, rating_reader
 
 extractor = load_script('data-extractor.py')
 
@@ -234,7 +234,7 @@ def test_deduplicate_ratings_in_beam_across_batches_and_buckets():
                                                     ' 4\t1\t3\t800', '04\t1\t3\t800')]),
             label='CheckRejected')
         totals = (unique[preprocess.DeduplicateRatings.STATS]
-                  | beam.CombineGlobally(preprocess._SumStatsFn()))
+                  | beam.CombineGlobally(rating_reader.SumStatsFn()))
         assert_that(totals, equal_to([{'rows_accepted': 6, 'rejected:duplicate_rating': 6}]),
                     label='CheckStats')
 
@@ -269,7 +269,7 @@ def test_only_rows_of_repeated_pairs_go_through_the_duplicate_check():
                                         '3\t1\t2\t700', ' 4\t1\t3\t800', '04\t1\t3\t800']),
                     label='CheckRejected')
         totals = (unique[preprocess.DeduplicateRatings.STATS] | 'MergeStats' >> beam.Flatten()
-                  | beam.CombineGlobally(preprocess._SumStatsFn()))
+                  | beam.CombineGlobally(rating_reader.SumStatsFn()))
         # (1, 2) and (5, 1) are rated once: accepted without the grouping.
         assert_that(totals, equal_to([{'rows_accepted': 6, 'rejected:duplicate_rating': 6}]),
                     label='CheckStats')

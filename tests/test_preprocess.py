@@ -15,7 +15,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 import preprocess
-from trainer import features, rating_parser
+from trainer import features, rating_parser, rating_reader
 
 ML_100K = features.DATASETS['ml-100k']
 ML_1M = features.DATASETS['ml-1m']
@@ -103,16 +103,16 @@ def _pipeline():
 def test_parse_ratings_transform_outputs_rows_rejects_and_counts():
     lines = ['1\t10\t5\t100', '2\t20\t3\t200', 'x\t1\t1\t1', '3\t30\t6\t300', '']
     with _pipeline() as p:
-        parsed = p | beam.Create(lines) | preprocess.ParseRatings(ML_100K)
-        ids = (parsed[preprocess.ParseRatings.VALID]
+        parsed = p | beam.Create(lines) | rating_reader.ParseRatings(ML_100K)
+        ids = (parsed[rating_reader.ParseRatings.VALID]
                | 'Ids' >> beam.FlatMap(lambda b: b.column('user_id').to_pylist()))
         assert_that(ids, equal_to([1, 2]), label='CheckValid')
-        assert_that(parsed[preprocess.ParseRatings.REJECTED], equal_to([
+        assert_that(parsed[rating_reader.ParseRatings.REJECTED], equal_to([
             (rating_parser.NON_NUMERIC_ID, 'x\t1\t1\t1'),
             (rating_parser.RATING_OUT_OF_RANGE, '3\t30\t6\t300'),
             (rating_parser.BLANK_LINE, '')]), label='CheckRejected')
-        totals = (parsed[preprocess.ParseRatings.STATS]
-                  | beam.CombineGlobally(preprocess._SumStatsFn()))
+        totals = (parsed[rating_reader.ParseRatings.STATS]
+                  | beam.CombineGlobally(rating_reader.SumStatsFn()))
         assert_that(totals, equal_to([{
             'rows_read': 5, 'rows_valid': 2, 'rejected:non_numeric_id': 1,
             'rejected:rating_out_of_range': 1, 'rejected:blank_line': 1}]), label='CheckStats')
@@ -120,9 +120,9 @@ def test_parse_ratings_transform_outputs_rows_rejects_and_counts():
 
 def test_parse_ratings_of_an_empty_file_yields_nothing():
     with _pipeline() as p:
-        parsed = p | beam.Create([]) | preprocess.ParseRatings(ML_100K)
-        assert_that(parsed[preprocess.ParseRatings.VALID], equal_to([]), label='NoRows')
-        assert_that(parsed[preprocess.ParseRatings.REJECTED], equal_to([]), label='NoRejects')
+        parsed = p | beam.Create([]) | rating_reader.ParseRatings(ML_100K)
+        assert_that(parsed[rating_reader.ParseRatings.VALID], equal_to([]), label='NoRows')
+        assert_that(parsed[rating_reader.ParseRatings.REJECTED], equal_to([]), label='NoRejects')
 
 
 # --- main(): the whole job on a small staged file. -------------------------------------
