@@ -29,7 +29,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 import preprocess
 from conftest import load_script
-from trainer import features, rating_parser, rating_reader
+from trainer import features, hash_split, rating_parser, rating_reader
 
 extractor = load_script('data-extractor.py')
 
@@ -514,7 +514,7 @@ def test_main_on_a_file_with_nothing_valid_stops_with_one_line(work_dir, capsys,
 def test_main_with_no_training_rating_stops_with_one_line(work_dir, capsys):
     """One valid rating that the hash puts in eval: nothing to train on."""
     users = np.arange(1, 100)
-    user = int(users[preprocess.assign_split(users, np.ones_like(users), 42, 20)][0])
+    user = int(users[hash_split.assign_split(users, np.ones_like(users), 42, 20)][0])
     _stage(work_dir, ML_100K, f'{user}\t1\t3\t5\nbad\n'.encode())
     _expect_one_line_error(capsys, work_dir, 'no valid training ratings')
     assert not os.path.exists(os.path.join(features.transformed_dir(work_dir),

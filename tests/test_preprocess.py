@@ -15,7 +15,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 import preprocess
-from trainer import features, rating_parser, rating_reader
+from trainer import features, hash_split, rating_parser, rating_reader
 
 ML_100K = features.DATASETS['ml-100k']
 ML_1M = features.DATASETS['ml-1m']
@@ -85,15 +85,15 @@ def test_split_is_deterministic_and_near_the_asked_share():
     rng = np.random.default_rng(0)
     users = rng.integers(1, 5000, 50_000)
     movies = rng.integers(1, 5000, 50_000)
-    first = preprocess.assign_split(users, movies, seed=7, eval_percent=20)
-    again = preprocess.assign_split(users.copy(), movies.copy(), seed=7, eval_percent=20)
-    other_seed = preprocess.assign_split(users, movies, seed=8, eval_percent=20)
+    first = hash_split.assign_split(users, movies, seed=7, eval_percent=20)
+    again = hash_split.assign_split(users.copy(), movies.copy(), seed=7, eval_percent=20)
+    other_seed = hash_split.assign_split(users, movies, seed=8, eval_percent=20)
     np.testing.assert_array_equal(first, again)
     assert first.mean() == pytest.approx(0.20, abs=0.01)
     assert (first != other_seed).mean() > 0.2
     # Per rating, not per batch: a rating's split does not depend on its neighbours.
     np.testing.assert_array_equal(
-        preprocess.assign_split(users[:10], movies[:10], seed=7, eval_percent=20), first[:10])
+        hash_split.assign_split(users[:10], movies[:10], seed=7, eval_percent=20), first[:10])
 
 
 def _pipeline():
@@ -189,7 +189,7 @@ def test_main_split_matches_the_hash_and_vocab_covers_train_only(preprocessed):
         examples = _read_examples(split)
         users = np.array([int(e[features.USER_ID]) for e in examples])
         movies = np.array([int(e[features.MOVIE_ID]) for e in examples])
-        assert (preprocess.assign_split(users, movies, 3, 20) == expected_eval).all()
+        assert (hash_split.assign_split(users, movies, 3, 20) == expected_eval).all()
     import tensorflow_transform as tft
     tft_output = tft.TFTransformOutput(features.transformed_dir(work_dir))
     train_users = {e[features.USER_ID].numpy() for e in _read_examples(info.train_pattern)}
