@@ -29,7 +29,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 import preprocess
 from conftest import load_script
-from trainer import features, hash_split, rating_parser, rating_reader
+from trainer import deduplication, features, hash_split, rating_parser, rating_reader
 
 extractor = load_script('data-extractor.py')
 
@@ -183,7 +183,7 @@ KEPT = [(1, 1, 4.0, 300, '1\t1\t4\t300'), (1, 2, 1.0, 50, '1\t2\t1\t50'),
 
 
 def test_keep_latest_ratings_keeps_one_per_pair_by_the_documented_rule():
-    kept, duplicates = preprocess.keep_latest_ratings(_parsed_table(DUPLICATE_ROWS))
+    kept, duplicates = deduplication.keep_latest_ratings(_parsed_table(DUPLICATE_ROWS))
     assert _rows(kept) == KEPT
     assert sorted(_rows(duplicates)) == sorted(
         set(DUPLICATE_ROWS) - set(KEPT) | {(3, 1, 2.0, 700, '3\t1\t2\t700')})
@@ -193,12 +193,12 @@ def test_keep_latest_ratings_keeps_one_per_pair_by_the_documented_rule():
 def test_keep_latest_ratings_does_not_depend_on_row_order():
     for seed in range(5):
         rows = random.Random(seed).sample(DUPLICATE_ROWS, len(DUPLICATE_ROWS))
-        kept, duplicates = preprocess.keep_latest_ratings(_parsed_table(rows))
+        kept, duplicates = deduplication.keep_latest_ratings(_parsed_table(rows))
         assert _rows(kept) == KEPT and duplicates.num_rows == len(DUPLICATE_ROWS) - len(KEPT)
 
 
 def test_keep_latest_ratings_of_nothing_is_nothing():
-    kept, duplicates = preprocess.keep_latest_ratings(_parsed_table([]))
+    kept, duplicates = deduplication.keep_latest_ratings(_parsed_table([]))
     assert kept.num_rows == duplicates.num_rows == 0
 
 
@@ -208,13 +208,13 @@ def test_partition_by_bucket_puts_every_row_of_a_pair_in_one_bucket():
     batch = rating_parser.make_parsed_batch(users, movies, np.ones(2000), np.arange(2000),
                                             [str(i) for i in range(2000)])
     buckets = {}
-    for bucket, rows in preprocess.partition_by_bucket(batch, 7):
+    for bucket, rows in deduplication.partition_by_bucket(batch, 7):
         for user, movie in zip(rows.column(features.USER_ID).to_pylist(),
                                rows.column(features.MOVIE_ID).to_pylist()):
             buckets.setdefault((user, movie), set()).add(bucket)
     assert all(len(found) == 1 for found in buckets.values())
     assert len(buckets) == len(set(zip(users.tolist(), movies.tolist())))
-    assert sum(rows.num_rows for _, rows in preprocess.partition_by_bucket(batch, 7)) == 2000
+    assert sum(rows.num_rows for _, rows in deduplication.partition_by_bucket(batch, 7)) == 2000
 
 
 def test_deduplicate_ratings_in_beam_across_batches_and_buckets():
@@ -222,18 +222,18 @@ def test_deduplicate_ratings_in_beam_across_batches_and_buckets():
     batches = [_parsed_table(first).to_batches()[0], _parsed_table(second).to_batches()[0]]
     with BeamTestPipeline(runner=preprocess.DEFAULT_RUNNER) as p:
         unique = (p | beam.Create(batches)
-                  | preprocess.DeduplicateRatings(num_buckets=3, max_batch_size=2))
-        rows = unique[preprocess.DeduplicateRatings.VALID] | 'Rows' >> beam.FlatMap(
+                  | deduplication.DeduplicateRatings(num_buckets=3, max_batch_size=2))
+        rows = unique[deduplication.DeduplicateRatings.VALID] | 'Rows' >> beam.FlatMap(
             lambda batch: [tuple(row.values()) for row in batch.to_pylist()])
         assert_that(rows, equal_to(KEPT), label='CheckKept')
-        rejected = unique[preprocess.DeduplicateRatings.REJECTED] | 'Lines' >> beam.FlatMap(
+        rejected = unique[deduplication.DeduplicateRatings.REJECTED] | 'Lines' >> beam.FlatMap(
             lambda block: list(csv.reader(block.split('\n'))))
         assert_that(rejected, equal_to([
             ['duplicate_rating', line] for line in ('1\t1\t2\t100', '1\t1\t5\t200',
                                                     '2\t1\t3\t500', '3\t1\t2\t700',
                                                     ' 4\t1\t3\t800', '04\t1\t3\t800')]),
             label='CheckRejected')
-        totals = (unique[preprocess.DeduplicateRatings.STATS]
+        totals = (unique[deduplication.DeduplicateRatings.STATS]
                   | beam.CombineGlobally(rating_reader.SumStatsFn()))
         assert_that(totals, equal_to([{'rows_accepted': 6, 'rejected:duplicate_rating': 6}]),
                     label='CheckStats')
@@ -241,11 +241,11 @@ def test_deduplicate_ratings_in_beam_across_batches_and_buckets():
 
 def test_repeated_keys_and_sorted_membership():
     keys = np.array([5, 3, 9, 3, 5, 5, 1], dtype=np.uint64)
-    repeated = preprocess.repeated_keys(keys)
+    repeated = deduplication.repeated_keys(keys)
     assert repeated.tolist() == [3, 5]
-    assert preprocess.is_in_sorted(keys, repeated).tolist() == [
+    assert deduplication.is_in_sorted(keys, repeated).tolist() == [
         True, True, False, True, True, True, False]
-    assert not preprocess.is_in_sorted(keys, np.zeros(0, np.uint64)).any()
+    assert not deduplication.is_in_sorted(keys, np.zeros(0, np.uint64)).any()
 
 
 def test_only_rows_of_repeated_pairs_go_through_the_duplicate_check():
@@ -254,7 +254,7 @@ def test_only_rows_of_repeated_pairs_go_through_the_duplicate_check():
     batches = [_parsed_table(first).to_batches()[0], _parsed_table(second).to_batches()[0]]
     with BeamTestPipeline(runner=preprocess.DEFAULT_RUNNER) as p:
         valid = p | beam.Create(batches)
-        repeated = valid | preprocess.FindRepeatedPairs()
+        repeated = valid | deduplication.FindRepeatedPairs()
         unique, splits = preprocess.deduplicate_and_split(
             valid, repeated, num_buckets=3, seed=1, eval_percent=50)
         rows = ((splits[features.TRAIN], splits[features.EVAL]) | 'Both' >> beam.Flatten()
@@ -263,12 +263,12 @@ def test_only_rows_of_repeated_pairs_go_through_the_duplicate_check():
                     batch.column(features.RATING).to_pylist())))
         assert_that(rows, equal_to([([str(row[0]).encode()], [row[2]]) for row in KEPT]),
                     label='CheckKept')
-        rejected = unique[preprocess.DeduplicateRatings.REJECTED] | 'Lines' >> beam.FlatMap(
+        rejected = unique[deduplication.DeduplicateRatings.REJECTED] | 'Lines' >> beam.FlatMap(
             lambda block: [line for _, line in csv.reader(block.split('\n'))])
         assert_that(rejected, equal_to(['1\t1\t2\t100', '1\t1\t5\t200', '2\t1\t3\t500',
                                         '3\t1\t2\t700', ' 4\t1\t3\t800', '04\t1\t3\t800']),
                     label='CheckRejected')
-        totals = (unique[preprocess.DeduplicateRatings.STATS] | 'MergeStats' >> beam.Flatten()
+        totals = (unique[deduplication.DeduplicateRatings.STATS] | 'MergeStats' >> beam.Flatten()
                   | beam.CombineGlobally(rating_reader.SumStatsFn()))
         # (1, 2) and (5, 1) are rated once: accepted without the grouping.
         assert_that(totals, equal_to([{'rows_accepted': 6, 'rejected:duplicate_rating': 6}]),

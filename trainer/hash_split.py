@@ -6,7 +6,7 @@ pair's bucket in [0, 10000) falls below the eval share) and `SplitRatings`,
 the Beam step that cuts parsed RecordBatches into the train and eval
 RecordBatches TFT reads and sums each split's ratings.  The hash depends on
 nothing but its arguments, so the same input gives the same split on every
-run, worker and retry; the duplicate check (trainer/duplicates.py) buckets
+run, worker and retry; the duplicate check (trainer/deduplication.py) buckets
 pairs with it under a key of its own.  This module lives in `trainer` so that
 Dataflow workers, which install the package, can import it.
 """
