@@ -11,22 +11,31 @@ Without --runner the pipeline runs on Beam's in-process FnApiRunner.  Beam's
 DirectRunner would first hand the job to Prism, a binary it downloads at run
 time; the in-process runner needs no network.  In the cloud pass
 --runner DataflowRunner with --project, --region, --temp_location and
---setup_file ./setup.py, which installs `trainer` (and so trainer/features.py)
-on the workers.
+--setup_file ./setup.py, which installs `trainer` (and so trainer/features.py
+and every stage below) on the workers.
 
-The ratings file is read in blocks of lines (trainer/blockio.py: byte ranges
-sized from the file, one Arrow array of lines per range) and parsed block by
-block: a strict regular expression accepts the common case column-wise with
-pyarrow; only lines that fail it go through the per-line parser, which names
-the reason (bytes that are not UTF-8 are one).  Rejected rows are counted and
-written with that reason under transformed/rejected/, never dropped silently.
-A (user, movie) pair rated more than once keeps its latest rating
-(`DeduplicateRatings`); the others are rejected as duplicate_rating.  A first,
-light pass over the file finds the pairs seen more than once
-(`FindRepeatedPairs`), so only their rows are grouped.  The train/eval split is
-a keyed 64-bit hash of (seed, user, movie), so the same input gives the same
-split on every run and every retry.  Examples are encoded per RecordBatch in
-C++ and written as blocks of gzipped TFRecords.
+This file is the entry point: the flags, the checks before any pipeline
+starts, the wiring of the stages, and dataset_info.json.  The stages live in
+the `trainer` package, so that Dataflow workers can import them:
+
+- trainer/rating_reader.py reads the ratings file in blocks of lines
+  (trainer/blockio.py: byte ranges sized from the file, one Arrow array of
+  lines per range) and parses them block by block with
+  trainer/rating_parser.py: a strict regular expression accepts the common
+  case column-wise with pyarrow; only lines that fail it go through the
+  per-line parser, which names the reason (bytes that are not UTF-8 are
+  one).  Rejected rows are counted and written with that reason under
+  transformed/rejected/, never dropped silently.
+- trainer/deduplication.py: a (user, movie) pair rated more than once keeps
+  its latest rating (`DeduplicateRatings`); the others are rejected as
+  duplicate_rating.  A first, light pass over the file finds the pairs seen
+  more than once (`FindRepeatedPairs`), so only their rows are grouped.
+- trainer/hash_split.py: the train/eval split is a keyed 64-bit hash of
+  (seed, user, movie), so the same input gives the same split on every run
+  and every retry.
+- trainer/examples.py: TFT learns the id vocabularies on train only and
+  transforms both splits; examples are encoded per RecordBatch in C++ and
+  written as blocks of gzipped TFRecords (trainer/blockio.py).
 
 No step passes a Beam element per rating.  Per-rating Python objects remain
 in two places: tfx_bsl's encoder returns a list of bytes (one per example,
