@@ -11,22 +11,31 @@ Without --runner the pipeline runs on Beam's in-process FnApiRunner.  Beam's
 DirectRunner would first hand the job to Prism, a binary it downloads at run
 time; the in-process runner needs no network.  In the cloud pass
 --runner DataflowRunner with --project, --region, --temp_location and
---setup_file ./setup.py, which installs `trainer` (and so trainer/features.py)
-on the workers.
+--setup_file ./setup.py, which installs `trainer` (and so trainer/features.py
+and every stage below) on the workers.
 
-The ratings file is read in blocks of lines (trainer/blockio.py: byte ranges
-sized from the file, one Arrow array of lines per range) and parsed block by
-block: a strict regular expression accepts the common case column-wise with
-pyarrow; only lines that fail it go through the per-line parser, which names
-the reason (bytes that are not UTF-8 are one).  Rejected rows are counted and
-written with that reason under transformed/rejected/, never dropped silently.
-A (user, movie) pair rated more than once keeps its latest rating
-(`DeduplicateRatings`); the others are rejected as duplicate_rating.  A first,
-light pass over the file finds the pairs seen more than once
-(`FindRepeatedPairs`), so only their rows are grouped.  The train/eval split is
-a keyed 64-bit hash of (seed, user, movie), so the same input gives the same
-split on every run and every retry.  Examples are encoded per RecordBatch in
-C++ and written as blocks of gzipped TFRecords.
+This file is the entry point: the flags, the checks before any pipeline
+starts, the wiring of the stages, and dataset_info.json.  The stages live in
+the `trainer` package, so that Dataflow workers can import them:
+
+- trainer/rating_reader.py reads the ratings file in blocks of lines
+  (trainer/blockio.py: byte ranges sized from the file, one Arrow array of
+  lines per range) and parses them block by block with
+  trainer/rating_parser.py: a strict regular expression accepts the common
+  case column-wise with pyarrow; only lines that fail it go through the
+  per-line parser, which names the reason (bytes that are not UTF-8 are
+  one).  Rejected rows are counted and written with that reason under
+  transformed/rejected/, never dropped silently.
+- trainer/deduplication.py: a (user, movie) pair rated more than once keeps
+  its latest rating (`DeduplicateRatings`); the others are rejected as
+  duplicate_rating.  A first, light pass over the file finds the pairs seen
+  more than once (`FindRepeatedPairs`), so only their rows are grouped.
+- trainer/hash_split.py: the train/eval split is a keyed 64-bit hash of
+  (seed, user, movie), so the same input gives the same split on every run
+  and every retry.
+- trainer/examples.py: TFT learns the id vocabularies on train only and
+  transforms both splits; examples are encoded per RecordBatch in C++ and
+  written as blocks of gzipped TFRecords (trainer/blockio.py).
 
 No step passes a Beam element per rating.  Per-rating Python objects remain
 in two places: tfx_bsl's encoder returns a list of bytes (one per example,
@@ -37,26 +46,24 @@ each batch's distinct ids into Python values.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
-import itertools
 import json
 import logging
 import math
-import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import apache_beam as beam
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
-from trainer import blockio, features, logs
+from trainer import blockio, features, logs, rating_parser
+from trainer.deduplication import (DEFAULT_DEDUPE_BUCKETS, DeduplicateRatings,
+                                   FindRepeatedPairs, SeparateRepeatedPairs)
+from trainer.examples import TransformRatings
+from trainer.hash_split import SplitRatings
+from trainer.rating_reader import ParseRatings, ReadRatings, SumStatsFn
 
 logger = logging.getLogger(__name__)
 
@@ -64,53 +71,14 @@ DEFAULT_EVAL_PERCENT = 20.0
 DEFAULT_SEED = 42
 DEFAULT_RUNNER = 'FnApiRunner'
 
-# Why a row was rejected: the key in dataset_info.json and the first column
-# of the rejected-rows CSV.
-BLANK_LINE = 'blank_line'
-HEADER_LINE = 'header_line'
-WRONG_FIELD_COUNT = 'wrong_field_count'
-EMPTY_ID = 'empty_id'
-NON_NUMERIC_ID = 'non_numeric_id'
-NON_NUMERIC_RATING = 'non_numeric_rating'
-RATING_NOT_FINITE = 'rating_not_finite'
-RATING_OUT_OF_RANGE = 'rating_out_of_range'
-RATING_OFF_STEP = 'rating_off_step'
-BAD_TIMESTAMP = 'bad_timestamp'
-NOT_UTF8 = 'not_utf8'
-DUPLICATE_RATING = 'duplicate_rating'
-
-# The column of parsed rows that keeps each line as read, so a duplicate found
-# after parsing goes to rejected/ with its original text.
-LINE = 'line'
-# Parsed rows, before the duplicate check: numeric ids (so hashing and sorting
-# need no string work), the rating and timestamp, and the line.
-PARSED_SCHEMA = pa.schema([
-    (features.USER_ID, pa.uint64()), (features.MOVIE_ID, pa.uint64()),
-    (features.RATING, pa.float64()), (features.TIMESTAMP, pa.int64()),
-    (LINE, pa.large_string())])
-
-# Duplicates are found per bucket of (user, movie) pairs; more buckets spread
-# the work over more workers, each bucket holds rows / buckets rows.
-DEFAULT_DEDUPE_BUCKETS = 64
-# Rows per batch when lines come one per element (tests, small inputs).
-DEFAULT_MAX_BATCH_SIZE = 65536
 # Rows per RecordBatch after the duplicate check, the batches TFT analyses and
 # transforms (a block of the file is at most ~2.7M rows, so in practice one
 # batch per block).  Large, because TFT's vocabulary analyser emits one Python
-# element per distinct id per batch (see `preprocessing_fn`), and pays a TF
-# call and conversions per batch.  TFT's desired_batch_size only batches
-# instance dicts; RecordBatch input is taken as it comes.
+# element per distinct id per batch (see `examples.preprocessing_fn`), and
+# pays a TF call and conversions per batch.  TFT's desired_batch_size only
+# batches instance dicts; RecordBatch input is taken as it comes.
 DEFAULT_TRANSFORM_BATCH_SIZE = 1 << 22
-# Any fixed key: the bucket only has to put equal pairs together.
-_BUCKET_KEY = 0x5EED
 
-_NUM_FIELDS = 4
-# Ids are decimal integers in every MovieLens release; 18 digits keep them
-# inside uint64 for the vectorised split hash.
-_MAX_ID_DIGITS = 18
-# A rating as MovieLens writes it, and the spellings float() reads as non-finite.
-_RATING_TEXT = re.compile(r'[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?', re.ASCII)
-_NOT_FINITE_TEXT = ('nan', 'inf', 'infinity')
 _STATS_FILE = 'stats.json'
 # Lines check_sample parses before any pipeline starts.
 _SAMPLE_LINES = 200
@@ -124,408 +92,6 @@ class PreprocessConfig:
     eval_percent: float = DEFAULT_EVAL_PERCENT
     seed: int = DEFAULT_SEED
     overwrite: bool = False
-
-
-# --- Parsing. --------------------------------------------------------------------
-def parse_rating_line(
-        line: str, layout: features.DatasetLayout) -> tuple[int, int, float, int]:
-    """Parses one ratings line of the given layout.
-
-    A UTF-8 byte-order mark, a trailing CR and spaces around fields are
-    normalised away; ids are decimal integers, written back without leading
-    zeros.  A rating is a plain decimal number ('4', '4.0', '3.5'; not '4_0'
-    or non-ASCII digits, which Python's float() would take).
-
-    Args:
-      line: one line of the ratings file, without its newline.
-      layout: the archive layout the line comes from.
-
-    Returns:
-      (user_id, movie_id, rating, timestamp).
-
-    Raises:
-      ValueError: with one of the reason constants of this module as message.
-    """
-    text = line.lstrip('\ufeff').rstrip('\r\n')
-    if not text.strip():
-        raise ValueError(BLANK_LINE)
-    fields = [field.strip() for field in text.split(layout.ratings_separator)]
-    if fields[0].lower() in ('userid', 'user_id', 'user'):
-        raise ValueError(HEADER_LINE)
-    if len(fields) != _NUM_FIELDS:
-        raise ValueError(WRONG_FIELD_COUNT)
-    user_text, movie_text, rating_text, timestamp_text = fields
-    if not user_text or not movie_text:
-        raise ValueError(EMPTY_ID)
-    if not (_is_decimal(user_text) and _is_decimal(movie_text)):
-        raise ValueError(NON_NUMERIC_ID)
-    if rating_text.lower().lstrip('+-') in _NOT_FINITE_TEXT:
-        raise ValueError(RATING_NOT_FINITE)
-    if not _RATING_TEXT.fullmatch(rating_text):
-        raise ValueError(NON_NUMERIC_RATING)
-    rating = float(rating_text)
-    check_rating(rating, layout)
-    if not _is_decimal(timestamp_text):
-        raise ValueError(BAD_TIMESTAMP)
-    return int(user_text), int(movie_text), rating, int(timestamp_text)
-
-
-def _is_decimal(text: str) -> bool:
-    return text.isascii() and text.isdigit() and len(text) <= _MAX_ID_DIGITS
-
-
-def check_rating(rating: float, layout: features.DatasetLayout) -> None:
-    """Raises ValueError with the reason when a rating is not on the layout's scale."""
-    if not math.isfinite(rating):
-        raise ValueError(RATING_NOT_FINITE)
-    if not layout.rating_min <= rating <= layout.rating_max:
-        raise ValueError(RATING_OUT_OF_RANGE)
-    steps = (rating - layout.rating_min) / layout.rating_step
-    if abs(steps - round(steps)) > 1e-6:
-        raise ValueError(RATING_OFF_STEP)
-
-
-def _strict_pattern(layout: features.DatasetLayout) -> str:
-    """A regex that only clean lines of the layout match in full."""
-    sep = re.escape(layout.ratings_separator)
-    digits = r'\d{1,%d}' % _MAX_ID_DIGITS
-    return f'^{digits}{sep}{digits}{sep}\\d{{1,2}}(\\.\\d+)?{sep}{digits}$'
-
-
-@dataclasses.dataclass(frozen=True)
-class ParsedBatch:
-    """The outcome of parsing a batch of lines.
-
-    Attributes:
-      valid: a RecordBatch of the accepted rows, in PARSED_SCHEMA.
-      rejected: (reason, line) for every rejected line, in input order.
-    """
-    valid: pa.RecordBatch
-    rejected: list[tuple[str, str]]
-
-
-def parse_rating_lines(lines: Sequence[str] | Sequence[bytes] | pa.Array,
-                       layout: features.DatasetLayout) -> ParsedBatch:
-    """Parses a batch of ratings lines, column-wise where the lines are clean.
-
-    Lines that match the layout's strict pattern and whose rating is on the
-    scale are converted with pyarrow in one go; every other line goes through
-    `parse_rating_line`, which either accepts it (after normalising it) or
-    names why it is rejected.  Lines given as bytes (a list, or an Arrow
-    binary array as `blockio.ReadLineBlocks` emits) that are not UTF-8 are
-    rejected as NOT_UTF8, shown with backslash escapes (b'\\xe9' as '\\\\xe9').
-    """
-    text = decode_lines(lines)
-    clean = pc.fill_null(pc.match_substring_regex(text, _strict_pattern(layout)), False)
-    columns = pc.split_pattern(pc.filter(text, clean), layout.ratings_separator)
-    users = _column(columns, 0, pa.uint64())
-    movies = _column(columns, 1, pa.uint64())
-    ratings = _column(columns, 2, pa.float64())
-    timestamps = _column(columns, 3, pa.int64())
-    on_scale = _on_scale(ratings, layout)
-
-    fast = np.asarray(clean.to_numpy(zero_copy_only=False), dtype=bool)
-    fast[np.flatnonzero(fast)[~on_scale]] = False
-    slow = np.flatnonzero(~fast)
-    slow_rows, slow_lines, rejected = _parse_slowly(
-        pc.take(text, pa.array(slow, pa.int64())).to_pylist(),
-        _take(lines, slow), layout)
-    kept_lines = pc.filter(text, pa.array(fast))
-    if slow_rows:
-        extra = np.array(slow_rows, dtype=object).T
-        users = np.concatenate([users[on_scale], extra[0].astype(np.uint64)])
-        movies = np.concatenate([movies[on_scale], extra[1].astype(np.uint64)])
-        ratings = np.concatenate([ratings[on_scale], extra[2].astype(np.float64)])
-        timestamps = np.concatenate([timestamps[on_scale], extra[3].astype(np.int64)])
-        kept_lines = pa.concat_arrays([kept_lines, pa.array(slow_lines, pa.large_string())])
-    else:
-        users, movies = users[on_scale], movies[on_scale]
-        ratings, timestamps = ratings[on_scale], timestamps[on_scale]
-    return ParsedBatch(
-        valid=make_parsed_batch(users, movies, ratings, timestamps, kept_lines),
-        rejected=rejected)
-
-
-def decode_lines(lines: Sequence[str] | Sequence[bytes] | pa.Array) -> pa.Array:
-    """The lines as a large_string array, null where bytes are not UTF-8.
-
-    One validation of the whole batch in the common case; line by line only
-    when the batch holds a line that is not UTF-8.
-    """
-    if isinstance(lines, pa.Array):
-        binary = lines.cast(pa.large_binary())
-    elif not lines or isinstance(lines[0], str):
-        return pa.array(lines, pa.large_string())
-    else:
-        binary = pa.array(lines, pa.large_binary())
-    try:
-        return binary.cast(pa.large_string())
-    except pa.ArrowInvalid:
-        return pa.array([_utf8_or_none(line) for line in binary.to_pylist()],
-                        pa.large_string())
-
-
-def _take(lines: Sequence[str] | Sequence[bytes] | pa.Array,
-          indices: np.ndarray) -> list[str] | list[bytes]:
-    """The lines at `indices`, as Python values."""
-    if isinstance(lines, pa.Array):
-        return pc.take(lines, pa.array(indices, pa.int64())).to_pylist()
-    return [lines[i] for i in indices]
-
-
-def _utf8_or_none(line: bytes) -> str | None:
-    try:
-        return line.decode('utf-8')
-    except UnicodeDecodeError:
-        return None
-
-
-def _column(columns: pa.Array, index: int, dtype: pa.DataType) -> np.ndarray:
-    values = pc.cast(pc.list_element(columns, index), dtype)
-    return np.asarray(values.to_numpy(zero_copy_only=False))
-
-
-def _on_scale(ratings: np.ndarray, layout: features.DatasetLayout) -> np.ndarray:
-    steps = (ratings - layout.rating_min) / layout.rating_step
-    return ((ratings >= layout.rating_min) & (ratings <= layout.rating_max)
-            & (np.abs(steps - np.round(steps)) <= 1e-6))
-
-
-def _parse_slowly(
-        texts: Sequence[str | None], originals: Sequence[str | bytes],
-        layout: features.DatasetLayout,
-) -> tuple[list[tuple[int, int, float, int]], list[str], list[tuple[str, str]]]:
-    """The per-line path for the few lines the strict pattern did not take.
-
-    Args:
-      texts: the lines decoded, None where they are not UTF-8.
-      originals: the same lines as given (str or bytes).
-      layout: the layout of the lines.
-
-    Returns:
-      The accepted rows, their lines, and (reason, line) of the rejected ones.
-    """
-    rows, kept, rejected = [], [], []
-    for text, original in zip(texts, originals):
-        if text is None:
-            rejected.append((NOT_UTF8, original.decode('utf-8', 'backslashreplace')))
-            continue
-        try:
-            rows.append(parse_rating_line(text, layout))
-            kept.append(text)
-        except ValueError as error:
-            rejected.append((str(error), text))
-    return rows, kept, rejected
-
-
-def make_parsed_batch(users: np.ndarray, movies: np.ndarray, ratings: np.ndarray,
-                      timestamps: np.ndarray, lines: pa.Array | Sequence[str]) -> pa.RecordBatch:
-    """Builds a RecordBatch of parsed rows in PARSED_SCHEMA."""
-    return pa.RecordBatch.from_arrays(
-        [pa.array(users, pa.uint64()), pa.array(movies, pa.uint64()),
-         pa.array(ratings, pa.float64()), pa.array(timestamps, pa.int64()),
-         pa.array(lines, pa.large_string())], schema=PARSED_SCHEMA)
-
-
-def count_header_lines(first_line: str | bytes, layout: features.DatasetLayout) -> int:
-    """1 when the file's first line is a header (in any layout), else 0.
-
-    The header is skipped without being counted; a header anywhere else is
-    rejected as HEADER_LINE.  A layout that should have a header but does not
-    (say, ratings.csv cut from the middle of a file) loses no row this way.
-    """
-    if isinstance(first_line, bytes):
-        first_line = first_line.decode('utf-8', 'replace')
-    try:
-        parse_rating_line(first_line, layout)
-    except ValueError as error:
-        return int(str(error) == HEADER_LINE)
-    return 0
-
-
-def _as_list_array(values: pa.Array) -> pa.ListArray:
-    """One value per row, as the list column TFXIO's dense tensors read.
-
-    32-bit offsets (list, binary), not 64-bit (large_list, large_binary):
-    the runner holds these batches in memory for TFT, 24 bytes a row fewer.
-    """
-    offsets = pa.array(np.arange(len(values) + 1, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, values)
-
-
-def make_raw_record_batch(users: np.ndarray, movies: np.ndarray,
-                          ratings: np.ndarray, timestamps: np.ndarray) -> pa.RecordBatch:
-    """Builds a RecordBatch in the shape of features.RAW_FEATURE_SPEC."""
-    def ids(values: np.ndarray) -> pa.Array:
-        return pc.cast(pc.cast(pa.array(values, pa.uint64()), pa.string()), pa.binary())
-    return pa.RecordBatch.from_arrays(
-        [_as_list_array(ids(users)), _as_list_array(ids(movies)),
-         _as_list_array(pa.array(ratings, pa.float32())),
-         _as_list_array(pa.array(timestamps, pa.int64()))],
-        list(features.RAW_COLUMNS))
-
-
-# --- Split. ------------------------------------------------------------------------
-_MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX_2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix64(values: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser: a bijection on uint64 that scatters every bit."""
-    values = values ^ (values >> np.uint64(30))
-    values = values * _MIX_1
-    values = values ^ (values >> np.uint64(27))
-    values = values * _MIX_2
-    return values ^ (values >> np.uint64(31))
-
-
-def pair_hash(users: np.ndarray, movies: np.ndarray, key: int) -> np.ndarray:
-    """A keyed 64-bit hash of each (user, movie) pair, vectorised."""
-    with np.errstate(over='ignore'):
-        mixed_key = _mix64(np.uint64(key) * _GOLDEN + _GOLDEN)
-        return _mix64(_mix64(users.astype(np.uint64) ^ mixed_key) + movies.astype(np.uint64))
-
-
-def split_buckets(users: np.ndarray, movies: np.ndarray, seed: int) -> np.ndarray:
-    """A per-rating bucket in [0, 10000) from a keyed hash of (seed, user, movie).
-
-    The hash depends on nothing but its arguments, so a rating lands in the same
-    split on every run, worker and retry (unlike `random` in `beam.Partition`).
-    """
-    return (pair_hash(users, movies, seed) % np.uint64(10000)).astype(np.int64)
-
-
-def assign_split(users: np.ndarray, movies: np.ndarray, seed: int,
-                 eval_percent: float) -> np.ndarray:
-    """True where a rating goes to the eval split."""
-    return split_buckets(users, movies, seed) < round(eval_percent * 100)
-
-
-# --- Duplicates. -------------------------------------------------------------------
-def dedupe_buckets(users: np.ndarray, movies: np.ndarray, num_buckets: int) -> np.ndarray:
-    """The bucket in [0, num_buckets) of each pair; equal pairs share a bucket."""
-    return (pair_hash(users, movies, _BUCKET_KEY) % np.uint64(num_buckets)).astype(np.int64)
-
-
-def partition_by_bucket(batch: pa.RecordBatch,
-                        num_buckets: int) -> Iterator[tuple[int, pa.RecordBatch]]:
-    """Splits parsed rows into one slice per non-empty bucket (a loop over buckets)."""
-    buckets = dedupe_buckets(batch.column(features.USER_ID).to_numpy(),
-                             batch.column(features.MOVIE_ID).to_numpy(), num_buckets)
-    ordered = batch.take(pa.array(np.argsort(buckets, kind='stable')))
-    counts = np.bincount(buckets, minlength=num_buckets)
-    starts = np.concatenate([[0], np.cumsum(counts)])
-    for bucket in np.flatnonzero(counts):
-        yield int(bucket), ordered.slice(starts[bucket], counts[bucket])
-
-
-def keep_latest_ratings(rows: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """Keeps one rating per (user, movie): the latest, deterministically.
-
-    Rows are sorted by (user, movie, timestamp, rating, line) and the last of
-    each pair is kept: the latest timestamp wins; on equal timestamps the
-    higher rating, then the line that sorts last.  The result depends only on
-    the rows, never on the order they arrive in.
-
-    Args:
-      rows: parsed rows in PARSED_SCHEMA.
-
-    Returns:
-      (kept, duplicates), both in PARSED_SCHEMA, sorted by pair.
-    """
-    ordered = rows.sort_by([(features.USER_ID, 'ascending'), (features.MOVIE_ID, 'ascending'),
-                            (features.TIMESTAMP, 'ascending'), (features.RATING, 'ascending'),
-                            (LINE, 'ascending')]).combine_chunks()
-    users = ordered.column(features.USER_ID).to_numpy()
-    movies = ordered.column(features.MOVIE_ID).to_numpy()
-    last = np.ones(ordered.num_rows, dtype=bool)
-    last[:-1] = (users[1:] != users[:-1]) | (movies[1:] != movies[:-1])
-    return ordered.filter(pa.array(last)), ordered.filter(pa.array(~last))
-
-
-def compact_slices(rows: pa.RecordBatch | pa.Table,
-                   max_rows: int) -> Iterator[pa.RecordBatch]:
-    """The rows as RecordBatches of at most max_rows rows, each with its own buffers.
-
-    A slice shares its parent's buffers, and pickling it (as Beam does to pass
-    a batch between stages) writes all of them: slices of a 1M-row batch
-    would each carry the 1M rows.  Each slice is therefore copied, once.
-    """
-    for start in range(0, rows.num_rows, max_rows):
-        part = rows.slice(start, max_rows)
-        columns = [pa.concat_arrays(column.chunks) if isinstance(column, pa.ChunkedArray)
-                   else pa.concat_arrays([column]) for column in part.columns]
-        yield pa.RecordBatch.from_arrays(columns, schema=part.schema)
-
-
-def _to_ipc(batch: pa.RecordBatch) -> bytes:
-    """Arrow IPC bytes of one batch: compact, and only the slice's own data."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, batch.schema) as writer:
-        writer.write_batch(batch)
-    return sink.getvalue().to_pybytes()
-
-
-def _from_ipc(blobs: Iterable[bytes]) -> pa.Table:
-    batches = [batch for blob in blobs for batch in pa.ipc.open_stream(blob)]
-    return pa.Table.from_batches(batches, schema=PARSED_SCHEMA)
-
-
-def format_rejected(rows: Iterable[tuple[str, str]]) -> str:
-    """CSV text of (reason, line) rows, one per text line, no final newline.
-
-    The '\\r\\n' terminator makes the csv module quote a line holding a bare CR
-    (which Python 3.11 leaves unquoted with a '\\n' terminator); rows are then
-    joined with '\\n', as WriteToText ends lines.  Lines never hold '\\n'.
-    """
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator='\r\n').writerows(rows)
-    return buffer.getvalue()[:-2].replace('\r\n', '\n')
-
-
-# --- Beam. -----------------------------------------------------------------------------
-class ParseRatings(beam.PTransform):
-    """Lines (bytes) -> parsed RecordBatches, (reason, line) rejects, and counts."""
-
-    VALID, REJECTED, STATS = 'valid', 'rejected', 'stats'
-
-    def __init__(self, layout: features.DatasetLayout, min_batch_size: int = 1024,
-                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
-        super().__init__()
-        self._layout = layout
-        self._min_batch_size = min_batch_size
-        self._max_batch_size = max_batch_size
-
-    def expand(self, lines):
-        return (
-            lines
-            | 'BatchLines' >> beam.BatchElements(
-                min_batch_size=self._min_batch_size,
-                max_batch_size=self._max_batch_size)
-            | 'ParseBatches' >> beam.ParDo(_ParseBatchFn(self._layout)).with_outputs(
-                self.REJECTED, self.STATS, main=self.VALID))
-
-
-class ReadRatings(beam.PTransform):
-    """Byte ranges of a ratings file -> the outputs of `ParseRatings`.
-
-    `blockio.ReadLineRanges` reads each range (`blockio.PlanLineRanges`) as an
-    Arrow array of lines, parsed where it is read: one element per block,
-    never per line.
-    """
-
-    def __init__(self, path: str, layout: features.DatasetLayout):
-        super().__init__()
-        self._path = path
-        self._layout = layout
-
-    def expand(self, ranges):
-        return (
-            ranges
-            | 'ReadLineRanges' >> blockio.ReadLineRanges(self._path)
-            | 'ParseBlocks' >> beam.ParDo(_ParseBatchFn(self._layout)).with_outputs(
-                ParseRatings.REJECTED, ParseRatings.STATS, main=ParseRatings.VALID))
 
 
 def read_ratings(p: beam.Pipeline, path: str, layout: features.DatasetLayout,
@@ -549,310 +115,6 @@ def read_ratings(p: beam.Pipeline, path: str, layout: features.DatasetLayout,
                  | 'ReadRatingsForPairs' >> ReadRatings(path, layout))[ParseRatings.VALID]
                 | 'FindRepeatedPairs' >> FindRepeatedPairs())
     return parsed, repeated
-
-
-class _ParseBatchFn(beam.DoFn):
-    def __init__(self, layout: features.DatasetLayout):
-        super().__init__()
-        self._layout = layout
-        self._read = beam.metrics.Metrics.counter('preprocess', 'rows_read')
-        self._valid = beam.metrics.Metrics.counter('preprocess', 'rows_valid')
-        self._rejected = beam.metrics.Metrics.counter('preprocess', 'rows_rejected')
-
-    def process(self, lines: list[bytes] | pa.Array) -> Iterator[Any]:
-        parsed = parse_rating_lines(lines, self._layout)
-        self._read.inc(len(lines))
-        self._valid.inc(parsed.valid.num_rows)
-        self._rejected.inc(len(parsed.rejected))
-        stats = {'rows_read': len(lines), 'rows_valid': parsed.valid.num_rows}
-        for reason, line in parsed.rejected:
-            stats['rejected:' + reason] = stats.get('rejected:' + reason, 0) + 1
-            yield beam.pvalue.TaggedOutput(ParseRatings.REJECTED, (reason, line))
-        yield beam.pvalue.TaggedOutput(ParseRatings.STATS, stats)
-        if parsed.valid.num_rows:
-            yield parsed.valid
-
-
-class DeduplicateRatings(beam.PTransform):
-    """Parsed RecordBatches -> one rating per (user, movie), rejects, counts.
-
-    Each batch is cut into slices by a hash of the pair (numpy), the slices
-    of a bucket are grouped (GroupByKey on the bucket id; elements are Arrow
-    IPC chunks, not rows), and each bucket keeps the latest rating of every
-    pair (`keep_latest_ratings`).  Outputs: VALID, parsed RecordBatches of at
-    most max_batch_size rows; REJECTED, CSV text blocks of the duplicates'
-    'duplicate_rating,<line>' rows; STATS, the accepted and duplicate counts.
-    """
-
-    VALID, REJECTED, STATS = ParseRatings.VALID, ParseRatings.REJECTED, ParseRatings.STATS
-
-    def __init__(self, num_buckets: int = DEFAULT_DEDUPE_BUCKETS,
-                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
-        super().__init__()
-        self._num_buckets = num_buckets
-        self._max_batch_size = max_batch_size
-
-    def expand(self, batches):
-        return (
-            batches
-            | 'HashPairsToBuckets' >> beam.FlatMap(
-                _bucket_chunks, self._num_buckets).with_output_types(tuple[int, bytes])
-            | 'GroupBuckets' >> beam.GroupByKey()
-            | 'KeepLatest' >> beam.ParDo(_KeepLatestFn(self._max_batch_size)).with_outputs(
-                self.REJECTED, self.STATS, main=self.VALID))
-
-
-def pair_keys(batch: pa.RecordBatch) -> np.ndarray:
-    """The 64-bit hash of each row's (user, movie) that finds repeated pairs."""
-    return pair_hash(batch.column(features.USER_ID).to_numpy(),
-                     batch.column(features.MOVIE_ID).to_numpy(), _BUCKET_KEY)
-
-
-def repeated_keys(keys: np.ndarray) -> np.ndarray:
-    """The sorted distinct values that occur more than once in `keys`."""
-    ordered = np.sort(keys)
-    return np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
-
-
-def is_in_sorted(values: np.ndarray, sorted_values: np.ndarray) -> np.ndarray:
-    """values[i] in sorted_values, for each i (a binary search each)."""
-    if not len(sorted_values):
-        return np.zeros(len(values), dtype=bool)
-    found = np.minimum(np.searchsorted(sorted_values, values), len(sorted_values) - 1)
-    return sorted_values[found] == values
-
-
-class FindRepeatedPairs(beam.PTransform):
-    """Parsed RecordBatches -> one sorted uint64 array of the pair hashes seen twice or more.
-
-    A pair in it may be rated once (two pairs can share a hash); a pair rated
-    more than once is always in it, which is all `DeduplicateRatings` needs.
-    """
-
-    def expand(self, batches):
-        return (batches
-                | 'HashPairs' >> beam.Map(pair_keys)
-                | 'KeepRepeated' >> beam.CombineGlobally(_RepeatedKeysFn()))
-
-
-class _RepeatedKeysFn(beam.CombineFn):
-    """Gathers pair hashes (8 bytes a row) and keeps those that occur more than once."""
-
-    def create_accumulator(self) -> list[np.ndarray]:
-        return []
-
-    def add_input(self, accumulator: list[np.ndarray], keys: np.ndarray) -> list[np.ndarray]:
-        accumulator.append(keys)
-        return accumulator
-
-    def merge_accumulators(self, accumulators) -> list[np.ndarray]:
-        return [keys for accumulator in accumulators for keys in accumulator]
-
-    def extract_output(self, accumulator: list[np.ndarray]) -> np.ndarray:
-        if not accumulator:
-            return np.zeros(0, dtype=np.uint64)
-        return repeated_keys(np.concatenate(accumulator))
-
-
-class SeparateRepeatedPairs(beam.PTransform):
-    """Parsed RecordBatches -> REPEATED rows (a pair hash in `repeated_pairs`)
-    and SINGLE rows (all others, the only rating of their pair), plus counts.
-
-    Only REPEATED rows need `DeduplicateRatings`; duplicates are rare, so its
-    shuffle then carries next to nothing instead of every row.  SINGLE rows
-    are accepted as they are and lose their line (nothing will reject them),
-    in RecordBatches of at most max_batch_size rows.
-    """
-
-    SINGLE, REPEATED, STATS = ParseRatings.VALID, 'repeated', ParseRatings.STATS
-
-    def __init__(self, repeated_pairs, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
-        super().__init__()
-        self._repeated_pairs = repeated_pairs
-        self._max_batch_size = max_batch_size
-
-    def expand(self, batches):
-        return batches | 'SeparateRepeated' >> beam.ParDo(
-            _SeparateRepeatedFn(self._max_batch_size),
-            beam.pvalue.AsSingleton(self._repeated_pairs)).with_outputs(
-                self.REPEATED, self.STATS, main=self.SINGLE)
-
-
-class _SeparateRepeatedFn(beam.DoFn):
-    def __init__(self, max_batch_size: int):
-        super().__init__()
-        self._max_batch_size = max_batch_size
-        self._accepted = beam.metrics.Metrics.counter('preprocess', 'rows_accepted')
-
-    def process(self, batch: pa.RecordBatch, repeated: np.ndarray) -> Iterator[Any]:
-        is_repeated = is_in_sorted(pair_keys(batch), repeated)
-        if is_repeated.any():
-            yield beam.pvalue.TaggedOutput(SeparateRepeatedPairs.REPEATED,
-                                           batch.filter(pa.array(is_repeated)))
-            batch = batch.filter(pa.array(~is_repeated))
-        self._accepted.inc(batch.num_rows)
-        yield beam.pvalue.TaggedOutput(SeparateRepeatedPairs.STATS,
-                                          {'rows_accepted': batch.num_rows})
-        single = batch.drop_columns([LINE])
-        yield from compact_slices(single, self._max_batch_size)
-
-
-def _bucket_chunks(batch: pa.RecordBatch, num_buckets: int) -> Iterator[tuple[int, bytes]]:
-    for bucket, rows in partition_by_bucket(batch, num_buckets):
-        yield bucket, _to_ipc(rows)
-
-
-class _KeepLatestFn(beam.DoFn):
-    def __init__(self, max_batch_size: int):
-        super().__init__()
-        self._max_batch_size = max_batch_size
-        self._accepted = beam.metrics.Metrics.counter('preprocess', 'rows_accepted')
-        self._duplicates = beam.metrics.Metrics.counter('preprocess', 'rows_duplicate')
-
-    def process(self, bucket_and_blobs: tuple[int, Iterable[bytes]]) -> Iterator[Any]:
-        kept, duplicates = keep_latest_ratings(_from_ipc(bucket_and_blobs[1]))
-        self._accepted.inc(kept.num_rows)
-        self._duplicates.inc(duplicates.num_rows)
-        stats = {'rows_accepted': kept.num_rows}
-        if duplicates.num_rows:
-            stats['rejected:' + DUPLICATE_RATING] = duplicates.num_rows
-            yield beam.pvalue.TaggedOutput(DeduplicateRatings.REJECTED, format_rejected(zip(
-                itertools.repeat(DUPLICATE_RATING), duplicates.column(LINE).to_pylist())))
-        yield beam.pvalue.TaggedOutput(DeduplicateRatings.STATS, stats)
-        yield from compact_slices(kept, self._max_batch_size)
-
-
-class SplitRatings(beam.PTransform):
-    """Parsed RecordBatches -> train and eval RecordBatches (RAW_FEATURE_SPEC
-    shape, see `make_raw_record_batch`), plus per-split sums."""
-
-    def __init__(self, seed: int, eval_percent: float):
-        super().__init__()
-        self._seed = seed
-        self._eval_percent = eval_percent
-
-    def expand(self, batches):
-        return batches | 'AssignSplit' >> beam.ParDo(
-            _SplitBatchFn(self._seed, self._eval_percent)).with_outputs(
-                features.EVAL, ParseRatings.STATS, main=features.TRAIN)
-
-
-class _SplitBatchFn(beam.DoFn):
-    def __init__(self, seed: int, eval_percent: float):
-        super().__init__()
-        self._seed = seed
-        self._eval_percent = eval_percent
-
-    def process(self, batch: pa.RecordBatch) -> Iterator[Any]:
-        users = batch.column(features.USER_ID).to_numpy()
-        movies = batch.column(features.MOVIE_ID).to_numpy()
-        ratings = batch.column(features.RATING).to_numpy()
-        timestamps = batch.column(features.TIMESTAMP).to_numpy()
-        is_eval = assign_split(users, movies, self._seed, self._eval_percent)
-        eval_ratings = ratings[is_eval]
-        yield beam.pvalue.TaggedOutput(ParseRatings.STATS, {
-            'train_ratings': int((~is_eval).sum()),
-            'eval_ratings': int(is_eval.sum()),
-            'train_rating_sum': float(ratings[~is_eval].sum()),
-            'eval_rating_sum': float(eval_ratings.sum()),
-            'eval_rating_square_sum': float(np.square(eval_ratings).sum()),
-        })
-        for tag, rows in ((None, ~is_eval), (features.EVAL, is_eval)):
-            if rows.any():
-                raw = make_raw_record_batch(users[rows], movies[rows], ratings[rows],
-                                            timestamps[rows])
-                yield raw if tag is None else beam.pvalue.TaggedOutput(tag, raw)
-
-
-class _SumStatsFn(beam.CombineFn):
-    """Adds up dicts of counts and sums key by key."""
-
-    def create_accumulator(self) -> dict[str, float]:
-        return {}
-
-    def add_input(self, accumulator: dict[str, float], stats: dict[str, float]):
-        for key, value in stats.items():
-            accumulator[key] = accumulator.get(key, 0) + value
-        return accumulator
-
-    def merge_accumulators(self, accumulators):
-        merged: dict[str, float] = {}
-        for accumulator in accumulators:
-            self.add_input(merged, accumulator)
-        return merged
-
-    def extract_output(self, accumulator):
-        return accumulator
-
-
-def preprocessing_fn(inputs: dict[str, Any]) -> dict[str, Any]:
-    """TFT: raw ids -> vocabulary indices (analysed on train only); ratings pass.
-
-    Ids unseen in training map to the one OOV bucket (index == vocabulary size).
-
-    Each id has weight 1, which gives the same vocabulary (ordered by
-    count, then id) by a cheaper road: without weights TFT hands every id
-    of every row to Python (`tolist()`) and counts them there one element
-    at a time; with weights the TF graph first reduces each batch to its
-    distinct ids and their summed weights (`tf.unique_with_counts`).
-    """
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    import tensorflow_transform as tft  # pylint: disable=import-outside-toplevel
-    ones = tf.ones_like(inputs[features.RATING], dtype=tf.float32)
-    return {
-        features.USER: tft.compute_and_apply_vocabulary(
-            inputs[features.USER_ID], num_oov_buckets=features.NUM_OOV_BUCKETS,
-            vocab_filename=features.USER_VOCAB, weights=ones),
-        features.ITEM: tft.compute_and_apply_vocabulary(
-            inputs[features.MOVIE_ID], num_oov_buckets=features.NUM_OOV_BUCKETS,
-            vocab_filename=features.MOVIE_VOCAB, weights=ones),
-        features.RATING: inputs[features.RATING],
-        features.USER_ID: inputs[features.USER_ID],
-        features.MOVIE_ID: inputs[features.MOVIE_ID],
-    }
-
-
-def raw_tensor_adapter_config():
-    """The TFXIO description of the RecordBatches `make_raw_record_batch` builds."""
-    from tensorflow_transform.tf_metadata import schema_utils  # pylint: disable=import-outside-toplevel
-    from tfx_bsl.public import tfxio  # pylint: disable=import-outside-toplevel
-    from tfx_bsl.tfxio import tensor_representation_util  # pylint: disable=import-outside-toplevel
-    schema = schema_utils.schema_from_feature_spec(features.RAW_FEATURE_SPEC)
-    empty = np.zeros(0)
-    arrow_schema = make_raw_record_batch(empty, empty, empty, empty).schema
-    return tfxio.TensorAdapterConfig(
-        arrow_schema,
-        tensor_representation_util.InferTensorRepresentationsFromSchema(schema))
-
-
-class TransformRatings(beam.PTransform):
-    """(train, eval) RecordBatches -> lists of serialized tf.Examples per split + transform_fn.
-
-    One list per transformed RecordBatch, encoded in C++ (tfx_bsl), so no
-    element per example is ever made.
-    """
-
-    def expand(self, splits):
-        import tensorflow_transform.beam as tft_beam  # pylint: disable=import-outside-toplevel
-        train, eval_ = splits
-        config = raw_tensor_adapter_config()
-        (train_out, _), transform_fn = (
-            (train, config)
-            | 'AnalyzeAndTransformTrain' >> tft_beam.AnalyzeAndTransformDataset(
-                preprocessing_fn, output_record_batches=True))
-        eval_out, _ = (
-            ((eval_, config), transform_fn)
-            | 'TransformEval' >> tft_beam.TransformDataset(output_record_batches=True))
-        return {
-            features.TRAIN: train_out | 'EncodeTrain' >> beam.Map(_encode_examples),
-            features.EVAL: eval_out | 'EncodeEval' >> beam.Map(_encode_examples),
-            'transform_fn': transform_fn,
-        }
-
-
-def _encode_examples(batch_and_passthrough: tuple[pa.RecordBatch, Any]) -> list[bytes]:
-    from tfx_bsl.coders import example_coder  # pylint: disable=import-outside-toplevel
-    return example_coder.RecordBatchToExamples(batch_and_passthrough[0])
 
 
 def deduplicate_and_split(valid, repeated_pairs, num_buckets: int, seed: int,
@@ -917,7 +179,7 @@ def build_pipeline(parsed, work_dir: str, seed: int, eval_percent: float,
         _ = examples[split] | f'Write{split.capitalize()}Examples' >> blockio.WriteTFRecordBlocks(
             features.split_prefix(work_dir, split), file_name_suffix=features.TFRECORD_SUFFIX)
     rejected = ((parsed[ParseRatings.REJECTED]
-                 | 'FormatRejected' >> beam.Map(lambda row: format_rejected([row])),
+                 | 'FormatRejected' >> beam.Map(lambda row: rating_parser.format_rejected([row])),
                  unique[DeduplicateRatings.REJECTED])
                 | 'MergeRejected' >> beam.Flatten())
     _ = rejected | 'WriteRejected' >> beam.io.WriteToText(
@@ -926,15 +188,13 @@ def build_pipeline(parsed, work_dir: str, seed: int, eval_percent: float,
     stats = ((parsed[ParseRatings.STATS], *unique[DeduplicateRatings.STATS],
               splits[ParseRatings.STATS])
              | 'MergeStats' >> beam.Flatten()
-             | 'SumStats' >> beam.CombineGlobally(_SumStatsFn()))
+             | 'SumStats' >> beam.CombineGlobally(SumStatsFn()))
     _ = (stats
          | 'StatsToJson' >> beam.Map(lambda s: json.dumps(s, sort_keys=True))
          | 'WriteStats' >> beam.io.WriteToText(
              features.join(out_dir, _TMP_DIR, _STATS_FILE), shard_name_template=''))
     return {features.TRAIN: examples[features.TRAIN], features.EVAL: examples[features.EVAL],
             'rejected': rejected, 'stats': stats}
-
-
 
 
 # --- Edges: flags, output dir, run, summary. ---------------------------------------------
@@ -1035,7 +295,7 @@ def check_sample(head: Sequence[bytes], path: str, layout: features.DatasetLayou
       layout: the layout the file should follow.
 
     Returns:
-      The number of header lines to skip (`count_header_lines`).
+      The number of header lines to skip (`rating_parser.count_header_lines`).
 
     Raises:
       UserError: the file is empty, holds only a header, or none of the
@@ -1044,12 +304,12 @@ def check_sample(head: Sequence[bytes], path: str, layout: features.DatasetLayou
     if not head:
         raise UserError(f'{path} is empty: no ratings to preprocess; stage it again with '
                         'python data-extractor.py --overwrite')
-    header_lines = count_header_lines(head[0], layout)
+    header_lines = rating_parser.count_header_lines(head[0], layout)
     lines = head[header_lines:header_lines + _SAMPLE_LINES]
     if not lines:
         raise UserError(f'{path} holds a header and no ratings; stage it again with '
                         'python data-extractor.py --overwrite')
-    parsed = parse_rating_lines(lines, layout)
+    parsed = rating_parser.parse_rating_lines(lines, layout)
     if not parsed.valid.num_rows:
         reasons = sorted({reason for reason, _ in parsed.rejected})
         raise UserError(

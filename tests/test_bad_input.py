@@ -29,7 +29,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 import preprocess
 from conftest import load_script
-from trainer import features
+from trainer import deduplication, features, hash_split, rating_parser, rating_reader
 
 extractor = load_script('data-extractor.py')
 
@@ -37,7 +37,7 @@ extractor = load_script('data-extractor.py')
 ML_100K = features.DATASETS['ml-100k']
 ML_1M = features.DATASETS['ml-1m']
 ML_25M = features.DATASETS['ml-25m']
-P = preprocess
+P = rating_parser
 
 
 # --- One line at a time: accepted, normalised or rejected with a named reason. ------
@@ -98,33 +98,33 @@ P = preprocess
 ])
 def test_each_kind_of_line_is_accepted_normalised_or_rejected_with_a_reason(
         layout, line, expected):
-    parsed = preprocess.parse_rating_lines([line], layout)
+    parsed = rating_parser.parse_rating_lines([line], layout)
     if isinstance(expected, tuple):
         assert parsed.rejected == []
         row = parsed.valid.to_pylist()[0]
         assert (row[features.USER_ID], row[features.MOVIE_ID], row[features.RATING],
                 row[features.TIMESTAMP]) == pytest.approx(expected)
-        assert row[preprocess.LINE] == line.decode('utf-8')  # kept as read
+        assert row[rating_parser.LINE] == line.decode('utf-8')  # kept as read
     else:
         assert parsed.valid.num_rows == 0
         [(reason, kept_line)] = parsed.rejected
         assert reason == expected
         assert kept_line == line.decode('utf-8', 'backslashreplace')
     # The per-line parser agrees wherever the line is text.
-    if expected != preprocess.NOT_UTF8:
+    if expected != rating_parser.NOT_UTF8:
         text = line.decode('utf-8')
         if isinstance(expected, tuple):
-            assert preprocess.parse_rating_line(text, layout) == pytest.approx(expected)
+            assert rating_parser.parse_rating_line(text, layout) == pytest.approx(expected)
         else:
             with pytest.raises(ValueError, match=f'^{expected}$'):
-                preprocess.parse_rating_line(text, layout)
+                rating_parser.parse_rating_line(text, layout)
 
 
 def test_a_batch_with_one_non_utf8_line_loses_none_of_the_others():
     lines = [b'1\t10\t5\t100', b'2\t2\xe9\t3\t200', b'3\t30\t4\t300', b'\xef\xbb\xbf4\t40\t1\t1']
-    parsed = preprocess.parse_rating_lines(lines, ML_100K)
+    parsed = rating_parser.parse_rating_lines(lines, ML_100K)
     assert sorted(parsed.valid.column(features.USER_ID).to_pylist()) == [1, 3, 4]
-    assert parsed.rejected == [(preprocess.NOT_UTF8, '2\t2\\xe9\t3\t200')]
+    assert parsed.rejected == [(rating_parser.NOT_UTF8, '2\t2\\xe9\t3\t200')]
 
 
 @pytest.mark.parametrize('layout, first_line, expected', [
@@ -136,7 +136,7 @@ def test_a_batch_with_one_non_utf8_line_loses_none_of_the_others():
     (ML_100K, b'garbage', 0),
 ])
 def test_only_a_real_header_at_the_top_is_skipped(layout, first_line, expected):
-    assert preprocess.count_header_lines(first_line, layout) == expected
+    assert rating_parser.count_header_lines(first_line, layout) == expected
 
 
 @pytest.mark.parametrize('head, phrase', [
@@ -154,7 +154,7 @@ def test_check_sample_refuses_a_file_with_nothing_valid(head, phrase):
 # --- Duplicates: keep the latest, reject the others, deterministically. ---------------
 def _parsed_table(rows: list[tuple[int, int, float, int, str]]) -> pa.Table:
     columns = list(zip(*rows)) if rows else [[]] * 5
-    return pa.Table.from_batches([preprocess.make_parsed_batch(
+    return pa.Table.from_batches([rating_parser.make_parsed_batch(
         np.array(columns[0], np.uint64), np.array(columns[1], np.uint64),
         np.array(columns[2], np.float64), np.array(columns[3], np.int64), list(columns[4]))])
 
@@ -183,7 +183,7 @@ KEPT = [(1, 1, 4.0, 300, '1\t1\t4\t300'), (1, 2, 1.0, 50, '1\t2\t1\t50'),
 
 
 def test_keep_latest_ratings_keeps_one_per_pair_by_the_documented_rule():
-    kept, duplicates = preprocess.keep_latest_ratings(_parsed_table(DUPLICATE_ROWS))
+    kept, duplicates = deduplication.keep_latest_ratings(_parsed_table(DUPLICATE_ROWS))
     assert _rows(kept) == KEPT
     assert sorted(_rows(duplicates)) == sorted(
         set(DUPLICATE_ROWS) - set(KEPT) | {(3, 1, 2.0, 700, '3\t1\t2\t700')})
@@ -193,28 +193,28 @@ def test_keep_latest_ratings_keeps_one_per_pair_by_the_documented_rule():
 def test_keep_latest_ratings_does_not_depend_on_row_order():
     for seed in range(5):
         rows = random.Random(seed).sample(DUPLICATE_ROWS, len(DUPLICATE_ROWS))
-        kept, duplicates = preprocess.keep_latest_ratings(_parsed_table(rows))
+        kept, duplicates = deduplication.keep_latest_ratings(_parsed_table(rows))
         assert _rows(kept) == KEPT and duplicates.num_rows == len(DUPLICATE_ROWS) - len(KEPT)
 
 
 def test_keep_latest_ratings_of_nothing_is_nothing():
-    kept, duplicates = preprocess.keep_latest_ratings(_parsed_table([]))
+    kept, duplicates = deduplication.keep_latest_ratings(_parsed_table([]))
     assert kept.num_rows == duplicates.num_rows == 0
 
 
 def test_partition_by_bucket_puts_every_row_of_a_pair_in_one_bucket():
     rng = np.random.default_rng(0)
     users, movies = rng.integers(1, 50, 2000), rng.integers(1, 50, 2000)
-    batch = preprocess.make_parsed_batch(users, movies, np.ones(2000), np.arange(2000),
-                                         [str(i) for i in range(2000)])
+    batch = rating_parser.make_parsed_batch(users, movies, np.ones(2000), np.arange(2000),
+                                            [str(i) for i in range(2000)])
     buckets = {}
-    for bucket, rows in preprocess.partition_by_bucket(batch, 7):
+    for bucket, rows in deduplication.partition_by_bucket(batch, 7):
         for user, movie in zip(rows.column(features.USER_ID).to_pylist(),
                                rows.column(features.MOVIE_ID).to_pylist()):
             buckets.setdefault((user, movie), set()).add(bucket)
     assert all(len(found) == 1 for found in buckets.values())
     assert len(buckets) == len(set(zip(users.tolist(), movies.tolist())))
-    assert sum(rows.num_rows for _, rows in preprocess.partition_by_bucket(batch, 7)) == 2000
+    assert sum(rows.num_rows for _, rows in deduplication.partition_by_bucket(batch, 7)) == 2000
 
 
 def test_deduplicate_ratings_in_beam_across_batches_and_buckets():
@@ -222,30 +222,30 @@ def test_deduplicate_ratings_in_beam_across_batches_and_buckets():
     batches = [_parsed_table(first).to_batches()[0], _parsed_table(second).to_batches()[0]]
     with BeamTestPipeline(runner=preprocess.DEFAULT_RUNNER) as p:
         unique = (p | beam.Create(batches)
-                  | preprocess.DeduplicateRatings(num_buckets=3, max_batch_size=2))
-        rows = unique[preprocess.DeduplicateRatings.VALID] | 'Rows' >> beam.FlatMap(
+                  | deduplication.DeduplicateRatings(num_buckets=3, max_batch_size=2))
+        rows = unique[deduplication.DeduplicateRatings.VALID] | 'Rows' >> beam.FlatMap(
             lambda batch: [tuple(row.values()) for row in batch.to_pylist()])
         assert_that(rows, equal_to(KEPT), label='CheckKept')
-        rejected = unique[preprocess.DeduplicateRatings.REJECTED] | 'Lines' >> beam.FlatMap(
+        rejected = unique[deduplication.DeduplicateRatings.REJECTED] | 'Lines' >> beam.FlatMap(
             lambda block: list(csv.reader(block.split('\n'))))
         assert_that(rejected, equal_to([
             ['duplicate_rating', line] for line in ('1\t1\t2\t100', '1\t1\t5\t200',
                                                     '2\t1\t3\t500', '3\t1\t2\t700',
                                                     ' 4\t1\t3\t800', '04\t1\t3\t800')]),
             label='CheckRejected')
-        totals = (unique[preprocess.DeduplicateRatings.STATS]
-                  | beam.CombineGlobally(preprocess._SumStatsFn()))
+        totals = (unique[deduplication.DeduplicateRatings.STATS]
+                  | beam.CombineGlobally(rating_reader.SumStatsFn()))
         assert_that(totals, equal_to([{'rows_accepted': 6, 'rejected:duplicate_rating': 6}]),
                     label='CheckStats')
 
 
 def test_repeated_keys_and_sorted_membership():
     keys = np.array([5, 3, 9, 3, 5, 5, 1], dtype=np.uint64)
-    repeated = preprocess.repeated_keys(keys)
+    repeated = deduplication.repeated_keys(keys)
     assert repeated.tolist() == [3, 5]
-    assert preprocess.is_in_sorted(keys, repeated).tolist() == [
+    assert deduplication.is_in_sorted(keys, repeated).tolist() == [
         True, True, False, True, True, True, False]
-    assert not preprocess.is_in_sorted(keys, np.zeros(0, np.uint64)).any()
+    assert not deduplication.is_in_sorted(keys, np.zeros(0, np.uint64)).any()
 
 
 def test_only_rows_of_repeated_pairs_go_through_the_duplicate_check():
@@ -254,7 +254,7 @@ def test_only_rows_of_repeated_pairs_go_through_the_duplicate_check():
     batches = [_parsed_table(first).to_batches()[0], _parsed_table(second).to_batches()[0]]
     with BeamTestPipeline(runner=preprocess.DEFAULT_RUNNER) as p:
         valid = p | beam.Create(batches)
-        repeated = valid | preprocess.FindRepeatedPairs()
+        repeated = valid | deduplication.FindRepeatedPairs()
         unique, splits = preprocess.deduplicate_and_split(
             valid, repeated, num_buckets=3, seed=1, eval_percent=50)
         rows = ((splits[features.TRAIN], splits[features.EVAL]) | 'Both' >> beam.Flatten()
@@ -263,13 +263,13 @@ def test_only_rows_of_repeated_pairs_go_through_the_duplicate_check():
                     batch.column(features.RATING).to_pylist())))
         assert_that(rows, equal_to([([str(row[0]).encode()], [row[2]]) for row in KEPT]),
                     label='CheckKept')
-        rejected = unique[preprocess.DeduplicateRatings.REJECTED] | 'Lines' >> beam.FlatMap(
+        rejected = unique[deduplication.DeduplicateRatings.REJECTED] | 'Lines' >> beam.FlatMap(
             lambda block: [line for _, line in csv.reader(block.split('\n'))])
         assert_that(rejected, equal_to(['1\t1\t2\t100', '1\t1\t5\t200', '2\t1\t3\t500',
                                         '3\t1\t2\t700', ' 4\t1\t3\t800', '04\t1\t3\t800']),
                     label='CheckRejected')
-        totals = (unique[preprocess.DeduplicateRatings.STATS] | 'MergeStats' >> beam.Flatten()
-                  | beam.CombineGlobally(preprocess._SumStatsFn()))
+        totals = (unique[deduplication.DeduplicateRatings.STATS] | 'MergeStats' >> beam.Flatten()
+                  | beam.CombineGlobally(rating_reader.SumStatsFn()))
         # (1, 2) and (5, 1) are rated once: accepted without the grouping.
         assert_that(totals, equal_to([{'rows_accepted': 6, 'rejected:duplicate_rating': 6}]),
                     label='CheckStats')
@@ -277,7 +277,7 @@ def test_only_rows_of_repeated_pairs_go_through_the_duplicate_check():
 
 @pytest.mark.parametrize('line', ['1\t2\t3\t4', '1,2,"3",4', 'a,b', '', ' x ', '1\t2\r3\t4'])
 def test_rejected_rows_read_back_as_written(line):
-    text = preprocess.format_rejected([('some_reason', line), ('other', line)])
+    text = rating_parser.format_rejected([('some_reason', line), ('other', line)])
     assert text.count('\n') == 1
     assert list(csv.reader(io.StringIO(text, newline=''))) == [['some_reason', line],
                                                                 ['other', line]]
@@ -514,7 +514,7 @@ def test_main_on_a_file_with_nothing_valid_stops_with_one_line(work_dir, capsys,
 def test_main_with_no_training_rating_stops_with_one_line(work_dir, capsys):
     """One valid rating that the hash puts in eval: nothing to train on."""
     users = np.arange(1, 100)
-    user = int(users[preprocess.assign_split(users, np.ones_like(users), 42, 20)][0])
+    user = int(users[hash_split.assign_split(users, np.ones_like(users), 42, 20)][0])
     _stage(work_dir, ML_100K, f'{user}\t1\t3\t5\nbad\n'.encode())
     _expect_one_line_error(capsys, work_dir, 'no valid training ratings')
     assert not os.path.exists(os.path.join(features.transformed_dir(work_dir),

@@ -14,8 +14,7 @@ import tensorflow_transform.beam as tft_beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 
-import preprocess
-from trainer import catalog, export, features
+from trainer import catalog, examples, export, features
 from trainer.model import MatrixFactorization
 
 RAW_ROWS = [(user, movie, rating) for user, movie, rating in [
@@ -25,7 +24,7 @@ RAW_ROWS = [(user, movie, rating) for user, movie, rating in [
 
 @pytest.fixture(scope='module')
 def tft_dir(tmp_path_factory) -> str:
-    """A TFT output of preprocess.preprocessing_fn analysed on RAW_ROWS."""
+    """A TFT output of examples.preprocessing_fn analysed on RAW_ROWS."""
     out_dir = str(tmp_path_factory.mktemp('transformed'))
     metadata = dataset_metadata.DatasetMetadata(
         schema_utils.schema_from_feature_spec(features.RAW_FEATURE_SPEC))
@@ -36,7 +35,7 @@ def tft_dir(tmp_path_factory) -> str:
     with beam.Pipeline(options=options) as pipeline:
         with tft_beam.Context(temp_dir=os.path.join(out_dir, 'tmp')):
             transform_fn = ((pipeline | beam.Create(raw), metadata)
-                            | tft_beam.AnalyzeDataset(preprocess.preprocessing_fn))
+                            | tft_beam.AnalyzeDataset(examples.preprocessing_fn))
             _ = transform_fn | tft_beam.WriteTransformFn(out_dir)
     return out_dir
 

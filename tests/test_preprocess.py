@@ -15,7 +15,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 import preprocess
-from trainer import features
+from trainer import features, hash_split, rating_parser, rating_reader
 
 ML_100K = features.DATASETS['ml-100k']
 ML_1M = features.DATASETS['ml-1m']
@@ -30,31 +30,31 @@ ML_25M = features.DATASETS['ml-25m']
     (ML_100K, ' 007\t 12\t4\t5 ', (7, 12, 4.0, 5)),
 ])
 def test_parse_rating_line_accepts_each_layout(layout, line, expected):
-    assert preprocess.parse_rating_line(line, layout) == pytest.approx(expected)
+    assert rating_parser.parse_rating_line(line, layout) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize('layout, line, reason', [
-    (ML_100K, '', preprocess.BLANK_LINE),
-    (ML_100K, '   \r', preprocess.BLANK_LINE),
-    (ML_25M, 'userId,movieId,rating,timestamp', preprocess.HEADER_LINE),
-    (ML_100K, '1\t2\t3', preprocess.WRONG_FIELD_COUNT),
-    (ML_100K, '1\t2\t3\t4\t5', preprocess.WRONG_FIELD_COUNT),
-    (ML_1M, '1\t2\t3\t4', preprocess.WRONG_FIELD_COUNT),
-    (ML_100K, '\t2\t3\t4', preprocess.EMPTY_ID),
-    (ML_100K, 'u1\t2\t3\t4', preprocess.NON_NUMERIC_ID),
-    (ML_100K, '-1\t2\t3\t4', preprocess.NON_NUMERIC_ID),
-    (ML_100K, '1\t2\tfour\t4', preprocess.NON_NUMERIC_RATING),
-    (ML_100K, '1\t2\tnan\t4', preprocess.RATING_NOT_FINITE),
-    (ML_25M, '1,2,inf,4', preprocess.RATING_NOT_FINITE),
-    (ML_100K, '1\t2\t6\t4', preprocess.RATING_OUT_OF_RANGE),
-    (ML_100K, '1\t2\t0\t4', preprocess.RATING_OUT_OF_RANGE),
-    (ML_100K, '1\t2\t3.5\t4', preprocess.RATING_OFF_STEP),
-    (ML_25M, '1,2,3.25,4', preprocess.RATING_OFF_STEP),
-    (ML_100K, '1\t2\t3\tyesterday', preprocess.BAD_TIMESTAMP),
+    (ML_100K, '', rating_parser.BLANK_LINE),
+    (ML_100K, '   \r', rating_parser.BLANK_LINE),
+    (ML_25M, 'userId,movieId,rating,timestamp', rating_parser.HEADER_LINE),
+    (ML_100K, '1\t2\t3', rating_parser.WRONG_FIELD_COUNT),
+    (ML_100K, '1\t2\t3\t4\t5', rating_parser.WRONG_FIELD_COUNT),
+    (ML_1M, '1\t2\t3\t4', rating_parser.WRONG_FIELD_COUNT),
+    (ML_100K, '\t2\t3\t4', rating_parser.EMPTY_ID),
+    (ML_100K, 'u1\t2\t3\t4', rating_parser.NON_NUMERIC_ID),
+    (ML_100K, '-1\t2\t3\t4', rating_parser.NON_NUMERIC_ID),
+    (ML_100K, '1\t2\tfour\t4', rating_parser.NON_NUMERIC_RATING),
+    (ML_100K, '1\t2\tnan\t4', rating_parser.RATING_NOT_FINITE),
+    (ML_25M, '1,2,inf,4', rating_parser.RATING_NOT_FINITE),
+    (ML_100K, '1\t2\t6\t4', rating_parser.RATING_OUT_OF_RANGE),
+    (ML_100K, '1\t2\t0\t4', rating_parser.RATING_OUT_OF_RANGE),
+    (ML_100K, '1\t2\t3.5\t4', rating_parser.RATING_OFF_STEP),
+    (ML_25M, '1,2,3.25,4', rating_parser.RATING_OFF_STEP),
+    (ML_100K, '1\t2\t3\tyesterday', rating_parser.BAD_TIMESTAMP),
 ])
 def test_parse_rating_line_names_the_reason(layout, line, reason):
     with pytest.raises(ValueError, match=f'^{reason}$'):
-        preprocess.parse_rating_line(line, layout)
+        rating_parser.parse_rating_line(line, layout)
 
 
 def _columns(batch):
@@ -64,19 +64,20 @@ def _columns(batch):
 def test_parse_rating_lines_matches_the_per_line_parser():
     lines = ['1\t10\t5\t100', 'bad', '2\t20\t3\t200', '3\t30\t9\t300', ' 4\t40\t1\t400',
              '\ufeff5\t50\t2\t500', '6\t60\t2.5\t600', '']
-    parsed = preprocess.parse_rating_lines(lines, ML_100K)
+    parsed = rating_parser.parse_rating_lines(lines, ML_100K)
     cols = _columns(parsed.valid)
     rows = sorted(zip(cols['user_id'], cols['movie_id'], cols['rating'], cols['timestamp']))
     assert rows == [(1, 10, 5.0, 100), (2, 20, 3.0, 200), (4, 40, 1.0, 400), (5, 50, 2.0, 500)]
     assert sorted(cols['line']) == sorted([' 4\t40\t1\t400', '\ufeff5\t50\t2\t500',
                                            '1\t10\t5\t100', '2\t20\t3\t200'])
     assert parsed.rejected == [
-        (preprocess.WRONG_FIELD_COUNT, 'bad'), (preprocess.RATING_OUT_OF_RANGE, '3\t30\t9\t300'),
-        (preprocess.RATING_OFF_STEP, '6\t60\t2.5\t600'), (preprocess.BLANK_LINE, '')]
+        (rating_parser.WRONG_FIELD_COUNT, 'bad'),
+        (rating_parser.RATING_OUT_OF_RANGE, '3\t30\t9\t300'),
+        (rating_parser.RATING_OFF_STEP, '6\t60\t2.5\t600'), (rating_parser.BLANK_LINE, '')]
 
 
 def test_parse_rating_lines_of_nothing_is_empty():
-    parsed = preprocess.parse_rating_lines([], ML_100K)
+    parsed = rating_parser.parse_rating_lines([], ML_100K)
     assert parsed.valid.num_rows == 0 and parsed.rejected == []
 
 
@@ -84,15 +85,15 @@ def test_split_is_deterministic_and_near_the_asked_share():
     rng = np.random.default_rng(0)
     users = rng.integers(1, 5000, 50_000)
     movies = rng.integers(1, 5000, 50_000)
-    first = preprocess.assign_split(users, movies, seed=7, eval_percent=20)
-    again = preprocess.assign_split(users.copy(), movies.copy(), seed=7, eval_percent=20)
-    other_seed = preprocess.assign_split(users, movies, seed=8, eval_percent=20)
+    first = hash_split.assign_split(users, movies, seed=7, eval_percent=20)
+    again = hash_split.assign_split(users.copy(), movies.copy(), seed=7, eval_percent=20)
+    other_seed = hash_split.assign_split(users, movies, seed=8, eval_percent=20)
     np.testing.assert_array_equal(first, again)
     assert first.mean() == pytest.approx(0.20, abs=0.01)
     assert (first != other_seed).mean() > 0.2
     # Per rating, not per batch: a rating's split does not depend on its neighbours.
     np.testing.assert_array_equal(
-        preprocess.assign_split(users[:10], movies[:10], seed=7, eval_percent=20), first[:10])
+        hash_split.assign_split(users[:10], movies[:10], seed=7, eval_percent=20), first[:10])
 
 
 def _pipeline():
@@ -102,16 +103,16 @@ def _pipeline():
 def test_parse_ratings_transform_outputs_rows_rejects_and_counts():
     lines = ['1\t10\t5\t100', '2\t20\t3\t200', 'x\t1\t1\t1', '3\t30\t6\t300', '']
     with _pipeline() as p:
-        parsed = p | beam.Create(lines) | preprocess.ParseRatings(ML_100K)
-        ids = (parsed[preprocess.ParseRatings.VALID]
+        parsed = p | beam.Create(lines) | rating_reader.ParseRatings(ML_100K)
+        ids = (parsed[rating_reader.ParseRatings.VALID]
                | 'Ids' >> beam.FlatMap(lambda b: b.column('user_id').to_pylist()))
         assert_that(ids, equal_to([1, 2]), label='CheckValid')
-        assert_that(parsed[preprocess.ParseRatings.REJECTED], equal_to([
-            (preprocess.NON_NUMERIC_ID, 'x\t1\t1\t1'),
-            (preprocess.RATING_OUT_OF_RANGE, '3\t30\t6\t300'),
-            (preprocess.BLANK_LINE, '')]), label='CheckRejected')
-        totals = (parsed[preprocess.ParseRatings.STATS]
-                  | beam.CombineGlobally(preprocess._SumStatsFn()))
+        assert_that(parsed[rating_reader.ParseRatings.REJECTED], equal_to([
+            (rating_parser.NON_NUMERIC_ID, 'x\t1\t1\t1'),
+            (rating_parser.RATING_OUT_OF_RANGE, '3\t30\t6\t300'),
+            (rating_parser.BLANK_LINE, '')]), label='CheckRejected')
+        totals = (parsed[rating_reader.ParseRatings.STATS]
+                  | beam.CombineGlobally(rating_reader.SumStatsFn()))
         assert_that(totals, equal_to([{
             'rows_read': 5, 'rows_valid': 2, 'rejected:non_numeric_id': 1,
             'rejected:rating_out_of_range': 1, 'rejected:blank_line': 1}]), label='CheckStats')
@@ -119,9 +120,9 @@ def test_parse_ratings_transform_outputs_rows_rejects_and_counts():
 
 def test_parse_ratings_of_an_empty_file_yields_nothing():
     with _pipeline() as p:
-        parsed = p | beam.Create([]) | preprocess.ParseRatings(ML_100K)
-        assert_that(parsed[preprocess.ParseRatings.VALID], equal_to([]), label='NoRows')
-        assert_that(parsed[preprocess.ParseRatings.REJECTED], equal_to([]), label='NoRejects')
+        parsed = p | beam.Create([]) | rating_reader.ParseRatings(ML_100K)
+        assert_that(parsed[rating_reader.ParseRatings.VALID], equal_to([]), label='NoRows')
+        assert_that(parsed[rating_reader.ParseRatings.REJECTED], equal_to([]), label='NoRejects')
 
 
 # --- main(): the whole job on a small staged file. -------------------------------------
@@ -188,7 +189,7 @@ def test_main_split_matches_the_hash_and_vocab_covers_train_only(preprocessed):
         examples = _read_examples(split)
         users = np.array([int(e[features.USER_ID]) for e in examples])
         movies = np.array([int(e[features.MOVIE_ID]) for e in examples])
-        assert (preprocess.assign_split(users, movies, 3, 20) == expected_eval).all()
+        assert (hash_split.assign_split(users, movies, 3, 20) == expected_eval).all()
     import tensorflow_transform as tft
     tft_output = tft.TFTransformOutput(features.transformed_dir(work_dir))
     train_users = {e[features.USER_ID].numpy() for e in _read_examples(info.train_pattern)}
