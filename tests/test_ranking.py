@@ -174,3 +174,35 @@ def test_one_order_ranking_equals_scoring_every_user():
         got = ranking.rank_users_by_one_order(scores, users, catalog.seen(), k)
         np.testing.assert_array_equal(got, expected)
     assert (got[0] == -1).sum() == num_items - 2  # user 7 has two unseen items
+
+
+def test_a_user_sample_is_seeded_and_ranks_only_those_users():
+    # 6 users, each liked one movie in eval; a sample of 3 is the same for a
+    # seed and for every ranker, and rows of the other users are left out.
+    model = _model(num_users=6, num_items=4)
+    catalog = _catalog(6, ['a', 'b', 'c', 'd'], [(user, 0) for user in range(6)])
+    eval_users = np.repeat(np.arange(6), 2)
+    eval_items = np.tile([1, 2], 6)
+    eval_ratings = np.tile([5.0, 1.0], 6)
+    num_items = catalog.num_items
+
+    def run(max_users, seed):
+        return ranking.evaluate_lists(
+            {'model': lambda user: ranking.score_items(model, user, num_items),
+             'by_index': -np.arange(num_items, dtype=np.float64)},
+            catalog, eval_users, eval_items, eval_ratings, k=1,
+            max_users=max_users, seed=seed)
+
+    everyone = run(0, 0)
+    assert everyone['users'] == everyone['users_in_eval'] == 6
+    sample = ranking.sample_users(eval_users, 3, seed=7)
+    assert sample.size == 3 and np.all(np.diff(sample) > 0)
+    np.testing.assert_array_equal(sample, ranking.sample_users(eval_users, 3, seed=7))
+    assert ranking.sample_users(eval_users, 6, seed=7) is None
+    sampled = run(3, 7)
+    assert sampled['users'] == sampled['users_with_relevant'] == 3
+    assert sampled['users_in_eval'] == 6
+    # Ranking by index puts unseen movie 1 first for everyone: a hit each.
+    assert sampled['by_index']['recall'] == 1.0
+    assert 'a seeded sample of 3 of 6 eval users' in ranking.summary_line(
+        {**sampled, 'most_popular': sampled['by_index']})

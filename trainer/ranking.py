@@ -25,10 +25,12 @@ Ranking evaluation (`evaluate`), on the eval split, at k = 10:
 
 - candidates: every vocabulary movie the user did not rate in training;
 - relevant: the user's eval movies rated >= 4 (in the vocabulary);
-- users: every vocabulary user with an eval rating; precision, recall and
-  NDCG average over those with at least one relevant movie (the others have
-  no right answer: recall and NDCG are undefined for them), coverage uses
-  all of them;
+- users: every vocabulary user with an eval rating, or, past `max_users`
+  of them (the trainer's --ranking-users, 20,000), a sample seeded by the
+  split seed, the same for every ranker and every run on that split;
+  precision, recall and NDCG average over those with at least one relevant
+  movie (the others have no right answer: recall and NDCG are undefined for
+  them), coverage uses all of them (so a sample covers fewer movies);
 - precision@k = hits / k; recall@k = hits / relevant; NDCG@k with binary
   gains, 1/log2(rank + 1), divided by the ideal DCG of min(relevant, k)
   hits; coverage@k = distinct movies in the users' top-k lists / movies.
@@ -69,6 +71,8 @@ RELEVANT_RATING = 4.0
 FALLBACK_PRIOR_RATINGS = 10.0
 _BLOCK_FLOATS = 1 << 23  # 32 MB of float32 scores per block
 _TOP_K_CHUNK = 128  # items per chunk of `top_k_rows`
+# Seeds the ranked users' sample apart from the other streams keyed by the split seed.
+_SAMPLE_STREAM = 0x5A3B1E
 
 
 def score_items(model: MatrixFactorization, user: tf.Tensor,
@@ -288,11 +292,22 @@ def ranking_metrics(top_items: np.ndarray, relevant_rows: np.ndarray,
 Ranker = Callable[[tf.Tensor], tf.Tensor] | np.ndarray
 
 
+def sample_users(eval_users: np.ndarray, max_users: int, seed: int) -> np.ndarray | None:
+    """A seeded sample of max_users of the distinct eval users, sorted; None
+    to keep them all (max_users 0, or no more users than that)."""
+    users = np.unique(eval_users)
+    if max_users <= 0 or users.size <= max_users:
+        return None
+    chosen = np.random.default_rng([seed, _SAMPLE_STREAM]).choice(
+        users.size, max_users, replace=False)
+    return users[np.sort(chosen)]
+
+
 def evaluate_lists(rankers: dict[str, Ranker],
                    catalog: catalog_lib.Catalog, eval_users: np.ndarray,
                    eval_items: np.ndarray, eval_ratings: np.ndarray,
-                   k: int = TOP_K,
-                   relevant_rating: float = RELEVANT_RATING) -> dict[str, object]:
+                   k: int = TOP_K, relevant_rating: float = RELEVANT_RATING,
+                   max_users: int = 0, seed: int = 0) -> dict[str, object]:
     """Ranking metrics of each ranker on eval ratings (see the module doc).
 
     Args:
@@ -302,17 +317,26 @@ def evaluate_lists(rankers: dict[str, Ranker],
       eval_users, eval_items, eval_ratings: the eval split, as indices.
       k: the cut-off.
       relevant_rating: eval ratings at or above it are relevant.
+      max_users: rank a seeded sample of this many users when there are
+        more (every ranker the same ones); 0 ranks all.
+      seed: seeds the sample.
 
     Returns:
-      {'k', 'relevant_rating', 'users', 'users_with_relevant', and per
-      ranker name {'precision', 'recall', 'ndcg', 'coverage'}}.
+      {'k', 'relevant_rating', 'users' (ranked), 'users_in_eval',
+      'users_with_relevant', and per ranker name {'precision', 'recall',
+      'ndcg', 'coverage'}}.
     """
     known = (eval_users < catalog.num_users) & (eval_items < catalog.num_items)
+    users_in_eval = int(np.unique(eval_users[known]).size)
+    sample = sample_users(eval_users[known], max_users, seed)
+    if sample is not None:
+        known &= np.isin(eval_users, sample)
     users, rows = np.unique(eval_users[known], return_inverse=True)
     liked = eval_ratings[known] >= relevant_rating
     rows, items = rows[liked], eval_items[known][liked]
     record: dict[str, object] = {
         'k': k, 'relevant_rating': relevant_rating, 'users': int(users.size),
+        'users_in_eval': users_in_eval,
         'users_with_relevant': int(np.unique(rows).size)}
     seen = catalog.seen()
     for name, ranker in rankers.items():
@@ -326,7 +350,8 @@ def evaluate_lists(rankers: dict[str, Ranker],
 
 def evaluate(model: MatrixFactorization, catalog: catalog_lib.Catalog,
              eval_split: data.Ratings, k: int = TOP_K,
-             relevant_rating: float = RELEVANT_RATING) -> dict[str, object]:
+             relevant_rating: float = RELEVANT_RATING, max_users: int = 0,
+             seed: int = 0) -> dict[str, object]:
     """The model, most-popular and fallback rankings, scored on the eval split.
 
     Args:
@@ -335,6 +360,9 @@ def evaluate(model: MatrixFactorization, catalog: catalog_lib.Catalog,
       eval_split: the eval split (`data.load_ratings`; the trainer's copy).
       k: the cut-off.
       relevant_rating: eval ratings at or above it are relevant.
+      max_users: rank a seeded sample of this many eval users when there
+        are more; 0 ranks all.
+      seed: seeds the sample.
 
     Returns:
       What `evaluate_lists` returns.
@@ -346,7 +374,7 @@ def evaluate(model: MatrixFactorization, catalog: catalog_lib.Catalog,
         {'model': lambda user: score_items(model, user, num_items),
          'most_popular': catalog.item_counts.astype(np.float64),
          'fallback': fallback_scores(model, catalog.item_counts).numpy()},
-        catalog, users, items, ratings, k, relevant_rating)
+        catalog, users, items, ratings, k, relevant_rating, max_users, seed)
     logger.info('Ranking@%d on eval: %s', k, summary_line(record))
     return record
 
@@ -357,6 +385,9 @@ def summary_line(record: dict[str, object]) -> str:
         values = record[name]
         return (f'precision {values["precision"]:.4f}, recall {values["recall"]:.4f}, '
                 f'NDCG {values["ndcg"]:.4f}, coverage {values["coverage"]:.3f}')
+    sampled = record.get('users_in_eval', record['users']) > record['users']
+    sample = (f', a seeded sample of {record["users"]} of {record["users_in_eval"]} eval users'
+              if sampled else '')
     return (f'ranking@{record["k"]} ({record["users_with_relevant"]} users with an '
-            f'eval rating >= {record["relevant_rating"]:g}): {metrics("model")}; '
+            f'eval rating >= {record["relevant_rating"]:g}{sample}): {metrics("model")}; '
             f'most popular: {metrics("most_popular")}')

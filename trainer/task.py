@@ -157,7 +157,8 @@ def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
     metrics = _metrics_record(result, info, config, export_dir,
                               time.perf_counter() - started, task.num_workers,
                               strategy.num_replicas_in_sync)
-    metrics['ranking'] = ranking.evaluate(result.model, catalog, result.splits.eval)
+    metrics['ranking'] = ranking.evaluate(result.model, catalog, result.splits.eval,
+                                          max_users=config.ranking_users, seed=info.seed)
     eval_predictions.write_eval_predictions(result.model, info, config.model_dir,
                                             result.splits.eval, config.eval_batch_size)
     features.write_json(features.join(config.model_dir, features.METRICS_FILE),
