@@ -215,13 +215,20 @@ def redirect_outputs(config: TrainConfig, scratch_dir: str) -> TrainConfig:
 
 
 def _bounded(kind: Callable[[str], float], flag: str, low: float, high: float,
-             low_inclusive: bool = True) -> Callable[[str], float]:
-    """An argparse `type` that accepts kind(text) in [low, high] (or (low, high])."""
+             low_inclusive: bool = True,
+             typical: float | None = None) -> Callable[[str], float]:
+    """An argparse `type` that accepts kind(text) in [low, high] (or (low, high]).
+
+    The error suggests the flag's default, or for a data-dependent default
+    (None) `typical`, else a value near low.
+    """
     opening = '[' if low_inclusive else '('
     allowed = f'{opening}{low:g}, {high:g}]'
     default = getattr(TrainConfig, flag[2:].replace('-', '_'))
-    example = (f'{flag} {default} (the default)' if default is not None
-               else f'{flag} {low + (high - low) / 1000:g}')
+    if default is not None:
+        example = f'{flag} {default} (the default)'
+    else:
+        example = f'{flag} {typical if typical is not None else low + (high - low) / 1000:g}'
 
     def convert(text: str) -> float:
         try:
@@ -257,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     add('--learning-rate', default=TrainConfig.learning_rate,
         type=_bounded(float, '--learning-rate', 0, 10, low_inclusive=False))
     add('--learning-rate-decay', default=TrainConfig.learning_rate_decay,
-        type=_bounded(float, '--learning-rate-decay', 0, 1, low_inclusive=False),
+        type=_bounded(float, '--learning-rate-decay', 0, 1, low_inclusive=False,
+                      typical=DECAY_FACTOR),
         help='each epoch multiplies the learning rate by this (1: constant; default: '
              f'{DECAY_FACTOR:g} per {DECAY_STEPS} steps, at most per epoch)')
     add('--num-factors', default=TrainConfig.num_factors,
