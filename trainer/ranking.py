@@ -160,7 +160,8 @@ def _top_k_by_chunks(scores: tf.Tensor, k: tf.Tensor) -> tuple[tf.Tensor, tf.Ten
     whole = num_items // _TOP_K_CHUNK * _TOP_K_CHUNK
     maxima = tf.concat([
         tf.reduce_max(tf.reshape(scores[:, :whole], [rows, -1, _TOP_K_CHUNK]), axis=2),
-        # The partial last chunk (-3.4e38, never chosen over a real item, if empty).
+        # The partial last chunk; -inf when there is none, so it only
+        # comes into play as padding, whose candidates are all -inf below.
         tf.reduce_max(scores[:, whole:], axis=1, keepdims=True)], axis=1)
     _, chunks = tf.math.top_k(maxima, k)
     chunks = tf.sort(chunks, axis=1)
