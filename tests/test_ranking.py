@@ -73,8 +73,12 @@ def test_top_k_rows_equals_tf_top_k_with_ties_and_masked_items(num_items, k):
     scores[2, -3:] = 100.0
     scores[3] = 7.0
     expected_values, expected_indices = tf.math.top_k(scores, k)
-    for k_argument in (k, tf.constant(k)):  # static, and dynamic as in `recommend`
-        values, indices = ranking.top_k_rows(tf.constant(scores), k_argument)
+    # As in the `recommend` signature: shapes and k unknown when traced.
+    traced = tf.function(ranking.top_k_rows, input_signature=[
+        tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([], tf.int32)])
+    for values, indices in (ranking.top_k_rows(tf.constant(scores), k),
+                            ranking.top_k_rows(tf.constant(scores), tf.constant(k)),
+                            traced(tf.constant(scores), tf.constant(k))):
         np.testing.assert_array_equal(values.numpy(), expected_values.numpy())
         finite = np.isfinite(expected_values.numpy())
         np.testing.assert_array_equal(indices.numpy()[finite],
