@@ -176,15 +176,6 @@ def _top_k_by_chunks(scores: tf.Tensor, k: tf.Tensor) -> tuple[tf.Tensor, tf.Ten
     return values, tf.gather(candidates, best, batch_dims=1)
 
 
-@tf.function(reduce_retracing=True)
-def _block_top_k(score_block: Callable[[tf.Tensor], tf.Tensor], seen: tf.RaggedTensor,
-                 users: tf.Tensor, k: int) -> tf.Tensor:
-    # Scored in the same graph as the mask, which can then overwrite the
-    # block in place instead of copying it.
-    _, indices, valid = top_k_unseen(score_block(users), tf.gather(seen, users), k)
-    return tf.where(valid, indices, -1)
-
-
 def rank_users(score_block: Callable[[tf.Tensor], tf.Tensor], users: np.ndarray,
                seen: tf.RaggedTensor, num_items: int, k: int) -> np.ndarray:
     """Top-k unseen items of each user, scored block by block.
@@ -200,11 +191,18 @@ def rank_users(score_block: Callable[[tf.Tensor], tf.Tensor], users: np.ndarray,
       int32 [len(users), min(k, num_items)].
     """
     k = min(k, num_items)
+
+    @tf.function(reduce_retracing=True)
+    def block_top_k(batch: tf.Tensor) -> tf.Tensor:
+        # Scored in the same graph as the mask, which can then overwrite the
+        # block in place instead of copying it.
+        _, indices, valid = top_k_unseen(score_block(batch), tf.gather(seen, batch), k)
+        return tf.where(valid, indices, -1)
+
     block = max(1, _BLOCK_FLOATS // max(num_items, 1))
     lists = [np.zeros((0, k), np.int32)]
     for start in range(0, len(users), block):
-        batch = tf.constant(users[start:start + block], tf.int64)
-        lists.append(_block_top_k(score_block, seen, batch, k).numpy())
+        lists.append(block_top_k(tf.constant(users[start:start + block], tf.int64)).numpy())
     return np.concatenate(lists)
 
 
