@@ -1,8 +1,9 @@
 """Input: the transformed TFRecord shards, as in-memory rating columns.
 
-The trainer reads each split once (`load_ratings`): the sorted shards are
-parsed in batches of 65536 with one `tf.io.parse_example` call each, keeping
-only the keys the model reads, into three columns (int32 user and item
+The trainer reads each split once (`load_ratings`, run beside the shards'
+gzip check by `load_checked`): the sorted shards are parsed in batches of
+65536 with one `tf.io.parse_example` call each, keeping only the keys the
+model reads, into three columns (int32 user and item
 indices, float32 ratings): 12 bytes a rating, 300 MB for 25M ratings,
 sorted by (user, item) so that row positions depend on the ratings alone.
 Every epoch then takes a seeded permutation of those columns (`shuffle`, seed

@@ -31,7 +31,8 @@ saved (model, optimiser slots, epoch, best epoch and its parameters).  A
 re-run with the same model dir restores the last checkpoint and keeps the
 loss-log rows up to that epoch (a crash between the two writes leaves one
 row too many, which the re-run drops), so the log has exactly one row per
-epoch.  Each epoch's shuffle is seeded by (seed, epoch), so a resumed run
+epoch.  Each epoch's shuffle is seeded by (seed, epoch), and its learning rate
+is --learning-rate x --learning-rate-decay^(epoch - 1), so a resumed run
 repeats the uninterrupted one.  A non-chief worker writes to a scratch copy
 of the outputs and resumes from the chief's checkpoints
 (`TrainConfig.resume_checkpoint_dir`).
