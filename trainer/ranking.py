@@ -39,7 +39,7 @@ The same is computed for two non-personalised rankings with the same
 exclusions: most popular (train count, the usual baseline) and the fallback
 above.  The model scores users in blocks (users x movies floats per block
 bounded by `_BLOCK_FLOATS`), each block scored, masked and cut to its top k
-in one graph: about 150 us a user at ml-25m's 59k movies on 2 cores, where
+in one graph: about 105 us a user at ml-25m's 59k movies on 2 cores, where
 scoring, masking and one `tf.math.top_k` took 330; the non-personalised rankings
 need no score matrix (`rank_users_by_one_order`); the metrics are array
 operations on the top-k lists: no Python loop per user.
