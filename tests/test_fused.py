@@ -1,0 +1,132 @@
+"""The fused C++ epoch against the TensorFlow-ops epoch it replaces, and its build."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import fused
+from trainer import model as model_lib
+from trainer import optimizers
+from trainer import train as train_lib
+
+USERS, ITEMS, FACTORS, BATCH = 40, 25, 4, 64
+
+
+def _ratings(count: int = 1000, seed: int = 0):
+    """Few users and items: every batch repeats rows, so duplicates are summed."""
+    rng = np.random.default_rng(seed)
+    return (tf.constant(rng.integers(0, USERS, count), tf.int32),
+            tf.constant(rng.integers(0, ITEMS, count), tf.int32),
+            tf.constant(rng.integers(1, 11, count) / 2, tf.float32))
+
+
+def _weights(seed: int = 1):
+    rng = np.random.default_rng(seed)
+    return (tf.constant(rng.uniform(0.2, 3, USERS + 1), tf.float32),
+            tf.constant(rng.uniform(0.2, 3, ITEMS + 1), tf.float32))
+
+
+def _trained(kind: str, epochs: int = 2, weighted: bool = False, threads: int = 2,
+             learning_rate: float = 0.05):
+    """(model, optimiser, per-epoch totals) after `epochs` epochs of `kind`."""
+    model = model_lib.MatrixFactorization(USERS, ITEMS, FACTORS, 3.2, 0.1, seed=7)
+    optimizer = optimizers.Adam(model.parameters(), learning_rate)
+    penalty = model_lib.penalty_weights(FACTORS, 0.05, 0.01)
+    if kind == 'tf':
+        epoch = train_lib.make_train_epoch(tf.distribute.get_strategy(), model,
+                                           optimizer, penalty, BATCH, 1.0, 5.0)
+    else:
+        epoch = fused.make_epoch(model, optimizer, penalty, BATCH, 1.0, 5.0,
+                                 threads=threads)
+    user_weights, item_weights = _weights() if weighted else (None, None)
+    totals = []
+    for number in range(epochs):
+        user, item, rating = _ratings(seed=number)
+        totals.append(epoch(user, item, rating, user_weights, item_weights).numpy())
+    return model, optimizer, np.array(totals)
+
+
+def _tables(model) -> tuple[np.ndarray, np.ndarray]:
+    return model.user_embedding.numpy(), model.item_embedding.numpy()
+
+
+@pytest.mark.parametrize('weighted', [False, True])
+def test_fused_epoch_trains_as_the_tensorflow_ops_do(weighted):
+    reference, reference_optimizer, reference_totals = _trained('tf', weighted=weighted)
+    model, optimizer, totals = _trained('fused', weighted=weighted)
+    # Same updates; only the order of float32 sums inside a row differs.
+    for expected, actual in zip(_tables(reference), _tables(model)):
+        np.testing.assert_allclose(actual, expected, rtol=0, atol=2e-5)
+    for name in model_lib.PARAMETER_NAMES:
+        np.testing.assert_allclose(optimizer.first_moments[name].numpy(),
+                                   reference_optimizer.first_moments[name].numpy(),
+                                   rtol=0, atol=1e-6)
+        np.testing.assert_allclose(optimizer.second_moments[name].numpy(),
+                                   reference_optimizer.second_moments[name].numpy(),
+                                   rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(totals, reference_totals, rtol=1e-5)
+    assert optimizer.iterations.numpy() == reference_optimizer.iterations.numpy() == 2 * 16
+    # The model moved: the comparison is not between two untrained models.
+    untrained = model_lib.MatrixFactorization(USERS, ITEMS, FACTORS, 3.2, 0.1, seed=7)
+    assert np.abs(_tables(model)[0] - _tables(untrained)[0]).max() > 0.05
+
+
+def test_fused_epoch_is_the_same_for_any_thread_count_and_run():
+    one = _tables(_trained('fused', threads=1)[0])
+    for other in (_trained('fused', threads=3)[0], _trained('fused', threads=1)[0]):
+        for expected, actual in zip(one, _tables(other)):
+            np.testing.assert_array_equal(actual, expected)
+
+
+def test_fused_epoch_rejects_out_of_range_indices():
+    model = model_lib.MatrixFactorization(USERS, ITEMS, FACTORS, 3.2, 0.1, seed=7)
+    optimizer = optimizers.Adam(model.parameters(), 0.01)
+    epoch = fused.make_epoch(model, optimizer, model_lib.penalty_weights(FACTORS, 0.05, 0.01),
+                             BATCH, 1.0, 5.0)
+    before = _tables(model)
+    bad_item = tf.constant([0, ITEMS + 1], tf.int32)  # the table has ITEMS + 1 rows
+    with pytest.raises(tf.errors.InvalidArgumentError, match='item index 26 at 1'):
+        epoch(tf.constant([0, 1], tf.int32), bad_item, tf.constant([3.0, 4.0]), None, None)
+    for expected, actual in zip(before, _tables(model)):  # checked before any update
+        np.testing.assert_array_equal(actual, expected)
+
+
+def test_build_without_a_compiler_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
+    monkeypatch.setenv(fused.ENV_CACHE, str(tmp_path / 'cache'))
+    with pytest.raises(fused.KernelUnavailable, match='no C[+][+] compiler .* install g[+][+]'):
+        fused.build()
+
+
+def test_a_failed_build_names_the_error_and_leaves_no_library(monkeypatch, tmp_path):
+    source = tmp_path / 'fused_epoch.cc'
+    source.write_text('this is not C++;\n')
+    monkeypatch.setattr(fused, 'SOURCE', source)
+    monkeypatch.setenv(fused.ENV_CACHE, str(tmp_path / 'cache'))
+    with pytest.raises(fused.KernelUnavailable, match='building fused_epoch.cc failed: .*error'):
+        fused.build()
+    assert not list((tmp_path / 'cache').rglob('*.so'))
+
+
+def test_the_library_is_cached_by_source(monkeypatch, tmp_path):
+    built = fused.build()
+    assert fused.build() == built  # cached: the same file, not rebuilt
+    assert built.stat().st_size > 0
+    copy = tmp_path / 'fused_epoch.cc'
+    copy.write_text(fused.SOURCE.read_text() + '\n// changed\n')
+    monkeypatch.setattr(fused, 'SOURCE', copy)
+    assert fused.library_path('g++').parent != built.parent
+
+
+def test_module_entry_point_builds_and_prints_the_library():
+    result = subprocess.run([sys.executable, '-m', 'trainer.fused'], capture_output=True,
+                            text=True, check=True, cwd=pathlib.Path(__file__).parents[1])
+    path = pathlib.Path(result.stdout.strip().splitlines()[-1])
+    assert path == fused.build() and path.exists()

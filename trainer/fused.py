@@ -1,0 +1,194 @@
+"""The fused training epoch: `fused_epoch.cc`, built once per machine and loaded.
+
+A training step in TensorFlow ops (`train.make_train_epoch`) is a chain of
+about 45 small kernels, and on a CPU scheduling them costs more than their
+arithmetic.  `MatrixFactorizationAdamEpoch` runs a whole epoch of the same
+computation (the objective and gradient of `model.loss_and_gradients`, the
+lazy Adam of `optimizers.Adam`) in one C++ op, on `threads` threads.
+
+The op is compiled from the source shipped in this package with the C++
+compiler (`$CXX`, else `g++`) and the flags TensorFlow reports
+(`tf.sysconfig`), into a cache directory keyed by the source, the flags and
+the TensorFlow version: `$MOVIELENS_KERNEL_CACHE`, else
+`$XDG_CACHE_HOME/movielens-trainer`, else `~/.cache/movielens-trainer`.  The
+first build takes about 10 s; later runs load the cached library.  Where no
+compiler is found (or the build fails) `load` says why, and the trainer falls
+back to the TensorFlow ops (`--training-kernel auto`) or stops with that
+reason (`--training-kernel fused`).
+
+`python -m trainer.fused` builds the library and prints where it is (the
+training image runs it at build time).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import tensorflow as tf
+
+from trainer import model as model_lib
+from trainer import optimizers
+
+SOURCE = pathlib.Path(__file__).with_name('fused_epoch.cc')
+ENV_CACHE = 'MOVIELENS_KERNEL_CACHE'
+# No -march=native: the library may be built in an image and run elsewhere.
+# -ffp-contract=off: no fused multiply-adds, so each operation rounds as the
+# TensorFlow kernels' do; -fno-math-errno lets the square roots vectorise.
+OPTIMIZE_FLAGS = ('-O3', '-fno-math-errno', '-ffp-contract=off', '-pthread')
+BUILD_TIMEOUT_SECONDS = 600
+
+
+class KernelUnavailable(RuntimeError):
+    """The fused op could not be built or loaded; the message says why."""
+
+
+def cache_dir() -> pathlib.Path:
+    """Where built libraries are kept (see the module docstring)."""
+    if os.environ.get(ENV_CACHE):
+        return pathlib.Path(os.environ[ENV_CACHE])
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(
+        os.path.expanduser('~'), '.cache')
+    return pathlib.Path(base) / 'movielens-trainer'
+
+
+def _compiler() -> str | None:
+    name = os.environ.get('CXX') or 'g++'
+    return shutil.which(name)
+
+
+def _build_command(compiler: str, output: pathlib.Path) -> list[str]:
+    return [compiler, '-std=c++17', '-shared', '-fPIC', *OPTIMIZE_FLAGS,
+            '-Wno-deprecated-declarations', *tf.sysconfig.get_compile_flags(),
+            str(SOURCE), '-o', str(output), *tf.sysconfig.get_link_flags()]
+
+
+def library_path(compiler: str) -> pathlib.Path:
+    """The cached library for this source, compiler, flags and TF version."""
+    key = hashlib.sha256()
+    key.update(SOURCE.read_bytes())
+    key.update(repr((_build_command(compiler, pathlib.Path('out')), tf.__version__,
+                     sys.version_info[:2])).encode())
+    return cache_dir() / key.hexdigest()[:16] / 'fused_epoch.so'
+
+
+def build() -> pathlib.Path:
+    """Builds the library unless it is cached; returns its path.
+
+    Raises:
+      KernelUnavailable: no compiler, an unwritable cache, or a failed build.
+    """
+    compiler = _compiler()
+    if compiler is None:
+        raise KernelUnavailable(
+            f'no C++ compiler ({os.environ.get("CXX") or "g++"}) on PATH; '
+            'install g++ (Debian/Ubuntu: apt-get install g++) or set CXX')
+    path = library_path(compiler)
+    if path.exists():
+        return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise KernelUnavailable(
+            f'cannot write the kernel cache {path.parent} ({error.strerror}); '
+            f'set {ENV_CACHE} to a writable directory') from error
+    logging.info('Building the fused training kernel (once per machine) into %s', path)
+    # Build beside the target and rename: processes building at once each
+    # rename a whole library over the other's.
+    handle, partial = tempfile.mkstemp(suffix='.so', dir=path.parent)
+    os.close(handle)
+    try:
+        result = subprocess.run(_build_command(compiler, pathlib.Path(partial)),
+                                capture_output=True, text=True,
+                                timeout=BUILD_TIMEOUT_SECONDS, check=False)
+        if result.returncode != 0:
+            lines = [line for line in result.stderr.splitlines() if 'error' in line]
+            raise KernelUnavailable(
+                f'building {SOURCE.name} failed: '
+                f'{(lines or result.stderr.splitlines() or ["no output"])[0].strip()}')
+        os.replace(partial, path)
+    except subprocess.TimeoutExpired as error:
+        raise KernelUnavailable(f'building {SOURCE.name} took over '
+                                f'{BUILD_TIMEOUT_SECONDS} s') from error
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return path
+
+
+@functools.cache
+def load():
+    """The loaded op module (built first if need be).
+
+    Raises:
+      KernelUnavailable: as `build`, or if TensorFlow cannot load the library.
+    """
+    path = build()
+    try:
+        return tf.load_op_library(str(path))
+    except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as error:
+        raise KernelUnavailable(f'loading {path} failed: {error.message}') from error
+
+
+def default_threads() -> int:
+    """The threads an epoch uses: TF's intra-op setting, else the CPUs we may use."""
+    configured = tf.config.threading.get_intra_op_parallelism_threads()
+    return configured or len(os.sched_getaffinity(0))
+
+
+def make_epoch(model: model_lib.MatrixFactorization, optimizer: optimizers.Adam,
+               penalty: tf.Tensor, batch_size: int, rating_min: float,
+               rating_max: float, threads: int | None = None):
+    """The fused counterpart of `train.make_train_epoch` (one replica, Adam).
+
+    Returns a tf.function (user, item, rating, user_weights, item_weights) ->
+    [objective, count, squared error, absolute error] sums, which trains the
+    model in place and advances the optimiser's step count by the epoch's
+    batches.
+    """
+    ops = load()
+    threads = threads or default_threads()
+    parameters = model.parameters()
+    moments = [(optimizer.first_moments[name], optimizer.second_moments[name])
+               for name in model_lib.PARAMETER_NAMES]
+    range_ = tf.constant([rating_min, rating_max], tf.float32)
+    empty = tf.zeros([0], tf.float32)
+
+    @tf.function
+    def train_epoch(user, item, rating, user_weights, item_weights) -> tf.Tensor:
+        if user_weights is None:
+            user_weights = item_weights = empty
+        totals = ops.matrix_factorization_adam_epoch(
+            user_table=parameters['user_embedding'].handle,
+            item_table=parameters['item_embedding'].handle,
+            user_m=moments[0][0].handle, user_v=moments[0][1].handle,
+            item_m=moments[1][0].handle, item_v=moments[1][1].handle,
+            user=tf.cast(user, tf.int32), item=tf.cast(item, tf.int32),
+            rating=tf.cast(rating, tf.float32),
+            user_weight=user_weights, item_weight=item_weights,
+            penalty=penalty, global_mean=model.global_mean,
+            learning_rate=optimizer.learning_rate,
+            first_step=optimizer.iterations + 1, batch_size=batch_size,
+            rating_range=range_, threads=threads, beta_1=optimizer.beta_1,
+            beta_2=optimizer.beta_2, epsilon=optimizer.epsilon)
+        with tf.control_dependencies([totals]):
+            steps = (tf.size(rating, tf.int64) + batch_size - 1) // batch_size
+            optimizer.iterations.assign_add(steps)
+        return tf.identity(totals)
+
+    return train_epoch
+
+
+if __name__ == '__main__':
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    try:
+        print(build())
+    except KernelUnavailable as error:
+        sys.exit(f'error: {error}')
