@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from trainer import config as config_lib
 from trainer import fused
 from trainer import model as model_lib
 from trainer import optimizers
@@ -123,6 +124,62 @@ def test_the_library_is_cached_by_source(monkeypatch, tmp_path):
     copy.write_text(fused.SOURCE.read_text() + '\n// changed\n')
     monkeypatch.setattr(fused, 'SOURCE', copy)
     assert fused.library_path('g++').parent != built.parent
+
+
+class _TwoReplicas:
+    num_replicas_in_sync = 2
+
+
+def _choose(kind: str, strategy=None, optimizer_name: str = 'adam'):
+    config = config_lib.make_config('work', training_kernel=kind, optimizer=optimizer_name,
+                                    l2=0.05, learning_rate_decay=1.0)
+    model = model_lib.MatrixFactorization(USERS, ITEMS, FACTORS, 3.2, 0.1, seed=7)
+    optimizer = optimizers.make_optimizer(optimizer_name, model.parameters(), 0.01)
+    return train_lib.choose_train_epoch(
+        config, strategy or tf.distribute.get_strategy(), model, optimizer,
+        model_lib.penalty_weights(FACTORS, 0.05, 0.01), 1.0, 5.0)
+
+
+@pytest.mark.parametrize('strategy, optimizer_name, reason', [
+    (_TwoReplicas(), 'adam', 'this cluster has 2'),
+    (None, 'sgd', 'not --optimizer sgd'),
+])
+def test_auto_falls_back_to_tensorflow_ops_and_says_why(strategy, optimizer_name, reason,
+                                                        monkeypatch, caplog):
+    built = []
+    monkeypatch.setattr(train_lib, 'make_train_epoch', lambda *args: built.append(args) or 'tf')
+    with caplog.at_level(logging.WARNING, logger='trainer.train'):
+        assert _choose('auto', strategy, optimizer_name) == 'tf'
+    assert built and reason in caplog.text
+    with pytest.raises(fused.KernelUnavailable, match=f'{reason}.*--training-kernel auto'):
+        _choose('fused', strategy, optimizer_name)
+
+
+def test_auto_falls_back_when_the_kernel_cannot_be_built(monkeypatch, caplog):
+    def unavailable(*args, **kwargs):
+        raise fused.KernelUnavailable('no C++ compiler (g++) on PATH; install g++')
+    monkeypatch.setattr(fused, 'make_epoch', unavailable)
+    with caplog.at_level(logging.WARNING, logger='trainer.train'):
+        epoch = _choose('auto')
+    assert 'not fused: no C++ compiler' in caplog.text
+    assert callable(epoch)
+    with pytest.raises(fused.KernelUnavailable, match='install g[+][+]; use --training-kernel auto'):
+        _choose('fused')
+
+
+def test_tf_kernel_is_used_when_asked(monkeypatch):
+    monkeypatch.setattr(fused, 'make_epoch', lambda *args, **kwargs: pytest.fail('fused built'))
+    assert callable(_choose('tf'))
+    assert callable(_choose('auto', optimizer_name='adagrad'))
+
+
+def test_fused_flag_with_another_optimizer_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        config_lib.parse_args(['--work-dir', 'w', '--training-kernel', 'fused',
+                               '--optimizer', 'sgd'], environ={})
+    assert exit_info.value.code == 2
+    assert 'fused trains with adam, not --optimizer sgd; use --training-kernel auto' in (
+        capsys.readouterr().err)
 
 
 def test_module_entry_point_builds_and_prints_the_library():

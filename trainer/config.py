@@ -31,6 +31,10 @@ DEFAULT_HP_METRIC_FILE = '/tmp/hypertune/output.metrics'
 
 # --final-model choices.
 FINAL_MODELS = ('refit', 'best')
+# --training-kernel choices: the fused C++ epoch (`trainer.fused`) where it
+# applies, else TensorFlow ops; the fused one (an error where it cannot run);
+# TensorFlow ops.
+TRAINING_KERNELS = ('auto', 'fused', 'tf')
 # The default L2 is L2_SCALE / (mean train ratings per user and per movie).
 L2_SCALE = 8.0
 # The default decay: the rate falls by DECAY_FACTOR per DECAY_STEPS steps, at most per epoch.
@@ -125,6 +129,9 @@ class TrainConfig:
       eval_batch_size: ratings per batch when computing metrics.
       ranking_users: rank a sample of this many eval users (seeded by the
         split seed) when there are more; 0 ranks all.
+      training_kernel: 'fused' trains each epoch in one C++ op
+        (`trainer.fused`: one replica, Adam), 'tf' in TensorFlow ops, 'auto'
+        fused where it applies and builds, else TensorFlow ops.
       overwrite: clear model_dir (and checkpoint_dir) first instead of resuming.
       tensorboard_dir: where per-epoch TensorBoard scalars go; None: nowhere.
       hypertune_file: where the tuning metric is reported; None outside a
@@ -153,6 +160,7 @@ class TrainConfig:
     final_model: str = 'refit'
     eval_batch_size: int = 65536
     ranking_users: int = 20_000
+    training_kernel: str = 'auto'
     overwrite: bool = False
     tensorboard_dir: str | None = None
     hypertune_file: str | None = None
@@ -303,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     add('--final-model', default=TrainConfig.final_model, choices=FINAL_MODELS,
         help='refit: retrain on all train ratings for the best epoch count '
              '(default); best: keep the best epoch as trained')
+    add('--training-kernel', default=TrainConfig.training_kernel,
+        choices=TRAINING_KERNELS,
+        help='fused: each epoch is one C++ op (built once with g++; one replica, '
+             'adam); tf: TensorFlow ops; auto (default): fused where it applies')
     add('--overwrite', action='store_true',
         help='clear the model dir and start fresh instead of resuming')
     return parser
@@ -325,6 +337,9 @@ def parse_args(argv: Sequence[str] | None = None,
     if not args.work_dir.strip():
         parser.error("argument --work-dir: '' is empty; pass the directory "
                      'that preprocess.py wrote, e.g. --work-dir workdir')
+    if args.training_kernel == 'fused' and args.optimizer != 'adam':
+        parser.error(f'argument --training-kernel: fused trains with adam, not '
+                     f'--optimizer {args.optimizer}; use --training-kernel auto')
     hyperparameters = {
         field.name: getattr(args, field.name)
         for field in dataclasses.fields(TrainConfig)

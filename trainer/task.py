@@ -28,6 +28,7 @@ from trainer import distribute
 from trainer import eval_predictions
 from trainer import export
 from trainer import features
+from trainer import fused
 from trainer import logs
 from trainer import ranking
 from trainer import reporting
@@ -139,7 +140,8 @@ def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
         with reporting.epoch_summaries(config.tensorboard_dir) as on_epoch_end:
             result = train_lib.train(config, info, user_vocab_size,
                                      item_vocab_size, strategy, on_epoch_end)
-    except (FileNotFoundError, train_lib.ResumeError, data.ShardError) as error:
+    except (FileNotFoundError, train_lib.ResumeError, data.ShardError,
+            fused.KernelUnavailable) as error:
         print(f'trainer: error: {error}', file=sys.stderr)
         return 2
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError):

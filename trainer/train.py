@@ -51,6 +51,7 @@ import tensorflow as tf
 from trainer import config as config_lib
 from trainer import data
 from trainer import features
+from trainer import fused
 from trainer import history as history_lib
 from trainer import model as model_lib
 from trainer import optimizers
@@ -222,6 +223,44 @@ def make_train_epoch(strategy: tf.distribute.Strategy,
 
     return train_epoch
 
+def choose_train_epoch(config: TrainConfig, strategy: tf.distribute.Strategy,
+                       model: model_lib.MatrixFactorization,
+                       optimizer: optimizers.SparseOptimizer, penalty: tf.Tensor,
+                       rating_min: float, rating_max: float) -> Callable[..., tf.Tensor]:
+    """The epoch function --training-kernel asks for: fused where it can run.
+
+    The fused op (`trainer.fused`) trains one replica with Adam; under a
+    multi-replica strategy, with another optimiser, or without a compiler,
+    'auto' falls back to `make_train_epoch` (and says why) and 'fused' raises.
+
+    Raises:
+      fused.KernelUnavailable: --training-kernel fused, and it cannot run here.
+    """
+    if config.training_kernel != 'tf':
+        replicas = strategy.num_replicas_in_sync
+        try:
+            if replicas > 1:
+                raise fused.KernelUnavailable(
+                    f'it trains one replica and this cluster has {replicas}')
+            if not isinstance(optimizer, optimizers.Adam):
+                raise fused.KernelUnavailable(
+                    f'it trains with adam, not --optimizer {config.optimizer}')
+            epoch = fused.make_epoch(model, optimizer, penalty, config.batch_size,
+                                     rating_min, rating_max)
+            logger.info('Training kernel: fused (one C++ op per epoch, %d threads)',
+                        fused.default_threads())
+            return epoch
+        except fused.KernelUnavailable as error:
+            if config.training_kernel == 'fused':
+                raise fused.KernelUnavailable(
+                    f'--training-kernel fused: {error}; use --training-kernel auto') from error
+            logger.warning('Training kernel: TensorFlow ops, not fused: %s', error)
+    else:
+        logger.info('Training kernel: TensorFlow ops (--training-kernel tf)')
+    return make_train_epoch(strategy, model, optimizer, penalty, config.batch_size,
+                            rating_min, rating_max)
+
+
 def make_scorer(model: model_lib.MatrixFactorization, rating_min: float,
                 rating_max: float, chunk_size: int
                 ) -> Callable[[data.Ratings], dict[str, float]]:
@@ -332,10 +371,10 @@ def _start_phase(config: TrainConfig, info: features.DatasetInfo,
         user_weights, item_weights = data.frequency_weights(
             fit, state.model.user_embedding.shape[0],
             state.model.item_embedding.shape[0], config.l2_frequency_exponent)
-    train_epoch = make_train_epoch(
-        strategy, state.model, state.optimizer,
+    train_epoch = choose_train_epoch(
+        config, strategy, state.model, state.optimizer,
         model_lib.penalty_weights(config.num_factors, config.l2, config.l2_bias),
-        config.batch_size, info.rating_min, info.rating_max)
+        info.rating_min, info.rating_max)
     score = make_scorer(state.model, info.rating_min, info.rating_max,
                         config.eval_batch_size)
     return _Phase(config, state, train_epoch, score, user_weights, item_weights)
