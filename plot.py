@@ -24,7 +24,7 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-from trainer import features, logs
+from trainer import features, fileio, logs
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +120,7 @@ def read_prediction_counts(path: str) -> PredictionCounts:
     Raises:
       ValueError: when a column is missing or the file has no rows.
     """
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    with tf.io.gfile.GFile(path) as f:
+    with fileio.open_file(path) as f:
         rows = list(csv.DictReader(io.StringIO(f.read())))
     if not rows or any(name not in rows[0] for name in features.EVAL_PREDICTIONS_COLUMNS):
         raise ValueError(f'{path} is not an eval prediction table: expected columns '
@@ -203,13 +202,12 @@ def write_eval_chart(model_dir: str, out: str, dataset: str) -> str | None:
     Raises:
       ValueError: when eval_predictions.csv is malformed.
     """
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
     predictions_path = features.join(model_dir, features.EVAL_PREDICTIONS_FILE)
     predictions = (read_prediction_counts(predictions_path)
-                   if tf.io.gfile.exists(predictions_path) else None)
+                   if fileio.exists(predictions_path) else None)
     metrics_path = features.join(model_dir, features.METRICS_FILE)
     ranking = (features.read_json(metrics_path).get('ranking')
-               if tf.io.gfile.exists(metrics_path) else None)
+               if fileio.exists(metrics_path) else None)
     if predictions is None and not ranking:
         return None
     eval_out = eval_chart_path(out)
@@ -219,9 +217,8 @@ def write_eval_chart(model_dir: str, out: str, dataset: str) -> str | None:
 
 def read_reference_lines(model_dir: str) -> dict[str, float | None]:
     """The baselines the trainer recorded in metrics.json, when it is there."""
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
     path = features.join(model_dir, features.METRICS_FILE)
-    if not tf.io.gfile.exists(path):
+    if not fileio.exists(path):
         return {}
     metrics = features.read_json(path)
     return {'dataset': metrics.get('dataset'),
@@ -249,8 +246,7 @@ def parse_args(argv: Sequence[str] | None) -> PlotConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     logs.setup_logging()
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    if not tf.io.gfile.exists(config.loss_log):
+    if not fileio.exists(config.loss_log):
         print(f'plot.py: error: no loss log at {config.loss_log}; '
               'train first: python -m trainer.task --work-dir WORK_DIR', file=sys.stderr)
         return 2

@@ -36,7 +36,7 @@ import json
 import posixpath
 from typing import Any
 
-import tensorflow as tf
+from trainer import fileio
 
 # --- Raw features: one MovieLens rating. -------------------------------------
 USER_ID = 'user_id'
@@ -45,24 +45,11 @@ RATING = 'rating'
 TIMESTAMP = 'timestamp'
 RAW_COLUMNS = (USER_ID, MOVIE_ID, RATING, TIMESTAMP)
 
-RAW_FEATURE_SPEC = {
-    USER_ID: tf.io.FixedLenFeature([], tf.string),
-    MOVIE_ID: tf.io.FixedLenFeature([], tf.string),
-    RATING: tf.io.FixedLenFeature([], tf.float32),
-    TIMESTAMP: tf.io.FixedLenFeature([], tf.int64),
-}
 
 # --- Transformed features: what the trainer reads. ---------------------------
 USER = 'user'  # int64 index into the user vocabulary; OOV is the last row.
 ITEM = 'item'  # int64 index into the movie vocabulary; OOV is the last row.
 
-TRANSFORMED_FEATURE_SPEC = {
-    USER: tf.io.FixedLenFeature([], tf.int64),
-    ITEM: tf.io.FixedLenFeature([], tf.int64),
-    RATING: tf.io.FixedLenFeature([], tf.float32),
-    USER_ID: tf.io.FixedLenFeature([], tf.string),
-    MOVIE_ID: tf.io.FixedLenFeature([], tf.string),
-}
 
 USER_VOCAB = 'user_vocab'
 MOVIE_VOCAB = 'movie_vocab'
@@ -281,16 +268,47 @@ def to_json(record: Any) -> str:
 
 
 def write_json(path: str, record: Any) -> None:
-    """Writes JSON through tf.io.gfile, atomically where the storage allows."""
-    tmp = path + '.tmp'
-    with tf.io.gfile.GFile(tmp, 'w') as f:
-        f.write(to_json(record))
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    """Writes JSON locally or to GCS, atomically where the storage allows."""
+    fileio.write_text(path, to_json(record))
 
 
 def read_json(path: str) -> dict[str, Any]:
-    with tf.io.gfile.GFile(path) as f:
+    with fileio.open_file(path) as f:
         return json.load(f)
+
+
+def _feature_specs() -> dict[str, dict[str, Any]]:
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    return {
+        'RAW_FEATURE_SPEC': {
+            USER_ID: tf.io.FixedLenFeature([], tf.string),
+            MOVIE_ID: tf.io.FixedLenFeature([], tf.string),
+            RATING: tf.io.FixedLenFeature([], tf.float32),
+            TIMESTAMP: tf.io.FixedLenFeature([], tf.int64),
+        },
+        # What the trainer reads.
+        'TRANSFORMED_FEATURE_SPEC': {
+            USER: tf.io.FixedLenFeature([], tf.int64),
+            ITEM: tf.io.FixedLenFeature([], tf.int64),
+            RATING: tf.io.FixedLenFeature([], tf.float32),
+            USER_ID: tf.io.FixedLenFeature([], tf.string),
+            MOVIE_ID: tf.io.FixedLenFeature([], tf.string),
+        },
+    }
+
+
+def __getattr__(name: str) -> Any:
+    """RAW_FEATURE_SPEC and TRANSFORMED_FEATURE_SPEC, built on first use.
+
+    They are `tf.io.FixedLenFeature` dicts; building them lazily keeps this
+    module (and plot.py, which reads only names and paths from it) from
+    importing TensorFlow.
+    """
+    if name in ('RAW_FEATURE_SPEC', 'TRANSFORMED_FEATURE_SPEC'):
+        specs = _feature_specs()
+        globals().update(specs)
+        return specs[name]
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 def read_source_info(work_dir: str) -> SourceInfo:

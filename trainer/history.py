@@ -13,10 +13,8 @@ import dataclasses
 import io
 import logging
 
-import tensorflow as tf
-
 from trainer import features
-from trainer.state import ResumeError
+from trainer import fileio
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +42,19 @@ class EpochMetrics:
     seconds: float
 
 
+class ResumeError(ValueError):
+    """The model dir holds a run this one cannot continue; the message says why."""
+
+
 def read_loss_log(path: str) -> tuple[EpochMetrics, ...]:
     """Rows of an existing loss log; () if there is none.
 
     Raises:
       ResumeError: if the header is not LOSS_LOG_COLUMNS or a row is short.
     """
-    if not tf.io.gfile.exists(path):
+    if not fileio.exists(path):
         return ()
-    with tf.io.gfile.GFile(path) as f:
+    with fileio.open_file(path) as f:
         reader = csv.reader(f)
         header = tuple(next(reader, ()))
         if header != features.LOSS_LOG_COLUMNS:
@@ -72,10 +74,7 @@ def write_loss_log(path: str, history: tuple[EpochMetrics, ...]) -> None:
     writer = csv.writer(text, lineterminator='\n')
     writer.writerow(features.LOSS_LOG_COLUMNS)
     writer.writerows(dataclasses.astuple(row) for row in history)
-    tmp = path + '.tmp'
-    with tf.io.gfile.GFile(tmp, 'w') as f:
-        f.write(text.getvalue())
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    fileio.write_text(path, text.getvalue())
 
 
 def keep_restored_rows(path: str, epoch: int) -> tuple[EpochMetrics, ...]:

@@ -20,6 +20,7 @@ from trainer import features
 from trainer import model as model_lib
 from trainer import optimizers
 from trainer.config import TrainConfig
+from trainer.history import ResumeError
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +30,6 @@ _DATA_FILE = 'data.json'
 # The DatasetInfo fields that identify the data a checkpoint was trained on.
 _DATA_FIELDS = ('dataset', 'source_md5', 'seed', 'eval_percent', 'train_ratings',
                 'eval_ratings', 'users', 'movies')
-
-
-class ResumeError(ValueError):
-    """The model dir holds a run this one cannot continue; the message says why."""
 
 
 class BestEpoch(tf.Module):
