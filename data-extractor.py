@@ -1,8 +1,8 @@
 """Fetches, checks and stages one MovieLens archive under WORK_DIR/raw/.
 
 Owns getting ratings into the work dir (a local path or gs://bucket/prefix,
-written only through tf.io.gfile); never parses or cleans rows (preprocess.py
-does). Usage::
+written through trainer.fileio, which uses tf.io.gfile for gs://); never parses
+or cleans rows (preprocess.py does). Usage::
 
     python data-extractor.py --work-dir DIR [--dataset ml-100k] [--data-sources URL_OR_PATH]
     python data-extractor.py --work-dir DIR --dataset synthetic [--num-ratings 100000 ...]
@@ -54,9 +54,8 @@ import zipfile
 import zlib
 from collections.abc import Sequence
 
-import tensorflow as tf
-
 from trainer import features
+from trainer import fileio
 from trainer import synthetic
 
 logger = logging.getLogger(__name__)
@@ -226,9 +225,9 @@ def find_staged(work_dir: str, dataset: str, location: str,
       ExtractError: raw/ holds other data and overwrite is False.
     """
     raw_dir = features.raw_dir(work_dir)
-    if not tf.io.gfile.isdir(raw_dir) or not tf.io.gfile.listdir(raw_dir) or overwrite:
+    if not fileio.isdir(raw_dir) or not fileio.listdir(raw_dir) or overwrite:
         return None
-    if not tf.io.gfile.exists(features.join(raw_dir, features.SOURCE_FILE)):
+    if not fileio.exists(features.join(raw_dir, features.SOURCE_FILE)):
         raise ExtractError(f'{raw_dir} holds files but no {features.SOURCE_FILE} (an '
                            'interrupted run?); pass --overwrite to clear it')
     staged = features.read_source_info(work_dir)
@@ -253,6 +252,7 @@ def obtain_archive(config: ExtractorConfig, source: Source, temp_dir: str) -> st
         urllib.parse.urlparse(source.location).path) or 'archive.zip')
     if scheme == 'gs':
         logger.info('copying %s', source.location)
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
         try:
             tf.io.gfile.copy(source.location, path, overwrite=True)
         except tf.errors.OpError as error:
@@ -332,20 +332,20 @@ def is_unsafe(name: str) -> bool:
 def clear_raw_dir(raw_dir: str, keep: Sequence[str] = ()) -> None:
     """Deletes raw/ but `keep`, the completion marker first, so a crash leaves
     nothing that looks good."""
-    if not tf.io.gfile.isdir(raw_dir):
+    if not fileio.isdir(raw_dir):
         return
-    old = [name for name in tf.io.gfile.listdir(raw_dir) if name not in keep]
+    old = [name for name in fileio.listdir(raw_dir) if name not in keep]
     if not old:
         return
     logger.warning('--overwrite: deleting %d entries of %s', len(old), raw_dir)
     if features.SOURCE_FILE in old:
-        tf.io.gfile.remove(features.join(raw_dir, features.SOURCE_FILE))
+        fileio.remove(features.join(raw_dir, features.SOURCE_FILE))
     for name in old:
         path = features.join(raw_dir, name.rstrip('/'))
-        if tf.io.gfile.isdir(path):
-            tf.io.gfile.rmtree(path)
-        elif tf.io.gfile.exists(path):
-            tf.io.gfile.remove(path)
+        if fileio.isdir(path):
+            fileio.rmtree(path)
+        elif fileio.exists(path):
+            fileio.remove(path)
 
 
 def stage_members(path: str, source: Source, members: list[str],
@@ -359,7 +359,7 @@ def stage_members(path: str, source: Source, members: list[str],
       ExtractError: a member is corrupt (bad CRC or deflate data); the .tmp
         files written so far are removed.
     """
-    tf.io.gfile.makedirs(raw_dir)
+    fileio.makedirs(raw_dir)
     layout = source.layout
     file_bytes, newlines, member = {}, 0, members[0]
     try:
@@ -368,7 +368,7 @@ def stage_members(path: str, source: Source, members: list[str],
                 name = posixpath.basename(member)
                 size = 0
                 with archive.open(member) as stream, \
-                        tf.io.gfile.GFile(_tmp_path(raw_dir, name), 'wb') as out:
+                        fileio.open_file(_tmp_path(raw_dir, name), 'wb') as out:
                     while chunk := stream.read(_COPY_BYTES):
                         out.write(chunk)
                         size += len(chunk)
@@ -377,8 +377,8 @@ def stage_members(path: str, source: Source, members: list[str],
                 file_bytes[name] = size
     except (zipfile.BadZipFile, zlib.error, EOFError) as error:
         for name in (*file_bytes, posixpath.basename(member)):
-            if tf.io.gfile.exists(_tmp_path(raw_dir, name)):
-                tf.io.gfile.remove(_tmp_path(raw_dir, name))
+            if fileio.exists(_tmp_path(raw_dir, name)):
+                fileio.remove(_tmp_path(raw_dir, name))
         raise ExtractError(f'{source.location} is corrupt: {member} cannot be unpacked '
                            f'({error}); fetch the archive again') from None
     return file_bytes, newlines - int(layout.ratings_header)
@@ -391,8 +391,7 @@ def _tmp_path(raw_dir: str, name: str) -> str:
 def publish_members(raw_dir: str, names: Sequence[str]) -> None:
     """Renames each staged <name>.tmp to <name>."""
     for name in names:
-        tf.io.gfile.rename(_tmp_path(raw_dir, name), features.join(raw_dir, name),
-                           overwrite=True)
+        fileio.replace(_tmp_path(raw_dir, name), features.join(raw_dir, name))
         logger.info('staged %s', features.join(raw_dir, name))
 
 
@@ -408,8 +407,8 @@ def extract(config: ExtractorConfig) -> Staged:
     if staged is not None:
         logger.info('reusing %s already staged in %s from %s', staged.dataset, raw_dir,
                     staged.source)
-        sizes = {name: tf.io.gfile.stat(features.join(raw_dir, name)).length
-                 for name in sorted(tf.io.gfile.listdir(raw_dir))}
+        sizes = {name: fileio.size(features.join(raw_dir, name))
+                 for name in sorted(fileio.listdir(raw_dir))}
         return Staged(info=staged, file_bytes=sizes, rating_lines=None,
                       md5_verified=source.expected_md5 == staged.md5, reused=True)
     with tempfile.TemporaryDirectory(prefix='data-extractor-') as temp_dir:

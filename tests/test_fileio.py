@@ -53,9 +53,13 @@ def test_gcs_paths(gcs):
     'import runpy, sys; sys.argv = ["plot.py", "--help"]\n'
     'try:\n    runpy.run_path("plot.py", run_name="__main__")\nexcept SystemExit:\n    pass',
     'import trainer.summary, trainer.history, trainer.features, trainer.fileio',
+    'import runpy, sys; sys.argv = ["data-extractor.py", "--help"]\n'
+    'try:\n    runpy.run_path("data-extractor.py", run_name="__main__")\nexcept SystemExit:\n'
+    '    pass',
 ])
 def test_light_entry_points_do_not_import_tensorflow(code):
-    # Importing TensorFlow takes about 4 s; plot.py and the run summary do not need it.
+    # Importing TensorFlow takes about 4 s; plot.py, the run summary and the
+    # extractor of local data do not need it.
     check = code + '\nassert "tensorflow" not in sys.modules, "tensorflow was imported"'
     subprocess.run([sys.executable, '-c', 'import sys\n' + check], cwd=REPO, check=True,
                    capture_output=True)
