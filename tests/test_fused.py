@@ -187,3 +187,19 @@ def test_module_entry_point_builds_and_prints_the_library():
                             text=True, check=True, cwd=pathlib.Path(__file__).parents[1])
     path = pathlib.Path(result.stdout.strip().splitlines()[-1])
     assert path == fused.build() and path.exists()
+
+
+def test_auto_falls_back_under_a_one_replica_mirrored_strategy(caplog):
+    strategy = tf.distribute.MirroredStrategy(['/cpu:0'])
+    with strategy.scope():
+        model = model_lib.MatrixFactorization(USERS, ITEMS, FACTORS, 3.2, 0.1, seed=7)
+        optimizer = optimizers.Adam(model.parameters(), 0.05)
+    config = config_lib.make_config('work', l2=0.05, learning_rate_decay=1.0, batch_size=BATCH)
+    penalty = model_lib.penalty_weights(FACTORS, 0.05, 0.01)
+    with caplog.at_level(logging.WARNING, logger='trainer.train'):
+        epoch = train_lib.choose_train_epoch(config, strategy, model, optimizer, penalty,
+                                             1.0, 5.0)
+    assert 'not those of MirroredStrategy' in caplog.text
+    user, item, rating = _ratings()
+    totals = epoch(user, item, rating, None, None).numpy()  # the TensorFlow form trains
+    assert totals[1] == 1000 and optimizer.iterations.numpy() == 16

@@ -2,8 +2,11 @@
 
 The train split is loaded into memory once (`trainer.data`); a seeded share
 of it (`--validation-percent`) is set aside as the validation slice, the
-rest is what the model is fitted on.  One epoch is one `tf.function` call
-over a seeded permutation of the fit ratings: a `tf.range` loop slices each
+rest is what the model is fitted on.  By default (`--training-kernel auto`)
+one epoch over a seeded permutation of the fit ratings is one call of the
+fused C++ op (`trainer.fused`) where it applies: one replica, Adam.  Its
+TensorFlow form, which it matches to float32 rounding and which runs
+everywhere else, is one `tf.function` call: a `tf.range` loop slices each
 global batch, every replica takes its contiguous part of it, computes the
 objective's gradient rows by hand (`model.loss_and_gradients`), and the
 gradients (`tf.IndexedSlices` over the rows the batch touched) are summed
@@ -242,6 +245,9 @@ def choose_train_epoch(config: TrainConfig, strategy: tf.distribute.Strategy,
             if replicas > 1:
                 raise fused.KernelUnavailable(
                     f'it trains one replica and this cluster has {replicas}')
+            if isinstance(model.user_embedding, tf.distribute.DistributedValues):
+                raise fused.KernelUnavailable(
+                    f'it updates plain variables, not those of {type(strategy).__name__}')
             if not isinstance(optimizer, optimizers.Adam):
                 raise fused.KernelUnavailable(
                     f'it trains with adam, not --optimizer {config.optimizer}')
