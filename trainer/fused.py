@@ -37,6 +37,8 @@ import tensorflow as tf
 from trainer import model as model_lib
 from trainer import optimizers
 
+logger = logging.getLogger(__name__)
+
 SOURCE = pathlib.Path(__file__).with_name('fused_epoch.cc')
 ENV_CACHE = 'MOVIELENS_KERNEL_CACHE'
 # No -march=native: the library may be built in an image and run elsewhere.
@@ -99,7 +101,7 @@ def build() -> pathlib.Path:
         raise KernelUnavailable(
             f'cannot write the kernel cache {path.parent} ({error.strerror}); '
             f'set {ENV_CACHE} to a writable directory') from error
-    logging.info('Building the fused training kernel (once per machine) into %s', path)
+    logger.info('Building the fused training kernel (once per machine) into %s', path)
     # Build beside the target and rename: processes building at once each
     # rename a whole library over the other's.
     handle, partial = tempfile.mkstemp(suffix='.so', dir=path.parent)
