@@ -203,3 +203,10 @@ def test_auto_falls_back_under_a_one_replica_mirrored_strategy(caplog):
     user, item, rating = _ratings()
     totals = epoch(user, item, rating, None, None).numpy()  # the TensorFlow form trains
     assert totals[1] == 1000 and optimizer.iterations.numpy() == 16
+
+
+def test_default_threads_stay_within_the_cpus_and_the_cap(monkeypatch):
+    monkeypatch.setattr(fused.os, 'sched_getaffinity', lambda pid: set(range(64)))
+    assert fused.default_threads() == fused.MAX_THREADS
+    monkeypatch.setattr(fused.os, 'sched_getaffinity', lambda pid: {0})
+    assert fused.default_threads() == 1
