@@ -22,7 +22,7 @@ setuptools.setup(
     description='Biased matrix factorisation on MovieLens: Beam/TFT preprocessing and TF training.',
     packages=['trainer'],
     # The fused epoch op's source: trainer/fused.py builds it where it trains.
-    package_data={'trainer': ['fused_epoch.cc']},
+    package_data={'trainer': ['fused_epoch.cc', 'read_ratings.cc']},
     python_requires='>=3.11,<3.12',
     install_requires=read_requirements(),
 )

@@ -119,3 +119,71 @@ def test_missing_shards_say_to_run_preprocess(work_dir):
 def test_the_model_reads_a_subset_of_the_shared_spec():
     assert all(features.TRANSFORMED_FEATURE_SPEC[key] == spec
                for key, spec in data.MODEL_FEATURE_SPEC.items())
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7f, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _unpacked_example(user: int, item: int, rating: float) -> bytes:
+    """An Example whose lists are not packed (as older writers emit them)."""
+    def entry(key: str, feature: bytes) -> bytes:
+        return _field(1, _field(1, key.encode()) + _field(2, feature))
+    int64 = lambda value: _field(3, _varint(1 << 3 | 0) + _varint(value))  # noqa: E731
+    rating_list = _field(2, _varint(1 << 3 | 5) + np.float32(rating).tobytes())
+    return _field(1, entry('movie_id', _field(1, _field(1, b'm1'))) + entry('user', int64(user))
+                  + entry('item', int64(item)) + entry('rating', rating_list))
+
+
+def test_the_shard_reader_matches_tf_data_and_reads_unpacked_lists(pattern, monkeypatch):
+    ops = data.fused.load()
+    with_op = data.load_ratings(pattern)
+    monkeypatch.setattr(data.fused, 'load', _unavailable)
+    with_tf_data = data.load_ratings(pattern)
+    assert _triples(with_op) == _triples(with_tf_data) == ROWS
+    parsed = tf.io.parse_single_example(_unpacked_example(3, 2, 4.5), data.MODEL_FEATURE_SPEC)
+    assert [int(parsed['user']), int(parsed['item']), float(parsed['rating'])] == [3, 2, 4.5]
+    path = os.path.join(os.path.dirname(pattern), 'unpacked.tfrecord.gz')
+    with tf.io.TFRecordWriter(path, options='GZIP') as writer:
+        writer.write(_unpacked_example(3, 2, 4.5))
+        writer.write(_example(1, 70000, 0.5))
+    user, item, rating = ops.read_rating_shard(path)
+    assert (user.numpy().tolist(), item.numpy().tolist(), rating.numpy().tolist()) == (
+        [3, 1], [2, 70000], [4.5, 0.5])
+
+
+def _unavailable():
+    raise data.fused.KernelUnavailable('no C++ compiler')
+
+
+@pytest.mark.parametrize('record, problem', [
+    (tf.train.Example().SerializeToString(), 'empty Example'),
+    (b'\x0a\x05garbage', 'not a protobuf'),
+    (tf.train.Example(features=tf.train.Features(feature={
+        features.USER: tf.train.Feature(int64_list=tf.train.Int64List(value=[1, 2])),
+        features.ITEM: tf.train.Feature(int64_list=tf.train.Int64List(value=[1])),
+        features.RATING: tf.train.Feature(float_list=tf.train.FloatList(value=[3.0])),
+    })).SerializeToString(), 'two users'),
+    (tf.train.Example(features=tf.train.Features(feature={
+        features.USER: tf.train.Feature(float_list=tf.train.FloatList(value=[1.0])),
+        features.ITEM: tf.train.Feature(int64_list=tf.train.Int64List(value=[1])),
+        features.RATING: tf.train.Feature(float_list=tf.train.FloatList(value=[3.0])),
+    })).SerializeToString(), 'a float user'),
+    (_example(2**31, 1, 3.0), 'beyond int32'),
+])
+def test_the_shard_reader_names_a_bad_record(work_dir, record, problem):
+    path = os.path.join(work_dir, 'bad.tfrecord.gz')
+    with tf.io.TFRecordWriter(path, options='GZIP') as writer:
+        writer.write(_example(0, 0, 1.0))
+        writer.write(record)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f'{path}: record 1 '):
+        data.fused.load().read_rating_shard(path)

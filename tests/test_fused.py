@@ -109,7 +109,7 @@ def test_build_without_a_compiler_says_what_to_install(monkeypatch, tmp_path):
 def test_a_failed_build_names_the_error_and_leaves_no_library(monkeypatch, tmp_path):
     source = tmp_path / 'fused_epoch.cc'
     source.write_text('this is not C++;\n')
-    monkeypatch.setattr(fused, 'SOURCE', source)
+    monkeypatch.setattr(fused, 'SOURCES', (source,))
     monkeypatch.setenv(fused.ENV_CACHE, str(tmp_path / 'cache'))
     with pytest.raises(fused.KernelUnavailable, match='building fused_epoch.cc failed: .*error'):
         fused.build()
@@ -121,8 +121,8 @@ def test_the_library_is_cached_by_source(monkeypatch, tmp_path):
     assert fused.build() == built  # cached: the same file, not rebuilt
     assert built.stat().st_size > 0
     copy = tmp_path / 'fused_epoch.cc'
-    copy.write_text(fused.SOURCE.read_text() + '\n// changed\n')
-    monkeypatch.setattr(fused, 'SOURCE', copy)
+    copy.write_text(fused.SOURCES[0].read_text() + '\n// changed\n')
+    monkeypatch.setattr(fused, 'SOURCES', (copy, *fused.SOURCES[1:]))
     assert fused.library_path('g++').parent != built.parent
 
 

@@ -1,11 +1,14 @@
 """Input: the transformed TFRecord shards, as in-memory rating columns.
 
 The trainer reads each split once (`load_ratings`, run beside the shards'
-gzip check by `load_checked`): the sorted shards are parsed in batches of
-65536 with one `tf.io.parse_example` call each, keeping only the keys the
-model reads, into three columns (int32 user and item
+gzip check by `load_checked`) into three columns (int32 user and item
 indices, float32 ratings): 12 bytes a rating, 300 MB for 25M ratings,
 sorted by (user, item) so that row positions depend on the ratings alone.
+Each shard is read by the C++ op `ReadRatingShard` (`read_ratings.cc`, built
+with the fused epoch by `trainer.fused`), which decodes only the keys the
+model reads: 8.5 s for a 20M-rating shard, where `tf.data` with
+`tf.io.parse_example` in batches of 65536, the fallback where the op cannot
+be built, takes about 25 s (about 1 us a record of iteration).
 Every epoch then takes a seeded permutation of those columns (`shuffle`, seed
 derived from the run seed and the epoch number, so epoch k sees the same
 order whether the run started fresh or resumed), and the training loop slices
@@ -33,6 +36,7 @@ import tensorflow as tf
 import tensorflow_transform as tft
 
 from trainer import features
+from trainer import fused
 
 # The keys the model reads; the raw ids stay unparsed (the export maps them itself).
 MODEL_KEYS = (features.USER, features.ITEM, features.RATING)
@@ -191,6 +195,17 @@ def load_ratings(file_pattern: str) -> Ratings:
       ShardError: if a shard is missing or empty (see `list_shards`).
     """
     files = list_shards(file_pattern)
+    try:
+        ops = fused.load()
+    except fused.KernelUnavailable:
+        ops = None  # the trainer says why when it picks its epoch
+    if ops is not None:
+        with futures.ThreadPoolExecutor(_PARALLEL_SHARDS) as pool:
+            shards = list(pool.map(ops.read_rating_shard, files))
+        ratings = Ratings(*(tf.concat([shard[column] for shard in shards], axis=0)
+                            if shards else tf.zeros([0], dtype)
+                            for column, dtype in enumerate((tf.int32, tf.int32, tf.float32))))
+        return ratings.take(canonical_order(ratings.user.numpy(), ratings.item.numpy()))
 
     def read_shard(index: tf.Tensor, path: tf.Tensor) -> tf.data.Dataset:
         return (tf.data.TFRecordDataset(path, compression_type='GZIP')

@@ -1,4 +1,7 @@
-"""The fused training epoch: `fused_epoch.cc`, built once per machine and loaded.
+"""The trainer's C++ ops, built once per machine and loaded.
+
+`fused_epoch.cc` trains an epoch (below); `read_ratings.cc` reads a shard of
+the preprocessing output into rating columns (used by `data.load_ratings`).
 
 A training step in TensorFlow ops (`train.make_train_epoch`) is a chain of
 about 45 small kernels, and on a CPU scheduling them costs more than their
@@ -6,15 +9,15 @@ arithmetic.  `MatrixFactorizationAdamEpoch` runs a whole epoch of the same
 computation (the objective and gradient of `model.loss_and_gradients`, the
 lazy Adam of `optimizers.Adam`) in one C++ op, on `threads` threads.
 
-The op is compiled from the source shipped in this package with the C++
+The ops are compiled from the sources shipped in this package with the C++
 compiler (`$CXX`, else `g++`) and the flags TensorFlow reports
 (`tf.sysconfig`), into a cache directory keyed by the source, the flags and
 the TensorFlow version: `$MOVIELENS_KERNEL_CACHE`, else
 `$XDG_CACHE_HOME/movielens-trainer`, else `~/.cache/movielens-trainer`.  The
 first build takes about 10 s; later runs load the cached library.  Where no
 compiler is found (or the build fails) `load` says why, and the trainer falls
-back to the TensorFlow ops (`--training-kernel auto`) or stops with that
-reason (`--training-kernel fused`).
+back to TensorFlow ops (`--training-kernel auto`; `data.load_ratings` reads
+with `tf.data`) or stops with that reason (`--training-kernel fused`).
 
 `python -m trainer.fused` builds the library and prints where it is (the
 training image runs it at build time).
@@ -39,7 +42,9 @@ from trainer import optimizers
 
 logger = logging.getLogger(__name__)
 
-SOURCE = pathlib.Path(__file__).with_name('fused_epoch.cc')
+# The C++ sources, built into one library.
+SOURCES = (pathlib.Path(__file__).with_name('fused_epoch.cc'),
+           pathlib.Path(__file__).with_name('read_ratings.cc'))
 ENV_CACHE = 'MOVIELENS_KERNEL_CACHE'
 # No -march=native: the library may be built in an image and run elsewhere.
 # -ffp-contract=off: no fused multiply-adds, so each operation rounds as the
@@ -69,16 +74,17 @@ def _compiler() -> str | None:
 def _build_command(compiler: str, output: pathlib.Path) -> list[str]:
     return [compiler, '-std=c++17', '-shared', '-fPIC', *OPTIMIZE_FLAGS,
             '-Wno-deprecated-declarations', *tf.sysconfig.get_compile_flags(),
-            str(SOURCE), '-o', str(output), *tf.sysconfig.get_link_flags()]
+            *map(str, SOURCES), '-o', str(output), *tf.sysconfig.get_link_flags()]
 
 
 def library_path(compiler: str) -> pathlib.Path:
     """The cached library for this source, compiler, flags and TF version."""
     key = hashlib.sha256()
-    key.update(SOURCE.read_bytes())
+    for source in SOURCES:
+        key.update(source.read_bytes())
     key.update(repr((_build_command(compiler, pathlib.Path('out')), tf.__version__,
                      sys.version_info[:2])).encode())
-    return cache_dir() / key.hexdigest()[:16] / 'fused_epoch.so'
+    return cache_dir() / key.hexdigest()[:16] / 'trainer_ops.so'
 
 
 def build() -> pathlib.Path:
@@ -101,7 +107,7 @@ def build() -> pathlib.Path:
         raise KernelUnavailable(
             f'cannot write the kernel cache {path.parent} ({error.strerror}); '
             f'set {ENV_CACHE} to a writable directory') from error
-    logger.info('Building the fused training kernel (once per machine) into %s', path)
+    logger.info("Building the trainer's C++ ops (once per machine) into %s", path)
     # Build beside the target and rename: processes building at once each
     # rename a whole library over the other's.
     handle, partial = tempfile.mkstemp(suffix='.so', dir=path.parent)
@@ -113,11 +119,11 @@ def build() -> pathlib.Path:
         if result.returncode != 0:
             lines = [line for line in result.stderr.splitlines() if 'error' in line]
             raise KernelUnavailable(
-                f'building {SOURCE.name} failed: '
+                f'building {", ".join(source.name for source in SOURCES)} failed: '
                 f'{(lines or result.stderr.splitlines() or ["no output"])[0].strip()}')
         os.replace(partial, path)
     except subprocess.TimeoutExpired as error:
-        raise KernelUnavailable(f'building {SOURCE.name} took over '
+        raise KernelUnavailable(f'building the ops took over '
                                 f'{BUILD_TIMEOUT_SECONDS} s') from error
     finally:
         if os.path.exists(partial):
