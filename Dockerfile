@@ -23,7 +23,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /opt/movielens
-# g++ builds the trainer's fused epoch op (trainer/fused.py).
+# g++ builds the trainer's C++ ops (trainer/fused.py).
 RUN apt-get update && apt-get install -y --no-install-recommends g++ \
     && rm -rf /var/lib/apt/lists/*
 # Pins before code: editing trainer/ does not reinstall TensorFlow and Beam.
@@ -33,7 +33,7 @@ COPY setup.py ./
 COPY trainer/ trainer/
 # --no-deps: everything is installed above, at the pinned versions.
 RUN pip install --no-deps . && pip check
-# Build the fused epoch op now, so a job does not spend 10 s compiling it.
+# Build the C++ ops now, so a job does not spend 10 s compiling them.
 RUN cd / && python -m trainer.fused
 
 # Dataflow custom SDK container: pass --sdk_container_image IMAGE
