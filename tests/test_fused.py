@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import pathlib
 import subprocess
 import sys
+import time
+from concurrent import futures
 
 import numpy as np
 import pytest
@@ -210,3 +213,20 @@ def test_default_threads_stay_within_the_cpus_and_the_cap(monkeypatch):
     assert fused.default_threads() == fused.MAX_THREADS
     monkeypatch.setattr(fused.os, 'sched_getaffinity', lambda pid: {0})
     assert fused.default_threads() == 1
+
+
+def test_threads_loading_at_once_share_one_build(monkeypatch, tmp_path):
+    # A second real library in this process would register the ops twice:
+    # build and load are stand-ins that take a while and count their calls.
+    monkeypatch.setattr(fused, '_load', functools.cache(fused._load.__wrapped__))
+    builds, loads = [], []
+
+    def slow_build():
+        builds.append(1)
+        time.sleep(0.5)
+        return tmp_path / 'trainer_ops.so'
+    monkeypatch.setattr(fused, 'build', slow_build)
+    monkeypatch.setattr(fused.tf, 'load_op_library', lambda path: loads.append(path) or object())
+    with futures.ThreadPoolExecutor(3) as pool:
+        modules = list(pool.map(lambda _: fused.load(), range(3)))
+    assert len(builds) == len(loads) == 1 and all(module is modules[0] for module in modules)

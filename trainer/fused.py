@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 
 import tensorflow as tf
 
@@ -131,13 +132,21 @@ def build() -> pathlib.Path:
     return path
 
 
-@functools.cache
+_LOAD_LOCK = threading.Lock()
+
+
 def load():
-    """The loaded op module (built first if need be).
+    """The loaded op module (built first if need be); threads share one build.
 
     Raises:
       KernelUnavailable: as `build`, or if TensorFlow cannot load the library.
     """
+    with _LOAD_LOCK:  # the train and eval splits load in two threads
+        return _load()
+
+
+@functools.cache
+def _load():
     path = build()
     try:
         return tf.load_op_library(str(path))
