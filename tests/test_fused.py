@@ -218,7 +218,7 @@ def test_default_threads_stay_within_the_cpus_and_the_cap(monkeypatch):
 def test_threads_loading_at_once_share_one_build(monkeypatch, tmp_path):
     # A second real library in this process would register the ops twice:
     # build and load are stand-ins that take a while and count their calls.
-    monkeypatch.setattr(fused, '_load', functools.cache(fused._load.__wrapped__))
+    monkeypatch.setattr(fused, '_load_once', functools.cache(fused._load_once.__wrapped__))
     builds, loads = [], []
 
     def slow_build():
@@ -230,3 +230,17 @@ def test_threads_loading_at_once_share_one_build(monkeypatch, tmp_path):
     with futures.ThreadPoolExecutor(3) as pool:
         modules = list(pool.map(lambda _: fused.load(), range(3)))
     assert len(builds) == len(loads) == 1 and all(module is modules[0] for module in modules)
+
+
+def test_a_failed_build_is_not_tried_again_in_the_same_process(monkeypatch):
+    monkeypatch.setattr(fused, '_load_once', functools.cache(fused._load_once.__wrapped__))
+    builds = []
+
+    def failing_build():
+        builds.append(1)
+        raise fused.KernelUnavailable('building fused_epoch.cc failed: error: no')
+    monkeypatch.setattr(fused, 'build', failing_build)
+    for _ in range(3):  # the two split loads and a training phase
+        with pytest.raises(fused.KernelUnavailable, match='building fused_epoch.cc failed'):
+            fused.load()
+    assert len(builds) == 1

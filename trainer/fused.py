@@ -55,7 +55,7 @@ BUILD_TIMEOUT_SECONDS = 600
 
 
 class KernelUnavailable(RuntimeError):
-    """The fused op could not be built or loaded; the message says why."""
+    """The ops could not be built or loaded, or do not apply; the message says why."""
 
 
 def cache_dir() -> pathlib.Path:
@@ -136,22 +136,33 @@ _LOAD_LOCK = threading.Lock()
 
 
 def load():
-    """The loaded op module (built first if need be); threads share one build.
+    """The loaded op module, built first if need be: once per process.
+
+    Threads share one build (the train and eval splits load in two), and a
+    failure is remembered, so the later callers (each split's load, each
+    training phase) do not compile again to fail the same way.
 
     Raises:
       KernelUnavailable: as `build`, or if TensorFlow cannot load the library.
     """
-    with _LOAD_LOCK:  # the train and eval splits load in two threads
-        return _load()
+    with _LOAD_LOCK:
+        ops, problem = _load_once()
+    if problem is not None:
+        raise KernelUnavailable(problem)
+    return ops
 
 
 @functools.cache
-def _load():
-    path = build()
+def _load_once():
+    """(the op module, None), or (None, why it is unavailable)."""
     try:
-        return tf.load_op_library(str(path))
+        path = build()
+    except KernelUnavailable as error:
+        return None, str(error)
+    try:
+        return tf.load_op_library(str(path)), None
     except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as error:
-        raise KernelUnavailable(f'loading {path} failed: {error.message}') from error
+        return None, f'loading {path} failed: {error.message}'
 
 
 # A batch of 1,024 ratings is split between the threads, which meet three
