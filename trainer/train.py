@@ -226,6 +226,21 @@ def make_train_epoch(strategy: tf.distribute.Strategy,
 
     return train_epoch
 
+
+def _why_not_fused(config: TrainConfig, strategy: tf.distribute.Strategy,
+                   model: model_lib.MatrixFactorization,
+                   optimizer: optimizers.SparseOptimizer) -> str | None:
+    """Why the fused op does not apply to this run; None if it does."""
+    if strategy.num_replicas_in_sync > 1:
+        return (f'it trains one replica and this cluster has '
+                f'{strategy.num_replicas_in_sync}')
+    if isinstance(model.user_embedding, tf.distribute.DistributedValues):
+        return f'it updates plain variables, not those of {type(strategy).__name__}'
+    if not isinstance(optimizer, optimizers.Adam):
+        return f'it trains with adam, not --optimizer {config.optimizer}'
+    return None
+
+
 def choose_train_epoch(config: TrainConfig, strategy: tf.distribute.Strategy,
                        model: model_lib.MatrixFactorization,
                        optimizer: optimizers.SparseOptimizer, penalty: tf.Tensor,
@@ -239,30 +254,23 @@ def choose_train_epoch(config: TrainConfig, strategy: tf.distribute.Strategy,
     Raises:
       fused.KernelUnavailable: --training-kernel fused, and it cannot run here.
     """
-    if config.training_kernel != 'tf':
-        replicas = strategy.num_replicas_in_sync
-        try:
-            if replicas > 1:
-                raise fused.KernelUnavailable(
-                    f'it trains one replica and this cluster has {replicas}')
-            if isinstance(model.user_embedding, tf.distribute.DistributedValues):
-                raise fused.KernelUnavailable(
-                    f'it updates plain variables, not those of {type(strategy).__name__}')
-            if not isinstance(optimizer, optimizers.Adam):
-                raise fused.KernelUnavailable(
-                    f'it trains with adam, not --optimizer {config.optimizer}')
-            epoch = fused.make_epoch(model, optimizer, penalty, config.batch_size,
-                                     rating_min, rating_max)
-            logger.info('Training kernel: fused (one C++ op per epoch, %d threads)',
-                        fused.default_threads())
-            return epoch
-        except fused.KernelUnavailable as error:
-            if config.training_kernel == 'fused':
-                raise fused.KernelUnavailable(
-                    f'--training-kernel fused: {error}; use --training-kernel auto') from error
-            logger.warning('Training kernel: TensorFlow ops, not fused: %s', error)
-    else:
+    if config.training_kernel == 'tf':
         logger.info('Training kernel: TensorFlow ops (--training-kernel tf)')
+    else:
+        reason = _why_not_fused(config, strategy, model, optimizer)
+        if reason is None:
+            try:
+                epoch = fused.make_epoch(model, optimizer, penalty, config.batch_size,
+                                         rating_min, rating_max)
+                logger.info('Training kernel: fused (one C++ op per epoch, %d threads)',
+                            fused.default_threads())
+                return epoch
+            except fused.KernelUnavailable as error:
+                reason = str(error)
+        if config.training_kernel == 'fused':
+            raise fused.KernelUnavailable(
+                f'--training-kernel fused: {reason}; use --training-kernel auto')
+        logger.warning('Training kernel: TensorFlow ops, not fused: %s', reason)
     return make_train_epoch(strategy, model, optimizer, penalty, config.batch_size,
                             rating_min, rating_max)
 
