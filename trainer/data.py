@@ -196,17 +196,28 @@ def load_ratings(file_pattern: str) -> Ratings:
     """
     files = list_shards(file_pattern)
     try:
-        ops = fused.load()
-    except fused.KernelUnavailable:
-        ops = None  # the trainer says why when it picks its epoch
-    if ops is not None:
-        with futures.ThreadPoolExecutor(_PARALLEL_SHARDS) as pool:
-            shards = list(pool.map(ops.read_rating_shard, files))
-        ratings = Ratings(*(tf.concat([shard[column] for shard in shards], axis=0)
-                            if shards else tf.zeros([0], dtype)
-                            for column, dtype in enumerate((tf.int32, tf.int32, tf.float32))))
-        return ratings.take(canonical_order(ratings.user.numpy(), ratings.item.numpy()))
+        parts = _read_with_op(fused.load(), files)
+    except fused.KernelUnavailable:  # the trainer says why when it picks its epoch
+        parts = _read_with_tf_data(files)
+    user, item, rating = (tf.concat(column or [tf.zeros([0], dtype)], axis=0)
+                          for column, dtype in zip(parts, (tf.int32, tf.int32, tf.float32)))
+    ratings = Ratings(user, item, rating)
+    return ratings.take(canonical_order(ratings.user.numpy(), ratings.item.numpy()))
 
+
+# Column parts in file order: [user parts], [item parts], [rating parts].
+_Parts = tuple[list[tf.Tensor], list[tf.Tensor], list[tf.Tensor]]
+
+
+def _read_with_op(ops, files: list[str]) -> _Parts:
+    """Each shard by the `ReadRatingShard` op, shards in parallel threads."""
+    with futures.ThreadPoolExecutor(_PARALLEL_SHARDS) as pool:
+        shards = list(pool.map(ops.read_rating_shard, files))
+    return tuple([shard[column] for shard in shards] for column in range(3))
+
+
+def _read_with_tf_data(files: list[str]) -> _Parts:
+    """Each shard by `tf.data` in batches parsed by `tf.io.parse_example`."""
     def read_shard(index: tf.Tensor, path: tf.Tensor) -> tf.data.Dataset:
         return (tf.data.TFRecordDataset(path, compression_type='GZIP')
                 .batch(_LOAD_BATCH)
@@ -216,18 +227,12 @@ def load_ratings(file_pattern: str) -> Ratings:
                .interleave(read_shard, cycle_length=_PARALLEL_SHARDS,
                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
                .prefetch(tf.data.AUTOTUNE))
-    columns = {key: [[] for _ in files] for key in MODEL_KEYS}
-    for index, batch in batches:
-        for key in MODEL_KEYS:
-            columns[key][int(index)].append(batch[key])
-
-    def concat(key: str, dtype: tf.DType) -> tf.Tensor:
-        parts = [part for shard in columns[key] for part in shard] or [tf.zeros([0], dtype)]
-        return tf.cast(tf.concat(parts, axis=0), dtype)
-
-    ratings = Ratings(concat(features.USER, tf.int32), concat(features.ITEM, tf.int32),
-                      concat(features.RATING, tf.float32))
-    return ratings.take(canonical_order(ratings.user.numpy(), ratings.item.numpy()))
+    by_shard = [[] for _ in files]
+    for index, batch in batches:  # interleaved: put each batch back with its shard
+        by_shard[int(index)].append(batch)
+    dtypes = (tf.int32, tf.int32, tf.float32)
+    return tuple([tf.cast(batch[key], dtype) for shard in by_shard for batch in shard]
+                 for key, dtype in zip(MODEL_KEYS, dtypes))
 
 
 def load_checked(file_patterns: tuple[str, ...]) -> list[Ratings]:
