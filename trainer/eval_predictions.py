@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from trainer import data
 from trainer import features
+from trainer import fileio
 from trainer.model import MatrixFactorization
 
 logger = logging.getLogger(__name__)
@@ -92,9 +93,6 @@ def write_eval_predictions(model: MatrixFactorization, info: features.DatasetInf
     counts = count_predictions(model, eval_split, info.rating_min, info.rating_max,
                                layout.rating_step, chunk_size=batch_size)
     path = features.join(model_dir, features.EVAL_PREDICTIONS_FILE)
-    tmp = path + '.tmp'
-    with tf.io.gfile.GFile(tmp, 'w') as f:
-        f.write(format_counts(counts, info.rating_min, layout.rating_step))
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    fileio.write_text(path, format_counts(counts, info.rating_min, layout.rating_step))
     logger.info('Wrote %d eval prediction counts to %s', int(counts.sum()), path)
     return path

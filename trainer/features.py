@@ -45,11 +45,9 @@ RATING = 'rating'
 TIMESTAMP = 'timestamp'
 RAW_COLUMNS = (USER_ID, MOVIE_ID, RATING, TIMESTAMP)
 
-
 # --- Transformed features: what the trainer reads. ---------------------------
 USER = 'user'  # int64 index into the user vocabulary; OOV is the last row.
 ITEM = 'item'  # int64 index into the movie vocabulary; OOV is the last row.
-
 
 USER_VOCAB = 'user_vocab'
 MOVIE_VOCAB = 'movie_vocab'
