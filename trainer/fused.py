@@ -1,7 +1,9 @@
 """The trainer's C++ ops, built once per machine and loaded.
 
 `fused_epoch.cc` trains an epoch (below); `read_ratings.cc` reads a shard of
-the preprocessing output into rating columns (used by `data.load_ratings`).
+the preprocessing output into rating columns (used by `data.load_ratings`);
+`sample_rows.cc` draws one side of a posterior-averaging sweep (used by
+`posterior.average`).
 
 A training step in TensorFlow ops (`train.make_train_epoch`) is a chain of
 about 45 small kernels, and on a CPU scheduling them costs more than their
@@ -44,8 +46,8 @@ from trainer import optimizers
 logger = logging.getLogger(__name__)
 
 # The C++ sources, built into one library.
-SOURCES = (pathlib.Path(__file__).with_name('fused_epoch.cc'),
-           pathlib.Path(__file__).with_name('read_ratings.cc'))
+SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in
+                ('fused_epoch.cc', 'read_ratings.cc', 'sample_rows.cc'))
 ENV_CACHE = 'MOVIELENS_KERNEL_CACHE'
 # No -march=native: the library may be built in an image and run elsewhere.
 # -ffp-contract=off: no fused multiply-adds, so each operation rounds as the

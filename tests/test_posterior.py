@@ -1,0 +1,210 @@
+"""Posterior averaging: the sampling op against its numpy form and exact
+algebra, the low-rank average, and the chain on planted data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import features
+from trainer import fused
+from trainer import posterior
+
+USERS, ITEMS, WIDTH = 30, 20, 4  # 3 factors and the bias
+
+
+def _side(seed: int = 0, ratings: int = 300) -> tuple[posterior.Side, np.ndarray]:
+    """Users' ratings grouped by user (user 7 has none), and an item table."""
+    rng = np.random.default_rng(seed)
+    users = rng.integers(0, USERS, ratings)
+    users[users == 7] = 8
+    items = rng.integers(0, ITEMS, ratings)
+    target = rng.normal(0, 1, ratings).astype(np.float32)
+    table = rng.normal(0, 0.7, (ITEMS, WIDTH)).astype(np.float32)
+    return posterior.Side.group(users, items, target, USERS), table
+
+
+def _ops():
+    try:
+        return fused.load()
+    except fused.KernelUnavailable as error:  # the suite's other tests say why
+        pytest.skip(str(error))
+
+
+PRIOR = np.array([2.0, 3.0, 4.0, 5.0], np.float32)
+TAU = 1.7
+
+
+def _op_draw(side, table, noise, threads=2):
+    sample, mean, squared = _ops().matrix_factorization_sample_rows(
+        offsets=side.offsets, other=side.other, target=side.target, other_table=table,
+        prior_precision=PRIOR, noise_precision=np.float32(TAU), noise=noise,
+        threads=threads)
+    return sample.numpy(), mean.numpy(), float(squared.numpy())
+
+
+def test_conditional_mean_is_the_ridge_solution_of_each_row():
+    side, table = _side()
+    noise = np.zeros((USERS, WIDTH), np.float32)
+    sample, mean, squared = posterior.sample_rows_numpy(side, table, PRIOR, TAU, noise)
+    residual = 0.0
+    for row in range(USERS):
+        lo, hi = side.offsets[row], side.offsets[row + 1]
+        z = np.hstack([table[side.other[lo:hi], :-1], np.ones((hi - lo, 1))]).astype(np.float64)
+        y = side.target[lo:hi] - table[side.other[lo:hi], -1]
+        expected = np.linalg.solve(TAU * z.T @ z + np.diag(PRIOR), TAU * z.T @ y)
+        np.testing.assert_allclose(mean[row], expected, rtol=1e-5, atol=1e-6)
+        residual += float(np.sum((y - z @ expected) ** 2))
+    np.testing.assert_array_equal(mean[7], 0.0)  # no ratings: the prior mean
+    np.testing.assert_array_equal(sample, mean)  # zero noise: the draw is the mean
+    assert squared == pytest.approx(residual, rel=1e-5)
+
+
+def test_draws_follow_the_conditional_posterior():
+    side, table = _side()
+    row = 3
+    lo, hi = side.offsets[row], side.offsets[row + 1]
+    z = np.hstack([table[side.other[lo:hi], :-1], np.ones((hi - lo, 1))]).astype(np.float64)
+    covariance = np.linalg.inv(TAU * z.T @ z + np.diag(PRIOR))
+    rng = np.random.default_rng(5)
+    draws = np.array([
+        posterior.sample_rows_numpy(side, table, PRIOR, TAU,
+                                    rng.standard_normal((USERS, WIDTH), np.float32))[0][row]
+        for _ in range(3000)])
+    mean = posterior.sample_rows_numpy(side, table, PRIOR, TAU,
+                                       np.zeros((USERS, WIDTH), np.float32))[1][row]
+    np.testing.assert_allclose(draws.mean(0), mean, atol=4 * np.sqrt(covariance.diagonal() / 3000).max())
+    np.testing.assert_allclose(np.cov(draws.T), covariance, rtol=0.15, atol=0.1 * covariance.diagonal().max())
+
+
+def test_op_matches_numpy_and_any_thread_count():
+    side, table = _side()
+    noise = np.random.default_rng(2).standard_normal((USERS, WIDTH)).astype(np.float32)
+    expected = posterior.sample_rows_numpy(side, table, PRIOR, TAU, noise)
+    one = _op_draw(side, table, noise, threads=1)
+    three = _op_draw(side, table, noise, threads=3)
+    for actual, reference in zip(one[:2], expected[:2]):
+        np.testing.assert_allclose(actual, reference, rtol=1e-5, atol=1e-5)
+    assert one[2] == pytest.approx(expected[2], rel=1e-5)
+    for a, b in zip(one[:2], three[:2]):
+        np.testing.assert_array_equal(a, b)
+    assert one[2] == three[2]
+
+
+@pytest.mark.parametrize('change, message', [
+    (lambda side: dict(offsets=side.offsets[:-1]), 'offsets must start at 0'),
+    (lambda side: dict(other=np.where(np.arange(len(side.other)) == 5, ITEMS, side.other)
+                       .astype(np.int32)), r'other\[5\] = 20 is not a row'),
+    (lambda side: dict(prior_precision=np.zeros(WIDTH, np.float32)), 'must be positive'),
+])
+def test_op_rejects_bad_input_before_drawing(change, message):
+    side, table = _side()
+    inputs = dict(offsets=side.offsets, other=side.other, target=side.target,
+                  other_table=table, prior_precision=PRIOR,
+                  noise_precision=np.float32(TAU),
+                  noise=np.zeros((USERS, WIDTH), np.float32), threads=2)
+    inputs.update(change(side))
+    if 'offsets' in change(side):
+        inputs['noise'] = np.zeros((USERS - 1, WIDTH), np.float32)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        _ops().matrix_factorization_sample_rows(**inputs)
+
+
+def test_low_rank_sum_is_exact_then_the_best_truncation():
+    rng = np.random.default_rng(3)
+    parts = [(rng.normal(size=(12, 2)), rng.normal(size=(9, 2))) for _ in range(5)]
+    dense = sum(left @ right.T for left, right in parts)
+    total = posterior.LowRankSum(max_width=6, keep_width=10)  # recompressed, nothing lost
+    for left, right in parts:
+        total.add(left, right)
+    left, right = total.truncated(9)
+    np.testing.assert_allclose(left @ right.T, dense, atol=1e-9)
+    u, s, vt = np.linalg.svd(dense)
+    left, right = total.truncated(3)
+    np.testing.assert_allclose(left @ right.T, (u[:, :3] * s[:3]) @ vt[:3], atol=1e-9)
+    # The scale is split evenly between the sides.
+    np.testing.assert_allclose(np.linalg.norm(left, axis=0), np.linalg.norm(right, axis=0))
+
+
+def _planted(seed: int = 0, users: int = 120, items: int = 80, per_user: int = 12):
+    """Rank-2 ratings with biases and noise; a held-out rating per user."""
+    rng = np.random.default_rng(seed)
+    p, q = rng.normal(0, 0.8, (users, 2)), rng.normal(0, 0.8, (items, 2))
+    bu, bi = rng.normal(0, 0.3, users), rng.normal(0, 0.3, items)
+    user = np.repeat(np.arange(users), per_user + 1)
+    item = np.concatenate([rng.choice(items, per_user + 1, replace=False)
+                           for _ in range(users)])
+    signal = 3.5 + bu[user] + bi[item] + np.sum(p[user] * q[item], 1)
+    rating = (signal + rng.normal(0, 0.5, len(user))).astype(np.float32)
+    held = np.zeros(len(user), bool)
+    held[::per_user + 1] = True
+    return user, item, rating, held, signal
+
+
+def _tables(users: int, items: int, factors: int, seed: int = 1):
+    """Small random factors, zero biases and OOV rows: an untrained model's layout."""
+    rng = np.random.default_rng(seed)
+    tables = []
+    for rows in (users, items):
+        table = np.zeros((rows + features.NUM_OOV_BUCKETS, factors + 1), np.float32)
+        table[:rows, :factors] = rng.normal(0, 0.1, (rows, factors))
+        tables.append(table)
+    return tables
+
+
+def _predict(result, user, item, mu):
+    k = result.user_table.shape[1] - 1
+    return (mu + result.user_table[user, k] + result.item_table[item, k]
+            + np.sum(result.user_table[user, :k] * result.item_table[item, :k], 1))
+
+
+@pytest.mark.parametrize('kernel', ['auto', 'tf'])
+def test_posterior_mean_recovers_the_planted_ratings(kernel):
+    user, item, rating, held, signal = _planted()
+    mu = float(rating[~held].mean())
+    result = posterior.average(*_tables(120, 80, 4), mu, user[~held], item[~held],
+                               rating[~held], samples=60, burn_in=20, seed=0, kernel=kernel)
+    assert result.kernel == ('numpy' if kernel == 'tf' else 'op')
+    predicted = _predict(result, user[held], item[held], mu)
+    error = np.sqrt(np.mean((predicted - signal[held]) ** 2))
+    spread = np.std(signal[held])
+    # The planted signal varies by about 1.2 around its mean; the noise is 0.5.
+    assert error < 0.5 * spread, (error, spread)
+    assert 0.4 < result.noise_std < 0.6
+    for table in (result.user_table, result.item_table):
+        np.testing.assert_array_equal(table[-features.NUM_OOV_BUCKETS:], 0.0)
+
+
+def test_same_seed_same_tables_and_both_kernels_agree():
+    user, item, rating, held, _ = _planted(seed=1)
+    tables = _tables(120, 80, 3)
+
+    def run(kernel, seed=0):
+        return posterior.average(*tables, 3.5, user, item, rating, samples=3,
+                                 burn_in=1, seed=seed, kernel=kernel)
+    first, second = run('auto'), run('auto')
+    np.testing.assert_array_equal(first.user_table, second.user_table)
+    np.testing.assert_array_equal(first.item_table, second.item_table)
+    numpy_run = run('tf')
+    # Same draws, float32 rounding apart.
+    np.testing.assert_allclose(numpy_run.user_table, first.user_table, atol=1e-3)
+    other_seed = run('auto', seed=1)
+    assert np.abs(other_seed.user_table - first.user_table).max() > 1e-3
+
+
+def test_average_rejects_no_samples():
+    tables = _tables(3, 3, 2)
+    with pytest.raises(ValueError, match='samples >= 1'):
+        posterior.average(*tables, 3.0, np.array([0]), np.array([0]), np.array([3.0]),
+                          samples=0, burn_in=0, seed=0)
+
+
+def test_a_sum_of_lower_rank_than_asked_is_padded_with_zero_factors():
+    total = posterior.LowRankSum(max_width=100, keep_width=100)
+    rng = np.random.default_rng(4)
+    left, right = rng.normal(size=(3, 5)), rng.normal(size=(4, 5))
+    total.add(left, right)
+    wide_left, wide_right = total.truncated(8)  # rank 3 at most: 3 users
+    assert wide_left.shape == (3, 8) and wide_right.shape == (4, 8)
+    np.testing.assert_allclose(wide_left @ wide_right.T, left @ right.T, atol=1e-9)

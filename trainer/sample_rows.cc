@@ -1,0 +1,249 @@
+// One side of a Gibbs sweep of Bayesian biased matrix factorisation.
+//
+// For every row e of one side (users, or items) the op draws the row from its
+// Gaussian conditional posterior given the other side's table, the prior
+// precisions and the noise precision.  With z = [q_j, 1] the other row's
+// factors and a constant for the bias, and y = r - mu - b_j the rating less
+// the global mean and the other row's bias, over the ratings of row e:
+//
+//   precision  P = diag(prior_precision) + noise_precision * sum z z^T
+//   mean       m = P^-1 * noise_precision * sum z y
+//   sample     x = m + L^-T eps,  P = L L^T,  eps ~ N(0, I) (given as `noise`)
+//
+// The rows are independent given the other side, so they are split over
+// `threads` threads in chunks; each row's arithmetic is the same whatever
+// the thread count, so the outputs are bit-identical for any `threads`.
+// Sums are in double precision.  `squared_error` is the sum, over all the
+// ratings, of (y - z . x)^2 for the drawn rows: the residual the noise
+// precision's update needs.
+//
+// The ratings come grouped by row: those of row e are positions
+// offsets[e] .. offsets[e + 1] - 1 of `other` (the other side's row) and
+// `target` (r - mu).  trainer/posterior.py drives the sweeps and holds the
+// same computation in numpy, for machines without a compiler.
+//
+// Built by trainer/fused.py with the other ops.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+
+namespace movielens {
+namespace {
+
+namespace tf = ::tensorflow;
+
+REGISTER_OP("MatrixFactorizationSampleRows")
+    .Input("offsets: int64")
+    .Input("other: int32")
+    .Input("target: float")
+    .Input("other_table: float")
+    .Input("prior_precision: float")
+    .Input("noise_precision: float")
+    .Input("noise: float")
+    .Input("threads: int32")
+    .Output("sample: float")
+    .Output("mean: float")
+    .Output("squared_error: double")
+    .SetShapeFn([](tf::shape_inference::InferenceContext* c) {
+      c->set_output(0, c->input(6));
+      c->set_output(1, c->input(6));
+      c->set_output(2, c->Scalar());
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+Draws every row of one side of a biased matrix factorisation from its
+conditional posterior; also returns the conditional means and the squared
+residual of the drawn rows.
+)doc");
+
+// Rows handed to a thread at a time.
+constexpr int64_t kChunkRows = 64;
+
+class SampleRowsOp : public tf::OpKernel {
+ public:
+  explicit SampleRowsOp(tf::OpKernelConstruction* ctx) : tf::OpKernel(ctx) {}
+
+  void Compute(tf::OpKernelContext* ctx) override {
+    const tf::Tensor& offsets = ctx->input(0);
+    const tf::Tensor& other = ctx->input(1);
+    const tf::Tensor& target = ctx->input(2);
+    const tf::Tensor& other_table = ctx->input(3);
+    const tf::Tensor& prior = ctx->input(4);
+    const tf::Tensor& noise_precision = ctx->input(5);
+    const tf::Tensor& noise = ctx->input(6);
+    OP_REQUIRES(ctx, offsets.dims() == 1 && offsets.NumElements() >= 1,
+                absl::InvalidArgumentError("offsets must be a vector of rows + 1"));
+    OP_REQUIRES(ctx, other.dims() == 1 && target.dims() == 1 &&
+                         other.NumElements() == target.NumElements(),
+                absl::InvalidArgumentError("other and target must be vectors of one length"));
+    OP_REQUIRES(ctx, other_table.dims() == 2 && noise.dims() == 2,
+                absl::InvalidArgumentError("other_table and noise must be matrices"));
+    const int64_t rows = offsets.NumElements() - 1;
+    const int64_t width = other_table.dim_size(1);
+    const int64_t ratings = other.NumElements();
+    OP_REQUIRES(ctx, width >= 1 && noise.dim_size(0) == rows && noise.dim_size(1) == width,
+                absl::InvalidArgumentError(
+                    "noise must be [rows, width] and other_table [other rows, width]"));
+    OP_REQUIRES(ctx, prior.dims() == 1 && prior.NumElements() == width,
+                absl::InvalidArgumentError("prior_precision must have one entry per column"));
+    OP_REQUIRES(ctx, tf::TensorShapeUtils::IsScalar(noise_precision.shape()),
+                absl::InvalidArgumentError("noise_precision must be a scalar"));
+    const auto offset = offsets.flat<int64_t>();
+    OP_REQUIRES(ctx, offset(0) == 0 && offset(rows) == ratings,
+                absl::InvalidArgumentError("offsets must start at 0 and end at the ratings"));
+    for (int64_t e = 0; e < rows; ++e) {
+      OP_REQUIRES(ctx, offset(e) <= offset(e + 1),
+                  absl::InvalidArgumentError("offsets must not decrease"));
+    }
+    const int64_t other_rows = other_table.dim_size(0);
+    const auto other_index = other.flat<int32_t>();
+    for (int64_t n = 0; n < ratings; ++n) {
+      OP_REQUIRES(ctx, other_index(n) >= 0 && other_index(n) < other_rows,
+                  absl::InvalidArgumentError(
+                      "other[" + std::to_string(n) + "] = " + std::to_string(other_index(n)) +
+                      " is not a row of other_table (" + std::to_string(other_rows) + " rows)"));
+    }
+    const auto precision = prior.flat<float>();
+    for (int64_t d = 0; d < width; ++d) {
+      OP_REQUIRES(ctx, precision(d) > 0.0f,
+                  absl::InvalidArgumentError("prior_precision must be positive"));
+    }
+    const float tau = noise_precision.scalar<float>()();
+    OP_REQUIRES(ctx, tau > 0.0f, absl::InvalidArgumentError("noise_precision must be positive"));
+
+    tf::Tensor* sample = nullptr;
+    tf::Tensor* mean = nullptr;
+    tf::Tensor* squared = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, noise.shape(), &sample));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, noise.shape(), &mean));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, tf::TensorShape({}), &squared));
+
+    Sweep sweep{offset.data(), other_index.data(), target.flat<float>().data(),
+                other_table.flat<float>().data(), precision.data(), tau,
+                noise.flat<float>().data(), width, sample->flat<float>().data(),
+                mean->flat<float>().data(), std::vector<double>(rows, 0.0)};
+    const int threads = static_cast<int>(std::max<int64_t>(
+        1, std::min<int64_t>({ctx->input(7).scalar<int32_t>()(), 64,
+                              (rows + kChunkRows - 1) / kChunkRows})));
+    std::atomic<int64_t> next_chunk{0};
+    auto work = [&sweep, &next_chunk, rows] {
+      std::vector<double> scratch;
+      for (;;) {
+        const int64_t first = next_chunk.fetch_add(1) * kChunkRows;
+        if (first >= rows) return;
+        for (int64_t e = first; e < std::min(rows, first + kChunkRows); ++e) {
+          sweep.Row(e, &scratch);
+        }
+      }
+    };
+    std::vector<std::thread> helpers;
+    for (int t = 1; t < threads; ++t) helpers.emplace_back(work);
+    work();
+    for (auto& helper : helpers) helper.join();
+    double total = 0.0;  // in row order, whatever the threads did
+    for (const double value : sweep.row_squared_error) total += value;
+    squared->scalar<double>()() = total;
+  }
+
+ private:
+  struct Sweep {
+    const int64_t* offsets;
+    const int32_t* other;
+    const float* target;
+    const float* other_table;
+    const float* prior;
+    float tau;
+    const float* noise;
+    int64_t width;
+    float* sample;
+    float* mean;
+    std::vector<double> row_squared_error;
+
+    // Draws row e; scratch holds P (width^2), its right-hand side and z.
+    void Row(int64_t e, std::vector<double>* scratch) {
+      const int64_t w = width;
+      scratch->assign(w * w + 3 * w, 0.0);
+      double* p = scratch->data();       // the precision, then its Cholesky factor
+      double* rhs = p + w * w;           // sum z y, then the mean
+      double* z = rhs + w;
+      double* x = z + w;
+      for (int64_t n = offsets[e]; n < offsets[e + 1]; ++n) {
+        const float* row = other_table + static_cast<int64_t>(other[n]) * w;
+        for (int64_t d = 0; d + 1 < w; ++d) z[d] = row[d];
+        z[w - 1] = 1.0;
+        const double y = static_cast<double>(target[n]) - row[w - 1];
+        for (int64_t i = 0; i < w; ++i) {
+          const double zi = z[i];
+          rhs[i] += zi * y;
+          double* p_row = p + i * w;
+          for (int64_t j = 0; j <= i; ++j) p_row[j] += zi * z[j];
+        }
+      }
+      for (int64_t i = 0; i < w; ++i) {
+        for (int64_t j = 0; j <= i; ++j) p[i * w + j] *= tau;
+        p[i * w + i] += prior[i];
+        rhs[i] *= tau;
+      }
+      // Cholesky, lower triangle in place: P = L L^T.  P is the sum of a
+      // positive diagonal and a Gram matrix, so every pivot is positive.
+      for (int64_t j = 0; j < w; ++j) {
+        double diagonal = p[j * w + j];
+        for (int64_t k = 0; k < j; ++k) diagonal -= p[j * w + k] * p[j * w + k];
+        diagonal = std::sqrt(diagonal);
+        p[j * w + j] = diagonal;
+        for (int64_t i = j + 1; i < w; ++i) {
+          double value = p[i * w + j];
+          for (int64_t k = 0; k < j; ++k) value -= p[i * w + k] * p[j * w + k];
+          p[i * w + j] = value / diagonal;
+        }
+      }
+      // mean = L^-T L^-1 rhs, then x = mean + L^-T eps.
+      for (int64_t i = 0; i < w; ++i) {
+        double value = rhs[i];
+        for (int64_t k = 0; k < i; ++k) value -= p[i * w + k] * rhs[k];
+        rhs[i] = value / p[i * w + i];
+      }
+      const float* eps = noise + e * w;
+      for (int64_t i = w - 1; i >= 0; --i) {
+        double m = rhs[i];
+        double s = eps[i];
+        for (int64_t k = i + 1; k < w; ++k) {
+          m -= p[k * w + i] * rhs[k];
+          s -= p[k * w + i] * x[k];
+        }
+        rhs[i] = m / p[i * w + i];
+        x[i] = s / p[i * w + i];
+      }
+      float* sample_row = sample + e * w;
+      float* mean_row = mean + e * w;
+      for (int64_t i = 0; i < w; ++i) {
+        mean_row[i] = static_cast<float>(rhs[i]);
+        sample_row[i] = static_cast<float>(rhs[i] + x[i]);
+      }
+      double squared_error = 0.0;
+      for (int64_t n = offsets[e]; n < offsets[e + 1]; ++n) {
+        const float* row = other_table + static_cast<int64_t>(other[n]) * w;
+        double prediction = sample_row[w - 1];
+        for (int64_t d = 0; d + 1 < w; ++d) prediction += static_cast<double>(row[d]) * sample_row[d];
+        const double residual = static_cast<double>(target[n]) - row[w - 1] - prediction;
+        squared_error += residual * residual;
+      }
+      row_squared_error[e] = squared_error;
+    }
+  };
+};
+
+REGISTER_KERNEL_BUILDER(Name("MatrixFactorizationSampleRows").Device(tf::DEVICE_CPU),
+                        SampleRowsOp);
+
+}  // namespace
+}  // namespace movielens
