@@ -26,14 +26,15 @@ def test_kebab_case_flags_fill_the_fields():
         '--num-epochs', '3', '--l2', '0', '--l2-bias', '0.2',
         '--init-stddev', '0.01', '--seed', '9', '--validation-percent', '5',
         '--early-stopping-patience', '0', '--l2-frequency-exponent', '0.5',
-        '--eval-batch-size', '100', '--overwrite'], environ={})
+        '--eval-batch-size', '100', '--posterior-samples', '7',
+        '--posterior-burn-in', '2', '--overwrite'], environ={})
     assert parsed == config.TrainConfig(
         work_dir='w', model_dir='out', checkpoint_dir='out/checkpoints',
         export_dir='out/export', optimizer='sgd', learning_rate=0.5,
         num_factors=4, batch_size=64, num_epochs=3, l2=0.0, l2_bias=0.2,
         init_stddev=0.01, seed=9, validation_percent=5.0,
         early_stopping_patience=0, l2_frequency_exponent=0.5, eval_batch_size=100,
-        overwrite=True)
+        posterior_samples=7, posterior_burn_in=2, overwrite=True)
 
 
 def test_vertex_environment_moves_export_and_checkpoints():
@@ -71,6 +72,8 @@ def test_os_environ_is_read_when_no_mapping_is_given(monkeypatch):
     ('--learning-rate-decay', '1.5'),
     ('--seed', '-1'),
     ('--optimizer', 'rmsprop'),
+    ('--posterior-samples', '-1'),
+    ('--posterior-burn-in', '1.5'),
 ])
 def test_bad_values_get_one_line_naming_flag_value_and_range(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -372,11 +372,13 @@ def first_run(prepared, tmp_path_factory) -> dict:
         # Separate machines on Vertex AI: each replica has its own /tmp.
         config.ENV_HP_METRIC_FILE: str(root / f'metrics-{index}'),
     } for index in range(2)]
-    # Two of the single run's three epochs, keeping the best as trained
-    # (the restarted run below refits, as the single run does).
+    # Two of the single run's three epochs, keeping the best as trained, with
+    # no posterior averaging (the restarted run below refits and averages, as
+    # the single run does).
     run['outputs'] = _run_replicas(environments, [
         '--work-dir', prepared, '--job-dir', str(run['base']),
-        '--num-epochs', str(EPOCHS - 1), '--final-model', 'best', *TRAINER_FLAGS],
+        '--num-epochs', str(EPOCHS - 1), '--final-model', 'best',
+        '--posterior-samples', '0', *TRAINER_FLAGS],
         root / 'logs')
     run['metric_files'] = [root / f'metrics-{index}' for index in range(2)]
     return run

@@ -78,3 +78,19 @@ def test_the_default_trainer_gets_within_5_percent_of_the_noise_floor(dense, tmp
     assert result.final.eval_rmse <= 1.05 * floor, (result.final.eval_rmse, floor)
     # And far from the global mean: the factors, not the biases alone, did it.
     assert result.final.eval_rmse < 0.85 * info.global_mean_eval_rmse
+    # The posterior mean (on by default) improved on the trained model it started from.
+    assert result.posterior is not None
+    assert result.final.eval_rmse < result.posterior['before']['eval_rmse'] - 0.002
+
+
+def test_the_posterior_mean_pays_on_held_out_ratings_it_never_saw(dense, tmp_path):
+    """With --final-model best the validation slice stays out of every fit:
+    the posterior mean must beat the trained model there too, not only on eval."""
+    info, _ = dense
+    best = config.make_config(work_dir='unused', model_dir=str(tmp_path / 'model'),
+                              final_model='best', posterior_samples=40)
+    result = train.train(best, info, DENSE.num_users, DENSE.num_movies)
+    before = result.posterior['before']
+    assert result.final.validation_rmse < before['validation_rmse'] - 0.002, (
+        result.final.validation_rmse, before['validation_rmse'])
+    assert result.final.eval_rmse < before['eval_rmse']

@@ -19,7 +19,7 @@ from trainer import config, features, history, optimizers, synthetic, train
 PLANTED = synthetic.SyntheticConfig(num_users=150, num_movies=120,
                                     num_ratings=7_000, seed=4, noise_std=0.5)
 FAST = dict(num_factors=8, batch_size=128, learning_rate=0.01, num_epochs=4,
-            l2=0.05, eval_batch_size=1024, final_model='best')
+            l2=0.05, eval_batch_size=1024, final_model='best', posterior_samples=0)
 
 
 def _example(user: int, item: int, rating: float) -> bytes:
@@ -355,3 +355,26 @@ def test_a_refit_retrains_on_all_train_ratings_for_the_best_epoch_count(
     assert again.ratings_trained == 0 and again.refit
     np.testing.assert_array_equal(again.model.user_embedding.numpy(),
                                   refit.model.user_embedding.numpy())
+
+
+def test_posterior_averaging_starts_from_the_trained_model_and_repeats(
+        planted, four_epochs, tmp_path):
+    model_dir = str(tmp_path / 'model')
+    averaged = _run(planted, model_dir, posterior_samples=20, posterior_burn_in=5)
+    # It started from exactly the model that training without it exports.
+    assert averaged.posterior['before'] == dataclasses.asdict(four_epochs.final)
+    assert averaged.posterior['samples'] == 20 and averaged.posterior['burn_in'] == 5
+    assert not np.allclose(averaged.model.user_embedding.numpy(),
+                           four_epochs.model.user_embedding.numpy(), atol=1e-3)
+    assert averaged.final.validation_rmse != four_epochs.final.validation_rmse
+    # A re-run restores the trained model, trains nothing, and averages to the same tables.
+    again = _run(planted, model_dir, posterior_samples=20, posterior_burn_in=5)
+    assert again.ratings_trained == 0
+    np.testing.assert_array_equal(again.model.user_embedding.numpy(),
+                                  averaged.model.user_embedding.numpy())
+    assert again.final == averaged.final
+    # Without the C++ op the same chain runs in numpy, float rounding apart.
+    in_numpy = _run(planted, str(tmp_path / 'numpy'), posterior_samples=20,
+                    posterior_burn_in=5, training_kernel='tf')
+    assert in_numpy.posterior['kernel'] == 'numpy'
+    assert in_numpy.final.eval_rmse == pytest.approx(averaged.final.eval_rmse, abs=1e-3)

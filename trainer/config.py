@@ -126,6 +126,11 @@ class TrainConfig:
       final_model: 'refit' trains a fresh model on the whole train split
         (validation slice included) for the best epoch's number of epochs;
         'best' keeps the best epoch's parameters as they are.
+      posterior_samples: Gibbs sweeps averaged into the final model's
+        posterior mean (`trainer.posterior`); 0 exports the trained (MAP)
+        model as it is.
+      posterior_burn_in: sweeps run from the trained model and dropped
+        before the averaged ones.
       eval_batch_size: ratings per batch when computing metrics.
       ranking_users: rank a sample of this many eval users (seeded by the
         split seed) when there are more; 0 ranks all.
@@ -158,6 +163,8 @@ class TrainConfig:
     early_stopping_patience: int = 3
     l2_frequency_exponent: float = 0.0
     final_model: str = 'refit'
+    posterior_samples: int = 100
+    posterior_burn_in: int = 10
     eval_batch_size: int = 65536
     ranking_users: int = 20_000
     training_kernel: str = 'auto'
@@ -311,6 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     add('--final-model', default=TrainConfig.final_model, choices=FINAL_MODELS,
         help='refit: retrain on all train ratings for the best epoch count '
              '(default); best: keep the best epoch as trained')
+    add('--posterior-samples', default=TrainConfig.posterior_samples,
+        type=_bounded(int, '--posterior-samples', 0, 100_000),
+        help='Gibbs sweeps averaged into the final model (its Bayesian posterior '
+             'mean); 0: export the trained model as it is')
+    add('--posterior-burn-in', default=TrainConfig.posterior_burn_in,
+        type=_bounded(int, '--posterior-burn-in', 0, 100_000),
+        help='sweeps from the trained model dropped before averaging')
     add('--training-kernel', default=TrainConfig.training_kernel,
         choices=TRAINING_KERNELS,
         help='fused: each epoch is one C++ op (built once with g++; one replica, '

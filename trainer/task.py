@@ -63,6 +63,7 @@ def _metrics_record(result: train_lib.TrainResult, info: features.DatasetInfo,
         'train_seconds': result.train_seconds,
         'ratings_per_second': (result.ratings_trained / result.train_seconds
                                if result.train_seconds > 0 else None),
+        'posterior': result.posterior,
         'export_dir': export_dir,
         'workers': workers,
         'replicas': replicas,
@@ -78,9 +79,19 @@ def _selection_line(metrics: dict) -> str:
               'held-out train ratings'
               + (' (stopped early)' if metrics['stopped_early'] else ''))
     if metrics['final_model'] == 'refit':
-        return (f'  {chosen}; refit on all {metrics["train_ratings"]} train ratings '
-                f'for {metrics["best_epoch"]} epochs')
-    return f'  {chosen}; kept its parameters'
+        chosen = (f'{chosen}; refit on all {metrics["train_ratings"]} train ratings '
+                  f'for {metrics["best_epoch"]} epochs')
+    else:
+        chosen = f'{chosen}; kept its parameters'
+    return f'  {chosen}' + _posterior_line(metrics.get('posterior'))
+
+
+def _posterior_line(posterior: dict | None) -> str:
+    if not posterior:
+        return ''
+    return (f'\n  then its posterior mean: {posterior["samples"]} Gibbs sweeps after '
+            f'{posterior["burn_in"]} burn-in ({posterior["seconds"]:.1f} s); the trained '
+            f'model alone scored eval RMSE {posterior["before"]["eval_rmse"]:.4f}')
 
 
 def _summary(metrics: dict, info: features.DatasetInfo,

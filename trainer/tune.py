@@ -94,8 +94,9 @@ def trial_config(base: config_lib.TrainConfig, job_dir: str, number: int,
                  flags: dict[str, object]) -> config_lib.TrainConfig:
     """The base config with a trial's flags and its own model dir.
 
-    A trial keeps its best epoch instead of refitting: ranking needs only the
-    best epoch's validation RMSE, and the refit would double the time.
+    A trial keeps its best epoch instead of refitting, and skips posterior
+    averaging: ranking needs only the best epoch's validation RMSE, and the
+    refit or the sweeps would double the time.
     """
     model_dir = features.join(job_dir, f'trial-{number:03d}')
     return dataclasses.replace(
@@ -103,7 +104,7 @@ def trial_config(base: config_lib.TrainConfig, job_dir: str, number: int,
         checkpoint_dir=features.join(model_dir, features.CHECKPOINT_DIR),
         export_dir=features.join(model_dir, features.EXPORT_DIR), overwrite=True,
         tensorboard_dir=None, hypertune_file=None, final_model='best',
-        **{name.replace('-', '_'): value for name, value in flags.items()})
+        posterior_samples=0, **{name.replace('-', '_'): value for name, value in flags.items()})
 
 
 def run_trials(base: config_lib.TrainConfig, job_dir: str,
