@@ -65,13 +65,16 @@ def read_loss_log(path: str) -> LossLog:
 def draw_loss_chart(log: LossLog, title: str, baseline_rmse: float | None = None,
                     noise_floor_rmse: float | None = None,
                     best_epoch: int | None = None,
-                    model_eval_rmse: float | None = None):
+                    model_eval_rmse: float | None = None,
+                    trained_eval_rmse: float | None = None):
     """Draws train, validation and eval RMSE per epoch; returns the matplotlib Figure.
 
     A vertical line marks best_epoch (the epoch whose parameters the
     trainer kept, from metrics.json), or else the epoch with the lowest
     validation RMSE; a star at best_epoch marks model_eval_rmse, the eval
-    RMSE of the exported model (after a refit, not the search's).
+    RMSE of the exported model (after a refit, not the search's), and a
+    hollow circle trained_eval_rmse, the trained model's before posterior
+    averaging replaced it.
     """
     from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
     figure = Figure(figsize=(7, 4.2), dpi=120)
@@ -87,6 +90,10 @@ def draw_loss_chart(log: LossLog, title: str, baseline_rmse: float | None = None
         axes.axvline(best_epoch, color='purple', linestyle='-.', alpha=0.5,
                      label=f'best epoch by validation ({best_epoch})')
     axes.plot(log.epochs, log.columns['eval_rmse'], marker='s', label='eval RMSE')
+    if trained_eval_rmse is not None and best_epoch is not None:
+        axes.plot([best_epoch], [trained_eval_rmse], marker='o', markersize=9,
+                  linestyle='none', markerfacecolor='none', color='black',
+                  label=f'trained model: eval RMSE {trained_eval_rmse:.4f}')
     if model_eval_rmse is not None and best_epoch is not None:
         axes.plot([best_epoch], [model_eval_rmse], marker='*', markersize=14,
                   linestyle='none', color='black',
@@ -225,7 +232,9 @@ def read_reference_lines(model_dir: str) -> dict[str, float | None]:
             'baseline_rmse': metrics.get('global_mean_eval_rmse'),
             'noise_floor_rmse': metrics.get('noise_floor_rmse'),
             'best_epoch': metrics.get('best_epoch'),
-            'model_eval_rmse': metrics.get('eval_rmse')}
+            'model_eval_rmse': metrics.get('eval_rmse'),
+            'trained_eval_rmse': ((metrics.get('posterior') or {}).get('before') or {}
+                                  ).get('eval_rmse')}
 
 
 def parse_args(argv: Sequence[str] | None) -> PlotConfig:
@@ -261,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = config.out or str(DEFAULT_FIG_DIR / f'{dataset}-loss.png')
     figure = draw_loss_chart(log, title, reference.get('baseline_rmse'),
                              reference.get('noise_floor_rmse'), reference.get('best_epoch'),
-                             reference.get('model_eval_rmse'))
+                             reference.get('model_eval_rmse'),
+                             reference.get('trained_eval_rmse'))
     pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out)
     try:

@@ -118,3 +118,23 @@ def test_a_malformed_eval_table_gets_one_line(tmp_path, capsys):
     (tmp_path / features.EVAL_PREDICTIONS_FILE).write_text('rating,count\n1,2\n')
     assert plot.main(['--model-dir', str(tmp_path), '--out', str(tmp_path / 'x.png')]) == 2
     assert 'not an eval prediction table' in capsys.readouterr().err
+
+
+def test_the_chart_marks_the_trained_and_the_exported_model(tmp_path):
+    model_dir = str(tmp_path / 'model')
+    _write_log(model_dir)
+    with open(os.path.join(model_dir, features.METRICS_FILE), 'w') as f:
+        json.dump({'dataset': 'synthetic', 'best_epoch': 3, 'eval_rmse': 0.95,
+                   'posterior': {'before': {'eval_rmse': 0.97}}}, f)
+    reference = plot.read_reference_lines(model_dir)
+    assert (reference['model_eval_rmse'], reference['trained_eval_rmse']) == (0.95, 0.97)
+    log = plot.read_loss_log(os.path.join(model_dir, features.LOSS_LOG_FILE))
+    figure = plot.draw_loss_chart(log, 'title', best_epoch=3, model_eval_rmse=0.95,
+                                  trained_eval_rmse=0.97)
+    labels = figure.axes[0].get_legend_handles_labels()[1]
+    assert 'trained model: eval RMSE 0.9700' in labels
+    assert 'exported model: eval RMSE 0.9500' in labels
+    # Without posterior averaging there is no second marker.
+    with open(os.path.join(model_dir, features.METRICS_FILE), 'w') as f:
+        json.dump({'dataset': 'synthetic', 'eval_rmse': 0.95}, f)
+    assert plot.read_reference_lines(model_dir)['trained_eval_rmse'] is None
