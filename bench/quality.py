@@ -106,6 +106,11 @@ SVD_GRID = {'n_factors': (20, 100), 'n_epochs': (40,),
             'lr_all': (0.005, 0.01, 0.02), 'reg_all': (0.02, 0.05, 0.1, 0.15)}
 
 
+TRAINER = 'this trainer'
+# The issue's yardstick: the best of these on the same split.
+RIVALS = ('Surprise SVD (tuned)', 'Surprise SVD++ (defaults)')
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Split:
     """One side of the split: raw ids and ratings, one element per rating."""
@@ -324,7 +329,7 @@ def svdpp_row(train: Split, trainset: Any, test: Split, rating_scale: tuple[floa
               seed: int, budget_seconds: float) -> Row:
     """SVD++ with defaults, unless a timed probe says it would overrun the budget."""
     import surprise  # pylint: disable=import-outside-toplevel
-    name, epochs = 'Surprise SVD++ (defaults)', surprise.SVDpp().n_epochs
+    name, epochs = RIVALS[1], surprise.SVDpp().n_epochs
     probe_split, scale = probe_users(train, SVDPP_PROBE_RATINGS)
     probe = fit_timed(surprise.SVDpp(n_epochs=1, cache_ratings=True, random_state=seed),
                       to_trainset(probe_split, *rating_scale))
@@ -361,7 +366,7 @@ def surprise_rows(train: Split, test: Split, rating_min: float, rating_max: floa
     params, validation_rmse = tune_svd(fit_split, validation, rating_min, rating_max, seed)
     algo = surprise.SVD(random_state=seed, **params)
     seconds = fit_timed(algo, trainset)
-    rows.append(Row('Surprise SVD (tuned)', *score(test.ratings, surprise_predict(algo, test)),
+    rows.append(Row(RIVALS[0], *score(test.ratings, surprise_predict(algo, test)),
                     fit_seconds=seconds,
                     note=', '.join(f'{key} {value}' for key, value in params.items())
                     + f'; val RMSE {validation_rmse:.4f}'))
@@ -429,15 +434,27 @@ def model_dir(config: BenchConfig) -> str:
     return features.default_model_dir(config.work_dir)
 
 
-def trainer_row(metrics: dict[str, Any]) -> Row:
-    """Our trainer's row, from its metrics.json."""
+def trainer_rows(metrics: dict[str, Any]) -> list[Row]:
+    """Our trainer's rows, from its metrics.json: the model it exported and,
+    after posterior averaging, the trained model that averaging started from."""
     settings = metrics.get('config', {})
     note = (f"{settings.get('num_factors')} factors, l2 {settings.get('l2')}, "
             f"lr decay {settings.get('learning_rate_decay')}, "
             f"{settings.get('optimizer')}; best of {metrics.get('epochs')} epochs: "
             f"{metrics.get('best_epoch')}, final model {metrics.get('final_model')}")
-    return Row('this trainer', metrics['eval_rmse'], metrics['eval_mae'],
-               fit_seconds=metrics.get('train_seconds'), note=note)
+    train_seconds = metrics.get('train_seconds')
+    posterior = metrics.get('posterior')
+    if not posterior:
+        return [Row(TRAINER, metrics['eval_rmse'], metrics['eval_mae'],
+                    fit_seconds=train_seconds, note=note)]
+    before = posterior['before']
+    return [
+        Row(TRAINER + ', trained model', before['eval_rmse'], before['eval_mae'],
+            fit_seconds=train_seconds, note=note),
+        Row(TRAINER, metrics['eval_rmse'], metrics['eval_mae'],
+            fit_seconds=(train_seconds or 0.0) + posterior['seconds'],
+            note=f"its posterior mean: {posterior['samples']} Gibbs sweeps after "
+                 f"{posterior['burn_in']} burn-in ({posterior['seconds']:.1f} s)")]
 
 
 # --- The table. ------------------------------------------------------------------
@@ -461,7 +478,7 @@ def benchmark(config: BenchConfig) -> dict[str, Any]:
                               svdpp_budget_seconds=config.svdpp_budget_seconds)
     metrics_path = features.join(model_dir(config), features.METRICS_FILE)
     if tf.io.gfile.exists(metrics_path):
-        rows.append(trainer_row(features.read_json(metrics_path)))
+        rows += trainer_rows(features.read_json(metrics_path))
     else:
         logger.warning('no %s: the trainer row is left out', metrics_path)
     if info.noise_floor_rmse is not None:
@@ -492,6 +509,12 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"{row['model']:<30} {_cell(row['rmse'], 4):>7} "
                      f"{_cell(row['mae'], 4):>7} {_cell(row['fit_seconds'], 1):>8}  "
                      f"{row['note']}")
+    rmse = {row['model']: row['rmse'] for row in report['rows'] if row['rmse'] is not None}
+    rivals = {name: rmse[name] for name in RIVALS if name in rmse}
+    if TRAINER in rmse and rivals:
+        name = min(rivals, key=rivals.get)
+        lines.append(f"{TRAINER} / best of {', '.join(rivals)} ({name}): "
+                     f"{rmse[TRAINER] / rivals[name]:.4f}x")
     return '\n'.join(lines)
 
 

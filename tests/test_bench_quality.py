@@ -6,6 +6,7 @@ compares against Surprise is skipped where it is not installed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -169,3 +170,24 @@ def test_the_svdpp_probe_takes_whole_users_and_scales_by_squared_counts():
     assert probe.user_ids.tolist() == ['1', '1']
     # User 1 has 2 ratings, user 2 has 1: (4 + 1) / 4.
     assert scale == pytest.approx(1.25)
+
+
+def test_posterior_averaging_adds_the_trained_model_row_and_the_ratio_line():
+    metrics = {'eval_rmse': 0.9, 'eval_mae': 0.7, 'train_seconds': 1.5, 'epochs': 12,
+               'config': {'num_factors': 16},
+               'posterior': {'samples': 100, 'burn_in': 10, 'seconds': 2.0,
+                             'before': {'eval_rmse': 0.92, 'eval_mae': 0.72}}}
+    trained, final = quality.trainer_rows(metrics)
+    assert (trained.model, trained.rmse, trained.fit_seconds) == (
+        'this trainer, trained model', 0.92, 1.5)
+    assert (final.model, final.rmse, final.fit_seconds) == ('this trainer', 0.9, 3.5)
+    rows = [quality.Row('Surprise SVD (tuned)', 0.95, 0.8, 1.0),
+            quality.Row('Surprise SVD++ (defaults)', 0.93, 0.8, 9.0), trained, final]
+    table = quality.format_table({
+        'dataset': 'synthetic', 'layout': 'ml-100k', 'train_ratings': 8,
+        'eval_ratings': 2, 'users': 2, 'movies': 2,
+        'eval_unknown': {'unknown_either': 0, 'unknown_user': 0, 'unknown_movie': 0},
+        'rows': [dataclasses.asdict(row) for row in rows]})
+    assert table.splitlines()[-1] == (
+        'this trainer / best of Surprise SVD (tuned), Surprise SVD++ (defaults) '
+        '(Surprise SVD++ (defaults)): 0.9677x')
