@@ -164,7 +164,7 @@ class TrainConfig:
     l2_frequency_exponent: float = 0.0
     final_model: str = 'refit'
     posterior_samples: int = 100
-    posterior_burn_in: int = 10
+    posterior_burn_in: int = 20
     eval_batch_size: int = 65536
     ranking_users: int = 20_000
     training_kernel: str = 'auto'

@@ -11,11 +11,14 @@
 //   sample     x = m + L^-T eps,  P = L L^T,  eps ~ N(0, I) (given as `noise`)
 //
 // The rows are independent given the other side, so they are split over
-// `threads` threads in chunks; each row's arithmetic is the same whatever
-// the thread count, so the outputs are bit-identical for any `threads`.
-// Sums are in double precision.  `squared_error` is the sum, over all the
-// ratings, of (y - z . x)^2 for the drawn rows: the residual the noise
-// precision's update needs.
+// `threads` threads in chunks of about kChunkRatings ratings (a frequent
+// movie can have thousands; the vocabulary puts them first); each row's
+// arithmetic is the same whatever the thread count, so the outputs are
+// bit-identical for any `threads`.  The other side's rows are gathered in
+// rating order and prefetched kPrefetchRatings ahead.  Sums are in double
+// precision.  `squared_error` is the sum, over all the ratings, of
+// (y - z . x)^2 for the drawn rows, the residual the noise precision's update
+// needs, from the same sums: sum y^2 - 2 x . sum z y + x^T (sum z z^T) x.
 //
 // The ratings come grouped by row: those of row e are positions
 // offsets[e] .. offsets[e + 1] - 1 of `other` (the other side's row) and
@@ -65,8 +68,10 @@ conditional posterior; also returns the conditional means and the squared
 residual of the drawn rows.
 )doc");
 
-// Rows handed to a thread at a time.
-constexpr int64_t kChunkRows = 64;
+// A thread takes whole rows, about this many ratings at a time.
+constexpr int64_t kChunkRatings = 8192;
+// How far ahead of the current rating the other side's row is prefetched.
+constexpr int64_t kPrefetchRatings = 8;
 
 class SampleRowsOp : public tf::OpKernel {
  public:
@@ -131,18 +136,21 @@ class SampleRowsOp : public tf::OpKernel {
                 other_table.flat<float>().data(), precision.data(), tau,
                 noise.flat<float>().data(), width, sample->flat<float>().data(),
                 mean->flat<float>().data(), std::vector<double>(rows, 0.0)};
+    std::vector<int64_t> chunks{0};  // first rows of the chunks, then rows
+    for (int64_t e = 0; e < rows; ++e) {
+      if (offset(e + 1) - offset(chunks.back()) >= kChunkRatings) chunks.push_back(e + 1);
+    }
+    if (chunks.back() != rows) chunks.push_back(rows);
+    const int64_t num_chunks = static_cast<int64_t>(chunks.size()) - 1;
     const int threads = static_cast<int>(std::max<int64_t>(
-        1, std::min<int64_t>({ctx->input(7).scalar<int32_t>()(), 64,
-                              (rows + kChunkRows - 1) / kChunkRows})));
+        1, std::min<int64_t>({ctx->input(7).scalar<int32_t>()(), 64, num_chunks})));
     std::atomic<int64_t> next_chunk{0};
-    auto work = [&sweep, &next_chunk, rows] {
+    auto work = [&sweep, &next_chunk, &chunks, num_chunks] {
       std::vector<double> scratch;
       for (;;) {
-        const int64_t first = next_chunk.fetch_add(1) * kChunkRows;
-        if (first >= rows) return;
-        for (int64_t e = first; e < std::min(rows, first + kChunkRows); ++e) {
-          sweep.Row(e, &scratch);
-        }
+        const int64_t chunk = next_chunk.fetch_add(1);
+        if (chunk >= num_chunks) return;
+        for (int64_t e = chunks[chunk]; e < chunks[chunk + 1]; ++e) sweep.Row(e, &scratch);
       }
     };
     std::vector<std::thread> helpers;
@@ -168,25 +176,41 @@ class SampleRowsOp : public tf::OpKernel {
     float* mean;
     std::vector<double> row_squared_error;
 
-    // Draws row e; scratch holds P (width^2), its right-hand side and z.
+    // Draws row e.  scratch: the sums (sum z z^T, lower triangle, and
+    // sum z y), the precision and then its Cholesky factor, the mean, z, x.
     void Row(int64_t e, std::vector<double>* scratch) {
       const int64_t w = width;
-      scratch->assign(w * w + 3 * w, 0.0);
-      double* p = scratch->data();       // the precision, then its Cholesky factor
-      double* rhs = p + w * w;           // sum z y, then the mean
+      scratch->assign(2 * w * w + 4 * w, 0.0);
+      double* gram = scratch->data();
+      double* zy = gram + w * w;
+      double* p = zy + w;
+      double* rhs = p + w * w;
       double* z = rhs + w;
       double* x = z + w;
-      for (int64_t n = offsets[e]; n < offsets[e + 1]; ++n) {
+      double yy = 0.0;
+      const int64_t end = offsets[e + 1];
+      for (int64_t n = offsets[e]; n < end; ++n) {
+        if (n + kPrefetchRatings < end) {
+          const char* ahead = reinterpret_cast<const char*>(
+              other_table + static_cast<int64_t>(other[n + kPrefetchRatings]) * w);
+          __builtin_prefetch(ahead);
+          __builtin_prefetch(ahead + 64);
+        }
         const float* row = other_table + static_cast<int64_t>(other[n]) * w;
         for (int64_t d = 0; d + 1 < w; ++d) z[d] = row[d];
         z[w - 1] = 1.0;
         const double y = static_cast<double>(target[n]) - row[w - 1];
+        yy += y * y;
         for (int64_t i = 0; i < w; ++i) {
           const double zi = z[i];
-          rhs[i] += zi * y;
-          double* p_row = p + i * w;
-          for (int64_t j = 0; j <= i; ++j) p_row[j] += zi * z[j];
+          zy[i] += zi * y;
+          double* gram_row = gram + i * w;
+          for (int64_t j = 0; j <= i; ++j) gram_row[j] += zi * z[j];
         }
+      }
+      for (int64_t i = 0; i < w; ++i) {
+        rhs[i] = zy[i];
+        for (int64_t j = 0; j <= i; ++j) p[i * w + j] = gram[i * w + j];
       }
       for (int64_t i = 0; i < w; ++i) {
         for (int64_t j = 0; j <= i; ++j) p[i * w + j] *= tau;
@@ -229,15 +253,16 @@ class SampleRowsOp : public tf::OpKernel {
         mean_row[i] = static_cast<float>(rhs[i]);
         sample_row[i] = static_cast<float>(rhs[i] + x[i]);
       }
-      double squared_error = 0.0;
-      for (int64_t n = offsets[e]; n < offsets[e + 1]; ++n) {
-        const float* row = other_table + static_cast<int64_t>(other[n]) * w;
-        double prediction = sample_row[w - 1];
-        for (int64_t d = 0; d + 1 < w; ++d) prediction += static_cast<double>(row[d]) * sample_row[d];
-        const double residual = static_cast<double>(target[n]) - row[w - 1] - prediction;
-        squared_error += residual * residual;
+      // sum (y - z.x)^2 = sum y^2 - 2 x . sum z y + x^T (sum z z^T) x, x as stored.
+      double cross = 0.0;
+      double quadratic = 0.0;
+      for (int64_t i = 0; i < w; ++i) {
+        const double xi = sample_row[i];
+        cross += xi * zy[i];
+        quadratic += xi * xi * gram[i * w + i];
+        for (int64_t j = 0; j < i; ++j) quadratic += 2.0 * xi * sample_row[j] * gram[i * w + j];
       }
-      row_squared_error[e] = squared_error;
+      row_squared_error[e] = std::max(0.0, yy - 2.0 * cross + quadratic);
     }
   };
 };
