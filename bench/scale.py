@@ -285,20 +285,25 @@ def trainer_breakdown(run: StepRun, loss_log: str) -> dict[str, Any]:
     """Epoch seconds from the loss log; export and after-export from log times.
 
     refit_seconds runs from the last search epoch's log line to the last
-    refit epoch's (0 without a refit); export_seconds from there to the
-    export's, so it includes scoring the final model and loading the title
-    catalog the export embeds.
+    refit epoch's (0 without a refit); posterior_seconds from there to the
+    end of posterior averaging (0 without it; it includes scoring the
+    trained model); export_seconds from there to the export's, so it
+    includes scoring the final model and loading the title catalog the
+    export embeds.
     """
     with open(loss_log, newline='', encoding='utf-8') as stream:
         epoch_seconds = [float(row['seconds']) for row in csv.DictReader(stream)]
     epoch_ends = log_times(run.log_path, ' Epoch ')
     refit_ends = log_times(run.log_path, 'Refit on all')
+    averaged = log_times(run.log_path, 'Posterior mean of')
     exported = log_times(run.log_path, 'Exported the SavedModel')
-    refit_seconds = export_seconds = after_export = None
+    refit_seconds = posterior_seconds = export_seconds = after_export = None
     if epoch_ends and exported:
         trained = refit_ends[-1] if refit_ends else epoch_ends[-1]
         refit_seconds = trained - epoch_ends[-1]
-        export_seconds = exported[-1] - trained
+        final = averaged[-1] if averaged else trained
+        posterior_seconds = final - trained
+        export_seconds = exported[-1] - final
         after_export = run.started + run.seconds - exported[-1]
     train_seconds = sum(epoch_seconds)
     return {
@@ -308,11 +313,13 @@ def trainer_breakdown(run: StepRun, loss_log: str) -> dict[str, Any]:
         'mean_epoch_seconds_after_first': (sum(epoch_seconds[1:]) / (len(epoch_seconds) - 1)
                                            if len(epoch_seconds) > 1 else None),
         'refit_seconds': refit_seconds,
+        'posterior_seconds': posterior_seconds,
         'export_seconds': export_seconds,
         'ranking_and_eval_predictions_seconds': after_export,
         # Imports, input set-up, and per-epoch checkpoints outside `seconds`.
-        'other_seconds': (run.seconds - train_seconds - refit_seconds - export_seconds
-                          - after_export if export_seconds is not None else None),
+        'other_seconds': (run.seconds - train_seconds - refit_seconds - posterior_seconds
+                          - export_seconds - after_export
+                          if export_seconds is not None else None),
     }
 
 
@@ -385,7 +392,8 @@ def format_table(results: list[dict[str, Any]]) -> str:
                      f'{result["counts"]["rows_read"] / result["total_seconds"]:12,.0f}')
     lines.append('')
     lines.append(f'{"size":>6}{"epochs":>7}{"s/epoch":>9}{"(2nd+)":>8}{"train s":>9}'
-                 f'{"refit s":>9}{"export s":>9}{"rank s":>8}{"eval RMSE":>10}{"floor":>7}'
+                 f'{"refit s":>9}{"post. s":>9}{"export s":>9}{"rank s":>8}{"eval RMSE":>10}'
+                 f'{"floor":>7}'
                  f'{"mean":>7}')
     for result in results:
         trainer = result['trainer']
@@ -393,6 +401,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
             f'{result["label"]:>6}{trainer["epochs"]:7d}{trainer["mean_epoch_seconds"]:9.2f}'
             f'{_optional(trainer["mean_epoch_seconds_after_first"], "8.2f"):>8}'
             f'{trainer["train_seconds"]:9.1f}{_optional(trainer["refit_seconds"], "9.1f"):>9}'
+            f'{_optional(trainer["posterior_seconds"], "9.1f"):>9}'
             f'{_optional(trainer["export_seconds"], "9.1f"):>9}'
             f'{_optional(trainer["ranking_and_eval_predictions_seconds"], "8.1f"):>8}'
             f'{result["eval_rmse"]:10.4f}{_optional(result["noise_floor_rmse"], "7.4f"):>7}'

@@ -87,6 +87,7 @@ def test_run_200k_adds_up(tmp_path: pathlib.Path) -> None:
     assert trainer['epochs'] == 2 and len(trainer['epoch_seconds']) == 2
     assert min(trainer['epoch_seconds']) > 0
     assert trainer['export_seconds'] > 0 and trainer['refit_seconds'] >= 0
+    assert trainer['posterior_seconds'] > 0  # on by default
     assert trainer['train_seconds'] == pytest.approx(sum(trainer['epoch_seconds']))
     assert row['noise_floor_rmse'] < row['global_mean_eval_rmse']
     assert row['eval_rmse'] > 0
