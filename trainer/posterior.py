@@ -74,7 +74,7 @@ PRIOR_SHAPE = 1.0
 PRIOR_RATE = 1.0
 # The running average of the factor products is recompressed when it has
 # more columns than this multiple of K, to this multiple of K.
-COMPRESS_WIDTH = 16
+COMPRESS_WIDTH = 8
 KEEP_WIDTH = 4
 # Ratings per numpy chunk of the fallback (each costs width^2 doubles).
 _NUMPY_CHUNK_RATINGS = 1 << 16
@@ -239,6 +239,20 @@ def _sampler(kernel: str) -> tuple[Callable[..., tuple[np.ndarray, np.ndarray, f
         return sample_rows_numpy, 'numpy'
 
 
+def _squared_error(users: np.ndarray, items: np.ndarray, user: np.ndarray,
+                   item: np.ndarray, target: np.ndarray) -> float:
+    """sum (target - b_u - b_i - p_u . q_i)^2, a chunk of ratings at a time
+    (gathering every rating's rows at once would take 2 x 64 bytes a rating)."""
+    total = 0.0
+    for lo in range(0, len(target), _NUMPY_CHUNK_RATINGS * 16):
+        hi = lo + _NUMPY_CHUNK_RATINGS * 16
+        user_rows, item_rows = users[user[lo:hi]], items[item[lo:hi]]
+        residual = (target[lo:hi] - user_rows[:, -1] - item_rows[:, -1]
+                    - np.einsum('nk,nk->n', user_rows[:, :-1], item_rows[:, :-1]))
+        total += float(np.square(residual, dtype=np.float64).sum())
+    return total
+
+
 def _precisions(rng: np.random.Generator, table: np.ndarray) -> np.ndarray:
     """Per-column precision draws given a side's rows."""
     return rng.gamma(PRIOR_SHAPE + table.shape[0] / 2,
@@ -279,9 +293,8 @@ def average(user_table: np.ndarray, item_table: np.ndarray, global_mean: float,
     rng = np.random.default_rng([_STREAM, seed])
     users_now = np.array(user_table[:num_users], np.float32)
     items_now = np.array(item_table[:num_items], np.float32)
-    residual = (target - users_now[user, -1] - items_now[item, -1]
-                - np.einsum('nk,nk->n', users_now[user, :-1], items_now[item, :-1]))
-    tau = 1.0 / max(float(np.mean(np.square(residual, dtype=np.float64))), 1e-6)
+    tau = 1.0 / max(_squared_error(users_now, items_now, user, item, target)
+                    / max(len(target), 1), 1e-6)
     user_prior = 1.0 / np.maximum(np.square(users_now, dtype=np.float64).mean(0), 1e-6)
     item_prior = 1.0 / np.maximum(np.square(items_now, dtype=np.float64).mean(0), 1e-6)
     k = width - 1
