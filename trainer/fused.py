@@ -16,7 +16,7 @@ compiler (`$CXX`, else `g++`) and the flags TensorFlow reports
 (`tf.sysconfig`), into a cache directory keyed by the source, the flags and
 the TensorFlow version: `$MOVIELENS_KERNEL_CACHE`, else
 `$XDG_CACHE_HOME/movielens-trainer`, else `~/.cache/movielens-trainer`.  The
-first build takes 10-15 s; later runs load the cached library.  Where no
+first build takes about 20 s; later runs load the cached library.  Where no
 compiler is found (or the build fails) `load` says why, and the trainer falls
 back to TensorFlow ops (`--training-kernel auto`; `data.load_ratings` reads
 with `tf.data`) or stops with that reason (`--training-kernel fused`).

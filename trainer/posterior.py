@@ -47,7 +47,7 @@ sweeps of 16 factors to 16 changed eval RMSE by under 0.0005 on synthetic
 The heavy part, every row's normal equations, Cholesky factor and draw, runs
 in the C++ op `MatrixFactorizationSampleRows` (`sample_rows.cc`, built by
 `trainer.fused`); where it cannot be built the same arithmetic runs in numpy,
-to the same chain within float rounding, several times slower.  Random
+to the same chain within float rounding, about 20 times slower.  Random
 numbers come from numpy, seeded by `seed`: the same data and seed give the
 same model whatever the thread count.
 
@@ -235,7 +235,7 @@ def _sampler(kernel: str) -> tuple[Callable[..., tuple[np.ndarray, np.ndarray, f
     except fused.KernelUnavailable as error:
         if kernel == 'fused':
             raise
-        logger.warning('Posterior sampling in numpy (several times slower): %s', error)
+        logger.warning('Posterior sampling in numpy (about 20 times slower): %s', error)
         return sample_rows_numpy, 'numpy'
 
 

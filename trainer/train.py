@@ -506,11 +506,12 @@ def train(config: TrainConfig, info: features.DatasetInfo,
         posterior = _average_posterior(config, final_phase.state.model, final_fit)
         trained, final = final, final_metrics()
         posterior['before'] = dataclasses.asdict(trained)
-        logger.info('Posterior mean of %d sweeps: validation RMSE %.4f (trained model '
-                    '%.4f), eval RMSE %.4f (trained model %.4f), %.1f s',
-                    config.posterior_samples, final.validation_rmse,
-                    trained.validation_rmse, final.eval_rmse, trained.eval_rmse,
-                    posterior['seconds'])
+        validation = ('' if math.isnan(final.validation_rmse) else
+                      f'validation RMSE {final.validation_rmse:.4f} (trained model '
+                      f'{trained.validation_rmse:.4f}), ')
+        logger.info('Posterior mean of %d sweeps: %seval RMSE %.4f (trained model %.4f), '
+                    '%.1f s', config.posterior_samples, validation, final.eval_rmse,
+                    trained.eval_rmse, posterior['seconds'])
     return TrainResult(
         model=final_phase.state.model, history=history, initial_epoch=initial_epoch,
         best_epoch=best_epoch,
