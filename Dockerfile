@@ -33,7 +33,7 @@ COPY setup.py ./
 COPY trainer/ trainer/
 # --no-deps: everything is installed above, at the pinned versions.
 RUN pip install --no-deps . && pip check
-# Build the C++ ops now, so a job does not spend 20 s compiling them.
+# Build the C++ ops now, so a job does not spend 10-20 s compiling them.
 RUN cd / && python -m trainer.fused
 
 # Dataflow custom SDK container: pass --sdk_container_image IMAGE

@@ -119,6 +119,16 @@ def test_a_failed_build_names_the_error_and_leaves_no_library(monkeypatch, tmp_p
     assert not list((tmp_path / 'cache').rglob('*.so'))
 
 
+def test_a_failed_link_names_it_and_leaves_nothing_behind(monkeypatch, tmp_path):
+    real_link = fused._link_command
+    monkeypatch.setattr(fused, '_link_command', lambda compiler, objects, output: real_link(
+        compiler, [*objects, tmp_path / 'missing.o'], output))
+    monkeypatch.setenv(fused.ENV_CACHE, str(tmp_path / 'cache'))
+    with pytest.raises(fused.KernelUnavailable, match='linking fused_epoch.cc, .* failed: .*missing'):
+        fused.build()
+    assert not [path for path in (tmp_path / 'cache').rglob('*') if path.is_file()]
+
+
 def test_the_library_is_cached_by_source(monkeypatch, tmp_path):
     built = fused.build()
     assert fused.build() == built  # cached: the same file, not rebuilt
