@@ -11,7 +11,7 @@ Predicting with the average over that spread (Salakhutdinov and Mnih,
 al. 2019 report their best MovieLens results this way) gains what no
 regularisation of the point estimate does: on synthetic 100k ratings the
 exact optimum of the L2 objective reaches eval RMSE 0.9105 at best, the
-posterior mean 0.904.
+posterior mean 0.904 at the planted rank and 0.9065 with 16 factors.
 
 The model is the trainer's (`model.MatrixFactorization`):
 r = mu + b_u + b_i + p_u . q_i + noise, with
