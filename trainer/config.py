@@ -136,8 +136,9 @@ class TrainConfig:
       ranking_users: rank a sample of this many eval users (seeded by the
         split seed) when there are more; 0 ranks all.
       training_kernel: 'fused' trains each epoch in one C++ op
-        (`trainer.fused`: one replica, Adam), 'tf' in TensorFlow ops, 'auto'
-        fused where it applies and builds, else TensorFlow ops.
+        (`trainer.fused`: one replica, Adam), 'tf' in TensorFlow ops (and
+        draws the posterior sweeps in numpy), 'auto' with the C++ ops where
+        they apply and build, else as 'tf'.
       overwrite: clear model_dir (and checkpoint_dir) first instead of resuming.
       tensorboard_dir: where per-epoch TensorBoard scalars go; None: nowhere.
       hypertune_file: where the tuning metric is reported; None outside a
