@@ -21,8 +21,9 @@ setuptools.setup(
     version='0.1.0',
     description='Biased matrix factorisation on MovieLens: Beam/TFT preprocessing and TF training.',
     packages=['trainer'],
-    # The fused epoch op's source: trainer/fused.py builds it where it trains.
-    package_data={'trainer': ['fused_epoch.cc', 'read_ratings.cc']},
+    # The C++ ops' sources (trainer.fused.SOURCES): trainer/fused.py builds them
+    # where it trains.
+    package_data={'trainer': ['*.cc']},
     python_requires='>=3.11,<3.12',
     install_requires=read_requirements(),
 )

@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 import logging
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from concurrent import futures
 
 import numpy as np
@@ -107,6 +109,30 @@ def test_build_without_a_compiler_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv(fused.ENV_CACHE, str(tmp_path / 'cache'))
     with pytest.raises(fused.KernelUnavailable, match='no C[+][+] compiler .* install g[+][+]'):
         fused.build()
+
+
+def test_a_missing_source_is_a_reason_not_a_crash(monkeypatch, tmp_path):
+    monkeypatch.setattr(fused, 'SOURCES', (*fused.SOURCES, tmp_path / 'gone.cc'))
+    monkeypatch.setenv(fused.ENV_CACHE, str(tmp_path / 'cache'))
+    with pytest.raises(fused.KernelUnavailable, match='cannot read the op source .*gone.cc'):
+        fused.build()
+
+
+def test_the_package_ships_every_op_source(tmp_path):
+    """A wheel built from setup.py (what the image and Dataflow workers install)
+    holds every source `build` compiles."""
+    root = pathlib.Path(fused.__file__).resolve().parent.parent
+    for name in ('setup.py', 'requirements.txt'):
+        shutil.copy(root / name, tmp_path / name)
+    shutil.copytree(root / 'trainer', tmp_path / 'trainer',
+                    ignore=shutil.ignore_patterns('__pycache__'))
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation',
+                    '--quiet', '-w', str(tmp_path / 'dist'), str(tmp_path)],
+                   check=True, capture_output=True)
+    wheel, = (tmp_path / 'dist').glob('*.whl')
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = set(archive.namelist())
+    assert {f'trainer/{source.name}' for source in fused.SOURCES} <= shipped
 
 
 def test_a_failed_build_names_the_error_and_leaves_no_library(monkeypatch, tmp_path):

@@ -87,10 +87,19 @@ def _link_command(compiler: str, objects: list[pathlib.Path],
 
 
 def library_path(compiler: str) -> pathlib.Path:
-    """The cached library for this source, compiler, flags and TF version."""
+    """The cached library for this source, compiler, flags and TF version.
+
+    Raises:
+      KernelUnavailable: if a source is missing (an install without them).
+    """
     key = hashlib.sha256()
     for source in SOURCES:
-        key.update(source.read_bytes())
+        try:
+            key.update(source.read_bytes())
+        except OSError as error:
+            raise KernelUnavailable(
+                f'cannot read the op source {source} ({error.strerror}); reinstall the '
+                'trainer package with its .cc files (setup.py ships them)') from error
     out = pathlib.Path('out')
     key.update(repr(([_compile_command(compiler, source, out) for source in SOURCES],
                      _link_command(compiler, [out], out), tf.__version__,
