@@ -98,6 +98,7 @@ class Side:
     @classmethod
     def group(cls, rows: np.ndarray, other: np.ndarray, target: np.ndarray,
               num_rows: int) -> 'Side':
+        """Groups the ratings of rows 0..num_rows-1 (as in `rows`) by row."""
         order = np.argsort(rows, kind='stable')
         counts = np.bincount(rows, minlength=num_rows)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)

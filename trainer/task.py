@@ -79,17 +79,13 @@ def _selection_line(metrics: dict) -> str:
               'held-out train ratings'
               + (' (stopped early)' if metrics['stopped_early'] else ''))
     if metrics['final_model'] == 'refit':
-        chosen = (f'{chosen}; refit on all {metrics["train_ratings"]} train ratings '
-                  f'for {metrics["best_epoch"]} epochs')
-    else:
-        chosen = f'{chosen}; kept its parameters'
-    return f'  {chosen}' + _posterior_line(metrics.get('posterior'))
+        return (f'  {chosen}; refit on all {metrics["train_ratings"]} train ratings '
+                f'for {metrics["best_epoch"]} epochs')
+    return f'  {chosen}; kept its parameters'
 
 
-def _posterior_line(posterior: dict | None) -> str:
-    if not posterior:
-        return ''
-    return (f'\n  then its posterior mean: {posterior["samples"]} Gibbs sweeps after '
+def _posterior_line(posterior: dict) -> str:
+    return (f'  then its posterior mean: {posterior["samples"]} Gibbs sweeps after '
             f'{posterior["burn_in"]} burn-in ({posterior["seconds"]:.1f} s); the trained '
             f'model alone scored eval RMSE {posterior["before"]["eval_rmse"]:.4f}')
 
@@ -101,6 +97,7 @@ def _summary(metrics: dict, info: features.DatasetInfo,
         f'({info.users} users, {info.movies} movies); {metrics["epochs"]} epochs '
         f'({metrics["epochs_this_run"]} this run) in {metrics["wall_seconds"]:.1f} s',
         _selection_line(metrics),
+        *([_posterior_line(metrics['posterior'])] if metrics.get('posterior') else []),
         f'  eval RMSE {metrics["eval_rmse"]:.4f} (MAE {metrics["eval_mae"]:.4f}); '
         f'predicting the train mean: {info.global_mean_eval_rmse:.4f}',
     ]
