@@ -43,6 +43,7 @@ import dataclasses
 import hashlib
 import http.client
 import logging
+import math
 import os
 import posixpath
 import sys
@@ -67,7 +68,8 @@ _WAYS_FORWARD = ('without network, pass --dataset synthetic, or fetch the zip el
                  'and pass --data-sources PATH')
 _SYNTHETIC_FLAGS = {'num_users': '--num-users', 'num_movies': '--num-movies',
                     'num_ratings': '--num-ratings', 'seed': '--seed',
-                    'synthetic_layout': '--synthetic-layout'}
+                    'synthetic_layout': '--synthetic-layout',
+                    'selection_bias': '--selection-bias'}
 
 
 class ExtractError(Exception):
@@ -136,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--seed', type=int, help=f'default: {defaults.seed}')
     group.add_argument('--synthetic-layout', choices=tuple(features.DATASETS),
                        help=f'file layout and rating scale (default: {defaults.layout})')
+    group.add_argument('--selection-bias', type=float,
+                       help='how strongly users pick movies they like; 0 = independent of '
+                            f'taste (default: {defaults.selection_bias})')
     return parser
 
 
@@ -178,9 +183,10 @@ def synthetic_config(parser: argparse.ArgumentParser,
     chosen = {name: getattr(args, name) for name in _SYNTHETIC_FLAGS
               if getattr(args, name) is not None}
     for name, value in chosen.items():
-        lowest = 0 if name == 'seed' else 1
-        if name != 'synthetic_layout' and value < lowest:
-            parser.error(f'{_SYNTHETIC_FLAGS[name]} {value}: must be >= {lowest}')
+        lowest = 0 if name in ('seed', 'selection_bias') else 1
+        finite = 'a finite number ' if isinstance(value, float) else ''  # not nan or inf
+        if name != 'synthetic_layout' and not lowest <= value < math.inf:
+            parser.error(f'{_SYNTHETIC_FLAGS[name]} {value}: must be {finite}>= {lowest}')
     if 'synthetic_layout' in chosen:
         chosen['layout'] = chosen.pop('synthetic_layout')
     sizes = {**dataclasses.asdict(synthetic.SyntheticConfig()), **chosen}
@@ -202,7 +208,7 @@ def resolve_source(config: ExtractorConfig) -> Source:
     """Where the archive comes from and which MD5 it must have, if any."""
     if config.synthetic is not None:
         settings = ','.join(f'{key}={value}' for key, value
-                            in dataclasses.asdict(config.synthetic).items())
+                            in synthetic.config_fields(config.synthetic).items())
         return Source(location=f'{features.SYNTHETIC}:{settings}',
                       layout=features.DATASETS[config.synthetic.layout], expected_md5=None)
     layout = features.DATASETS[config.dataset]
@@ -241,8 +247,9 @@ def obtain_archive(config: ExtractorConfig, source: Source, temp_dir: str) -> st
     """Returns a local path of the zip: generated, downloaded, copied or as given."""
     if config.synthetic is not None:
         path = os.path.join(temp_dir, f'{features.SYNTHETIC}.zip')
-        logger.info('generating %d synthetic ratings (layout %s, seed %d)',
-                    config.synthetic.num_ratings, config.synthetic.layout, config.synthetic.seed)
+        logger.info('generating %d synthetic ratings (layout %s, seed %d, selection bias %g)',
+                    config.synthetic.num_ratings, config.synthetic.layout, config.synthetic.seed,
+                    config.synthetic.selection_bias)
         synthetic.write_archive(path, config.synthetic)
         return path
     scheme = urllib.parse.urlparse(source.location).scheme

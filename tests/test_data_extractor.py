@@ -123,6 +123,27 @@ def test_synthetic_is_staged_end_to_end(
     assert '300 ratings' in summary
 
 
+def test_selection_bias_reaches_the_staged_truth(
+        work_dir: str, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture) -> None:
+    code = extractor.main(['--work-dir', work_dir, *SYNTHETIC_FLAGS, '--selection-bias', '2'])
+
+    assert code == 0
+    config = synthetic.SyntheticConfig(num_users=30, num_movies=40, num_ratings=300,
+                                       selection_bias=2.0)
+    expected = tmp_path / 'expected.zip'
+    truth = synthetic.write_archive(str(expected), config)
+    raw = pathlib.Path(features.raw_dir(work_dir))
+    staged = json.loads((raw / features.TRUTH_FILE).read_text())
+    assert staged == truth and staged['selection_bias'] == 2.0
+    with zipfile.ZipFile(expected) as archive:
+        assert (raw / 'u.data').read_bytes() == archive.read(features.ML_100K.ratings_member)
+    info = features.read_source_info(work_dir)
+    assert info.md5 == md5_of(expected) and 'selection_bias=2.0' in info.source
+    assert any('selection bias 2' in message for message in caplog.messages)
+    assert 'selection_bias=2.0' in capsys.readouterr().out
+
+
 @pytest.mark.parametrize('as_url', [False, True], ids=['path', 'file-url'])
 @pytest.mark.parametrize('layout_name', sorted(features.DATASETS))
 def test_hand_built_zip_is_staged(work_dir: str, tmp_path: pathlib.Path,
@@ -333,6 +354,11 @@ def test_download_from_official_url_checks_md5(
     (['--num-users', '5'], '--num-users 5: applies only to --dataset synthetic'),
     (['--dataset', 'synthetic', '--num-users', '0'], '--num-users 0: must be >= 1'),
     (['--dataset', 'synthetic', '--num-ratings', '10'], 'num_ratings 10 must lie in'),
+    (['--selection-bias', '2'], '--selection-bias 2.0: applies only to --dataset synthetic'),
+    (['--dataset', 'synthetic', '--selection-bias', '-1'],
+     '--selection-bias -1.0: must be a finite number >= 0'),
+    (['--dataset', 'synthetic', '--selection-bias', 'nan'],
+     '--selection-bias nan: must be a finite number >= 0'),
     (['--dataset', 'synthetic', '--data-sources', 'x.zip'], '--data-sources x.zip: --dataset'),
     (['--data-sources', '/no/such/ml-100k.zip'], 'no such file'),
     (['--data-sources', 'ftp://host/ml-100k.zip'], 'scheme ftp:// is not supported'),

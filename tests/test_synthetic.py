@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import pathlib
@@ -16,11 +17,19 @@ from trainer import features
 from trainer import synthetic
 
 SMALL = dict(num_users=40, num_movies=60, num_ratings=900)
+MEDIUM = dict(num_users=200, num_movies=400, num_ratings=20_000)
 
 
 @pytest.fixture(scope='module')
 def default_data() -> synthetic.SyntheticRatings:
     return synthetic.generate(synthetic.SyntheticConfig())
+
+
+def planted_of(config: synthetic.SyntheticConfig) -> dict[str, np.ndarray]:
+    """The planted biases and factors, drawn from the stream `generate` uses."""
+    model_rng = np.random.default_rng(np.random.SeedSequence(config.seed).spawn(6)[2])
+    model_rng.lognormal(0.0, config.movie_popularity_sigma, config.num_movies)
+    return synthetic.planted_model(model_rng, config)
 
 
 def read_member(path: pathlib.Path, member: str) -> bytes:
@@ -167,7 +176,73 @@ def test_timestamps_are_plausible(default_data: synthetic.SyntheticRatings) -> N
     (dict(num_users=10, num_movies=10, num_ratings=51), 'num_ratings 51'),
     (dict(num_movies=9), 'num_movies'),
     (dict(noise_std=-0.1), 'std'),
+    (dict(selection_bias=-0.5), 'selection_bias must be >= 0'),
+    (dict(selection_bias=float('nan')), 'selection_bias must be >= 0'),
+    (dict(selection_bias=float('inf')), 'selection_bias must be >= 0'),
 ])
 def test_bad_config_is_refused(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         synthetic.SyntheticConfig(**overrides)
+
+
+def test_zero_selection_bias_draws_the_unbiased_pairs() -> None:
+    config = synthetic.SyntheticConfig(**MEDIUM, seed=5)
+    streams = [np.random.default_rng(seed) for seed in np.random.SeedSequence(5).spawn(6)]
+    counts = synthetic.sample_user_counts(streams[0], config)
+    popularity = streams[2].lognormal(0.0, config.movie_popularity_sigma, config.num_movies)
+    users, movies = synthetic.sample_pairs(streams[1], counts, popularity / popularity.sum())
+
+    data = synthetic.generate(dataclasses.replace(config, selection_bias=0.0))
+
+    np.testing.assert_array_equal(data.user_ids, users + 1)
+    np.testing.assert_array_equal(data.movie_ids, movies + 1)
+    default = synthetic.generate(config)
+    for name in ('user_ids', 'movie_ids', 'ratings', 'timestamps', 'oracle'):
+        np.testing.assert_array_equal(getattr(data, name), getattr(default, name))
+
+
+def test_selection_bias_plants_users_rating_what_they_like() -> None:
+    unbiased = synthetic.SyntheticConfig(**MEDIUM)
+    biased = dataclasses.replace(unbiased, selection_bias=2.0)
+    planted = planted_of(unbiased)  # selection_bias does not change the planted model
+    all_pairs = float((planted['user_factors'] @ planted['item_factors'].T).mean())
+
+    def interaction(data: synthetic.SyntheticRatings) -> float:
+        users, movies = data.user_ids - 1, data.movie_ids - 1
+        return float(np.mean(np.sum(
+            planted['user_factors'][users] * planted['item_factors'][movies], axis=1)))
+
+    plain, chosen = synthetic.generate(unbiased), synthetic.generate(biased)
+
+    signal = synthetic.planted_signal(planted, biased, chosen.user_ids - 1,
+                                      chosen.movie_ids - 1)
+    np.testing.assert_allclose(chosen.oracle, np.clip(signal, 1, 5), rtol=1e-6)
+    assert chosen.ratings.mean() > plain.ratings.mean() + 0.2
+    assert chosen.oracle.mean() > plain.oracle.mean() + 0.2
+    assert abs(interaction(plain) - all_pairs) < 0.05
+    assert interaction(chosen) > all_pairs + 0.1
+    assert chosen.truth['selection_bias'] == 2.0
+    assert chosen.truth['rating_mean'] == pytest.approx(float(chosen.ratings.mean()))
+
+
+def test_selection_bias_keeps_counts_unique_pairs_and_order() -> None:
+    plain = synthetic.generate(synthetic.SyntheticConfig(**MEDIUM))
+    chosen = synthetic.generate(synthetic.SyntheticConfig(**MEDIUM, selection_bias=2.0))
+
+    users = MEDIUM['num_users'] + 1
+    np.testing.assert_array_equal(np.bincount(chosen.user_ids, minlength=users),
+                                  np.bincount(plain.user_ids, minlength=users))
+    keys = chosen.user_ids.astype(np.int64) * (MEDIUM['num_movies'] + 1) + chosen.movie_ids
+    assert np.all(np.diff(keys) > 0)  # unique pairs, sorted by user then movie
+    assert chosen.movie_ids.min() >= 1 and chosen.movie_ids.max() <= MEDIUM['num_movies']
+    assert not np.array_equal(chosen.movie_ids, plain.movie_ids)
+
+
+def test_same_seed_gives_same_bytes_with_selection_bias(tmp_path: pathlib.Path) -> None:
+    paths = [tmp_path / name for name in ('a.zip', 'b.zip', 'c.zip')]
+    biased = synthetic.SyntheticConfig(**SMALL, selection_bias=1.5)
+    synthetic.write_archive(str(paths[0]), biased)
+    synthetic.write_archive(str(paths[1]), biased)
+    synthetic.write_archive(str(paths[2]), dataclasses.replace(biased, selection_bias=0.0))
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    assert read_member(paths[0], 'ml-100k/u.data') != read_member(paths[2], 'ml-100k/u.data')

@@ -34,6 +34,15 @@ movies (like MovieLens' 20), at most half the movies; the rest follow a
 lognormal user activity (sigma 1.1) and movie popularity (sigma 1.3), giving
 the long tails of MovieLens: a few users and movies with hundreds of ratings,
 many movies with a handful. Every (user, movie) pair occurs at most once.
+
+By default who rates what is independent of the ratings, so which movies a
+user rated says nothing about their taste. Real users pick movies they expect
+to like, which is what an SVD++-style implicit-feedback term exploits;
+`selection_bias` s > 0 plants that: each user's movies are the counts[u] best
+of SELECTION_CANDIDATES times as many drawn by popularity, ranked by
+s * (item_bias + user_factors . item_factors) plus Gumbel noise, i.e. drawn
+without replacement with probability proportional to exp(s * score).  At
+s = 0 the draws and bytes are those of the unbiased generator.
 """
 
 from __future__ import annotations
@@ -57,6 +66,10 @@ MOVIELENS_RATINGS_PER_USER = 20
 # uniformly: a heavy user who already has every popular movie would otherwise
 # need many rounds to find unseen tail movies.
 _POPULARITY_ROUNDS = 4
+# With selection_bias, each user's movies are picked from this many times as
+# many candidates (at most SELECTION_MAX_SHARE of all movies).
+SELECTION_CANDIDATES = 3
+SELECTION_MAX_SHARE = 0.75
 _CHUNK_ROWS = 1_000_000
 _ZIP_DATE_TIME = (2000, 1, 1, 0, 0, 0)
 # 1997-09-20 .. 1998-04-23, the span of ml-100k.
@@ -99,6 +112,8 @@ class SyntheticConfig:
       noise_std: standard deviation of the Gaussian noise on each rating.
       user_activity_sigma: lognormal sigma of how many movies a user rates.
       movie_popularity_sigma: lognormal sigma of how often a movie is picked.
+      selection_bias: how strongly users pick movies they like (0: not at
+        all; see the module doc).
     """
     num_users: int = 943
     num_movies: int = 1682
@@ -113,6 +128,7 @@ class SyntheticConfig:
     noise_std: float = 0.9
     user_activity_sigma: float = 1.1
     movie_popularity_sigma: float = 1.3
+    selection_bias: float = 0.0
 
     def __post_init__(self) -> None:
         if self.layout not in features.DATASETS:
@@ -131,6 +147,8 @@ class SyntheticConfig:
         if self.rank < 1 or min(self.user_bias_std, self.item_bias_std,
                                 self.interaction_std, self.noise_std) < 0:
             raise ValueError('rank must be >= 1 and every std >= 0')
+        if not 0 <= self.selection_bias < float('inf'):
+            raise ValueError(f'selection_bias must be >= 0, got {self.selection_bias!r}')
 
     @property
     def factor_std(self) -> float:
@@ -166,12 +184,21 @@ def generate(config: SyntheticConfig) -> SyntheticRatings:
     """Draws ratings from the planted model of `config` (see the module doc)."""
     layout = features.DATASETS[config.layout]
     streams = [np.random.default_rng(s)
-               for s in np.random.SeedSequence(config.seed).spawn(5)]
-    counts_rng, pairs_rng, model_rng, noise_rng, extras_rng = streams
+               for s in np.random.SeedSequence(config.seed).spawn(6)]
+    counts_rng, pairs_rng, model_rng, noise_rng, extras_rng, selection_rng = streams
     counts = sample_user_counts(counts_rng, config)
     popularity = model_rng.lognormal(0.0, config.movie_popularity_sigma, config.num_movies)
-    users, movies = sample_pairs(pairs_rng, counts, popularity / popularity.sum())
-    signal = planted_signal(model_rng, config, users, movies)
+    planted = planted_model(model_rng, config)
+    if config.selection_bias:
+        candidates = np.minimum(SELECTION_CANDIDATES * counts,
+                                int(SELECTION_MAX_SHARE * config.num_movies))
+        users, movies = sample_pairs(pairs_rng, np.maximum(candidates, counts),
+                                     popularity / popularity.sum())
+        users, movies = select_liked(selection_rng, config.selection_bias, planted,
+                                     counts, users, movies)
+    else:
+        users, movies = sample_pairs(pairs_rng, counts, popularity / popularity.sum())
+    signal = planted_signal(planted, config, users, movies)
     noisy = signal + noise_rng.normal(0.0, config.noise_std, signal.shape)
     ratings = np.clip(np.round(noisy / layout.rating_step) * layout.rating_step,
                       layout.rating_min, layout.rating_max).astype(np.float32)
@@ -230,17 +257,55 @@ def sample_pairs(rng: np.random.Generator, counts: np.ndarray,
     return accepted // num_movies, accepted % num_movies
 
 
-def planted_signal(rng: np.random.Generator, config: SyntheticConfig,
+def planted_model(rng: np.random.Generator, config: SyntheticConfig) -> dict[str, np.ndarray]:
+    """Draws the planted biases and factors (0-based rows)."""
+    return {
+        'user_bias': rng.normal(0.0, config.user_bias_std, config.num_users),
+        'item_bias': rng.normal(0.0, config.item_bias_std, config.num_movies),
+        'user_factors': rng.normal(0.0, config.factor_std, (config.num_users, config.rank)),
+        'item_factors': rng.normal(0.0, config.factor_std, (config.num_movies, config.rank))}
+
+
+def _interaction(planted: dict[str, np.ndarray], users: np.ndarray,
+                 movies: np.ndarray) -> np.ndarray:
+    """user_factors . item_factors per pair, one column at a time to bound memory."""
+    user_factors, item_factors = planted['user_factors'], planted['item_factors']
+    total = np.zeros(users.size)
+    for factor in range(user_factors.shape[1]):
+        total += user_factors[users, factor] * item_factors[movies, factor]
+    return total
+
+
+def planted_signal(planted: dict[str, np.ndarray], config: SyntheticConfig,
                    users: np.ndarray, movies: np.ndarray) -> np.ndarray:
     """The noiseless planted rating of each (user, movie) pair, unclipped."""
-    user_bias = rng.normal(0.0, config.user_bias_std, config.num_users)
-    item_bias = rng.normal(0.0, config.item_bias_std, config.num_movies)
-    user_factors = rng.normal(0.0, config.factor_std, (config.num_users, config.rank))
-    item_factors = rng.normal(0.0, config.factor_std, (config.num_movies, config.rank))
-    signal = config.global_mean + user_bias[users] + item_bias[movies]
-    for factor in range(config.rank):  # one column at a time bounds the memory
-        signal += user_factors[users, factor] * item_factors[movies, factor]
-    return signal
+    return (config.global_mean + planted['user_bias'][users] + planted['item_bias'][movies]
+            + _interaction(planted, users, movies))
+
+
+def select_liked(rng: np.random.Generator, strength: float, planted: dict[str, np.ndarray],
+                 counts: np.ndarray, users: np.ndarray,
+                 movies: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keeps each user's counts[u] candidates they like best, with Gumbel noise.
+
+    Gumbel-top-k: the k largest of strength * score + Gumbel noise are a
+    draw without replacement with probabilities proportional to
+    exp(strength * score), score = item_bias + user_factors . item_factors.
+
+    Args:
+      users, movies: the candidates, 0-based, sorted by user.
+
+    Returns:
+      The kept 0-based (users, movies), sorted by user then movie.
+    """
+    score = planted['item_bias'][movies] + _interaction(planted, users, movies)
+    key = strength * score + rng.gumbel(size=users.size)
+    order = np.lexsort((-key, users))  # by user, best first
+    first = np.searchsorted(users, np.arange(counts.size))  # users is sorted
+    rank = np.arange(users.size) - first[users[order]]
+    kept = order[rank < counts[users[order]]]
+    kept = kept[np.lexsort((movies[kept], users[kept]))]
+    return users[kept], movies[kept]
 
 
 def sample_timestamps(rng: np.random.Generator, counts: np.ndarray) -> np.ndarray:
@@ -273,12 +338,21 @@ def _encodable(text: str, encoding: str) -> bool:
     return True
 
 
+def config_fields(config: SyntheticConfig) -> dict[str, Any]:
+    """The config as a dict; selection_bias only when set, so unbiased data
+    keep the truth.json bytes and staged source they had before it existed."""
+    fields = dataclasses.asdict(config)
+    if not config.selection_bias:
+        del fields['selection_bias']
+    return fields
+
+
 def make_truth(config: SyntheticConfig, ratings: np.ndarray,
                oracle: np.ndarray) -> dict[str, Any]:
     """The planted answer: noise floor, baseline RMSE, config and scales."""
     ratings64 = ratings.astype(np.float64)
     mean = float(ratings64.mean())
-    truth = dataclasses.asdict(config)
+    truth = config_fields(config)
     truth.update(
         factor_std=config.factor_std,
         noise_floor_rmse=float(np.sqrt(np.mean((oracle - ratings64) ** 2))),
