@@ -442,6 +442,8 @@ def trainer_rows(metrics: dict[str, Any]) -> list[Row]:
             f"lr decay {settings.get('learning_rate_decay')}, "
             f"{settings.get('optimizer')}; best of {metrics.get('epochs')} epochs: "
             f"{metrics.get('best_epoch')}, final model {metrics.get('final_model')}")
+    if settings.get('implicit_feedback'):
+        note += f", implicit feedback (l2 {settings.get('implicit_l2')})"
     train_seconds = metrics.get('train_seconds')
     posterior = metrics.get('posterior')
     if not posterior:
@@ -536,6 +538,8 @@ def _parser() -> argparse.ArgumentParser:
     for flag in ('--num-users', '--num-movies', '--num-ratings'):
         parser.add_argument(flag, type=int, help='synthetic only; data-extractor.py default')
     parser.add_argument('--synthetic-layout', help='synthetic only')
+    parser.add_argument('--selection-bias', type=float,
+                        help='synthetic only; data-extractor.py default')
     parser.add_argument('--data-seed', type=int, help="data-extractor.py's --seed (synthetic)")
     parser.add_argument('--eval-percent', type=float, help="preprocess.py's --eval-percent")
     parser.add_argument('--split-seed', type=int, help="preprocess.py's --seed")
@@ -564,7 +568,8 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
     args = parser.parse_args(argv)
     synthetic = {'--num-users': args.num_users, '--num-movies': args.num_movies,
                  '--num-ratings': args.num_ratings, '--seed': args.data_seed,
-                 '--synthetic-layout': args.synthetic_layout}
+                 '--synthetic-layout': args.synthetic_layout,
+                 '--selection-bias': args.selection_bias}
     given = {flag: value for flag, value in synthetic.items() if value is not None}
     if given and args.dataset != features.SYNTHETIC:
         parser.error(f'{sorted(given)[0]} applies to --dataset synthetic only, not '

@@ -154,8 +154,18 @@ def test_flags_become_the_commands_a_user_would_type(tmp_path):
     assert quality.model_dir(config) == '/elsewhere'
 
 
+def test_selection_bias_goes_to_the_extractor(tmp_path):
+    config = quality.parse_args(['--work-dir', str(tmp_path), '--num-users', '200',
+                                 '--selection-bias', '2'])
+    assert config.extractor_flags == ('--num-users', '200', '--selection-bias', '2.0')
+    extract = quality.pipeline_commands(config)[0]
+    assert extract[-2:] == ['--selection-bias', '2.0']
+
+
 @pytest.mark.parametrize('argv, message', [
     (['--dataset', 'ml-100k', '--num-users', '5'], '--num-users applies to --dataset synthetic'),
+    (['--dataset', 'ml-100k', '--selection-bias', '2'],
+     '--selection-bias applies to --dataset synthetic'),
     (['--validation-percent', '100'], '--validation-percent 100.0 must lie in'),
 ])
 def test_bad_flags_are_refused_with_one_line(tmp_path, capsys, argv, message):
@@ -170,6 +180,15 @@ def test_the_svdpp_probe_takes_whole_users_and_scales_by_squared_counts():
     assert probe.user_ids.tolist() == ['1', '1']
     # User 1 has 2 ratings, user 2 has 1: (4 + 1) / 4.
     assert scale == pytest.approx(1.25)
+
+
+def test_the_trainer_row_names_implicit_feedback():
+    metrics = {'eval_rmse': 0.9, 'eval_mae': 0.7, 'train_seconds': 1.5, 'epochs': 12,
+               'config': {'num_factors': 16, 'implicit_feedback': True, 'implicit_l2': 0.48}}
+    (row,) = quality.trainer_rows(metrics)
+    assert row.note.endswith(', implicit feedback (l2 0.48)')
+    metrics['config']['implicit_feedback'] = False
+    assert 'implicit' not in quality.trainer_rows(metrics)[0].note
 
 
 def test_posterior_averaging_adds_the_trained_model_row_and_the_ratio_line():
