@@ -102,23 +102,57 @@ def test_unknown_missing_or_empty_flags_are_errors(argv, capsys):
     assert 'error:' in capsys.readouterr().err
 
 
+def _info(layout: str, ratings: int, users: int, movies: int) -> features.DatasetInfo:
+    """The DatasetInfo of an 80/20 split of `ratings` synthetic ratings."""
+    scale = features.DATASETS[layout]
+    return features.DatasetInfo(
+        dataset='synthetic', layout=layout, seed=42, eval_percent=20.0,
+        rows_read=ratings, rows_accepted=ratings, rows_rejected=0, rejected_by_reason={},
+        train_ratings=ratings * 4 // 5, eval_ratings=ratings // 5, users=users,
+        movies=movies, train_mean_rating=3.5, global_mean_eval_rmse=1.1,
+        rating_min=scale.rating_min, rating_max=scale.rating_max, train_pattern='t',
+        eval_pattern='e')
+
+
 def test_the_default_decay_is_per_800_steps_and_at_most_0_8_an_epoch():
     assert config.default_learning_rate_decay(25_000_000, 1024) == 0.8
     assert config.default_learning_rate_decay(800 * 1024, 1024) == 0.8
     # 80k ratings are 78 steps: a tenth of 800, so 0.8^(78/800).
     assert config.default_learning_rate_decay(80_000, 1024) == pytest.approx(
         0.8 ** (80_000 / 1024 / 800), abs=1e-4)
-    info = features.DatasetInfo(
-        dataset='synthetic', layout='ml-25m', seed=42, eval_percent=20.0,
-        rows_read=12_500_000, rows_accepted=12_500_000, rows_rejected=0,
-        rejected_by_reason={}, train_ratings=10_000_000, eval_ratings=2_500_000,
-        users=80_000, movies=40_000, train_mean_rating=3.5, global_mean_eval_rmse=1.1,
-        rating_min=0.5, rating_max=5.0, train_pattern='t', eval_pattern='e')
+    info = _info('ml-25m', ratings=12_500_000, users=80_000, movies=40_000)
     filled = config.with_data_defaults(config.make_config(work_dir='w'), info)
     assert filled.learning_rate_decay == 0.8
     kept = config.with_data_defaults(
         config.make_config(work_dir='w', learning_rate_decay=1.0), info)
     assert kept.learning_rate_decay == 1.0
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--implicit-feedback', '--training-kernel', 'fused'],
+     'fused has no implicit-feedback term; use --training-kernel auto or tf'),
+    (['--implicit-l2', '0.5'], 'applies only with --implicit-feedback'),
+])
+def test_implicit_feedback_flags_that_cannot_run_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        config.parse_args(['--work-dir', 'w', *argv], environ={})
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if 'error:' in line]
+    assert len(errors) == 1 and message in errors[0]
+
+
+def test_the_implicit_penalty_defaults_to_a_multiple_of_l2():
+    info = _info('ml-100k', ratings=100_000, users=943, movies=1682)
+    plain = config.with_data_defaults(config.parse_args(['--work-dir', 'w'], {}), info)
+    assert plain.implicit_l2 is None and not plain.implicit_feedback
+    implicit = config.with_data_defaults(
+        config.parse_args(['--work-dir', 'w', '--implicit-feedback'], {}), info)
+    assert implicit.implicit_l2 == pytest.approx(config.IMPLICIT_L2_FACTOR * implicit.l2,
+                                                 abs=1e-4)
+    chosen = config.with_data_defaults(config.parse_args(
+        ['--work-dir', 'w', '--implicit-feedback', '--implicit-l2', '0.3', '--l2', '0.1'],
+        {}), info)
+    assert (chosen.implicit_l2, chosen.l2) == (0.3, 0.1)
 
 
 def test_config_is_frozen():

@@ -169,29 +169,33 @@ class _TwoReplicas:
     num_replicas_in_sync = 2
 
 
-def _choose(kind: str, strategy=None, optimizer_name: str = 'adam'):
+def _choose(kind: str, strategy=None, optimizer_name: str = 'adam', implicit: bool = False):
     config = config_lib.make_config('work', training_kernel=kind, optimizer=optimizer_name,
-                                    l2=0.05, learning_rate_decay=1.0)
-    model = model_lib.MatrixFactorization(USERS, ITEMS, FACTORS, 3.2, 0.1, seed=7)
+                                    l2=0.05, learning_rate_decay=1.0,
+                                    implicit_feedback=implicit)
+    model = model_lib.MatrixFactorization(USERS, ITEMS, FACTORS, 3.2, 0.1, seed=7,
+                                          implicit_feedback=implicit)
     optimizer = optimizers.make_optimizer(optimizer_name, model.parameters(), 0.01)
     return train_lib.choose_train_epoch(
         config, strategy or tf.distribute.get_strategy(), model, optimizer,
         model_lib.penalty_weights(FACTORS, 0.05, 0.01), 1.0, 5.0)
 
 
-@pytest.mark.parametrize('strategy, optimizer_name, reason', [
-    (_TwoReplicas(), 'adam', 'this cluster has 2'),
-    (None, 'sgd', 'not --optimizer sgd'),
+@pytest.mark.parametrize('strategy, optimizer_name, implicit, reason', [
+    (_TwoReplicas(), 'adam', False, 'this cluster has 2'),
+    (None, 'sgd', False, 'not --optimizer sgd'),
+    (None, 'adam', True, 'no implicit-feedback term'),
 ])
-def test_auto_falls_back_to_tensorflow_ops_and_says_why(strategy, optimizer_name, reason,
-                                                        monkeypatch, caplog):
+def test_auto_falls_back_to_tensorflow_ops_and_says_why(strategy, optimizer_name, implicit,
+                                                        reason, monkeypatch, caplog):
     built = []
-    monkeypatch.setattr(train_lib, 'make_train_epoch', lambda *args: built.append(args) or 'tf')
+    monkeypatch.setattr(train_lib, 'make_train_epoch',
+                        lambda *args, **kwargs: built.append(args) or 'tf')
     with caplog.at_level(logging.WARNING, logger='trainer.train'):
-        assert _choose('auto', strategy, optimizer_name) == 'tf'
+        assert _choose('auto', strategy, optimizer_name, implicit) == 'tf'
     assert built and reason in caplog.text
     with pytest.raises(fused.KernelUnavailable, match=f'{reason}.*--training-kernel auto'):
-        _choose('fused', strategy, optimizer_name)
+        _choose('fused', strategy, optimizer_name, implicit)
 
 
 def test_auto_falls_back_when_the_kernel_cannot_be_built(monkeypatch, caplog):

@@ -7,8 +7,8 @@ import pytest
 import tensorflow as tf
 
 from trainer import features
-from trainer.model import (MatrixFactorization, loss_and_gradients, penalty_weights,
-                           per_example_loss)
+from trainer.model import (MatrixFactorization, folded, implicit_gradient,
+                           loss_and_gradients, penalty_weights, per_example_loss)
 
 OOV = features.NUM_OOV_BUCKETS
 
@@ -122,3 +122,76 @@ def test_initialisation_is_seeded():
 def test_empty_tables_are_refused(sizes):
     with pytest.raises(ValueError, match='must be >= 1'):
         MatrixFactorization(*sizes, global_mean=3.0, init_stddev=0.1, seed=0)
+
+
+def _implicit_model() -> MatrixFactorization:
+    """The hand-set model plus hand-set y rows; user 0 rated items 0 and 2, user 1 item 1."""
+    plain = _hand_set_model()
+    model = MatrixFactorization(2, 3, 2, 3.5, 0.1, seed=0, implicit_feedback=True)
+    model.user_embedding.assign(plain.user_embedding)
+    model.item_embedding.assign(plain.item_embedding)
+    model.implicit_embedding.assign([[0.4, -0.2], [1.0, 1.0], [0.2, 0.6]] + [[0.0, 0.0]] * OOV)
+    model.set_implicit_ratings(_ids(1, 0, 0), _ids(1, 2, 0))
+    return model
+
+
+def test_implicit_sums_join_the_user_factors():
+    model = _implicit_model()
+    # user 0: p + (y_0 + y_2) / sqrt(2); user 1: p + y_1; the OOV user: nothing.
+    offset_0 = np.array([0.6, 0.4]) / np.sqrt(2.0)
+    user_0 = np.array([1.0, 2.0]) + offset_0
+    user_1 = np.array([0.5, -1.0]) + np.array([1.0, 1.0])
+    prediction = model(_ids(0, 1, 2), _ids(2, 0, 1))
+    expected = [3.5 + 0.5 - 0.3 + user_0 @ [0.0, 3.0],
+                3.5 - 0.25 + 0.1 + user_1 @ [0.2, 0.1],
+                3.5 + 0.2]
+    np.testing.assert_allclose(prediction.numpy(), expected, rtol=1e-6)
+    table = model.effective_user_embedding().numpy()
+    np.testing.assert_allclose(table[0, :2], user_0, rtol=1e-6)
+    np.testing.assert_allclose(table[:, 2], [0.5, -0.25, 0.0])
+
+
+def test_folded_model_is_plain_and_predicts_the_same():
+    model = _implicit_model()
+    plain = folded(model)
+    assert not plain.implicit_feedback and set(plain.parameters()) == {
+        'user_embedding', 'item_embedding'}
+    user, item = _ids(0, 0, 1, 1, 2), _ids(0, 2, 1, 0, 3)
+    np.testing.assert_allclose(plain(user, item).numpy(), model(user, item).numpy(),
+                               rtol=1e-6)
+    assert folded(plain) is plain
+
+
+def test_implicit_model_needs_its_ratings():
+    model = MatrixFactorization(2, 3, 2, 3.5, 0.1, seed=0, implicit_feedback=True)
+    with pytest.raises(ValueError, match='set_implicit_ratings'):
+        model(_ids(0), _ids(0))
+
+
+def test_implicit_gradients_match_the_tape():
+    model = _implicit_model()
+    user, item = _ids(1, 0, 0, 1), _ids(2, 0, 1, 1)
+    rating = tf.constant([3.0, 4.0, 1.5, 2.0])
+    penalty = penalty_weights(model.num_factors, l2=0.1, l2_bias=0.03)
+    with tf.GradientTape() as tape:
+        distinct, position = tf.unique(user, out_idx=tf.int64)
+        terms = model.implicit_terms(distinct)
+        offset = tf.gather(terms['offset'], position)
+        user_rows, item_rows = model.gather(user, item)
+        loss, prediction, user_gradient, item_gradient = loss_and_gradients(
+            model, user_rows, item_rows, rating, penalty, user_offset=offset)
+        implicit_penalty, implicit = implicit_gradient(
+            model, terms, position,
+            2.0 * (prediction - rating)[:, None] * item_rows[:, :2], l2=0.3)
+        total = tf.reduce_sum(loss + implicit_penalty)
+    expected = tape.gradient(total, model.parameters())
+    # Example 0 (user 1): l2 * |y_1|^2; examples 1, 2 (user 0): l2 * (|y_0|^2 + |y_2|^2) / 2.
+    np.testing.assert_allclose(implicit_penalty.numpy(),
+                               0.3 * np.array([2.0, 0.3, 0.3, 2.0]), rtol=1e-6)
+    for name, rows, indices in (('user_embedding', user_gradient, user),
+                                ('item_embedding', item_gradient, item),
+                                ('implicit_embedding', implicit.values, implicit.indices)):
+        size = model.parameters()[name].shape[0]
+        dense = tf.math.unsorted_segment_sum(rows, indices, size)
+        np.testing.assert_allclose(dense.numpy(), tf.convert_to_tensor(expected[name]).numpy(),
+                                   rtol=1e-5, atol=1e-6, err_msg=name)

@@ -208,3 +208,34 @@ def test_a_sum_of_lower_rank_than_asked_is_padded_with_zero_factors():
     wide_left, wide_right = total.truncated(8)  # rank 3 at most: 3 users
     assert wide_left.shape == (3, 8) and wide_right.shape == (4, 8)
     np.testing.assert_allclose(wide_left @ wide_right.T, left @ right.T, atol=1e-9)
+
+
+def test_a_prior_mean_centres_the_user_rows():
+    """Users with 3 train ratings each: the prior decides much of their rows."""
+    rng = np.random.default_rng(3)
+    users, items, per_user = 200, 60, 4
+    p, q = rng.normal(0, 1.0, (users, 2)), rng.normal(0, 1.0, (items, 2))
+    user = np.repeat(np.arange(users), per_user)
+    item = np.concatenate([rng.choice(items, per_user, replace=False) for _ in range(users)])
+    signal = 3.5 + np.sum(p[user] * q[item], 1)
+    rating = (signal + rng.normal(0, 0.5, len(user))).astype(np.float32)
+    held = np.zeros(len(user), bool)
+    held[::per_user] = True
+    tables = _tables(users, items, 2)
+    planted_mean = np.zeros_like(tables[0])
+    planted_mean[:users, :2] = p
+
+    def run(prior_mean, kernel='auto'):
+        return posterior.average(*tables, 3.5, user[~held], item[~held], rating[~held],
+                                 samples=40, burn_in=20, seed=0, kernel=kernel,
+                                 user_prior_mean=prior_mean)
+
+    def error(result):
+        return np.sqrt(np.mean((_predict(result, user[held], item[held], 3.5)
+                                - signal[held]) ** 2))
+    zero, planted = run(None), run(planted_mean)
+    assert error(planted) < 0.6 * error(zero), (error(planted), error(zero))
+    # A zero prior mean is no prior mean; numpy draws the same chain.
+    np.testing.assert_array_equal(run(np.zeros_like(planted_mean)).user_table, zero.user_table)
+    np.testing.assert_allclose(run(planted_mean, 'tf').user_table, planted.user_table,
+                               atol=1e-3)

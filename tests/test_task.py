@@ -78,6 +78,26 @@ def test_main_trains_exports_and_summarises(preprocessed, tmp_path, monkeypatch,
     assert len(errors) == 1 and '--overwrite' in errors[0]
 
 
+def test_implicit_feedback_exports_a_plain_model(preprocessed, tmp_path, capsys):
+    model_dir = str(tmp_path / 'model')
+    assert task.main(['--work-dir', preprocessed, '--job-dir', model_dir,
+                      '--num-epochs', '2', '--batch-size', '64', '--num-factors', '4',
+                      '--implicit-feedback', '--posterior-samples', '5']) == 0
+    metrics = features.read_json(os.path.join(model_dir, features.METRICS_FILE))
+    settings = metrics['config']
+    assert settings['implicit_feedback'] and settings['implicit_l2'] == pytest.approx(
+        config.IMPLICIT_L2_FACTOR * settings['l2'], abs=1e-4)
+    summary = capsys.readouterr().out
+    assert (f"\n  with implicit feedback (--implicit-l2 {settings['implicit_l2']:g}), folded "
+            'into the user factors for export\n') in summary
+    saved = tf.train.list_variables(os.path.join(metrics['export_dir'], 'variables',
+                                                 'variables'))
+    assert saved and not [name for name, _ in saved if 'implicit' in name]
+    served = tf.saved_model.load(metrics['export_dir']).signatures[export.SIGNATURE](
+        user_id=tf.constant(['1']), movie_id=tf.constant(['1']))
+    assert served[features.RATING].numpy().shape == (1,)
+
+
 def test_main_without_preprocessing_says_what_to_run(work_dir, capsys):
     assert task.main(['--work-dir', work_dir]) == 2
     errors = capsys.readouterr().err.strip().splitlines()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import config, features, history, optimizers, synthetic, train
+from trainer import config, features, history, model, optimizers, synthetic, train
 
 # 150 users x 120 movies, 7,000 ratings: biases and rank-3 factors plus N(0, 0.5^2) noise.
 PLANTED = synthetic.SyntheticConfig(num_users=150, num_movies=120,
@@ -46,13 +46,18 @@ def planted(tmp_path_factory) -> tuple[features.DatasetInfo, int, int]:
 
     Indices are id - 1; eval ids unseen in train map to the OOV row.
     """
-    work_dir = str(tmp_path_factory.mktemp('planted'))
-    ratings = synthetic.generate(PLANTED)
+    return _planted_split(str(tmp_path_factory.mktemp('planted')), PLANTED)
+
+
+def _planted_split(work_dir: str, planted_config: synthetic.SyntheticConfig
+                   ) -> tuple[features.DatasetInfo, int, int]:
+    ratings = synthetic.generate(planted_config)
+    num_users, num_movies = planted_config.num_users, planted_config.num_movies
     is_eval = np.random.default_rng(0).random(ratings.ratings.size) < 0.2
-    train_users = np.isin(np.arange(PLANTED.num_users), ratings.user_ids[~is_eval] - 1)
-    train_items = np.isin(np.arange(PLANTED.num_movies), ratings.movie_ids[~is_eval] - 1)
-    users = np.where(train_users[ratings.user_ids - 1], ratings.user_ids - 1, PLANTED.num_users)
-    items = np.where(train_items[ratings.movie_ids - 1], ratings.movie_ids - 1, PLANTED.num_movies)
+    train_users = np.isin(np.arange(num_users), ratings.user_ids[~is_eval] - 1)
+    train_items = np.isin(np.arange(num_movies), ratings.movie_ids[~is_eval] - 1)
+    users = np.where(train_users[ratings.user_ids - 1], ratings.user_ids - 1, num_users)
+    items = np.where(train_items[ratings.movie_ids - 1], ratings.movie_ids - 1, num_movies)
     os.makedirs(features.transformed_dir(work_dir))
     for split, mask in ((features.TRAIN, ~is_eval), (features.EVAL, is_eval)):
         _write_split(work_dir, split, users[mask], items[mask], ratings.ratings[mask])
@@ -63,13 +68,13 @@ def planted(tmp_path_factory) -> tuple[features.DatasetInfo, int, int]:
         rows_read=ratings.ratings.size, rows_accepted=ratings.ratings.size,
         rows_rejected=0, rejected_by_reason={},
         train_ratings=int((~is_eval).sum()), eval_ratings=int(is_eval.sum()),
-        users=PLANTED.num_users, movies=PLANTED.num_movies,
+        users=num_users, movies=num_movies,
         train_mean_rating=train_mean,
         global_mean_eval_rmse=float(np.sqrt(np.mean((eval_ratings - train_mean) ** 2))),
         rating_min=1.0, rating_max=5.0,
         train_pattern=features.split_pattern(work_dir, features.TRAIN),
         eval_pattern=features.split_pattern(work_dir, features.EVAL))
-    return info, PLANTED.num_users, PLANTED.num_movies
+    return info, num_users, num_movies
 
 
 def _run(planted, model_dir: str, **overrides) -> train.TrainResult:
@@ -378,3 +383,54 @@ def test_posterior_averaging_starts_from_the_trained_model_and_repeats(
                     posterior_burn_in=5, training_kernel='tf')
     assert in_numpy.posterior['kernel'] == 'numpy'
     assert in_numpy.final.eval_rmse == pytest.approx(averaged.final.eval_rmse, abs=1e-3)
+
+
+# Users who pick the movies they like: which movies a user rated tells their taste.
+CHOOSY = dataclasses.replace(PLANTED, num_users=300, num_movies=200, num_ratings=12_000,
+                             selection_bias=3.0)
+
+
+@pytest.fixture(scope='module')
+def choosy(tmp_path_factory) -> tuple[features.DatasetInfo, int, int]:
+    return _planted_split(str(tmp_path_factory.mktemp('choosy')), CHOOSY)
+
+
+def test_implicit_feedback_learns_from_which_movies_users_chose(choosy, tmp_path):
+    settings = dict(num_epochs=12, final_model='refit', validation_percent=10.0)
+    plain = _run(choosy, str(tmp_path / 'plain'), **settings)
+    implicit = _run(choosy, str(tmp_path / 'implicit'), implicit_feedback=True, **settings)
+    assert implicit.final.eval_rmse < plain.final.eval_rmse - 0.01, (
+        implicit.final.eval_rmse, plain.final.eval_rmse)
+    # The exported model is plain: the implicit sums are folded into the user factors.
+    assert not implicit.model.implicit_feedback
+    assert set(implicit.model.parameters()) == set(model.PARAMETER_NAMES)
+
+
+def test_implicit_feedback_folds_exactly_resumes_and_repeats(planted, tmp_path):
+    settings = dict(implicit_feedback=True, num_epochs=4, validation_percent=10.0)
+    whole = _run(planted, str(tmp_path / 'whole'), **settings)
+    best = whole.history[whole.best_epoch - 1]
+    # Scored after folding, the model predicts what the implicit model did in training.
+    assert whole.final.eval_rmse == pytest.approx(best.eval_rmse, abs=1e-6)
+    assert whole.final.validation_rmse == pytest.approx(best.validation_rmse, abs=1e-6)
+    again = _run(planted, str(tmp_path / 'again'), **settings)
+    np.testing.assert_allclose(_metrics(again), _metrics(whole), rtol=0, atol=1e-6)
+    resumed_dir = str(tmp_path / 'resumed')
+    _run(planted, resumed_dir, **{**settings, 'num_epochs': 2})
+    resumed = _run(planted, resumed_dir, **settings)
+    assert resumed.initial_epoch == 2
+    np.testing.assert_allclose(_metrics(resumed), _metrics(whole), rtol=0, atol=1e-6)
+    # A plain model's checkpoints do not hold the implicit table.
+    with pytest.raises(train.ResumeError, match='--overwrite'):
+        _run(planted, str(tmp_path / 'whole'), **{**settings, 'implicit_feedback': False,
+                                                  'num_epochs': 6})
+
+
+def test_implicit_feedback_refuses_several_replicas():
+    class TwoReplicas:  # all that make_train_epoch reads before it refuses
+        num_replicas_in_sync = 2
+    implicit = model.MatrixFactorization(5, 5, 2, 3.0, 0.1, seed=0, implicit_feedback=True)
+    optimizer = optimizers.make_optimizer('sgd', implicit.parameters(), 0.01)
+    with pytest.raises(train.Unsupported, match='one replica'):
+        train.make_train_epoch(TwoReplicas(), implicit, optimizer,
+                               model.penalty_weights(2, 0.1, 0.01), 128, 1.0, 5.0)

@@ -40,6 +40,8 @@ L2_SCALE = 8.0
 # The default decay: the rate falls by DECAY_FACTOR per DECAY_STEPS steps, at most per epoch.
 DECAY_FACTOR = 0.8
 DECAY_STEPS = 800
+# The default --implicit-l2 is this multiple of --l2 (see `with_data_defaults`).
+IMPLICIT_L2_FACTOR = 4.0
 
 
 def default_l2(train_ratings: int, users: int, movies: int) -> float:
@@ -82,6 +84,14 @@ def with_data_defaults(config: 'TrainConfig', info: features.DatasetInfo) -> 'Tr
     if config.learning_rate_decay is None:
         filled['learning_rate_decay'] = default_learning_rate_decay(
             info.train_ratings, config.batch_size)
+    if config.implicit_feedback and config.implicit_l2 is None:
+        # Measured on synthetic 100k (eval RMSE of the exported model; plain
+        # MF 0.9065 without and 0.8397 with selection bias 2): 1x l2 0.9302
+        # and 0.8341, 2x 0.9226 and 0.8331, 4x 0.9151 and 0.8319, 16x
+        # 0.9092 and 0.8341.  Where who rates what carries no taste the y
+        # rows can only fit noise, so they need more shrinkage than factors.
+        filled['implicit_l2'] = round(
+            IMPLICIT_L2_FACTOR * filled.get('l2', config.l2), 4)
     return dataclasses.replace(config, **filled) if filled else config
 
 
@@ -127,6 +137,12 @@ class TrainConfig:
       final_model: 'refit' trains a fresh model on the whole train split
         (validation slice included) for the best epoch's number of epochs;
         'best' keeps the best epoch's parameters as they are.
+      implicit_feedback: add the SVD++-style term (`trainer.model`): each
+        user's factors gain a learned sum over the movies they rated; trained
+        in TensorFlow ops on one replica, folded into the user factors at the
+        end.
+      implicit_l2: the penalty strength of the implicit term's y rows; None:
+        IMPLICIT_L2_FACTOR x l2 (with implicit_feedback).
       posterior_samples: Gibbs sweeps averaged into the final model's
         posterior mean (`trainer.posterior`); 0 exports the trained (MAP)
         model as it is.
@@ -165,6 +181,8 @@ class TrainConfig:
     early_stopping_patience: int = 3
     l2_frequency_exponent: float = 0.0
     final_model: str = 'refit'
+    implicit_feedback: bool = False
+    implicit_l2: float | None = None
     posterior_samples: int = 100
     posterior_burn_in: int = 20
     eval_batch_size: int = 65536
@@ -320,6 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
     add('--final-model', default=TrainConfig.final_model, choices=FINAL_MODELS,
         help='refit: retrain on all train ratings for the best epoch count '
              '(default); best: keep the best epoch as trained')
+    add('--implicit-feedback', action='store_true',
+        help="SVD++-style term: learn from which movies each user rated, not only "
+             'how (one replica, TensorFlow ops: about 15x slower at 100k ratings)')
+    add('--implicit-l2', default=TrainConfig.implicit_l2,
+        type=_bounded(float, '--implicit-l2', 0, 100),
+        help='per-example L2 strength on the implicit rows, spread over the movies '
+             f'each user rated (default: {IMPLICIT_L2_FACTOR:g} x --l2)')
     add('--posterior-samples', default=TrainConfig.posterior_samples,
         type=_bounded(int, '--posterior-samples', 0, 100_000),
         help='Gibbs sweeps averaged into the final model (its Bayesian posterior '
@@ -356,6 +381,12 @@ def parse_args(argv: Sequence[str] | None = None,
     if args.training_kernel == 'fused' and args.optimizer != 'adam':
         parser.error(f'argument --training-kernel: fused trains with adam, not '
                      f'--optimizer {args.optimizer}; use --training-kernel auto')
+    if args.training_kernel == 'fused' and args.implicit_feedback:
+        parser.error('argument --training-kernel: fused has no implicit-feedback term; '
+                     'use --training-kernel auto or tf with --implicit-feedback')
+    if args.implicit_l2 is not None and not args.implicit_feedback:
+        parser.error(f'argument --implicit-l2: {args.implicit_l2} applies only with '
+                     '--implicit-feedback; add that flag or drop this one')
     hyperparameters = {
         field.name: getattr(args, field.name)
         for field in dataclasses.fields(TrainConfig)

@@ -35,6 +35,15 @@ mu + b_i, an unknown item as mu + b_u.
 short, and tested against `tf.GradientTape`): the per-example gradient rows
 come out as plain tensors ready for a sparse update, with no tape.
 
+With `implicit_feedback` (SVD++ style, Koren 2008) the user's factors are
+p_u + |N(u)|^-1/2 * sum of y_j over the items j in N(u), the items u rated
+among the ratings the model is fitted on (`set_implicit_ratings`): which
+movies a user chose to rate says something about their taste even before
+the ratings do.  The y_j are a third table, `implicit_embedding`, with the
+per-example penalty l2 * mean over N(u) of |y_j|^2.  N(u) is fixed once the
+model is fitted, so `folded` turns the model into a plain one with the sum
+added to each user's factors: export, ranking and serving never see y.
+
 This module holds no IO, flags or logging setup.  Create the model inside
 `strategy.scope()`: its variables use `ONLY_FIRST_REPLICA` aggregation so
 that sparse row updates (computed identically on every replica from
@@ -49,6 +58,8 @@ from trainer import features
 
 # The trainable tables, by name; optimisers key their slots by these names.
 PARAMETER_NAMES = ('user_embedding', 'item_embedding')
+# The third table of a model with implicit feedback.
+IMPLICIT_NAME = 'implicit_embedding'
 
 _AGGREGATION = tf.VariableAggregation.ONLY_FIRST_REPLICA
 
@@ -73,11 +84,14 @@ class MatrixFactorization(tf.Module):
       user_embedding: [user_vocab_size + NUM_OOV_BUCKETS, num_factors + 1],
         each row the user's factors then bias.
       item_embedding: [item_vocab_size + NUM_OOV_BUCKETS, num_factors + 1].
+      implicit_embedding: with implicit_feedback, the y_j,
+        [item_vocab_size + NUM_OOV_BUCKETS, num_factors], starting at zero.
     """
 
     def __init__(self, user_vocab_size: int, item_vocab_size: int,
                  num_factors: int, global_mean: float, init_stddev: float,
-                 seed: int, name: str | None = None) -> None:
+                 seed: int, name: str | None = None,
+                 implicit_feedback: bool = False) -> None:
         """Creates the tables; call inside the distribution strategy's scope.
 
         Args:
@@ -88,6 +102,8 @@ class MatrixFactorization(tf.Module):
           init_stddev: standard deviation of the initial factors.
           seed: seed of the initial factors (stateless, so reproducible).
           name: the tf.Module name.
+          implicit_feedback: add the SVD++ term (see the module doc); call
+            `set_implicit_ratings` before predicting.
 
         Raises:
           ValueError: if a size is not positive or init_stddev is negative.
@@ -107,6 +123,12 @@ class MatrixFactorization(tf.Module):
                                          init_stddev, (seed, 1), 'user_embedding')
         self.item_embedding = _embedding(item_vocab_size, num_factors,
                                          init_stddev, (seed, 2), 'item_embedding')
+        self.implicit_feedback = implicit_feedback
+        if implicit_feedback:
+            self.implicit_embedding = tf.Variable(
+                tf.zeros([item_vocab_size + features.NUM_OOV_BUCKETS, num_factors]),
+                name=IMPLICIT_NAME, aggregation=_AGGREGATION)
+        self._implicit: tuple[tf.Tensor, tf.Tensor, tf.Tensor] | None = None
 
     @property
     def user_factors(self) -> tf.Tensor:
@@ -138,8 +160,64 @@ class MatrixFactorization(tf.Module):
                                         tf.constant(bias, tf.float32)[:, None]], axis=1))
 
     def parameters(self) -> dict[str, tf.Variable]:
-        """The trainable tables keyed by PARAMETER_NAMES."""
-        return {name: getattr(self, name) for name in PARAMETER_NAMES}
+        """The trainable tables keyed by PARAMETER_NAMES (and IMPLICIT_NAME)."""
+        names = PARAMETER_NAMES + ((IMPLICIT_NAME,) if self.implicit_feedback else ())
+        return {name: getattr(self, name) for name in names}
+
+    def set_implicit_ratings(self, user: object, item: object) -> None:
+        """Sets N(u): the items each user rated among the fitted ratings.
+
+        Args:
+          user: user indices of the ratings the model is fitted on.
+          item: their item indices; (user, item) pairs are unique.
+        """
+        user = tf.cast(tf.convert_to_tensor(user), tf.int64)
+        item = tf.cast(tf.convert_to_tensor(item), tf.int64)
+        rows = self.user_embedding.shape[0]
+        order = tf.argsort(user, stable=True)
+        counts = tf.math.bincount(user, minlength=rows, maxlength=rows, dtype=tf.int64)
+        splits = tf.concat([[0], tf.cumsum(counts)], axis=0)
+        scale = tf.math.divide_no_nan(1.0, tf.sqrt(tf.cast(counts, tf.float32)))
+        self._implicit = (splits, tf.gather(item, order), scale)
+
+    def implicit_terms(self, users: tf.Tensor) -> dict[str, tf.Tensor]:
+        """The implicit sums of distinct users, and what their gradient needs.
+
+        Returns:
+          'offset': |N(u)|^-1/2 * sum of y_j over N(u), [U, num_factors];
+          'items': every j in N(u) of every user, concatenated;
+          'owner': the position in users each of those belongs to;
+          'scale': |N(u)|^-1/2 per user (0 for a user with none), [U];
+          'mean_square': mean |y_j|^2 over N(u) per user, [U].
+
+        Raises:
+          ValueError: set_implicit_ratings was not called.
+        """
+        if self._implicit is None:
+            raise ValueError('a model with implicit feedback needs set_implicit_ratings '
+                             'before it predicts')
+        splits, items, scale = self._implicit
+        users = tf.cast(users, tf.int64)
+        ranges = tf.ragged.range(tf.gather(splits, users), tf.gather(splits, users + 1))
+        owner = ranges.value_rowids()
+        rated = tf.gather(items, ranges.flat_values)
+        implicit_rows = tf.gather(self.implicit_embedding, rated)
+        count = tf.size(users, out_type=tf.int64)
+        user_scale = tf.gather(scale, users)
+        return {
+            'offset': tf.math.unsorted_segment_sum(implicit_rows, owner, count)
+                      * user_scale[:, None],
+            'items': rated, 'owner': owner, 'scale': user_scale,
+            'mean_square': tf.math.unsorted_segment_sum(
+                tf.reduce_sum(tf.square(implicit_rows), axis=-1), owner, count)
+                * tf.square(user_scale)}
+
+    def effective_user_embedding(self) -> tf.Tensor:
+        """The user table with the implicit sums added to the factors (the table itself without)."""
+        if not self.implicit_feedback:
+            return tf.convert_to_tensor(self.user_embedding)
+        offset = self.implicit_terms(tf.range(tf.shape(self.user_embedding, tf.int64)[0]))
+        return self.user_embedding + tf.pad(offset['offset'], [[0, 0], [0, 1]])
 
     def gather(self, user: tf.Tensor, item: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """The (user rows, item rows) a batch touches, [B, num_factors + 1] each."""
@@ -154,7 +232,29 @@ class MatrixFactorization(tf.Module):
 
     def __call__(self, user: tf.Tensor, item: tf.Tensor) -> tf.Tensor:
         """Predicted ratings (unclipped) for int index vectors user and item."""
-        return self.predict_from_rows(*self.gather(user, item))
+        user_rows, item_rows = self.gather(user, item)
+        if self.implicit_feedback:
+            distinct, position = tf.unique(user)
+            offset = tf.gather(self.implicit_terms(distinct)['offset'], position)
+            user_rows += tf.pad(offset, [[0, 0], [0, 1]])
+        return self.predict_from_rows(user_rows, item_rows)
+
+
+def folded(model: MatrixFactorization) -> MatrixFactorization:
+    """The plain model that predicts as `model` does: implicit sums added to the user factors.
+
+    A model without implicit feedback is returned as it is.
+    """
+    if not model.implicit_feedback:
+        return model
+    user_rows, item_rows = (table.shape[0] - features.NUM_OOV_BUCKETS
+                            for table in (model.user_embedding, model.item_embedding))
+    plain = MatrixFactorization(user_rows, item_rows, model.num_factors,
+                                float(model.global_mean.numpy()), init_stddev=0.0, seed=0,
+                                name=model.name)
+    plain.user_embedding.assign(model.effective_user_embedding())
+    plain.item_embedding.assign(model.item_embedding)
+    return plain
 
 
 def penalty_weights(num_factors: int, l2: float, l2_bias: float) -> tf.Tensor:
@@ -165,7 +265,8 @@ def penalty_weights(num_factors: int, l2: float, l2_bias: float) -> tf.Tensor:
 def loss_and_gradients(model: MatrixFactorization, user_rows: tf.Tensor,
                        item_rows: tf.Tensor, rating: tf.Tensor,
                        penalty: tf.Tensor, user_weight: tf.Tensor | float = 1.0,
-                       item_weight: tf.Tensor | float = 1.0
+                       item_weight: tf.Tensor | float = 1.0,
+                       user_offset: tf.Tensor | None = None
                        ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
     """The objective's per-example terms and their gradients.
 
@@ -177,6 +278,8 @@ def loss_and_gradients(model: MatrixFactorization, user_rows: tf.Tensor,
       penalty: `penalty_weights`, [K + 1].
       user_weight: per-example weights of the user rows' penalty, [B] or scalar.
       item_weight: the same for the item rows.
+      user_offset: implicit sums added to the user factors, [B, K]; they
+        predict but are not penalised here (see `implicit_gradient`).
 
     Returns:
       (loss [B], prediction [B], user gradient rows [B, K + 1], item gradient
@@ -185,7 +288,9 @@ def loss_and_gradients(model: MatrixFactorization, user_rows: tf.Tensor,
       sum over equal rows, divided by B).
     """
     k = model.num_factors
-    prediction = model.predict_from_rows(user_rows, item_rows)
+    predicting_rows = (user_rows if user_offset is None
+                       else user_rows + tf.pad(user_offset, [[0, 0], [0, 1]]))
+    prediction = model.predict_from_rows(predicting_rows, item_rows)
     error = prediction - rating
     user_weight = tf.reshape(tf.cast(user_weight, tf.float32), [-1, 1])
     item_weight = tf.reshape(tf.cast(item_weight, tf.float32), [-1, 1])
@@ -198,9 +303,40 @@ def loss_and_gradients(model: MatrixFactorization, user_rows: tf.Tensor,
     ones = tf.ones_like(twice_error)
     user_gradient = (twice_error * tf.concat([item_rows[:, :k], ones], axis=1)
                      + 2.0 * user_penalty * user_rows)
-    item_gradient = (twice_error * tf.concat([user_rows[:, :k], ones], axis=1)
+    item_gradient = (twice_error * tf.concat([predicting_rows[:, :k], ones], axis=1)
                      + 2.0 * item_penalty * item_rows)
     return loss, prediction, user_gradient, item_gradient
+
+
+def implicit_gradient(model: MatrixFactorization, terms: dict[str, tf.Tensor],
+                      position: tf.Tensor, offset_gradient: tf.Tensor,
+                      l2: float) -> tuple[tf.Tensor, tf.IndexedSlices]:
+    """The implicit penalty per example and the gradient rows of the y table.
+
+    Args:
+      model: the model (for the table's shape).
+      terms: `model.implicit_terms` of the batch's distinct users.
+      position: each example's index into those users, [B].
+      offset_gradient: d (squared error) / d offset per example, [B, K]
+        (2 * error * q_i).
+      l2: the per-example strength of l2 * mean over N(u) of |y_j|^2.
+
+    Returns:
+      (penalty [B], gradient): the rows of every y_j in N(u) per distinct
+      user, summed over that user's examples, as d loss / d y_j.
+    """
+    users = tf.size(terms['scale'], out_type=tf.int64)
+    summed = tf.math.unsorted_segment_sum(offset_gradient, position, users)
+    examples = tf.math.unsorted_segment_sum(
+        tf.ones_like(position, tf.float32), position, users)
+    owner = terms['owner']
+    data_rows = tf.gather(summed * terms['scale'][:, None], owner)
+    # d/dy_j of l2 * |y_j|^2 / |N(u)|, once per example of the user.
+    shrink = tf.gather(2.0 * l2 * examples * tf.square(terms['scale']), owner)
+    rows = data_rows + shrink[:, None] * tf.gather(model.implicit_embedding, terms['items'])
+    penalty = l2 * tf.gather(terms['mean_square'], position)
+    return penalty, tf.IndexedSlices(rows, terms['items'],
+                                     tf.shape(model.implicit_embedding, tf.int64))
 
 
 def per_example_loss(model: MatrixFactorization, user: tf.Tensor,

@@ -51,6 +51,16 @@ to the same chain within float rounding, about 20 times slower.  Random
 numbers come from numpy, seeded by `seed`: the same data and seed give the
 same model whatever the thread count.
 
+A model with implicit feedback (`model.folded`) has user factors
+p_u + x_u, where x_u, the implicit sum over the movies u rated, is known
+before any rating is read.  Its prior is centred there: p_u + x_u ~
+N(x_u, 1 / lambda), passed as `user_prior_mean`.  A zero-mean prior would
+pull the folded factors of a user with few ratings back to zero and undo
+what the implicit term learned (measured on synthetic 100k with
+selection bias 2: eval RMSE 0.8387 trained, 0.8400 averaged with a
+zero-mean prior).  The sampler draws the deviation from the prior mean,
+whose ratings' targets are less x_u . q_i.
+
 This module holds no flags; `train.py` calls `average`.
 """
 
@@ -254,6 +264,24 @@ def _squared_error(users: np.ndarray, items: np.ndarray, user: np.ndarray,
     return total
 
 
+class _PriorShift:
+    """The user side's ratings with targets less prior_mean[u] . q_i, for a row's deviation."""
+
+    def __init__(self, users: Side, prior_mean: np.ndarray) -> None:
+        self.users = users
+        self.factors = prior_mean[:, :-1]
+        self.rows = np.repeat(np.arange(len(users.offsets) - 1, dtype=np.int32),
+                              np.diff(users.offsets))
+
+    def side(self, item_table: np.ndarray) -> Side:
+        target = self.users.target.copy()
+        for lo in range(0, len(target), _NUMPY_CHUNK_RATINGS * 16):
+            hi = lo + _NUMPY_CHUNK_RATINGS * 16
+            target[lo:hi] -= np.einsum('nk,nk->n', self.factors[self.rows[lo:hi]],
+                                       item_table[self.users.other[lo:hi], :-1])
+        return Side(self.users.offsets, self.users.other, target)
+
+
 def _precisions(rng: np.random.Generator, table: np.ndarray) -> np.ndarray:
     """Per-column precision draws given a side's rows."""
     return rng.gamma(PRIOR_SHAPE + table.shape[0] / 2,
@@ -263,7 +291,7 @@ def _precisions(rng: np.random.Generator, table: np.ndarray) -> np.ndarray:
 def average(user_table: np.ndarray, item_table: np.ndarray, global_mean: float,
             user: np.ndarray, item: np.ndarray, rating: np.ndarray, *,
             samples: int, burn_in: int, seed: int, kernel: str = 'auto',
-            progress_every: int = 20) -> Result:
+            progress_every: int = 20, user_prior_mean: np.ndarray | None = None) -> Result:
     """Runs the chain from the given tables and returns the averaged tables.
 
     Args:
@@ -278,6 +306,8 @@ def average(user_table: np.ndarray, item_table: np.ndarray, global_mean: float,
       kernel: 'auto' (the op, else numpy), 'fused' (the op or
         fused.KernelUnavailable) or 'tf' (numpy).
       progress_every: log a line every this many sweeps.
+      user_prior_mean: the mean of each user row's prior, like user_table
+        (None: zero); the user rows are drawn as deviations from it.
     """
     if samples < 1 or burn_in < 0:
         raise ValueError(f'need samples >= 1 and burn_in >= 0, got {samples}, {burn_in}')
@@ -296,7 +326,12 @@ def average(user_table: np.ndarray, item_table: np.ndarray, global_mean: float,
     items_now = np.array(item_table[:num_items], np.float32)
     tau = 1.0 / max(_squared_error(users_now, items_now, user, item, target)
                     / max(len(target), 1), 1e-6)
-    user_prior = 1.0 / np.maximum(np.square(users_now, dtype=np.float64).mean(0), 1e-6)
+    prior_mean = np.zeros((num_users, width), np.float32)
+    if user_prior_mean is not None:
+        prior_mean[:] = user_prior_mean[:num_users]
+    shift = _PriorShift(users, prior_mean) if user_prior_mean is not None else None
+    user_prior = 1.0 / np.maximum(
+        np.square(users_now - prior_mean, dtype=np.float64).mean(0), 1e-6)
     item_prior = 1.0 / np.maximum(np.square(items_now, dtype=np.float64).mean(0), 1e-6)
     k = width - 1
     products = LowRankSum(COMPRESS_WIDTH * k, KEEP_WIDTH * k)
@@ -305,13 +340,14 @@ def average(user_table: np.ndarray, item_table: np.ndarray, global_mean: float,
     noise_std_sum = 0.0
     for sweep in range(1, burn_in + samples + 1):
         items_given = items_now
-        users_now, users_mean, _ = sample_rows(
-            users, items_given, user_prior, tau,
-            rng.standard_normal((num_users, width), np.float32))
+        deviation, users_mean, _ = sample_rows(
+            users if shift is None else shift.side(items_given), items_given,
+            user_prior, tau, rng.standard_normal((num_users, width), np.float32))
+        users_now, users_mean = deviation + prior_mean, users_mean + prior_mean
         items_now, _, squared = sample_rows(
             items, users_now, item_prior, tau,
             rng.standard_normal((num_items, width), np.float32))
-        user_prior = _precisions(rng, users_now)
+        user_prior = _precisions(rng, deviation)
         item_prior = _precisions(rng, items_now)
         tau = rng.gamma(PRIOR_SHAPE + len(target) / 2, 1.0 / (PRIOR_RATE + 0.5 * squared))
         if sweep > burn_in:

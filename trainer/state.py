@@ -159,7 +159,8 @@ def build_state(config: TrainConfig, info: features.DatasetInfo,
         model = model_lib.MatrixFactorization(
             user_vocab_size, item_vocab_size, config.num_factors,
             global_mean=info.train_mean_rating,
-            init_stddev=config.init_stddev, seed=config.seed)
+            init_stddev=config.init_stddev, seed=config.seed,
+            implicit_feedback=config.implicit_feedback)
         optimizer = optimizers.make_optimizer(
             config.optimizer, model.parameters(), config.learning_rate)
         epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name='epoch',

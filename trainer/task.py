@@ -97,6 +97,8 @@ def _summary(metrics: dict, info: features.DatasetInfo,
         f'({info.users} users, {info.movies} movies); {metrics["epochs"]} epochs '
         f'({metrics["epochs_this_run"]} this run) in {metrics["wall_seconds"]:.1f} s',
         _selection_line(metrics),
+        *([f'  with implicit feedback (--implicit-l2 {config.implicit_l2:g}), folded into '
+           'the user factors for export'] if config.implicit_feedback else []),
         *([_posterior_line(metrics['posterior'])] if metrics.get('posterior') else []),
         f'  eval RMSE {metrics["eval_rmse"]:.4f} (MAE {metrics["eval_mae"]:.4f}); '
         f'predicting the train mean: {info.global_mean_eval_rmse:.4f}',
@@ -148,8 +150,8 @@ def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
         with reporting.epoch_summaries(config.tensorboard_dir) as on_epoch_end:
             result = train_lib.train(config, info, user_vocab_size,
                                      item_vocab_size, strategy, on_epoch_end)
-    except (FileNotFoundError, train_lib.ResumeError, data.ShardError,
-            fused.KernelUnavailable) as error:
+    except (FileNotFoundError, train_lib.ResumeError, train_lib.Unsupported,
+            data.ShardError, fused.KernelUnavailable) as error:
         print(f'trainer: error: {error}', file=sys.stderr)
         return 2
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError):

@@ -74,7 +74,11 @@ _SUM = tf.distribute.ReduceOp.SUM
 # An epoch counts as better only if validation RMSE falls by more than this.
 _MIN_IMPROVEMENT = 1e-4
 
-__all__ = ['ResumeError', 'Splits', 'TrainResult', 'train']
+__all__ = ['ResumeError', 'Splits', 'TrainResult', 'Unsupported', 'train']
+
+
+class Unsupported(ValueError):
+    """A combination of flags and cluster this trainer does not run; the message names the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,17 +181,22 @@ def replica_slice(batch: tf.Tensor, batch_size: int, size: tf.Tensor,
 def make_train_epoch(strategy: tf.distribute.Strategy,
                      model: model_lib.MatrixFactorization,
                      optimizer: optimizers.SparseOptimizer, penalty: tf.Tensor,
-                     batch_size: int, rating_min: float, rating_max: float
-                     ) -> Callable[..., tf.Tensor]:
+                     batch_size: int, rating_min: float, rating_max: float,
+                     implicit_l2: float = 0.0) -> Callable[..., tf.Tensor]:
     """Builds the epoch function.
 
     The function takes the epoch's shuffled (user, item, rating) columns and
     the per-row penalty weights (user [U], item [I]), and returns the sums
     [objective, count, squared error, absolute error] over the epoch, errors
-    of clipped predictions made before each update.
+    of clipped predictions made before each update.  A model with implicit
+    feedback (one replica only) also updates the y rows of every item its
+    batch's users rated, with penalty strength implicit_l2.
     """
     replicas = strategy.num_replicas_in_sync
     rows_per_replica = math.ceil(batch_size / replicas)
+    if model.implicit_feedback and replicas > 1:
+        raise Unsupported(f'--implicit-feedback trains one replica, this cluster has '
+                          f'{replicas}; drop the flag or train on one machine')
 
     def step(batch, user, item, rating, user_weights, item_weights):
         context = tf.distribute.get_replica_context()
@@ -200,14 +209,26 @@ def make_train_epoch(strategy: tf.distribute.Strategy,
         else:
             user_weight = tf.gather(user_weights, user)
             item_weight = tf.gather(item_weights, item)
+        offset = None
+        if model.implicit_feedback:
+            distinct, position = tf.unique(user, out_idx=tf.int64)
+            terms = model.implicit_terms(distinct)
+            offset = tf.gather(terms['offset'], position)
         loss, prediction, user_gradient, item_gradient = model_lib.loss_and_gradients(
-            model, user_rows, item_rows, rating, penalty, user_weight, item_weight)
+            model, user_rows, item_rows, rating, penalty, user_weight, item_weight,
+            user_offset=offset)
         parameters = model.parameters()
         gradients = {
             'user_embedding': tf.IndexedSlices(
                 user_gradient, user, tf.shape(parameters['user_embedding'], tf.int64)),
             'item_embedding': tf.IndexedSlices(
                 item_gradient, item, tf.shape(parameters['item_embedding'], tf.int64))}
+        if model.implicit_feedback:
+            twice_error = 2.0 * (prediction - rating)[:, None]
+            implicit_penalty, gradients[model_lib.IMPLICIT_NAME] = model_lib.implicit_gradient(
+                model, terms, position, twice_error * item_rows[:, :model.num_factors],
+                implicit_l2)
+            loss += implicit_penalty
         count = tf.cast(tf.size(loss), tf.float32)
         if replicas > 1:  # padding only where a collective needs fixed shapes
             count, gradients = context.all_reduce(_SUM, (count, {
@@ -240,6 +261,8 @@ def _why_not_fused(config: TrainConfig, strategy: tf.distribute.Strategy,
                    model: model_lib.MatrixFactorization,
                    optimizer: optimizers.SparseOptimizer) -> str | None:
     """Why the fused op does not apply to this run; None if it does."""
+    if config.implicit_feedback:
+        return 'it has no implicit-feedback term (--implicit-feedback)'
     if strategy.num_replicas_in_sync > 1:
         return (f'it trains one replica and this cluster has '
                 f'{strategy.num_replicas_in_sync}')
@@ -281,7 +304,7 @@ def choose_train_epoch(config: TrainConfig, strategy: tf.distribute.Strategy,
                 f'--training-kernel fused: {reason}; use --training-kernel auto')
         logger.warning('Training kernel: TensorFlow ops, not fused: %s', reason)
     return make_train_epoch(strategy, model, optimizer, penalty, config.batch_size,
-                            rating_min, rating_max)
+                            rating_min, rating_max, implicit_l2=config.implicit_l2 or 0.0)
 
 
 def make_scorer(model: model_lib.MatrixFactorization, rating_min: float,
@@ -389,6 +412,8 @@ def _start_phase(config: TrainConfig, info: features.DatasetInfo,
                  strategy: tf.distribute.Strategy, state: state_lib.State,
                  fit: data.Ratings) -> _Phase:
     """Compiles the epoch and scorer of a built (or restored) state."""
+    if config.implicit_feedback:
+        state.model.set_implicit_ratings(fit.user, fit.item)
     user_weights = item_weights = None
     if config.l2_frequency_exponent:
         user_weights, item_weights = data.frequency_weights(
@@ -492,18 +517,28 @@ def train(config: TrainConfig, info: features.DatasetInfo,
         phases.append(_refit(config, info, sizes, strategy, splits, best_epoch))
     final_phase = phases[-1]
     final_fit = splits.fit if len(phases) == 1 else splits.train
+    # With implicit feedback: the plain model with the implicit sums folded in.
+    final_model = model_lib.folded(final_phase.state.model)
+    final_score = final_phase.score
+    if final_model is not final_phase.state.model:
+        final_score = make_scorer(final_model, info.rating_min, info.rating_max,
+                                  config.eval_batch_size)
 
     def final_metrics() -> EpochMetrics:
         return _epoch_metrics(
-            best_epoch, 0.0, final_phase.score(final_fit),
+            best_epoch, 0.0, final_score(final_fit),
             # A refit model has seen the validation slice: its score there is in-sample.
-            (final_phase.score(splits.validation) if len(phases) == 1
+            (final_score(splits.validation) if len(phases) == 1
              else _metrics(math.nan, math.nan, 0)),
-            final_phase.score(splits.eval))
+            final_score(splits.eval))
     final = final_metrics()
     posterior = None
     if config.posterior_samples and best_epoch > 0:
-        posterior = _average_posterior(config, final_phase.state.model, final_fit)
+        # Centred on the implicit sums: what the user factors were before any rating.
+        prior_mean = (final_model.user_embedding.numpy()
+                      - final_phase.state.model.user_embedding.numpy()
+                      if config.implicit_feedback else None)
+        posterior = _average_posterior(config, final_model, final_fit, prior_mean)
         trained, final = final, final_metrics()
         posterior['before'] = dataclasses.asdict(trained)
         validation = ('' if math.isnan(final.validation_rmse) else
@@ -513,7 +548,7 @@ def train(config: TrainConfig, info: features.DatasetInfo,
                     '%.1f s', config.posterior_samples, validation, final.eval_rmse,
                     trained.eval_rmse, posterior['seconds'])
     return TrainResult(
-        model=final_phase.state.model, history=history, initial_epoch=initial_epoch,
+        model=final_model, history=history, initial_epoch=initial_epoch,
         best_epoch=best_epoch,
         best_validation_rmse=float(state.best.validation_rmse.numpy()),
         refit=len(phases) > 1, stopped_early=stopped_early,
@@ -523,14 +558,15 @@ def train(config: TrainConfig, info: features.DatasetInfo,
 
 
 def _average_posterior(config: TrainConfig, model: model_lib.MatrixFactorization,
-                       ratings: data.Ratings) -> dict[str, Any]:
+                       ratings: data.Ratings,
+                       user_prior_mean: Any = None) -> dict[str, Any]:
     """Replaces the model's tables by their posterior mean given ratings."""
     result = posterior_lib.average(
         model.user_embedding.numpy(), model.item_embedding.numpy(),
         float(model.global_mean.numpy()), ratings.user.numpy(), ratings.item.numpy(),
         ratings.rating.numpy(), samples=config.posterior_samples,
         burn_in=config.posterior_burn_in, seed=config.seed,
-        kernel=config.training_kernel)
+        kernel=config.training_kernel, user_prior_mean=user_prior_mean)
     model.user_embedding.assign(result.user_table)
     model.item_embedding.assign(result.item_table)
     return {'samples': result.samples, 'burn_in': result.burn_in,
