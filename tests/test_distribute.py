@@ -265,11 +265,11 @@ def _free_ports(count: int) -> list[int]:
 
 
 def _run_replicas(environments: list[dict[str, str]], argv: list[str],
-                  log_dir: pathlib.Path) -> list[str]:
+                  log_dir: pathlib.Path, exit_code: int = 0) -> list[str]:
     """Runs one trainer per environment until all end or the deadline passes.
 
     Returns:
-      Each replica's output; fails the test unless every replica exits 0.
+      Each replica's output; fails the test unless every replica exits exit_code.
     """
     base = {name: value for name, value in os.environ.items()
             if name not in CLUSTER_AND_VERTEX_VARIABLES}
@@ -296,7 +296,7 @@ def _run_replicas(environments: list[dict[str, str]], argv: list[str],
                 process.wait()
     outputs = [path.read_text(encoding='utf-8') for path in logs]
     for process, output in zip(processes, outputs):
-        assert process.returncode == 0, (
+        assert process.returncode == exit_code, (
             f'replica exited {process.returncode} (-9: killed at the '
             f'{DEADLINE_SECONDS} s deadline):\n{output[-4000:]}')
     return outputs
@@ -382,6 +382,20 @@ def first_run(prepared, tmp_path_factory) -> dict:
         root / 'logs')
     run['metric_files'] = [root / f'metrics-{index}' for index in range(2)]
     return run
+
+
+def test_two_workers_refuse_implicit_feedback_in_one_line(prepared, tmp_path):
+    cluster = {'worker': [f'127.0.0.1:{port}' for port in _free_ports(2)]}
+    environments = [{distribute.ENV_TF_CONFIG: json.dumps(
+        {'cluster': cluster, 'task': {'type': 'worker', 'index': index}})}
+        for index in range(2)]
+    outputs = _run_replicas(environments, [
+        '--work-dir', prepared, '--job-dir', str(tmp_path / 'model'),
+        '--implicit-feedback', *TRAINER_FLAGS], tmp_path / 'logs', exit_code=2)
+    for output in outputs:
+        errors = [line for line in output.splitlines() if line.startswith('trainer: error:')]
+        assert errors == ['trainer: error: --implicit-feedback trains one replica, this '
+                          'cluster has 2; drop the flag or train on one machine'], output[-2000:]
 
 
 def test_two_workers_from_tf_config_train_like_one(first_run, single):

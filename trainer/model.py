@@ -186,6 +186,7 @@ class MatrixFactorization(tf.Module):
         Returns:
           'offset': |N(u)|^-1/2 * sum of y_j over N(u), [U, num_factors];
           'items': every j in N(u) of every user, concatenated;
+          'rows': their y rows;
           'owner': the position in users each of those belongs to;
           'scale': |N(u)|^-1/2 per user (0 for a user with none), [U];
           'mean_square': mean |y_j|^2 over N(u) per user, [U].
@@ -207,7 +208,7 @@ class MatrixFactorization(tf.Module):
         return {
             'offset': tf.math.unsorted_segment_sum(implicit_rows, owner, count)
                       * user_scale[:, None],
-            'items': rated, 'owner': owner, 'scale': user_scale,
+            'items': rated, 'rows': implicit_rows, 'owner': owner, 'scale': user_scale,
             'mean_square': tf.math.unsorted_segment_sum(
                 tf.reduce_sum(tf.square(implicit_rows), axis=-1), owner, count)
                 * tf.square(user_scale)}
@@ -333,7 +334,7 @@ def implicit_gradient(model: MatrixFactorization, terms: dict[str, tf.Tensor],
     data_rows = tf.gather(summed * terms['scale'][:, None], owner)
     # d/dy_j of l2 * |y_j|^2 / |N(u)|, once per example of the user.
     shrink = tf.gather(2.0 * l2 * examples * tf.square(terms['scale']), owner)
-    rows = data_rows + shrink[:, None] * tf.gather(model.implicit_embedding, terms['items'])
+    rows = data_rows + shrink[:, None] * terms['rows']
     penalty = l2 * tf.gather(terms['mean_square'], position)
     return penalty, tf.IndexedSlices(rows, terms['items'],
                                      tf.shape(model.implicit_embedding, tf.int64))

@@ -81,6 +81,17 @@ class Unsupported(ValueError):
     """A combination of flags and cluster this trainer does not run; the message names the fix."""
 
 
+def _refuse_unsupported(implicit_feedback: bool, replicas: int) -> None:
+    """Raises Unsupported for implicit feedback on several replicas.
+
+    Its gradient reaches a variable number of y rows per step, which the
+    fixed-shape all-reduce of `pad_rows` cannot carry.
+    """
+    if implicit_feedback and replicas > 1:
+        raise Unsupported(f'--implicit-feedback trains one replica, this cluster has '
+                          f'{replicas}; drop the flag or train on one machine')
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
     """What `train` returns.
@@ -194,9 +205,7 @@ def make_train_epoch(strategy: tf.distribute.Strategy,
     """
     replicas = strategy.num_replicas_in_sync
     rows_per_replica = math.ceil(batch_size / replicas)
-    if model.implicit_feedback and replicas > 1:
-        raise Unsupported(f'--implicit-feedback trains one replica, this cluster has '
-                          f'{replicas}; drop the flag or train on one machine')
+    _refuse_unsupported(model.implicit_feedback, replicas)
 
     def step(batch, user, item, rating, user_weights, item_weights):
         context = tf.distribute.get_replica_context()
@@ -470,9 +479,11 @@ def train(config: TrainConfig, info: features.DatasetInfo,
     Raises:
       FileNotFoundError: if a split has no shards.
       ResumeError: if the checkpoint or loss log does not fit this run.
+      Unsupported: --implicit-feedback on several replicas.
     """
     config = config_lib.with_data_defaults(config, info)
     strategy = strategy or tf.distribute.get_strategy()
+    _refuse_unsupported(config.implicit_feedback, strategy.num_replicas_in_sync)
     state_lib.clear_outputs(config)
     tf.io.gfile.makedirs(config.model_dir)
     state_lib.check_same_data(config, info)
