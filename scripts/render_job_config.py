@@ -206,6 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             reserved.update(dict.fromkeys(tuned_flags(tuning_template),
                                           'hptuning.yaml (it is tuned)'))
         check_trainer_flags(trainer_flags, reserved)
+        if args.workers and '--implicit-feedback' in trainer_flags:
+            raise ValueError(f'trainer flag --implicit-feedback trains one replica, not the '
+                             f'chief and {args.workers} workers; drop --workers or the flag')
         job = render_custom_job(
             read_yaml(args.template), image_uri=args.image_uri,
             machine_type=args.machine_type, work_dir=args.work_dir,

@@ -361,6 +361,15 @@ def test_a_trainer_flag_run_cloud_sets_is_refused_before_any_step(
     assert result.calls == []
 
 
+def test_implicit_feedback_on_several_workers_is_refused_before_any_step(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, '--project', 'my-project', '--workers', '2',
+                       *OFFLINE, '--', '--implicit-feedback')
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert 'drop --workers or the flag' in result.stderr
+    assert result.calls == []
+
+
 def test_trainer_flags_with_shell_characters_reach_the_job_verbatim(
         run_cloud, tmp_path: pathlib.Path):
     canary = tmp_path / 'canary'
