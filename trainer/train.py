@@ -30,7 +30,11 @@ with `--final-model best` the best epoch's parameters as they are.  With
 `--posterior-samples` (on by default) the final model's tables are then
 replaced by their Bayesian posterior mean given the ratings it was fitted on
 (`trainer.posterior`: Gibbs sweeps from the trained model, averaged).  The
-eval split is reported, never used to choose.
+eval split is reported, never used to choose.  With `--implicit-feedback`
+the model also learns the SVD++-style y table (TensorFlow-ops epoch, one
+replica), and the final model is `model.folded`: the plain model with each
+user's implicit sum added to their factors, which posterior averaging then
+uses as the centre of that user's prior.
 
 After each epoch one row is written to the loss log and then a checkpoint is
 saved (model, optimiser slots, epoch, best epoch and its parameters).  A
