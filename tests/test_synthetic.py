@@ -199,6 +199,8 @@ def test_zero_selection_bias_draws_the_unbiased_pairs() -> None:
     default = synthetic.generate(config)
     for name in ('user_ids', 'movie_ids', 'ratings', 'timestamps', 'oracle'):
         np.testing.assert_array_equal(getattr(data, name), getattr(default, name))
+    # Unbiased archives keep the truth.json (and so the MD5) they had before the field.
+    assert 'selection_bias' not in data.truth
 
 
 def test_selection_bias_plants_users_rating_what_they_like() -> None:
