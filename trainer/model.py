@@ -213,12 +213,16 @@ class MatrixFactorization(tf.Module):
                 tf.reduce_sum(tf.square(implicit_rows), axis=-1), owner, count)
                 * tf.square(user_scale)}
 
+    def implicit_offsets(self) -> tf.Tensor:
+        """Every user's implicit sum, laid out like the user table (zero bias column)."""
+        offset = self.implicit_terms(tf.range(tf.shape(self.user_embedding, tf.int64)[0]))
+        return tf.pad(offset['offset'], [[0, 0], [0, 1]])
+
     def effective_user_embedding(self) -> tf.Tensor:
         """The user table with the implicit sums added to the factors (the table itself without)."""
         if not self.implicit_feedback:
             return tf.convert_to_tensor(self.user_embedding)
-        offset = self.implicit_terms(tf.range(tf.shape(self.user_embedding, tf.int64)[0]))
-        return self.user_embedding + tf.pad(offset['offset'], [[0, 0], [0, 1]])
+        return self.user_embedding + self.implicit_offsets()
 
     def gather(self, user: tf.Tensor, item: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """The (user rows, item rows) a batch touches, [B, num_factors + 1] each."""

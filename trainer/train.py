@@ -550,8 +550,7 @@ def train(config: TrainConfig, info: features.DatasetInfo,
     posterior = None
     if config.posterior_samples and best_epoch > 0:
         # Centred on the implicit sums: what the user factors were before any rating.
-        prior_mean = (final_model.user_embedding.numpy()
-                      - final_phase.state.model.user_embedding.numpy()
+        prior_mean = (final_phase.state.model.implicit_offsets().numpy()
                       if config.implicit_feedback else None)
         posterior = _average_posterior(config, final_model, final_fit, prior_mean)
         trained, final = final, final_metrics()
