@@ -11,7 +11,8 @@ formats what comes back.  It scores nothing itself.
 export dir itself, local or gs://.  --users-file holds one user id per line
 (blank lines are skipped).  An id the model never saw in training gets the
 newcomer list (best movies by learned bias shrunk by rating count), marked
-as such.
+as such.  Each line shows the list's score (the top-N model's, which ranks
+it) and the rating model's predicted rating of that movie.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class Recommendation:
     movie_id: str
     title: str
     score: float
+    # The rating model's predicted rating; None from an export without one.
+    rating: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,32 +154,38 @@ def recommend(signature, users: Sequence[str], k: int) -> list[UserRecommendatio
             user_id=tf.constant(batch), k=tf.constant(k, tf.int32)).items()}
         for row, user_id in enumerate(batch):
             movie_ids = outputs[features.MOVIE_IDS][row]
+            ratings = (outputs[features.PREDICTED_RATINGS][row]
+                       if features.PREDICTED_RATINGS in outputs else [None] * len(movie_ids))
             results.append(UserRecommendations(
                 user_id=user_id, fallback=bool(outputs[features.FALLBACK][row]),
                 recommendations=tuple(
                     Recommendation(rank=rank + 1, movie_id=movie_id.decode('utf-8'),
-                                   title=title.decode('utf-8'), score=float(score))
-                    for rank, (movie_id, title, score) in enumerate(zip(
+                                   title=title.decode('utf-8'), score=float(score),
+                                   rating=None if rating is None else float(rating))
+                    for rank, (movie_id, title, score, rating) in enumerate(zip(
                         movie_ids, outputs[features.TITLES][row],
-                        outputs[features.SCORES][row]))
+                        outputs[features.SCORES][row], ratings))
                     if movie_id)))
     return results
 
 
 def format_table(results: Sequence[UserRecommendations]) -> str:
-    """One block per user: a heading, then rank, movie id, title and score columns."""
+    """One block per user: a heading, then rank, movie id, title, score and
+    predicted-rating columns."""
     blocks = []
     for result in results:
         heading = (f'user {result.user_id}: unknown to the model, so the best '
                    'movies for a newcomer' if result.fallback else
                    f'user {result.user_id}: best movies not rated in training')
-        rows = [('rank', 'movie id', 'title', 'score')] + [
-            (str(item.rank), item.movie_id, item.title, f'{item.score:.2f}')
+        rows = [('rank', 'movie id', 'title', 'score', 'rating')] + [
+            (str(item.rank), item.movie_id, item.title, f'{item.score:.2f}',
+             '' if item.rating is None else f'{item.rating:.2f}')
             for item in result.recommendations]
         widths = [max(len(row[column]) for row in rows) for column in range(3)]
         lines = [heading] + [
-            f'{rank:>{widths[0]}}  {movie_id:<{widths[1]}}  {title:<{widths[2]}}  {score:>5}'
-            for rank, movie_id, title, score in rows]
+            f'{rank:>{widths[0]}}  {movie_id:<{widths[1]}}  {title:<{widths[2]}}  '
+            f'{score:>5}  {rating:>6}'.rstrip()
+            for rank, movie_id, title, score, rating in rows]
         if not result.recommendations:
             lines.append('  (no movie left that the user has not rated)')
         blocks.append('\n'.join(lines))
@@ -184,12 +193,14 @@ def format_table(results: Sequence[UserRecommendations]) -> str:
 
 
 def format_json(results: Sequence[UserRecommendations]) -> str:
-    """A JSON list with one object per user; scores rounded to 4 decimals."""
+    """A JSON list with one object per user; scores and ratings rounded to 4 decimals."""
     return json.dumps([
         {'user_id': result.user_id, 'fallback': result.fallback,
          'recommendations': [
              {'rank': item.rank, 'movie_id': item.movie_id, 'title': item.title,
-              'score': round(item.score, 4)} for item in result.recommendations]}
+              'score': round(item.score, 4),
+              'rating': None if item.rating is None else round(item.rating, 4)}
+             for item in result.recommendations]}
         for result in results], ensure_ascii=False, indent=2)
 
 

@@ -123,12 +123,14 @@ def test_table_for_one_user_lists_rank_id_title_and_score(planted, capsys):
     out = _signature(planted)(user_id=tf.constant(['3']), k=tf.constant(5))
     movie_ids = out[features.MOVIE_IDS].numpy()[0].astype(str).tolist()
     scores = out[features.SCORES].numpy()[0]
+    ratings = out[features.PREDICTED_RATINGS].numpy()[0]
     width = max(len('title'), *(len(_title(movie)) for movie in movie_ids))
     assert lines == [
         'user 3: best movies not rated in training',
-        f'rank  movie id  {"title":<{width}}  score',
-        *(f'{rank:>4}  {movie:<8}  {_title(movie):<{width}}  {score:>5.2f}'
-          for rank, (movie, score) in enumerate(zip(movie_ids, scores), start=1))]
+        f'rank  movie id  {"title":<{width}}  score  rating',
+        *(f'{rank:>4}  {movie:<8}  {_title(movie):<{width}}  {score:>5.2f}  {rating:>6.2f}'
+          for rank, (movie, score, rating) in enumerate(zip(movie_ids, scores, ratings),
+                                                         start=1))]
     assert not set(movie_ids) & planted.train_movies['3']
 
 

@@ -9,13 +9,16 @@ without `rating` and `timestamp`.  Two signatures:
 
 - `serving_default(user_id [N], movie_id [N]) -> {'rating' [N]}`: the
   predicted rating, clipped to the scale.
-- `recommend(user_id [N], k []) -> {'movie_ids', 'titles', 'scores'
-  [N, k], 'fallback' [N]}` (exported when a `catalog.Catalog` is given):
-  each user's k best-scored movies among those they did not rate in
-  training, best first.  `scores` are unclipped predicted ratings (clipping
-  would tie the top of the list at the scale's maximum).  An unknown user
-  gets `ranking.fallback_scores` (the learned movie bias shrunk by its
-  train count) and `fallback` True.  k is capped at the number of movies;
+- `recommend(user_id [N], k []) -> {'movie_ids', 'titles', 'scores',
+  'ratings' [N, k], 'fallback' [N]}` (exported when a `catalog.Catalog` is
+  given): each user's k best-scored movies among those they did not rate in
+  training, best first.  With a top-N model (`trainer.topn`, the default)
+  the list and `scores` are its p_u . q_i; without one, `scores` are
+  unclipped predicted ratings (clipping would tie the top of the list at
+  the scale's maximum).  `ratings` are the rating model's predictions for
+  the listed movies, clipped to the scale as `serving_default` serves them.
+  An unknown user gets `ranking.fallback_scores` (the learned movie bias
+  shrunk by its train count) as scores and `fallback` True.  k is capped at the number of movies;
   a user with fewer than k unrated movies gets rows padded with movie id
   '', title '' and score 0.  The catalogue (ids, titles, train counts and
   every user's train movies as a ragged int32 tensor) is stored as
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_transform as tft
 
@@ -78,7 +82,8 @@ class RecommendingModule(ServingModule):
     def __init__(self, model: MatrixFactorization, transform_layer: tf.Module,
                  rating_min: float, rating_max: float,
                  catalog: catalog_lib.Catalog,
-                 fallback_prior_ratings: float) -> None:
+                 fallback_prior_ratings: float,
+                 topn_factors: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         super().__init__(model, transform_layer, rating_min, rating_max)
         rows = (catalog.num_users + features.NUM_OOV_BUCKETS,
                 catalog.num_items + features.NUM_OOV_BUCKETS)
@@ -100,6 +105,25 @@ class RecommendingModule(ServingModule):
                                              'seen_items')
         self.seen_row_splits = _constant_variable(catalog.seen_row_splits,
                                                   tf.int64, 'seen_row_splits')
+        self.topn_user_factors = self.topn_item_factors = None
+        if topn_factors is not None:
+            user_factors, item_factors = topn_factors
+            if (user_factors.shape[0], item_factors.shape[0]) != rows:
+                raise ValueError(
+                    f'the top-N model has {user_factors.shape[0]} user and '
+                    f'{item_factors.shape[0]} movie rows, the catalogue {rows}: '
+                    'not the same vocabularies')
+            self.topn_user_factors = _constant_variable(user_factors, tf.float32,
+                                                        'topn_user_factors')
+            self.topn_item_factors = _constant_variable(item_factors, tf.float32,
+                                                        'topn_item_factors')
+
+    def _list_scores(self, user: tf.Tensor, num_items: tf.Tensor) -> tf.Tensor:
+        """What the list is ranked by: the top-N model's scores, else predicted ratings."""
+        if self.topn_user_factors is None:
+            return ranking.score_items(self.model, user, num_items)
+        return tf.matmul(tf.gather(self.topn_user_factors, user),
+                         self.topn_item_factors[:num_items], transpose_b=True)
 
     @tf.function(input_signature=[
         tf.TensorSpec([None], tf.string, name=features.USER_ID),
@@ -114,15 +138,21 @@ class RecommendingModule(ServingModule):
             fallback[:, None],
             ranking.fallback_scores(self.model, self.item_counts,
                                     self.fallback_prior_ratings)[None, :],
-            ranking.score_items(self.model, user, num_items))
+            self._list_scores(user, num_items))
         seen = tf.RaggedTensor.from_row_splits(
             self.seen_items, self.seen_row_splits, validate=False)
         values, indices, valid = ranking.top_k_unseen(
             scores, tf.gather(seen, user), tf.minimum(k, num_items))
+        listed_users = tf.broadcast_to(user[:, None], tf.shape(indices))
+        ratings = tf.reshape(tf.clip_by_value(
+            self.model(tf.reshape(listed_users, [-1]),
+                       tf.reshape(tf.cast(indices, tf.int64), [-1])),
+            self.rating_min, self.rating_max), tf.shape(indices))
         return {
             features.MOVIE_IDS: tf.where(valid, tf.gather(self.movie_ids, indices), ''),
             features.TITLES: tf.where(valid, tf.gather(self.titles, indices), ''),
             features.SCORES: tf.where(valid, values, 0.0),
+            features.PREDICTED_RATINGS: tf.where(valid, ratings, 0.0),
             features.FALLBACK: fallback,
         }
 
@@ -137,7 +167,8 @@ def export_saved_model(
         model: MatrixFactorization, tft_dir: str, export_dir: str,
         rating_min: float, rating_max: float,
         catalog: catalog_lib.Catalog | None = None,
-        fallback_prior_ratings: float = ranking.FALLBACK_PRIOR_RATINGS) -> str:
+        fallback_prior_ratings: float = ranking.FALLBACK_PRIOR_RATINGS,
+        topn_factors: tuple[np.ndarray, np.ndarray] | None = None) -> str:
     """Writes the serving SavedModel, replacing an earlier export atomically.
 
     Args:
@@ -151,6 +182,8 @@ def export_saved_model(
         without it only `serving_default`.
       fallback_prior_ratings: the shrinkage of the unknown-user ranking
         (`ranking.fallback_scores`).
+      topn_factors: the top-N model's (user, movie) factors, rows as the
+        rating model's; `recommend` then serves its lists (needs catalog).
 
     Returns:
       export_dir, without a trailing slash.
@@ -165,7 +198,7 @@ def export_saved_model(
         signatures = {SIGNATURE: module.serve}
     else:
         module = RecommendingModule(model, transform_layer, rating_min, rating_max,
-                                    catalog, fallback_prior_ratings)
+                                    catalog, fallback_prior_ratings, topn_factors)
         signatures = {SIGNATURE: module.serve, RECOMMEND_SIGNATURE: module.recommend}
     tf.saved_model.save(module, tmp_dir, signatures=signatures)
     if tf.io.gfile.exists(export_dir):

@@ -23,8 +23,10 @@ Work-dir layout (a local path or ``gs://bucket/prefix``)::
       model/                    python -m trainer.task
         checkpoints/
         export/                 SavedModel, serving_default(user_id, movie_id) -> rating,
-                                recommend(user_id, k) -> movie_ids, titles, scores
+                                recommend(user_id, k) -> movie_ids, titles, scores,
+                                ratings (the top-N model's list, predicted ratings)
         loss_log.csv            one row per epoch
+        topn_log.csv            one row per iteration of the top-N model
         metrics.json
         eval_predictions.csv    predicted-rating counts per true eval rating
 """
@@ -72,6 +74,11 @@ MODEL_DIR = 'model'
 CHECKPOINT_DIR = 'checkpoints'
 EXPORT_DIR = 'export'
 LOSS_LOG_FILE = 'loss_log.csv'
+# The top-N model (trainer/topn.py): its checkpoints under CHECKPOINT_DIR, and
+# one row per search iteration.
+TOPN_CHECKPOINT_DIR = 'topn'
+TOPN_LOG_FILE = 'topn_log.csv'
+TOPN_LOG_COLUMNS = ('iteration', 'objective', 'validation_ndcg', 'seconds')
 METRICS_FILE = 'metrics.json'
 # Counts of clipped eval predictions per true rating, for plot.py.
 EVAL_PREDICTIONS_FILE = 'eval_predictions.csv'
@@ -83,6 +90,7 @@ RECOMMEND_K = 'k'  # the number of movies asked for
 MOVIE_IDS = 'movie_ids'
 TITLES = 'titles'
 SCORES = 'scores'
+PREDICTED_RATINGS = 'ratings'  # the rating model's prediction for each listed movie
 FALLBACK = 'fallback'
 
 # Columns of the loss log, in order.

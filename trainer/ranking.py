@@ -291,6 +291,14 @@ def ranking_metrics(top_items: np.ndarray, relevant_rows: np.ndarray,
 Ranker = Callable[[tf.Tensor], tf.Tensor] | np.ndarray
 
 
+def factor_scorer(user_factors: np.ndarray, item_factors: np.ndarray,
+                  num_items: int) -> Callable[[tf.Tensor], tf.Tensor]:
+    """A `rank_users` scorer of a factor model without biases: p_u . q_i."""
+    users = tf.constant(user_factors)
+    items = tf.constant(item_factors[:num_items])
+    return lambda user: tf.matmul(tf.gather(users, user), items, transpose_b=True)
+
+
 def sample_users(eval_users: np.ndarray, max_users: int, seed: int) -> np.ndarray | None:
     """A seeded sample of max_users of the distinct eval users, sorted; None
     to keep them all (max_users 0, or no more users than that)."""
@@ -350,8 +358,14 @@ def evaluate_lists(rankers: dict[str, Ranker],
 def evaluate(model: MatrixFactorization, catalog: catalog_lib.Catalog,
              eval_split: data.Ratings, k: int = TOP_K,
              relevant_rating: float = RELEVANT_RATING, max_users: int = 0,
-             seed: int = 0) -> dict[str, object]:
-    """The model, most-popular and fallback rankings, scored on the eval split.
+             seed: int = 0,
+             topn_factors: tuple[np.ndarray, np.ndarray] | None = None
+             ) -> dict[str, object]:
+    """The served lists, the rating model's, most popular and fallback, on the eval split.
+
+    'model' is what `recommend` serves: the top-N model's lists when
+    topn_factors are given (the rating model's then appear as
+    'rating_model'), else the lists ranked by predicted rating.
 
     Args:
       model: the trained model.
@@ -362,6 +376,7 @@ def evaluate(model: MatrixFactorization, catalog: catalog_lib.Catalog,
       max_users: rank a seeded sample of this many eval users when there
         are more; 0 ranks all.
       seed: seeds the sample.
+      topn_factors: the top-N model's (user, movie) factors, or None.
 
     Returns:
       What `evaluate_lists` returns.
@@ -369,9 +384,13 @@ def evaluate(model: MatrixFactorization, catalog: catalog_lib.Catalog,
     users, items, ratings = (eval_split.user.numpy(), eval_split.item.numpy(),
                              eval_split.rating.numpy())
     num_items = catalog.num_items
+    by_rating = lambda user: score_items(model, user, num_items)  # noqa: E731
+    rankers: dict[str, Ranker] = {'model': by_rating}
+    if topn_factors is not None:
+        rankers = {'model': factor_scorer(*topn_factors, num_items),
+                   'rating_model': by_rating}
     record = evaluate_lists(
-        {'model': lambda user: score_items(model, user, num_items),
-         'most_popular': catalog.item_counts.astype(np.float64),
+        {**rankers, 'most_popular': catalog.item_counts.astype(np.float64),
          'fallback': fallback_scores(model, catalog.item_counts).numpy()},
         catalog, users, items, ratings, k, relevant_rating, max_users, seed)
     logger.info('Ranking@%d on eval: %s', k, summary_line(record))
@@ -387,6 +406,8 @@ def summary_line(record: dict[str, object]) -> str:
     sampled = record.get('users_in_eval', record['users']) > record['users']
     sample = (f', a seeded sample of {record["users"]} of {record["users_in_eval"]} eval users'
               if sampled else '')
+    rating_model = (f'; ranked by predicted rating: {metrics("rating_model")}'
+                    if 'rating_model' in record else '')
     return (f'ranking@{record["k"]} ({record["users_with_relevant"]} users with an '
-            f'eval rating >= {record["relevant_rating"]:g}{sample}): {metrics("model")}; '
-            f'most popular: {metrics("most_popular")}')
+            f'eval rating >= {record["relevant_rating"]:g}{sample}): {metrics("model")}'
+            f'{rating_model}; most popular: {metrics("most_popular")}')

@@ -32,6 +32,7 @@ from trainer import fused
 from trainer import logs
 from trainer import ranking
 from trainer import reporting
+from trainer import topn
 from trainer import train as train_lib
 
 
@@ -90,6 +91,24 @@ def _posterior_line(posterior: dict) -> str:
             f'model alone scored eval RMSE {posterior["before"]["eval_rmse"]:.4f}')
 
 
+def _topn_record(result: topn.TopNResult | None,
+                 config: config_lib.TrainConfig) -> dict[str, object] | None:
+    if result is None:
+        return None
+    return {'model': config.topn_model, 'factors': config.topn_factors,
+            'iterations': result.iterations, 'refit': result.refit,
+            'validation_ndcg': result.best_validation_ndcg, 'seconds': result.seconds}
+
+
+def _topn_line(record: dict) -> str:
+    validation = ('' if record['validation_ndcg'] is None else
+                  f' (best by validation NDCG@{ranking.TOP_K} '
+                  f'{record["validation_ndcg"]:.4f})')
+    refit = '; refit on all train ratings' if record['refit'] else ''
+    return (f'  top-N lists: iALS, {record["factors"]} factors, {record["iterations"]} '
+            f'iterations{validation}{refit} ({record["seconds"]:.1f} s)')
+
+
 def _summary(metrics: dict, info: features.DatasetInfo,
              config: config_lib.TrainConfig) -> str:
     lines = [
@@ -106,6 +125,8 @@ def _summary(metrics: dict, info: features.DatasetInfo,
     if info.noise_floor_rmse is not None:
         lines.append(f'  noise floor {info.noise_floor_rmse:.4f} (eval RMSE is '
                      f'{metrics["eval_rmse"] / info.noise_floor_rmse:.3f}x it)')
+    if metrics.get('topn'):
+        lines.append(_topn_line(metrics['topn']))
     if 'ranking' in metrics:
         lines.append('  ' + ranking.summary_line(metrics['ranking']))
     lines += [
@@ -161,16 +182,27 @@ def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
             raise
         print(f'trainer: error: {bad_shard}', file=sys.stderr)
         return 2
+    try:
+        topn_result = (topn.train(config, result.splits, result.model.user_bias.shape[0],
+                                  result.model.item_bias.shape[0], info.seed)
+                       if config.topn_model == 'ials' else None)
+    except train_lib.ResumeError as error:
+        print(f'trainer: error: {error}', file=sys.stderr)
+        return 2
+    topn_factors = (None if topn_result is None
+                    else (topn_result.user_factors, topn_result.item_factors))
     catalog = catalog_lib.load_catalog(config.work_dir, features.DATASETS[info.layout],
                                        train=result.splits.train)
     export_dir = export.export_saved_model(
         result.model, tft_dir, config.export_dir, info.rating_min,
-        info.rating_max, catalog=catalog)
+        info.rating_max, catalog=catalog, topn_factors=topn_factors)
     metrics = _metrics_record(result, info, config, export_dir,
                               time.perf_counter() - started, task.num_workers,
                               strategy.num_replicas_in_sync)
+    metrics['topn'] = _topn_record(topn_result, config)
     metrics['ranking'] = ranking.evaluate(result.model, catalog, result.splits.eval,
-                                          max_users=config.ranking_users, seed=info.seed)
+                                          max_users=config.ranking_users, seed=info.seed,
+                                          topn_factors=topn_factors)
     eval_predictions.write_eval_predictions(result.model, info, config.model_dir,
                                             result.splits.eval, config.eval_batch_size)
     features.write_json(features.join(config.model_dir, features.METRICS_FILE),
