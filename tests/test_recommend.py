@@ -206,3 +206,17 @@ def test_bad_flags_get_one_line(flags, named, capsys):
         recommend.main(['--model-dir', 'anywhere', *flags])
     assert exit_info.value.code == 2
     assert named in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_each_listed_movie_carries_the_rating_serving_default_predicts(planted):
+    loaded = tf.saved_model.load(os.path.join(planted.model_dir, features.EXPORT_DIR))
+    out = loaded.signatures[features.RECOMMEND_SIGNATURE](
+        user_id=tf.constant(['3', 'stranger']), k=tf.constant(5))
+    for row, user in enumerate(['3', 'stranger']):
+        movies = out[features.MOVIE_IDS].numpy()[row]
+        served = loaded.signatures['serving_default'](
+            user_id=tf.constant([user] * len(movies)), movie_id=tf.constant(movies))
+        np.testing.assert_allclose(out[features.PREDICTED_RATINGS].numpy()[row],
+                                   served[features.RATING].numpy(), rtol=1e-6)
+    # The planted favourites: own-group movies were rated 5, the others 1.
+    assert np.all(out[features.PREDICTED_RATINGS].numpy()[0] > 3.0)
