@@ -105,12 +105,28 @@ def test_main_without_preprocessing_says_what_to_run(work_dir, capsys):
     assert 'preprocess.py' in errors[0] and features.DATASET_INFO_FILE in errors[0]
 
 
-def test_the_search_space_is_the_cloud_tuning_jobs_and_its_ids_are_trainer_flags():
-    space = tune.read_space(str(tune.DEFAULT_SPACE))
-    assert [parameter.name for parameter in space] == ['learning-rate', 'num-factors', 'l2']
+RANKING_SPACE = str(tune.DEFAULT_SPACE.with_name('hptuning-ranking.yaml'))
+
+
+@pytest.mark.parametrize('path, metric, names', [
+    (str(tune.DEFAULT_SPACE), 'validation_rmse', ['learning-rate', 'num-factors', 'l2']),
+    (RANKING_SPACE, 'validation_ndcg', ['topn-factors', 'topn-l2', 'topn-unobserved-weight',
+                                        'topn-confidence'])])
+def test_each_search_space_names_trainer_flags_and_its_metric(path, metric, names):
+    space, chosen = tune.read_space(path)
+    assert [parameter.name for parameter in space] == names and chosen.name == metric
     parser_flags = {action.option_strings[0] for action in config.build_parser()._actions
                     if action.option_strings}
     assert {f'--{parameter.name}' for parameter in space} <= parser_flags
+    for parameter in space:  # every bound is a value the trainer's flag accepts
+        for bound in (parameter.low, parameter.high):
+            if bound > 0:
+                config.parse_args(['--work-dir', 'w', f'--{parameter.name}',
+                                   str(int(bound) if parameter.integer else bound)], environ={})
+
+
+def test_the_search_space_is_the_cloud_tuning_jobs_and_its_ids_are_trainer_flags():
+    space, _ = tune.read_space(str(tune.DEFAULT_SPACE))
     trials = tune.draw_trials(space, 20, seed=5)
     assert trials[0] == {} and trials == tune.draw_trials(space, 20, seed=5)
     for flags in trials[1:]:
@@ -146,6 +162,26 @@ def test_tune_ranks_trials_by_validation_and_refuses_to_mix_searches(
     assert tune.main(flags) == 2
     assert '--overwrite' in capsys.readouterr().err
     assert tune.main(flags + ['--overwrite']) == 0
+
+
+def test_tune_for_the_ranking_metric_trains_the_top_n_model_alone(preprocessed, tmp_path,
+                                                                 capsys):
+    job_dir = str(tmp_path / 'ranking-search')
+    assert tune.main(['--work-dir', preprocessed, '--job-dir', job_dir, '--trials', '3',
+                      '--space', RANKING_SPACE, '--topn-iterations', '3']) == 0
+    out = capsys.readouterr().out
+    results = features.read_json(os.path.join(job_dir, tune.RESULTS_FILE))
+    assert results['metric'] == 'validation_ndcg'
+    trials = results['trials']
+    assert all(0 <= trial['validation_ndcg'] <= 1 and 'validation_rmse' not in trial
+               for trial in trials)
+    best = max(trials, key=lambda trial: trial['validation_ndcg'])
+    assert f'best validation NDCG@10 {best["validation_ndcg"]:.4f}' in out
+    table = [line.split()[0] for line in out.splitlines()[1:4]]
+    assert table == [str(trial['trial']) for trial in
+                     sorted(trials, key=lambda trial: -trial['validation_ndcg'])]
+    # No rating model was trained: no loss log in any trial.
+    assert not list(tmp_path.glob('ranking-search/*/' + features.LOSS_LOG_FILE))
 
 
 def test_tune_without_a_validation_slice_is_refused_in_one_line(preprocessed, capsys):

@@ -9,9 +9,11 @@ parameter ids, ranges and scales that `run-cloud.sh --hp-tuning` sends to
 Vertex AI, so a local search and a cloud one explore the same flags), draws
 `--trials` settings at random (seeded; log-uniform where the spec says
 UNIT_LOG_SCALE), trains each with the trainer (early stopping on the
-validation slice) and ranks them by validation RMSE, the metric the cloud
-tuning job minimises too.  The eval split is shown for information and never
-used to rank.  Trial 0 is the trainer's defaults (or the flags given), so the
+validation slice) and ranks them by the spec's metric: validation RMSE of the
+rating model (hptuning.yaml, as the cloud tuning job), or validation NDCG@10
+of the top-N model (hptuning-ranking.yaml, whose parameters are its
+--topn-* flags; a trial then trains the top-N model alone).  The eval split is
+shown for information and never used to rank.  Trial 0 is the trainer's defaults (or the flags given), so the
 search reports how much it gains over them.  Writes every trial to
 JOB_DIR/tuning.json and prints the best trial's flags as a trainer command.
 """
@@ -35,12 +37,34 @@ from trainer import config as config_lib
 from trainer import data
 from trainer import features
 from trainer import logs
+from trainer import ranking
+from trainer import topn
 from trainer import train as train_lib
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SPACE = pathlib.Path(__file__).resolve().parents[1] / 'hptuning.yaml'
 RESULTS_FILE = 'tuning.json'
+# The metrics a spec may name, and whether larger is better.
+METRICS = {'validation_rmse': False, 'validation_ndcg': True}
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """What a search ranks trials by: a key of METRICS."""
+    name: str
+
+    @property
+    def maximise(self) -> bool:
+        return METRICS[self.name]
+
+    @property
+    def label(self) -> str:
+        return {'validation_rmse': 'validation RMSE',
+                'validation_ndcg': f'validation NDCG@{ranking.TOP_K}'}[self.name]
+
+    def best(self, records: list[dict[str, object]]) -> dict[str, object]:
+        return (max if self.maximise else min)(records, key=lambda r: r[self.name])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,17 +84,26 @@ class Parameter:
         return int(round(value)) if self.integer else float(f'{value:.3g}')
 
 
-def read_space(path: str) -> list[Parameter]:
-    """The parameters of a Vertex AI studySpec (doubleValueSpec / integerValueSpec).
+def read_space(path: str) -> tuple[list[Parameter], Metric]:
+    """The parameters of a Vertex AI studySpec (doubleValueSpec / integerValueSpec)
+    and the metric it ranks by.
 
     Raises:
-      ValueError: a parameter has another kind of spec or no range.
+      ValueError: a parameter has another kind of spec or no range, or the
+        metric is not one of METRICS with its goal.
     """
     import yaml  # pylint: disable=import-outside-toplevel
     with open(path, encoding='utf-8') as f:
         text = f.read().replace('${TRIAL_JOB_SPEC}', '{}')
+    study = yaml.safe_load(text)['studySpec']
+    metric = study['metrics'][0]
+    goal = 'MAXIMIZE' if METRICS.get(metric['metricId']) else 'MINIMIZE'
+    if metric['metricId'] not in METRICS or metric.get('goal') != goal:
+        raise ValueError(f'{path}: metric {metric.get("metricId")!r} with goal '
+                         f'{metric.get("goal")!r}; use validation_rmse (MINIMIZE) or '
+                         'validation_ndcg (MAXIMIZE)')
     parameters = []
-    for spec in yaml.safe_load(text)['studySpec']['parameters']:
+    for spec in study['parameters']:
         kind = 'integerValueSpec' if 'integerValueSpec' in spec else 'doubleValueSpec'
         if kind not in spec:
             raise ValueError(f'{path}: parameter {spec.get("parameterId")!r} is neither '
@@ -80,7 +113,7 @@ def read_space(path: str) -> list[Parameter]:
             name=spec['parameterId'], low=float(bounds['minValue']),
             high=float(bounds['maxValue']), integer=kind == 'integerValueSpec',
             log_scale=spec.get('scaleType') == 'UNIT_LOG_SCALE'))
-    return parameters
+    return parameters, Metric(metric['metricId'])
 
 
 def draw_trials(space: list[Parameter], trials: int, seed: int) -> list[dict[str, object]]:
@@ -107,33 +140,61 @@ def trial_config(base: config_lib.TrainConfig, job_dir: str, number: int,
         posterior_samples=0, **{name.replace('-', '_'): value for name, value in flags.items()})
 
 
+def _rating_trial(config: config_lib.TrainConfig, info: features.DatasetInfo,
+                  sizes: tuple[int, int]) -> dict[str, object]:
+    result = train_lib.train(config, info, *sizes)
+    return {'best_epoch': result.best_epoch,
+            'validation_rmse': result.best_validation_rmse,
+            'eval_rmse': result.final.eval_rmse}
+
+
+def _ranking_trial(config: config_lib.TrainConfig, info: features.DatasetInfo,
+                   sizes: tuple[int, int], splits: train_lib.Splits) -> dict[str, object]:
+    """The top-N model alone: its best iteration by validation NDCG@10, and that
+    model's eval NDCG@10 (for information)."""
+    rows = tuple(size + features.NUM_OOV_BUCKETS for size in sizes)
+    result = topn.train(config, splits, *rows, seed=info.seed)
+    seen = topn.pairs_catalog(splits.fit, *sizes)
+    record = ranking.evaluate_lists(
+        {'topn': ranking.factor_scorer(result.user_factors, result.item_factors, sizes[1])},
+        seen, splits.eval.user.numpy(), splits.eval.item.numpy(),
+        splits.eval.rating.numpy(), max_users=config.ranking_users, seed=info.seed)
+    return {'best_epoch': result.iterations, 'validation_ndcg': result.best_validation_ndcg,
+            'eval_ndcg': record['topn']['ndcg']}
+
+
 def run_trials(base: config_lib.TrainConfig, job_dir: str,
-               trials: list[dict[str, object]]) -> list[dict[str, object]]:
+               trials: list[dict[str, object]],
+               metric: Metric = Metric('validation_rmse')) -> list[dict[str, object]]:
     """Trains every trial; returns one record each (in trial order)."""
     info = features.read_dataset_info(base.work_dir)
     sizes = data.read_vocabulary_sizes(features.transformed_dir(base.work_dir))
+    splits = (train_lib.load_splits(config_lib.with_data_defaults(base, info), info)
+              if metric.maximise else None)
     records = []
     for number, flags in enumerate(trials):
-        config = trial_config(base, job_dir, number, flags)
+        config = config_lib.with_data_defaults(
+            trial_config(base, job_dir, number, flags), info)
         started = time.perf_counter()
-        result = train_lib.train(config, info, *sizes)
-        records.append({
-            'trial': number, 'flags': flags, 'best_epoch': result.best_epoch,
-            'validation_rmse': result.best_validation_rmse,
-            'eval_rmse': result.final.eval_rmse,
-            'seconds': time.perf_counter() - started})
-        logger.info('Trial %d/%d %s: validation RMSE %.4f at epoch %d', number + 1,
-                    len(trials), flags or '(base flags)', result.final.validation_rmse,
-                    result.best_epoch)
+        outcome = (_ranking_trial(config, info, sizes, splits) if metric.maximise
+                   else _rating_trial(config, info, sizes))
+        records.append({'trial': number, 'flags': flags, **outcome,
+                        'seconds': time.perf_counter() - started})
+        logger.info('Trial %d/%d %s: %s %.4f at epoch %d', number + 1, len(trials),
+                    flags or '(base flags)', metric.label, outcome[metric.name],
+                    outcome['best_epoch'])
     return records
 
 
-def format_table(records: list[dict[str, object]]) -> str:
+def format_table(records: list[dict[str, object]],
+                 metric: Metric = Metric('validation_rmse')) -> str:
+    """The trials, best first; 'eval' is the same metric on eval, for information."""
+    eval_name = metric.name.replace('validation', 'eval')
     lines = [f'{"trial":>5} {"validation":>10} {"eval":>8} {"epoch":>5} {"s":>6}  flags']
-    for record in sorted(records, key=lambda r: r['validation_rmse']):
+    for record in sorted(records, key=lambda r: r[metric.name], reverse=metric.maximise):
         flags = ' '.join(f'--{name} {value}' for name, value in record['flags'].items())
-        lines.append(f'{record["trial"]:>5} {record["validation_rmse"]:>10.4f} '
-                     f'{record["eval_rmse"]:>8.4f} {record["best_epoch"]:>5} '
+        lines.append(f'{record["trial"]:>5} {record[metric.name]:>10.4f} '
+                     f'{record[eval_name]:>8.4f} {record["best_epoch"]:>5} '
                      f'{record["seconds"]:>6.1f}  {flags or "(base flags)"}')
     return '\n'.join(lines)
 
@@ -189,21 +250,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         logger.warning('--overwrite: removing %s', job_dir)
         tf.io.gfile.rmtree(job_dir)
-    space = read_space(args.space)
+    try:
+        space, metric = read_space(args.space)
+    except ValueError as error:
+        print(f'trainer.tune: error: {error}', file=sys.stderr)
+        return 2
     trials = draw_trials(space, args.trials, args.search_seed)
     try:
-        records = run_trials(base, job_dir, trials)
+        records = run_trials(base, job_dir, trials, metric)
     except (FileNotFoundError, train_lib.ResumeError, data.ShardError) as error:
         print(f'trainer.tune: error: {error}', file=sys.stderr)
         return 2
     features.write_json(features.join(job_dir, RESULTS_FILE),
-                        {'space': [dataclasses.asdict(p) for p in space], 'trials': records})
-    best = min(records, key=lambda record: record['validation_rmse'])
+                        {'space': [dataclasses.asdict(p) for p in space],
+                         'metric': metric.name, 'trials': records})
+    best = metric.best(records)
     flags = ' '.join(f'--{name} {value}' for name, value in best['flags'].items())
-    print(format_table(records))
+    print(format_table(records, metric))
     print(f'tune: {len(records)} trials over {", ".join(p.name for p in space)}; best '
-          f'validation RMSE {best["validation_rmse"]:.4f} (trial {best["trial"]}; base flags '
-          f'{records[0]["validation_rmse"]:.4f}); wrote {features.join(job_dir, RESULTS_FILE)}')
+          f'{metric.label} {best[metric.name]:.4f} (trial {best["trial"]}; base flags '
+          f'{records[0][metric.name]:.4f}); wrote {features.join(job_dir, RESULTS_FILE)}')
     print('  train it: python -m trainer.task '
           + ' '.join(args.trainer_argv + ([flags] if flags else [])))
     return 0
