@@ -127,3 +127,31 @@ def test_initial_factors_are_seeded_and_scaled():
     np.testing.assert_array_equal(first, ials.initial_factors(2000, 16, 3, 1, 0.1))
     assert not np.array_equal(first, ials.initial_factors(2000, 16, 3, 2, 0.1))
     assert np.std(first) == pytest.approx(0.1 / 4, rel=0.05)
+
+
+@pytest.mark.parametrize('factors', [16, 7])  # an unrolled width, and the generic one
+def test_the_cpp_op_solves_as_the_tensorflow_half_step(factors):
+    from trainer import fused, topn  # pylint: disable=import-outside-toplevel
+    try:
+        ops = fused.load()
+    except fused.KernelUnavailable as error:
+        pytest.skip(f'no C++ ops here: {error}')
+    rng = np.random.default_rng(1)
+    users, items = np.nonzero(rng.random((60, 40)) < 0.2)
+    ratings = rng.integers(1, 6, users.size).astype(np.float32)
+    weight, target = ials.confidences(ratings, 1.0), ials.targets(ratings, 'watched')
+    fixed = rng.normal(size=(40, factors)).astype(np.float32)
+    start = rng.normal(size=(60, factors)).astype(np.float32)
+    l2 = ials.row_penalties(np.bincount(users, minlength=60), 0.03, 1.0, ALPHA0, 40)
+    expected = ials.half_step(tf.constant(start), tf.constant(fixed), tf.constant(users),
+                              tf.constant(items), tf.constant(weight), tf.constant(target),
+                              tf.constant(l2), ALPHA0, 3).numpy()
+    side = topn._Side.group(users, items, weight, target, 60)
+    gram = (ALPHA0 * fixed.T.astype(np.float64) @ fixed).astype(np.float32)
+    outputs = [ops.implicit_als_solve_rows(
+        offsets=side.offsets, other=side.other, weight=side.weight, target=side.target,
+        other_table=fixed, gram=gram, l2=l2, start=start, cg_steps=3, threads=threads).numpy()
+        for threads in (1, 3)]
+    np.testing.assert_array_equal(outputs[0], outputs[1])  # whatever the threads
+    np.testing.assert_allclose(outputs[0], expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(outputs[0], start, atol=1e-2)  # it did move

@@ -3,7 +3,8 @@
 `fused_epoch.cc` trains an epoch (below); `read_ratings.cc` reads a shard of
 the preprocessing output into rating columns (used by `data.load_ratings`);
 `sample_rows.cc` draws one side of a posterior-averaging sweep (used by
-`posterior.average`).
+`posterior.average`); `ials_solve.cc` re-solves one side of the top-N model
+(used by `topn`, in place of `ials.half_step`).
 
 A training step in TensorFlow ops (`train.make_train_epoch`) is a chain of
 about 45 small kernels, and on a CPU scheduling them costs more than their
@@ -48,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 # The C++ sources, built into one library.
 SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in
-                ('fused_epoch.cc', 'read_ratings.cc', 'sample_rows.cc'))
+                ('fused_epoch.cc', 'read_ratings.cc', 'sample_rows.cc', 'ials_solve.cc'))
 ENV_CACHE = 'MOVIELENS_KERNEL_CACHE'
 # No -march=native: the library may be built in an image and run elsewhere.
 # -ffp-contract=off: no fused multiply-adds, so each operation rounds as the

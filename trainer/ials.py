@@ -153,17 +153,36 @@ def half_step(solved: tf.Tensor, fixed: tf.Tensor, rows: tf.Tensor,
     return x
 
 
+@tf.function(reduce_retracing=True)
+def _rated_loss(user_factors: tf.Tensor, item_factors: tf.Tensor, users: tf.Tensor,
+                items: tf.Tensor, weight: tf.Tensor, target: tf.Tensor) -> tf.Tensor:
+    """sum over rated pairs of c (t - s)^2, a chunk of pairs at a time, in float64."""
+    total = tf.constant(0.0, tf.float64)
+    size = tf.size(users)
+    for start in tf.range(0, size, _CHUNK):
+        end = tf.minimum(start + _CHUNK, size)
+        scores = tf.reduce_sum(tf.gather(user_factors, users[start:end])
+                               * tf.gather(item_factors, items[start:end]), axis=1)
+        error = tf.cast(target[start:end] - scores, tf.float64)
+        total += tf.reduce_sum(tf.cast(weight[start:end], tf.float64) * error * error)
+    # (scores in the factors' precision, sums in float64)
+    return total
+
+
 def objective(user_factors: np.ndarray, item_factors: np.ndarray, users: np.ndarray,
               items: np.ndarray, weight: np.ndarray, target: np.ndarray,
               user_l2: np.ndarray, item_l2: np.ndarray, unobserved_weight: float) -> float:
     """L of the module doc, without forming the user x movie matrix.
 
-    The sum over all pairs is trace(P^T P Q^T Q).
+    The sum over all pairs is trace(P^T P Q^T Q); the rated pairs' scores are
+    computed in TensorFlow ops a chunk at a time, in the factors' precision.
     """
+    dtype = np.result_type(user_factors, item_factors)
+    rated = float(_rated_loss(tf.constant(user_factors, dtype), tf.constant(item_factors, dtype),
+                              tf.constant(users), tf.constant(items),
+                              tf.constant(weight, dtype), tf.constant(target, dtype)))
     p, q = np.asarray(user_factors, np.float64), np.asarray(item_factors, np.float64)
-    scores = np.einsum('nk,nk->n', p[users], q[items])
     everything = float(np.sum((p.T @ p) * (q.T @ q)))
-    rated = float(np.sum(weight * (target - scores) ** 2))
     penalty = float(np.sum(user_l2 * np.sum(p * p, axis=1))
                     + np.sum(item_l2 * np.sum(q * q, axis=1)))
     return rated + unobserved_weight * everything + penalty

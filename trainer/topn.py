@@ -40,6 +40,7 @@ from trainer import config as config_lib
 from trainer import data
 from trainer import features
 from trainer import fileio
+from trainer import fused
 from trainer import ials
 from trainer import ranking
 from trainer.config import TrainConfig
@@ -137,17 +138,35 @@ def _restore(config: TrainConfig, shape: tuple[int, int]) -> _State | None:
     return state
 
 
+@dataclasses.dataclass(frozen=True)
+class _Side:
+    """One side's rated pairs grouped by its rows, for the C++ op."""
+    offsets: np.ndarray
+    other: np.ndarray
+    weight: np.ndarray
+    target: np.ndarray
+
+    @classmethod
+    def group(cls, rows: np.ndarray, other: np.ndarray, weight: np.ndarray,
+              target: np.ndarray, num_rows: int) -> '_Side':
+        order = np.argsort(rows, kind='stable')
+        offsets = np.zeros(num_rows + 1, np.int64)
+        np.cumsum(np.bincount(rows, minlength=num_rows), out=offsets[1:])
+        return cls(offsets, other[order].astype(np.int32), weight[order], target[order])
+
+
 class _Iterator:
-    """Alternating half-steps over one split's rated pairs."""
+    """Alternating half-steps over one split's rated pairs: with the C++ op
+    (`ials_solve.cc`) where it builds, else `ials.half_step` in TensorFlow ops."""
 
     def __init__(self, config: TrainConfig, ratings: data.Ratings,
                  shape: tuple[int, int]) -> None:
         self.config = config
         users, items = ratings.user.numpy(), ratings.item.numpy()
         self.users, self.items = tf.constant(users, tf.int64), tf.constant(items, tf.int64)
-        self.weight = tf.constant(ials.confidences(ratings.rating.numpy(),
-                                                   config.topn_confidence))
-        self.target = tf.constant(ials.targets(ratings.rating.numpy(), config.topn_target))
+        weight = ials.confidences(ratings.rating.numpy(), config.topn_confidence)
+        target = ials.targets(ratings.rating.numpy(), config.topn_target)
+        self.weight, self.target = tf.constant(weight), tf.constant(target)
 
         def penalties(indices: np.ndarray, rows: int, other_side: int) -> tf.Tensor:
             # Over the vocabulary's rows (OOV rows excluded from the count).
@@ -161,19 +180,34 @@ class _Iterator:
         # slice) solve to zero; set them so exactly, not as CG leaves them.
         self.user_rated = np.bincount(users, minlength=shape[0])[:, None] > 0
         self.item_rated = np.bincount(items, minlength=shape[1])[:, None] > 0
+        self.ops = _solver_ops(config)
+        if self.ops is not None:
+            self.sides = (_Side.group(users, items, weight, target, shape[0]),
+                          _Side.group(items, users, weight, target, shape[1]))
+
+    def _solve(self, side: int, solved: np.ndarray, fixed: np.ndarray) -> np.ndarray:
+        config = self.config
+        l2 = (self.user_l2, self.item_l2)[side]
+        if self.ops is None:
+            rows, columns = (self.users, self.items) if side == 0 else (self.items, self.users)
+            out = ials.half_step(tf.constant(solved), tf.constant(fixed), rows, columns,
+                                 self.weight, self.target, l2,
+                                 config.topn_unobserved_weight, config.topn_cg_steps).numpy()
+        else:
+            pairs = self.sides[side]
+            gram = config.topn_unobserved_weight * (fixed.T.astype(np.float64) @ fixed)
+            out = self.ops.implicit_als_solve_rows(
+                offsets=pairs.offsets, other=pairs.other, weight=pairs.weight,
+                target=pairs.target, other_table=fixed, gram=gram.astype(np.float32),
+                l2=l2, start=solved, cg_steps=config.topn_cg_steps,
+                threads=fused.default_threads()).numpy()
+        rated = self.user_rated if side == 0 else self.item_rated
+        return np.where(rated, out, 0.0).astype(np.float32)
 
     def step(self, state: _State) -> float:
         started = time.perf_counter()
-        config = self.config
-        items = tf.constant(state.item_factors)
-        users = ials.half_step(tf.constant(state.user_factors), items, self.users,
-                               self.items, self.weight, self.target, self.user_l2,
-                               config.topn_unobserved_weight, config.topn_cg_steps)
-        items = ials.half_step(items, users, self.items, self.users, self.weight,
-                               self.target, self.item_l2, config.topn_unobserved_weight,
-                               config.topn_cg_steps)
-        state.user_factors = np.where(self.user_rated, users.numpy(), 0.0).astype(np.float32)
-        state.item_factors = np.where(self.item_rated, items.numpy(), 0.0).astype(np.float32)
+        state.user_factors = self._solve(0, state.user_factors, state.item_factors)
+        state.item_factors = self._solve(1, state.item_factors, state.user_factors)
         state.iteration += 1
         return time.perf_counter() - started
 
@@ -182,6 +216,20 @@ class _Iterator:
                               self.items.numpy(), self.weight.numpy(), self.target.numpy(),
                               self.user_l2.numpy(), self.item_l2.numpy(),
                               self.config.topn_unobserved_weight)
+
+
+def _solver_ops(config: TrainConfig):
+    """The C++ ops for the half-steps, or None for TensorFlow ops (--training-kernel
+    tf, or the ops unavailable under auto, which says why once)."""
+    if config.training_kernel == 'tf':
+        return None
+    try:
+        return fused.load()
+    except fused.KernelUnavailable as error:
+        if config.training_kernel == 'fused':
+            raise
+        logger.warning('Top-N model in TensorFlow ops (slower): %s', error)
+        return None
 
 
 def _validation_ndcg(config: TrainConfig, state: _State, seen: catalog_lib.Catalog,
