@@ -98,6 +98,35 @@ def test_implicit_feedback_exports_a_plain_model(preprocessed, tmp_path, capsys)
     assert served[features.RATING].numpy().shape == (1,)
 
 
+@pytest.mark.parametrize('flags, served', [
+    ([], 'topn'), (['--validation-percent', '0'], 'topn'), (['--topn-model', 'rating'], None)])
+def test_the_summary_and_metrics_name_the_lists_recommend_serves(preprocessed, tmp_path,
+                                                                 capsys, flags, served):
+    model_dir = str(tmp_path / 'model')
+    assert task.main(['--work-dir', preprocessed, '--job-dir', model_dir, '--num-epochs', '2',
+                      '--batch-size', '64', '--num-factors', '4', '--posterior-samples', '0',
+                      '--topn-iterations', '3', *flags]) == 0
+    metrics = features.read_json(os.path.join(model_dir, features.METRICS_FILE))
+    summary = capsys.readouterr().out
+    ranked = metrics['ranking']
+    if served is None:  # ranked by predicted rating, as before the top-N model
+        assert metrics['topn'] is None and 'rating_model' not in ranked
+        assert 'top-N lists' not in summary
+        return
+    record = metrics['topn']
+    assert record['model'] == 'ials' and 1 <= record['iterations'] <= 3
+    assert 'rating_model' in ranked
+    assert f"ranked by predicted rating: precision {ranked['rating_model']['precision']:.4f}" \
+        in summary
+    if '--validation-percent' in flags:  # nothing to choose by: all 3 iterations, no refit
+        assert record['validation_ndcg'] is None and not record['refit']
+        assert record['iterations'] == 3
+        assert 'top-N lists: iALS, 64 factors, 3 iterations (' in summary
+    else:
+        assert 0 <= record['validation_ndcg'] <= 1 and record['refit']
+        assert f"(best by validation NDCG@10 {record['validation_ndcg']:.4f})" in summary
+
+
 def test_main_without_preprocessing_says_what_to_run(work_dir, capsys):
     assert task.main(['--work-dir', work_dir]) == 2
     errors = capsys.readouterr().err.strip().splitlines()

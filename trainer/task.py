@@ -14,6 +14,7 @@ CLUSTER_SPEC) every worker runs this; only the chief's outputs are kept.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -95,9 +96,10 @@ def _topn_record(result: topn.TopNResult | None,
                  config: config_lib.TrainConfig) -> dict[str, object] | None:
     if result is None:
         return None
+    ndcg = result.best_validation_ndcg
     return {'model': config.topn_model, 'factors': config.topn_factors,
             'iterations': result.iterations, 'refit': result.refit,
-            'validation_ndcg': result.best_validation_ndcg, 'seconds': result.seconds}
+            'validation_ndcg': None if math.isnan(ndcg) else ndcg, 'seconds': result.seconds}
 
 
 def _topn_line(record: dict) -> str:
