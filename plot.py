@@ -157,7 +157,8 @@ def draw_prediction_panel(axes, predictions: PredictionCounts) -> None:
     axes.legend(fontsize='small')
 
 
-_RANKING_LABELS = {'model': 'this model', 'most_popular': 'most popular (train count)',
+_RANKING_LABELS = {'model': 'served lists', 'rating_model': 'ranked by predicted rating',
+                   'most_popular': 'most popular (train count)',
                    'fallback': 'newcomer fallback'}
 _RANKING_METRICS = ('precision', 'recall', 'ndcg', 'coverage')
 

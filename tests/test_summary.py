@@ -31,3 +31,10 @@ def test_summary_without_noise_floor_or_ranking_leaves_those_lines_out():
     metrics = {key: value for key, value in METRICS.items() if key != 'ranking'}
     text = summary.format_summary(info, metrics, 'w/model', None, [])
     assert 'noise floor' not in text and 'NDCG' not in text and 'seconds' not in text
+
+
+def test_summary_names_the_rating_models_lists_beside_the_served_ones():
+    ranking = {**METRICS['ranking'], 'rating_model': {'ndcg': 0.05, 'recall': 0.04}}
+    text = summary.format_summary(INFO, {**METRICS, 'ranking': ranking}, 'w/model', None, [])
+    assert ('NDCG 0.2000, recall 0.3000, coverage 0.500; ranked by predicted rating: '
+            'NDCG 0.0500; most popular: NDCG 0.1000') in text

@@ -40,7 +40,9 @@ def format_summary(info: features.DatasetInfo, metrics: dict, model_dir: str,
         lines.append(
             f'== top-{ranking["k"]} on eval: NDCG {ranking["model"]["ndcg"]:.4f}, '
             f'recall {ranking["model"]["recall"]:.4f}, coverage {ranking["model"]["coverage"]:.3f}; '
-            f'most popular: NDCG {ranking["most_popular"]["ndcg"]:.4f}, '
+            + (f'ranked by predicted rating: NDCG {ranking["rating_model"]["ndcg"]:.4f}; '
+               if 'rating_model' in ranking else '')
+            + f'most popular: NDCG {ranking["most_popular"]["ndcg"]:.4f}, '
             f'recall {ranking["most_popular"]["recall"]:.4f}')
     if steps:
         lines.append('== seconds: ' + ', '.join(f'{name} {seconds:.1f}'
