@@ -240,19 +240,14 @@ def served_lists(work_dir: str, model_dir: str, users: np.ndarray, k: int) -> np
 def served_row(work_dir: str, model_dir: str, problem: Problem, max_users: int,
                seed: int) -> dict[str, Any]:
     """The served lists scored like every rival (same users, same relevant pairs)."""
-    ev = problem.target
-    users_all = ev.user.numpy()
-    known = (users_all < problem.num_users) & (ev.item.numpy() < problem.num_items)
-    sample = ranking.sample_users(users_all[known], max_users, seed)
-    if sample is not None:
-        known &= np.isin(users_all, sample)
-    users, rows = np.unique(users_all[known], return_inverse=True)
-    liked = ev.rating.numpy()[known] >= ranking.RELEVANT_RATING
+    judged = ranking.judge(problem.num_users, problem.num_items,
+                           problem.target.user.numpy(), problem.target.item.numpy(),
+                           problem.target.rating.numpy(), max_users=max_users, seed=seed)
     started = time.perf_counter()
-    top = served_lists(work_dir, model_dir, users, ranking.TOP_K)
+    top = served_lists(work_dir, model_dir, judged.users, ranking.TOP_K)
     seconds = time.perf_counter() - started
-    metrics = ranking.ranking_metrics(top, rows[liked], ev.item.numpy()[known][liked],
-                                      problem.num_items, ranking.TOP_K)
+    metrics = ranking.ranking_metrics(top, judged.rows, judged.items, problem.num_items,
+                                      ranking.TOP_K)
     train_metrics = features.read_json(features.join(model_dir, features.METRICS_FILE))
     topn_record = train_metrics.get('topn') or {}
     return {'name': 'this trainer: the lists recommend serves', 'settings': topn_record,

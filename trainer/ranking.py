@@ -47,6 +47,7 @@ operations on the top-k lists: no Python loop per user.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -176,19 +177,21 @@ def _top_k_by_chunks(scores: tf.Tensor, k: tf.Tensor) -> tuple[tf.Tensor, tf.Ten
     return values, tf.gather(candidates, best, batch_dims=1)
 
 
-def rank_users(score_block: Callable[[tf.Tensor], tf.Tensor], users: np.ndarray,
-               seen: tf.RaggedTensor, num_items: int, k: int) -> np.ndarray:
-    """Top-k unseen items of each user, scored block by block.
+def compile_top_k(score_block: Callable[[tf.Tensor], tf.Tensor], seen: tf.RaggedTensor,
+                  num_items: int, k: int) -> Callable[[tf.Tensor], tf.Tensor]:
+    """One block's top-k unseen items, as a tf.function to call for every block.
+
+    A caller ranking again and again (the top-N model's validation after each
+    iteration) compiles it once, with a score_block that reads variables.
 
     Args:
       score_block: int64 user indices [B] -> float32 scores [B, num_items].
-      users: the user indices to rank for.
       seen: every user's train items (`Catalog.seen()`).
       num_items: vocabulary movies.
       k: list length; lists are padded with -1 past a user's unseen items.
 
     Returns:
-      int32 [len(users), min(k, num_items)].
+      int64 user indices [B] -> int32 [B, min(k, num_items)].
     """
     k = min(k, num_items)
 
@@ -198,9 +201,28 @@ def rank_users(score_block: Callable[[tf.Tensor], tf.Tensor], users: np.ndarray,
         # block in place instead of copying it.
         _, indices, valid = top_k_unseen(score_block(batch), tf.gather(seen, batch), k)
         return tf.where(valid, indices, -1)
+    return block_top_k
 
+
+def rank_users(score_block: Callable[[tf.Tensor], tf.Tensor], users: np.ndarray,
+               seen: tf.RaggedTensor, num_items: int, k: int,
+               compiled: Callable[[tf.Tensor], tf.Tensor] | None = None) -> np.ndarray:
+    """Top-k unseen items of each user, scored block by block.
+
+    Args:
+      score_block: int64 user indices [B] -> float32 scores [B, num_items].
+      users: the user indices to rank for.
+      seen: every user's train items (`Catalog.seen()`).
+      num_items: vocabulary movies.
+      k: list length; lists are padded with -1 past a user's unseen items.
+      compiled: what `compile_top_k` returned for these arguments, to reuse.
+
+    Returns:
+      int32 [len(users), min(k, num_items)].
+    """
+    block_top_k = compiled or compile_top_k(score_block, seen, num_items, k)
     block = max(1, _BLOCK_FLOATS // max(num_items, 1))
-    lists = [np.zeros((0, k), np.int32)]
+    lists = [np.zeros((0, min(k, num_items)), np.int32)]
     for start in range(0, len(users), block):
         lists.append(block_top_k(tf.constant(users[start:start + block], tf.int64)).numpy())
     return np.concatenate(lists)
@@ -310,6 +332,42 @@ def sample_users(eval_users: np.ndarray, max_users: int, seed: int) -> np.ndarra
     return users[np.sort(chosen)]
 
 
+@dataclasses.dataclass(frozen=True)
+class Judged:
+    """Who a ranking is scored on (see the module doc) and what is relevant for them.
+
+    Attributes:
+      users: the ranked user indices, ascending.
+      rows: the row of `users` each relevant pair belongs to.
+      items: the relevant item of each pair.
+      users_in_eval: known users with an eval rating, before any sample.
+    """
+    users: np.ndarray
+    rows: np.ndarray
+    items: np.ndarray
+    users_in_eval: int
+
+    def record(self, k: int, relevant_rating: float) -> dict[str, object]:
+        return {'k': k, 'relevant_rating': relevant_rating, 'users': int(self.users.size),
+                'users_in_eval': self.users_in_eval,
+                'users_with_relevant': int(np.unique(self.rows).size)}
+
+
+def judge(num_users: int, num_items: int, eval_users: np.ndarray, eval_items: np.ndarray,
+          eval_ratings: np.ndarray, relevant_rating: float = RELEVANT_RATING,
+          max_users: int = 0, seed: int = 0) -> Judged:
+    """The users to rank and their relevant pairs: known users with an eval
+    rating (a seeded sample past max_users), eval ratings >= relevant_rating."""
+    known = (eval_users < num_users) & (eval_items < num_items)
+    users_in_eval = int(np.unique(eval_users[known]).size)
+    sample = sample_users(eval_users[known], max_users, seed)
+    if sample is not None:
+        known &= np.isin(eval_users, sample)
+    users, rows = np.unique(eval_users[known], return_inverse=True)
+    liked = eval_ratings[known] >= relevant_rating
+    return Judged(users, rows[liked], eval_items[known][liked], users_in_eval)
+
+
 def evaluate_lists(rankers: dict[str, Ranker],
                    catalog: catalog_lib.Catalog, eval_users: np.ndarray,
                    eval_items: np.ndarray, eval_ratings: np.ndarray,
@@ -333,25 +391,16 @@ def evaluate_lists(rankers: dict[str, Ranker],
       'users_with_relevant', and per ranker name {'precision', 'recall',
       'ndcg', 'coverage'}}.
     """
-    known = (eval_users < catalog.num_users) & (eval_items < catalog.num_items)
-    users_in_eval = int(np.unique(eval_users[known]).size)
-    sample = sample_users(eval_users[known], max_users, seed)
-    if sample is not None:
-        known &= np.isin(eval_users, sample)
-    users, rows = np.unique(eval_users[known], return_inverse=True)
-    liked = eval_ratings[known] >= relevant_rating
-    rows, items = rows[liked], eval_items[known][liked]
-    record: dict[str, object] = {
-        'k': k, 'relevant_rating': relevant_rating, 'users': int(users.size),
-        'users_in_eval': users_in_eval,
-        'users_with_relevant': int(np.unique(rows).size)}
+    judged = judge(catalog.num_users, catalog.num_items, eval_users, eval_items,
+                   eval_ratings, relevant_rating, max_users, seed)
+    record = judged.record(k, relevant_rating)
     seen = catalog.seen()
     for name, ranker in rankers.items():
         if isinstance(ranker, np.ndarray):
-            top = rank_users_by_one_order(ranker, users, seen, k)
+            top = rank_users_by_one_order(ranker, judged.users, seen, k)
         else:
-            top = rank_users(ranker, users, seen, catalog.num_items, k)
-        record[name] = ranking_metrics(top, rows, items, catalog.num_items, k)
+            top = rank_users(ranker, judged.users, seen, catalog.num_items, k)
+        record[name] = ranking_metrics(top, judged.rows, judged.items, catalog.num_items, k)
     return record
 
 
