@@ -83,10 +83,11 @@ struct Solve {
   int cg_steps;
   float* solved;
 
-  // out = (gram + l2 I + sum_n c_n y_n y_n^T) v for row e.
+  // out = (gram + l2 I + sum_n c_n y_n y_n^T) v for row e; ys holds the
+  // row's y_n one after another (gathered once per row, read once per pass).
   template <int64_t kWidth>
-  __attribute__((always_inline)) inline void Apply(int64_t e, const double* v,
-                                                   double* out) const {
+  __attribute__((always_inline)) inline void Apply(int64_t e, const float* ys,
+                                                   const double* v, double* out) const {
     const int64_t w = kWidth > 0 ? kWidth : width;
     for (int64_t i = 0; i < w; ++i) {
       double value = static_cast<double>(l2[e]) * v[i];
@@ -94,34 +95,27 @@ struct Solve {
       for (int64_t j = 0; j < w; ++j) value += gram_row[j] * v[j];
       out[i] = value;
     }
-    const int64_t end = offsets[e + 1];
-    for (int64_t n = offsets[e]; n < end; ++n) {
-      if (n + kPrefetchPairs < end) {
-        const char* ahead = reinterpret_cast<const char*>(
-            other_table + static_cast<int64_t>(other[n + kPrefetchPairs]) * w);
-        __builtin_prefetch(ahead);
-        __builtin_prefetch(ahead + 64);
-        __builtin_prefetch(ahead + 128);
-        __builtin_prefetch(ahead + 192);
-      }
-      const float* y = other_table + static_cast<int64_t>(other[n]) * w;
+    const int64_t count = offsets[e + 1] - offsets[e];
+    const float* c = weight + offsets[e];
+    for (int64_t n = 0; n < count; ++n) {
+      const float* y = ys + n * w;
       double dot = 0.0;
       for (int64_t i = 0; i < w; ++i) dot += y[i] * v[i];
-      dot *= weight[n];
+      dot *= c[n];
       for (int64_t i = 0; i < w; ++i) out[i] += dot * y[i];
     }
   }
 
   template <int64_t kWidth>
-  MOVIELENS_AVX2_CLONE void Rows(int64_t first, int64_t last,
-                                 std::vector<double>* scratch) const {
-    for (int64_t e = first; e < last; ++e) Row<kWidth>(e, scratch);
+  MOVIELENS_AVX2_CLONE void Rows(int64_t first, int64_t last, std::vector<double>* scratch,
+                                 std::vector<float>* gathered) const {
+    for (int64_t e = first; e < last; ++e) Row<kWidth>(e, scratch, gathered);
   }
 
-  // scratch: x, r, p, Ap.
+  // scratch: x, r, p, Ap; gathered: the row's y_n.
   template <int64_t kWidth>
-  __attribute__((always_inline)) inline void Row(int64_t e,
-                                                 std::vector<double>* scratch) const {
+  __attribute__((always_inline)) inline void Row(int64_t e, std::vector<double>* scratch,
+                                                 std::vector<float>* gathered) const {
     const int64_t w = kWidth > 0 ? kWidth : width;
     scratch->assign(4 * w, 0.0);
     double* x = scratch->data();
@@ -129,13 +123,25 @@ struct Solve {
     double* p = r + w;
     double* ap = p + w;
     for (int64_t i = 0; i < w; ++i) x[i] = start[e * w + i];
-    const int64_t end = offsets[e + 1];
-    for (int64_t n = offsets[e]; n < end; ++n) {  // r = b
-      const float* y = other_table + static_cast<int64_t>(other[n]) * w;
-      const double scale = static_cast<double>(weight[n]) * target[n];
-      for (int64_t i = 0; i < w; ++i) r[i] += scale * y[i];
+    const int64_t first = offsets[e];
+    const int64_t count = offsets[e + 1] - first;
+    if (static_cast<int64_t>(gathered->size()) < count * w) gathered->resize(count * w);
+    float* ys = gathered->data();
+    for (int64_t n = 0; n < count; ++n) {  // gather the y_n; r = b
+      if (n + kPrefetchPairs < count) {
+        const char* ahead = reinterpret_cast<const char*>(
+            other_table + static_cast<int64_t>(other[first + n + kPrefetchPairs]) * w);
+        for (int64_t byte = 0; byte < w * 4; byte += 64) __builtin_prefetch(ahead + byte);
+      }
+      const float* y = other_table + static_cast<int64_t>(other[first + n]) * w;
+      float* copy = ys + n * w;
+      const double scale = static_cast<double>(weight[first + n]) * target[first + n];
+      for (int64_t i = 0; i < w; ++i) {
+        copy[i] = y[i];
+        r[i] += scale * y[i];
+      }
     }
-    Apply<kWidth>(e, x, ap);
+    Apply<kWidth>(e, ys, x, ap);
     double norm = 0.0;
     for (int64_t i = 0; i < w; ++i) {
       r[i] -= ap[i];
@@ -143,7 +149,7 @@ struct Solve {
       norm += r[i] * r[i];
     }
     for (int step = 0; step < cg_steps; ++step) {
-      Apply<kWidth>(e, p, ap);
+      Apply<kWidth>(e, ys, p, ap);
       double curvature = 0.0;
       for (int64_t i = 0; i < w; ++i) curvature += p[i] * ap[i];
       const double alpha = curvature != 0.0 ? norm / curvature : 0.0;
@@ -228,17 +234,18 @@ class SolveRowsOp : public tf::OpKernel {
     std::atomic<int64_t> next_chunk{0};
     auto work = [&solve, &next_chunk, &chunks, num_chunks] {
       std::vector<double> scratch;
+      std::vector<float> gathered;
       for (;;) {
         const int64_t chunk = next_chunk.fetch_add(1);
         if (chunk >= num_chunks) return;
         const int64_t first = chunks[chunk];
         const int64_t last = chunks[chunk + 1];
         switch (solve.width) {  // the usual widths, unrolled
-          case 16: solve.Rows<16>(first, last, &scratch); break;
-          case 32: solve.Rows<32>(first, last, &scratch); break;
-          case 64: solve.Rows<64>(first, last, &scratch); break;
-          case 128: solve.Rows<128>(first, last, &scratch); break;
-          default: solve.Rows<0>(first, last, &scratch);
+          case 16: solve.Rows<16>(first, last, &scratch, &gathered); break;
+          case 32: solve.Rows<32>(first, last, &scratch, &gathered); break;
+          case 64: solve.Rows<64>(first, last, &scratch, &gathered); break;
+          case 128: solve.Rows<128>(first, last, &scratch, &gathered); break;
+          default: solve.Rows<0>(first, last, &scratch, &gathered);
         }
       }
     };
