@@ -57,6 +57,7 @@ from collections.abc import Sequence
 
 from trainer import features
 from trainer import fileio
+from trainer import logs
 from trainer import synthetic
 
 logger = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--download-timeout', type=float, default=60.0, metavar='SECONDS',
                         help='give up a download that stalls this long (default: %(default)s)')
     defaults = synthetic.SyntheticConfig()
+    logs.add_verbose_flag(parser)
     group = parser.add_argument_group('--dataset synthetic only')
     group.add_argument('--num-users', type=int, help=f'default: {defaults.num_users}')
     group.add_argument('--num-movies', type=int, help=f'default: {defaults.num_movies}')
@@ -259,7 +261,7 @@ def obtain_archive(config: ExtractorConfig, source: Source, temp_dir: str) -> st
         urllib.parse.urlparse(source.location).path) or 'archive.zip')
     if scheme == 'gs':
         logger.info('copying %s', source.location)
-        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+        tf = logs.import_tensorflow()
         try:
             tf.io.gfile.copy(source.location, path, overwrite=True)
         except tf.errors.OpError as error:
@@ -457,8 +459,11 @@ def format_summary(staged: Staged, work_dir: str, seconds: float) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     config = config_from_args(parser, parser.parse_args(argv))
-    logging.basicConfig(level=logging.INFO,
+    # Not logs.setup_logging: that replaces the root handlers, and this one has no
+    # chatty libraries to quieten.
+    logging.basicConfig(level=logging.DEBUG if logs.wants_verbose(argv) else logging.INFO,
                         format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    logs.quiet_startup(argv, load_tensorflow=False)  # TensorFlow loads for gs:// only
     start = time.monotonic()
     try:
         staged = extract(config)
