@@ -31,3 +31,20 @@ def test_summary_without_noise_floor_or_ranking_leaves_those_lines_out():
     metrics = {key: value for key, value in METRICS.items() if key != 'ranking'}
     text = summary.format_summary(info, metrics, 'w/model', None, [])
     assert 'noise floor' not in text and 'NDCG' not in text and 'seconds' not in text
+
+
+def test_summary_ends_with_a_real_user_and_the_chart(tmp_path):
+    work_dir = str(tmp_path / 'my work')
+    raw = tmp_path / 'my work' / 'raw'
+    raw.mkdir(parents=True)
+    # The layout's own separator and header: ml-25m has a header, ml-100k tabs.
+    (raw / 'ratings.csv').write_text('userId,movieId,rating,timestamp\n8123,1,4.0,9\n7,2,3,9\n')
+    user_id = summary.first_user_id(work_dir, features.DATASETS['ml-25m'])
+    text = summary.format_summary(INFO, METRICS, f'{work_dir}/model', f'{work_dir}/fig/x.png',
+                                  [], user_id)
+
+    assert user_id == '8123'
+    assert text.splitlines()[-2:] == [
+        f"== next: python recommend.py --model-dir '{work_dir}/model' --user 8123",
+        f'== chart: {work_dir}/fig/x.png']
+    assert summary.first_user_id(str(tmp_path / 'gone'), features.ML_100K) is None
