@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import posixpath
 from typing import Any
 
@@ -258,11 +259,27 @@ class DatasetInfo:
     source_md5: str = ''
 
 
+def strict_json_value(value: Any) -> Any:
+    """value with every NaN or infinity, however deeply nested, replaced by None.
+
+    JSON has no NaN: Python writes a bare `NaN`, which JSON.parse, BigQuery and
+    most other readers reject; null is what they all read.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: strict_json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json_value(item) for item in value]
+    return value
+
+
 def to_json(record: Any) -> str:
-    """Serialises a SourceInfo or DatasetInfo (or a plain dict) as JSON."""
+    """Serialises a SourceInfo, DatasetInfo or metrics dict as strict JSON (NaN -> null)."""
     if dataclasses.is_dataclass(record):
         record = dataclasses.asdict(record)
-    return json.dumps(record, indent=2, sort_keys=True) + '\n'
+    return json.dumps(strict_json_value(record), indent=2, sort_keys=True,
+                      allow_nan=False) + '\n'
 
 
 def write_json(path: str, record: Any) -> None:
