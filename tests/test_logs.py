@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -62,3 +63,15 @@ def test_entry_point_hides_start_up_lines_unless_verbose(tmp_path):
     assert len(quiet.stderr.strip().splitlines()) == 1, quiet.stderr
     assert not [mark for mark in MARKS if mark in quiet.stderr]
     assert [mark for mark in MARKS if mark in verbose.stderr] == list(MARKS), verbose.stderr
+
+
+def test_progress_is_logged_once_per_interval(caplog):
+    now = [100.0]
+    progress = logs.ProgressLog('rating rows parsed', every_seconds=10, clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger='trainer.progress')
+    for step in range(25):  # a batch of 1,000 rows a second for 25 seconds
+        now[0] = 100.0 + step
+        progress.add(1_000)
+
+    assert [record.getMessage() for record in caplog.records] == [
+        'rating rows parsed: 11,000 so far', 'rating rows parsed: 21,000 so far']

@@ -23,7 +23,8 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 VERBOSE_FLAG = '--verbose'
@@ -32,6 +33,10 @@ VERBOSE_HELP = "show DEBUG logs and TensorFlow's native start-up lines (hidden b
 _TF_LOG_LEVEL = 'TF_CPP_MIN_LOG_LEVEL'
 _QUIET_TF_LOG_LEVEL = '2'
 _VERBOSE_TF_LOG_LEVEL = '0'
+
+# Seconds between two progress lines of a long step.
+PROGRESS_SECONDS = 15.0
+_progress_logger = logging.getLogger('trainer.progress')
 
 # This project's loggers: the package and the script run as __main__.
 _PROJECT = ('trainer', '__main__')
@@ -117,6 +122,32 @@ def import_tensorflow() -> Any:
                 sys.stderr.write(''.join(kept))
                 sys.stderr.flush()
     return tf
+
+
+class ProgressLog:
+    """Logs a running count at most every `every_seconds`: progress of a long step.
+
+    Cheap enough to call once per batch: one clock read.  Beam pickles it with
+    its DoFn; each worker counts what it processed.
+    """
+
+    def __init__(self, what: str, every_seconds: float = PROGRESS_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._what = what
+        self._every = every_seconds
+        self._clock = clock
+        self._count = 0
+        self._next: float | None = None
+
+    def add(self, count: int) -> None:
+        """Counts count more items; logs the total when the interval has passed."""
+        self._count += count
+        now = self._clock()
+        if self._next is None:
+            self._next = now + self._every
+        elif now >= self._next:
+            _progress_logger.info('%s: %s so far', self._what, f'{self._count:,}')
+            self._next = now + self._every
 
 
 def setup_logging(verbose: bool = False) -> None:
