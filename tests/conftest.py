@@ -45,6 +45,25 @@ def eval_examples(work_dir: str) -> tuple[list[bytes], list[bytes], np.ndarray]:
     return users, movies, np.asarray(ratings, np.float64)
 
 
+def exported_eval_rmse(export_dir: str, work_dir: str, with_factors: bool = True) -> float:
+    """The eval RMSE of the exported tables, computed by hand; with_factors=False
+    scores the same model from its global mean and biases alone."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    from trainer import data, features  # pylint: disable=import-outside-toplevel
+    reader = tf.train.load_checkpoint(f'{export_dir}/variables/variables')
+    def table(name: str) -> np.ndarray:
+        return reader.get_tensor(f'model/{name}/.ATTRIBUTES/VARIABLE_VALUE')
+    users, items = table('user_embedding'), table('item_embedding')
+    info = features.read_dataset_info(work_dir)
+    ratings = data.load_ratings(info.eval_pattern)
+    user_rows, item_rows = users[ratings.user.numpy()], items[ratings.item.numpy()]
+    prediction = table('global_mean') + user_rows[:, -1] + item_rows[:, -1]
+    if with_factors:
+        prediction += np.sum(user_rows[:, :-1] * item_rows[:, :-1], axis=1)
+    error = np.clip(prediction, info.rating_min, info.rating_max) - ratings.rating.numpy()
+    return float(np.sqrt(np.mean(error ** 2)))
+
+
 def served_rmse(signature, work_dir: str) -> float:
     """The RMSE of a serving signature's ratings on WORK_DIR's eval split."""
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
