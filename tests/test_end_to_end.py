@@ -86,10 +86,13 @@ def _modified(root: pathlib.Path) -> dict[str, int]:
             for path in root.rglob('*') if path.is_file()}
 
 
-def _trained(model_dir: pathlib.Path) -> dict[str, int]:
-    """The checkpoints and the loss log, with their modification times."""
-    return {name: time for name, time in _modified(model_dir).items()
-            if name.startswith('checkpoints') or name == features.LOSS_LOG_FILE}
+def _trained(model_dir: pathlib.Path) -> dict[str, bytes]:
+    """The checkpoints and the loss log, with their contents (a resumed run
+    rewrites the loss log and checkpoints/data.json with the same bytes)."""
+    return {str(path.relative_to(model_dir)): path.read_bytes()
+            for path in [model_dir / features.LOSS_LOG_FILE,
+                         *(model_dir / features.CHECKPOINT_DIR).rglob('*')]
+            if path.is_file()}
 
 
 def test_a_second_run_reuses_every_step(local_run):
@@ -104,7 +107,7 @@ def test_a_second_run_reuses_every_step(local_run):
         cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # Extract and preprocess leave their outputs untouched; the trainer trains no
-    # epoch and writes no checkpoint (it exports and scores the model again).
+    # epoch and writes no new checkpoint (it exports and scores the model again).
     assert 'Reused synthetic' in result.stdout
     assert _modified(work_dir / 'raw') == staged
     assert _modified(work_dir / features.TRANSFORMED_DIR) == transformed
