@@ -138,3 +138,23 @@ def test_run_local_resolves_relative_paths_from_where_it_was_started(tmp_path):
     assert argv[argv.index('--work-dir') + 1] == str(tmp_path / 'rel work')
     assert argv[argv.index('--data-sources') + 1] == str(tmp_path / 'missing.zip')
     assert 'Traceback' not in result.stderr
+
+
+@pytest.mark.parametrize('args, phrase', [
+    (['--frobnicate'], "unknown flag '--frobnicate'"),
+    (['--work-dir'], '--work-dir needs a directory'),
+])
+def test_refresh_readme_chart_refuses_a_bad_flag_before_running(tmp_path, args, phrase):
+    result = _run('scripts/refresh-readme-chart.sh', *args, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ''
+    assert result.stderr.strip() == f'refresh-readme-chart.sh: error: {phrase}' + (
+        '; see scripts/refresh-readme-chart.sh --help' if 'unknown' in phrase else '')
+
+
+def test_run_local_passes_verbose_to_each_step(tmp_path):
+    result = _run(str(REPO / 'run-local.sh'), '--verbose', '--work-dir', 'w', '--data-sources',
+                  'missing.zip', '--dataset', 'ml-100k', cwd=tmp_path)
+    assert result.returncode != 0  # the extractor stops: no such file
+    (extract,) = [line for line in result.stdout.splitlines()
+                  if line.startswith('+ python data-extractor.py')]
+    assert '--verbose' in _replay(extract)
