@@ -13,11 +13,15 @@ the GroupLens layout of --dataset). `--dataset synthetic` writes one with
 trainer.synthetic (layout --synthetic-layout), whose truth.json is staged too.
 
 Checks, before anything lands in raw/:
-  * MD5, when the table has one and the archive is named like the official
-    one (ml-100k.zip): a download from the official URL, a mirror or a copy
-    claims to be that archive, so it must match byte for byte. Any other
-    name (a subset, a synthetic zip) has no known MD5: it is staged as is
-    and its MD5 recorded in source.json.
+  * MD5, when the archive is named like the official one (ml-100k.zip): a
+    download from the official URL, a mirror or a copy claims to be that
+    archive, so it must match byte for byte.  The MD5s are the table's and
+    the one GroupLens publishes beside the archive (ml-32m.zip.md5), read from
+    beside the archive used (URL or path + .md5); when both exist they must
+    agree.  A download whose published MD5 cannot be read falls back on the
+    table's, and is refused when the table has none.  Any other name (a
+    subset, a synthetic zip) has no known MD5: it is staged as is and its MD5
+    recorded in source.json.
   * It is a zip holding the layout's ratings member, and no entry has an
     absolute path or '..' (such an archive is refused, not partly used).
 
@@ -46,9 +50,11 @@ import logging
 import math
 import os
 import posixpath
+import re
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
@@ -57,6 +63,7 @@ from collections.abc import Sequence
 
 from trainer import features
 from trainer import fileio
+from trainer import logs
 from trainer import synthetic
 
 logger = logging.getLogger(__name__)
@@ -98,10 +105,18 @@ class ExtractorConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """Where the archive comes from, as recorded in source.json."""
+    """Where the archive comes from, as recorded in source.json.
+
+    Attributes:
+      location: URL or absolute path of the archive.
+      layout: its file layout.
+      expected_md5: the table's MD5 for an archive named like the official one.
+      official_name: whether it is named like the official archive.
+    """
     location: str
     layout: features.DatasetLayout
     expected_md5: str | None
+    official_name: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--download-timeout', type=float, default=60.0, metavar='SECONDS',
                         help='give up a download that stalls this long (default: %(default)s)')
     defaults = synthetic.SyntheticConfig()
+    logs.add_verbose_flag(parser)
     group = parser.add_argument_group('--dataset synthetic only')
     group.add_argument('--num-users', type=int, help=f'default: {defaults.num_users}')
     group.add_argument('--num-movies', type=int, help=f'default: {defaults.num_movies}')
@@ -220,7 +236,8 @@ def resolve_source(config: ExtractorConfig) -> Source:
         name = os.path.basename(location)
     named_official = name == posixpath.basename(urllib.parse.urlparse(layout.url).path)
     return Source(location=location, layout=layout,
-                  expected_md5=layout.md5 if named_official else None)
+                  expected_md5=layout.md5 if named_official else None,
+                  official_name=named_official)
 
 
 def find_staged(work_dir: str, dataset: str, location: str,
@@ -259,7 +276,7 @@ def obtain_archive(config: ExtractorConfig, source: Source, temp_dir: str) -> st
         urllib.parse.urlparse(source.location).path) or 'archive.zip')
     if scheme == 'gs':
         logger.info('copying %s', source.location)
-        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+        tf = logs.import_tensorflow()
         try:
             tf.io.gfile.copy(source.location, path, overwrite=True)
         except tf.errors.OpError as error:
@@ -293,6 +310,61 @@ def download(url: str, path: str, timeout: float) -> None:
     if total and done != total:
         raise ExtractError(f'download of {url} stopped after {done} of {total} bytes '
                            '(connection cut?); run again to fetch it afresh')
+
+
+def read_published_md5(location: str, timeout: float) -> str | None:
+    """The MD5 in the checksum file beside an archive (location + '.md5').
+
+    Returns:
+      The lower-case hex digest; None when there is no such file.
+
+    Raises:
+      ExtractError: the file holds no single MD5, or a remote one cannot be read.
+    """
+    checksum = location + features.CHECKSUM_SUFFIX
+    scheme = urllib.parse.urlparse(location).scheme
+    try:
+        if scheme in ('http', 'https'):
+            with urllib.request.urlopen(checksum, timeout=timeout) as response:
+                text = response.read(1 << 16).decode('utf-8', errors='replace')
+        elif fileio.exists(checksum):
+            with fileio.open_file(checksum) as stream:
+                text = stream.read(1 << 16)
+        else:
+            return None
+    except urllib.error.HTTPError as error:
+        if error.code == 404:
+            return None
+        raise ExtractError(f'cannot fetch the checksum {checksum} (HTTP {error.code})') from None
+    except (OSError, http.client.HTTPException) as error:
+        reason = getattr(error, 'reason', None) or error
+        raise ExtractError(f'cannot fetch the checksum {checksum} ({reason})') from None
+    digests = set(re.findall(r'\b[0-9a-f]{32}\b', text.lower()))
+    if len(digests) != 1:
+        raise ExtractError(f'{checksum} holds {len(digests)} MD5 digests, not one; '
+                           'is it a checksum file?')
+    logger.info('read the published MD5 from %s', checksum)
+    return digests.pop()
+
+
+def expected_md5(source: Source, timeout: float) -> str | None:
+    """The MD5 the archive must have: the table's or the published one (they must agree).
+
+    Returns:
+      None for an archive not named like the official one, or with no MD5 known.
+
+    Raises:
+      ExtractError: they disagree, or the checksum file cannot be read.
+    """
+    if not source.official_name:
+        return None
+    published = read_published_md5(source.location, timeout)
+    known = source.expected_md5
+    if published and known and published != known:
+        raise ExtractError(f'{source.location}{features.CHECKSUM_SUFFIX} gives MD5 '
+                           f'{published}, but {source.layout.name} is known as {known}: the '
+                           'archive changed upstream, or the checksum file is wrong')
+    return published or known
 
 
 def file_md5(path: str) -> str:
@@ -420,10 +492,11 @@ def extract(config: ExtractorConfig) -> Staged:
                       md5_verified=source.expected_md5 == staged.md5, reused=True)
     with tempfile.TemporaryDirectory(prefix='data-extractor-') as temp_dir:
         path = obtain_archive(config, source, temp_dir)
+        wanted = expected_md5(source, config.download_timeout)
         md5 = file_md5(path)
-        if source.expected_md5 is not None and md5 != source.expected_md5:
+        if wanted is not None and md5 != wanted:
             raise ExtractError(f'{source.location} has MD5 {md5}, but {source.layout.name} '
-                               f'should have {source.expected_md5}: corrupt or changed '
+                               f'should have {wanted}: corrupt or changed '
                                'download; fetch it again')
         members = members_to_stage(path, source)
         file_bytes, rating_lines = stage_members(path, source, members, raw_dir)
@@ -434,7 +507,7 @@ def extract(config: ExtractorConfig) -> Staged:
                                source=source.location, md5=md5)
     features.write_json(features.join(raw_dir, features.SOURCE_FILE), info)
     return Staged(info=info, file_bytes=file_bytes, rating_lines=rating_lines,
-                  md5_verified=source.expected_md5 is not None, reused=False)
+                  md5_verified=wanted is not None, reused=False)
 
 
 def format_summary(staged: Staged, work_dir: str, seconds: float) -> str:
@@ -457,8 +530,11 @@ def format_summary(staged: Staged, work_dir: str, seconds: float) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     config = config_from_args(parser, parser.parse_args(argv))
-    logging.basicConfig(level=logging.INFO,
+    # Not logs.setup_logging: that replaces the root handlers, and this one has no
+    # chatty libraries to quieten.
+    logging.basicConfig(level=logging.DEBUG if logs.wants_verbose(argv) else logging.INFO,
                         format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    logs.quiet_startup(argv, load_tensorflow=False)  # TensorFlow loads for gs:// only
     start = time.monotonic()
     try:
         staged = extract(config)

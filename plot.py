@@ -1,14 +1,16 @@
-"""Chart the trainer's loss log, and its eval results, as PNGs in fig/.
+"""Chart the trainer's loss log, and its eval results, as PNGs in the work dir's fig/.
 
 Owns: reading the trainer's files (local or gs://) and drawing them.
 Computes no metric: every number comes from files the trainer wrote.
 
-- `<out>` (default fig/<dataset>-loss.png): train and eval RMSE per epoch.
+- `<out>` (default WORK_DIR/fig/<dataset>-loss.png beside WORK_DIR/model): train
+  and eval RMSE per epoch.
 - `<out stem>-eval.png`, when the model dir has them: how predicted ratings
   spread for each true eval rating (eval_predictions.csv) and the ranking
   metrics of the model against the most-popular baseline (metrics.json).
 
     python plot.py --model-dir WORK_DIR/model [--out fig/loss.png] [--title ...] [--show]
+                   [--verbose]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import io
 import json
 import logging
 import math
+import os
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -28,7 +31,8 @@ from trainer import features, fileio, logs
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_FIG_DIR = pathlib.Path(__file__).resolve().parent / 'fig'
+# Charts go into fig/ of the work dir (the model dir's parent), never the checkout.
+FIG_DIR = 'fig'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,9 +246,11 @@ def parse_args(argv: Sequence[str] | None) -> PlotConfig:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--model-dir', required=True,
                         help='The trainer\'s model dir (local or gs://) holding loss_log.csv.')
-    parser.add_argument('--out', help='PNG to write (default fig/<dataset>-loss.png).')
+    parser.add_argument('--out', help='PNG to write (default: fig/<dataset>-loss.png beside '
+                        'the model dir, i.e. in the work dir; ./fig/ for a gs:// model dir).')
     parser.add_argument('--title', help='Chart title (default: the dataset name).')
     parser.add_argument('--show', action='store_true', help='Also open a window.')
+    logs.add_verbose_flag(parser)
     args = parser.parse_args(argv)
     if args.out and not args.out.endswith('.png'):
         parser.error(f'--out {args.out!r} must end in .png, e.g. fig/loss.png')
@@ -255,7 +261,8 @@ def parse_args(argv: Sequence[str] | None) -> PlotConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
-    logs.setup_logging()
+    logs.setup_logging(verbose=logs.wants_verbose(argv))
+    logs.quiet_startup(argv, load_tensorflow=False)  # TensorFlow loads for gs:// only
     if not fileio.exists(config.loss_log):
         print(f'plot.py: error: no loss log at {config.loss_log}; '
               'train first: python -m trainer.task --work-dir WORK_DIR', file=sys.stderr)
@@ -268,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reference = read_reference_lines(posix_parent(config.loss_log))
     dataset = reference.get('dataset') or 'MovieLens'
     title = config.title or f'Biased MF on {dataset}: RMSE per epoch'
-    out = config.out or str(DEFAULT_FIG_DIR / f'{dataset}-loss.png')
+    out = config.out or default_chart_path(posix_parent(config.loss_log), dataset)
     figure = draw_loss_chart(log, title, reference.get('baseline_rmse'),
                              reference.get('noise_floor_rmse'), reference.get('best_epoch'),
                              reference.get('model_eval_rmse'),
@@ -298,6 +305,15 @@ def show_window(figure) -> None:
     manager.canvas.figure = figure
     figure.set_canvas(manager.canvas)
     plt.show()
+
+
+def default_chart_path(model_dir: str, dataset: str) -> str:
+    """WORK_DIR/fig/<dataset>-loss.png for a local model dir WORK_DIR/model;
+    fig/<dataset>-loss.png under the current directory for a gs:// one."""
+    name = f'{dataset}-loss.png'
+    if not fileio.is_local(model_dir):
+        return os.path.join(FIG_DIR, name)
+    return os.path.join(os.path.dirname(os.path.abspath(model_dir)), FIG_DIR, name)
 
 
 def posix_parent(path: str) -> str:

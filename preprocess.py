@@ -56,14 +56,20 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import apache_beam as beam
+from trainer import logs
 
-from trainer import blockio, features, logs, rating_parser
-from trainer.deduplication import (DEFAULT_DEDUPE_BUCKETS, DeduplicateRatings,
+if __name__ == '__main__':
+    logs.quiet_startup()  # before TensorFlow loads
+
+# pylint: disable=wrong-import-position
+import apache_beam as beam  # noqa: E402
+
+from trainer import blockio, features, rating_parser  # noqa: E402
+from trainer.deduplication import (DEFAULT_DEDUPE_BUCKETS, DeduplicateRatings,  # noqa: E402
                                    FindRepeatedPairs, SeparateRepeatedPairs)
-from trainer.examples import TransformRatings
-from trainer.hash_split import SplitRatings
-from trainer.rating_reader import ParseRatings, ReadRatings, SumStatsFn
+from trainer.examples import TransformRatings  # noqa: E402
+from trainer.hash_split import SplitRatings  # noqa: E402
+from trainer.rating_reader import ParseRatings, ReadRatings, SumStatsFn  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +217,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[PreprocessConfig, list[str]]
                         help='Seed of the train/eval split (default %(default)s).')
     parser.add_argument('--overwrite', action='store_true',
                         help='Replace an existing transformed/ output.')
+    logs.add_verbose_flag(parser)
     args, beam_args = parser.parse_known_args(argv)
     if not 0 < args.eval_percent < 100:
         parser.error(f'--eval-percent {args.eval_percent:g} is outside (0, 100); '
@@ -421,7 +428,7 @@ def summarize(info: features.DatasetInfo, work_dir: str, seconds: float) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config, beam_args = parse_args(argv)
-    logs.setup_logging()
+    logs.setup_logging(verbose=logs.wants_verbose(argv))
     started = time.monotonic()
     try:
         info = run(config, beam_args)

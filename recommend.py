@@ -78,6 +78,7 @@ def parse_args(argv: Sequence[str] | None) -> RecommendConfig:
                         help=f'movies per user, 1..{MAX_K} (default {DEFAULT_K})')
     parser.add_argument('--json', action='store_true', dest='as_json',
                         help='print JSON instead of a table')
+    logs.add_verbose_flag(parser)
     args = parser.parse_args(argv)
     if not args.model_dir.strip():
         parser.error("--model-dir '' is empty; pass the trainer's model dir, "
@@ -207,7 +208,8 @@ def format_json(results: Sequence[UserRecommendations]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Prints recommendations; returns the exit code (2 on a bad input)."""
     config = parse_args(argv)
-    logs.setup_logging()
+    logs.setup_logging(verbose=logs.wants_verbose(argv))
+    logs.quiet_startup(argv)
     try:
         users = list(config.users)
         if config.users_file:

@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-readonly DATASETS="ml-100k ml-1m ml-10m ml-20m ml-25m ml-latest-small synthetic"
+readonly DATASETS="ml-100k ml-1m ml-10m ml-20m ml-25m ml-32m ml-latest-small synthetic"
 readonly JOB_PREFIX="movielens_mf"
 # The default --image: IMAGE_REPOSITORY is the Artifact Registry Docker repository
 # of the one-time set-up (README), IMAGE_NAME the image in it.

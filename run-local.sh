@@ -3,24 +3,26 @@
 # with Beam + TFT (in-process runner), train and export the model, chart the loss.
 #
 #   ./run-local.sh [--work-dir DIR] [--dataset NAME] [--data-sources PATH_OR_URL]
-#                  [--fig-dir DIR] [--overwrite] [-- TRAINER_FLAGS...]
+#                  [--fig-dir DIR] [--overwrite] [--verbose] [-- TRAINER_FLAGS...]
 #
-# Sets up .venv (Python 3.11, pinned packages) on first use.
+# Sets up .venv (Python 3.11, pinned packages) on first use; pip's log goes to
+# .venv/install.log.  Every output lands in the work dir, charts in WORK_DIR/fig/.
 set -euo pipefail
 caller_dir="$(pwd)"
 cd "$(dirname "$0")"
 
-readonly DATASETS=(ml-100k ml-1m ml-10m ml-20m ml-25m ml-latest-small synthetic)
+readonly DATASETS=(ml-100k ml-1m ml-10m ml-20m ml-25m ml-32m ml-latest-small synthetic)
 
 usage() {
   cat <<USAGE
 usage: ./run-local.sh [--work-dir DIR] [--dataset NAME] [--data-sources PATH_OR_URL]
-                      [--fig-dir DIR] [--overwrite] [-- TRAINER_FLAGS...]
+                      [--fig-dir DIR] [--overwrite] [--verbose] [-- TRAINER_FLAGS...]
   --work-dir DIR        where every step reads and writes (default: workdir, ignored by git)
   --dataset NAME        one of: ${DATASETS[*]} (default: ml-100k)
   --data-sources PATH   a GroupLens-layout zip (path, file:// or http(s) URL) instead of the download
-  --fig-dir DIR         where the loss chart goes (default: fig)
+  --fig-dir DIR         where the loss chart goes (default: WORK_DIR/fig)
   --overwrite           redo every step, replacing earlier outputs in the work dir
+  --verbose             show DEBUG logs and TensorFlow's native start-up lines
   -- FLAGS              passed to python -m trainer.task (e.g. -- --num-epochs 30)
 Values are used as given (spaces and shell characters included) and never run.
 USAGE
@@ -34,7 +36,7 @@ shown() {
 }
 
 # Paths given on the command line are relative to where the script was started;
-# the defaults (workdir, fig) are relative to the repository.
+# the default work dir is relative to the repository.
 from_caller() {
   case "$1" in
     /*|gs://*|http://*|https://*|file://*) printf '%s' "$1" ;;
@@ -55,8 +57,9 @@ check_path() {
 work_dir="workdir"
 dataset="ml-100k"
 data_sources=""
-fig_dir="fig"
+fig_dir=""
 overwrite=()
+verbose=()
 trainer_flags=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -69,6 +72,7 @@ while [[ $# -gt 0 ]]; do
     --data-sources) need_value "$@"; check_path "$1" "$2" ml-100k.zip; data_sources="$(from_caller "$2")"; shift 2 ;;
     --fig-dir) need_value "$@"; check_path "$1" "$2" fig; fig_dir="$(from_caller "$2")"; shift 2 ;;
     --overwrite) overwrite=(--overwrite); shift ;;
+    --verbose) verbose=(--verbose); shift ;;
     *) die "unknown flag $(shown "$1"); see ./run-local.sh --help (trainer flags go after --)" ;;
   esac
 done
@@ -82,6 +86,8 @@ for flag in "${trainer_flags[@]}"; do
     --work-dir|--work-dir=*) die "--work-dir after -- would train on another work dir than the one prepared; pass it before --" ;;
   esac
 done
+
+[[ -n "${fig_dir}" ]] || fig_dir="${work_dir}/fig"
 
 # shellcheck source=scripts/venv.sh
 source scripts/venv.sh
@@ -97,11 +103,12 @@ run_step() {
   timings+=("--step-seconds=${name}=$(( (${EPOCHREALTIME/./} - started) / 1000 ))ms")
 }
 
-extract_flags=(--work-dir "${work_dir}" --dataset "${dataset}" "${overwrite[@]}")
+extract_flags=(--work-dir "${work_dir}" --dataset "${dataset}" "${overwrite[@]}" "${verbose[@]}")
 [[ -z "${data_sources}" ]] || extract_flags+=(--data-sources "${data_sources}")
 run_step extract python data-extractor.py "${extract_flags[@]}"
-run_step preprocess python preprocess.py --work-dir "${work_dir}" "${overwrite[@]}"
-run_step train python -m trainer.task --work-dir "${work_dir}" "${overwrite[@]}" "${trainer_flags[@]}"
+run_step preprocess python preprocess.py --work-dir "${work_dir}" "${overwrite[@]}" "${verbose[@]}"
+run_step train python -m trainer.task --work-dir "${work_dir}" "${overwrite[@]}" "${verbose[@]}" \
+  "${trainer_flags[@]}"
 chart="${fig_dir}/${dataset}-loss.png"
-run_step plot python plot.py --model-dir "${work_dir}/model" --out "${chart}"
+run_step plot python plot.py --model-dir "${work_dir}/model" --out "${chart}" "${verbose[@]}"
 python -m trainer.summary --work-dir "${work_dir}" --chart "${chart}" "${timings[@]}"

@@ -1,9 +1,11 @@
 # Sourced by run-local.sh, run-tests.sh and run-cloud.sh: makes .venv when it is
 # missing and installs the pinned packages when the pins changed since the last
-# install.  Set PYTHON to choose the interpreter (default python3.11).
+# install, printing one line per stage; pip's own output goes to
+# .venv/install.log, whose end is shown when pip fails.  Set PYTHON to choose the
+# interpreter (default python3.11).
 
 ensure_venv() {
-  local repo venv python stamp want
+  local repo venv python stamp want log
   repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
   venv="${repo}/.venv"
   python="${PYTHON:-python3.11}"
@@ -16,16 +18,24 @@ ensure_venv() {
       echo "error: ${python} is not Python 3.11 (the pinned TensorFlow/TFT/Beam stack needs it); set PYTHON=/path/to/python3.11" >&2
       return 1
     fi
-    echo "+ ${python} -m venv .venv"
+    echo "== creating .venv with ${python}"
     "${python}" -m venv "${venv}"
   fi
   stamp="${venv}/.installed"
+  log="${venv}/install.log"
   want="$(cat "${repo}/requirements.txt" "${repo}/requirements-dev.txt" "${repo}/constraints.txt" | sha256sum | cut -d' ' -f1)"
   if [[ ! -f "${stamp}" || "$(cat "${stamp}")" != "${want}" ]]; then
-    echo "+ .venv/bin/pip install -r requirements.txt -r requirements-dev.txt -c constraints.txt"
-    "${venv}/bin/python" -m pip install --quiet --disable-pip-version-check \
-      -r "${repo}/requirements.txt" -r "${repo}/requirements-dev.txt" -c "${repo}/constraints.txt"
+    echo "== installing the pinned packages into .venv (a few minutes the first time; log: .venv/install.log)"
+    if ! "${venv}/bin/python" -m pip install --disable-pip-version-check \
+        -r "${repo}/requirements.txt" -r "${repo}/requirements-dev.txt" -c "${repo}/constraints.txt" \
+        > "${log}" 2>&1; then
+      echo "error: pip install failed; the end of its log:" >&2
+      tail -n 15 "${log}" >&2
+      echo "error: full log: ${log}" >&2
+      return 1
+    fi
     echo "${want}" > "${stamp}"
+    echo "== .venv ready"
   fi
   export PATH="${venv}/bin:${PATH}"
 }

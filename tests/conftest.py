@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import pathlib
 import sys
 from types import ModuleType
 
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -26,6 +28,56 @@ def load_script(name: str) -> ModuleType:
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def eval_examples(work_dir: str) -> tuple[list[bytes], list[bytes], np.ndarray]:
+    """The raw user ids, movie ids and ratings of WORK_DIR's transformed eval split."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    from trainer import features  # pylint: disable=import-outside-toplevel
+    info = features.read_dataset_info(work_dir)
+    files = sorted(tf.io.gfile.glob(info.eval_pattern))
+    users, movies, ratings = [], [], []
+    for record in tf.data.TFRecordDataset(files, compression_type='GZIP'):
+        example = tf.io.parse_single_example(record, features.TRANSFORMED_FEATURE_SPEC)
+        users.append(example[features.USER_ID].numpy())
+        movies.append(example[features.MOVIE_ID].numpy())
+        ratings.append(example[features.RATING].numpy())
+    return users, movies, np.asarray(ratings, np.float64)
+
+
+def exported_eval_rmse(export_dir: str, work_dir: str, with_factors: bool = True) -> float:
+    """The eval RMSE of the exported tables, computed by hand; with_factors=False
+    scores the same model from its global mean and biases alone."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    from trainer import data, features  # pylint: disable=import-outside-toplevel
+    reader = tf.train.load_checkpoint(f'{export_dir}/variables/variables')
+    def table(name: str) -> np.ndarray:
+        return reader.get_tensor(f'model/{name}/.ATTRIBUTES/VARIABLE_VALUE')
+    users, items = table('user_embedding'), table('item_embedding')
+    info = features.read_dataset_info(work_dir)
+    ratings = data.load_ratings(info.eval_pattern)
+    user_rows, item_rows = users[ratings.user.numpy()], items[ratings.item.numpy()]
+    prediction = table('global_mean') + user_rows[:, -1] + item_rows[:, -1]
+    if with_factors:
+        prediction += np.sum(user_rows[:, :-1] * item_rows[:, :-1], axis=1)
+    error = np.clip(prediction, info.rating_min, info.rating_max) - ratings.rating.numpy()
+    return float(np.sqrt(np.mean(error ** 2)))
+
+
+def served_rmse(signature, work_dir: str) -> float:
+    """The RMSE of a serving signature's ratings on WORK_DIR's eval split."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    from trainer import features  # pylint: disable=import-outside-toplevel
+    users, movies, ratings = eval_examples(work_dir)
+    served = signature(user_id=tf.constant(users), movie_id=tf.constant(movies))
+    return float(np.sqrt(np.mean((served[features.RATING].numpy() - ratings) ** 2)))
+
+
+def strict_json(text: str):
+    """Parses JSON as strict readers do: NaN and Infinity are errors."""
+    def refuse(constant: str):
+        raise ValueError(f'{constant} is not JSON')
+    return json.loads(text, parse_constant=refuse)
 
 
 @pytest.fixture

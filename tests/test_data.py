@@ -116,9 +116,26 @@ def test_missing_shards_say_to_run_preprocess(work_dir):
         data.load_ratings(features.split_pattern(work_dir, features.EVAL))
 
 
-def test_the_model_reads_a_subset_of_the_shared_spec():
-    assert all(features.TRANSFORMED_FEATURE_SPEC[key] == spec
-               for key, spec in data.MODEL_FEATURE_SPEC.items())
+def test_the_model_reads_indices_and_rating_from_a_preprocessed_example():
+    # An example as preprocess.py writes it: indices, rating and the raw ids.
+    example = tf.train.Example(features=tf.train.Features(feature={
+        features.USER: tf.train.Feature(int64_list=tf.train.Int64List(value=[7])),
+        features.ITEM: tf.train.Feature(int64_list=tf.train.Int64List(value=[3])),
+        features.RATING: tf.train.Feature(float_list=tf.train.FloatList(value=[4.5])),
+        features.USER_ID: tf.train.Feature(bytes_list=tf.train.BytesList(value=[b'196'])),
+        features.MOVIE_ID: tf.train.Feature(bytes_list=tf.train.BytesList(value=[b'242'])),
+    })).SerializeToString()
+
+    parsed = data.parse_batch(tf.constant([example, example]))
+
+    # The raw ids stay out of training; the rest is read with the shared spec's types.
+    assert set(parsed) == {features.USER, features.ITEM, features.RATING}
+    assert parsed[features.USER].dtype == tf.int64 and parsed[features.RATING].dtype == tf.float32
+    np.testing.assert_array_equal(parsed[features.USER].numpy(), [7, 7])
+    np.testing.assert_array_equal(parsed[features.ITEM].numpy(), [3, 3])
+    np.testing.assert_allclose(parsed[features.RATING].numpy(), [4.5, 4.5])
+    for key, spec in data.MODEL_FEATURE_SPEC.items():
+        assert spec.dtype == features.TRANSFORMED_FEATURE_SPEC[key].dtype
 
 
 def _varint(value: int) -> bytes:

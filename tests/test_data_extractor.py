@@ -332,14 +332,20 @@ def test_download_without_network_names_both_ways_forward(
     assert raw_files(work_dir) == set()
 
 
-def test_download_from_official_url_checks_md5(
-        work_dir: str, http_root: tuple[pathlib.Path, str], monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture) -> None:
-    root, base_url = http_root
+def _serve_ml_100k(root: pathlib.Path, base_url: str,
+                   monkeypatch: pytest.MonkeyPatch) -> features.DatasetLayout:
+    """ml-100k.zip over HTTP, as the table's official URL with its MD5."""
     path = build_zip(root / 'ml-100k.zip', features.ML_100K)
     official = dataclasses.replace(
         features.ML_100K, url=f'{base_url}/ml-100k.zip', md5=md5_of(path))
     monkeypatch.setitem(features.DATASETS, 'ml-100k', official)
+    return official
+
+
+def test_download_from_official_url_checks_md5(
+        work_dir: str, http_root: tuple[pathlib.Path, str], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    official = _serve_ml_100k(*http_root, monkeypatch)
 
     code = extractor.main(['--work-dir', work_dir])
 
@@ -347,6 +353,70 @@ def test_download_from_official_url_checks_md5(
     assert features.read_source_info(work_dir).source == official.url
     assert '(verified)' in capsys.readouterr().out
     assert raw_files(work_dir) == {'u.data', 'u.item', features.SOURCE_FILE}
+
+
+def _serve_ml_32m(root: pathlib.Path, base_url: str, monkeypatch: pytest.MonkeyPatch,
+                  checksum: str | None = None) -> None:
+    """ml-32m.zip and ml-32m.zip.md5 (holding checksum, default the zip's MD5) over HTTP."""
+    path = build_zip(root / 'ml-32m.zip', features.DATASETS['ml-32m'])
+    # "MD5 (name) = digest", as BSD md5 writes it; md5sum's "digest  name" reads too.
+    (root / 'ml-32m.zip.md5').write_text(f'MD5 (ml-32m.zip) = {checksum or md5_of(path)}\n')
+    served = dataclasses.replace(features.DATASETS['ml-32m'], url=f'{base_url}/ml-32m.zip')
+    monkeypatch.setitem(features.DATASETS, 'ml-32m', served)
+
+
+def test_ml_32m_is_checked_against_the_published_checksum(
+        work_dir: str, http_root: tuple[pathlib.Path, str], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture) -> None:
+    root, base_url = http_root
+    _serve_ml_32m(root, base_url, monkeypatch)
+
+    assert features.DATASETS['ml-32m'].md5 is None  # known only from the checksum file
+    assert extractor.main(['--work-dir', work_dir, '--dataset', 'ml-32m']) == 0
+
+    assert '(verified)' in capsys.readouterr().out
+    assert any('ml-32m.zip.md5' in message for message in caplog.messages)
+    assert raw_files(work_dir) == {'ratings.csv', 'movies.csv', features.SOURCE_FILE}
+
+
+@pytest.mark.parametrize('checksum, phrase', [
+    ('0' * 32, 'should have 00000000000000000000000000000000'),
+    ('not a checksum', 'holds 0 MD5 digests'),
+])
+def test_ml_32m_with_a_bad_published_checksum_stages_nothing(
+        work_dir: str, http_root: tuple[pathlib.Path, str], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, checksum: str, phrase: str) -> None:
+    root, base_url = http_root
+    _serve_ml_32m(root, base_url, monkeypatch, checksum)
+
+    assert extractor.main(['--work-dir', work_dir, '--dataset', 'ml-32m']) == 1
+
+    [message] = error_records(caplog)
+    assert phrase in message and '\n' not in message
+    assert raw_files(work_dir) == set()
+
+
+def test_a_published_checksum_must_agree_with_the_known_one(
+        work_dir: str, http_root: tuple[pathlib.Path, str], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    official = _serve_ml_100k(*http_root, monkeypatch)
+    (http_root[0] / 'ml-100k.zip.md5').write_text(f'{"1" * 32}  ml-100k.zip\n')
+
+    assert extractor.main(['--work-dir', work_dir]) == 1
+
+    [message] = error_records(caplog)
+    assert f'gives MD5 {"1" * 32}, but ml-100k is known as {official.md5}' in message
+    assert raw_files(work_dir) == set()
+
+
+def test_a_local_copy_is_checked_against_the_checksum_beside_it(
+        work_dir: str, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = build_zip(tmp_path / 'ml-32m.zip', features.DATASETS['ml-32m'])
+    (tmp_path / 'ml-32m.zip.md5').write_text('f' * 32 + '\n')
+
+    assert extractor.main(['--work-dir', work_dir, '--dataset', 'ml-32m',
+                           '--data-sources', str(path)]) == 1
+    assert 'should have ' + 'f' * 32 in error_records(caplog)[0]
 
 
 @pytest.mark.parametrize('argv, phrase', [

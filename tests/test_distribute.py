@@ -22,13 +22,12 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow.core.util import event_pb2
 
 import preprocess
-from conftest import REPO, load_script
+from conftest import REPO, load_script, served_rmse
 from trainer import config, distribute, export, features, history, task
 
 # 4,040 train ratings: 15 batches of 257 and a last one of 185, which the two
@@ -398,7 +397,7 @@ def test_two_workers_refuse_implicit_feedback_in_one_line(prepared, tmp_path):
                           'cluster has 2; drop the flag or train on one machine'], output[-2000:]
 
 
-def test_two_workers_from_tf_config_train_like_one(first_run, single):
+def test_two_workers_from_tf_config_train_like_one(first_run, single, prepared):
     outputs, base = first_run['outputs'], first_run['base']
     _assert_same_global_metrics(outputs, list(range(1, EPOCHS)))
     metrics = features.read_json(str(base / features.METRICS_FILE))
@@ -414,11 +413,12 @@ def test_two_workers_from_tf_config_train_like_one(first_run, single):
         assert len(os.listdir(first_run['tensorboard'] / split)) == 1
     assert 'eval RMSE' in outputs[0] and 'loss log:' not in outputs[1]
 
-    served = tf.saved_model.load(str(base / 'model')).signatures[
-        export.SIGNATURE](user_id=tf.constant(['1', 'nobody']),
-                          movie_id=tf.constant(['1', '1']))
-    rating = served[features.RATING].numpy()
-    assert rating.shape == (2,) and np.all((rating >= 1) & (rating <= 5))
+    # The chief exported the model the two workers trained and scored.
+    signature = tf.saved_model.load(str(base / 'model')).signatures[export.SIGNATURE]
+    assert served_rmse(signature, prepared) == pytest.approx(metrics['eval_rmse'], rel=1e-4)
+    rating = signature(user_id=tf.constant(['nobody']),
+                       movie_id=tf.constant(['1']))[features.RATING].numpy()
+    assert rating.shape == (1,) and 1 <= rating[0] <= 5
 
 
 def test_restarted_replicas_from_cluster_spec_resume_from_the_chief(

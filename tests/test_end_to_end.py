@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
 import shutil
 import subprocess
@@ -11,9 +10,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import REPO, eval_examples, exported_eval_rmse
 from trainer import features
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+# What the planted factors must be worth in eval RMSE: the exported model beats
+# its own biases (factors zeroed) by at least this (0.09 on this data).
+BY_FACTORS = 0.04
 
 
 @pytest.fixture(scope='module')
@@ -36,10 +38,18 @@ def test_model_learns_the_planted_structure(local_run):
     assert metrics['eval_rmse'] < 0.9 * info.global_mean_eval_rmse
     assert metrics['eval_rmse'] < 1.15 * info.noise_floor_rmse
     assert 'eval RMSE' in stdout and 'predicting the train mean' in stdout
+    # Those bounds leave room for biases alone; the factors must earn their share.
+    export = str(work_dir / features.MODEL_DIR / features.EXPORT_DIR)
+    assert exported_eval_rmse(export, str(work_dir)) == pytest.approx(metrics['eval_rmse'],
+                                                                      rel=1e-4)
+    assert metrics['eval_rmse'] < (exported_eval_rmse(export, str(work_dir), with_factors=False)
+                                   - BY_FACTORS)
 
 
 def test_export_serves_raw_ids_without_the_transform_dir(local_run, tmp_path):
     work_dir, _, _ = local_run
+    metrics = features.read_json(str(work_dir / features.MODEL_DIR / features.METRICS_FILE))
+    users, movies, truth = eval_examples(str(work_dir))
     export = tmp_path / 'export'
     shutil.copytree(work_dir / features.MODEL_DIR / features.EXPORT_DIR, export)
     moved = tmp_path / 'moved-work'
@@ -47,27 +57,63 @@ def test_export_serves_raw_ids_without_the_transform_dir(local_run, tmp_path):
     try:
         model = tf.saved_model.load(str(export))
         serve = model.signatures['serving_default']
-        rating = serve(user_id=tf.constant(['1', '2', 'no-such-user']),
-                       movie_id=tf.constant(['1', '5', '1']))['rating'].numpy()
+        rating = serve(user_id=tf.constant(users + [b'no-such-user']),
+                       movie_id=tf.constant(movies + [movies[0]]))['rating'].numpy()
     finally:
         shutil.move(str(moved), work_dir)
-    assert rating.shape == (3,)
-    assert np.all((rating >= 1) & (rating <= 5))
+    # Raw ids in, the evaluated model's ratings out: its eval RMSE, rating by rating.
+    served_rmse = np.sqrt(np.mean((rating[:-1] - truth) ** 2))
+    assert served_rmse == pytest.approx(metrics['eval_rmse'], rel=1e-4)
+    assert 1 <= rating[-1] <= 5  # an unknown user still gets a rating
 
 
-def test_chart_is_a_png(local_run):
-    _, fig_dir, _ = local_run
+def test_chart_is_a_png_and_the_summary_ends_with_next_commands(local_run):
+    work_dir, fig_dir, stdout = local_run
     chart = fig_dir / 'synthetic-loss.png'
     assert chart.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    next_command, chart_line = stdout.strip().splitlines()[-2:]
+    assert chart_line == f'== chart: {chart}'
+    user_id = next_command.rsplit(' --user ', 1)[1]
+    assert next_command.startswith('== next: python recommend.py --model-dir ')
+    staged_users = {line.split('\t')[0] for line in
+                    (work_dir / 'raw' / 'u.data').read_text().splitlines()}
+    assert user_id in staged_users
+
+
+def _modified(root: pathlib.Path) -> dict[str, int]:
+    """Every file under root: its path and modification time in ns."""
+    return {str(path.relative_to(root)): path.stat().st_mtime_ns
+            for path in root.rglob('*') if path.is_file()}
+
+
+def _trained(model_dir: pathlib.Path) -> dict[str, bytes]:
+    """The checkpoints and the loss log, with their contents (a resumed run
+    rewrites the loss log and checkpoints/data.json with the same bytes)."""
+    return {str(path.relative_to(model_dir)): path.read_bytes()
+            for path in [model_dir / features.LOSS_LOG_FILE,
+                         *(model_dir / features.CHECKPOINT_DIR).rglob('*')]
+            if path.is_file()}
 
 
 def test_a_second_run_reuses_every_step(local_run):
-    work_dir, fig_dir, _ = local_run
-    info_before = os.path.getmtime(work_dir / features.TRANSFORMED_DIR / features.DATASET_INFO_FILE)
-    result = subprocess.run(
-        ['bash', str(REPO / 'run-local.sh'), '--work-dir', str(work_dir), '--dataset', 'synthetic',
-         '--fig-dir', str(fig_dir)],
+    work_dir, _, _ = local_run
+    model_dir = work_dir / features.MODEL_DIR
+    staged, transformed = _modified(work_dir / 'raw'), _modified(
+        work_dir / features.TRANSFORMED_DIR)
+    trained = _trained(model_dir)
+    checkout_charts = _modified(REPO / 'fig')
+    result = subprocess.run(  # without --fig-dir this time
+        ['bash', str(REPO / 'run-local.sh'), '--work-dir', str(work_dir), '--dataset', 'synthetic'],
         cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert os.path.getmtime(
-        work_dir / features.TRANSFORMED_DIR / features.DATASET_INFO_FILE) == info_before
+    # Extract and preprocess leave their outputs untouched; the trainer trains no
+    # epoch and writes no new checkpoint (it exports and scores the model again).
+    assert 'Reused synthetic' in result.stdout
+    assert _modified(work_dir / 'raw') == staged
+    assert _modified(work_dir / features.TRANSFORMED_DIR) == transformed
+    metrics = features.read_json(str(model_dir / features.METRICS_FILE))
+    assert metrics['epochs_this_run'] == 0 and '(0 this run)' in result.stdout
+    assert _trained(model_dir) == trained
+    # The chart lands in the work dir, never in the checkout's fig/.
+    assert (work_dir / 'fig' / 'synthetic-loss.png').read_bytes()[:4] == b'\x89PNG'
+    assert _modified(REPO / 'fig') == checkout_charts

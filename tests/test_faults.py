@@ -14,6 +14,7 @@ import gzip
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -65,9 +66,11 @@ def _finish(process: subprocess.Popen, log_dir: str, name: str) -> None:
     assert process.wait(timeout=300) == 0, _tail(log_dir, name)
 
 
-def _tail(log_dir: str, name: str) -> str:
+def _tail(log_dir: str, name: str, chars: int | None = 3000) -> str:
+    """The end of a trainer's stderr (all of it with chars=None)."""
     with open(os.path.join(log_dir, f'{name}.err'), encoding='utf-8', errors='replace') as f:
-        return f.read()[-3000:]
+        text = f.read()
+    return text if chars is None else text[-chars:]
 
 
 def _kill_when(process: subprocess.Popen, ready: Callable[[], bool], delay: float = 0.0,
@@ -111,6 +114,7 @@ def test_a_killed_trainer_resumes_and_ends_like_an_uninterrupted_run(preprocesse
     epoch, delay = rng.randint(2, EPOCHS - 3), rng.uniform(0.0, 0.3)
     _kill_when(_trainer(preprocessed, job_dir, logs, 'killed-training'),
                lambda: len(_loss_log(job_dir)) >= epoch, delay)
+    logged = len(_loss_log(job_dir))  # the checkpoint of the last one may be missing
     assert not os.path.exists(os.path.join(job_dir, features.METRICS_FILE))
     _finish(baseline, logs, 'baseline')
 
@@ -120,6 +124,13 @@ def test_a_killed_trainer_resumes_and_ends_like_an_uninterrupted_run(preprocesse
                lambda: os.path.isdir(export_dir + '.tmp'))
     assert not os.path.exists(export_dir)
     assert not os.path.exists(os.path.join(job_dir, features.METRICS_FILE))
+    # It resumed from run 1's last checkpoint and trained only the epochs after it.
+    second = _tail(logs, 'killed-export', chars=None)
+    [resumed_from] = [int(number) for number in re.findall(
+        r'Resuming from \S*/checkpoints/ckpt-(\d+)$', second, re.MULTILINE)]
+    assert logged - 1 <= resumed_from <= logged
+    assert [int(number) for number in re.findall(r'trainer\.train: Epoch (\d+)/', second)] \
+        == list(range(resumed_from + 1, len(_loss_log(baseline_dir)) + 1))
 
     # 3. Run again: nothing left to train, exports, and matches the baseline.
     _finish(_trainer(preprocessed, job_dir, logs, 'resumed'), logs, 'resumed')
@@ -260,6 +271,11 @@ def _count_one(count: tf.Tensor, _: tf.Tensor) -> tf.Tensor:
     return count + 1
 
 
-def test_find_unreadable_shard_passes_good_shards(preprocessed):
+def test_find_unreadable_shard_passes_good_shards_and_names_a_bad_one(preprocessed, tmp_path):
     info = features.read_dataset_info(preprocessed)
     assert data.find_unreadable_shard((info.train_pattern, info.eval_pattern)) is None
+    # The same shards with one cut short: found, and named.
+    copy = _copy_work_dir(preprocessed, str(tmp_path / 'copy'))
+    broken = _break(_shard(copy.eval_pattern), 'truncated')
+    found = data.find_unreadable_shard((copy.train_pattern, copy.eval_pattern))
+    assert isinstance(found, data.ShardError) and broken in str(found)

@@ -48,6 +48,21 @@ def test_main_writes_a_png_titled_with_the_dataset(tmp_path, capsys):
     assert 'read 3 epochs' in summary and '0.9750' in summary
 
 
+def test_by_default_the_chart_goes_to_the_work_dirs_fig(tmp_path, monkeypatch):
+    work_dir = tmp_path / 'work'
+    model_dir = str(work_dir / features.MODEL_DIR)
+    _write_log(model_dir)
+    with open(os.path.join(model_dir, features.METRICS_FILE), 'w') as f:
+        json.dump({'dataset': 'synthetic'}, f)
+    monkeypatch.chdir(tmp_path)  # neither the checkout nor the current dir
+
+    assert plot.main(['--model-dir', model_dir]) == 0
+
+    assert (work_dir / 'fig' / 'synthetic-loss.png').read_bytes()[:4] == b'\x89PNG'
+    assert sorted(path.name for path in tmp_path.iterdir()) == ['work']
+    assert plot.default_chart_path('gs://b/run/model', 'ml-1m') == 'fig/ml-1m-loss.png'
+
+
 def test_main_without_a_log_says_to_train_first(tmp_path, capsys):
     assert plot.main(['--model-dir', str(tmp_path)]) == 2
     err = capsys.readouterr().err

@@ -187,6 +187,8 @@ def test_same_seed_same_tables_and_both_kernels_agree():
     np.testing.assert_array_equal(first.user_table, second.user_table)
     np.testing.assert_array_equal(first.item_table, second.item_table)
     numpy_run = run('tf')
+    # Two kernels compared, not numpy with itself: 'auto' ran the C++ op.
+    assert (first.kernel, numpy_run.kernel) == ('op', 'numpy')
     # Same draws, float32 rounding apart.
     np.testing.assert_allclose(numpy_run.user_table, first.user_table, atol=1e-3)
     other_seed = run('auto', seed=1)
@@ -235,7 +237,8 @@ def test_a_prior_mean_centres_the_user_rows():
                                 - signal[held]) ** 2))
     zero, planted = run(None), run(planted_mean)
     assert error(planted) < 0.6 * error(zero), (error(planted), error(zero))
-    # A zero prior mean is no prior mean; numpy draws the same chain.
+    # A zero prior mean is no prior mean; numpy draws the same chain as the op.
     np.testing.assert_array_equal(run(np.zeros_like(planted_mean)).user_table, zero.user_table)
-    np.testing.assert_allclose(run(planted_mean, 'tf').user_table, planted.user_table,
-                               atol=1e-3)
+    with_numpy = run(planted_mean, 'tf')
+    assert (planted.kernel, with_numpy.kernel) == ('op', 'numpy')
+    np.testing.assert_allclose(with_numpy.user_table, planted.user_table, atol=1e-3)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import tensorflow as tf
 import yaml
+from tensorflow.core.util import event_pb2
 
 from conftest import REPO
 from trainer import features, history, reporting
@@ -42,5 +45,21 @@ def test_each_epoch_adds_train_validation_and_eval_scalars(tmp_path):
                              eval_mse=1.0, eval_rmse=1.0, eval_mae=0.8, seconds=1.0)
     with reporting.epoch_summaries(str(tmp_path)) as on_epoch_end:
         on_epoch_end(row)
-    for split in (*features.SPLITS, reporting.VALIDATION):
-        assert len(list((tmp_path / split).glob('events.out.tfevents.*'))) == 1
+    expected = {features.TRAIN: (0.9, 0.7), reporting.VALIDATION: (0.95, 0.75),
+                features.EVAL: (1.0, 0.8)}
+    assert set(expected) == {*features.SPLITS, reporting.VALIDATION}
+    for split, (rmse, mae) in expected.items():
+        [events] = (tmp_path / split).glob('events.out.tfevents.*')
+        assert _scalars(events) == {'rmse': (2, pytest.approx(rmse)),
+                                    'mae': (2, pytest.approx(mae))}
+
+
+def _scalars(path) -> dict[str, tuple[int, float]]:
+    """Each scalar in a TensorBoard event file: tag -> (step, value), as TensorBoard reads it."""
+    scalars = {}
+    for record in tf.data.TFRecordDataset(str(path)):
+        event = event_pb2.Event.FromString(record.numpy())
+        for value in event.summary.value:
+            assert value.metadata.plugin_data.plugin_name == 'scalars'
+            scalars[value.tag] = (event.step, float(tf.make_ndarray(value.tensor)))
+    return scalars

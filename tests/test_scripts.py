@@ -138,3 +138,57 @@ def test_run_local_resolves_relative_paths_from_where_it_was_started(tmp_path):
     assert argv[argv.index('--work-dir') + 1] == str(tmp_path / 'rel work')
     assert argv[argv.index('--data-sources') + 1] == str(tmp_path / 'missing.zip')
     assert 'Traceback' not in result.stderr
+
+
+@pytest.mark.parametrize('args, phrase', [
+    (['--frobnicate'], "unknown flag '--frobnicate'"),
+    (['--work-dir'], '--work-dir needs a directory'),
+])
+def test_refresh_readme_chart_refuses_a_bad_flag_before_running(tmp_path, args, phrase):
+    result = _run('scripts/refresh-readme-chart.sh', *args, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ''
+    assert result.stderr.strip() == f'refresh-readme-chart.sh: error: {phrase}' + (
+        '; see scripts/refresh-readme-chart.sh --help' if 'unknown' in phrase else '')
+
+
+def test_run_local_passes_verbose_to_each_step(tmp_path):
+    result = _run(str(REPO / 'run-local.sh'), '--verbose', '--work-dir', 'w', '--data-sources',
+                  'missing.zip', '--dataset', 'ml-100k', cwd=tmp_path)
+    assert result.returncode != 0  # the extractor stops: no such file
+    (extract,) = [line for line in result.stdout.splitlines()
+                  if line.startswith('+ python data-extractor.py')]
+    assert '--verbose' in _replay(extract)
+
+
+def _fake_repo(root: pathlib.Path, pip_exit: int) -> pathlib.Path:
+    """A checkout holding scripts/venv.sh and a .venv whose pip prints 40 lines."""
+    (root / 'scripts').mkdir(parents=True)
+    (root / 'scripts' / 'venv.sh').write_text((REPO / 'scripts' / 'venv.sh').read_text())
+    for name in ('requirements.txt', 'requirements-dev.txt', 'constraints.txt'):
+        (root / name).write_text('numpy==0\n')
+    python = root / '.venv' / 'bin' / 'python'
+    python.parent.mkdir(parents=True)
+    python.write_text('#!/bin/sh\nfor i in $(seq 40); do echo "pip line $i"; done\n'
+                      f'exit {pip_exit}\n')
+    python.chmod(0o755)
+    return root
+
+
+@pytest.mark.parametrize('pip_exit', [0, 1])
+def test_venv_set_up_prints_one_line_per_stage_and_keeps_pips_log(tmp_path, pip_exit):
+    root = _fake_repo(tmp_path / 'checkout', pip_exit)
+    result = subprocess.run(['bash', '-c', 'source scripts/venv.sh && ensure_venv'], cwd=root,
+                            capture_output=True, text=True, timeout=60, check=False)
+
+    log = root / '.venv' / 'install.log'
+    assert log.read_text().splitlines() == [f'pip line {i}' for i in range(1, 41)]
+    assert 'pip line' not in result.stdout
+    assert result.stdout.startswith('== installing the pinned packages into .venv')
+    if pip_exit == 0:
+        assert result.returncode == 0 and result.stdout.splitlines()[-1] == '== .venv ready'
+        assert (root / '.venv' / '.installed').exists()
+    else:  # the end of pip's log, and where the rest is
+        assert result.returncode == 1 and not (root / '.venv' / '.installed').exists()
+        err = result.stderr.splitlines()
+        assert err[1:-1] == [f'pip line {i}' for i in range(26, 41)]
+        assert err[-1] == f'error: full log: {log}'

@@ -38,3 +38,20 @@ def test_summary_names_the_rating_models_lists_beside_the_served_ones():
     text = summary.format_summary(INFO, {**METRICS, 'ranking': ranking}, 'w/model', None, [])
     assert ('NDCG 0.2000, recall 0.3000, coverage 0.500; ranked by predicted rating: '
             'NDCG 0.0500; most popular: NDCG 0.1000') in text
+
+
+def test_summary_ends_with_a_real_user_and_the_chart(tmp_path):
+    work_dir = str(tmp_path / 'my work')
+    raw = tmp_path / 'my work' / 'raw'
+    raw.mkdir(parents=True)
+    # The layout's own separator and header: ml-25m has a header, ml-100k tabs.
+    (raw / 'ratings.csv').write_text('userId,movieId,rating,timestamp\n8123,1,4.0,9\n7,2,3,9\n')
+    user_id = summary.first_user_id(work_dir, features.DATASETS['ml-25m'])
+    text = summary.format_summary(INFO, METRICS, f'{work_dir}/model', f'{work_dir}/fig/x.png',
+                                  [], user_id)
+
+    assert user_id == '8123'
+    assert text.splitlines()[-2:] == [
+        f"== next: python recommend.py --model-dir '{work_dir}/model' --user 8123",
+        f'== chart: {work_dir}/fig/x.png']
+    assert summary.first_user_id(str(tmp_path / 'gone'), features.ML_100K) is None

@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 import preprocess
+from conftest import served_rmse, strict_json
 from trainer import config, export, features, synthetic, task, tune
 
 LAYOUT = features.ML_100K
@@ -46,7 +47,9 @@ def test_main_trains_exports_and_summarises(preprocessed, tmp_path, monkeypatch,
     assert [line.split(',')[0] for line in log[1:]] == ['1', '2', '3']
 
     info = features.read_dataset_info(preprocessed)
-    metrics = features.read_json(os.path.join(model_dir, features.METRICS_FILE))
+    with open(os.path.join(model_dir, features.METRICS_FILE), encoding='utf-8') as f:
+        metrics = strict_json(f.read())  # no NaN: the posterior's validation is null
+    assert metrics['posterior']['before']['validation_mae'] is None  # refit: no validation
     assert metrics['epochs'] == 3 and metrics['epochs_this_run'] == 3
     assert metrics['eval_rmse'] < info.global_mean_eval_rmse
     assert metrics['global_mean_eval_rmse'] == pytest.approx(info.global_mean_eval_rmse)
@@ -54,9 +57,11 @@ def test_main_trains_exports_and_summarises(preprocessed, tmp_path, monkeypatch,
     assert metrics['ratings_per_second'] > 0
     assert metrics['config']['num_factors'] == 4
 
-    served = tf.saved_model.load(aip_model_dir).signatures[export.SIGNATURE](
-        user_id=tf.constant(['1', 'nobody']), movie_id=tf.constant(['1', '1']))
-    rating = served[features.RATING].numpy()
+    # The export serves the model metrics.json scored: its eval RMSE, rating by rating.
+    signature = tf.saved_model.load(aip_model_dir).signatures[export.SIGNATURE]
+    assert served_rmse(signature, preprocessed) == pytest.approx(metrics['eval_rmse'], rel=1e-4)
+    rating = signature(user_id=tf.constant(['1', 'nobody']),
+                       movie_id=tf.constant(['1', '1']))[features.RATING].numpy()
     assert rating.shape == (2,) and np.all((rating >= 1) & (rating <= 5))
     assert not os.path.exists(os.path.join(model_dir, features.EXPORT_DIR))
 

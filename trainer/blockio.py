@@ -23,6 +23,7 @@ local or gs://, on the in-process runner or on Dataflow.  This module lives in
 from __future__ import annotations
 
 import math
+import posixpath
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
@@ -34,6 +35,8 @@ import pyarrow.compute as pc
 from apache_beam.io import filebasedsink
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+
+from trainer import logs
 
 MIB = 1 << 20
 # Ranges per file: enough for two local workers (or many Dataflow workers) to
@@ -315,6 +318,19 @@ class WriteTFRecordBlocks(beam.PTransform):
                                          gzip_level)
 
     def expand(self, record_lists):
+        name = posixpath.basename(self._sink.file_path_prefix.get())
         return (record_lists
-                | 'FrameRecords' >> beam.Map(frame_tfrecords)
+                | 'FrameRecords' >> beam.ParDo(_FrameFn(f'{name} records written'))
                 | 'WriteFiles' >> beam.io.Write(self._sink))
+
+
+class _FrameFn(beam.DoFn):
+    """frame_tfrecords, logging how many records went by every so often."""
+
+    def __init__(self, what: str):
+        super().__init__()
+        self._progress = logs.ProgressLog(what)
+
+    def process(self, records: Sequence[bytes]) -> Iterator[bytes]:
+        self._progress.add(len(records))
+        yield frame_tfrecords(records)

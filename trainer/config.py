@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 
 from trainer import features
+from trainer import logs
 from trainer import optimizers
 
 # Vertex AI custom-job environment: where the SavedModel and checkpoints go.
@@ -436,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
              'adam); tf: TensorFlow ops; auto (default): fused where it applies')
     add('--overwrite', action='store_true',
         help='clear the model dir and start fresh instead of resuming')
+    logs.add_verbose_flag(parser)
     return parser
 
 

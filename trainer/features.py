@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import posixpath
 from typing import Any
 
@@ -136,8 +137,11 @@ class DatasetLayout:
     Attributes:
       name: the --dataset value.
       url: the download address, or None when there is nothing to download.
-      md5: the archive's published MD5 checksum, or None where GroupLens
-        updates the archive in place (ml-latest-small), so none is stable.
+      md5: the archive's MD5 checksum as known to this project, or None where
+        GroupLens updates the archive in place (ml-latest-small), so none is
+        stable, or where it is known only from the checksum file GroupLens
+        publishes beside the archive (`url + CHECKSUM_SUFFIX`, e.g.
+        ml-32m.zip.md5), which data-extractor.py fetches and checks as well.
       ratings_member: the ratings file's path inside the zip.
       ratings_separator: the field separator of the ratings file.
       ratings_header: whether the ratings file starts with a header line.
@@ -173,6 +177,8 @@ class DatasetLayout:
 
 
 _GROUPLENS = 'https://files.grouplens.org/datasets/movielens/'
+# GroupLens publishes each archive's MD5 in a file of this suffix beside it.
+CHECKSUM_SUFFIX = '.md5'
 
 
 def _csv_layout(name: str, folder: str, md5: str | None) -> DatasetLayout:
@@ -211,6 +217,8 @@ DATASETS: dict[str, DatasetLayout] = {
                     'utf-8', rating_min=0.5, rating_step=0.5),
         _csv_layout('ml-20m', 'ml-20m', 'cd245b17a1ae2cc31bb14903e1204af3'),
         _csv_layout('ml-25m', 'ml-25m', '6b51fb2759a8657d3bfcbfc42b592ada'),
+        # GroupLens, 2024: the ml-25m layout; its MD5 comes from ml-32m.zip.md5.
+        _csv_layout('ml-32m', 'ml-32m', None),
         _csv_layout('ml-latest-small', 'ml-latest-small', None),
     )
 }
@@ -266,11 +274,27 @@ class DatasetInfo:
     source_md5: str = ''
 
 
+def strict_json_value(value: Any) -> Any:
+    """value with every NaN or infinity, however deeply nested, replaced by None.
+
+    JSON has no NaN: Python writes a bare `NaN`, which JSON.parse, BigQuery and
+    most other readers reject; null is what they all read.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: strict_json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json_value(item) for item in value]
+    return value
+
+
 def to_json(record: Any) -> str:
-    """Serialises a SourceInfo or DatasetInfo (or a plain dict) as JSON."""
+    """Serialises a SourceInfo, DatasetInfo or metrics dict as strict JSON (NaN -> null)."""
     if dataclasses.is_dataclass(record):
         record = dataclasses.asdict(record)
-    return json.dumps(record, indent=2, sort_keys=True) + '\n'
+    return json.dumps(strict_json_value(record), indent=2, sort_keys=True,
+                      allow_nan=False) + '\n'
 
 
 def write_json(path: str, record: Any) -> None:

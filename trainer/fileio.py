@@ -12,6 +12,8 @@ import os
 import shutil
 from typing import IO
 
+from trainer import logs
+
 
 def is_local(path: str) -> bool:
     """True for a plain filesystem path (no scheme such as gs://)."""
@@ -19,8 +21,7 @@ def is_local(path: str) -> bool:
 
 
 def _gfile():
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    return tf.io.gfile
+    return logs.import_tensorflow().io.gfile
 
 
 def open_file(path: str, mode: str = 'r') -> IO:

@@ -1,18 +1,165 @@
-"""Logging set-up shared by every entry point (called once, in `main`)."""
+"""Logging set-up shared by every entry point: Python logging and TensorFlow's native lines.
+
+Two calls, both at the edges:
+
+- `quiet_startup(argv)` at the top of an entry point, before anything imports
+  TensorFlow.  Unless argv holds `--verbose`, it hides the lines TensorFlow's
+  C++ runtime prints while it loads (the oneDNN notice, CUDA probing, the
+  cpu_feature_guard notice).  `TF_CPP_MIN_LOG_LEVEL` hides the runtime's own
+  INFO and WARNING lines, but some start-up lines go through Abseil logging
+  before it is initialised, which no variable silences; so `import_tensorflow`
+  imports TensorFlow (and lists its devices) with file descriptor 2 caught, and
+  writes back every caught line that is not one of those start-up lines.
+  Modules that import TensorFlow lazily go through `import_tensorflow` too.
+- `setup_logging(verbose)` in `main`: INFO from this project, WARNING from
+  libraries; DEBUG and library INFO with `--verbose`.
+"""
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
+VERBOSE_FLAG = '--verbose'
+VERBOSE_HELP = "show DEBUG logs and TensorFlow's native start-up lines (hidden by default)"
+# 0 shows the C++ runtime's INFO lines; 2 keeps its errors only.
+_TF_LOG_LEVEL = 'TF_CPP_MIN_LOG_LEVEL'
+_QUIET_TF_LOG_LEVEL = '2'
+_VERBOSE_TF_LOG_LEVEL = '0'
+
+# Seconds between two progress lines of a long step.
+PROGRESS_SECONDS = 15.0
+_progress_logger = logging.getLogger('trainer.progress')
+
+# This project's loggers: the package and the script run as __main__.
+_PROJECT = ('trainer', '__main__')
 # Libraries that narrate every step at INFO; their warnings still show.
 _CHATTY = ('apache_beam', 'tensorflow', 'absl', 'urllib3', 'google', 'h5py')
 
+# What TensorFlow 2.21 prints while it loads on a machine without a GPU: an
+# Abseil notice, INFO/WARNING lines in glog format (port.cc's oneDNN notice,
+# cudart_stub.cc, cpu_feature_guard.cc and its second line), and the failed
+# cuInit of CUDA probing.  Any other line, an error included, is kept.
+_STARTUP_LINE = re.compile(
+    r'WARNING: All log messages before absl::InitializeLog\(\) is called'
+    r'|[IW]\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] '
+    r'|E\d{4} [\d:.]+ +\d+ cuda_\w+\.cc:\d+\] failed call to cuInit'
+    r'|To enable the following instructions: .*rebuild TensorFlow')
+
+
+def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
+    """Adds --verbose, which every entry point takes (see quiet_startup)."""
+    parser.add_argument(VERBOSE_FLAG, action='store_true', help=VERBOSE_HELP)
+
+
+def wants_verbose(argv: Sequence[str] | None = None) -> bool:
+    """Whether the command line asks for --verbose (read before argparse runs)."""
+    args = sys.argv[1:] if argv is None else argv
+    return VERBOSE_FLAG in args
+
+
+def is_startup_line(line: str) -> bool:
+    """Whether line is one of TensorFlow's native start-up lines hidden by default."""
+    return _STARTUP_LINE.match(line) is not None
+
+
+def quiet_startup(argv: Sequence[str] | None = None, load_tensorflow: bool = True) -> None:
+    """Hides TensorFlow's native start-up lines unless argv holds --verbose.
+
+    Call before anything imports TensorFlow.  Sets TF_CPP_MIN_LOG_LEVEL (which
+    child processes inherit; an explicit value is kept unless --verbose is
+    given) and, with load_tensorflow, imports TensorFlow through
+    import_tensorflow.
+
+    Args:
+      argv: the command line without the program name; default sys.argv[1:].
+      load_tensorflow: import TensorFlow now; pass False where only some paths
+        need it (they import it through import_tensorflow).
+    """
+    if wants_verbose(argv):
+        os.environ[_TF_LOG_LEVEL] = _VERBOSE_TF_LOG_LEVEL
+        return
+    os.environ.setdefault(_TF_LOG_LEVEL, _QUIET_TF_LOG_LEVEL)
+    if load_tensorflow:
+        import_tensorflow()
+
+
+def import_tensorflow() -> Any:
+    """Imports TensorFlow, hiding its native start-up lines unless asked for them.
+
+    On first import, when TF_CPP_MIN_LOG_LEVEL is above 0, TensorFlow is
+    imported (and its devices listed) with file descriptor 2 caught; every caught
+    line that is not a start-up line is then written to stderr.
+
+    Returns:
+      The tensorflow module.
+    """
+    if 'tensorflow' in sys.modules or os.environ.get(_TF_LOG_LEVEL, '0') == '0':
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+        return tf
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            import tensorflow as tf  # pylint: disable=import-outside-toplevel
+            tf.config.list_physical_devices()
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            kept = [line for line in caught.read().decode(errors='replace').splitlines(True)
+                    if not is_startup_line(line)]
+            if kept:
+                sys.stderr.write(''.join(kept))
+                sys.stderr.flush()
+    return tf
+
+
+class ProgressLog:
+    """Logs a running count at most every `every_seconds`: progress of a long step.
+
+    Cheap enough to call once per batch: one clock read.  Beam pickles it with
+    its DoFn; each worker counts what it processed.
+    """
+
+    def __init__(self, what: str, every_seconds: float = PROGRESS_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._what = what
+        self._every = every_seconds
+        self._clock = clock
+        self._count = 0
+        self._next: float | None = None
+
+    def add(self, count: int) -> None:
+        """Counts count more items; logs the total when the interval has passed."""
+        self._count += count
+        now = self._clock()
+        if self._next is None:
+            self._next = now + self._every
+        elif now >= self._next:
+            _progress_logger.info('%s: %s so far', self._what, f'{self._count:,}')
+            self._next = now + self._every
+
 
 def setup_logging(verbose: bool = False) -> None:
-    """Logs INFO and up from this project, WARNING and up from libraries."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format='%(asctime)s %(levelname)s %(name)s: %(message)s', force=True)
+    """Logs INFO and up from this project, WARNING and up from libraries.
+
+    With verbose, DEBUG and up from this project (the trainer package and the
+    script run) and INFO and up from libraries.
+    """
+    logging.basicConfig(level=logging.INFO,
+                        format='%(asctime)s %(levelname)s %(name)s: %(message)s', force=True)
+    for name in _PROJECT:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.NOTSET)
     for name in _CHATTY:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
     try:

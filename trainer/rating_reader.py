@@ -19,7 +19,7 @@ from typing import Any
 import apache_beam as beam
 import pyarrow as pa
 
-from trainer import blockio, features, rating_parser
+from trainer import blockio, features, logs, rating_parser
 
 # Rows per batch when lines come one per element (tests, small inputs).
 DEFAULT_MAX_BATCH_SIZE = 65536
@@ -43,7 +43,7 @@ class ParseRatings(beam.PTransform):
             | 'BatchLines' >> beam.BatchElements(
                 min_batch_size=self._min_batch_size,
                 max_batch_size=self._max_batch_size)
-            | 'ParseBatches' >> beam.ParDo(_ParseBatchFn(self._layout)).with_outputs(
+            | 'ParseBatches' >> beam.ParDo(_ParseBatchFn(self._layout, self.label)).with_outputs(
                 self.REJECTED, self.STATS, main=self.VALID))
 
 
@@ -64,21 +64,23 @@ class ReadRatings(beam.PTransform):
         return (
             ranges
             | 'ReadLineRanges' >> blockio.ReadLineRanges(self._path)
-            | 'ParseBlocks' >> beam.ParDo(_ParseBatchFn(self._layout)).with_outputs(
+            | 'ParseBlocks' >> beam.ParDo(_ParseBatchFn(self._layout, self.label)).with_outputs(
                 ParseRatings.REJECTED, ParseRatings.STATS, main=ParseRatings.VALID))
 
 
 class _ParseBatchFn(beam.DoFn):
-    def __init__(self, layout: features.DatasetLayout):
+    def __init__(self, layout: features.DatasetLayout, step: str):
         super().__init__()
         self._layout = layout
         self._read = beam.metrics.Metrics.counter('preprocess', 'rows_read')
         self._valid = beam.metrics.Metrics.counter('preprocess', 'rows_valid')
         self._rejected = beam.metrics.Metrics.counter('preprocess', 'rows_rejected')
+        self._progress = logs.ProgressLog(f'{step}: rating rows parsed')
 
     def process(self, lines: list[bytes] | pa.Array) -> Iterator[Any]:
         parsed = rating_parser.parse_rating_lines(lines, self._layout)
         self._read.inc(len(lines))
+        self._progress.add(len(lines))
         self._valid.inc(parsed.valid.num_rows)
         self._rejected.inc(len(parsed.rejected))
         stats = {'rows_read': len(lines), 'rows_valid': parsed.valid.num_rows}

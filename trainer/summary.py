@@ -2,17 +2,20 @@
 
     python -m trainer.summary --work-dir DIR [--chart fig/x.png] [--step-seconds NAME=1234ms ...]
 
-Reads raw/source.json, transformed/dataset_info.json and model/metrics.json;
+Reads transformed/dataset_info.json, model/metrics.json and the first rating
+of the staged ratings file (a real user id for the next command to try);
 computes nothing new.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 
 from trainer import features
+from trainer import fileio
 
 
 def _step_seconds(value: str) -> tuple[str, float]:
@@ -22,9 +25,34 @@ def _step_seconds(value: str) -> tuple[str, float]:
     return name, int(amount[:-2]) / 1000
 
 
+def first_user_id(work_dir: str, layout: features.DatasetLayout) -> str | None:
+    """The user id of the staged ratings file's first rating; None when it is gone."""
+    path = features.join(features.raw_dir(work_dir), layout.ratings_file)
+    if not fileio.exists(path):
+        return None
+    with fileio.open_file(path, 'rb') as stream:
+        if layout.ratings_header:
+            stream.readline()
+        line = stream.readline().decode('utf-8', errors='replace')
+    user_id = line.split(layout.ratings_separator, 1)[0].strip()
+    return user_id or None
+
+
+def next_commands(model_dir: str, chart: str | None, user_id: str | None) -> list[str]:
+    """What to try next: recommendations for a real user, and the chart."""
+    lines = []
+    if user_id is not None:
+        lines.append(f'== next: python recommend.py --model-dir {shlex.quote(model_dir)} '
+                     f'--user {shlex.quote(user_id)}')
+    if chart:
+        lines.append(f'== chart: {chart}')
+    return lines
+
+
 def format_summary(info: features.DatasetInfo, metrics: dict, model_dir: str,
-                   chart: str | None, steps: Sequence[tuple[str, float]]) -> str:
-    """The lines of the closing summary."""
+                   chart: str | None, steps: Sequence[tuple[str, float]],
+                   user_id: str | None = None) -> str:
+    """The lines of the closing summary, ending with the next commands to try."""
     lines = [
         f'== {info.dataset}: {info.rows_read} rows read, {info.rows_accepted} accepted, '
         f'{info.rows_rejected} rejected; train {info.train_ratings}, eval {info.eval_ratings}; '
@@ -49,8 +77,8 @@ def format_summary(info: features.DatasetInfo, metrics: dict, model_dir: str,
                                                 for name, seconds in steps)
                      + f' (total {sum(seconds for _, seconds in steps):.1f})')
     lines.append(f'== model: {metrics.get("export_dir", features.join(model_dir, features.EXPORT_DIR))}')
-    lines.append(f'== loss log: {features.join(model_dir, features.LOSS_LOG_FILE)}'
-                 + (f'; chart: {chart}' if chart else ''))
+    lines.append(f'== loss log: {features.join(model_dir, features.LOSS_LOG_FILE)}')
+    lines.extend(next_commands(model_dir, chart, user_id))
     return '\n'.join(lines)
 
 
@@ -65,7 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_dir = args.model_dir or features.default_model_dir(work_dir)
     info = features.read_dataset_info(work_dir)
     metrics = features.read_json(features.join(model_dir, features.METRICS_FILE))
-    print(format_summary(info, metrics, model_dir, args.chart, args.step_seconds))
+    user_id = first_user_id(work_dir, features.DATASETS[info.layout])
+    print(format_summary(info, metrics, model_dir, args.chart, args.step_seconds, user_id))
     return 0
 
 

@@ -20,21 +20,26 @@ import sys
 import time
 from collections.abc import Sequence
 
-import tensorflow as tf
-
-from trainer import catalog as catalog_lib
-from trainer import config as config_lib
-from trainer import data
-from trainer import distribute
-from trainer import eval_predictions
-from trainer import export
-from trainer import features
-from trainer import fused
 from trainer import logs
-from trainer import ranking
-from trainer import reporting
-from trainer import topn
-from trainer import train as train_lib
+
+if __name__ == '__main__':
+    logs.quiet_startup()  # before TensorFlow loads
+
+# pylint: disable=wrong-import-position
+import tensorflow as tf  # noqa: E402
+
+from trainer import catalog as catalog_lib  # noqa: E402
+from trainer import config as config_lib  # noqa: E402
+from trainer import data  # noqa: E402
+from trainer import distribute  # noqa: E402
+from trainer import eval_predictions  # noqa: E402
+from trainer import export  # noqa: E402
+from trainer import features  # noqa: E402
+from trainer import fused  # noqa: E402
+from trainer import ranking  # noqa: E402
+from trainer import reporting  # noqa: E402
+from trainer import topn  # noqa: E402
+from trainer import train as train_lib  # noqa: E402
 
 
 def _metrics_record(result: train_lib.TrainResult, info: features.DatasetInfo,
@@ -141,7 +146,7 @@ def _summary(metrics: dict, info: features.DatasetInfo,
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Trains and exports; returns the process exit code."""
-    logs.setup_logging()
+    logs.setup_logging(verbose=logs.wants_verbose(argv))
     config = config_lib.parse_args(argv)
     started = time.perf_counter()
     try:
