@@ -85,3 +85,17 @@ def test_a_work_dir_without_a_trained_model_is_refused(tmp_path, capsys):
         bench.main(['--work-dir', str(tmp_path)])
     assert exit_info.value.code == 2
     assert 'run ./run-local.sh --work-dir' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('name', ['implicit ALS, weighted', 'implicit BPR, rated >= 4'])
+def test_implicits_rivals_train_on_the_same_split(trained, name):
+    tuning, final, facts = bench.load_problems(trained)
+    rivals = {rival.name: rival for rival in bench.rivals(facts['movies'], 20_000, True, 0)}
+    row = bench.tune_and_score(rivals[name], tuning, final, 0, facts['seed'])
+    counts = np.bincount(final.items, minlength=final.num_items).astype(float)
+    popular = final.ndcg_etc(counts, 0, 0)['ndcg']
+    assert row['fit_seconds'] > 0 and 0 <= row['coverage'] <= 1
+    if 'ALS' in name:  # a real top-N model: it must beat most popular on taste-driven data
+        assert row['ndcg'] > popular, (row['ndcg'], popular)
+    else:  # BPR's 100 epochs at lr 0.01 do not get far on 25k ratings; it still ranks
+        assert row['ndcg'] > 0
