@@ -221,6 +221,16 @@ resolve_project() {
     "a project ID of 6-30 lowercase letters, digits or hyphens; pass --project YOUR_PROJECT_ID"
 }
 
+# Steps 1-2 and the chart run here and reach gs:// through Application Default
+# Credentials, which `gcloud auth login` does not set up: check them before any step.
+check_credentials() {
+  local token=(gcloud auth application-default print-access-token)
+  echo_command "${token[@]}"
+  [[ "${dry_run}" == false ]] || return 0
+  "${token[@]}" >/dev/null 2>&1 \
+    || fail "no Application Default Credentials: run gcloud auth application-default login (or set GOOGLE_APPLICATION_CREDENTIALS to a key file), then run again"
+}
+
 # Renders the job config into ${job_config} and prints it.
 render_job_config() {
   local base_output_dir="${work_dir}/model" render=()
@@ -403,6 +413,7 @@ trap on_interrupt INT TERM
 
 # The config is rendered first: a bad trainer flag stops the run before any step.
 render_job_config
+check_credentials
 [[ "${skip_extract}" == true ]] || run_extract
 [[ "${skip_preprocess}" == true ]] || run_preprocess
 [[ "${build_image}" == false ]] || run gcloud builds submit --project "${project}" --tag "${image}" .

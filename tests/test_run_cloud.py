@@ -239,6 +239,7 @@ def test_dry_run_prints_every_command_and_the_yaml_and_runs_no_gcloud(run_cloud)
                 if line.startswith('+ ')]
     expected_starts = [
         ['python', 'scripts/render_job_config.py'],
+        ['gcloud', 'auth', 'application-default', 'print-access-token'],
         ['python', 'data-extractor.py', '--work-dir', WORK_DIR, '--dataset', 'synthetic'],
         ['python', 'preprocess.py', '--work-dir', WORK_DIR, '--runner', 'DataflowRunner'],
         ['gcloud', 'builds', 'submit'],
@@ -297,6 +298,24 @@ def test_a_job_that_succeeds_after_polling_passes(run_cloud):
     (describe, *_) = result.gcloud('ai', 'custom-jobs', 'describe')
     assert describe['argv'][3] == '7777777777'  # the id from the fake's resource name
     assert 'succeeded' in result.stdout
+
+
+def test_missing_credentials_are_one_line_naming_the_login_and_no_step_runs(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, *OFFLINE, FAKE_GCLOUD_ADC='missing')
+    assert result.returncode == 1
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert 'gcloud auth application-default login' in result.stderr
+    assert [call['argv'][:2] for call in result.calls] == [
+        ['config', 'get-value'], ['auth', 'application-default']]
+
+
+def test_credentials_are_checked_before_the_first_step(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, *OFFLINE)
+    assert result.returncode == 0, result.stderr
+    (check,) = result.gcloud('auth', 'application-default', 'print-access-token')
+    (build,) = result.gcloud('builds', 'submit')
+    assert result.calls.index(check) < result.calls.index(build)
+    assert 'ya29' not in result.stdout  # the token itself is never shown
 
 
 def test_no_project_anywhere_is_one_line_naming_project(run_cloud):
