@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole workflow on Google Cloud: stage MovieLens ratings in gs://, preprocess
-# them on Dataflow, build the training image with Cloud Build, train it as a
-# Vertex AI custom job (or tune its hyperparameters), wait for the job, chart the loss.
+# The whole workflow on Google Cloud: stage MovieLens ratings in gs://, build the
+# training, Dataflow and serving images with Cloud Build (cloudbuild.yaml),
+# preprocess on Dataflow in the Dataflow image, train as a Vertex AI custom job (or
+# tune its hyperparameters), wait for the job, chart the loss, optionally deploy.
 #
 #   ./run-cloud.sh --work-dir gs://BUCKET/PREFIX [flags] [-- TRAINER_FLAGS...]
 #
@@ -14,16 +15,22 @@ cd "$(dirname "$0")"
 
 readonly DATASETS="ml-100k ml-1m ml-10m ml-20m ml-25m ml-latest-small synthetic"
 readonly JOB_PREFIX="movielens_mf"
-# The default --image: IMAGE_REPOSITORY is the Artifact Registry Docker repository
-# of the one-time set-up (README), IMAGE_NAME the image in it.
+# The built images: IMAGE_REPOSITORY is the Artifact Registry Docker repository
+# of the one-time set-up (docs/cloud.md); each Dockerfile target has an image in it.
 readonly IMAGE_REPOSITORY="movielens"
 readonly IMAGE_NAME="trainer"
+readonly DATAFLOW_IMAGE_NAME="trainer-dataflow"
+readonly SERVING_IMAGE_NAME="serving"
+# Dataflow workers: 2 vCPUs and 13 GB.  Beam's Python SDK runs one process per
+# vCPU, each with TensorFlow loaded and several read blocks (up to 64 MiB, about
+# 2.7M ratings each) in flight through TFT; a single local process peaks at 5.6 GB
+# on all of ml-25m.  The default n1-standard-1 gives one process 3.75 GB, highmem
+# gives each 6.5 GB (docs/cloud.md, "Dataflow workers").
+readonly DATAFLOW_MACHINE_TYPE="n1-highmem-2"
+readonly DATAFLOW_MAX_WORKERS="8"
 readonly TERMINAL_STATES=" JOB_STATE_SUCCEEDED JOB_STATE_FAILED JOB_STATE_CANCELLED JOB_STATE_EXPIRED JOB_STATE_PARTIALLY_SUCCEEDED "
 # Consecutive failed `describe` calls (network blips) tolerated while waiting.
 readonly MAX_DESCRIBE_FAILURES=5
-# --deploy: the newest prebuilt Vertex AI TensorFlow prediction image (there is none
-# for TF 2.21; this one loads our export, see the README) and its defaults.
-readonly SERVING_IMAGE="us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.2-15:latest"
 
 usage() {
   cat <<USAGE
@@ -43,8 +50,23 @@ usage: ./run-cloud.sh --work-dir gs://BUCKET/PREFIX [flags] [-- TRAINER_FLAGS...
   --hp-tuning             run a hyperparameter-tuning job (hptuning.yaml) instead
   --max-trials N          --hp-tuning only: trials in all (default: 12)
   --parallel-trials N     --hp-tuning only: trials at a time (default: 3)
-  --image URI             use this training image; skips the Cloud Build step
+  --image URI             use this training image; skips the Cloud Build step (then
+                          give --dataflow-image or --dataflow-setup-file for step 2,
+                          and --serving-image for --deploy)
                           (default: REGION-docker.pkg.dev/PROJECT/${IMAGE_REPOSITORY}/${IMAGE_NAME}:JOB_NAME)
+  --dataflow-image URI    Dataflow's custom SDK container (--sdk_container_image)
+                          (default: the ${DATAFLOW_IMAGE_NAME} image built with the training image)
+  --dataflow-setup-file   fallback: workers pip-install setup.py's package and its pins
+                          at start-up instead of using the container (needs internet
+                          access from the workers: public IPs or Cloud NAT)
+  --dataflow-machine-type TYPE  Dataflow worker machine (default: ${DATAFLOW_MACHINE_TYPE})
+  --dataflow-max-workers N      Dataflow autoscaling ceiling (default: ${DATAFLOW_MAX_WORKERS})
+  --dataflow-network NAME       VPC network of the Dataflow workers
+  --dataflow-subnetwork SUBNET  their subnetwork, e.g. regions/us-central1/subnetworks/NAME
+  --dataflow-no-public-ips      workers get private IPs only (the subnetwork needs
+                          Private Google Access)
+  --dataflow-flag FLAG    any other Beam/Dataflow flag, verbatim and repeatable, e.g.
+                          --dataflow-flag=--disk_size_gb=50
   --skip-extract          skip data-extractor.py (the data is staged already)
   --skip-preprocess       skip the Dataflow job (WORK_DIR/transformed/ is done already)
   --skip-plot             skip the loss chart (it reads the loss log from gs://)
@@ -55,8 +77,8 @@ usage: ./run-cloud.sh --work-dir gs://BUCKET/PREFIX [flags] [-- TRAINER_FLAGS...
   --deploy                after training, upload the SavedModel to the Vertex AI Model
                           Registry and deploy it to an endpoint (created when missing)
   --endpoint NAME         --deploy only: the endpoint's display name (default: movielens-mf)
-  --serving-image URI     --deploy only: the prediction container
-                          (default: ${SERVING_IMAGE})
+  --serving-image URI     --deploy only: the prediction container (default: the
+                          ${SERVING_IMAGE_NAME} image built with the training image)
   --serving-machine-type TYPE  --deploy only: machine of the endpoint (default: n1-standard-2)
   --dry-run               print the commands and the job config; run nothing
   -- FLAGS                passed to python -m trainer.task (e.g. -- --num-epochs 30)
@@ -108,6 +130,14 @@ deploy=false
 endpoint=""
 serving_image=""
 serving_machine_type=""
+dataflow_image=""
+dataflow_setup_file=false
+dataflow_machine_type="${DATAFLOW_MACHINE_TYPE}"
+dataflow_max_workers="${DATAFLOW_MAX_WORKERS}"
+dataflow_network=""
+dataflow_subnetwork=""
+dataflow_public_ips=true
+dataflow_flags=()
 trainer_flags=()
 
 parse_flags() {
@@ -140,6 +170,14 @@ parse_flags() {
       --endpoint) need_value "$@"; endpoint="$2"; shift 2 ;;
       --serving-image) need_value "$@"; serving_image="$2"; shift 2 ;;
       --serving-machine-type) need_value "$@"; serving_machine_type="$2"; shift 2 ;;
+      --dataflow-image) need_value "$@"; dataflow_image="$2"; shift 2 ;;
+      --dataflow-setup-file) dataflow_setup_file=true; shift ;;
+      --dataflow-machine-type) need_value "$@"; dataflow_machine_type="$2"; shift 2 ;;
+      --dataflow-max-workers) need_value "$@"; dataflow_max_workers="$2"; shift 2 ;;
+      --dataflow-network) need_value "$@"; dataflow_network="$2"; shift 2 ;;
+      --dataflow-subnetwork) need_value "$@"; dataflow_subnetwork="$2"; shift 2 ;;
+      --dataflow-no-public-ips) dataflow_public_ips=false; shift ;;
+      --dataflow-flag) need_value "$@"; dataflow_flags+=("$2"); shift 2 ;;
       *) die "unknown flag $(shown "$1"); see ./run-cloud.sh --help (trainer flags go after --)" ;;
     esac
   done
@@ -175,6 +213,54 @@ validate_flags() {
   check --poll-seconds "${poll_seconds}" '^(0|[1-9][0-9]{0,3})$' "a number of seconds from 0 to 9999, e.g. --poll-seconds 60"
   validate_tuning_flags
   validate_deploy_flags
+  validate_dataflow_flags
+}
+
+# Prints where run-cloud.sh takes the Beam flag --NAME from, if it sets it.
+beam_flag_source() {
+  case "$1" in
+    runner) echo "its Dataflow step (always DataflowRunner)" ;;
+    project|region) echo "--$1" ;;
+    temp_location|staging_location) echo "--work-dir" ;;
+    job_name) echo "the job name" ;;
+    setup_file) echo "--dataflow-setup-file" ;;
+    sdk_container_image|sdk_location) echo "--dataflow-image" ;;
+    service_account_email) echo "--service-account" ;;
+    worker_machine_type|machine_type) echo "--dataflow-machine-type" ;;
+    max_num_workers) echo "--dataflow-max-workers" ;;
+    network) echo "--dataflow-network" ;;
+    subnetwork) echo "--dataflow-subnetwork" ;;
+    use_public_ips|no_use_public_ips) echo "--dataflow-no-public-ips" ;;
+  esac
+}
+
+validate_dataflow_flags() {
+  local image_pattern='^[a-z0-9][-.a-z0-9]*(:[0-9]+)?(/[a-z0-9][-_.a-z0-9]*)+(:[A-Za-z0-9_][-_.A-Za-z0-9]{0,127}|@sha256:[a-f0-9]{64})?$'
+  local flag name source
+  [[ -z "${dataflow_image}" ]] || check --dataflow-image "${dataflow_image}" "${image_pattern}" \
+    "an image URI such as --dataflow-image us-central1-docker.pkg.dev/my-project/${IMAGE_REPOSITORY}/${DATAFLOW_IMAGE_NAME}:v1"
+  [[ -z "${dataflow_image}" || "${dataflow_setup_file}" == false ]] \
+    || die "--dataflow-image and --dataflow-setup-file are two ways to give workers the package; pass one"
+  if [[ -n "${image}" && -z "${dataflow_image}" && "${dataflow_setup_file}" == false && "${skip_preprocess}" == false ]]; then
+    die "--image skips the build, so Dataflow has no SDK container: add --dataflow-image URI (Dockerfile target dataflow), or --dataflow-setup-file, or --skip-preprocess"
+  fi
+  check --dataflow-machine-type "${dataflow_machine_type}" '^[a-z][a-z0-9]*(-[a-z0-9]+)+$' \
+    "a Compute Engine machine type such as --dataflow-machine-type ${DATAFLOW_MACHINE_TYPE}"
+  check --dataflow-max-workers "${dataflow_max_workers}" '^[1-9][0-9]{0,3}$' \
+    "a positive integer, e.g. --dataflow-max-workers ${DATAFLOW_MAX_WORKERS}"
+  [[ -z "${dataflow_network}" ]] || check --dataflow-network "${dataflow_network}" '^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$' \
+    "a VPC network name such as --dataflow-network default"
+  [[ -z "${dataflow_subnetwork}" ]] || check --dataflow-subnetwork "${dataflow_subnetwork}" \
+    '^(https://www\.googleapis\.com/compute/v1/projects/[a-z][-a-z0-9]*/)?regions/[a-z]+-[a-z]+[0-9]+/subnetworks/[a-z]([-a-z0-9]{0,61}[a-z0-9])?$' \
+    "regions/REGION/subnetworks/NAME (or its full https://www.googleapis.com/compute/v1/projects/P/... URL)"
+  for flag in ${dataflow_flags[@]+"${dataflow_flags[@]}"}; do
+    check --dataflow-flag "${flag}" '^--[a-z][a-z0-9_]*(=[-_.,:=/@A-Za-z0-9]+)?$' \
+      "one Beam flag as --NAME or --NAME=VALUE, e.g. --dataflow-flag=--disk_size_gb=50"
+    name="${flag#--}"; name="${name%%=*}"
+    source="$(beam_flag_source "${name}")"
+    [[ -z "${source}" ]] \
+      || die "--dataflow-flag $(shown "${flag}"): run-cloud.sh sets --${name} itself, from ${source}; drop it from --dataflow-flag"
+  done
 }
 
 validate_deploy_flags() {
@@ -185,12 +271,13 @@ validate_deploy_flags() {
   fi
   [[ "${hp_tuning}" == false ]] || die "--deploy does not go with --hp-tuning: train the best trial's flags in a plain job with --deploy"
   endpoint="${endpoint:-movielens-mf}"
-  serving_image="${serving_image:-${SERVING_IMAGE}}"
+  [[ -n "${serving_image}" || -z "${image}" ]] \
+    || die "--image skips the build, so there is no serving image: add --serving-image URI (Dockerfile target serving)"
   serving_machine_type="${serving_machine_type:-n1-standard-2}"
   check --endpoint "${endpoint}" '^[a-z][-_a-z0-9]{0,62}$' "an endpoint name of lowercase letters, digits, - and _, e.g. --endpoint movielens-mf"
-  check --serving-image "${serving_image}" \
+  [[ -z "${serving_image}" ]] || check --serving-image "${serving_image}" \
     '^[a-z0-9][-.a-z0-9]*(:[0-9]+)?(/[a-z0-9][-_.a-z0-9]*)+(:[A-Za-z0-9_][-_.A-Za-z0-9]{0,127}|@sha256:[a-f0-9]{64})?$' \
-    "an image URI such as --serving-image ${SERVING_IMAGE}"
+    "an image URI such as --serving-image us-central1-docker.pkg.dev/my-project/${IMAGE_REPOSITORY}/${SERVING_IMAGE_NAME}:v1"
   check --serving-machine-type "${serving_machine_type}" '^[a-z][a-z0-9]*(-[a-z0-9]+)+$' \
     "a Compute Engine machine type such as --serving-machine-type n1-standard-2"
 }
@@ -253,12 +340,33 @@ run_extract() {
   run python data-extractor.py "${flags[@]}"
 }
 
+# Beam's own flags, spelled as Beam spells them; preprocess.py hands them to
+# PipelineOptions.
 run_preprocess() {
   local beam_flags=(--runner DataflowRunner --project "${project}" --region "${region}"
                     --temp_location "${work_dir}/tmp" --staging_location "${work_dir}/staging"
-                    --setup_file ./setup.py --job_name "${dataflow_job}")
+                    --job_name "${dataflow_job}")
+  if [[ "${dataflow_setup_file}" == true ]]; then
+    beam_flags+=(--setup_file ./setup.py)
+  else
+    # The image holds the pinned stack and `trainer`; `container` stops Beam from
+    # staging its own SDK tarball on top of it.
+    beam_flags+=(--sdk_container_image "${dataflow_image}" --sdk_location container)
+  fi
+  beam_flags+=(--worker_machine_type "${dataflow_machine_type}" --max_num_workers "${dataflow_max_workers}")
   [[ -z "${service_account}" ]] || beam_flags+=(--service_account_email "${service_account}")
+  [[ -z "${dataflow_network}" ]] || beam_flags+=(--network "${dataflow_network}")
+  [[ -z "${dataflow_subnetwork}" ]] || beam_flags+=(--subnetwork "${dataflow_subnetwork}")
+  [[ "${dataflow_public_ips}" == true ]] || beam_flags+=(--no_use_public_ips)
+  beam_flags+=(${dataflow_flags[@]+"${dataflow_flags[@]}"})
   run python preprocess.py --work-dir "${work_dir}" "${overwrite[@]}" "${beam_flags[@]}"
+}
+
+# One Cloud Build of the three Dockerfile targets (cloudbuild.yaml); each builds
+# only the stages it needs and they share the base layers.
+build_images() {
+  run gcloud builds submit --project "${project}" --region "${region}" --config cloudbuild.yaml \
+    --substitutions "_TRAINER_IMAGE=${image},_DATAFLOW_IMAGE=${built_dataflow_image},_SERVING_IMAGE=${built_serving_image}" .
 }
 
 # Creates the Vertex AI job; sets job_id (the numeric id of the resource name).
@@ -398,7 +506,12 @@ build_image=false
 if [[ -z "${image}" ]]; then
   # Built from this checkout by Cloud Build, tagged with the job name.
   build_image=true
-  image="${region}-docker.pkg.dev/${project}/${IMAGE_REPOSITORY}/${IMAGE_NAME}:${job_name}"
+  registry="${region}-docker.pkg.dev/${project}/${IMAGE_REPOSITORY}"
+  image="${registry}/${IMAGE_NAME}:${job_name}"
+  built_dataflow_image="${registry}/${DATAFLOW_IMAGE_NAME}:${job_name}"
+  built_serving_image="${registry}/${SERVING_IMAGE_NAME}:${job_name}"
+  dataflow_image="${dataflow_image:-${built_dataflow_image}}"
+  serving_image="${serving_image:-${built_serving_image}}"
 fi
 job_kind="custom-jobs"
 [[ "${hp_tuning}" == false ]] || job_kind="hp-tuning-jobs"
@@ -415,8 +528,9 @@ trap on_interrupt INT TERM
 render_job_config
 check_credentials
 [[ "${skip_extract}" == true ]] || run_extract
+# Built before step 2: Dataflow workers start from the Dataflow image.
+[[ "${build_image}" == false ]] || build_images
 [[ "${skip_preprocess}" == true ]] || run_preprocess
-[[ "${build_image}" == false ]] || run gcloud builds submit --project "${project}" --tag "${image}" .
 submit_job
 wait_for_job
 [[ "${skip_plot}" == true || "${hp_tuning}" == true ]] \

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import re
@@ -108,11 +109,15 @@ def test_job_name_and_dataflow_job_name(run_cloud):
     assert JOB_NAME.match(job_name)
     (preprocess_line,) = [line for line in result.stdout.splitlines()
                           if line.startswith('+ python preprocess.py')]
+    registry = 'us-central1-docker.pkg.dev/my-project/movielens'
     assert shlex.split(preprocess_line)[1:] == [
         'python', 'preprocess.py', '--work-dir', WORK_DIR,
         '--runner', 'DataflowRunner', '--project', 'my-project', '--region', 'us-central1',
         '--temp_location', WORK_DIR + '/tmp', '--staging_location', WORK_DIR + '/staging',
-        '--setup_file', './setup.py', '--job_name', job_name.replace('_', '-')]
+        '--job_name', job_name.replace('_', '-'),
+        '--sdk_container_image', f'{registry}/trainer-dataflow:{job_name}',
+        '--sdk_location', 'container',
+        '--worker_machine_type', 'n1-highmem-2', '--max_num_workers', '8']
 
 
 def test_service_account_reaches_dataflow_and_vertex(run_cloud):
@@ -241,8 +246,8 @@ def test_dry_run_prints_every_command_and_the_yaml_and_runs_no_gcloud(run_cloud)
         ['python', 'scripts/render_job_config.py'],
         ['gcloud', 'auth', 'application-default', 'print-access-token'],
         ['python', 'data-extractor.py', '--work-dir', WORK_DIR, '--dataset', 'synthetic'],
-        ['python', 'preprocess.py', '--work-dir', WORK_DIR, '--runner', 'DataflowRunner'],
         ['gcloud', 'builds', 'submit'],
+        ['python', 'preprocess.py', '--work-dir', WORK_DIR, '--runner', 'DataflowRunner'],
         ['gcloud', 'ai', 'custom-jobs', 'create'],
         ['gcloud', 'ai', 'custom-jobs', 'stream-logs'],
         ['gcloud', 'ai', 'custom-jobs', 'describe'],
@@ -266,18 +271,115 @@ def test_dry_run_hp_tuning_prints_the_study(run_cloud):
     assert '+ python plot.py' not in result.stdout  # trials have a loss log each
 
 
-def test_image_is_built_and_used_when_no_image_is_given(run_cloud):
+def substitutions(build_argv: list[str]) -> dict[str, str]:
+    """The --substitutions of a recorded `gcloud builds submit`."""
+    return dict(item.split('=', 1) for item in flag(build_argv, '--substitutions').split(','))
+
+
+def test_images_are_built_with_cloudbuild_yaml_and_used_when_no_image_is_given(run_cloud):
     result = run_cloud('--work-dir', WORK_DIR, '--region', 'europe-west4', *OFFLINE)
     assert result.returncode == 0, result.stderr
     (build,) = result.gcloud('builds', 'submit')
     (create,) = result.gcloud('ai', 'custom-jobs', 'create')
-    tag = flag(build['argv'], '--tag')
-    assert tag == ('europe-west4-docker.pkg.dev/fake-project-123/movielens/trainer:'
-                   + flag(create['argv'], '--display-name'))
+    job_name = flag(create['argv'], '--display-name')
+    registry = 'europe-west4-docker.pkg.dev/fake-project-123/movielens'
+    assert flag(build['argv'], '--config') == 'cloudbuild.yaml'
+    assert '--tag' not in build['argv']  # the legacy builder would build every stage
+    assert substitutions(build['argv']) == {
+        '_TRAINER_IMAGE': f'{registry}/trainer:{job_name}',
+        '_DATAFLOW_IMAGE': f'{registry}/trainer-dataflow:{job_name}',
+        '_SERVING_IMAGE': f'{registry}/serving:{job_name}'}
     assert build['argv'][-1] == '.'
     assert result.calls.index(build) < result.calls.index(create)
     pool = result.submitted_config()['workerPoolSpecs'][0]
-    assert pool['containerSpec']['imageUri'] == tag
+    assert pool['containerSpec']['imageUri'] == f'{registry}/trainer:{job_name}'
+
+
+def preprocess_command(stdout: str) -> list[str]:
+    """The Beam flags of the echoed `python preprocess.py` line."""
+    (line,) = [line for line in stdout.splitlines() if line.startswith('+ python preprocess.py')]
+    return shlex.split(line)[1:]
+
+
+def test_dataflow_starts_from_the_image_built_before_it(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, '--project', 'my-project', '--dry-run')
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith('+ ')]
+    (build_index,) = [i for i, line in enumerate(lines) if line.startswith('+ gcloud builds')]
+    (preprocess_index,) = [i for i, line in enumerate(lines) if 'preprocess.py' in line]
+    assert build_index < preprocess_index
+    built = substitutions(shlex.split(lines[build_index])[1:])
+    beam = preprocess_command(result.stdout)
+    assert flag(beam, '--sdk_container_image') == built['_DATAFLOW_IMAGE']
+    assert flag(beam, '--sdk_location') == 'container'
+    assert '--setup_file' not in beam
+
+
+def test_dataflow_setup_file_is_the_fallback(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, '--dataflow-setup-file',
+                       '--dry-run')
+    assert result.returncode == 0, result.stderr
+    beam = preprocess_command(result.stdout)
+    assert flag(beam, '--setup_file') == './setup.py'
+    assert '--sdk_container_image' not in beam and '--sdk_location' not in beam
+    assert '+ gcloud builds submit' not in result.stdout
+
+
+def test_dataflow_options_reach_beam_as_beam_reads_them(run_cloud, caplog):
+    from apache_beam.options import pipeline_options as po  # pylint: disable=import-outside-toplevel
+    subnet = 'regions/us-central1/subnetworks/private'
+    account = 'movielens-runner@my-project.iam.gserviceaccount.com'
+    result = run_cloud(
+        '--work-dir', WORK_DIR, '--project', 'my-project', '--image', IMAGE,
+        '--dataflow-image', IMAGE + '-df', '--dataflow-machine-type', 'n2-highmem-4',
+        '--dataflow-max-workers', '20', '--dataflow-network', 'vpc-one',
+        '--dataflow-subnetwork', subnet, '--dataflow-no-public-ips',
+        '--service-account', account, '--dataflow-flag=--disk_size_gb=50',
+        '--dataflow-flag', '--experiments=use_runner_v2', '--dry-run')
+    assert result.returncode == 0, result.stderr
+    beam = preprocess_command(result.stdout)[beam_start(result.stdout):]
+    options = po.PipelineOptions(beam)
+    # Beam drops flags it does not know, with a warning: all of these must be known.
+    with caplog.at_level(logging.WARNING):
+        options.get_all_options()
+    assert 'Discarding' not in caplog.text
+    worker = options.view_as(po.WorkerOptions)
+    cloud = options.view_as(po.GoogleCloudOptions)
+    assert (worker.machine_type, worker.max_num_workers, worker.network, worker.subnetwork,
+            worker.use_public_ips, worker.disk_size_gb, worker.sdk_container_image) == (
+        'n2-highmem-4', 20, 'vpc-one', subnet, False, 50, IMAGE + '-df')
+    assert cloud.service_account_email == account
+    assert options.view_as(po.DebugOptions).experiments == ['use_runner_v2']
+    assert options.view_as(po.StandardOptions).runner == 'DataflowRunner'
+
+
+def beam_start(stdout: str) -> int:
+    """Where the Beam flags start in the preprocess command (after our own flags)."""
+    return preprocess_command(stdout).index('--runner')
+
+
+@pytest.mark.parametrize('flags, named', [
+    (['--dataflow-flag=--max_num_workers=3'], '--dataflow-max-workers'),
+    (['--dataflow-flag', '--runner=DirectRunner'], '--runner'),
+    (['--dataflow-flag', '--disk_size_gb=5;touch {canary}'], '--dataflow-flag'),
+    (['--dataflow-flag', 'disk_size_gb=50'], '--dataflow-flag'),
+    (['--dataflow-max-workers', '0'], '--dataflow-max-workers'),
+    (['--dataflow-machine-type', 'big'], '--dataflow-machine-type'),
+    (['--dataflow-subnetwork', 'private'], '--dataflow-subnetwork'),
+    (['--dataflow-network', 'Net$(touch {canary})'], '--dataflow-network'),
+    (['--image', IMAGE], '--dataflow-image'),
+    (['--dataflow-image', IMAGE, '--dataflow-setup-file'], '--dataflow-setup-file'),
+    (['--image', IMAGE, '--deploy', '--skip-preprocess'], '--serving-image'),
+])
+def test_bad_dataflow_flags_are_one_line_and_no_gcloud_call(
+        run_cloud, tmp_path: pathlib.Path, flags: list[str], named: str):
+    canary = tmp_path / 'canary'
+    result = run_cloud('--work-dir', WORK_DIR, *[f.format(canary=canary) for f in flags])
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert named in result.stderr
+    assert result.calls == []
+    assert not canary.exists()
 
 
 @pytest.mark.parametrize('state', ['JOB_STATE_FAILED', 'JOB_STATE_CANCELLED'])
@@ -432,15 +534,16 @@ def test_the_plot_step_charts_the_loss_log_from_gcs(run_cloud, gcs, tmp_path: pa
 
 # --- --deploy: Model Registry upload and endpoint deployment. ----------------------------
 def test_deploy_uploads_the_export_and_creates_an_endpoint(run_cloud):
-    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, '--deploy', *OFFLINE)
+    result = run_cloud('--work-dir', WORK_DIR, '--deploy', *OFFLINE)
     assert result.returncode == 0, result.stderr
     (create_job,) = result.gcloud('ai', 'custom-jobs', 'create')
     job_name = flag(create_job['argv'], '--display-name')
     (upload,) = result.gcloud('ai', 'models', 'upload')
     assert flag(upload['argv'], '--artifact-uri') == WORK_DIR + '/model/model'
     assert flag(upload['argv'], '--display-name') == job_name
-    assert flag(upload['argv'], '--container-image-uri').startswith(
-        'us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.')
+    (build,) = result.gcloud('builds', 'submit')
+    assert flag(upload['argv'], '--container-image-uri') == substitutions(
+        build['argv'])['_SERVING_IMAGE']
     (create_endpoint,) = result.gcloud('ai', 'endpoints', 'create')
     assert flag(create_endpoint['argv'], '--display-name') == 'movielens-mf'
     (deploy,) = result.gcloud('ai', 'endpoints', 'deploy-model')
@@ -453,6 +556,7 @@ def test_deploy_uploads_the_export_and_creates_an_endpoint(run_cloud):
 
 def test_deploy_reuses_an_endpoint_with_the_same_name(run_cloud):
     result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, '--deploy', '--endpoint', 'recs',
+                       '--serving-image', IMAGE + '-serving',
                        '--serving-machine-type', 'n1-standard-4', *OFFLINE,
                        FAKE_GCLOUD_ENDPOINT='projects/1/locations/us-central1/endpoints/42')
     assert result.returncode == 0, result.stderr
@@ -466,7 +570,7 @@ def test_deploy_reuses_an_endpoint_with_the_same_name(run_cloud):
 
 def test_deploy_is_skipped_when_the_job_fails(run_cloud):
     result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, '--deploy', *OFFLINE,
-                       FAKE_GCLOUD_STATES='JOB_STATE_FAILED')
+                       '--serving-image', IMAGE + '-serving', FAKE_GCLOUD_STATES='JOB_STATE_FAILED')
     assert result.returncode == 1
     assert result.gcloud('ai', 'models') == [] and result.gcloud('ai', 'endpoints') == []
 
