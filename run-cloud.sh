@@ -428,7 +428,7 @@ summarize() {
   [[ "${dry_run}" == false ]] || return 0
   echo "run-cloud.sh: ${job_name} succeeded"
   if [[ "${hp_tuning}" == true ]]; then
-    echo "  trials: ${work_dir}/hptuning/${job_name}/<trial id>/ (loss_log.csv, metrics.json, model/)"
+    echo "  trials: ${work_dir}/hptuning/${job_name}/<trial id>/loss_log.csv (trials run --metric-only: no export)"
     echo "  best trial: gcloud ai hp-tuning-jobs describe ${job_id} --project ${project} --region ${region}"
     echo "  chart a trial: python plot.py --model-dir ${work_dir}/hptuning/${job_name}/TRIAL_ID"
     return 0

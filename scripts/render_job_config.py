@@ -38,6 +38,9 @@ _ACCELERATOR = re.compile(r'([A-Z][A-Z0-9_]*):([1-9][0-9]*)')
 _FLAGS_SET_HERE = {'--work-dir': 'run-cloud.sh --work-dir',
                    '--job-dir': 'the job (from AIP_MODEL_DIR, see config.yaml)',
                    '--overwrite': 'run-cloud.sh --overwrite'}
+# Every tuning trial's: the service reads only the validation metric, so a trial
+# skips the refit, the posterior sweeps, the ranking evaluation and the export.
+_TRIAL_FLAGS = ('--metric-only',)
 
 
 def fill_placeholders(node: Any, values: Mapping[str, Any]) -> Any:
@@ -205,7 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if tuning_template is not None:
             reserved.update(dict.fromkeys(tuned_flags(tuning_template),
                                           'hptuning.yaml (it is tuned)'))
+            reserved.update(dict.fromkeys(_TRIAL_FLAGS, 'run-cloud.sh --hp-tuning'))
         check_trainer_flags(trainer_flags, reserved)
+        if tuning_template is not None:
+            trainer_flags = [*_TRIAL_FLAGS, *trainer_flags]
         if args.workers and '--implicit-feedback' in trainer_flags:
             raise ValueError(f'trainer flag --implicit-feedback trains one replica, not the '
                              f'chief and {args.workers} workers; drop --workers or the flag')

@@ -186,7 +186,7 @@ def test_hp_tuning_submits_a_study_of_validation_rmse(run_cloud):
     assert trial['baseOutputDirectory'] == {
         'outputUriPrefix': f'{WORK_DIR}/hptuning/{flag(create["argv"], "--display-name")}'}
     assert trial['workerPoolSpecs'][0]['containerSpec']['args'] == [
-        '--work-dir', WORK_DIR, '--num-epochs', '5']
+        '--work-dir', WORK_DIR, '--metric-only', '--num-epochs', '5']
 
 
 def test_tuned_parameters_are_trainer_flags_and_their_bounds_pass():
@@ -198,7 +198,8 @@ def test_tuned_parameters_are_trainer_flags_and_their_bounds_pass():
         spec = parameter.get('doubleValueSpec') or parameter['integerValueSpec']
         for value in (spec['minValue'], spec['maxValue']):
             arg = f'--{parameter["parameterId"]}={value}'
-            parser.parse_args(['--work-dir', 'w', arg])  # exits on a refused value
+            # exits on a refused value
+            parser.parse_args(['--work-dir', 'w', *render._TRIAL_FLAGS, arg])
 
 
 @pytest.mark.parametrize('model_dir, job_dir', [
@@ -469,6 +470,7 @@ def test_a_bad_flag_is_one_line_and_no_gcloud_call(
 @pytest.mark.parametrize('flags, trainer_flag', [
     (['--hp-tuning'], '--l2'),
     (['--hp-tuning'], '--learning-rate=0.1'),
+    (['--hp-tuning'], '--metric-only'),
     ([], '--job-dir'),
     ([], '--overwrite'),
 ])
