@@ -457,8 +457,10 @@ resource_id() {
 # creating the endpoint when none has that display name.
 deploy_model() {
   local where=(--project "${project}" --region "${region}") model_id="" endpoint_id=""
+  # The serving image (trainer/serving.py) reads the port and routes Vertex passes.
   run gcloud ai models upload "${where[@]}" --display-name "${job_name}" \
-    --artifact-uri "${work_dir}/model/model" --container-image-uri "${serving_image}"
+    --artifact-uri "${work_dir}/model/model" --container-image-uri "${serving_image}" \
+    --container-ports 8080 --container-health-route /health --container-predict-route /predict
   resource_id model_id MODEL_ID gcloud ai models list "${where[@]}" \
     --filter "display_name=${job_name}" --format 'value(name)'
   [[ -n "${model_id}" ]] || fail "the uploaded model ${job_name} is not in the Model Registry"

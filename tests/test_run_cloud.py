@@ -546,6 +546,9 @@ def test_deploy_uploads_the_export_and_creates_an_endpoint(run_cloud):
     (build,) = result.gcloud('builds', 'submit')
     assert flag(upload['argv'], '--container-image-uri') == substitutions(
         build['argv'])['_SERVING_IMAGE']
+    assert (flag(upload['argv'], '--container-ports'),
+            flag(upload['argv'], '--container-health-route'),
+            flag(upload['argv'], '--container-predict-route')) == ('8080', '/health', '/predict')
     (create_endpoint,) = result.gcloud('ai', 'endpoints', 'create')
     assert flag(create_endpoint['argv'], '--display-name') == 'movielens-mf'
     (deploy,) = result.gcloud('ai', 'endpoints', 'deploy-model')
