@@ -602,3 +602,77 @@ def test_bad_deploy_flags_are_one_line_and_no_gcloud_call(run_cloud, tmp_path, f
     assert result.calls == []
     assert named in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / 'CANARY').exists()
+
+
+# --- The stand-in refuses what gcloud refuses (tests/fake_gcloud/flags.json). -------------
+FLAG_TABLE = json.loads((FAKE_GCLOUD_DIR / 'flags.json').read_text())
+
+
+def fake_gcloud(tmp_path: pathlib.Path, *argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, 'FAKE_GCLOUD_LOG': str(tmp_path / 'calls.jsonl')}
+    return subprocess.run([str(FAKE_GCLOUD_DIR / 'gcloud'), *argv], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize('argv, refused', [
+    (['builds', 'submit', '--substitution', '_A=b', '.'], '--substitution'),
+    (['builds', 'submit', '--config', 'cloudbuild.yaml', '--tags', 'x', '.'], '--tags'),
+    (['ai', 'custom-jobs', 'create', '--region', 'r', '--display-name', 'j',
+      '--service_account', 'a@b.iam.gserviceaccount.com'], '--service_account'),
+    (['ai', 'custom-jobs', 'create', '--region', 'r', '--display-name', 'j',
+      '--max-trial-count', '3'], '--max-trial-count'),
+    (['ai', 'hp-tuning-jobs', 'create', '--config', 'c', '--display-name', 'j',
+      '--max-trials', '3'], '--max-trials'),
+    (['ai', 'custom-jobs', 'describe', '1', '--regoin', 'r'], '--regoin'),
+    (['ai', 'models', 'upload', '--display-name', 'm', '--container-image-uri', 'i',
+      '--artifact-url', 'gs://b/m'], '--artifact-url'),
+    (['ai', 'models', 'upload', '--display-name', 'm', '--container-image-uri', 'i',
+      '--container-health-path', '/h'], '--container-health-path'),
+    (['ai', 'endpoints', 'deploy-model', '1', '--model', 'm', '--display-name', 'd',
+      '--traffic', '0=100'], '--traffic'),
+    (['ai', 'endpoints', 'create', '--display-name', 'e', '--filter', 'x'], '--filter'),
+    (['auth', 'application-default', 'print-access-token', '--scope', 's'], '--scope'),
+])
+def test_the_stand_in_refuses_a_flag_gcloud_does_not_accept(
+        tmp_path: pathlib.Path, argv: list[str], refused: str):
+    done = fake_gcloud(tmp_path, *argv)
+    assert done.returncode == 2
+    assert 'unrecognized arguments' in done.stderr and refused in done.stderr
+
+
+@pytest.mark.parametrize('argv, named', [
+    (['ai', 'custom-jobs', 'create', '--region', 'r', '--config', 'c'], '--display-name'),
+    (['ai', 'endpoints', 'deploy-model', '1', '--display-name', 'd'], '--model'),
+    (['ai', 'models', 'upload', '--display-name', 'm'], '--container-image-uri'),
+    (['ai', 'custom-jobs', 'describe', '1', '2'], 'positional'),
+    (['ai', 'models', 'list', '--filter'], '--filter'),
+])
+def test_the_stand_in_refuses_missing_and_extra_arguments(
+        tmp_path: pathlib.Path, argv: list[str], named: str):
+    done = fake_gcloud(tmp_path, *argv)
+    assert done.returncode == 2 and named in done.stderr
+
+
+def test_every_gcloud_command_run_cloud_issues_is_in_the_flag_table(run_cloud):
+    commands = set()
+    for flags in (['--deploy'], ['--hp-tuning']):
+        result = run_cloud('--work-dir', WORK_DIR, '--project', 'my-project', *flags,
+                           '--dry-run')
+        assert result.returncode == 0, result.stderr
+        for line in result.stdout.splitlines():
+            if line.startswith('+ gcloud '):
+                words = [w for w in shlex.split(line)[2:] if not w.startswith('-')]
+                commands.add(next(' '.join(words[:n]) for n in (3, 2)
+                                  if ' '.join(words[:n]) in FLAG_TABLE['commands']))
+    assert {'builds submit', 'ai custom-jobs create', 'ai hp-tuning-jobs create',
+            'ai models upload', 'ai endpoints deploy-model',
+            'auth application-default print-access-token'} <= commands
+
+
+def test_a_run_with_every_option_passes_the_flag_checks(run_cloud):
+    """All of run-cloud.sh's gcloud calls at once, through the checking stand-in."""
+    result = run_cloud('--work-dir', WORK_DIR, '--deploy', '--skip-extract', '--skip-preprocess',
+                       '--skip-plot', '--poll-seconds', '0', '--service-account',
+                       'movielens-runner@my-project.iam.gserviceaccount.com')
+    assert result.returncode == 0, result.stderr
+    assert len(result.calls) >= 9
