@@ -39,7 +39,9 @@ usage: ./run-cloud.sh --work-dir gs://BUCKET/PREFIX [flags] [-- TRAINER_FLAGS...
   --project ID            Google Cloud project (default: gcloud config get-value project)
   --region REGION         Dataflow and Vertex AI region (default: us-central1)
   --service-account EMAIL identity of the Dataflow workers and the Vertex AI job
-                          (default: each service's default identity; see the README)
+                          (default: each service's default identity; see docs/cloud.md)
+  --tensorboard ID        Vertex AI TensorBoard instance (its ID or full resource name)
+                          that shows the job's training curves; needs --service-account
   --dataset NAME          one of: ${DATASETS} (default: ml-100k)
   --data-sources PATH     a GroupLens-layout zip (path, URL or gs://) instead of the download
   --workers N             worker replicas besides the chief (default: 0): synchronous
@@ -110,6 +112,7 @@ work_dir=""
 project=""
 region="us-central1"
 service_account=""
+tensorboard=""
 dataset="ml-100k"
 data_sources=""
 workers="0"
@@ -150,6 +153,7 @@ parse_flags() {
       --project) need_value "$@"; project="$2"; shift 2 ;;
       --region) need_value "$@"; region="$2"; shift 2 ;;
       --service-account) need_value "$@"; service_account="$2"; shift 2 ;;
+      --tensorboard) need_value "$@"; tensorboard="$2"; shift 2 ;;
       --dataset) need_value "$@"; dataset="$2"; shift 2 ;;
       --data-sources) need_value "$@"; data_sources="$2"; shift 2 ;;
       --workers) need_value "$@"; workers="$2"; shift 2 ;;
@@ -197,6 +201,12 @@ validate_flags() {
   [[ -z "${service_account}" ]] || check --service-account "${service_account}" \
     '^[a-z0-9][-a-z0-9]*@[a-z0-9][-a-z0-9.]*\.gserviceaccount\.com$' \
     "a service account email such as --service-account movielens-runner@my-project.iam.gserviceaccount.com"
+  if [[ -n "${tensorboard}" ]]; then
+    check --tensorboard "${tensorboard}" '^([0-9]+|projects/[-a-z0-9]+/locations/[a-z]+-[a-z]+[0-9]+/tensorboards/[0-9]+)$' \
+      "a TensorBoard instance ID (gcloud ai tensorboards list) or projects/P/locations/R/tensorboards/ID"
+    [[ -n "${service_account}" ]] \
+      || die "--tensorboard needs --service-account: Vertex AI uploads the job's TensorBoard logs only for a job that runs as a service account"
+  fi
   [[ " ${DATASETS} " == *" ${dataset} "* ]] || die "--dataset $(shown "${dataset}") is unknown; use one of: ${DATASETS}"
   [[ -z "${data_sources}" ]] || check --data-sources "${data_sources}" '^[[:graph:]]+$' \
     "a path or URL without spaces, e.g. --data-sources gs://my-bucket/ml-100k.zip"
@@ -326,6 +336,11 @@ render_job_config() {
           --machine-type "${machine_type}" --work-dir "${work_dir}"
           --base-output-dir "${base_output_dir}" --workers "${workers}")
   [[ -z "${gpu}" ]] || render+=(--gpu "${gpu}")
+  if [[ -n "${tensorboard}" ]]; then
+    # A bare ID is an instance in this project and region.
+    [[ "${tensorboard}" == projects/* ]] || tensorboard="projects/${project}/locations/${region}/tensorboards/${tensorboard}"
+    render+=(--tensorboard "${tensorboard}")
+  fi
   [[ "${hp_tuning}" == false ]] || render+=(--hp-tuning)
   render+=("${overwrite[@]}")
   echo_command "${render[@]}" -- "${trainer_flags[@]}"

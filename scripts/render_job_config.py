@@ -7,7 +7,8 @@ parts that depend on flags (trainer flags, the worker pool, the accelerator).
 
     python scripts/render_job_config.py --out JOB.yaml --image-uri URI
         --machine-type n1-standard-4 --work-dir gs://B/P --base-output-dir gs://B/P/model
-        [--workers N] [--gpu TYPE:COUNT] [--overwrite] [--hp-tuning] [-- TRAINER_FLAGS...]
+        [--workers N] [--gpu TYPE:COUNT] [--tensorboard RESOURCE] [--overwrite] [--hp-tuning]
+        [-- TRAINER_FLAGS...]
 
 A placeholder is a whole YAML value spelled ${NAME} (capitals); it is replaced
 in the parsed document, never in the text, so no value can change the YAML's
@@ -120,7 +121,8 @@ def tuned_flags(tuning_template: Mapping[str, Any]) -> list[str]:
 def render_custom_job(template: Mapping[str, Any], *, image_uri: str,
                       machine_type: str, work_dir: str, base_output_dir: str,
                       workers: int, accelerator: tuple[str, int] | None,
-                      trainer_flags: Sequence[str]) -> dict[str, Any]:
+                      trainer_flags: Sequence[str],
+                      tensorboard: str | None = None) -> dict[str, Any]:
     """Fills config.yaml and adds the flag-dependent parts.
 
     Args:
@@ -132,6 +134,9 @@ def render_custom_job(template: Mapping[str, Any], *, image_uri: str,
       workers: replicas in worker pool 1; 0 means no pool 1.
       accelerator: (type, count) per replica, or None for CPU only.
       trainer_flags: appended to every pool's container args.
+      tensorboard: a Vertex AI TensorBoard instance
+        (projects/P/locations/R/tensorboards/ID) that receives the job's
+        AIP_TENSORBOARD_LOG_DIR events, or None.
 
     Returns:
       A CustomJobSpec as a dict.
@@ -150,6 +155,8 @@ def render_custom_job(template: Mapping[str, Any], *, image_uri: str,
         chief['machineSpec']['acceleratorCount'] = accelerator[1]
     if workers > 0:
         pools.append({**copy.deepcopy(chief), 'replicaCount': workers})
+    if tensorboard is not None:
+        spec['tensorboard'] = tensorboard
     return spec
 
 
@@ -184,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     add('--workers', type=int, default=0,
         help='replicas in worker pool 1 (default 0: the chief only)')
     add('--gpu', metavar='TYPE:COUNT', help='accelerator per replica')
+    add('--tensorboard', metavar='RESOURCE',
+        help='Vertex AI TensorBoard: projects/P/locations/R/tensorboards/ID')
     add('--overwrite', action='store_true',
         help='pass --overwrite to the trainer (run-cloud.sh --overwrite)')
     add('--hp-tuning', action='store_true',
@@ -219,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             read_yaml(args.template), image_uri=args.image_uri,
             machine_type=args.machine_type, work_dir=args.work_dir,
             base_output_dir=args.base_output_dir, workers=args.workers,
-            accelerator=accelerator,
+            accelerator=accelerator, tensorboard=args.tensorboard,
             trainer_flags=['--overwrite', *trainer_flags] if args.overwrite else trainer_flags)
         if tuning_template is not None:
             job = render_tuning_job(tuning_template, job)

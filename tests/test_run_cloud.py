@@ -676,3 +676,76 @@ def test_a_run_with_every_option_passes_the_flag_checks(run_cloud):
                        'movielens-runner@my-project.iam.gserviceaccount.com')
     assert result.returncode == 0, result.stderr
     assert len(result.calls) >= 9
+
+
+# --- Vertex AI TensorBoard, and the configs parsed strictly as Vertex AI's protos. -------
+def parse_strictly(message_class, document: dict):
+    """The YAML as the aiplatform_v1 message gcloud sends; unknown keys raise."""
+    from google.protobuf import json_format  # pylint: disable=import-outside-toplevel
+    return json_format.ParseDict(document, message_class.pb(message_class()),
+                                 ignore_unknown_fields=False)
+
+
+def test_tensorboard_attaches_the_instance_to_the_job(run_cloud):
+    account = 'movielens-runner@my-project.iam.gserviceaccount.com'
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, '--tensorboard', '42',
+                       '--service-account', account, *OFFLINE)
+    assert result.returncode == 0, result.stderr
+    config = result.submitted_config()
+    assert config['tensorboard'] == (
+        f'projects/{FAKE_PROJECT}/locations/us-central1/tensorboards/42')
+    (create,) = result.gcloud('ai', 'custom-jobs', 'create')
+    assert flag(create['argv'], '--service-account') == account
+
+
+def test_tensorboard_reaches_every_trial(run_cloud):
+    name = 'projects/other-project/locations/europe-west4/tensorboards/7'
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, '--hp-tuning',
+                       '--tensorboard', name, '--service-account',
+                       'a@my-project.iam.gserviceaccount.com', *OFFLINE)
+    assert result.returncode == 0, result.stderr
+    assert result.submitted_config('hp-tuning-jobs')['trialJobSpec']['tensorboard'] == name
+
+
+@pytest.mark.parametrize('flags, named', [
+    (['--tensorboard', '42'], '--service-account'),
+    (['--tensorboard', 'tb-1', '--service-account', 'a@p-123456.iam.gserviceaccount.com'],
+     '--tensorboard'),
+])
+def test_bad_tensorboard_flags_are_one_line(run_cloud, flags: list[str], named: str):
+    result = run_cloud('--work-dir', WORK_DIR, *flags, *OFFLINE)
+    assert result.returncode == 2 and result.calls == []
+    assert len(result.stderr.splitlines()) == 1 and named in result.stderr
+
+
+@pytest.mark.parametrize('flags', [
+    [],
+    ['--workers', '2', '--gpu', 'NVIDIA_TESLA_T4:1', '--machine-type', 'n1-highmem-8'],
+    ['--tensorboard', '42', '--service-account', 'a@my-project.iam.gserviceaccount.com'],
+])
+def test_the_custom_job_config_is_a_custom_job_spec(run_cloud, flags: list[str]):
+    from google.cloud import aiplatform_v1  # pylint: disable=import-outside-toplevel
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, *flags, *OFFLINE,
+                       '--', '--num-epochs', '3')
+    assert result.returncode == 0, result.stderr
+    spec = parse_strictly(aiplatform_v1.CustomJobSpec, result.submitted_config())
+    assert spec.worker_pool_specs[0].container_spec.image_uri == IMAGE
+    assert spec.base_output_directory.output_uri_prefix == WORK_DIR + '/model'
+
+
+def test_the_tuning_config_is_a_hyperparameter_tuning_job(run_cloud):
+    from google.cloud import aiplatform_v1  # pylint: disable=import-outside-toplevel
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, '--hp-tuning', *OFFLINE)
+    assert result.returncode == 0, result.stderr
+    job = parse_strictly(aiplatform_v1.HyperparameterTuningJob,
+                         result.submitted_config('hp-tuning-jobs'))
+    assert [metric.metric_id for metric in job.study_spec.metrics] == ['validation_rmse']
+    assert job.max_failed_trial_count == 3
+    assert '--metric-only' in job.trial_job_spec.worker_pool_specs[0].container_spec.args
+
+
+def test_a_misspelt_key_fails_the_strict_parse():
+    from google.cloud import aiplatform_v1  # pylint: disable=import-outside-toplevel
+    from google.protobuf import json_format  # pylint: disable=import-outside-toplevel
+    with pytest.raises(json_format.ParseError, match='tensorBoard'):
+        parse_strictly(aiplatform_v1.CustomJobSpec, {'tensorBoard': 'x'})
