@@ -82,6 +82,10 @@ usage: ./run-cloud.sh --work-dir gs://BUCKET/PREFIX [flags] [-- TRAINER_FLAGS...
   --serving-image URI     --deploy only: the prediction container (default: the
                           ${SERVING_IMAGE_NAME} image built with the training image)
   --serving-machine-type TYPE  --deploy only: machine of the endpoint (default: n1-standard-2)
+  --batch-recommend       after training, write every user's top-k movies as JSON lines
+                          to WORK_DIR/recommendations/ with a Dataflow job (RunInference)
+  --top-k N               --batch-recommend only: movies per user (default: 10)
+  --bigquery-table P:D.T  --batch-recommend only: also write them to this BigQuery table
   --dry-run               print the commands and the job config; run nothing
   -- FLAGS                passed to python -m trainer.task (e.g. -- --num-epochs 30)
 USAGE
@@ -141,6 +145,9 @@ dataflow_network=""
 dataflow_subnetwork=""
 dataflow_public_ips=true
 dataflow_flags=()
+batch_recommend=false
+top_k=""
+bigquery_table=""
 trainer_flags=()
 
 parse_flags() {
@@ -182,6 +189,9 @@ parse_flags() {
       --dataflow-subnetwork) need_value "$@"; dataflow_subnetwork="$2"; shift 2 ;;
       --dataflow-no-public-ips) dataflow_public_ips=false; shift ;;
       --dataflow-flag) need_value "$@"; dataflow_flags+=("$2"); shift 2 ;;
+      --batch-recommend) batch_recommend=true; shift ;;
+      --top-k) need_value "$@"; top_k="$2"; shift 2 ;;
+      --bigquery-table) need_value "$@"; bigquery_table="$2"; shift 2 ;;
       *) die "unknown flag $(shown "$1"); see ./run-cloud.sh --help (trainer flags go after --)" ;;
     esac
   done
@@ -224,6 +234,20 @@ validate_flags() {
   validate_tuning_flags
   validate_deploy_flags
   validate_dataflow_flags
+  validate_batch_flags
+}
+
+validate_batch_flags() {
+  if [[ "${batch_recommend}" == false ]]; then
+    [[ -z "${top_k}${bigquery_table}" ]] || die "--top-k and --bigquery-table only apply with --batch-recommend; add --batch-recommend or drop them"
+    return 0
+  fi
+  [[ "${hp_tuning}" == false ]] || die "--batch-recommend does not go with --hp-tuning (trials export no model): train the best trial's flags in a plain job with --batch-recommend"
+  top_k="${top_k:-10}"
+  check --top-k "${top_k}" '^[1-9][0-9]{0,3}$' "a positive integer up to 9999, e.g. --top-k 10"
+  [[ -z "${bigquery_table}" ]] || check --bigquery-table "${bigquery_table}" \
+    '^[a-z][-a-z0-9]{4,28}[a-z0-9]:[A-Za-z0-9_]{1,1024}\.[-A-Za-z0-9_]{1,1024}$' \
+    "PROJECT:DATASET.TABLE, e.g. --bigquery-table my-project:movielens.recommendations"
 }
 
 # Prints where run-cloud.sh takes the Beam flag --NAME from, if it sets it.
@@ -251,8 +275,9 @@ validate_dataflow_flags() {
     "an image URI such as --dataflow-image us-central1-docker.pkg.dev/my-project/${IMAGE_REPOSITORY}/${DATAFLOW_IMAGE_NAME}:v1"
   [[ -z "${dataflow_image}" || "${dataflow_setup_file}" == false ]] \
     || die "--dataflow-image and --dataflow-setup-file are two ways to give workers the package; pass one"
-  if [[ -n "${image}" && -z "${dataflow_image}" && "${dataflow_setup_file}" == false && "${skip_preprocess}" == false ]]; then
-    die "--image skips the build, so Dataflow has no SDK container: add --dataflow-image URI (Dockerfile target dataflow), or --dataflow-setup-file, or --skip-preprocess"
+  if [[ -n "${image}" && -z "${dataflow_image}" && "${dataflow_setup_file}" == false ]] \
+     && [[ "${skip_preprocess}" == false || "${batch_recommend}" == true ]]; then
+    die "--image skips the build, so Dataflow has no SDK container: add --dataflow-image URI (Dockerfile target dataflow) or --dataflow-setup-file"
   fi
   check --dataflow-machine-type "${dataflow_machine_type}" '^[a-z][a-z0-9]*(-[a-z0-9]+)+$' \
     "a Compute Engine machine type such as --dataflow-machine-type ${DATAFLOW_MACHINE_TYPE}"
@@ -357,10 +382,11 @@ run_extract() {
 
 # Beam's own flags, spelled as Beam spells them; preprocess.py hands them to
 # PipelineOptions.
-run_preprocess() {
-  local beam_flags=(--runner DataflowRunner --project "${project}" --region "${region}"
-                    --temp_location "${work_dir}/tmp" --staging_location "${work_dir}/staging"
-                    --job_name "${dataflow_job}")
+# Sets the caller's beam_flags to the flags of a Dataflow job named $1.
+set_dataflow_flags() {
+  beam_flags=(--runner DataflowRunner --project "${project}" --region "${region}"
+              --temp_location "${work_dir}/tmp" --staging_location "${work_dir}/staging"
+              --job_name "$1")
   if [[ "${dataflow_setup_file}" == true ]]; then
     beam_flags+=(--setup_file ./setup.py)
   else
@@ -374,7 +400,20 @@ run_preprocess() {
   [[ -z "${dataflow_subnetwork}" ]] || beam_flags+=(--subnetwork "${dataflow_subnetwork}")
   [[ "${dataflow_public_ips}" == true ]] || beam_flags+=(--no_use_public_ips)
   beam_flags+=(${dataflow_flags[@]+"${dataflow_flags[@]}"})
+}
+
+run_preprocess() {
+  local beam_flags=()
+  set_dataflow_flags "${dataflow_job}"
   run python preprocess.py --work-dir "${work_dir}" "${overwrite[@]}" "${beam_flags[@]}"
+}
+
+# Every user's top-k from the SavedModel the job exported (AIP_MODEL_DIR), on Dataflow.
+run_batch_recommend() {
+  local beam_flags=() flags=(--work-dir "${work_dir}" --export-dir "${work_dir}/model/model" -k "${top_k}")
+  set_dataflow_flags "${dataflow_job}-recommend"
+  [[ -z "${bigquery_table}" ]] || flags+=(--bigquery-table "${bigquery_table}")
+  run python -m trainer.batch_recommendations "${flags[@]}" "${overwrite[@]}" "${beam_flags[@]}"
 }
 
 # One Cloud Build of the three Dockerfile targets (cloudbuild.yaml); each builds
@@ -451,6 +490,7 @@ summarize() {
   echo "  model dir: ${work_dir}/model (loss_log.csv, metrics.json, checkpoints/)"
   echo "  SavedModel: ${work_dir}/model/model/ (Vertex's AIP_MODEL_DIR)"
   [[ "${skip_plot}" == true ]] || echo "  chart: ${chart}"
+  [[ "${batch_recommend}" == false ]] || echo "  recommendations: ${work_dir}/recommendations/part-*.jsonl"
   [[ -z "${deployed_endpoint}" ]] || echo "  endpoint: ${deployed_endpoint} in ${region} (predict: see the README)"
 }
 
@@ -552,5 +592,6 @@ submit_job
 wait_for_job
 [[ "${skip_plot}" == true || "${hp_tuning}" == true ]] \
   || run python plot.py --model-dir "${work_dir}/model" --out "${chart}"
+[[ "${batch_recommend}" == false ]] || run_batch_recommend
 [[ "${deploy}" == false ]] || deploy_model
 summarize

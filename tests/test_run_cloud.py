@@ -749,3 +749,39 @@ def test_a_misspelt_key_fails_the_strict_parse():
     from google.protobuf import json_format  # pylint: disable=import-outside-toplevel
     with pytest.raises(json_format.ParseError, match='tensorBoard'):
         parse_strictly(aiplatform_v1.CustomJobSpec, {'tensorBoard': 'x'})
+
+
+# --- --batch-recommend: every user's top-k on Dataflow. -----------------------------------
+def test_batch_recommend_runs_the_beam_job_on_dataflow_after_training(run_cloud):
+    from trainer import batch_recommendations  # pylint: disable=import-outside-toplevel
+    result = run_cloud('--work-dir', WORK_DIR, '--project', 'my-project', '--batch-recommend',
+                       '--top-k', '20', '--bigquery-table', 'my-project:movielens.recs',
+                       '--overwrite', '--dry-run')
+    assert result.returncode == 0, result.stderr
+    commands = [shlex.split(line)[1:] for line in result.stdout.splitlines()
+                if line.startswith('+ ')]
+    (batch,) = [c for c in commands if c[:3] == ['python', '-m', 'trainer.batch_recommendations']]
+    (create,) = [c for c in commands if c[:4] == ['gcloud', 'ai', 'custom-jobs', 'create']]
+    assert commands.index(batch) > commands.index(create)
+    config, beam_args = batch_recommendations.parse_args(batch[3:])
+    assert config == batch_recommendations.BatchConfig(
+        work_dir=WORK_DIR, export_dir=WORK_DIR + '/model/model', k=20,
+        bigquery_table='my-project:movielens.recs', overwrite=True)
+    preprocess = preprocess_command(result.stdout)
+    assert flag(beam_args, '--job_name') == flag(preprocess, '--job_name') + '-recommend'
+    assert flag(beam_args, '--sdk_container_image') == flag(preprocess, '--sdk_container_image')
+    assert flag(beam_args, '--runner') == 'DataflowRunner'
+
+
+@pytest.mark.parametrize('flags, named', [
+    (['--top-k', '5'], '--top-k'),
+    (['--bigquery-table', 'my-project:d.t'], '--bigquery-table'),
+    (['--batch-recommend', '--hp-tuning'], '--batch-recommend'),
+    (['--batch-recommend', '--top-k', '0'], '--top-k'),
+    (['--batch-recommend', '--bigquery-table', 'd.t'], '--bigquery-table'),
+    (['--batch-recommend', '--image', IMAGE, '--skip-preprocess'], '--dataflow-image'),
+])
+def test_bad_batch_flags_are_one_line(run_cloud, flags: list[str], named: str):
+    result = run_cloud('--work-dir', WORK_DIR, *flags, *OFFLINE)
+    assert result.returncode == 2 and result.calls == []
+    assert len(result.stderr.splitlines()) == 1 and named in result.stderr

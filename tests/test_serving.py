@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import shutil
 import socket
 import subprocess
@@ -39,10 +40,12 @@ MOVIE_BIAS = {'m1': 0.75, 'm2': -0.25, 'm3': 0.25}
 START_DEADLINE_SECONDS = 120
 
 
-@pytest.fixture(scope='module')
-def export_dir(tft_dir: str, tmp_path_factory) -> str:
-    """An export whose rating is global mean + user bias + movie bias (factors zero)."""
-    tft_output = tft.TFTransformOutput(tft_dir)
+def export_planted_model(tft_dir: str, work_dir: pathlib.Path) -> str:
+    """WORK_DIR/transformed (a copy of tft_dir) and an export in WORK_DIR/model/export
+    whose rating is global mean + user bias + movie bias (factors zero)."""
+    tft_copy = str(work_dir / features.TRANSFORMED_DIR)
+    shutil.copytree(tft_dir, tft_copy)
+    tft_output = tft.TFTransformOutput(tft_copy)
     users = tft_output.vocabulary_size_by_name(features.USER_VOCAB)
     movies = tft_output.vocabulary_size_by_name(features.MOVIE_VOCAB)
     model = MatrixFactorization(users, movies, num_factors=2, global_mean=GLOBAL_MEAN,
@@ -56,12 +59,16 @@ def export_dir(tft_dir: str, tmp_path_factory) -> str:
     model.set_weights(user_factors=np.zeros((users + features.NUM_OOV_BUCKETS, 2)),
                       item_factors=np.zeros((movies + features.NUM_OOV_BUCKETS, 2)),
                       user_bias=user_bias, item_bias=item_bias)
+    return export.export_saved_model(
+        model, tft_copy, features.join(str(work_dir), features.MODEL_DIR, features.EXPORT_DIR),
+        1.0, 5.0, catalog=_train_catalog(tft_copy))
+
+
+@pytest.fixture(scope='module')
+def export_dir(tft_dir: str, tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp('served')
-    tft_copy = str(root / 'transformed')
-    shutil.copytree(tft_dir, tft_copy)
-    out = export.export_saved_model(model, tft_copy, str(root / 'artifacts'), 1.0, 5.0,
-                                    catalog=_train_catalog(tft_copy))
-    shutil.rmtree(tft_copy)  # served from the export alone
+    out = export_planted_model(tft_dir, root)
+    shutil.rmtree(root / features.TRANSFORMED_DIR)  # served from the export alone
     return out
 
 
