@@ -31,6 +31,8 @@ COPY requirements.txt constraints.txt ./
 RUN pip install -r requirements.txt -c constraints.txt
 COPY setup.py ./
 COPY trainer/ trainer/
+# The pipeline's extract and preprocess steps (scripts/pipeline.py) run these.
+COPY data-extractor.py preprocess.py ./
 # --no-deps: everything is installed above, at the pinned versions.
 RUN pip install --no-deps . && pip check
 # Build the C++ ops now, so a job does not spend 10-20 s compiling them.

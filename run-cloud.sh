@@ -86,6 +86,10 @@ usage: ./run-cloud.sh --work-dir gs://BUCKET/PREFIX [flags] [-- TRAINER_FLAGS...
                           to WORK_DIR/recommendations/ with a Dataflow job (RunInference)
   --top-k N               --batch-recommend only: movies per user (default: 10)
   --bigquery-table P:D.T  --batch-recommend only: also write them to this BigQuery table
+  --pipeline              run steps 1-3, training, the model upload (and --batch-recommend)
+                          as one Vertex AI pipeline (scripts/pipeline.py) instead; each
+                          step is cached, so a re-run with the same flags and images
+                          skips what has not changed
   --dry-run               print the commands and the job config; run nothing
   -- FLAGS                passed to python -m trainer.task (e.g. -- --num-epochs 30)
 USAGE
@@ -146,6 +150,7 @@ dataflow_subnetwork=""
 dataflow_public_ips=true
 dataflow_flags=()
 batch_recommend=false
+pipeline=false
 top_k=""
 bigquery_table=""
 trainer_flags=()
@@ -190,6 +195,7 @@ parse_flags() {
       --dataflow-no-public-ips) dataflow_public_ips=false; shift ;;
       --dataflow-flag) need_value "$@"; dataflow_flags+=("$2"); shift 2 ;;
       --batch-recommend) batch_recommend=true; shift ;;
+      --pipeline) pipeline=true; shift ;;
       --top-k) need_value "$@"; top_k="$2"; shift 2 ;;
       --bigquery-table) need_value "$@"; bigquery_table="$2"; shift 2 ;;
       *) die "unknown flag $(shown "$1"); see ./run-cloud.sh --help (trainer flags go after --)" ;;
@@ -235,6 +241,17 @@ validate_flags() {
   validate_deploy_flags
   validate_dataflow_flags
   validate_batch_flags
+  validate_pipeline_flags
+}
+
+validate_pipeline_flags() {
+  [[ "${pipeline}" == true ]] || return 0
+  [[ "${hp_tuning}" == false ]] || die "--pipeline does not go with --hp-tuning; tune with --hp-tuning alone"
+  [[ "${skip_extract}${skip_preprocess}" == falsefalse ]] \
+    || die "--skip-extract and --skip-preprocess do not go with --pipeline: its cache skips the steps that have not changed"
+  [[ "${deploy}" == false ]] || die "--deploy does not go with --pipeline: the pipeline uploads the model; deploy it with gcloud ai endpoints deploy-model (see docs/cloud.md)"
+  [[ -z "${image}" || -n "${serving_image}" ]] \
+    || die "--image skips the build, so the pipeline has no serving image for the model upload: add --serving-image URI"
 }
 
 validate_batch_flags() {
@@ -386,7 +403,7 @@ run_extract() {
 set_dataflow_flags() {
   beam_flags=(--runner DataflowRunner --project "${project}" --region "${region}"
               --temp_location "${work_dir}/tmp" --staging_location "${work_dir}/staging"
-              --job_name "$1")
+              ${1:+--job_name "$1"})
   if [[ "${dataflow_setup_file}" == true ]]; then
     beam_flags+=(--setup_file ./setup.py)
   else
@@ -414,6 +431,21 @@ run_batch_recommend() {
   set_dataflow_flags "${dataflow_job}-recommend"
   [[ -z "${bigquery_table}" ]] || flags+=(--bigquery-table "${bigquery_table}")
   run python -m trainer.batch_recommendations "${flags[@]}" "${overwrite[@]}" "${beam_flags[@]}"
+}
+
+# The pipeline: compiled here, then submitted to Vertex AI Pipelines; each step
+# names its own Dataflow job.
+run_pipeline() {
+  local beam_flags=() flags=(--out "${tmp_dir}/pipeline.yaml" --job-config "${job_config}"
+    --project "${project}" --region "${region}" --work-dir "${work_dir}" --display-name "${job_name}"
+    --image "${image}" --serving-image "${serving_image}" --dataset "${dataset}" --submit)
+  set_dataflow_flags ""
+  [[ -z "${data_sources}" ]] || flags+=(--data-sources "${data_sources}")
+  [[ -z "${service_account}" ]] || flags+=(--service-account "${service_account}")
+  [[ -z "${tensorboard}" ]] || flags+=(--tensorboard "${tensorboard}")
+  [[ "${batch_recommend}" == false ]] || flags+=(--batch-recommend --top-k "${top_k}")
+  flags+=("${overwrite[@]}")
+  run python scripts/pipeline.py "${flags[@]}" -- "${beam_flags[@]}"
 }
 
 # One Cloud Build of the three Dockerfile targets (cloudbuild.yaml); each builds
@@ -584,6 +616,12 @@ trap on_interrupt INT TERM
 # The config is rendered first: a bad trainer flag stops the run before any step.
 render_job_config
 check_credentials
+if [[ "${pipeline}" == true ]]; then
+  [[ "${build_image}" == false ]] || build_images
+  run_pipeline
+  [[ "${dry_run}" == true ]] || echo "run-cloud.sh: pipeline ${job_name} submitted; follow it in the Vertex AI console (Pipelines)"
+  exit 0
+fi
 [[ "${skip_extract}" == true ]] || run_extract
 # Built before step 2: Dataflow workers start from the Dataflow image.
 [[ "${build_image}" == false ]] || build_images

@@ -546,9 +546,11 @@ def test_deploy_uploads_the_export_and_creates_an_endpoint(run_cloud):
     (build,) = result.gcloud('builds', 'submit')
     assert flag(upload['argv'], '--container-image-uri') == substitutions(
         build['argv'])['_SERVING_IMAGE']
+    from trainer import serving  # pylint: disable=import-outside-toplevel
     assert (flag(upload['argv'], '--container-ports'),
             flag(upload['argv'], '--container-health-route'),
-            flag(upload['argv'], '--container-predict-route')) == ('8080', '/health', '/predict')
+            flag(upload['argv'], '--container-predict-route')) == (
+        str(serving.DEFAULT_PORT), serving.DEFAULT_HEALTH_ROUTE, serving.DEFAULT_PREDICT_ROUTE)
     (create_endpoint,) = result.gcloud('ai', 'endpoints', 'create')
     assert flag(create_endpoint['argv'], '--display-name') == 'movielens-mf'
     (deploy,) = result.gcloud('ai', 'endpoints', 'deploy-model')
@@ -783,5 +785,41 @@ def test_batch_recommend_runs_the_beam_job_on_dataflow_after_training(run_cloud)
 ])
 def test_bad_batch_flags_are_one_line(run_cloud, flags: list[str], named: str):
     result = run_cloud('--work-dir', WORK_DIR, *flags, *OFFLINE)
+    assert result.returncode == 2 and result.calls == []
+    assert len(result.stderr.splitlines()) == 1 and named in result.stderr
+
+
+# --- --pipeline: the same steps as one Vertex AI pipeline (scripts/pipeline.py). --------
+def test_pipeline_replaces_the_steps_with_one_compiled_and_submitted_pipeline(run_cloud):
+    pipeline = load_script('scripts/pipeline.py')
+    result = run_cloud('--work-dir', WORK_DIR, '--project', 'my-project', '--pipeline',
+                       '--batch-recommend', '--dry-run', '--', '--num-epochs', '3')
+    assert result.returncode == 0, result.stderr
+    commands = [shlex.split(line)[1:] for line in result.stdout.splitlines()
+                if line.startswith('+ ')]
+    assert [c[:3] for c in commands] == [
+        ['python', 'scripts/render_job_config.py', '--out'],
+        ['gcloud', 'auth', 'application-default'],
+        ['gcloud', 'builds', 'submit'],
+        ['python', 'scripts/pipeline.py', '--out']]
+    built = substitutions(commands[2])
+    argv = commands[3][2:]
+    split = argv.index('--')
+    args = pipeline.build_parser().parse_args(argv[:split])
+    assert (args.image, args.serving_image, args.submit, args.batch_recommend) == (
+        built['_TRAINER_IMAGE'], built['_SERVING_IMAGE'], True, True)
+    beam = argv[split + 1:]
+    assert flag(beam, '--sdk_container_image') == built['_DATAFLOW_IMAGE']
+    assert '--job_name' not in beam  # each pipeline step names its own Dataflow job
+
+
+@pytest.mark.parametrize('flags, named', [
+    (['--pipeline', '--hp-tuning'], '--hp-tuning'),
+    (['--pipeline', '--skip-extract'], '--skip-extract'),
+    (['--pipeline', '--deploy'], '--deploy'),
+    (['--pipeline', '--image', IMAGE, '--dataflow-image', IMAGE], '--serving-image'),
+])
+def test_bad_pipeline_flags_are_one_line(run_cloud, flags: list[str], named: str):
+    result = run_cloud('--work-dir', WORK_DIR, *flags, '--poll-seconds', '0')
     assert result.returncode == 2 and result.calls == []
     assert len(result.stderr.splitlines()) == 1 and named in result.stderr
