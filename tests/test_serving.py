@@ -184,7 +184,9 @@ def test_an_empty_request_gets_no_predictions(server: Server):
     ({'instances': [{'user_id': 'u1'}], 'parameters': {'signature_name': 'nope'}},
      'recommend'),
     ({'instances': [{'user_id': 'u1'}],
-      'parameters': {'signature_name': 'recommend', 'k': 0}}, 'positive integer'),
+      'parameters': {'signature_name': 'recommend', 'k': 0}}, 'from 1 to'),
+    ({'instances': [{'user_id': 'u1'}],
+      'parameters': {'signature_name': 'recommend', 'k': 2 ** 40}}, 'from 1 to'),
 ])
 def test_a_bad_request_is_400_naming_the_fix(server: Server, body: Any, named: str):
     status, reply = server.predict(body)

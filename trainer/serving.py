@@ -52,6 +52,7 @@ DEFAULT_PORT = 8080
 DEFAULT_HEALTH_ROUTE = '/health'
 DEFAULT_PREDICT_ROUTE = '/predict'
 DEFAULT_K = 10
+MAX_K = 10_000
 # Vertex AI refuses online requests above 1.5 MB; a little slack for headers.
 MAX_BODY_BYTES = 2 * 1024 * 1024
 
@@ -87,9 +88,9 @@ def _id_column(instances: Sequence[Any], key: str) -> list[str]:
 
 def _requested_k(parameters: Mapping[str, Any]) -> int:
     k = parameters.get(features.RECOMMEND_K, DEFAULT_K)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise BadRequest(f'parameters.k is {json.dumps(k)}; pass a positive integer '
-                         f'such as {DEFAULT_K}')
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise BadRequest(f'parameters.k is {json.dumps(k)}; pass an integer from 1 to '
+                         f'{MAX_K}, such as {DEFAULT_K}')
     return k
 
 
