@@ -523,7 +523,7 @@ summarize() {
   echo "  SavedModel: ${work_dir}/model/model/ (Vertex's AIP_MODEL_DIR)"
   [[ "${skip_plot}" == true ]] || echo "  chart: ${chart}"
   [[ "${batch_recommend}" == false ]] || echo "  recommendations: ${work_dir}/recommendations/part-*.jsonl"
-  [[ -z "${deployed_endpoint}" ]] || echo "  endpoint: ${deployed_endpoint} in ${region} (predict: see the README)"
+  [[ -z "${deployed_endpoint}" ]] || echo "  endpoint: ${deployed_endpoint} in ${region} (predict: see the Serving section of docs/cloud.md)"
 }
 
 # Runs a gcloud command that prints one resource name and keeps its last part
