@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole workflow on Google Cloud: stage MovieLens ratings in gs://, preprocess
-# them on Dataflow, build the training image with Cloud Build, train it as a
-# Vertex AI custom job (or tune its hyperparameters), wait for the job, chart the loss.
+# The whole workflow on Google Cloud: stage MovieLens ratings in gs://, build the
+# training, Dataflow and serving images with Cloud Build (cloudbuild.yaml),
+# preprocess on Dataflow in the Dataflow image, train as a Vertex AI custom job (or
+# tune its hyperparameters), wait for the job, chart the loss, optionally deploy.
 #
 #   ./run-cloud.sh --work-dir gs://BUCKET/PREFIX [flags] [-- TRAINER_FLAGS...]
 #
@@ -14,16 +15,22 @@ cd "$(dirname "$0")"
 
 readonly DATASETS="ml-100k ml-1m ml-10m ml-20m ml-25m ml-32m ml-latest-small synthetic"
 readonly JOB_PREFIX="movielens_mf"
-# The default --image: IMAGE_REPOSITORY is the Artifact Registry Docker repository
-# of the one-time set-up (README), IMAGE_NAME the image in it.
+# The built images: IMAGE_REPOSITORY is the Artifact Registry Docker repository
+# of the one-time set-up (docs/cloud.md); each Dockerfile target has an image in it.
 readonly IMAGE_REPOSITORY="movielens"
 readonly IMAGE_NAME="trainer"
+readonly DATAFLOW_IMAGE_NAME="trainer-dataflow"
+readonly SERVING_IMAGE_NAME="serving"
+# Dataflow workers: 2 vCPUs and 13 GB.  Beam's Python SDK runs one process per
+# vCPU, each with TensorFlow loaded and several read blocks (up to 64 MiB, about
+# 2.7M ratings each) in flight through TFT; a single local process peaks at 5.6 GB
+# on all of ml-25m.  The default n1-standard-1 gives one process 3.75 GB, highmem
+# gives each 6.5 GB (docs/cloud.md, "Dataflow workers").
+readonly DATAFLOW_MACHINE_TYPE="n1-highmem-2"
+readonly DATAFLOW_MAX_WORKERS="8"
 readonly TERMINAL_STATES=" JOB_STATE_SUCCEEDED JOB_STATE_FAILED JOB_STATE_CANCELLED JOB_STATE_EXPIRED JOB_STATE_PARTIALLY_SUCCEEDED "
 # Consecutive failed `describe` calls (network blips) tolerated while waiting.
 readonly MAX_DESCRIBE_FAILURES=5
-# --deploy: the newest prebuilt Vertex AI TensorFlow prediction image (there is none
-# for TF 2.21; this one loads our export, see the README) and its defaults.
-readonly SERVING_IMAGE="us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.2-15:latest"
 
 usage() {
   cat <<USAGE
@@ -32,7 +39,9 @@ usage: ./run-cloud.sh --work-dir gs://BUCKET/PREFIX [flags] [-- TRAINER_FLAGS...
   --project ID            Google Cloud project (default: gcloud config get-value project)
   --region REGION         Dataflow and Vertex AI region (default: us-central1)
   --service-account EMAIL identity of the Dataflow workers and the Vertex AI job
-                          (default: each service's default identity; see the README)
+                          (default: each service's default identity; see docs/cloud.md)
+  --tensorboard ID        Vertex AI TensorBoard instance (its ID or full resource name)
+                          that shows the job's training curves; needs --service-account
   --dataset NAME          one of: ${DATASETS} (default: ml-100k)
   --data-sources PATH     a GroupLens-layout zip (path, URL or gs://) instead of the download
   --workers N             worker replicas besides the chief (default: 0): synchronous
@@ -43,8 +52,23 @@ usage: ./run-cloud.sh --work-dir gs://BUCKET/PREFIX [flags] [-- TRAINER_FLAGS...
   --hp-tuning             run a hyperparameter-tuning job (hptuning.yaml) instead
   --max-trials N          --hp-tuning only: trials in all (default: 12)
   --parallel-trials N     --hp-tuning only: trials at a time (default: 3)
-  --image URI             use this training image; skips the Cloud Build step
+  --image URI             use this training image; skips the Cloud Build step (then
+                          give --dataflow-image or --dataflow-setup-file for step 2,
+                          and --serving-image for --deploy)
                           (default: REGION-docker.pkg.dev/PROJECT/${IMAGE_REPOSITORY}/${IMAGE_NAME}:JOB_NAME)
+  --dataflow-image URI    Dataflow's custom SDK container (--sdk_container_image)
+                          (default: the ${DATAFLOW_IMAGE_NAME} image built with the training image)
+  --dataflow-setup-file   fallback: workers pip-install setup.py's package and its pins
+                          at start-up instead of using the container (needs internet
+                          access from the workers: public IPs or Cloud NAT)
+  --dataflow-machine-type TYPE  Dataflow worker machine (default: ${DATAFLOW_MACHINE_TYPE})
+  --dataflow-max-workers N      Dataflow autoscaling ceiling (default: ${DATAFLOW_MAX_WORKERS})
+  --dataflow-network NAME       VPC network of the Dataflow workers
+  --dataflow-subnetwork SUBNET  their subnetwork, e.g. regions/us-central1/subnetworks/NAME
+  --dataflow-no-public-ips      workers get private IPs only (the subnetwork needs
+                          Private Google Access)
+  --dataflow-flag FLAG    any other Beam/Dataflow flag, verbatim and repeatable, e.g.
+                          --dataflow-flag=--disk_size_gb=50
   --skip-extract          skip data-extractor.py (the data is staged already)
   --skip-preprocess       skip the Dataflow job (WORK_DIR/transformed/ is done already)
   --skip-plot             skip the loss chart (it reads the loss log from gs://)
@@ -55,9 +79,17 @@ usage: ./run-cloud.sh --work-dir gs://BUCKET/PREFIX [flags] [-- TRAINER_FLAGS...
   --deploy                after training, upload the SavedModel to the Vertex AI Model
                           Registry and deploy it to an endpoint (created when missing)
   --endpoint NAME         --deploy only: the endpoint's display name (default: movielens-mf)
-  --serving-image URI     --deploy only: the prediction container
-                          (default: ${SERVING_IMAGE})
+  --serving-image URI     --deploy only: the prediction container (default: the
+                          ${SERVING_IMAGE_NAME} image built with the training image)
   --serving-machine-type TYPE  --deploy only: machine of the endpoint (default: n1-standard-2)
+  --batch-recommend       after training, write every user's top-k movies as JSON lines
+                          to WORK_DIR/recommendations/ with a Dataflow job (RunInference)
+  --top-k N               --batch-recommend only: movies per user (default: 10)
+  --bigquery-table P:D.T  --batch-recommend only: also write them to this BigQuery table
+  --pipeline              run steps 1-3, training, the model upload (and --batch-recommend)
+                          as one Vertex AI pipeline (scripts/pipeline.py) instead; each
+                          step is cached, so a re-run with the same flags and images
+                          skips what has not changed
   --dry-run               print the commands and the job config; run nothing
   -- FLAGS                passed to python -m trainer.task (e.g. -- --num-epochs 30)
 USAGE
@@ -88,6 +120,7 @@ work_dir=""
 project=""
 region="us-central1"
 service_account=""
+tensorboard=""
 dataset="ml-100k"
 data_sources=""
 workers="0"
@@ -108,6 +141,18 @@ deploy=false
 endpoint=""
 serving_image=""
 serving_machine_type=""
+dataflow_image=""
+dataflow_setup_file=false
+dataflow_machine_type="${DATAFLOW_MACHINE_TYPE}"
+dataflow_max_workers="${DATAFLOW_MAX_WORKERS}"
+dataflow_network=""
+dataflow_subnetwork=""
+dataflow_public_ips=true
+dataflow_flags=()
+batch_recommend=false
+pipeline=false
+top_k=""
+bigquery_table=""
 trainer_flags=()
 
 parse_flags() {
@@ -120,6 +165,7 @@ parse_flags() {
       --project) need_value "$@"; project="$2"; shift 2 ;;
       --region) need_value "$@"; region="$2"; shift 2 ;;
       --service-account) need_value "$@"; service_account="$2"; shift 2 ;;
+      --tensorboard) need_value "$@"; tensorboard="$2"; shift 2 ;;
       --dataset) need_value "$@"; dataset="$2"; shift 2 ;;
       --data-sources) need_value "$@"; data_sources="$2"; shift 2 ;;
       --workers) need_value "$@"; workers="$2"; shift 2 ;;
@@ -140,6 +186,18 @@ parse_flags() {
       --endpoint) need_value "$@"; endpoint="$2"; shift 2 ;;
       --serving-image) need_value "$@"; serving_image="$2"; shift 2 ;;
       --serving-machine-type) need_value "$@"; serving_machine_type="$2"; shift 2 ;;
+      --dataflow-image) need_value "$@"; dataflow_image="$2"; shift 2 ;;
+      --dataflow-setup-file) dataflow_setup_file=true; shift ;;
+      --dataflow-machine-type) need_value "$@"; dataflow_machine_type="$2"; shift 2 ;;
+      --dataflow-max-workers) need_value "$@"; dataflow_max_workers="$2"; shift 2 ;;
+      --dataflow-network) need_value "$@"; dataflow_network="$2"; shift 2 ;;
+      --dataflow-subnetwork) need_value "$@"; dataflow_subnetwork="$2"; shift 2 ;;
+      --dataflow-no-public-ips) dataflow_public_ips=false; shift ;;
+      --dataflow-flag) need_value "$@"; dataflow_flags+=("$2"); shift 2 ;;
+      --batch-recommend) batch_recommend=true; shift ;;
+      --pipeline) pipeline=true; shift ;;
+      --top-k) need_value "$@"; top_k="$2"; shift 2 ;;
+      --bigquery-table) need_value "$@"; bigquery_table="$2"; shift 2 ;;
       *) die "unknown flag $(shown "$1"); see ./run-cloud.sh --help (trainer flags go after --)" ;;
     esac
   done
@@ -159,6 +217,12 @@ validate_flags() {
   [[ -z "${service_account}" ]] || check --service-account "${service_account}" \
     '^[a-z0-9][-a-z0-9]*@[a-z0-9][-a-z0-9.]*\.gserviceaccount\.com$' \
     "a service account email such as --service-account movielens-runner@my-project.iam.gserviceaccount.com"
+  if [[ -n "${tensorboard}" ]]; then
+    check --tensorboard "${tensorboard}" '^([0-9]+|projects/[-a-z0-9]+/locations/[a-z]+-[a-z]+[0-9]+/tensorboards/[0-9]+)$' \
+      "a TensorBoard instance ID (gcloud ai tensorboards list) or projects/P/locations/R/tensorboards/ID"
+    [[ -n "${service_account}" ]] \
+      || die "--tensorboard needs --service-account: Vertex AI uploads the job's TensorBoard logs only for a job that runs as a service account"
+  fi
   [[ " ${DATASETS} " == *" ${dataset} "* ]] || die "--dataset $(shown "${dataset}") is unknown; use one of: ${DATASETS}"
   [[ -z "${data_sources}" ]] || check --data-sources "${data_sources}" '^[[:graph:]]+$' \
     "a path or URL without spaces, e.g. --data-sources gs://my-bucket/ml-100k.zip"
@@ -175,6 +239,80 @@ validate_flags() {
   check --poll-seconds "${poll_seconds}" '^(0|[1-9][0-9]{0,3})$' "a number of seconds from 0 to 9999, e.g. --poll-seconds 60"
   validate_tuning_flags
   validate_deploy_flags
+  validate_dataflow_flags
+  validate_batch_flags
+  validate_pipeline_flags
+}
+
+validate_pipeline_flags() {
+  [[ "${pipeline}" == true ]] || return 0
+  [[ "${hp_tuning}" == false ]] || die "--pipeline does not go with --hp-tuning; tune with --hp-tuning alone"
+  [[ "${skip_extract}${skip_preprocess}" == falsefalse ]] \
+    || die "--skip-extract and --skip-preprocess do not go with --pipeline: its cache skips the steps that have not changed"
+  [[ "${deploy}" == false ]] || die "--deploy does not go with --pipeline: the pipeline uploads the model; deploy it with gcloud ai endpoints deploy-model (see docs/cloud.md)"
+  [[ -z "${image}" || -n "${serving_image}" ]] \
+    || die "--image skips the build, so the pipeline has no serving image for the model upload: add --serving-image URI"
+}
+
+validate_batch_flags() {
+  if [[ "${batch_recommend}" == false ]]; then
+    [[ -z "${top_k}${bigquery_table}" ]] || die "--top-k and --bigquery-table only apply with --batch-recommend; add --batch-recommend or drop them"
+    return 0
+  fi
+  [[ "${hp_tuning}" == false ]] || die "--batch-recommend does not go with --hp-tuning (trials export no model): train the best trial's flags in a plain job with --batch-recommend"
+  top_k="${top_k:-10}"
+  check --top-k "${top_k}" '^[1-9][0-9]{0,3}$' "a positive integer up to 9999, e.g. --top-k 10"
+  [[ -z "${bigquery_table}" ]] || check --bigquery-table "${bigquery_table}" \
+    '^[a-z][-a-z0-9]{4,28}[a-z0-9]:[A-Za-z0-9_]{1,1024}\.[-A-Za-z0-9_]{1,1024}$' \
+    "PROJECT:DATASET.TABLE, e.g. --bigquery-table my-project:movielens.recommendations"
+}
+
+# Prints where run-cloud.sh takes the Beam flag --NAME from, if it sets it.
+beam_flag_source() {
+  case "$1" in
+    runner) echo "its Dataflow step (always DataflowRunner)" ;;
+    project|region) echo "--$1" ;;
+    temp_location|staging_location) echo "--work-dir" ;;
+    job_name) echo "the job name" ;;
+    setup_file) echo "--dataflow-setup-file" ;;
+    sdk_container_image|sdk_location) echo "--dataflow-image" ;;
+    service_account_email) echo "--service-account" ;;
+    worker_machine_type|machine_type) echo "--dataflow-machine-type" ;;
+    max_num_workers) echo "--dataflow-max-workers" ;;
+    network) echo "--dataflow-network" ;;
+    subnetwork) echo "--dataflow-subnetwork" ;;
+    use_public_ips|no_use_public_ips) echo "--dataflow-no-public-ips" ;;
+  esac
+}
+
+validate_dataflow_flags() {
+  local image_pattern='^[a-z0-9][-.a-z0-9]*(:[0-9]+)?(/[a-z0-9][-_.a-z0-9]*)+(:[A-Za-z0-9_][-_.A-Za-z0-9]{0,127}|@sha256:[a-f0-9]{64})?$'
+  local flag name source
+  [[ -z "${dataflow_image}" ]] || check --dataflow-image "${dataflow_image}" "${image_pattern}" \
+    "an image URI such as --dataflow-image us-central1-docker.pkg.dev/my-project/${IMAGE_REPOSITORY}/${DATAFLOW_IMAGE_NAME}:v1"
+  [[ -z "${dataflow_image}" || "${dataflow_setup_file}" == false ]] \
+    || die "--dataflow-image and --dataflow-setup-file are two ways to give workers the package; pass one"
+  if [[ -n "${image}" && -z "${dataflow_image}" && "${dataflow_setup_file}" == false ]] \
+     && [[ "${skip_preprocess}" == false || "${batch_recommend}" == true ]]; then
+    die "--image skips the build, so Dataflow has no SDK container: add --dataflow-image URI (Dockerfile target dataflow) or --dataflow-setup-file"
+  fi
+  check --dataflow-machine-type "${dataflow_machine_type}" '^[a-z][a-z0-9]*(-[a-z0-9]+)+$' \
+    "a Compute Engine machine type such as --dataflow-machine-type ${DATAFLOW_MACHINE_TYPE}"
+  check --dataflow-max-workers "${dataflow_max_workers}" '^[1-9][0-9]{0,3}$' \
+    "a positive integer, e.g. --dataflow-max-workers ${DATAFLOW_MAX_WORKERS}"
+  [[ -z "${dataflow_network}" ]] || check --dataflow-network "${dataflow_network}" '^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$' \
+    "a VPC network name such as --dataflow-network default"
+  [[ -z "${dataflow_subnetwork}" ]] || check --dataflow-subnetwork "${dataflow_subnetwork}" \
+    '^(https://www\.googleapis\.com/compute/v1/projects/[a-z][-a-z0-9]*/)?regions/[a-z]+-[a-z]+[0-9]+/subnetworks/[a-z]([-a-z0-9]{0,61}[a-z0-9])?$' \
+    "regions/REGION/subnetworks/NAME (or its full https://www.googleapis.com/compute/v1/projects/P/... URL)"
+  for flag in ${dataflow_flags[@]+"${dataflow_flags[@]}"}; do
+    check --dataflow-flag "${flag}" '^--[a-z][a-z0-9_]*(=[-_.,:=/@A-Za-z0-9]+)?$' \
+      "one Beam flag as --NAME or --NAME=VALUE, e.g. --dataflow-flag=--disk_size_gb=50"
+    name="${flag#--}"; name="${name%%=*}"
+    source="$(beam_flag_source "${name}")"
+    [[ -z "${source}" ]] \
+      || die "--dataflow-flag $(shown "${flag}"): run-cloud.sh sets --${name} itself, from ${source}; drop it from --dataflow-flag"
+  done
 }
 
 validate_deploy_flags() {
@@ -185,12 +323,13 @@ validate_deploy_flags() {
   fi
   [[ "${hp_tuning}" == false ]] || die "--deploy does not go with --hp-tuning: train the best trial's flags in a plain job with --deploy"
   endpoint="${endpoint:-movielens-mf}"
-  serving_image="${serving_image:-${SERVING_IMAGE}}"
+  [[ -n "${serving_image}" || -z "${image}" ]] \
+    || die "--image skips the build, so there is no serving image: add --serving-image URI (Dockerfile target serving)"
   serving_machine_type="${serving_machine_type:-n1-standard-2}"
   check --endpoint "${endpoint}" '^[a-z][-_a-z0-9]{0,62}$' "an endpoint name of lowercase letters, digits, - and _, e.g. --endpoint movielens-mf"
-  check --serving-image "${serving_image}" \
+  [[ -z "${serving_image}" ]] || check --serving-image "${serving_image}" \
     '^[a-z0-9][-.a-z0-9]*(:[0-9]+)?(/[a-z0-9][-_.a-z0-9]*)+(:[A-Za-z0-9_][-_.A-Za-z0-9]{0,127}|@sha256:[a-f0-9]{64})?$' \
-    "an image URI such as --serving-image ${SERVING_IMAGE}"
+    "an image URI such as --serving-image us-central1-docker.pkg.dev/my-project/${IMAGE_REPOSITORY}/${SERVING_IMAGE_NAME}:v1"
   check --serving-machine-type "${serving_machine_type}" '^[a-z][a-z0-9]*(-[a-z0-9]+)+$' \
     "a Compute Engine machine type such as --serving-machine-type n1-standard-2"
 }
@@ -221,6 +360,16 @@ resolve_project() {
     "a project ID of 6-30 lowercase letters, digits or hyphens; pass --project YOUR_PROJECT_ID"
 }
 
+# Steps 1-2 and the chart run here and reach gs:// through Application Default
+# Credentials, which `gcloud auth login` does not set up: check them before any step.
+check_credentials() {
+  local token=(gcloud auth application-default print-access-token)
+  echo_command "${token[@]}"
+  [[ "${dry_run}" == false ]] || return 0
+  "${token[@]}" >/dev/null 2>&1 \
+    || fail "no Application Default Credentials: run gcloud auth application-default login (or set GOOGLE_APPLICATION_CREDENTIALS to a key file), then run again"
+}
+
 # Renders the job config into ${job_config} and prints it.
 render_job_config() {
   local base_output_dir="${work_dir}/model" render=()
@@ -229,6 +378,11 @@ render_job_config() {
           --machine-type "${machine_type}" --work-dir "${work_dir}"
           --base-output-dir "${base_output_dir}" --workers "${workers}")
   [[ -z "${gpu}" ]] || render+=(--gpu "${gpu}")
+  if [[ -n "${tensorboard}" ]]; then
+    # A bare ID is an instance in this project and region.
+    [[ "${tensorboard}" == projects/* ]] || tensorboard="projects/${project}/locations/${region}/tensorboards/${tensorboard}"
+    render+=(--tensorboard "${tensorboard}")
+  fi
   [[ "${hp_tuning}" == false ]] || render+=(--hp-tuning)
   render+=("${overwrite[@]}")
   echo_command "${render[@]}" -- "${trainer_flags[@]}"
@@ -243,12 +397,62 @@ run_extract() {
   run python data-extractor.py "${flags[@]}"
 }
 
-run_preprocess() {
-  local beam_flags=(--runner DataflowRunner --project "${project}" --region "${region}"
-                    --temp_location "${work_dir}/tmp" --staging_location "${work_dir}/staging"
-                    --setup_file ./setup.py --job_name "${dataflow_job}")
+# Beam's own flags, spelled as Beam spells them; preprocess.py hands them to
+# PipelineOptions.
+# Sets the caller's beam_flags to the flags of a Dataflow job named $1.
+set_dataflow_flags() {
+  beam_flags=(--runner DataflowRunner --project "${project}" --region "${region}"
+              --temp_location "${work_dir}/tmp" --staging_location "${work_dir}/staging"
+              ${1:+--job_name "$1"})
+  if [[ "${dataflow_setup_file}" == true ]]; then
+    beam_flags+=(--setup_file ./setup.py)
+  else
+    # The image holds the pinned stack and `trainer`; `container` stops Beam from
+    # staging its own SDK tarball on top of it.
+    beam_flags+=(--sdk_container_image "${dataflow_image}" --sdk_location container)
+  fi
+  beam_flags+=(--worker_machine_type "${dataflow_machine_type}" --max_num_workers "${dataflow_max_workers}")
   [[ -z "${service_account}" ]] || beam_flags+=(--service_account_email "${service_account}")
+  [[ -z "${dataflow_network}" ]] || beam_flags+=(--network "${dataflow_network}")
+  [[ -z "${dataflow_subnetwork}" ]] || beam_flags+=(--subnetwork "${dataflow_subnetwork}")
+  [[ "${dataflow_public_ips}" == true ]] || beam_flags+=(--no_use_public_ips)
+  beam_flags+=(${dataflow_flags[@]+"${dataflow_flags[@]}"})
+}
+
+run_preprocess() {
+  local beam_flags=()
+  set_dataflow_flags "${dataflow_job}"
   run python preprocess.py --work-dir "${work_dir}" "${overwrite[@]}" "${beam_flags[@]}"
+}
+
+# Every user's top-k from the SavedModel the job exported (AIP_MODEL_DIR), on Dataflow.
+run_batch_recommend() {
+  local beam_flags=() flags=(--work-dir "${work_dir}" --export-dir "${work_dir}/model/model" -k "${top_k}")
+  set_dataflow_flags "${dataflow_job}-recommend"
+  [[ -z "${bigquery_table}" ]] || flags+=(--bigquery-table "${bigquery_table}")
+  run python -m trainer.batch_recommendations "${flags[@]}" "${overwrite[@]}" "${beam_flags[@]}"
+}
+
+# The pipeline: compiled here, then submitted to Vertex AI Pipelines; each step
+# names its own Dataflow job.
+run_pipeline() {
+  local beam_flags=() flags=(--out "${tmp_dir}/pipeline.yaml" --job-config "${job_config}"
+    --project "${project}" --region "${region}" --work-dir "${work_dir}" --display-name "${job_name}"
+    --image "${image}" --serving-image "${serving_image}" --dataset "${dataset}" --submit)
+  set_dataflow_flags ""
+  [[ -z "${data_sources}" ]] || flags+=(--data-sources "${data_sources}")
+  [[ -z "${service_account}" ]] || flags+=(--service-account "${service_account}")
+  [[ -z "${tensorboard}" ]] || flags+=(--tensorboard "${tensorboard}")
+  [[ "${batch_recommend}" == false ]] || flags+=(--batch-recommend --top-k "${top_k}")
+  flags+=("${overwrite[@]}")
+  run python scripts/pipeline.py "${flags[@]}" -- "${beam_flags[@]}"
+}
+
+# One Cloud Build of the three Dockerfile targets (cloudbuild.yaml); each builds
+# only the stages it needs and they share the base layers.
+build_images() {
+  run gcloud builds submit --project "${project}" --region "${region}" --config cloudbuild.yaml \
+    --substitutions "_TRAINER_IMAGE=${image},_DATAFLOW_IMAGE=${built_dataflow_image},_SERVING_IMAGE=${built_serving_image}" .
 }
 
 # Creates the Vertex AI job; sets job_id (the numeric id of the resource name).
@@ -310,7 +514,7 @@ summarize() {
   [[ "${dry_run}" == false ]] || return 0
   echo "run-cloud.sh: ${job_name} succeeded"
   if [[ "${hp_tuning}" == true ]]; then
-    echo "  trials: ${work_dir}/hptuning/${job_name}/<trial id>/ (loss_log.csv, metrics.json, model/)"
+    echo "  trials: ${work_dir}/hptuning/${job_name}/<trial id>/loss_log.csv (trials run --metric-only: no export)"
     echo "  best trial: gcloud ai hp-tuning-jobs describe ${job_id} --project ${project} --region ${region}"
     echo "  chart a trial: python plot.py --model-dir ${work_dir}/hptuning/${job_name}/TRIAL_ID"
     return 0
@@ -318,7 +522,8 @@ summarize() {
   echo "  model dir: ${work_dir}/model (loss_log.csv, metrics.json, checkpoints/)"
   echo "  SavedModel: ${work_dir}/model/model/ (Vertex's AIP_MODEL_DIR)"
   [[ "${skip_plot}" == true ]] || echo "  chart: ${chart}"
-  [[ -z "${deployed_endpoint}" ]] || echo "  endpoint: ${deployed_endpoint} in ${region} (predict: see the README)"
+  [[ "${batch_recommend}" == false ]] || echo "  recommendations: ${work_dir}/recommendations/part-*.jsonl"
+  [[ -z "${deployed_endpoint}" ]] || echo "  endpoint: ${deployed_endpoint} in ${region} (predict: see the Serving section of docs/cloud.md)"
 }
 
 # Runs a gcloud command that prints one resource name and keeps its last part
@@ -339,8 +544,10 @@ resource_id() {
 # creating the endpoint when none has that display name.
 deploy_model() {
   local where=(--project "${project}" --region "${region}") model_id="" endpoint_id=""
+  # The serving image (trainer/serving.py) reads the port and routes Vertex passes.
   run gcloud ai models upload "${where[@]}" --display-name "${job_name}" \
-    --artifact-uri "${work_dir}/model/model" --container-image-uri "${serving_image}"
+    --artifact-uri "${work_dir}/model/model" --container-image-uri "${serving_image}" \
+    --container-ports 8080 --container-health-route /health --container-predict-route /predict
   resource_id model_id MODEL_ID gcloud ai models list "${where[@]}" \
     --filter "display_name=${job_name}" --format 'value(name)'
   [[ -n "${model_id}" ]] || fail "the uploaded model ${job_name} is not in the Model Registry"
@@ -388,7 +595,12 @@ build_image=false
 if [[ -z "${image}" ]]; then
   # Built from this checkout by Cloud Build, tagged with the job name.
   build_image=true
-  image="${region}-docker.pkg.dev/${project}/${IMAGE_REPOSITORY}/${IMAGE_NAME}:${job_name}"
+  registry="${region}-docker.pkg.dev/${project}/${IMAGE_REPOSITORY}"
+  image="${registry}/${IMAGE_NAME}:${job_name}"
+  built_dataflow_image="${registry}/${DATAFLOW_IMAGE_NAME}:${job_name}"
+  built_serving_image="${registry}/${SERVING_IMAGE_NAME}:${job_name}"
+  dataflow_image="${dataflow_image:-${built_dataflow_image}}"
+  serving_image="${serving_image:-${built_serving_image}}"
 fi
 job_kind="custom-jobs"
 [[ "${hp_tuning}" == false ]] || job_kind="hp-tuning-jobs"
@@ -403,12 +615,21 @@ trap on_interrupt INT TERM
 
 # The config is rendered first: a bad trainer flag stops the run before any step.
 render_job_config
+check_credentials
+if [[ "${pipeline}" == true ]]; then
+  [[ "${build_image}" == false ]] || build_images
+  run_pipeline
+  [[ "${dry_run}" == true ]] || echo "run-cloud.sh: pipeline ${job_name} submitted; follow it in the Vertex AI console (Pipelines)"
+  exit 0
+fi
 [[ "${skip_extract}" == true ]] || run_extract
+# Built before step 2: Dataflow workers start from the Dataflow image.
+[[ "${build_image}" == false ]] || build_images
 [[ "${skip_preprocess}" == true ]] || run_preprocess
-[[ "${build_image}" == false ]] || run gcloud builds submit --project "${project}" --tag "${image}" .
 submit_job
 wait_for_job
 [[ "${skip_plot}" == true || "${hp_tuning}" == true ]] \
   || run python plot.py --model-dir "${work_dir}/model" --out "${chart}"
+[[ "${batch_recommend}" == false ]] || run_batch_recommend
 [[ "${deploy}" == false ]] || deploy_model
 summarize

@@ -7,7 +7,8 @@ parts that depend on flags (trainer flags, the worker pool, the accelerator).
 
     python scripts/render_job_config.py --out JOB.yaml --image-uri URI
         --machine-type n1-standard-4 --work-dir gs://B/P --base-output-dir gs://B/P/model
-        [--workers N] [--gpu TYPE:COUNT] [--overwrite] [--hp-tuning] [-- TRAINER_FLAGS...]
+        [--workers N] [--gpu TYPE:COUNT] [--tensorboard RESOURCE] [--overwrite] [--hp-tuning]
+        [-- TRAINER_FLAGS...]
 
 A placeholder is a whole YAML value spelled ${NAME} (capitals); it is replaced
 in the parsed document, never in the text, so no value can change the YAML's
@@ -38,6 +39,9 @@ _ACCELERATOR = re.compile(r'([A-Z][A-Z0-9_]*):([1-9][0-9]*)')
 _FLAGS_SET_HERE = {'--work-dir': 'run-cloud.sh --work-dir',
                    '--job-dir': 'the job (from AIP_MODEL_DIR, see config.yaml)',
                    '--overwrite': 'run-cloud.sh --overwrite'}
+# Every tuning trial's: the service reads only the validation metric, so a trial
+# skips the refit, the posterior sweeps, the ranking evaluation and the export.
+_TRIAL_FLAGS = ('--metric-only',)
 
 
 def fill_placeholders(node: Any, values: Mapping[str, Any]) -> Any:
@@ -117,7 +121,8 @@ def tuned_flags(tuning_template: Mapping[str, Any]) -> list[str]:
 def render_custom_job(template: Mapping[str, Any], *, image_uri: str,
                       machine_type: str, work_dir: str, base_output_dir: str,
                       workers: int, accelerator: tuple[str, int] | None,
-                      trainer_flags: Sequence[str]) -> dict[str, Any]:
+                      trainer_flags: Sequence[str],
+                      tensorboard: str | None = None) -> dict[str, Any]:
     """Fills config.yaml and adds the flag-dependent parts.
 
     Args:
@@ -129,6 +134,9 @@ def render_custom_job(template: Mapping[str, Any], *, image_uri: str,
       workers: replicas in worker pool 1; 0 means no pool 1.
       accelerator: (type, count) per replica, or None for CPU only.
       trainer_flags: appended to every pool's container args.
+      tensorboard: a Vertex AI TensorBoard instance
+        (projects/P/locations/R/tensorboards/ID) that receives the job's
+        AIP_TENSORBOARD_LOG_DIR events, or None.
 
     Returns:
       A CustomJobSpec as a dict.
@@ -147,6 +155,8 @@ def render_custom_job(template: Mapping[str, Any], *, image_uri: str,
         chief['machineSpec']['acceleratorCount'] = accelerator[1]
     if workers > 0:
         pools.append({**copy.deepcopy(chief), 'replicaCount': workers})
+    if tensorboard is not None:
+        spec['tensorboard'] = tensorboard
     return spec
 
 
@@ -181,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     add('--workers', type=int, default=0,
         help='replicas in worker pool 1 (default 0: the chief only)')
     add('--gpu', metavar='TYPE:COUNT', help='accelerator per replica')
+    add('--tensorboard', metavar='RESOURCE',
+        help='Vertex AI TensorBoard: projects/P/locations/R/tensorboards/ID')
     add('--overwrite', action='store_true',
         help='pass --overwrite to the trainer (run-cloud.sh --overwrite)')
     add('--hp-tuning', action='store_true',
@@ -205,7 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if tuning_template is not None:
             reserved.update(dict.fromkeys(tuned_flags(tuning_template),
                                           'hptuning.yaml (it is tuned)'))
+            reserved.update(dict.fromkeys(_TRIAL_FLAGS, 'run-cloud.sh --hp-tuning'))
         check_trainer_flags(trainer_flags, reserved)
+        if tuning_template is not None:
+            trainer_flags = [*_TRIAL_FLAGS, *trainer_flags]
         if args.workers and '--implicit-feedback' in trainer_flags:
             raise ValueError(f'trainer flag --implicit-feedback trains one replica, not the '
                              f'chief and {args.workers} workers; drop --workers or the flag')
@@ -213,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             read_yaml(args.template), image_uri=args.image_uri,
             machine_type=args.machine_type, work_dir=args.work_dir,
             base_output_dir=args.base_output_dir, workers=args.workers,
-            accelerator=accelerator,
+            accelerator=accelerator, tensorboard=args.tensorboard,
             trainer_flags=['--overwrite', *trainer_flags] if args.overwrite else trainer_flags)
         if tuning_template is not None:
             job = render_tuning_job(tuning_template, job)

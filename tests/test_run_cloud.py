@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import re
@@ -108,11 +109,15 @@ def test_job_name_and_dataflow_job_name(run_cloud):
     assert JOB_NAME.match(job_name)
     (preprocess_line,) = [line for line in result.stdout.splitlines()
                           if line.startswith('+ python preprocess.py')]
+    registry = 'us-central1-docker.pkg.dev/my-project/movielens'
     assert shlex.split(preprocess_line)[1:] == [
         'python', 'preprocess.py', '--work-dir', WORK_DIR,
         '--runner', 'DataflowRunner', '--project', 'my-project', '--region', 'us-central1',
         '--temp_location', WORK_DIR + '/tmp', '--staging_location', WORK_DIR + '/staging',
-        '--setup_file', './setup.py', '--job_name', job_name.replace('_', '-')]
+        '--job_name', job_name.replace('_', '-'),
+        '--sdk_container_image', f'{registry}/trainer-dataflow:{job_name}',
+        '--sdk_location', 'container',
+        '--worker_machine_type', 'n1-highmem-2', '--max_num_workers', '8']
 
 
 def test_service_account_reaches_dataflow_and_vertex(run_cloud):
@@ -181,7 +186,7 @@ def test_hp_tuning_submits_a_study_of_validation_rmse(run_cloud):
     assert trial['baseOutputDirectory'] == {
         'outputUriPrefix': f'{WORK_DIR}/hptuning/{flag(create["argv"], "--display-name")}'}
     assert trial['workerPoolSpecs'][0]['containerSpec']['args'] == [
-        '--work-dir', WORK_DIR, '--num-epochs', '5']
+        '--work-dir', WORK_DIR, '--metric-only', '--num-epochs', '5']
 
 
 def test_tuned_parameters_are_trainer_flags_and_their_bounds_pass():
@@ -193,7 +198,8 @@ def test_tuned_parameters_are_trainer_flags_and_their_bounds_pass():
         spec = parameter.get('doubleValueSpec') or parameter['integerValueSpec']
         for value in (spec['minValue'], spec['maxValue']):
             arg = f'--{parameter["parameterId"]}={value}'
-            parser.parse_args(['--work-dir', 'w', arg])  # exits on a refused value
+            # exits on a refused value
+            parser.parse_args(['--work-dir', 'w', *render._TRIAL_FLAGS, arg])
 
 
 @pytest.mark.parametrize('model_dir, job_dir', [
@@ -239,9 +245,10 @@ def test_dry_run_prints_every_command_and_the_yaml_and_runs_no_gcloud(run_cloud)
                 if line.startswith('+ ')]
     expected_starts = [
         ['python', 'scripts/render_job_config.py'],
+        ['gcloud', 'auth', 'application-default', 'print-access-token'],
         ['python', 'data-extractor.py', '--work-dir', WORK_DIR, '--dataset', 'synthetic'],
-        ['python', 'preprocess.py', '--work-dir', WORK_DIR, '--runner', 'DataflowRunner'],
         ['gcloud', 'builds', 'submit'],
+        ['python', 'preprocess.py', '--work-dir', WORK_DIR, '--runner', 'DataflowRunner'],
         ['gcloud', 'ai', 'custom-jobs', 'create'],
         ['gcloud', 'ai', 'custom-jobs', 'stream-logs'],
         ['gcloud', 'ai', 'custom-jobs', 'describe'],
@@ -265,18 +272,115 @@ def test_dry_run_hp_tuning_prints_the_study(run_cloud):
     assert '+ python plot.py' not in result.stdout  # trials have a loss log each
 
 
-def test_image_is_built_and_used_when_no_image_is_given(run_cloud):
+def substitutions(build_argv: list[str]) -> dict[str, str]:
+    """The --substitutions of a recorded `gcloud builds submit`."""
+    return dict(item.split('=', 1) for item in flag(build_argv, '--substitutions').split(','))
+
+
+def test_images_are_built_with_cloudbuild_yaml_and_used_when_no_image_is_given(run_cloud):
     result = run_cloud('--work-dir', WORK_DIR, '--region', 'europe-west4', *OFFLINE)
     assert result.returncode == 0, result.stderr
     (build,) = result.gcloud('builds', 'submit')
     (create,) = result.gcloud('ai', 'custom-jobs', 'create')
-    tag = flag(build['argv'], '--tag')
-    assert tag == ('europe-west4-docker.pkg.dev/fake-project-123/movielens/trainer:'
-                   + flag(create['argv'], '--display-name'))
+    job_name = flag(create['argv'], '--display-name')
+    registry = 'europe-west4-docker.pkg.dev/fake-project-123/movielens'
+    assert flag(build['argv'], '--config') == 'cloudbuild.yaml'
+    assert '--tag' not in build['argv']  # the legacy builder would build every stage
+    assert substitutions(build['argv']) == {
+        '_TRAINER_IMAGE': f'{registry}/trainer:{job_name}',
+        '_DATAFLOW_IMAGE': f'{registry}/trainer-dataflow:{job_name}',
+        '_SERVING_IMAGE': f'{registry}/serving:{job_name}'}
     assert build['argv'][-1] == '.'
     assert result.calls.index(build) < result.calls.index(create)
     pool = result.submitted_config()['workerPoolSpecs'][0]
-    assert pool['containerSpec']['imageUri'] == tag
+    assert pool['containerSpec']['imageUri'] == f'{registry}/trainer:{job_name}'
+
+
+def preprocess_command(stdout: str) -> list[str]:
+    """The Beam flags of the echoed `python preprocess.py` line."""
+    (line,) = [line for line in stdout.splitlines() if line.startswith('+ python preprocess.py')]
+    return shlex.split(line)[1:]
+
+
+def test_dataflow_starts_from_the_image_built_before_it(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, '--project', 'my-project', '--dry-run')
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith('+ ')]
+    (build_index,) = [i for i, line in enumerate(lines) if line.startswith('+ gcloud builds')]
+    (preprocess_index,) = [i for i, line in enumerate(lines) if 'preprocess.py' in line]
+    assert build_index < preprocess_index
+    built = substitutions(shlex.split(lines[build_index])[1:])
+    beam = preprocess_command(result.stdout)
+    assert flag(beam, '--sdk_container_image') == built['_DATAFLOW_IMAGE']
+    assert flag(beam, '--sdk_location') == 'container'
+    assert '--setup_file' not in beam
+
+
+def test_dataflow_setup_file_is_the_fallback(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, '--dataflow-setup-file',
+                       '--dry-run')
+    assert result.returncode == 0, result.stderr
+    beam = preprocess_command(result.stdout)
+    assert flag(beam, '--setup_file') == './setup.py'
+    assert '--sdk_container_image' not in beam and '--sdk_location' not in beam
+    assert '+ gcloud builds submit' not in result.stdout
+
+
+def test_dataflow_options_reach_beam_as_beam_reads_them(run_cloud, caplog):
+    from apache_beam.options import pipeline_options as po  # pylint: disable=import-outside-toplevel
+    subnet = 'regions/us-central1/subnetworks/private'
+    account = 'movielens-runner@my-project.iam.gserviceaccount.com'
+    result = run_cloud(
+        '--work-dir', WORK_DIR, '--project', 'my-project', '--image', IMAGE,
+        '--dataflow-image', IMAGE + '-df', '--dataflow-machine-type', 'n2-highmem-4',
+        '--dataflow-max-workers', '20', '--dataflow-network', 'vpc-one',
+        '--dataflow-subnetwork', subnet, '--dataflow-no-public-ips',
+        '--service-account', account, '--dataflow-flag=--disk_size_gb=50',
+        '--dataflow-flag', '--experiments=use_runner_v2', '--dry-run')
+    assert result.returncode == 0, result.stderr
+    beam = preprocess_command(result.stdout)[beam_start(result.stdout):]
+    options = po.PipelineOptions(beam)
+    # Beam drops flags it does not know, with a warning: all of these must be known.
+    with caplog.at_level(logging.WARNING):
+        options.get_all_options()
+    assert 'Discarding' not in caplog.text
+    worker = options.view_as(po.WorkerOptions)
+    cloud = options.view_as(po.GoogleCloudOptions)
+    assert (worker.machine_type, worker.max_num_workers, worker.network, worker.subnetwork,
+            worker.use_public_ips, worker.disk_size_gb, worker.sdk_container_image) == (
+        'n2-highmem-4', 20, 'vpc-one', subnet, False, 50, IMAGE + '-df')
+    assert cloud.service_account_email == account
+    assert options.view_as(po.DebugOptions).experiments == ['use_runner_v2']
+    assert options.view_as(po.StandardOptions).runner == 'DataflowRunner'
+
+
+def beam_start(stdout: str) -> int:
+    """Where the Beam flags start in the preprocess command (after our own flags)."""
+    return preprocess_command(stdout).index('--runner')
+
+
+@pytest.mark.parametrize('flags, named', [
+    (['--dataflow-flag=--max_num_workers=3'], '--dataflow-max-workers'),
+    (['--dataflow-flag', '--runner=DirectRunner'], '--runner'),
+    (['--dataflow-flag', '--disk_size_gb=5;touch {canary}'], '--dataflow-flag'),
+    (['--dataflow-flag', 'disk_size_gb=50'], '--dataflow-flag'),
+    (['--dataflow-max-workers', '0'], '--dataflow-max-workers'),
+    (['--dataflow-machine-type', 'big'], '--dataflow-machine-type'),
+    (['--dataflow-subnetwork', 'private'], '--dataflow-subnetwork'),
+    (['--dataflow-network', 'Net$(touch {canary})'], '--dataflow-network'),
+    (['--image', IMAGE], '--dataflow-image'),
+    (['--dataflow-image', IMAGE, '--dataflow-setup-file'], '--dataflow-setup-file'),
+    (['--image', IMAGE, '--deploy', '--skip-preprocess'], '--serving-image'),
+])
+def test_bad_dataflow_flags_are_one_line_and_no_gcloud_call(
+        run_cloud, tmp_path: pathlib.Path, flags: list[str], named: str):
+    canary = tmp_path / 'canary'
+    result = run_cloud('--work-dir', WORK_DIR, *[f.format(canary=canary) for f in flags])
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert named in result.stderr
+    assert result.calls == []
+    assert not canary.exists()
 
 
 @pytest.mark.parametrize('state', ['JOB_STATE_FAILED', 'JOB_STATE_CANCELLED'])
@@ -297,6 +401,24 @@ def test_a_job_that_succeeds_after_polling_passes(run_cloud):
     (describe, *_) = result.gcloud('ai', 'custom-jobs', 'describe')
     assert describe['argv'][3] == '7777777777'  # the id from the fake's resource name
     assert 'succeeded' in result.stdout
+
+
+def test_missing_credentials_are_one_line_naming_the_login_and_no_step_runs(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, *OFFLINE, FAKE_GCLOUD_ADC='missing')
+    assert result.returncode == 1
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert 'gcloud auth application-default login' in result.stderr
+    assert [call['argv'][:2] for call in result.calls] == [
+        ['config', 'get-value'], ['auth', 'application-default']]
+
+
+def test_credentials_are_checked_before_the_first_step(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, *OFFLINE)
+    assert result.returncode == 0, result.stderr
+    (check,) = result.gcloud('auth', 'application-default', 'print-access-token')
+    (build,) = result.gcloud('builds', 'submit')
+    assert result.calls.index(check) < result.calls.index(build)
+    assert 'ya29' not in result.stdout  # the token itself is never shown
 
 
 def test_no_project_anywhere_is_one_line_naming_project(run_cloud):
@@ -348,6 +470,7 @@ def test_a_bad_flag_is_one_line_and_no_gcloud_call(
 @pytest.mark.parametrize('flags, trainer_flag', [
     (['--hp-tuning'], '--l2'),
     (['--hp-tuning'], '--learning-rate=0.1'),
+    (['--hp-tuning'], '--metric-only'),
     ([], '--job-dir'),
     ([], '--overwrite'),
 ])
@@ -413,15 +536,21 @@ def test_the_plot_step_charts_the_loss_log_from_gcs(run_cloud, gcs, tmp_path: pa
 
 # --- --deploy: Model Registry upload and endpoint deployment. ----------------------------
 def test_deploy_uploads_the_export_and_creates_an_endpoint(run_cloud):
-    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, '--deploy', *OFFLINE)
+    result = run_cloud('--work-dir', WORK_DIR, '--deploy', *OFFLINE)
     assert result.returncode == 0, result.stderr
     (create_job,) = result.gcloud('ai', 'custom-jobs', 'create')
     job_name = flag(create_job['argv'], '--display-name')
     (upload,) = result.gcloud('ai', 'models', 'upload')
     assert flag(upload['argv'], '--artifact-uri') == WORK_DIR + '/model/model'
     assert flag(upload['argv'], '--display-name') == job_name
-    assert flag(upload['argv'], '--container-image-uri').startswith(
-        'us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.')
+    (build,) = result.gcloud('builds', 'submit')
+    assert flag(upload['argv'], '--container-image-uri') == substitutions(
+        build['argv'])['_SERVING_IMAGE']
+    from trainer import serving  # pylint: disable=import-outside-toplevel
+    assert (flag(upload['argv'], '--container-ports'),
+            flag(upload['argv'], '--container-health-route'),
+            flag(upload['argv'], '--container-predict-route')) == (
+        str(serving.DEFAULT_PORT), serving.DEFAULT_HEALTH_ROUTE, serving.DEFAULT_PREDICT_ROUTE)
     (create_endpoint,) = result.gcloud('ai', 'endpoints', 'create')
     assert flag(create_endpoint['argv'], '--display-name') == 'movielens-mf'
     (deploy,) = result.gcloud('ai', 'endpoints', 'deploy-model')
@@ -434,6 +563,7 @@ def test_deploy_uploads_the_export_and_creates_an_endpoint(run_cloud):
 
 def test_deploy_reuses_an_endpoint_with_the_same_name(run_cloud):
     result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, '--deploy', '--endpoint', 'recs',
+                       '--serving-image', IMAGE + '-serving',
                        '--serving-machine-type', 'n1-standard-4', *OFFLINE,
                        FAKE_GCLOUD_ENDPOINT='projects/1/locations/us-central1/endpoints/42')
     assert result.returncode == 0, result.stderr
@@ -447,7 +577,7 @@ def test_deploy_reuses_an_endpoint_with_the_same_name(run_cloud):
 
 def test_deploy_is_skipped_when_the_job_fails(run_cloud):
     result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, '--deploy', *OFFLINE,
-                       FAKE_GCLOUD_STATES='JOB_STATE_FAILED')
+                       '--serving-image', IMAGE + '-serving', FAKE_GCLOUD_STATES='JOB_STATE_FAILED')
     assert result.returncode == 1
     assert result.gcloud('ai', 'models') == [] and result.gcloud('ai', 'endpoints') == []
 
@@ -474,3 +604,222 @@ def test_bad_deploy_flags_are_one_line_and_no_gcloud_call(run_cloud, tmp_path, f
     assert result.calls == []
     assert named in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / 'CANARY').exists()
+
+
+# --- The stand-in refuses what gcloud refuses (tests/fake_gcloud/flags.json). -------------
+FLAG_TABLE = json.loads((FAKE_GCLOUD_DIR / 'flags.json').read_text())
+
+
+def fake_gcloud(tmp_path: pathlib.Path, *argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, 'FAKE_GCLOUD_LOG': str(tmp_path / 'calls.jsonl')}
+    return subprocess.run([str(FAKE_GCLOUD_DIR / 'gcloud'), *argv], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize('argv, refused', [
+    (['builds', 'submit', '--substitution', '_A=b', '.'], '--substitution'),
+    (['builds', 'submit', '--config', 'cloudbuild.yaml', '--tags', 'x', '.'], '--tags'),
+    (['ai', 'custom-jobs', 'create', '--region', 'r', '--display-name', 'j',
+      '--service_account', 'a@b.iam.gserviceaccount.com'], '--service_account'),
+    (['ai', 'custom-jobs', 'create', '--region', 'r', '--display-name', 'j',
+      '--max-trial-count', '3'], '--max-trial-count'),
+    (['ai', 'hp-tuning-jobs', 'create', '--config', 'c', '--display-name', 'j',
+      '--max-trials', '3'], '--max-trials'),
+    (['ai', 'custom-jobs', 'describe', '1', '--regoin', 'r'], '--regoin'),
+    (['ai', 'models', 'upload', '--display-name', 'm', '--container-image-uri', 'i',
+      '--artifact-url', 'gs://b/m'], '--artifact-url'),
+    (['ai', 'models', 'upload', '--display-name', 'm', '--container-image-uri', 'i',
+      '--container-health-path', '/h'], '--container-health-path'),
+    (['ai', 'endpoints', 'deploy-model', '1', '--model', 'm', '--display-name', 'd',
+      '--traffic', '0=100'], '--traffic'),
+    (['ai', 'endpoints', 'create', '--display-name', 'e', '--filter', 'x'], '--filter'),
+    (['auth', 'application-default', 'print-access-token', '--scope', 's'], '--scope'),
+])
+def test_the_stand_in_refuses_a_flag_gcloud_does_not_accept(
+        tmp_path: pathlib.Path, argv: list[str], refused: str):
+    done = fake_gcloud(tmp_path, *argv)
+    assert done.returncode == 2
+    assert 'unrecognized arguments' in done.stderr and refused in done.stderr
+
+
+@pytest.mark.parametrize('argv, named', [
+    (['ai', 'custom-jobs', 'create', '--region', 'r', '--config', 'c'], '--display-name'),
+    (['ai', 'endpoints', 'deploy-model', '1', '--display-name', 'd'], '--model'),
+    (['ai', 'models', 'upload', '--display-name', 'm'], '--container-image-uri'),
+    (['ai', 'custom-jobs', 'describe', '1', '2'], 'positional'),
+    (['ai', 'models', 'list', '--filter'], '--filter'),
+])
+def test_the_stand_in_refuses_missing_and_extra_arguments(
+        tmp_path: pathlib.Path, argv: list[str], named: str):
+    done = fake_gcloud(tmp_path, *argv)
+    assert done.returncode == 2 and named in done.stderr
+
+
+def test_every_gcloud_command_run_cloud_issues_is_in_the_flag_table(run_cloud):
+    commands = set()
+    for flags in (['--deploy'], ['--hp-tuning']):
+        result = run_cloud('--work-dir', WORK_DIR, '--project', 'my-project', *flags,
+                           '--dry-run')
+        assert result.returncode == 0, result.stderr
+        for line in result.stdout.splitlines():
+            if line.startswith('+ gcloud '):
+                words = [w for w in shlex.split(line)[2:] if not w.startswith('-')]
+                commands.add(next(' '.join(words[:n]) for n in (3, 2)
+                                  if ' '.join(words[:n]) in FLAG_TABLE['commands']))
+    assert {'builds submit', 'ai custom-jobs create', 'ai hp-tuning-jobs create',
+            'ai models upload', 'ai endpoints deploy-model',
+            'auth application-default print-access-token'} <= commands
+
+
+def test_a_run_with_every_option_passes_the_flag_checks(run_cloud):
+    """All of run-cloud.sh's gcloud calls at once, through the checking stand-in."""
+    result = run_cloud('--work-dir', WORK_DIR, '--deploy', '--skip-extract', '--skip-preprocess',
+                       '--skip-plot', '--poll-seconds', '0', '--service-account',
+                       'movielens-runner@my-project.iam.gserviceaccount.com')
+    assert result.returncode == 0, result.stderr
+    assert len(result.calls) >= 9
+
+
+# --- Vertex AI TensorBoard, and the configs parsed strictly as Vertex AI's protos. -------
+def parse_strictly(message_class, document: dict):
+    """The YAML as the aiplatform_v1 message gcloud sends; unknown keys raise."""
+    from google.protobuf import json_format  # pylint: disable=import-outside-toplevel
+    return json_format.ParseDict(document, message_class.pb(message_class()),
+                                 ignore_unknown_fields=False)
+
+
+def test_tensorboard_attaches_the_instance_to_the_job(run_cloud):
+    account = 'movielens-runner@my-project.iam.gserviceaccount.com'
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, '--tensorboard', '42',
+                       '--service-account', account, *OFFLINE)
+    assert result.returncode == 0, result.stderr
+    config = result.submitted_config()
+    assert config['tensorboard'] == (
+        f'projects/{FAKE_PROJECT}/locations/us-central1/tensorboards/42')
+    (create,) = result.gcloud('ai', 'custom-jobs', 'create')
+    assert flag(create['argv'], '--service-account') == account
+
+
+def test_tensorboard_reaches_every_trial(run_cloud):
+    name = 'projects/other-project/locations/europe-west4/tensorboards/7'
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, '--hp-tuning',
+                       '--tensorboard', name, '--service-account',
+                       'a@my-project.iam.gserviceaccount.com', *OFFLINE)
+    assert result.returncode == 0, result.stderr
+    assert result.submitted_config('hp-tuning-jobs')['trialJobSpec']['tensorboard'] == name
+
+
+@pytest.mark.parametrize('flags, named', [
+    (['--tensorboard', '42'], '--service-account'),
+    (['--tensorboard', 'tb-1', '--service-account', 'a@p-123456.iam.gserviceaccount.com'],
+     '--tensorboard'),
+])
+def test_bad_tensorboard_flags_are_one_line(run_cloud, flags: list[str], named: str):
+    result = run_cloud('--work-dir', WORK_DIR, *flags, *OFFLINE)
+    assert result.returncode == 2 and result.calls == []
+    assert len(result.stderr.splitlines()) == 1 and named in result.stderr
+
+
+@pytest.mark.parametrize('flags', [
+    [],
+    ['--workers', '2', '--gpu', 'NVIDIA_TESLA_T4:1', '--machine-type', 'n1-highmem-8'],
+    ['--tensorboard', '42', '--service-account', 'a@my-project.iam.gserviceaccount.com'],
+])
+def test_the_custom_job_config_is_a_custom_job_spec(run_cloud, flags: list[str]):
+    from google.cloud import aiplatform_v1  # pylint: disable=import-outside-toplevel
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, *flags, *OFFLINE,
+                       '--', '--num-epochs', '3')
+    assert result.returncode == 0, result.stderr
+    spec = parse_strictly(aiplatform_v1.CustomJobSpec, result.submitted_config())
+    assert spec.worker_pool_specs[0].container_spec.image_uri == IMAGE
+    assert spec.base_output_directory.output_uri_prefix == WORK_DIR + '/model'
+
+
+def test_the_tuning_config_is_a_hyperparameter_tuning_job(run_cloud):
+    from google.cloud import aiplatform_v1  # pylint: disable=import-outside-toplevel
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, '--hp-tuning', *OFFLINE)
+    assert result.returncode == 0, result.stderr
+    job = parse_strictly(aiplatform_v1.HyperparameterTuningJob,
+                         result.submitted_config('hp-tuning-jobs'))
+    assert [metric.metric_id for metric in job.study_spec.metrics] == ['validation_rmse']
+    assert job.max_failed_trial_count == 3
+    assert '--metric-only' in job.trial_job_spec.worker_pool_specs[0].container_spec.args
+
+
+def test_a_misspelt_key_fails_the_strict_parse():
+    from google.cloud import aiplatform_v1  # pylint: disable=import-outside-toplevel
+    from google.protobuf import json_format  # pylint: disable=import-outside-toplevel
+    with pytest.raises(json_format.ParseError, match='tensorBoard'):
+        parse_strictly(aiplatform_v1.CustomJobSpec, {'tensorBoard': 'x'})
+
+
+# --- --batch-recommend: every user's top-k on Dataflow. -----------------------------------
+def test_batch_recommend_runs_the_beam_job_on_dataflow_after_training(run_cloud):
+    from trainer import batch_recommendations  # pylint: disable=import-outside-toplevel
+    result = run_cloud('--work-dir', WORK_DIR, '--project', 'my-project', '--batch-recommend',
+                       '--top-k', '20', '--bigquery-table', 'my-project:movielens.recs',
+                       '--overwrite', '--dry-run')
+    assert result.returncode == 0, result.stderr
+    commands = [shlex.split(line)[1:] for line in result.stdout.splitlines()
+                if line.startswith('+ ')]
+    (batch,) = [c for c in commands if c[:3] == ['python', '-m', 'trainer.batch_recommendations']]
+    (create,) = [c for c in commands if c[:4] == ['gcloud', 'ai', 'custom-jobs', 'create']]
+    assert commands.index(batch) > commands.index(create)
+    config, beam_args = batch_recommendations.parse_args(batch[3:])
+    assert config == batch_recommendations.BatchConfig(
+        work_dir=WORK_DIR, export_dir=WORK_DIR + '/model/model', k=20,
+        bigquery_table='my-project:movielens.recs', overwrite=True)
+    preprocess = preprocess_command(result.stdout)
+    assert flag(beam_args, '--job_name') == flag(preprocess, '--job_name') + '-recommend'
+    assert flag(beam_args, '--sdk_container_image') == flag(preprocess, '--sdk_container_image')
+    assert flag(beam_args, '--runner') == 'DataflowRunner'
+
+
+@pytest.mark.parametrize('flags, named', [
+    (['--top-k', '5'], '--top-k'),
+    (['--bigquery-table', 'my-project:d.t'], '--bigquery-table'),
+    (['--batch-recommend', '--hp-tuning'], '--batch-recommend'),
+    (['--batch-recommend', '--top-k', '0'], '--top-k'),
+    (['--batch-recommend', '--bigquery-table', 'd.t'], '--bigquery-table'),
+    (['--batch-recommend', '--image', IMAGE, '--skip-preprocess'], '--dataflow-image'),
+])
+def test_bad_batch_flags_are_one_line(run_cloud, flags: list[str], named: str):
+    result = run_cloud('--work-dir', WORK_DIR, *flags, *OFFLINE)
+    assert result.returncode == 2 and result.calls == []
+    assert len(result.stderr.splitlines()) == 1 and named in result.stderr
+
+
+# --- --pipeline: the same steps as one Vertex AI pipeline (scripts/pipeline.py). --------
+def test_pipeline_replaces_the_steps_with_one_compiled_and_submitted_pipeline(run_cloud):
+    pipeline = load_script('scripts/pipeline.py')
+    result = run_cloud('--work-dir', WORK_DIR, '--project', 'my-project', '--pipeline',
+                       '--batch-recommend', '--dry-run', '--', '--num-epochs', '3')
+    assert result.returncode == 0, result.stderr
+    commands = [shlex.split(line)[1:] for line in result.stdout.splitlines()
+                if line.startswith('+ ')]
+    assert [c[:3] for c in commands] == [
+        ['python', 'scripts/render_job_config.py', '--out'],
+        ['gcloud', 'auth', 'application-default'],
+        ['gcloud', 'builds', 'submit'],
+        ['python', 'scripts/pipeline.py', '--out']]
+    built = substitutions(commands[2])
+    argv = commands[3][2:]
+    split = argv.index('--')
+    args = pipeline.build_parser().parse_args(argv[:split])
+    assert (args.image, args.serving_image, args.submit, args.batch_recommend) == (
+        built['_TRAINER_IMAGE'], built['_SERVING_IMAGE'], True, True)
+    beam = argv[split + 1:]
+    assert flag(beam, '--sdk_container_image') == built['_DATAFLOW_IMAGE']
+    assert '--job_name' not in beam  # each pipeline step names its own Dataflow job
+
+
+@pytest.mark.parametrize('flags, named', [
+    (['--pipeline', '--hp-tuning'], '--hp-tuning'),
+    (['--pipeline', '--skip-extract'], '--skip-extract'),
+    (['--pipeline', '--deploy'], '--deploy'),
+    (['--pipeline', '--image', IMAGE, '--dataflow-image', IMAGE], '--serving-image'),
+])
+def test_bad_pipeline_flags_are_one_line(run_cloud, flags: list[str], named: str):
+    result = run_cloud('--work-dir', WORK_DIR, *flags, '--poll-seconds', '0')
+    assert result.returncode == 2 and result.calls == []
+    assert len(result.stderr.splitlines()) == 1 and named in result.stderr

@@ -2,8 +2,9 @@
 
 `parse_args` is the only place that reads flags or the Vertex AI environment
 of a custom job (`AIP_MODEL_DIR`, `AIP_CHECKPOINT_DIR`,
-`AIP_TENSORBOARD_LOG_DIR`, and `CLOUD_ML_TRIAL_ID` / `CLOUD_ML_HP_METRIC_FILE`
-in a tuning trial); the cluster (`TF_CONFIG`) is `trainer.distribute`'s.
+`AIP_TENSORBOARD_LOG_DIR`, and in a tuning trial `CLOUD_ML_TRIAL_ID` /
+`CLOUD_ML_HP_METRIC_FILE` or the `trial` of `CLUSTER_SPEC`'s task); the
+cluster itself (`TF_CONFIG`, `CLUSTER_SPEC`) is `trainer.distribute`'s.
 Every function below `task.main` receives a `TrainConfig`.
 """
 
@@ -11,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 
+from trainer import distribute
 from trainer import features
 from trainer import logs
 from trainer import optimizers
@@ -199,6 +202,9 @@ class TrainConfig:
       hypertune_file: where the tuning metric is reported; None outside a
         tuning trial.
       trial_id: the tuning trial, if any.
+      metric_only: train and report the validation metric only: no refit, no
+        posterior sweeps, no ranking evaluation, no export (a tuning trial
+        whose service reads only the metric).
       resume_checkpoint_dir: resume from the checkpoints here instead of
         checkpoint_dir (a non-chief worker resumes from the chief's).
     """
@@ -241,6 +247,7 @@ class TrainConfig:
     tensorboard_dir: str | None = None
     hypertune_file: str | None = None
     trial_id: str | None = None
+    metric_only: bool = False
     resume_checkpoint_dir: str | None = None
 
 
@@ -260,12 +267,14 @@ def make_config(work_dir: str, model_dir: str | None = None,
       The config, with checkpoint_dir = AIP_CHECKPOINT_DIR or
       MODEL_DIR/checkpoints, export_dir = AIP_MODEL_DIR or MODEL_DIR/export,
       tensorboard_dir = AIP_TENSORBOARD_LOG_DIR, and, in a tuning trial
-      (CLOUD_ML_TRIAL_ID or CLOUD_ML_HP_METRIC_FILE set), hypertune_file =
-      CLOUD_ML_HP_METRIC_FILE or /tmp/hypertune/output.metrics.
+      (CLOUD_ML_TRIAL_ID, CLOUD_ML_HP_METRIC_FILE or CLUSTER_SPEC's task.trial
+      set), hypertune_file = CLOUD_ML_HP_METRIC_FILE or
+      /tmp/hypertune/output.metrics.
     """
     environ = environ or {}
     model_dir = model_dir or features.default_model_dir(work_dir)
-    trial_id = environ.get(ENV_TRIAL_ID) or None
+    trial_id = environ.get(ENV_TRIAL_ID) or cluster_spec_trial(
+        environ.get(distribute.ENV_CLUSTER_SPEC))
     in_trial = trial_id is not None or bool(environ.get(ENV_HP_METRIC_FILE))
     return TrainConfig(
         work_dir=work_dir,
@@ -279,6 +288,20 @@ def make_config(work_dir: str, model_dir: str | None = None,
                          or DEFAULT_HP_METRIC_FILE) if in_trial else None),
         trial_id=trial_id,
         **hyperparameters)
+
+
+def cluster_spec_trial(cluster_spec: str | None) -> str | None:
+    """The trial id in Vertex AI's CLUSTER_SPEC ({"task": {"trial": "3", ...}}), or None.
+
+    A CLUSTER_SPEC that is not a JSON object gives None here; trainer.distribute
+    reports it when it builds the cluster.
+    """
+    try:
+        task = json.loads(cluster_spec or '{}').get('task')
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    trial = task.get('trial') if isinstance(task, dict) else None
+    return str(trial) if trial not in (None, '') else None
 
 
 def redirect_outputs(config: TrainConfig, scratch_dir: str) -> TrainConfig:
@@ -438,6 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
     add('--overwrite', action='store_true',
         help='clear the model dir and start fresh instead of resuming')
     logs.add_verbose_flag(parser)
+    add('--metric-only', action='store_true',
+        help='a tuning trial: train, write the loss log and report the validation '
+             'metric only; implies --final-model best --posterior-samples 0 and '
+             'skips the ranking evaluation and the export')
     return parser
 
 
@@ -471,6 +498,9 @@ def parse_args(argv: Sequence[str] | None = None,
         field.name: getattr(args, field.name)
         for field in dataclasses.fields(TrainConfig)
         if field.default is not dataclasses.MISSING and hasattr(args, field.name)}
+    if args.metric_only:
+        # The metric is the best epoch's validation RMSE: nothing after it changes it.
+        hyperparameters.update(final_model='best', posterior_samples=0)
     return make_config(
         work_dir=args.work_dir, model_dir=args.job_dir,
         environ=os.environ if environ is None else environ, **hyperparameters)

@@ -84,6 +84,10 @@ METRICS_FILE = 'metrics.json'
 # Counts of clipped eval predictions per true rating, for plot.py.
 EVAL_PREDICTIONS_FILE = 'eval_predictions.csv'
 EVAL_PREDICTIONS_COLUMNS = ('rating', 'predicted_low', 'predicted_high', 'count')
+# Every user's top-k from the batch job (trainer/batch_recommendations.py), JSON lines.
+RECOMMENDATIONS_DIR = 'recommendations'
+RECOMMENDATIONS_PREFIX = 'part'
+RECOMMENDATIONS_SUFFIX = '.jsonl'
 
 # --- The export's `recommend` signature (trainer/export.py). -------------------
 RECOMMEND_SIGNATURE = 'recommend'
@@ -127,6 +131,10 @@ def split_pattern(work_dir: str, split: str) -> str:
 
 def default_model_dir(work_dir: str) -> str:
     return join(work_dir, MODEL_DIR)
+
+
+def recommendations_dir(work_dir: str) -> str:
+    return join(work_dir, RECOMMENDATIONS_DIR)
 
 
 # --- Dataset layouts. ------------------------------------------------------------

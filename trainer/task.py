@@ -189,6 +189,13 @@ def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
             raise
         print(f'trainer: error: {bad_shard}', file=sys.stderr)
         return 2
+    if config.metric_only:
+        _report_and_wait(config, result, strategy, task)
+        if task.is_chief:
+            print(f'trial {config.trial_id or 0}: validation RMSE '
+                  f'{result.best_validation_rmse:.4f} at epoch {result.best_epoch} '
+                  f'(--metric-only: no export)')
+        return 0
     try:
         topn_result = (topn.train(config, result.splits, result.model.user_bias.shape[0],
                                   result.model.item_bias.shape[0], info.seed)
@@ -214,15 +221,21 @@ def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
                                             result.splits.eval, config.eval_batch_size)
     features.write_json(features.join(config.model_dir, features.METRICS_FILE),
                         metrics)
+    _report_and_wait(config, result, strategy, task)
+    if task.is_chief:
+        print(_summary(metrics, info, config))
+    return 0
+
+
+def _report_and_wait(config: config_lib.TrainConfig, result: train_lib.TrainResult,
+                     strategy: tf.distribute.Strategy, task: distribute.Task) -> None:
+    """Reports the tuning metric (in a trial), then waits for every worker."""
     if config.hypertune_file is not None:
         reporting.report_tuning_metric(
             config.hypertune_file, result.best_validation_rmse, result.best_epoch,
             config.trial_id, time.time())
     if task.num_workers > 1:
         distribute.wait_for_all(strategy)
-    if task.is_chief:
-        print(_summary(metrics, info, config))
-    return 0
 
 
 if __name__ == '__main__':
