@@ -45,7 +45,7 @@ usage: ./run-cloud.sh --work-dir gs://BUCKET/PREFIX [flags] [-- TRAINER_FLAGS...
   --dataset NAME          one of: ${DATASETS} (default: ml-100k)
   --data-sources PATH     a GroupLens-layout zip (path, URL or gs://) instead of the download
   --workers N             worker replicas besides the chief (default: 0): synchronous
-                          data-parallel training; see the README, "Distributed training"
+                          data-parallel training; see docs/cloud.md, "Distributed training"
   --machine-type TYPE     machine of every replica (default: n1-standard-4)
   --gpu TYPE:COUNT        accelerators per replica, e.g. NVIDIA_TESLA_T4:1 (needs a
                           CUDA-enabled image; the default image is CPU-only)
@@ -72,7 +72,7 @@ usage: ./run-cloud.sh --work-dir gs://BUCKET/PREFIX [flags] [-- TRAINER_FLAGS...
   --skip-extract          skip data-extractor.py (the data is staged already)
   --skip-preprocess       skip the Dataflow job (WORK_DIR/transformed/ is done already)
   --skip-plot             skip the loss chart (it reads the loss log from gs://)
-  --fig-dir DIR           where the chart goes (default: fig)
+  --fig-dir DIR           where the chart goes (default: workdir-cloud/fig, ignored by git)
   --overwrite             redo the steps (extract, preprocess, train), replacing earlier
                           outputs in the work dir
   --poll-seconds N        seconds between job-state checks (default: 60)
@@ -133,7 +133,7 @@ image=""
 skip_extract=false
 skip_preprocess=false
 skip_plot=false
-fig_dir="fig"
+fig_dir="workdir-cloud/fig"
 overwrite=()
 poll_seconds="60"
 dry_run=false
@@ -235,7 +235,7 @@ validate_flags() {
   [[ -z "${image}" ]] || check --image "${image}" \
     '^[a-z0-9][-.a-z0-9]*(:[0-9]+)?(/[a-z0-9][-_.a-z0-9]*)+(:[A-Za-z0-9_][-_.A-Za-z0-9]{0,127}|@sha256:[a-f0-9]{64})?$' \
     "an image URI such as --image us-central1-docker.pkg.dev/my-project/${IMAGE_REPOSITORY}/${IMAGE_NAME}:v1"
-  check --fig-dir "${fig_dir}" '^[[:graph:]]+$' "a directory without spaces, e.g. --fig-dir fig"
+  check --fig-dir "${fig_dir}" '^[[:graph:]]+$' "a directory without spaces, e.g. --fig-dir workdir-cloud/fig"
   check --poll-seconds "${poll_seconds}" '^(0|[1-9][0-9]{0,3})$' "a number of seconds from 0 to 9999, e.g. --poll-seconds 60"
   validate_tuning_flags
   validate_deploy_flags

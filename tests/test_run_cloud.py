@@ -257,7 +257,7 @@ def test_dry_run_prints_every_command_and_the_yaml_and_runs_no_gcloud(run_cloud)
     assert [command[:len(start)] for command, start in zip(commands, expected_starts)
             ] == expected_starts
     assert len(commands) == len(expected_starts)
-    assert commands[-1][-2:] == ['--out', 'fig/synthetic-cloud-loss.png']
+    assert commands[-1][-2:] == ['--out', 'workdir-cloud/fig/synthetic-cloud-loss.png']
     yaml_text = result.stdout.split(':\n', 1)[1].split('\n+ ', 1)[0]
     config = yaml.safe_load(yaml_text)
     assert config['workerPoolSpecs'][0]['containerSpec']['args'][-2:] == ['--num-epochs', '4']

@@ -168,6 +168,9 @@ def test_recommend_lists_unrated_movies_best_first(server: Server):
     np.testing.assert_allclose(u4['scores'], [GLOBAL_MEAN + 0.75, GLOBAL_MEAN - 0.25],
                                rtol=1e-6)
     assert u4['titles'] == ['Amélie (2001)', 'Léon (1994)']
+    # Ranked by predicted rating here (an export without a top-N model): each
+    # listed movie's rating is its score, clipped to the scale as served.
+    np.testing.assert_allclose(u4['ratings'], np.clip(u4['scores'], 1.0, 5.0), rtol=1e-6)
     assert u2['movie_ids'] == ['m2']  # one unrated movie left: padding dropped
     assert stranger['fallback'] is True and len(stranger['movie_ids']) == 2
     assert stranger['scores'] == sorted(stranger['scores'], reverse=True)

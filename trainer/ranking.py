@@ -68,7 +68,7 @@ RELEVANT_RATING = 4.0
 # planted rating a newcomer would give the fallback's top 10 (ideal 5.08):
 # 10 gave 4.94; 0 to 3 gave 4.93, 30 gave 4.73, 100 gave 4.63, and ranking
 # by train count 3.64.  Eval NDCG is no guide here: it grows with the prior
-# because it rewards popularity (see the README).
+# because it rewards popularity (see docs/evaluation.md).
 FALLBACK_PRIOR_RATINGS = 10.0
 _BLOCK_FLOATS = 1 << 23  # 32 MB of float32 scores per block
 _TOP_K_CHUNK = 128  # items per chunk of `top_k_rows`

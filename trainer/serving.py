@@ -149,6 +149,9 @@ class Predictor:
                 features.TITLES: [outputs[features.TITLES][row][i].decode('utf-8')
                                   for i in kept],
                 features.SCORES: [float(outputs[features.SCORES][row][i]) for i in kept],
+                **({features.PREDICTED_RATINGS: [
+                    float(outputs[features.PREDICTED_RATINGS][row][i]) for i in kept]}
+                   if features.PREDICTED_RATINGS in outputs else {}),
                 features.FALLBACK: bool(fallback)})
         return predictions
 
