@@ -10,12 +10,11 @@
 // caller).  Starting from the row's current value (`start`), `cg_steps`
 // conjugate-gradient steps each cost one pass over the row's pairs and one
 // k x k product: the computation of `ials.half_step` (TensorFlow ops, float32),
-// row by row with double sums, so the two agree to float32 rounding (a step
+// row by row in float32 with double-precision step sizes, so the two agree to rounding (a step
 // whose curvature p.Ap is 0 moves nothing, like tf.math.divide_no_nan).  Rows are independent, so they are split over
 // `threads` threads in chunks of about kChunkPairs pairs; each row's
 // arithmetic is the same whatever the thread count, so the output is
-// bit-identical for any `threads`.  Sums over a row's pairs are in double
-// precision.
+// bit-identical for any `threads`.
 //
 // The pairs come grouped by row: those of row e are positions
 // offsets[e] .. offsets[e + 1] - 1 of `other`, `weight` and `target`.
@@ -87,10 +86,10 @@ struct Solve {
   // row's y_n one after another (gathered once per row, read once per pass).
   template <int64_t kWidth>
   __attribute__((always_inline)) inline void Apply(int64_t e, const float* ys,
-                                                   const double* v, double* out) const {
+                                                   const float* v, float* out) const {
     const int64_t w = kWidth > 0 ? kWidth : width;
     for (int64_t i = 0; i < w; ++i) {
-      double value = static_cast<double>(l2[e]) * v[i];
+      float value = l2[e] * v[i];
       const float* gram_row = gram + i * w;
       for (int64_t j = 0; j < w; ++j) value += gram_row[j] * v[j];
       out[i] = value;
@@ -99,7 +98,7 @@ struct Solve {
     const float* c = weight + offsets[e];
     for (int64_t n = 0; n < count; ++n) {
       const float* y = ys + n * w;
-      double dot = 0.0;
+      float dot = 0.0f;
       for (int64_t i = 0; i < w; ++i) dot += y[i] * v[i];
       dot *= c[n];
       for (int64_t i = 0; i < w; ++i) out[i] += dot * y[i];
@@ -107,21 +106,21 @@ struct Solve {
   }
 
   template <int64_t kWidth>
-  MOVIELENS_AVX2_CLONE void Rows(int64_t first, int64_t last, std::vector<double>* scratch,
+  MOVIELENS_AVX2_CLONE void Rows(int64_t first, int64_t last, std::vector<float>* scratch,
                                  std::vector<float>* gathered) const {
     for (int64_t e = first; e < last; ++e) Row<kWidth>(e, scratch, gathered);
   }
 
   // scratch: x, r, p, Ap; gathered: the row's y_n.
   template <int64_t kWidth>
-  __attribute__((always_inline)) inline void Row(int64_t e, std::vector<double>* scratch,
+  __attribute__((always_inline)) inline void Row(int64_t e, std::vector<float>* scratch,
                                                  std::vector<float>* gathered) const {
     const int64_t w = kWidth > 0 ? kWidth : width;
-    scratch->assign(4 * w, 0.0);
-    double* x = scratch->data();
-    double* r = x + w;
-    double* p = r + w;
-    double* ap = p + w;
+    scratch->assign(4 * w, 0.0f);
+    float* x = scratch->data();
+    float* r = x + w;
+    float* p = r + w;
+    float* ap = p + w;
     for (int64_t i = 0; i < w; ++i) x[i] = start[e * w + i];
     const int64_t first = offsets[e];
     const int64_t count = offsets[e + 1] - first;
@@ -135,7 +134,7 @@ struct Solve {
       }
       const float* y = other_table + static_cast<int64_t>(other[first + n]) * w;
       float* copy = ys + n * w;
-      const double scale = static_cast<double>(weight[first + n]) * target[first + n];
+      const float scale = weight[first + n] * target[first + n];
       for (int64_t i = 0; i < w; ++i) {
         copy[i] = y[i];
         r[i] += scale * y[i];
@@ -152,19 +151,19 @@ struct Solve {
       Apply<kWidth>(e, ys, p, ap);
       double curvature = 0.0;
       for (int64_t i = 0; i < w; ++i) curvature += p[i] * ap[i];
-      const double alpha = curvature != 0.0 ? norm / curvature : 0.0;
+      const float alpha = curvature != 0.0 ? static_cast<float>(norm / curvature) : 0.0f;
       double new_norm = 0.0;
       for (int64_t i = 0; i < w; ++i) {
         x[i] += alpha * p[i];
         r[i] -= alpha * ap[i];
         new_norm += r[i] * r[i];
       }
-      const double beta = norm != 0.0 ? new_norm / norm : 0.0;
+      const float beta = norm != 0.0 ? static_cast<float>(new_norm / norm) : 0.0f;
       for (int64_t i = 0; i < w; ++i) p[i] = r[i] + beta * p[i];
       norm = new_norm;
     }
     float* row = solved + e * w;
-    for (int64_t i = 0; i < w; ++i) row[i] = static_cast<float>(x[i]);
+    for (int64_t i = 0; i < w; ++i) row[i] = x[i];
   }
 };
 
@@ -233,7 +232,7 @@ class SolveRowsOp : public tf::OpKernel {
         1, std::min<int64_t>({ctx->input(9).scalar<int32_t>()(), 64, num_chunks})));
     std::atomic<int64_t> next_chunk{0};
     auto work = [&solve, &next_chunk, &chunks, num_chunks] {
-      std::vector<double> scratch;
+      std::vector<float> scratch;
       std::vector<float> gathered;
       for (;;) {
         const int64_t chunk = next_chunk.fetch_add(1);
