@@ -323,9 +323,13 @@ def train(config: TrainConfig, splits, user_rows: int, item_rows: int,
       ResumeError: a checkpoint of other shapes is in the way.
     """
     shape = (user_rows, item_rows)
+    users, movies = user_rows - features.NUM_OOV_BUCKETS, item_rows - features.NUM_OOV_BUCKETS
     if config.topn_unobserved_weight is None:
-        config = dataclasses.replace(config, topn_unobserved_weight=(
-            config_lib.default_unobserved_weight(item_rows - features.NUM_OOV_BUCKETS)))
+        config = dataclasses.replace(
+            config, topn_unobserved_weight=config_lib.default_unobserved_weight(movies))
+    if config.topn_l2 is None:
+        config = dataclasses.replace(
+            config, topn_l2=config_lib.default_topn_l2(len(splits.train), users, movies))
     fileio.makedirs(config.model_dir)
     state = _restore(config, shape) or _fresh(config, _SEARCH, shape)
     seconds = 0.0
