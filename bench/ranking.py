@@ -297,6 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help='skip EASE and item kNN above this many movies (memory)')
     parser.add_argument('--no-implicit', action='store_true',
                         help="leave out implicit's ALS and BPR (when it is not installed)")
+    parser.add_argument('--rival', action='append', default=[],
+                        help='only the rivals whose name contains this text (repeatable), '
+                             "e.g. --rival 'most popular' --rival 'ALS, weighted'")
     parser.add_argument('--json-out', default=None,
                         help='where the JSON goes (default bench/results/ranking-<UTC>.json)')
     args = parser.parse_args(argv)
@@ -309,8 +312,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     max_users = int(metrics.get('config', {}).get('ranking_users', 0))
     tuning, final, facts = load_problems(args.work_dir)
     rows = [served_row(args.work_dir, model_dir, final, max_users, facts['seed'])]
-    for rival in rivals(facts['movies'], args.ease_max_movies, args.quick, facts['seed'],
-                        with_implicit=not args.no_implicit):
+    chosen = [rival for rival in rivals(facts['movies'], args.ease_max_movies, args.quick,
+                                        facts['seed'], with_implicit=not args.no_implicit)
+              if not args.rival or any(text in rival.name for text in args.rival)]
+    if not chosen:
+        parser.error(f'--rival {args.rival}: no rival has such a name; see the table of '
+                     'bench/ranking.py without --rival')
+    for rival in chosen:
         rows.append(tune_and_score(rival, tuning, final, max_users, facts['seed']))
         logger.info('%s: eval NDCG@10 %.4f', rival.name, rows[-1]['ndcg'])
     report = {'measured': datetime.datetime.now(datetime.timezone.utc).isoformat(

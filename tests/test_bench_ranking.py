@@ -80,6 +80,17 @@ def test_the_command_prints_the_table_and_writes_json(trained, capsys, tmp_path)
     assert not any('implicit' in row['name'] for row in report['rows'])
 
 
+def test_rivals_can_be_chosen_by_name(trained, capsys, tmp_path):
+    out = tmp_path / 'some.json'
+    assert bench.main(['--work-dir', trained, '--quick', '--rival', 'most popular',
+                       '--rival', 'EASE, graded', '--json-out', str(out)]) == 0
+    names = [row['name'] for row in json.loads(out.read_text())['rows']]
+    assert names == ['this trainer: the lists recommend serves', 'most popular', 'EASE, graded']
+    with pytest.raises(SystemExit):
+        bench.main(['--work-dir', trained, '--rival', 'SLIM'])
+    assert '--rival' in capsys.readouterr().err
+
+
 def test_a_work_dir_without_a_trained_model_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(['--work-dir', str(tmp_path)])
