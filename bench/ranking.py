@@ -304,6 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help='where the JSON goes (default bench/results/ranking-<UTC>.json)')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+    # Every rival's scorer is a new function to trace, which TensorFlow would
+    # report as excessive retracing after a few rivals: expected here.
+    tf.get_logger().setLevel(logging.ERROR)
     model_dir = args.job_dir or features.default_model_dir(args.work_dir)
     if not tf.io.gfile.exists(features.join(model_dir, features.METRICS_FILE)):
         parser.error(f'--work-dir {args.work_dir}: no {features.METRICS_FILE} in {model_dir}; '
