@@ -23,8 +23,9 @@ With 'rating' targets a movie the user disliked should score about as low
 as an unrated one and a 5-star one highest: the list should hold movies the
 user would pick *and* like ("relevant" in the ranking evaluation means rated
 4 or more), which is what EASE on the same graded matrix (Steck 2019)
-exploits.  The frequency-scaled penalty (nu = 1) keeps one l2 right across
-dataset sizes (Rendle et al. use 0.003 with alpha0 = 0.1 on ML-20M).
+exploits.  Rendle et al. scale the penalty with each row's ratings (nu = 1,
+with l2 0.003 and alpha0 0.1 on ML-20M); the trainer's default is nu = 0 with
+an l2 that grows with the data (`config.default_topn_l2`).
 Fixing the movie factors Q, each user's best p_u solves
 
     (alpha0 Q^T Q + sum_{i rated} c_ui q_i q_i^T + l2_u I) p_u = sum_{i rated} c_ui t_ui q_i
