@@ -69,7 +69,8 @@ _WAYS_FORWARD = ('without network, pass --dataset synthetic, or fetch the zip el
 _SYNTHETIC_FLAGS = {'num_users': '--num-users', 'num_movies': '--num-movies',
                     'num_ratings': '--num-ratings', 'seed': '--seed',
                     'synthetic_layout': '--synthetic-layout',
-                    'selection_bias': '--selection-bias'}
+                    'selection_bias': '--selection-bias',
+                    'synthetic_model': '--synthetic-model'}
 
 
 class ExtractError(Exception):
@@ -138,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--seed', type=int, help=f'default: {defaults.seed}')
     group.add_argument('--synthetic-layout', choices=tuple(features.DATASETS),
                        help=f'file layout and rating scale (default: {defaults.layout})')
+    group.add_argument('--synthetic-model', choices=synthetic.SYNTHETIC_MODELS,
+                       help='planted model: movielens (calibrated to the real archives, '
+                            'see docs/data.md) or rank3 (the earlier one) '
+                            f'(default: {defaults.model})')
     group.add_argument('--selection-bias', type=float,
                        help='how strongly users pick movies they like; 0 = independent of '
                             f'taste (default: {defaults.selection_bias})')
@@ -185,10 +190,12 @@ def synthetic_config(parser: argparse.ArgumentParser,
     for name, value in chosen.items():
         lowest = 0 if name in ('seed', 'selection_bias') else 1
         finite = 'a finite number ' if isinstance(value, float) else ''  # not nan or inf
-        if name != 'synthetic_layout' and not lowest <= value < math.inf:
+        if name not in ('synthetic_layout', 'synthetic_model') and not lowest <= value < math.inf:
             parser.error(f'{_SYNTHETIC_FLAGS[name]} {value}: must be {finite}>= {lowest}')
     if 'synthetic_layout' in chosen:
         chosen['layout'] = chosen.pop('synthetic_layout')
+    if 'synthetic_model' in chosen:
+        chosen['model'] = chosen.pop('synthetic_model')
     sizes = {**dataclasses.asdict(synthetic.SyntheticConfig()), **chosen}
     try:
         return synthetic.SyntheticConfig(**chosen)
