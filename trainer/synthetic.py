@@ -17,12 +17,13 @@ lists every statistic and its source)::
     oracle = E[rating | signal]
 
 with 48 factors whose terms' variances fall as k^-spectrum_decay (1.2) and
-sum to interaction_std^2 (0.8^2), biases N(0, 0.45) and N(0, 0.55), noise
-N(0, 0.7).  The thresholds are the quantiles of signal + noise at the real
+sum to interaction_std^2 (0.65^2), biases N(0, 0.5) and N(0, 0.65), noise
+N(0, 0.8 s_u) with a mean-1 lognormal s_u per user (sigma 0.3).  The thresholds are the quantiles of signal + noise at the real
 archive's cumulative star shares (`RATING_COUNTS`), so the histogram is
 ml-100k's, ml-1m's or ml-25m's; `oracle` is the Bayes predictor, so the
 noise floor is exact.  Users rate at least 20 movies, chosen by popularity
-and by taste (selection_bias 1, below); each user's time stamps are
+and by taste (selection_bias 1, below, with the candidates ranked by
+popularity times exp(taste)); each user's time stamps are
 distinct, inside the archive's span.  truth.json adds the thresholds, the
 factor variances and `ranking`, the planted ranking ceiling
 (`planted_ranking`).
@@ -101,9 +102,9 @@ MODEL_DEFAULTS: dict[str, dict[str, float]] = {
     RANK3: dict(rank=3, global_mean=3.6, user_bias_std=0.4, item_bias_std=0.5,
                 interaction_std=0.6, noise_std=0.9, user_activity_sigma=1.1,
                 movie_popularity_sigma=1.3, selection_bias=0.0),
-    MOVIELENS: dict(rank=48, global_mean=3.6, user_bias_std=0.45, item_bias_std=0.55,
-                    interaction_std=0.8, noise_std=0.7, user_activity_sigma=1.4,
-                    movie_popularity_sigma=2.0, selection_bias=1.0),
+    MOVIELENS: dict(rank=48, global_mean=3.6, user_bias_std=0.5, item_bias_std=0.65,
+                    interaction_std=0.65, noise_std=0.8, user_activity_sigma=1.4,
+                    movie_popularity_sigma=1.15, selection_bias=1.0),
 }
 # Rating counts per star of the real archives (0.5 to 5 stars for half-star
 # layouts), which the movielens model reproduces as shares; docs/data.md
@@ -170,6 +171,12 @@ class SyntheticConfig:
       movie_popularity_sigma: lognormal sigma of how often a movie is picked.
       selection_bias: how strongly users pick movies they like (0: not at
         all; see the module doc).
+      model: the planted model, 'movielens' or 'rank3' (SYNTHETIC_MODELS).
+      spectrum_decay: movielens: factor k's share of the interaction
+        variance falls as k^-spectrum_decay.
+      user_noise_sigma: movielens: each user's noise std is noise_std times
+        a lognormal factor with this sigma (and mean 1): some users rate
+        consistently, others erratically.
     """
     num_users: int = 943
     num_movies: int = 1682
@@ -187,6 +194,7 @@ class SyntheticConfig:
     selection_bias: float | None = None
     model: str = MOVIELENS
     spectrum_decay: float = 1.2
+    user_noise_sigma: float = 0.3
 
     def __post_init__(self) -> None:
         if self.model not in MODEL_DEFAULTS:
@@ -212,6 +220,8 @@ class SyntheticConfig:
             raise ValueError('rank must be >= 1 and every std >= 0')
         if not 0 <= self.selection_bias < float('inf'):
             raise ValueError(f'selection_bias must be >= 0, got {self.selection_bias!r}')
+        if not 0 <= self.user_noise_sigma <= 2:
+            raise ValueError(f'user_noise_sigma must lie in [0, 2], got {self.user_noise_sigma!r}')
         if not 0 <= self.spectrum_decay <= 4:
             raise ValueError(f'spectrum_decay must lie in [0, 4], got {self.spectrum_decay!r}')
 
@@ -266,7 +276,12 @@ def sample_exposure(pairs_rng: np.random.Generator, selection_rng: np.random.Gen
                             int(SELECTION_MAX_SHARE * config.num_movies))
     users, movies = sample_pairs(pairs_rng, np.maximum(candidates, counts),
                                  popularity / popularity.sum())
-    return select_liked(selection_rng, config.selection_bias, planted, counts, users, movies)
+    # The candidate draw cannot show popularity to a user whose pool holds
+    # most movies; movielens ranks the pool by popularity too, so heavy
+    # users do not rate the tail as often as the head.
+    log_popularity = np.log(popularity) if config.model == MOVIELENS else None
+    return select_liked(selection_rng, config.selection_bias, planted, counts, users, movies,
+                        log_popularity)
 
 
 def _draw_exposure(config: SyntheticConfig) -> dict[str, Any]:
@@ -311,20 +326,22 @@ def _generate_movielens(config: SyntheticConfig) -> SyntheticRatings:
     users, movies, popularity = drawn['users'], drawn['movies'], drawn['popularity']
     noise_rng, extras_rng, ranking_rng = streams['noise'], streams['extras'], streams['ranking']
     signal = planted_signal(planted, config, users, movies)
-    latent = signal + noise_rng.normal(0.0, config.noise_std, signal.shape)
+    user_noise = user_noise_scales(noise_rng, config)
+    noise_scale = user_noise[users]
+    latent = signal + noise_rng.standard_normal(signal.shape) * noise_scale
     thresholds = calibrate_thresholds(latent, rating_shares(layout))
     ratings = (layout.rating_min + layout.rating_step
                * np.searchsorted(thresholds, latent)).astype(np.float32)
     del latent
-    oracle = expected_rating(signal, thresholds, config.noise_std, layout).astype(np.float32)
-    del signal
+    oracle = expected_rating(signal, thresholds, noise_scale, layout).astype(np.float32)
+    del signal, noise_scale
     titles, genres = make_titles(extras_rng, config.num_movies, layout.movies_encoding)
     truth = make_truth(config, ratings, oracle)
     truth.update(
         thresholds=[round(float(t), 6) for t in thresholds],
         factor_variances=[round(float(v), 8) for v in factor_scales(config) ** 4],
-        ranking=planted_ranking(ranking_rng, config, planted, popularity, thresholds,
-                                users, movies, ratings))
+        ranking=planted_ranking(ranking_rng, config, planted, popularity, user_noise,
+                                thresholds, users, movies, ratings))
     return SyntheticRatings(
         user_ids=(users + 1).astype(np.int32), movie_ids=(movies + 1).astype(np.int32),
         ratings=ratings,
@@ -366,7 +383,15 @@ def normal_cdf(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.sign(x) * erf)
 
 
-def expected_rating(signal: np.ndarray, thresholds: np.ndarray, noise_std: float,
+def user_noise_scales(rng: np.random.Generator, config: SyntheticConfig) -> np.ndarray:
+    """Each user's noise std: noise_std times a mean-1 lognormal factor."""
+    sigma = config.user_noise_sigma
+    return config.noise_std * np.exp(sigma * rng.standard_normal(config.num_users)
+                                     - sigma ** 2 / 2)
+
+
+def expected_rating(signal: np.ndarray, thresholds: np.ndarray,
+                    noise_std: float | np.ndarray,
                     layout: features.DatasetLayout) -> np.ndarray:
     """E[rating | planted signal]: the best any model can predict (the oracle).
 
@@ -374,7 +399,7 @@ def expected_rating(signal: np.ndarray, thresholds: np.ndarray, noise_std: float
     """
     total = np.zeros(signal.shape)
     for threshold in thresholds:
-        total += normal_cdf((signal - threshold) / max(noise_std, 1e-12))
+        total += normal_cdf((signal - threshold) / np.maximum(noise_std, 1e-12))
     return layout.rating_min + layout.rating_step * total
 
 
@@ -514,22 +539,26 @@ def planted_signal(planted: dict[str, np.ndarray], config: SyntheticConfig,
 
 
 def select_liked(rng: np.random.Generator, strength: float, planted: dict[str, np.ndarray],
-                 counts: np.ndarray, users: np.ndarray,
-                 movies: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                 counts: np.ndarray, users: np.ndarray, movies: np.ndarray,
+                 log_popularity: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Keeps each user's counts[u] candidates they like best, with Gumbel noise.
 
     Gumbel-top-k: the k largest of strength * score + Gumbel noise are a
     draw without replacement with probabilities proportional to
-    exp(strength * score), score = item_bias + user_factors . item_factors.
+    exp(strength * score), score = item_bias + user_factors . item_factors,
+    times popularity when log_popularity is given.
 
     Args:
       users, movies: the candidates, 0-based, sorted by user.
+      log_popularity: per movie; None ranks by taste alone (rank3).
 
     Returns:
       The kept 0-based (users, movies), sorted by user then movie.
     """
     score = planted['item_bias'][movies] + _interaction(planted, users, movies)
     key = strength * score + rng.gumbel(size=users.size)
+    if log_popularity is not None:
+        key += log_popularity[movies]
     order = np.lexsort((-key, users))  # by user, best first
     first = np.searchsorted(users, np.arange(counts.size))  # users is sorted
     rank = np.arange(users.size) - first[users[order]]
@@ -570,8 +599,8 @@ def _encodable(text: str, encoding: str) -> bool:
 
 def planted_ranking(rng: np.random.Generator, config: SyntheticConfig,
                     planted: dict[str, np.ndarray], popularity: np.ndarray,
-                    thresholds: np.ndarray, users: np.ndarray, movies: np.ndarray,
-                    ratings: np.ndarray) -> dict[str, Any]:
+                    user_noise: np.ndarray, thresholds: np.ndarray, users: np.ndarray,
+                    movies: np.ndarray, ratings: np.ndarray) -> dict[str, Any]:
     """The planted ranking ceiling: NDCG@10 of the planted propensity.
 
     For a seeded sample of RANKING_USERS users, RANKING_HOLDOUT of each
@@ -612,8 +641,8 @@ def planted_ranking(rng: np.random.Generator, config: SyntheticConfig,
         taste = planted['user_factors'][chosen[block]].astype(np.float64) @ item_factors.T
         signal = (config.global_mean + planted['user_bias'][chosen[block], None]
                   + planted['item_bias'][None, :] + taste)
-        like = np.log(np.maximum(normal_cdf((signal - cut) / max(config.noise_std, 1e-12)),
-                                 1e-300))
+        noise = np.maximum(user_noise[chosen[block], None], 1e-12)
+        like = np.log(np.maximum(normal_cdf((signal - cut) / noise), 1e-300))
         propensity = (log_popularity[None, :] + like + config.selection_bias
                       * (planted['item_bias'][None, :] + taste))
         planted_ndcg.append(_ndcg_at_k(propensity, seen, wanted))
@@ -642,7 +671,7 @@ def config_fields(config: SyntheticConfig) -> dict[str, Any]:
     keep the truth.json bytes and staged source they had before it existed."""
     fields = dataclasses.asdict(config)
     if config.model == RANK3:
-        del fields['model'], fields['spectrum_decay']
+        del fields['model'], fields['spectrum_decay'], fields['user_noise_sigma']
         if not config.selection_bias:
             del fields['selection_bias']
     return fields
