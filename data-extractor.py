@@ -10,7 +10,9 @@ or cleans rows (preprocess.py does). Usage::
 Where the archive comes from: the GroupLens URL in features.DATASETS, or
 --data-sources (http(s) URL, local path, file:// URL or gs:// path of a zip in
 the GroupLens layout of --dataset). `--dataset synthetic` writes one with
-trainer.synthetic (layout --synthetic-layout), whose truth.json is staged too.
+trainer.synthetic (layout --synthetic-layout; planted model --synthetic-model,
+by default `movielens`, calibrated as docs/data.md says), whose truth.json is
+staged too.
 
 Checks, before anything lands in raw/:
   * MD5, when the table has one and the archive is named like the official
