@@ -10,7 +10,9 @@ or cleans rows (preprocess.py does). Usage::
 Where the archive comes from: the GroupLens URL in features.DATASETS, or
 --data-sources (http(s) URL, local path, file:// URL or gs:// path of a zip in
 the GroupLens layout of --dataset). `--dataset synthetic` writes one with
-trainer.synthetic (layout --synthetic-layout), whose truth.json is staged too.
+trainer.synthetic (layout --synthetic-layout; planted model --synthetic-model,
+by default `movielens`, calibrated as docs/data.md says), whose truth.json is
+staged too.
 
 Checks, before anything lands in raw/:
   * MD5, when the archive is named like the official one (ml-100k.zip): a
@@ -76,7 +78,8 @@ _WAYS_FORWARD = ('without network, pass --dataset synthetic, or fetch the zip el
 _SYNTHETIC_FLAGS = {'num_users': '--num-users', 'num_movies': '--num-movies',
                     'num_ratings': '--num-ratings', 'seed': '--seed',
                     'synthetic_layout': '--synthetic-layout',
-                    'selection_bias': '--selection-bias'}
+                    'selection_bias': '--selection-bias',
+                    'synthetic_model': '--synthetic-model'}
 
 
 class ExtractError(Exception):
@@ -154,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--seed', type=int, help=f'default: {defaults.seed}')
     group.add_argument('--synthetic-layout', choices=tuple(features.DATASETS),
                        help=f'file layout and rating scale (default: {defaults.layout})')
+    group.add_argument('--synthetic-model', choices=synthetic.SYNTHETIC_MODELS,
+                       help='planted model: movielens (calibrated to the real archives, '
+                            'see docs/data.md) or rank3 (the earlier one) '
+                            f'(default: {defaults.model})')
     group.add_argument('--selection-bias', type=float,
                        help='how strongly users pick movies they like; 0 = independent of '
                             f'taste (default: {defaults.selection_bias})')
@@ -201,10 +208,12 @@ def synthetic_config(parser: argparse.ArgumentParser,
     for name, value in chosen.items():
         lowest = 0 if name in ('seed', 'selection_bias') else 1
         finite = 'a finite number ' if isinstance(value, float) else ''  # not nan or inf
-        if name != 'synthetic_layout' and not lowest <= value < math.inf:
+        if name not in ('synthetic_layout', 'synthetic_model') and not lowest <= value < math.inf:
             parser.error(f'{_SYNTHETIC_FLAGS[name]} {value}: must be {finite}>= {lowest}')
     if 'synthetic_layout' in chosen:
         chosen['layout'] = chosen.pop('synthetic_layout')
+    if 'synthetic_model' in chosen:
+        chosen['model'] = chosen.pop('synthetic_model')
     sizes = {**dataclasses.asdict(synthetic.SyntheticConfig()), **chosen}
     try:
         return synthetic.SyntheticConfig(**chosen)

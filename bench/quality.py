@@ -538,6 +538,7 @@ def _parser() -> argparse.ArgumentParser:
     for flag in ('--num-users', '--num-movies', '--num-ratings'):
         parser.add_argument(flag, type=int, help='synthetic only; data-extractor.py default')
     parser.add_argument('--synthetic-layout', help='synthetic only')
+    parser.add_argument('--synthetic-model', help='synthetic only: movielens (default) or rank3')
     parser.add_argument('--selection-bias', type=float,
                         help='synthetic only; data-extractor.py default')
     parser.add_argument('--data-seed', type=int, help="data-extractor.py's --seed (synthetic)")
@@ -569,7 +570,8 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
     synthetic = {'--num-users': args.num_users, '--num-movies': args.num_movies,
                  '--num-ratings': args.num_ratings, '--seed': args.data_seed,
                  '--synthetic-layout': args.synthetic_layout,
-                 '--selection-bias': args.selection_bias}
+                 '--selection-bias': args.selection_bias,
+                 '--synthetic-model': args.synthetic_model}
     given = {flag: value for flag, value in synthetic.items() if value is not None}
     if given and args.dataset != features.SYNTHETIC:
         parser.error(f'{sorted(given)[0]} applies to --dataset synthetic only, not '

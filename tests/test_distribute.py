@@ -52,7 +52,7 @@ def prepared(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp('work'))
     assert load_script('data-extractor.py').main([
         '--work-dir', path, '--dataset', 'synthetic', '--num-ratings', '5000',
-        '--num-users', '100', '--num-movies', '200']) == 0
+        '--num-users', '100', '--num-movies', '200', '--synthetic-model', 'rank3']) == 0
     assert preprocess.main(['--work-dir', path]) == 0
     assert features.read_dataset_info(path).train_ratings == TRAIN_RATINGS
     return path

@@ -1,7 +1,9 @@
 """Quality regression: the trainer's defaults come close to a planted noise floor.
 
 The data are synthetic with a known answer (trainer/synthetic.py): biases and
-rank-3 factors plus Gaussian noise, rounded to the rating scale.  The noise
+rank-3 factors plus Gaussian noise, rounded to the rating scale (the rank3
+model), and the calibrated movielens model, whose many weak factors leave a
+planted gap the bound below states.  The noise
 floor is the RMSE of the noiseless planted value; no model can beat it by
 more than rounding allows.  How close a fitted model can come depends on the
 ratings per parameter: estimating b_u and p_u (and b_i, q_i) from n noisy
@@ -16,57 +18,43 @@ comparisons.
 
 from __future__ import annotations
 
-import os
+import dataclasses
 
-import numpy as np
 import pytest
-import tensorflow as tf
 
+from conftest import load_script
 from trainer import config, features, synthetic, train
 
 DENSE = synthetic.SyntheticConfig(num_users=500, num_movies=400, num_ratings=100_000,
                                   seed=11, user_activity_sigma=0.3,
-                                  movie_popularity_sigma=0.3)
-
-
-def _write_split(path: str, users: np.ndarray, items: np.ndarray,
-                 ratings: np.ndarray) -> None:
-    with tf.io.TFRecordWriter(path, options='GZIP') as writer:
-        for user, item, rating in zip(users.tolist(), items.tolist(), ratings.tolist()):
-            writer.write(tf.train.Example(features=tf.train.Features(feature={
-                features.USER: tf.train.Feature(int64_list=tf.train.Int64List(value=[user])),
-                features.ITEM: tf.train.Feature(int64_list=tf.train.Int64List(value=[item])),
-                features.RATING: tf.train.Feature(
-                    float_list=tf.train.FloatList(value=[rating]))})).SerializeToString())
+                                  movie_popularity_sigma=0.3, model=synthetic.RANK3)
+# The calibrated model on the same sizes: 48 factors, most of them too weak to
+# estimate from 200 ratings a user, so the defaults stop at 1.130x its floor
+# (measured: eval RMSE 0.8764, floor 0.7755; tuned SVD does no better on such
+# data, see docs/data.md).
+DENSE_MOVIELENS = dataclasses.replace(DENSE, model=synthetic.MOVIELENS, rank=None,
+                                      global_mean=None, user_bias_std=None,
+                                      item_bias_std=None, interaction_std=None,
+                                      noise_std=None, selection_bias=None)
+MOVIELENS_BOUND = 1.15
 
 
 @pytest.fixture(scope='module')
 def dense(tmp_path_factory) -> tuple[features.DatasetInfo, float]:
     """DENSE as transformed TFRecords (80/20 split by a seeded draw) and its floor."""
-    work_dir = str(tmp_path_factory.mktemp('dense'))
-    data = synthetic.generate(DENSE)
-    is_eval = np.random.default_rng(3).random(data.ratings.size) < 0.2
-    users, items = data.user_ids - 1, data.movie_ids - 1
-    os.makedirs(features.transformed_dir(work_dir))
-    for split, mask in ((features.TRAIN, ~is_eval), (features.EVAL, is_eval)):
-        _write_split(features.split_prefix(work_dir, split) + '-00000-of-00001'
-                     + features.TFRECORD_SUFFIX, users[mask], items[mask],
-                     data.ratings[mask])
-    train_mean = float(data.ratings[~is_eval].mean())
-    eval_ratings = data.ratings[is_eval].astype(np.float64)
-    info = features.DatasetInfo(
-        dataset='synthetic', layout=DENSE.layout, seed=0, eval_percent=20.0,
-        rows_read=data.ratings.size, rows_accepted=data.ratings.size, rows_rejected=0,
-        rejected_by_reason={}, train_ratings=int((~is_eval).sum()),
-        eval_ratings=int(is_eval.sum()), users=DENSE.num_users, movies=DENSE.num_movies,
-        train_mean_rating=train_mean,
-        global_mean_eval_rmse=float(np.sqrt(np.mean((eval_ratings - train_mean) ** 2))),
-        rating_min=1.0, rating_max=5.0,
-        train_pattern=features.split_pattern(work_dir, features.TRAIN),
-        eval_pattern=features.split_pattern(work_dir, features.EVAL))
-    oracle = data.oracle[is_eval].astype(np.float64)
-    floor = float(np.sqrt(np.mean((oracle - eval_ratings) ** 2)))
-    return info, floor
+    tune = load_script('bench/tune_defaults.py')
+    return tune.write_transformed(str(tmp_path_factory.mktemp('dense')), DENSE)
+
+
+def test_the_defaults_stay_near_the_floor_of_the_calibrated_model(tmp_path) -> None:
+    tune = load_script('bench/tune_defaults.py')
+    info, floor = tune.write_transformed(str(tmp_path / 'data'), DENSE_MOVIELENS)
+    defaults = config.make_config(work_dir='unused', model_dir=str(tmp_path / 'model'))
+    result = train.train(defaults, info, DENSE.num_users, DENSE.num_movies)
+    print(f"eval RMSE {result.final.eval_rmse:.4f}, floor {floor:.4f}, "
+          f"{result.final.eval_rmse / floor:.3f}x")
+    assert result.final.eval_rmse <= MOVIELENS_BOUND * floor, (result.final.eval_rmse, floor)
+    assert result.final.eval_rmse < 0.8 * info.global_mean_eval_rmse
 
 
 def test_the_default_trainer_gets_within_5_percent_of_the_noise_floor(dense, tmp_path):

@@ -17,12 +17,18 @@ from trainer import features
 from trainer import synthetic
 
 SMALL = dict(num_users=40, num_movies=60, num_ratings=900)
+SMALL_RANK = synthetic.SyntheticConfig().rank
 MEDIUM = dict(num_users=200, num_movies=400, num_ratings=20_000)
 
 
 @pytest.fixture(scope='module')
 def default_data() -> synthetic.SyntheticRatings:
     return synthetic.generate(synthetic.SyntheticConfig())
+
+
+@pytest.fixture(scope='module')
+def rank3_data() -> synthetic.SyntheticRatings:
+    return synthetic.generate(synthetic.SyntheticConfig(model=synthetic.RANK3))
 
 
 def planted_of(config: synthetic.SyntheticConfig) -> dict[str, np.ndarray]:
@@ -136,13 +142,13 @@ def test_titles_survive_the_layout_encoding(
         assert any('"' in title for title in titles)
 
 
-def test_noise_floor_is_sane(default_data: synthetic.SyntheticRatings) -> None:
-    truth = default_data.truth
-    ratings = default_data.ratings.astype(np.float64)
-    noise_std = synthetic.SyntheticConfig().noise_std
+def test_noise_floor_is_sane(rank3_data: synthetic.SyntheticRatings) -> None:
+    truth = rank3_data.truth
+    ratings = rank3_data.ratings.astype(np.float64)
+    noise_std = synthetic.SyntheticConfig(model=synthetic.RANK3).noise_std
 
     assert truth['noise_floor_rmse'] == pytest.approx(
-        np.sqrt(np.mean((default_data.oracle - ratings) ** 2)))
+        np.sqrt(np.mean((rank3_data.oracle - ratings) ** 2)))
     assert truth['global_mean_rmse'] == pytest.approx(ratings.std())
     assert truth['noise_floor_rmse'] < 0.8 * truth['global_mean_rmse']
     # Rounding adds step**2 / 12 of variance, clipping takes some away.
@@ -152,20 +158,112 @@ def test_noise_floor_is_sane(default_data: synthetic.SyntheticRatings) -> None:
     assert truth['num_ratings'] == 100_000 and truth['rank'] == 3
 
 
-def test_popularity_and_activity_have_long_tails(
-        default_data: synthetic.SyntheticRatings) -> None:
-    per_movie = np.sort(np.bincount(default_data.movie_ids)[1:])[::-1]
-    per_user = np.bincount(default_data.user_ids)[1:]
+@pytest.mark.parametrize('data_name', ['default_data', 'rank3_data'])
+def test_popularity_and_activity_have_long_tails(data_name: str, request) -> None:
+    data = request.getfixturevalue(data_name)
+    per_movie = np.sort(np.bincount(data.movie_ids)[1:])[::-1]
+    per_user = np.bincount(data.user_ids)[1:]
 
     top_tenth = per_movie[:per_movie.size // 10].sum() / per_movie.sum()
     assert top_tenth > 0.3
-    assert (per_movie <= 3).sum() > 10
+    assert per_movie[0] > 300  # ml-100k's most rated movie has 583
     assert per_user.max() > 5 * np.median(per_user)
     assert per_user.min() >= 20
 
 
-def test_timestamps_are_plausible(default_data: synthetic.SyntheticRatings) -> None:
+def test_rank3_popularity_has_a_tail_of_rarely_rated_movies(
+        rank3_data: synthetic.SyntheticRatings) -> None:
+    
+    per_movie = np.bincount(rank3_data.movie_ids)[1:]
+    assert (per_movie <= 3).sum() > 10
+
+
+@pytest.mark.parametrize('layout_name', ['ml-100k', 'ml-1m', 'ml-25m'])
+def test_movielens_histogram_is_the_archive_s(layout_name: str) -> None:
+    data = synthetic.generate(synthetic.SyntheticConfig(**MEDIUM, layout=layout_name))
+    layout = features.DATASETS[layout_name]
+    stars = np.round((data.ratings - layout.rating_min) / layout.rating_step).astype(int)
+    target = synthetic.rating_shares(layout)
+    shares = np.bincount(stars, minlength=target.size) / stars.size
+    # Quantile cut points: each share is the archive's up to ties, whatever the size.
+    np.testing.assert_allclose(shares, target, atol=0.002)
+    stars_values = layout.rating_min + layout.rating_step * np.arange(target.size)
+    assert data.ratings.mean() == pytest.approx(float(target @ stars_values), abs=0.01)
+    assert data.truth['rating_mean'] == pytest.approx(float(data.ratings.mean()))
+
+
+def test_movielens_published_means() -> None:
+    """The counts reproduce the archives' published means and totals."""
+    for name, mean, total in (('ml-100k', 3.53, 100_000), ('ml-1m', 3.58, 1_000_209),
+                              ('ml-25m', 3.53, 25_000_095)):
+        layout = features.DATASETS[name]
+        shares = synthetic.rating_shares(layout)
+        stars = layout.rating_min + layout.rating_step * np.arange(shares.size)
+        assert float(shares @ stars) == pytest.approx(mean, abs=0.005)
+        assert sum(synthetic.RATING_COUNTS[name]) == total
+
+
+def test_movielens_spectrum_has_many_weak_factors() -> None:
+    config = synthetic.SyntheticConfig()
+    variances = np.asarray(synthetic.generate(
+        synthetic.SyntheticConfig(**SMALL)).truth['factor_variances'])
+
+    assert config.rank >= 32 and variances.size == SMALL_RANK
+    assert np.all(np.diff(variances) < 0)
+    assert variances.sum() == pytest.approx(config.interaction_std ** 2, rel=1e-4)
+    assert variances[0] < 0.35 * variances.sum()  # no factor dominates
+    assert variances[:3].sum() < 0.6 * variances.sum()  # rank 3 leaves most of it
+
+
+def test_movielens_oracle_is_the_expected_rating(
+        default_data: synthetic.SyntheticRatings) -> None:
+    truth = default_data.truth
+    ratings = default_data.ratings.astype(np.float64)
+    # E[rating | signal] is unbiased and beats predicting the mean by far.
+    assert default_data.oracle.mean() == pytest.approx(ratings.mean(), abs=0.01)
+    assert truth['noise_floor_rmse'] == pytest.approx(
+        np.sqrt(np.mean((default_data.oracle - ratings) ** 2)))
+    assert 0.6 < truth['noise_floor_rmse'] < 0.8 * truth['global_mean_rmse']
+    assert default_data.ratings.min() == 1 and default_data.ratings.max() == 5
+
+
+def test_movielens_users_watch_what_they_like(
+        default_data: synthetic.SyntheticRatings) -> None:
+    config = synthetic.SyntheticConfig()
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(0).spawn(7)]
+    streams[2].lognormal(0.0, config.movie_popularity_sigma, config.num_movies)
+    planted = synthetic.planted_model(streams[2], config)
+    users, movies = default_data.user_ids - 1, default_data.movie_ids - 1
+    rated = np.einsum('ij,ij->i', planted['user_factors'][users],
+                      planted['item_factors'][movies]).mean()
+    assert rated > 0.1  # over all pairs the taste term averages 0
+    ranking = default_data.truth['ranking']
+    assert ranking['users'] > 800
+    # Taste-driven exposure: knowing taste ranks far better than popularity.
+    assert ranking['ndcg_at_10'] > 1.3 * ranking['popularity_ndcg_at_10'] > 0.05
+
+
+def test_movielens_timestamps_order_each_user_s_ratings(
+        default_data: synthetic.SyntheticRatings) -> None:
     seconds = default_data.timestamps
+    keys = np.lexsort((seconds, default_data.user_ids))
+    same_user = np.diff(default_data.user_ids[keys]) == 0
+    assert np.all(np.diff(seconds[keys])[same_user] > 0)  # distinct within a user
+    first, last = synthetic.RATING_SPANS['ml-100k']
+    assert seconds.min() >= first and seconds.max() <= last
+
+
+def test_truth_json_holds_the_planted_ranking(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / 'a.zip'
+    truth = synthetic.write_archive(str(path), synthetic.SyntheticConfig(**SMALL))
+    stored = json.loads(read_member(path, 'ml-100k/' + features.TRUTH_FILE))
+    assert stored['model'] == synthetic.MOVIELENS
+    assert stored['ranking']['ndcg_at_10'] == pytest.approx(truth['ranking']['ndcg_at_10'])
+    assert len(stored['thresholds']) == 4
+
+
+def test_timestamps_are_plausible(rank3_data: synthetic.SyntheticRatings) -> None:
+    seconds = rank3_data.timestamps
     assert seconds.dtype == np.int64
     assert seconds.min() >= 874_724_710 and seconds.max() <= 893_286_638
 
@@ -186,7 +284,7 @@ def test_bad_config_is_refused(overrides: dict[str, object], message: str) -> No
 
 
 def test_zero_selection_bias_draws_the_unbiased_pairs() -> None:
-    config = synthetic.SyntheticConfig(**MEDIUM, seed=5)
+    config = synthetic.SyntheticConfig(**MEDIUM, model=synthetic.RANK3, seed=5)
     streams = [np.random.default_rng(seed) for seed in np.random.SeedSequence(5).spawn(6)]
     counts = synthetic.sample_user_counts(streams[0], config)
     popularity = streams[2].lognormal(0.0, config.movie_popularity_sigma, config.num_movies)
@@ -204,7 +302,7 @@ def test_zero_selection_bias_draws_the_unbiased_pairs() -> None:
 
 
 def test_selection_bias_plants_users_rating_what_they_like() -> None:
-    unbiased = synthetic.SyntheticConfig(**MEDIUM)
+    unbiased = synthetic.SyntheticConfig(**MEDIUM, model=synthetic.RANK3)
     biased = dataclasses.replace(unbiased, selection_bias=2.0)
     planted = planted_of(unbiased)  # selection_bias does not change the planted model
     all_pairs = float((planted['user_factors'] @ planted['item_factors'].T).mean())
@@ -228,8 +326,8 @@ def test_selection_bias_plants_users_rating_what_they_like() -> None:
 
 
 def test_selection_bias_keeps_counts_unique_pairs_and_order() -> None:
-    plain = synthetic.generate(synthetic.SyntheticConfig(**MEDIUM))
-    chosen = synthetic.generate(synthetic.SyntheticConfig(**MEDIUM, selection_bias=2.0))
+    plain = synthetic.generate(synthetic.SyntheticConfig(**MEDIUM, model=synthetic.RANK3))
+    chosen = synthetic.generate(synthetic.SyntheticConfig(**MEDIUM, model=synthetic.RANK3, selection_bias=2.0))
 
     users = MEDIUM['num_users'] + 1
     np.testing.assert_array_equal(np.bincount(chosen.user_ids, minlength=users),

@@ -6,7 +6,29 @@ tested end to end without MovieLens files (which may not be redistributed).
 The computation is numpy only and vectorised; `features` is imported for the
 layouts alone.
 
-Planted model (defaults in `SyntheticConfig`)::
+Two planted models (`SyntheticConfig.model`, data-extractor.py's
+--synthetic-model); fields left None take the model's `MODEL_DEFAULTS`.
+
+movielens (the default), calibrated to the real archives (docs/data.md
+lists every statistic and its source)::
+
+    signal = global_mean + user_bias[u] + item_bias[i] + sum_k user_factors[u, k] * item_factors[i, k]
+    rating = rating_min + step * #{j : signal + noise > threshold_j}
+    oracle = E[rating | signal]
+
+with 48 factors whose terms' variances fall as k^-spectrum_decay (1.2) and
+sum to interaction_std^2 (0.65^2), biases N(0, 0.5) and N(0, 0.65), noise
+N(0, 0.8 s_u) with a mean-1 lognormal s_u per user (sigma 0.3).  The thresholds are the quantiles of signal + noise at the real
+archive's cumulative star shares (`RATING_COUNTS`), so the histogram is
+ml-100k's, ml-1m's or ml-25m's; `oracle` is the Bayes predictor, so the
+noise floor is exact.  Users rate at least 20 movies, chosen by popularity
+and by taste (selection_bias 1, below, with the candidates ranked by
+popularity times exp(taste)); each user's time stamps are
+distinct, inside the archive's span.  truth.json adds the thresholds, the
+factor variances and `ranking`, the planted ranking ceiling
+(`planted_ranking`).
+
+rank3, the earlier model (same bytes as before the movielens model existed)::
 
     signal = global_mean + user_bias[u] + item_bias[i] + user_factors[u] . item_factors[i]
     rating = clip(round_to_step(signal + noise), rating_min, rating_max)
@@ -71,6 +93,41 @@ _POPULARITY_ROUNDS = 4
 SELECTION_CANDIDATES = 3
 SELECTION_MAX_SHARE = 0.75
 _CHUNK_ROWS = 1_000_000
+# --synthetic-model choices: the calibrated default and the earlier rank-3 model.
+MOVIELENS = 'movielens'
+RANK3 = 'rank3'
+SYNTHETIC_MODELS = (MOVIELENS, RANK3)
+# Each model's defaults for the SyntheticConfig fields left None.
+MODEL_DEFAULTS: dict[str, dict[str, float]] = {
+    RANK3: dict(rank=3, global_mean=3.6, user_bias_std=0.4, item_bias_std=0.5,
+                interaction_std=0.6, noise_std=0.9, user_activity_sigma=1.1,
+                movie_popularity_sigma=1.3, selection_bias=0.0),
+    MOVIELENS: dict(rank=48, global_mean=3.6, user_bias_std=0.5, item_bias_std=0.65,
+                    interaction_std=0.65, noise_std=0.8, user_activity_sigma=1.4,
+                    movie_popularity_sigma=1.15, selection_bias=1.0),
+}
+# Rating counts per star of the real archives (0.5 to 5 stars for half-star
+# layouts), which the movielens model reproduces as shares; docs/data.md
+# gives the sources.  They sum to each archive's published rating count.
+RATING_COUNTS: dict[str, tuple[int, ...]] = {
+    'ml-100k': (6110, 11370, 27145, 34174, 21201),
+    'ml-1m': (56174, 107557, 261197, 348971, 226310),
+    'ml-25m': (393068, 776815, 399490, 1640868, 1262797, 4896928, 3177318, 6639798,
+               2200539, 3612474),
+}
+# The first and last rating times of each archive (Unix seconds); other
+# layouts take the ml-25m span.
+RATING_SPANS: dict[str, tuple[int, int]] = {
+    'ml-100k': (874_724_710, 893_286_638),
+    'ml-1m': (956_705_158, 1_046_454_590),
+    'ml-25m': (789_652_009, 1_574_327_703),
+}
+# The planted ranking ceiling: users sampled, share of their ratings held out.
+RANKING_USERS = 1000
+RANKING_HOLDOUT = 0.2
+RANKING_K = 10
+RELEVANT_RATING = 4.0
+_RANKING_BLOCK = 128
 _ZIP_DATE_TIME = (2000, 1, 1, 0, 0, 0)
 # 1997-09-20 .. 1998-04-23, the span of ml-100k.
 _FIRST_TIMESTAMP = 874_724_710
@@ -114,23 +171,37 @@ class SyntheticConfig:
       movie_popularity_sigma: lognormal sigma of how often a movie is picked.
       selection_bias: how strongly users pick movies they like (0: not at
         all; see the module doc).
+      model: the planted model, 'movielens' or 'rank3' (SYNTHETIC_MODELS).
+      spectrum_decay: movielens: factor k's share of the interaction
+        variance falls as k^-spectrum_decay.
+      user_noise_sigma: movielens: each user's noise std is noise_std times
+        a lognormal factor with this sigma (and mean 1): some users rate
+        consistently, others erratically.
     """
     num_users: int = 943
     num_movies: int = 1682
     num_ratings: int = 100_000
     seed: int = 0
     layout: str = features.ML_100K.name
-    rank: int = 3
-    global_mean: float = 3.6
-    user_bias_std: float = 0.4
-    item_bias_std: float = 0.5
-    interaction_std: float = 0.6
-    noise_std: float = 0.9
-    user_activity_sigma: float = 1.1
-    movie_popularity_sigma: float = 1.3
-    selection_bias: float = 0.0
+    rank: int | None = None
+    global_mean: float | None = None
+    user_bias_std: float | None = None
+    item_bias_std: float | None = None
+    interaction_std: float | None = None
+    noise_std: float | None = None
+    user_activity_sigma: float | None = None
+    movie_popularity_sigma: float | None = None
+    selection_bias: float | None = None
+    model: str = MOVIELENS
+    spectrum_decay: float = 1.2
+    user_noise_sigma: float = 0.3
 
     def __post_init__(self) -> None:
+        if self.model not in MODEL_DEFAULTS:
+            raise ValueError(f'model {self.model!r} is not one of {sorted(MODEL_DEFAULTS)}')
+        for name, value in MODEL_DEFAULTS[self.model].items():
+            if getattr(self, name) is None:  # frozen: fill the model's default once
+                object.__setattr__(self, name, value)
         if self.layout not in features.DATASETS:
             raise ValueError(f'layout {self.layout!r} is not one of '
                              f'{sorted(features.DATASETS)}')
@@ -149,6 +220,10 @@ class SyntheticConfig:
             raise ValueError('rank must be >= 1 and every std >= 0')
         if not 0 <= self.selection_bias < float('inf'):
             raise ValueError(f'selection_bias must be >= 0, got {self.selection_bias!r}')
+        if not 0 <= self.user_noise_sigma <= 2:
+            raise ValueError(f'user_noise_sigma must lie in [0, 2], got {self.user_noise_sigma!r}')
+        if not 0 <= self.spectrum_decay <= 4:
+            raise ValueError(f'spectrum_decay must lie in [0, 4], got {self.spectrum_decay!r}')
 
     @property
     def factor_std(self) -> float:
@@ -182,22 +257,55 @@ class SyntheticRatings:
 
 def generate(config: SyntheticConfig) -> SyntheticRatings:
     """Draws ratings from the planted model of `config` (see the module doc)."""
+    if config.model == RANK3:
+        return _generate_rank3(config)
+    return _generate_movielens(config)
+
+
+def _streams(seed: int, count: int) -> list[np.random.Generator]:
+    return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(count)]
+
+
+def sample_exposure(pairs_rng: np.random.Generator, selection_rng: np.random.Generator,
+                    config: SyntheticConfig, counts: np.ndarray, popularity: np.ndarray,
+                    planted: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Who rates what: by popularity, then (selection_bias > 0) by taste."""
+    if not config.selection_bias:
+        return sample_pairs(pairs_rng, counts, popularity / popularity.sum())
+    candidates = np.minimum(SELECTION_CANDIDATES * counts,
+                            int(SELECTION_MAX_SHARE * config.num_movies))
+    users, movies = sample_pairs(pairs_rng, np.maximum(candidates, counts),
+                                 popularity / popularity.sum())
+    # The candidate draw cannot show popularity to a user whose pool holds
+    # most movies; movielens ranks the pool by popularity too, so heavy
+    # users do not rate the tail as often as the head.
+    log_popularity = np.log(popularity) if config.model == MOVIELENS else None
+    return select_liked(selection_rng, config.selection_bias, planted, counts, users, movies,
+                        log_popularity)
+
+
+def _draw_exposure(config: SyntheticConfig) -> dict[str, Any]:
+    """The streams, counts, popularity, planted model and who rates what."""
+    # SeedSequence children depend on their index only, so the rank-3 streams
+    # are those it drew from spawn(6).
+    streams = dict(zip(('counts', 'pairs', 'model', 'noise', 'extras', 'selection',
+                        'ranking'), _streams(config.seed, 7)))
+    counts = sample_user_counts(streams['counts'], config)
+    popularity = streams['model'].lognormal(0.0, config.movie_popularity_sigma,
+                                            config.num_movies)
+    planted = planted_model(streams['model'], config)
+    users, movies = sample_exposure(streams['pairs'], streams['selection'], config, counts,
+                                    popularity, planted)
+    return dict(streams=streams, counts=counts, popularity=popularity, planted=planted,
+                users=users, movies=movies)
+
+
+def _generate_rank3(config: SyntheticConfig) -> SyntheticRatings:
     layout = features.DATASETS[config.layout]
-    streams = [np.random.default_rng(s)
-               for s in np.random.SeedSequence(config.seed).spawn(6)]
-    counts_rng, pairs_rng, model_rng, noise_rng, extras_rng, selection_rng = streams
-    counts = sample_user_counts(counts_rng, config)
-    popularity = model_rng.lognormal(0.0, config.movie_popularity_sigma, config.num_movies)
-    planted = planted_model(model_rng, config)
-    if config.selection_bias:
-        candidates = np.minimum(SELECTION_CANDIDATES * counts,
-                                int(SELECTION_MAX_SHARE * config.num_movies))
-        users, movies = sample_pairs(pairs_rng, np.maximum(candidates, counts),
-                                     popularity / popularity.sum())
-        users, movies = select_liked(selection_rng, config.selection_bias, planted,
-                                     counts, users, movies)
-    else:
-        users, movies = sample_pairs(pairs_rng, counts, popularity / popularity.sum())
+    drawn = _draw_exposure(config)
+    noise_rng, extras_rng = drawn['streams']['noise'], drawn['streams']['extras']
+    counts, planted = drawn['counts'], drawn['planted']
+    users, movies = drawn['users'], drawn['movies']
     signal = planted_signal(planted, config, users, movies)
     noisy = signal + noise_rng.normal(0.0, config.noise_std, signal.shape)
     ratings = np.clip(np.round(noisy / layout.rating_step) * layout.rating_step,
@@ -209,6 +317,116 @@ def generate(config: SyntheticConfig) -> SyntheticRatings:
         ratings=ratings, timestamps=sample_timestamps(extras_rng, counts),
         oracle=oracle, titles=titles, genres=genres,
         truth=make_truth(config, ratings, oracle))
+
+
+def _generate_movielens(config: SyntheticConfig) -> SyntheticRatings:
+    layout = features.DATASETS[config.layout]
+    drawn = _draw_exposure(config)
+    streams, counts, planted = drawn['streams'], drawn['counts'], drawn['planted']
+    users, movies, popularity = drawn['users'], drawn['movies'], drawn['popularity']
+    noise_rng, extras_rng, ranking_rng = streams['noise'], streams['extras'], streams['ranking']
+    signal = planted_signal(planted, config, users, movies)
+    user_noise = user_noise_scales(noise_rng, config)
+    noise_scale = user_noise[users]
+    latent = signal + noise_rng.standard_normal(signal.shape) * noise_scale
+    thresholds = calibrate_thresholds(latent, rating_shares(layout))
+    ratings = (layout.rating_min + layout.rating_step
+               * np.searchsorted(thresholds, latent)).astype(np.float32)
+    del latent
+    oracle = expected_rating(signal, thresholds, noise_scale, layout).astype(np.float32)
+    del signal, noise_scale
+    titles, genres = make_titles(extras_rng, config.num_movies, layout.movies_encoding)
+    truth = make_truth(config, ratings, oracle)
+    truth.update(
+        thresholds=[round(float(t), 6) for t in thresholds],
+        factor_variances=[round(float(v), 8) for v in factor_scales(config) ** 4],
+        ranking=planted_ranking(ranking_rng, config, planted, popularity, user_noise,
+                                thresholds, users, movies, ratings))
+    return SyntheticRatings(
+        user_ids=(users + 1).astype(np.int32), movie_ids=(movies + 1).astype(np.int32),
+        ratings=ratings,
+        timestamps=sample_ordered_timestamps(extras_rng, users, counts, rating_span(layout)),
+        oracle=oracle, titles=titles, genres=genres, truth=truth)
+
+
+def rating_shares(layout: features.DatasetLayout) -> np.ndarray:
+    """The share of each star value in the real archive (or the nearest one)."""
+    counts = RATING_COUNTS.get(layout.name)
+    if counts is None:
+        counts = RATING_COUNTS['ml-1m' if layout.rating_step == 1 else 'ml-25m']
+    shares = np.asarray(counts, np.float64)
+    return shares / shares.sum()
+
+
+def rating_span(layout: features.DatasetLayout) -> tuple[int, int]:
+    """The first and last rating time of the archive (ml-25m's for others)."""
+    return RATING_SPANS.get(layout.name, RATING_SPANS['ml-25m'])
+
+
+def calibrate_thresholds(latent: np.ndarray, shares: np.ndarray) -> np.ndarray:
+    """Cut points on the latent scale that give each star its share of ratings.
+
+    A rating is rating_min + step * (number of cut points below its latent
+    value), so the histogram is the target's up to one rating per star.
+    """
+    return np.quantile(latent, np.cumsum(shares)[:-1])
+
+
+def normal_cdf(x: np.ndarray) -> np.ndarray:
+    """Phi(x), from the erf approximation 7.1.26 of Abramowitz and Stegun
+    (absolute error under 1.5e-7); numpy has no erf."""
+    z = np.abs(x) / np.sqrt(2.0)
+    t = 1.0 / (1.0 + 0.3275911 * z)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741
+                + t * (-1.453152027 + t * 1.061405429))))
+    erf = 1.0 - poly * np.exp(-z * z)
+    return 0.5 * (1.0 + np.sign(x) * erf)
+
+
+def user_noise_scales(rng: np.random.Generator, config: SyntheticConfig) -> np.ndarray:
+    """Each user's noise std: noise_std times a mean-1 lognormal factor."""
+    sigma = config.user_noise_sigma
+    return config.noise_std * np.exp(sigma * rng.standard_normal(config.num_users)
+                                     - sigma ** 2 / 2)
+
+
+def expected_rating(signal: np.ndarray, thresholds: np.ndarray,
+                    noise_std: float | np.ndarray,
+                    layout: features.DatasetLayout) -> np.ndarray:
+    """E[rating | planted signal]: the best any model can predict (the oracle).
+
+    rating_min + step * sum_j P(signal + noise > threshold_j).
+    """
+    total = np.zeros(signal.shape)
+    for threshold in thresholds:
+        total += normal_cdf((signal - threshold) / np.maximum(noise_std, 1e-12))
+    return layout.rating_min + layout.rating_step * total
+
+
+def sample_ordered_timestamps(rng: np.random.Generator, users: np.ndarray,
+                              counts: np.ndarray, span: tuple[int, int]) -> np.ndarray:
+    """Unix times, distinct within each user, inside the archive's span.
+
+    Each user rates during an active spell (start uniform in the span, length
+    exponential with mean 30 days); a user's times are distinct, so they
+    order that user's ratings.
+
+    Args:
+      users: 0-based user of each rating, sorted.
+    """
+    first, last = span
+    start = rng.integers(first, last, counts.size)
+    spell = rng.exponential(_MEAN_ACTIVE_SECONDS, counts.size)
+    offset = rng.random(users.size) * spell[users]
+    base = np.minimum(start[users] + offset.astype(np.int64), last - counts[users])
+    order = np.lexsort((base, users))
+    first_row = np.searchsorted(users, np.arange(counts.size))
+    within = np.arange(users.size) - first_row[users[order]]
+    times = np.empty(users.size, np.int64)
+    # Sorted within a user, adding the position makes equal seconds distinct
+    # and keeps the order (base <= last - count, so times stay < last).
+    times[order] = base[order] + within
+    return times
 
 
 def sample_user_counts(rng: np.random.Generator, config: SyntheticConfig) -> np.ndarray:
@@ -257,22 +475,59 @@ def sample_pairs(rng: np.random.Generator, counts: np.ndarray,
     return accepted // num_movies, accepted % num_movies
 
 
+def factor_scales(config: SyntheticConfig) -> np.ndarray:
+    """Per-factor std of the entries of both factor matrices.
+
+    rank3: all equal (`factor_std`).  movielens: factor k (1-based)
+    contributes a share proportional to k^-spectrum_decay of the variance
+    interaction_std^2 of user_factors . item_factors; an entry's std is
+    the fourth root of that variance, since a factor's term is a product of
+    two independent entries.
+    """
+    if config.model == RANK3:
+        return np.full(config.rank, config.factor_std)
+    weights = np.arange(1, config.rank + 1, dtype=np.float64) ** -config.spectrum_decay
+    return (config.interaction_std ** 2 * weights / weights.sum()) ** 0.25
+
+
 def planted_model(rng: np.random.Generator, config: SyntheticConfig) -> dict[str, np.ndarray]:
     """Draws the planted biases and factors (0-based rows)."""
-    return {
+    planted = {
         'user_bias': rng.normal(0.0, config.user_bias_std, config.num_users),
-        'item_bias': rng.normal(0.0, config.item_bias_std, config.num_movies),
-        'user_factors': rng.normal(0.0, config.factor_std, (config.num_users, config.rank)),
-        'item_factors': rng.normal(0.0, config.factor_std, (config.num_movies, config.rank))}
+        'item_bias': rng.normal(0.0, config.item_bias_std, config.num_movies)}
+    if config.model == RANK3:
+        planted['user_factors'] = rng.normal(0.0, config.factor_std,
+                                             (config.num_users, config.rank))
+        planted['item_factors'] = rng.normal(0.0, config.factor_std,
+                                             (config.num_movies, config.rank))
+        return planted
+    scales = factor_scales(config)
+    for name, rows in (('user_factors', config.num_users), ('item_factors', config.num_movies)):
+        planted[name] = (rng.standard_normal((rows, config.rank)) * scales).astype(np.float32)
+    return planted
+
+
+# Pairs per block when many factors are gathered row-wise.
+_INTERACTION_BLOCK = 1 << 18
 
 
 def _interaction(planted: dict[str, np.ndarray], users: np.ndarray,
                  movies: np.ndarray) -> np.ndarray:
-    """user_factors . item_factors per pair, one column at a time to bound memory."""
+    """user_factors . item_factors per pair, in pieces to bound memory.
+
+    A few factors go one column at a time (the rank-3 bytes depend on that
+    summation order); many go as row blocks, whose gathers read whole rows.
+    """
     user_factors, item_factors = planted['user_factors'], planted['item_factors']
     total = np.zeros(users.size)
-    for factor in range(user_factors.shape[1]):
-        total += user_factors[users, factor] * item_factors[movies, factor]
+    if user_factors.shape[1] <= 4:
+        for factor in range(user_factors.shape[1]):
+            total += user_factors[users, factor] * item_factors[movies, factor]
+        return total
+    for begin in range(0, users.size, _INTERACTION_BLOCK):
+        rows = slice(begin, begin + _INTERACTION_BLOCK)
+        total[rows] = np.einsum('ij,ij->i', user_factors[users[rows]],
+                                item_factors[movies[rows]])
     return total
 
 
@@ -284,22 +539,26 @@ def planted_signal(planted: dict[str, np.ndarray], config: SyntheticConfig,
 
 
 def select_liked(rng: np.random.Generator, strength: float, planted: dict[str, np.ndarray],
-                 counts: np.ndarray, users: np.ndarray,
-                 movies: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                 counts: np.ndarray, users: np.ndarray, movies: np.ndarray,
+                 log_popularity: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Keeps each user's counts[u] candidates they like best, with Gumbel noise.
 
     Gumbel-top-k: the k largest of strength * score + Gumbel noise are a
     draw without replacement with probabilities proportional to
-    exp(strength * score), score = item_bias + user_factors . item_factors.
+    exp(strength * score), score = item_bias + user_factors . item_factors,
+    times popularity when log_popularity is given.
 
     Args:
       users, movies: the candidates, 0-based, sorted by user.
+      log_popularity: per movie; None ranks by taste alone (rank3).
 
     Returns:
       The kept 0-based (users, movies), sorted by user then movie.
     """
     score = planted['item_bias'][movies] + _interaction(planted, users, movies)
     key = strength * score + rng.gumbel(size=users.size)
+    if log_popularity is not None:
+        key += log_popularity[movies]
     order = np.lexsort((-key, users))  # by user, best first
     first = np.searchsorted(users, np.arange(counts.size))  # users is sorted
     rank = np.arange(users.size) - first[users[order]]
@@ -338,12 +597,83 @@ def _encodable(text: str, encoding: str) -> bool:
     return True
 
 
+def planted_ranking(rng: np.random.Generator, config: SyntheticConfig,
+                    planted: dict[str, np.ndarray], popularity: np.ndarray,
+                    user_noise: np.ndarray, thresholds: np.ndarray, users: np.ndarray,
+                    movies: np.ndarray, ratings: np.ndarray) -> dict[str, Any]:
+    """The planted ranking ceiling: NDCG@10 of the planted propensity.
+
+    For a seeded sample of RANKING_USERS users, RANKING_HOLDOUT of each
+    one's ratings are held out; every movie the user did not keep is a
+    candidate and the held-out movies rated >= RELEVANT_RATING are relevant
+    (binary gains, ideal DCG of min(relevant, 10) hits), as the trainer's
+    ranking evaluation scores a split.  Candidates are ranked by the planted
+    log propensity to watch and like,
+
+        log popularity + selection_bias * (item_bias + p_u . q_i)
+            + log P(rating >= RELEVANT_RATING | planted signal),
+
+    which knows the planted model but not the noise nor which movies the
+    holdout took: no model trained on the ratings should beat it by more
+    than sampling noise.  The same users and holdout ranked by planted
+    popularity alone give `popularity_ndcg_at_10`.
+    """
+    chosen = np.sort(rng.choice(config.num_users, min(RANKING_USERS, config.num_users),
+                                replace=False))
+    sampled = np.isin(users, chosen)
+    row = np.searchsorted(chosen, users[sampled])
+    item = movies[sampled]
+    held = rng.random(row.size) < RANKING_HOLDOUT
+    relevant = held & (ratings[sampled] >= RELEVANT_RATING)
+    cut = thresholds[int(round((RELEVANT_RATING - features.DATASETS[config.layout].rating_min)
+                               / features.DATASETS[config.layout].rating_step)) - 1]
+    log_popularity = np.log(popularity / popularity.sum())
+    item_factors = planted['item_factors'].astype(np.float64)
+    planted_ndcg, popular_ndcg = [], []
+    for begin in range(0, chosen.size, _RANKING_BLOCK):
+        block = slice(begin, begin + _RANKING_BLOCK)
+        in_block = (row >= begin) & (row < begin + _RANKING_BLOCK)
+        shape = (chosen[block].size, config.num_movies)
+        seen = np.zeros(shape, bool)
+        seen[row[in_block & ~held] - begin, item[in_block & ~held]] = True
+        wanted = np.zeros(shape, bool)
+        wanted[row[in_block & relevant] - begin, item[in_block & relevant]] = True
+        taste = planted['user_factors'][chosen[block]].astype(np.float64) @ item_factors.T
+        signal = (config.global_mean + planted['user_bias'][chosen[block], None]
+                  + planted['item_bias'][None, :] + taste)
+        noise = np.maximum(user_noise[chosen[block], None], 1e-12)
+        like = np.log(np.maximum(normal_cdf((signal - cut) / noise), 1e-300))
+        propensity = (log_popularity[None, :] + like + config.selection_bias
+                      * (planted['item_bias'][None, :] + taste))
+        planted_ndcg.append(_ndcg_at_k(propensity, seen, wanted))
+        popular_ndcg.append(_ndcg_at_k(np.broadcast_to(log_popularity, shape), seen, wanted))
+    planted_scores, popular_scores = np.concatenate(planted_ndcg), np.concatenate(popular_ndcg)
+    return {'ndcg_at_10': float(np.nanmean(planted_scores)),
+            'popularity_ndcg_at_10': float(np.nanmean(popular_scores)),
+            'users': int(np.isfinite(planted_scores).sum()),
+            'holdout': RANKING_HOLDOUT, 'relevant_rating': RELEVANT_RATING}
+
+
+def _ndcg_at_k(scores: np.ndarray, seen: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Binary-gain NDCG@RANKING_K per row, unseen columns only; nan without relevant."""
+    masked = np.where(seen, -np.inf, scores)
+    k = min(RANKING_K, masked.shape[1])
+    top = np.argpartition(-masked, k - 1, axis=1)[:, :k]
+    top = np.take_along_axis(top, np.argsort(-np.take_along_axis(masked, top, 1), 1), 1)
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    dcg = (np.take_along_axis(wanted, top, 1) * discounts).sum(1)
+    ideal = np.cumsum(discounts)[np.maximum(np.minimum(wanted.sum(1), k), 1) - 1]
+    return np.where(wanted.any(1), dcg / ideal, np.nan)
+
+
 def config_fields(config: SyntheticConfig) -> dict[str, Any]:
     """The config as a dict; selection_bias only when set, so unbiased data
     keep the truth.json bytes and staged source they had before it existed."""
     fields = dataclasses.asdict(config)
-    if not config.selection_bias:
-        del fields['selection_bias']
+    if config.model == RANK3:
+        del fields['model'], fields['spectrum_decay'], fields['user_noise_sigma']
+        if not config.selection_bias:
+            del fields['selection_bias']
     return fields
 
 
@@ -353,8 +683,9 @@ def make_truth(config: SyntheticConfig, ratings: np.ndarray,
     ratings64 = ratings.astype(np.float64)
     mean = float(ratings64.mean())
     truth = config_fields(config)
+    if config.model == RANK3:
+        truth['factor_std'] = config.factor_std
     truth.update(
-        factor_std=config.factor_std,
         noise_floor_rmse=float(np.sqrt(np.mean((oracle - ratings64) ** 2))),
         global_mean_rmse=float(np.sqrt(np.mean((ratings64 - mean) ** 2))),
         rating_mean=mean,
