@@ -61,7 +61,7 @@ from trainer import data, features, ranking, topn  # noqa: E402
 
 logger = logging.getLogger('bench.ranking')
 
-EASE_LAMBDAS = (100.0, 200.0, 400.0, 800.0, 1600.0, 3200.0, 6400.0, 12800.0)
+EASE_LAMBDAS = (100.0, 200.0, 400.0, 800.0, 1600.0, 3200.0, 6400.0, 12800.0, 25600.0, 51200.0)
 ALS_GRID = {'factors': (16, 64, 128), 'regularization': (1.0, 5.0, 20.0, 50.0, 100.0, 200.0)}
 BPR_GRID = {'factors': (64, 128), 'learning_rate': (0.01, 0.05)}
 KNN_NEIGHBOURS = (50, 200, 0)  # 0: every movie

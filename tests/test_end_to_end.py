@@ -13,9 +13,10 @@ import tensorflow as tf
 from conftest import REPO, eval_examples, exported_eval_rmse
 from trainer import features
 
-# What the planted factors must be worth in eval RMSE: the exported model beats
-# its own biases (factors zeroed) by at least this (0.09 on this data).
-BY_FACTORS = 0.04
+# What the factors must be worth on the default (movielens) data: the export
+# beats its own biases by at least this in eval RMSE (measured: 0.8949 against
+# 0.9309 at 100k; real ml-100k's factors are worth about as much).
+BY_FACTORS = 0.02
 
 
 @pytest.fixture(scope='module')

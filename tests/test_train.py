@@ -17,7 +17,7 @@ from trainer import config, data, features, history, model, optimizers, syntheti
 
 # 150 users x 120 movies, 7,000 ratings: biases and rank-3 factors plus N(0, 0.5^2) noise.
 PLANTED = synthetic.SyntheticConfig(num_users=150, num_movies=120,
-                                    num_ratings=7_000, seed=4, noise_std=0.5)
+                                    num_ratings=7_000, seed=4, noise_std=0.5, model='rank3')
 FAST = dict(num_factors=8, batch_size=128, learning_rate=0.01, num_epochs=4,
             l2=0.05, eval_batch_size=1024, final_model='best', posterior_samples=0)
 # What the planted factors must be worth in eval RMSE: a trained model beats its
