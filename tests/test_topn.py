@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import config as config_lib
-from trainer import data, features, ranking, synthetic, topn
+from trainer import data, features, fused, ranking, synthetic, topn
 from trainer.history import ResumeError
 from trainer.train import Splits
 
@@ -134,3 +134,20 @@ def test_a_checkpoint_of_other_factors_is_refused(splits, tmp_path):
     with pytest.raises(ResumeError, match='--overwrite'):
         topn.train(_config(tmp_path, topn_iterations=1, topn_factors=8), splits, *ROWS,
                    seed=0)
+
+
+def test_the_tensorflow_fallback_trains_the_same_model_as_the_cpp_op(splits, tmp_path):
+    settings = {'topn_iterations': 3, 'early_stopping_patience': 0, 'final_model': 'best'}
+    try:
+        fused.load()
+    except fused.KernelUnavailable as error:
+        pytest.skip(f'no C++ ops here: {error}')
+    assert topn._solver_ops(_config(tmp_path)) is not None  # auto takes the op
+    assert topn._solver_ops(_config(tmp_path, training_kernel='tf')) is None
+    with_op = topn.train(_config(tmp_path / 'op', **settings), splits, *ROWS, seed=0)
+    with_tf = topn.train(_config(tmp_path / 'tf', training_kernel='tf', **settings), splits,
+                         *ROWS, seed=0)
+    assert with_op.iterations == with_tf.iterations
+    np.testing.assert_allclose(with_tf.user_factors, with_op.user_factors, atol=2e-3)
+    np.testing.assert_allclose(with_tf.item_factors, with_op.item_factors, atol=2e-3)
+    assert with_tf.best_validation_ndcg == pytest.approx(with_op.best_validation_ndcg, abs=0.01)
