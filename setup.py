@@ -23,7 +23,7 @@ setuptools.setup(
     packages=['trainer'],
     # The C++ ops' sources (trainer.fused.SOURCES): trainer/fused.py builds them
     # where it trains.
-    package_data={'trainer': ['*.cc']},
+    package_data={'trainer': ['*.cc', '*.h']},
     python_requires='>=3.11,<3.12',
     install_requires=read_requirements(),
 )

@@ -85,7 +85,7 @@ def test_every_file_setup_py_reads_is_in_the_sdist(source_tree: pathlib.Path,
 
 def test_the_sdist_ships_the_cpp_op_sources(sdist: pathlib.Path):
     from trainer import fused  # pylint: disable=import-outside-toplevel
-    assert {f'trainer/{source.name}' for source in fused.SOURCES} <= members(sdist)
+    assert {f'trainer/{source.name}' for source in (*fused.SOURCES, *fused.HEADERS)} <= members(sdist)
 
 
 def test_a_worker_installs_the_sdist_and_imports_trainer(sdist: pathlib.Path,

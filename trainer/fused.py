@@ -47,9 +47,10 @@ from trainer import optimizers
 
 logger = logging.getLogger(__name__)
 
-# The C++ sources, built into one library.
+# The C++ sources, built into one library, and the header two of them share.
 SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in
                 ('fused_epoch.cc', 'read_ratings.cc', 'sample_rows.cc', 'ials_solve.cc'))
+HEADERS = (pathlib.Path(__file__).with_name('grouped_rows.h'),)
 ENV_CACHE = 'MOVIELENS_KERNEL_CACHE'
 # No -march=native: the library may be built in an image and run elsewhere.
 # -ffp-contract=off: no fused multiply-adds, so each operation rounds as the
@@ -94,7 +95,7 @@ def library_path(compiler: str) -> pathlib.Path:
       KernelUnavailable: if a source is missing (an install without them).
     """
     key = hashlib.sha256()
-    for source in SOURCES:
+    for source in (*SOURCES, *HEADERS):
         try:
             key.update(source.read_bytes())
         except OSError as error:

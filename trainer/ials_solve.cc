@@ -21,13 +21,10 @@
 //
 // Built by trainer/fused.py with the other ops.
 
-#include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <string>
-#include <thread>
 #include <vector>
 
+#include "grouped_rows.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -64,8 +61,9 @@ conjugate-gradient steps from its current value.
 #define MOVIELENS_AVX2_CLONE
 #endif
 
-// A thread takes whole rows, about this many pairs at a time.
+// A thread takes whole rows, about this many pairs (and at most kChunkRows rows) at a time.
 constexpr int64_t kChunkPairs = 16384;
+constexpr int64_t kChunkRows = 4096;
 // How far ahead of the current pair the other side's row is prefetched.
 constexpr int64_t kPrefetchPairs = 8;
 
@@ -195,21 +193,9 @@ class SolveRowsOp : public tf::OpKernel {
                 absl::InvalidArgumentError("gram must be [k, k]"));
     OP_REQUIRES(ctx, l2.dims() == 1 && l2.NumElements() == rows,
                 absl::InvalidArgumentError("l2 must have one entry per row"));
+    OP_REQUIRES_OK(ctx, CheckGroupedRows(offsets, other, other_table.dim_size(0)));
     const auto offset = offsets.flat<int64_t>();
-    OP_REQUIRES(ctx, offset(0) == 0 && offset(rows) == pairs,
-                absl::InvalidArgumentError("offsets must start at 0 and end at the pairs"));
-    for (int64_t e = 0; e < rows; ++e) {
-      OP_REQUIRES(ctx, offset(e) <= offset(e + 1),
-                  absl::InvalidArgumentError("offsets must not decrease"));
-    }
-    const int64_t other_rows = other_table.dim_size(0);
     const auto other_index = other.flat<int32_t>();
-    for (int64_t n = 0; n < pairs; ++n) {
-      OP_REQUIRES(ctx, other_index(n) >= 0 && other_index(n) < other_rows,
-                  absl::InvalidArgumentError(
-                      "other[" + std::to_string(n) + "] = " + std::to_string(other_index(n)) +
-                      " is not a row of other_table (" + std::to_string(other_rows) + " rows)"));
-    }
     const int cg_steps = ctx->input(8).scalar<int32_t>()();
     OP_REQUIRES(ctx, cg_steps >= 0, absl::InvalidArgumentError("cg_steps must be >= 0"));
 
@@ -220,25 +206,10 @@ class SolveRowsOp : public tf::OpKernel {
                       gram.flat<float>().data(), l2.flat<float>().data(),
                       start.flat<float>().data(), width, cg_steps,
                       solved->flat<float>().data()};
-    std::vector<int64_t> chunks{0};  // first rows of the chunks, then rows
-    for (int64_t e = 0; e < rows; ++e) {
-      if (offset(e + 1) - offset(chunks.back()) >= kChunkPairs || e + 1 - chunks.back() >= 4096) {
-        chunks.push_back(e + 1);
-      }
-    }
-    if (chunks.back() != rows) chunks.push_back(rows);
-    const int64_t num_chunks = static_cast<int64_t>(chunks.size()) - 1;
-    const int threads = static_cast<int>(std::max<int64_t>(
-        1, std::min<int64_t>({ctx->input(9).scalar<int32_t>()(), 64, num_chunks})));
-    std::atomic<int64_t> next_chunk{0};
-    auto work = [&solve, &next_chunk, &chunks, num_chunks] {
-      std::vector<float> scratch;
-      std::vector<float> gathered;
-      for (;;) {
-        const int64_t chunk = next_chunk.fetch_add(1);
-        if (chunk >= num_chunks) return;
-        const int64_t first = chunks[chunk];
-        const int64_t last = chunks[chunk + 1];
+    const int threads = ctx->input(9).scalar<int32_t>()();
+    RunChunks(ChunkRows(offset.data(), rows, kChunkPairs, kChunkRows), threads, [&solve] {
+      return [&solve, scratch = std::vector<float>(), gathered = std::vector<float>()](
+                 int64_t first, int64_t last) mutable {
         switch (solve.width) {  // the usual widths, unrolled
           case 16: solve.Rows<16>(first, last, &scratch, &gathered); break;
           case 32: solve.Rows<32>(first, last, &scratch, &gathered); break;
@@ -246,12 +217,8 @@ class SolveRowsOp : public tf::OpKernel {
           case 128: solve.Rows<128>(first, last, &scratch, &gathered); break;
           default: solve.Rows<0>(first, last, &scratch, &gathered);
         }
-      }
-    };
-    std::vector<std::thread> helpers;
-    for (int t = 1; t < threads; ++t) helpers.emplace_back(work);
-    work();
-    for (auto& helper : helpers) helper.join();
+      };
+    });
   }
 };
 

@@ -30,13 +30,11 @@
 // Built by trainer/fused.py with the other ops.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <string>
-#include <thread>
 #include <vector>
 
+#include "grouped_rows.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -114,21 +112,9 @@ class SampleRowsOp : public tf::OpKernel {
                 absl::InvalidArgumentError("prior_precision must have one entry per column"));
     OP_REQUIRES(ctx, tf::TensorShapeUtils::IsScalar(noise_precision.shape()),
                 absl::InvalidArgumentError("noise_precision must be a scalar"));
+    OP_REQUIRES_OK(ctx, CheckGroupedRows(offsets, other, other_table.dim_size(0)));
     const auto offset = offsets.flat<int64_t>();
-    OP_REQUIRES(ctx, offset(0) == 0 && offset(rows) == ratings,
-                absl::InvalidArgumentError("offsets must start at 0 and end at the ratings"));
-    for (int64_t e = 0; e < rows; ++e) {
-      OP_REQUIRES(ctx, offset(e) <= offset(e + 1),
-                  absl::InvalidArgumentError("offsets must not decrease"));
-    }
-    const int64_t other_rows = other_table.dim_size(0);
     const auto other_index = other.flat<int32_t>();
-    for (int64_t n = 0; n < ratings; ++n) {
-      OP_REQUIRES(ctx, other_index(n) >= 0 && other_index(n) < other_rows,
-                  absl::InvalidArgumentError(
-                      "other[" + std::to_string(n) + "] = " + std::to_string(other_index(n)) +
-                      " is not a row of other_table (" + std::to_string(other_rows) + " rows)"));
-    }
     const auto precision = prior.flat<float>();
     for (int64_t d = 0; d < width; ++d) {
       OP_REQUIRES(ctx, precision(d) > 0.0f,
@@ -148,34 +134,17 @@ class SampleRowsOp : public tf::OpKernel {
                 other_table.flat<float>().data(), precision.data(), tau,
                 noise.flat<float>().data(), width, sample->flat<float>().data(),
                 mean->flat<float>().data(), std::vector<double>(rows, 0.0)};
-    std::vector<int64_t> chunks{0};  // first rows of the chunks, then rows
-    for (int64_t e = 0; e < rows; ++e) {
-      if (offset(e + 1) - offset(chunks.back()) >= kChunkRatings) chunks.push_back(e + 1);
-    }
-    if (chunks.back() != rows) chunks.push_back(rows);
-    const int64_t num_chunks = static_cast<int64_t>(chunks.size()) - 1;
-    const int threads = static_cast<int>(std::max<int64_t>(
-        1, std::min<int64_t>({ctx->input(7).scalar<int32_t>()(), 64, num_chunks})));
-    std::atomic<int64_t> next_chunk{0};
-    auto work = [&sweep, &next_chunk, &chunks, num_chunks] {
-      std::vector<double> scratch;
-      for (;;) {
-        const int64_t chunk = next_chunk.fetch_add(1);
-        if (chunk >= num_chunks) return;
-        const int64_t first = chunks[chunk];
-        const int64_t last = chunks[chunk + 1];
+    const int threads = ctx->input(7).scalar<int32_t>()();
+    RunChunks(ChunkRows(offset.data(), rows, kChunkRatings), threads, [&sweep] {
+      return [&sweep, scratch = std::vector<double>()](int64_t first, int64_t last) mutable {
         switch (sweep.width) {  // the widths of 8, 16 and 32 factors, unrolled
           case 9: sweep.Rows<9>(first, last, &scratch); break;
           case 17: sweep.Rows<17>(first, last, &scratch); break;
           case 33: sweep.Rows<33>(first, last, &scratch); break;
           default: sweep.Rows<0>(first, last, &scratch);
         }
-      }
-    };
-    std::vector<std::thread> helpers;
-    for (int t = 1; t < threads; ++t) helpers.emplace_back(work);
-    work();
-    for (auto& helper : helpers) helper.join();
+      };
+    });
     double total = 0.0;  // in row order, whatever the threads did
     for (const double value : sweep.row_squared_error) total += value;
     squared->scalar<double>()() = total;
