@@ -19,7 +19,6 @@ import argparse
 import csv
 import dataclasses
 import io
-import json
 import logging
 import math
 import os

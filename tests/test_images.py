@@ -8,7 +8,6 @@ service expects.
 
 from __future__ import annotations
 
-import pathlib
 import re
 
 import pytest
