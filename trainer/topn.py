@@ -248,15 +248,15 @@ class _Validation:
                                     max_users=config.ranking_users, seed=seed)
         self.user_factors = tf.Variable(tf.zeros([shape[0], config.topn_factors]))
         self.item_factors = tf.Variable(tf.zeros([num_items, config.topn_factors]))
-        scorer = lambda user: tf.matmul(  # noqa: E731
+        self.scorer = lambda user: tf.matmul(  # noqa: E731
             tf.gather(self.user_factors, user), self.item_factors, transpose_b=True)
         self.seen = pairs_catalog(fit, num_users, num_items).seen()
-        self.top_k = ranking.compile_top_k(scorer, self.seen, num_items, ranking.TOP_K)
+        self.top_k = ranking.compile_top_k(self.scorer, self.seen, num_items, ranking.TOP_K)
 
     def ndcg(self, state: _State) -> float:
         self.user_factors.assign(state.user_factors)
         self.item_factors.assign(state.item_factors[:self.num_items])
-        top = ranking.rank_users(None, self.judged.users, self.seen, self.num_items,
+        top = ranking.rank_users(self.scorer, self.judged.users, self.seen, self.num_items,
                                  ranking.TOP_K, compiled=self.top_k)
         return ranking.ranking_metrics(top, self.judged.rows, self.judged.items,
                                        self.num_items, ranking.TOP_K)['ndcg']
