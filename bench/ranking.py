@@ -57,7 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tensorflow as tf  # noqa: E402
 import tensorflow_transform as tft  # noqa: E402
 
-from trainer import data, features, ranking, topn  # noqa: E402
+from trainer import data, features, ranking, synthetic, topn  # noqa: E402
 
 logger = logging.getLogger('bench.ranking')
 
@@ -68,6 +68,9 @@ KNN_NEIGHBOURS = (50, 200, 0)  # 0: every movie
 QUICK = {'ease': (400.0, 1600.0), 'als': {'factors': (16, 64), 'regularization': (5.0, 20.0)},
          'bpr': {'factors': (64,), 'learning_rate': (0.01,)}, 'knn': (200,)}
 ALS_ITERATIONS, BPR_ITERATIONS = 15, 100
+# The planted ceiling scores every ranked user x movie, about 2 s per million
+# cells; past this it is left out.
+CEILING_MAX_CELLS = 300_000_000
 Scorer = Callable[[tf.Tensor], tf.Tensor] | np.ndarray
 
 
@@ -255,6 +258,44 @@ def served_row(work_dir: str, model_dir: str, problem: Problem, max_users: int,
             'validation_ndcg': topn_record.get('validation_ndcg'), **metrics}
 
 
+def planted_row(work_dir: str, problem: Problem, max_users: int, seed: int,
+                eval_percent: float) -> dict[str, Any] | None:
+    """The planted Bayes ranking on the same users, for generated (movielens) data.
+
+    Redraws the planted model from the staged truth.json's config and ranks
+    by `synthetic.holdout_relevance` with the split's eval share: what no
+    model trained on these ratings should beat beyond sampling noise.  None
+    for real archives and rank3 data.
+    """
+    path = features.join(features.raw_dir(work_dir), features.TRUTH_FILE)
+    if not tf.io.gfile.exists(path):
+        return None
+    truth = features.read_json(path)
+    config = synthetic.config_from_truth(truth)
+    if config.model != synthetic.MOVIELENS:
+        logger.info('%s data: no planted ranking to compare with', config.model)
+        return None
+    state = synthetic.planted_state(config)
+    output = tft.TFTransformOutput(features.transformed_dir(work_dir))
+    user_rows = np.array([int(u) - 1 for u in output.vocabulary_by_name(features.USER_VOCAB)])
+    movie_rows = np.array([int(m) - 1 for m in output.vocabulary_by_name(features.MOVIE_VOCAB)])
+    thresholds = np.array(truth['thresholds'])
+
+    def scores(users: np.ndarray) -> np.ndarray:
+        relevance = synthetic.holdout_relevance(
+            config, state['planted'], state['popularity'], state['counts'],
+            state['user_noise'], thresholds, user_rows[users], eval_percent / 100.0)
+        return relevance[:, movie_rows].astype(np.float32)
+
+    def scorer(user: tf.Tensor) -> tf.Tensor:
+        block = tf.numpy_function(scores, [user], tf.float32, stateful=False)
+        return tf.ensure_shape(block, [None, problem.num_items])
+    started = time.perf_counter()
+    record = problem.ndcg_etc(scorer, max_users, seed)
+    return {'name': 'planted Bayes ranking (the ceiling)', 'settings': {},
+            'fit_seconds': None, 'score_seconds': time.perf_counter() - started, **record}
+
+
 def load_problems(work_dir: str) -> tuple[Problem, Problem, dict[str, Any]]:
     """(validation problem, eval problem, facts) from the work dir's split."""
     info = features.read_dataset_info(work_dir)
@@ -270,13 +311,13 @@ def load_problems(work_dir: str) -> tuple[Problem, Problem, dict[str, Any]]:
     return (problem(fit, validation), problem(train, evaluation),
             {'dataset': info.dataset, 'train_ratings': len(train),
              'eval_ratings': len(evaluation), 'users': num_users, 'movies': num_items,
-             'seed': info.seed})
+             'seed': info.seed, 'eval_percent': info.eval_percent})
 
 
 def format_table(report: dict[str, Any]) -> str:
     lines = [f'{"ranker":<42} {"NDCG@10":>8} {"P@10":>7} {"R@10":>7} {"cov":>6} '
              f'{"fit s":>7}  chosen on validation']
-    for row in report['rows']:
+    for row in report['rows'] + ([report['ceiling']] if report.get('ceiling') else []):
         seconds = '' if row['fit_seconds'] is None else f'{row["fit_seconds"]:.1f}'
         settings = ', '.join(f'{k} {v}' for k, v in row['settings'].items()
                              if k in ('lam', 'neighbours', 'factors', 'regularization',
@@ -315,6 +356,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     max_users = int(metrics.get('config', {}).get('ranking_users', 0))
     tuning, final, facts = load_problems(args.work_dir)
     rows = [served_row(args.work_dir, model_dir, final, max_users, facts['seed'])]
+    ranked_users = min(max_users or facts['users'], facts['users'])
+    ceiling = None
+    if ranked_users * facts['movies'] <= CEILING_MAX_CELLS:
+        ceiling = planted_row(args.work_dir, final, max_users, facts['seed'],
+                              facts['eval_percent'])
+    else:
+        logger.info('%d users x %d movies: too many to score the planted ceiling here; '
+                    "truth.json's ranking.ndcg_at_10 holds it for 1,000 users",
+                    ranked_users, facts['movies'])
     chosen = [rival for rival in rivals(facts['movies'], args.ease_max_movies, args.quick,
                                         facts['seed'], with_implicit=not args.no_implicit)
               if not args.rival or any(text in rival.name for text in args.rival)]
@@ -325,11 +375,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(tune_and_score(rival, tuning, final, max_users, facts['seed']))
         logger.info('%s: eval NDCG@10 %.4f', rival.name, rows[-1]['ndcg'])
     report = {'measured': datetime.datetime.now(datetime.timezone.utc).isoformat(
-        timespec='seconds'), **facts, 'ranked_users_cap': max_users, 'rows': rows}
+        timespec='seconds'), **facts, 'ranked_users_cap': max_users, 'rows': rows,
+        'ceiling': ceiling}
     best_rival = max(rows[1:], key=lambda row: row['ndcg'])
     print(format_table(report))
     print(f'served NDCG@10 / best rival ({best_rival["name"]}): '
           f'{rows[0]["ndcg"] / best_rival["ndcg"]:.3f}x')
+    if ceiling is not None:
+        print(f'served NDCG@10 / planted ceiling: {rows[0]["ndcg"] / ceiling["ndcg"]:.3f}; '
+              f'best rival / ceiling: {best_rival["ndcg"] / ceiling["ndcg"]:.3f}')
     out = args.json_out or os.path.join(
         os.path.dirname(os.path.abspath(__file__)), 'results',
         f'ranking-{report["measured"].replace(":", "")}.json')

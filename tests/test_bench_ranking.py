@@ -78,6 +78,16 @@ def test_the_command_prints_the_table_and_writes_json(trained, capsys, tmp_path)
         'this trainer: the lists recommend serves', 'most popular']
     assert report['users'] == 400 and report['movies'] <= 800
     assert not any('implicit' in row['name'] for row in report['rows'])
+    # Generated data: the planted Bayes ranking of the same users tops every row.
+    assert 'served NDCG@10 / planted ceiling' in printed
+    ceiling = report['ceiling']
+    assert ceiling['name'].startswith('planted Bayes ranking')
+    assert ceiling['ndcg'] > max(row['ndcg'] for row in report['rows'])
+
+
+def test_no_ceiling_without_a_planted_truth(trained, tmp_path):
+    tuning, final, facts = bench.load_problems(trained)
+    assert bench.planted_row(str(tmp_path), final, 0, facts['seed'], 20.0) is None
 
 
 def test_rivals_can_be_chosen_by_name(trained, capsys, tmp_path):

@@ -243,6 +243,70 @@ def test_movielens_users_watch_what_they_like(
     assert ranking['ndcg_at_10'] > 1.3 * ranking['popularity_ndcg_at_10'] > 0.05
 
 
+@pytest.mark.parametrize('selection_bias', [0.0, 1.0])
+def test_exposure_probability_matches_the_generator_s_draws(selection_bias: float) -> None:
+    # Planted answer: how often the generator itself gives each movie to a
+    # user, over 2,000 redraws of that user's movies with their count fixed.
+    config = synthetic.SyntheticConfig(selection_bias=selection_bias)
+    state = synthetic.planted_state(config)
+    counts, planted = state['counts'], state['planted']
+    picked = np.argsort(counts)[[5, counts.size // 2, int(counts.size * 0.9)]]
+    redraws = 2000
+    copies = np.repeat(picked, redraws)
+    copied = {name: table[copies] if name.startswith('user') else table
+              for name, table in planted.items()}
+    users, movies = synthetic.sample_exposure(
+        np.random.default_rng(1), np.random.default_rng(2),
+        dataclasses.replace(config, num_users=copies.size), counts[copies],
+        state['popularity'], copied)
+    drawn = np.zeros((picked.size, config.num_movies))
+    np.add.at(drawn, (users // redraws, movies), 1.0 / redraws)
+    taste = (planted['item_bias'][None, :] + planted['user_factors'][picked].astype(float)
+             @ planted['item_factors'].astype(float).T)
+    approximated = synthetic.exposure_probability(config, state['popularity'],
+                                                  counts[picked], taste)
+    np.testing.assert_allclose(approximated.sum(1), counts[picked], rtol=1e-4)
+    for row in range(picked.size):
+        assert np.corrcoef(drawn[row], approximated[row])[0, 1] > 0.99, counts[picked[row]]
+        assert np.abs(drawn[row] - approximated[row]).max() < 0.08, counts[picked[row]]
+
+
+def test_holdout_relevance_is_the_chance_of_a_relevant_held_out_movie() -> None:
+    config = synthetic.SyntheticConfig(**SMALL)
+    state = synthetic.planted_state(config)
+    thresholds = np.array(synthetic.generate(config).truth['thresholds'])
+    block = np.array([0, 7])
+    got = synthetic.holdout_relevance(config, state['planted'], state['popularity'],
+                                      state['counts'], state['user_noise'], thresholds,
+                                      block, 0.2)
+    planted = state['planted']
+    taste = planted['user_factors'][block].astype(float) @ planted['item_factors'].astype(float).T
+    rated = synthetic.exposure_probability(config, state['popularity'], state['counts'][block],
+                                           planted['item_bias'][None, :] + taste)
+    signal = (config.global_mean + planted['user_bias'][block, None]
+              + planted['item_bias'][None, :] + taste)
+    # Rated >= 4 stars: the latent value passes the third cut point.
+    like = synthetic.normal_cdf((signal - thresholds[2]) / state['user_noise'][block, None])
+    expected = 0.2 * rated / (1 - 0.8 * rated) * like
+    np.testing.assert_allclose(np.exp(got), expected, rtol=1e-6, atol=1e-12)
+
+
+def test_planted_state_redraws_what_generate_drew(
+        default_data: synthetic.SyntheticRatings) -> None:
+    config = synthetic.config_from_truth(default_data.truth)
+    assert config == synthetic.SyntheticConfig()
+    state = synthetic.planted_state(config)
+    np.testing.assert_array_equal(state['counts'],
+                                  np.bincount(default_data.user_ids - 1,
+                                              minlength=config.num_users))
+    np.testing.assert_array_equal(state['planted']['user_factors'],
+                                  planted_of(config)['user_factors'])
+    with pytest.raises(ValueError, match='movielens'):
+        synthetic.planted_state(synthetic.SyntheticConfig(**SMALL, model=synthetic.RANK3))
+    rank3 = synthetic.generate(synthetic.SyntheticConfig(**SMALL, model=synthetic.RANK3))
+    assert synthetic.config_from_truth(rank3.truth).model == synthetic.RANK3
+
+
 def test_movielens_timestamps_order_each_user_s_ratings(
         default_data: synthetic.SyntheticRatings) -> None:
     seconds = default_data.timestamps

@@ -284,8 +284,8 @@ def sample_exposure(pairs_rng: np.random.Generator, selection_rng: np.random.Gen
                         log_popularity)
 
 
-def _draw_exposure(config: SyntheticConfig) -> dict[str, Any]:
-    """The streams, counts, popularity, planted model and who rates what."""
+def _draw_model(config: SyntheticConfig) -> dict[str, Any]:
+    """The streams, counts, popularity and planted model: all but who rates what."""
     # SeedSequence children depend on their index only, so the rank-3 streams
     # are those it drew from spawn(6).
     streams = dict(zip(('counts', 'pairs', 'model', 'noise', 'extras', 'selection',
@@ -294,10 +294,32 @@ def _draw_exposure(config: SyntheticConfig) -> dict[str, Any]:
     popularity = streams['model'].lognormal(0.0, config.movie_popularity_sigma,
                                             config.num_movies)
     planted = planted_model(streams['model'], config)
-    users, movies = sample_exposure(streams['pairs'], streams['selection'], config, counts,
-                                    popularity, planted)
-    return dict(streams=streams, counts=counts, popularity=popularity, planted=planted,
-                users=users, movies=movies)
+    return dict(streams=streams, counts=counts, popularity=popularity, planted=planted)
+
+
+def _draw_exposure(config: SyntheticConfig) -> dict[str, Any]:
+    """`_draw_model`'s draws plus who rates what (users, movies)."""
+    drawn = _draw_model(config)
+    users, movies = sample_exposure(drawn['streams']['pairs'], drawn['streams']['selection'],
+                                    config, drawn['counts'], drawn['popularity'],
+                                    drawn['planted'])
+    return dict(drawn, users=users, movies=movies)
+
+
+def planted_state(config: SyntheticConfig) -> dict[str, Any]:
+    """What `holdout_relevance` needs of a movielens data set, redrawn from its config.
+
+    Costs a fraction of `generate`: who rates what is not drawn again.
+
+    Returns:
+      {'planted', 'popularity', 'counts', 'user_noise'}, 0-based rows.
+    """
+    if config.model != MOVIELENS:
+        raise ValueError(f'the planted ranking needs the {MOVIELENS} model, not {config.model!r}')
+    drawn = _draw_model(config)
+    return dict(planted=drawn['planted'], popularity=drawn['popularity'],
+                counts=drawn['counts'],
+                user_noise=user_noise_scales(drawn['streams']['noise'], config))
 
 
 def _generate_rank3(config: SyntheticConfig) -> SyntheticRatings:
@@ -340,7 +362,7 @@ def _generate_movielens(config: SyntheticConfig) -> SyntheticRatings:
     truth.update(
         thresholds=[round(float(t), 6) for t in thresholds],
         factor_variances=[round(float(v), 8) for v in factor_scales(config) ** 4],
-        ranking=planted_ranking(ranking_rng, config, planted, popularity, user_noise,
+        ranking=planted_ranking(ranking_rng, config, planted, popularity, counts, user_noise,
                                 thresholds, users, movies, ratings))
     return SyntheticRatings(
         user_ids=(users + 1).astype(np.int32), movie_ids=(movies + 1).astype(np.int32),
@@ -599,24 +621,23 @@ def _encodable(text: str, encoding: str) -> bool:
 
 def planted_ranking(rng: np.random.Generator, config: SyntheticConfig,
                     planted: dict[str, np.ndarray], popularity: np.ndarray,
-                    user_noise: np.ndarray, thresholds: np.ndarray, users: np.ndarray,
-                    movies: np.ndarray, ratings: np.ndarray) -> dict[str, Any]:
-    """The planted ranking ceiling: NDCG@10 of the planted propensity.
+                    counts: np.ndarray, user_noise: np.ndarray, thresholds: np.ndarray,
+                    users: np.ndarray, movies: np.ndarray,
+                    ratings: np.ndarray) -> dict[str, Any]:
+    """The planted ranking ceiling: NDCG@10 of the planted chance of a relevant holdout.
 
     For a seeded sample of RANKING_USERS users, RANKING_HOLDOUT of each
     one's ratings are held out; every movie the user did not keep is a
     candidate and the held-out movies rated >= RELEVANT_RATING are relevant
     (binary gains, ideal DCG of min(relevant, 10) hits), as the trainer's
-    ranking evaluation scores a split.  Candidates are ranked by the planted
-    log propensity to watch and like,
-
-        log popularity + selection_bias * (item_bias + p_u . q_i)
-            + log P(rating >= RELEVANT_RATING | planted signal),
-
-    which knows the planted model but not the noise nor which movies the
-    holdout took: no model trained on the ratings should beat it by more
-    than sampling noise.  The same users and holdout ranked by planted
-    popularity alone give `popularity_ndcg_at_10`.
+    ranking evaluation scores a split.  Candidates are ranked by
+    `holdout_relevance`, the planted model's probability that the movie is
+    among the user's held-out ratings and rated >= RELEVANT_RATING, given
+    that it is not among the kept ones: it knows the planted model but not
+    the noise nor which movies the holdout took, so no model trained on the
+    ratings should beat it by more than sampling noise.  The same users and
+    holdout ranked by planted popularity alone give
+    `popularity_ndcg_at_10`.
     """
     chosen = np.sort(rng.choice(config.num_users, min(RANKING_USERS, config.num_users),
                                 replace=False))
@@ -625,33 +646,115 @@ def planted_ranking(rng: np.random.Generator, config: SyntheticConfig,
     item = movies[sampled]
     held = rng.random(row.size) < RANKING_HOLDOUT
     relevant = held & (ratings[sampled] >= RELEVANT_RATING)
-    cut = thresholds[int(round((RELEVANT_RATING - features.DATASETS[config.layout].rating_min)
-                               / features.DATASETS[config.layout].rating_step)) - 1]
     log_popularity = np.log(popularity / popularity.sum())
-    item_factors = planted['item_factors'].astype(np.float64)
     planted_ndcg, popular_ndcg = [], []
     for begin in range(0, chosen.size, _RANKING_BLOCK):
-        block = slice(begin, begin + _RANKING_BLOCK)
+        block = chosen[begin:begin + _RANKING_BLOCK]
         in_block = (row >= begin) & (row < begin + _RANKING_BLOCK)
-        shape = (chosen[block].size, config.num_movies)
+        shape = (block.size, config.num_movies)
         seen = np.zeros(shape, bool)
         seen[row[in_block & ~held] - begin, item[in_block & ~held]] = True
         wanted = np.zeros(shape, bool)
         wanted[row[in_block & relevant] - begin, item[in_block & relevant]] = True
-        taste = planted['user_factors'][chosen[block]].astype(np.float64) @ item_factors.T
-        signal = (config.global_mean + planted['user_bias'][chosen[block], None]
-                  + planted['item_bias'][None, :] + taste)
-        noise = np.maximum(user_noise[chosen[block], None], 1e-12)
-        like = np.log(np.maximum(normal_cdf((signal - cut) / noise), 1e-300))
-        propensity = (log_popularity[None, :] + like + config.selection_bias
-                      * (planted['item_bias'][None, :] + taste))
-        planted_ndcg.append(_ndcg_at_k(propensity, seen, wanted))
+        scores = holdout_relevance(config, planted, popularity, counts, user_noise,
+                                   thresholds, block, RANKING_HOLDOUT)
+        planted_ndcg.append(_ndcg_at_k(scores, seen, wanted))
         popular_ndcg.append(_ndcg_at_k(np.broadcast_to(log_popularity, shape), seen, wanted))
     planted_scores, popular_scores = np.concatenate(planted_ndcg), np.concatenate(popular_ndcg)
     return {'ndcg_at_10': float(np.nanmean(planted_scores)),
             'popularity_ndcg_at_10': float(np.nanmean(popular_scores)),
             'users': int(np.isfinite(planted_scores).sum()),
             'holdout': RANKING_HOLDOUT, 'relevant_rating': RELEVANT_RATING}
+
+
+def holdout_relevance(config: SyntheticConfig, planted: dict[str, np.ndarray],
+                      popularity: np.ndarray, counts: np.ndarray, user_noise: np.ndarray,
+                      thresholds: np.ndarray, block: np.ndarray,
+                      holdout: float) -> np.ndarray:
+    """log P(movie held out and rated >= RELEVANT_RATING | not kept), per (user, movie).
+
+    The Bayes ranking of a split that holds out each rating with probability
+    `holdout`, for the 0-based users `block` (movielens model).  With
+    pi = `exposure_probability` (the user rated the movie) and the planted
+    P(rating >= RELEVANT_RATING | signal), a movie the user did not keep was
+    held out with probability holdout * pi / (1 - (1 - holdout) * pi): a
+    movie the user almost surely rated but did not keep is almost surely held
+    out.  Rating noise is independent of who rates what, so the two multiply.
+
+    Returns:
+      float64 [len(block), num_movies].
+    """
+    layout = features.DATASETS[config.layout]
+    cut = thresholds[int(round((RELEVANT_RATING - layout.rating_min) / layout.rating_step)) - 1]
+    taste = (planted['user_factors'][block].astype(np.float64)
+             @ planted['item_factors'].astype(np.float64).T)
+    signal = (config.global_mean + planted['user_bias'][block, None]
+              + planted['item_bias'][None, :] + taste)
+    noise = np.maximum(user_noise[block, None], 1e-12)
+    like = np.log(np.maximum(normal_cdf((signal - cut) / noise), 1e-300))
+    del signal
+    rated = exposure_probability(config, popularity, counts[block],
+                                 planted['item_bias'][None, :] + taste)
+    rated = np.clip(rated, 1e-300, 1.0 - 1e-12)
+    return np.log(holdout * rated / (1.0 - (1.0 - holdout) * rated)) + like
+
+
+def exposure_probability(config: SyntheticConfig, popularity: np.ndarray,
+                         counts: np.ndarray, taste_score: np.ndarray) -> np.ndarray:
+    """P(the generator gives each user each movie), for a block of users.
+
+    Follows `sample_exposure` stage by stage with the Poisson approximation
+    of a draw of n distinct items with weights w: item j is in it with
+    probability 1 - exp(-r w_j), r solving sum_j (1 - exp(-r w_j)) = n.
+    The candidate pool is such a draw by popularity (the uniform rounds that
+    top up the heaviest users are left out); the kept movies are one from the
+    pool with weights popularity * exp(selection_bias * taste_score) (movielens;
+    rank3 leaves popularity out), so a movie is kept with probability
+    P(in pool) * (1 - exp(-r w_j)), r solving sum_j P(in pool) * (...) = n.
+
+    Args:
+      counts: [B] ratings of each user of the block.
+      taste_score: [B, num_movies] item_bias + user_factors . item_factors.
+
+    Returns:
+      float64 [B, num_movies].
+    """
+    share = popularity / popularity.sum()
+    by_popularity = np.broadcast_to(share, taste_score.shape)
+    if not config.selection_bias:
+        return _inclusion(by_popularity, counts)
+    pool = np.maximum(np.minimum(SELECTION_CANDIDATES * counts,
+                                 int(SELECTION_MAX_SHARE * config.num_movies)), counts)
+    in_pool = _inclusion(by_popularity, pool)
+    log_weight = config.selection_bias * taste_score
+    if config.model == MOVIELENS:
+        log_weight = log_weight + np.log(share)
+    weight = np.exp(log_weight - log_weight.max(axis=1, keepdims=True))
+    return in_pool * _inclusion(weight, counts, in_pool)
+
+
+# Bisection steps on log r for `_inclusion` (bracket 60 wide: 6e-8 at the end).
+_RATE_STEPS = 30
+
+
+def _inclusion(weight: np.ndarray, size: np.ndarray,
+               available: np.ndarray | None = None) -> np.ndarray:
+    """1 - exp(-r_u w_uj), r_u solving sum_j available_uj (1 - exp(-r_u w_uj)) = size_u.
+
+    The Poisson approximation of the chance that a draw of size_u distinct
+    items with weights w_u (without replacement) holds item j, each row
+    solved by bisection on log r.
+    """
+    weight = weight / weight.max(axis=1, keepdims=True)
+    low, high = np.full(size.shape, -20.0), np.full(size.shape, 40.0)
+    for _ in range(_RATE_STEPS):
+        middle = (low + high) / 2
+        drawn = -np.expm1(-np.exp(middle)[:, None] * weight)
+        if available is not None:
+            drawn *= available
+        over = drawn.sum(axis=1) > size
+        low, high = np.where(over, low, middle), np.where(over, middle, high)
+    return -np.expm1(-np.exp((low + high) / 2)[:, None] * weight)
 
 
 def _ndcg_at_k(scores: np.ndarray, seen: np.ndarray, wanted: np.ndarray) -> np.ndarray:
@@ -675,6 +778,15 @@ def config_fields(config: SyntheticConfig) -> dict[str, Any]:
         if not config.selection_bias:
             del fields['selection_bias']
     return fields
+
+
+def config_from_truth(truth: dict[str, Any]) -> SyntheticConfig:
+    """The config a truth.json was written for (`config_fields` in reverse)."""
+    names = [field.name for field in dataclasses.fields(SyntheticConfig)]
+    fields = {name: truth[name] for name in names if name in truth}
+    if 'thresholds' not in truth and 'model' not in truth:
+        fields['model'] = RANK3  # rank3 truth leaves the field out
+    return SyntheticConfig(**fields)
 
 
 def make_truth(config: SyntheticConfig, ratings: np.ndarray,
