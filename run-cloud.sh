@@ -50,6 +50,9 @@ usage: ./run-cloud.sh --work-dir gs://BUCKET/PREFIX [flags] [-- TRAINER_FLAGS...
   --gpu TYPE:COUNT        accelerators per replica, e.g. NVIDIA_TESLA_T4:1 (needs a
                           CUDA-enabled image; the default image is CPU-only)
   --hp-tuning             run a hyperparameter-tuning job (hptuning.yaml) instead
+  --tuning-space FILE     --hp-tuning only: the study (default: hptuning.yaml, the rating
+                          model by validation RMSE; hptuning-ranking.yaml: the top-N
+                          model by validation NDCG@10)
   --max-trials N          --hp-tuning only: trials in all (default: 12)
   --parallel-trials N     --hp-tuning only: trials at a time (default: 3)
   --image URI             use this training image; skips the Cloud Build step (then
@@ -127,6 +130,7 @@ workers="0"
 machine_type="n1-standard-4"
 gpu=""
 hp_tuning=false
+tuning_space=""
 max_trials=""
 parallel_trials=""
 image=""
@@ -171,6 +175,7 @@ parse_flags() {
       --workers) need_value "$@"; workers="$2"; shift 2 ;;
       --machine-type) need_value "$@"; machine_type="$2"; shift 2 ;;
       --gpu) need_value "$@"; gpu="$2"; shift 2 ;;
+      --tuning-space) need_value "$@"; tuning_space="$2"; shift 2 ;;
       --max-trials) need_value "$@"; max_trials="$2"; shift 2 ;;
       --parallel-trials) need_value "$@"; parallel_trials="$2"; shift 2 ;;
       --image) need_value "$@"; image="$2"; shift 2 ;;
@@ -336,9 +341,11 @@ validate_deploy_flags() {
 
 validate_tuning_flags() {
   if [[ "${hp_tuning}" == false ]]; then
-    [[ -z "${max_trials}${parallel_trials}" ]] || die "--max-trials and --parallel-trials only apply with --hp-tuning; add --hp-tuning or drop them"
+    [[ -z "${max_trials}${parallel_trials}${tuning_space}" ]] || die "--max-trials, --parallel-trials and --tuning-space only apply with --hp-tuning; add --hp-tuning or drop them"
     return 0
   fi
+  tuning_space="${tuning_space:-hptuning.yaml}"
+  [[ -f "${tuning_space}" ]] || die "--tuning-space ${tuning_space}: no such file; pass hptuning.yaml, hptuning-ranking.yaml or a study of your own"
   max_trials="${max_trials:-12}"
   parallel_trials="${parallel_trials:-3}"
   check --max-trials "${max_trials}" '^[1-9][0-9]{0,3}$' "a positive integer, e.g. --max-trials 12"
@@ -383,7 +390,7 @@ render_job_config() {
     [[ "${tensorboard}" == projects/* ]] || tensorboard="projects/${project}/locations/${region}/tensorboards/${tensorboard}"
     render+=(--tensorboard "${tensorboard}")
   fi
-  [[ "${hp_tuning}" == false ]] || render+=(--hp-tuning)
+  [[ "${hp_tuning}" == false ]] || render+=(--hp-tuning --tuning-template "${tuning_space}")
   render+=("${overwrite[@]}")
   echo_command "${render[@]}" -- "${trainer_flags[@]}"
   "${render[@]}" -- "${trainer_flags[@]}" || exit 2

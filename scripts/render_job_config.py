@@ -29,6 +29,10 @@ from typing import Any
 import yaml
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from trainer import features  # noqa: E402  (the metric names; no TensorFlow)
+
 CUSTOM_JOB_TEMPLATE = REPO / 'config.yaml'
 TUNING_JOB_TEMPLATE = REPO / 'hptuning.yaml'
 
@@ -40,8 +44,9 @@ _FLAGS_SET_HERE = {'--work-dir': 'run-cloud.sh --work-dir',
                    '--job-dir': 'the job (from AIP_MODEL_DIR, see config.yaml)',
                    '--overwrite': 'run-cloud.sh --overwrite'}
 # Every tuning trial's: the service reads only the validation metric, so a trial
-# skips the refit, the posterior sweeps, the ranking evaluation and the export.
-_TRIAL_FLAGS = ('--metric-only',)
+# skips the refit, the posterior sweeps, the ranking evaluation and the export;
+# --tuning-metric names the study's metric (`trial_flags`).
+_TRIAL_FLAGS = ('--metric-only', '--tuning-metric')
 
 
 def fill_placeholders(node: Any, values: Mapping[str, Any]) -> Any:
@@ -116,6 +121,32 @@ def tuned_flags(tuning_template: Mapping[str, Any]) -> list[str]:
     """The trainer flags a tuning job sets: --<parameterId> for each parameter."""
     return ['--' + parameter['parameterId']
             for parameter in tuning_template['studySpec']['parameters']]
+
+
+def _flag_value(flags: Sequence[str], name: str) -> str | None:
+    """The last value of --name among flags (as --name V or --name=V), or None."""
+    value = None
+    for position, flag in enumerate(flags):
+        if flag == name and position + 1 < len(flags):
+            value = flags[position + 1]
+        elif flag.startswith(name + '='):
+            value = flag.split('=', 1)[1]
+    return value
+
+
+def trial_flags(tuning_template: Mapping[str, Any]) -> list[str]:
+    """What every trial passes the trainer: --metric-only and the study's metric.
+
+    Raises:
+      ValueError: the study ranks by a metric the trainer does not report.
+    """
+    metrics = tuning_template['studySpec']['metrics']
+    metric = metrics[0]['metricId'] if len(metrics) == 1 else None
+    if metric not in features.TUNING_METRICS:
+        raise ValueError(f'the tuning template must rank by one metric the trainer reports, '
+                         f'{" or ".join(features.TUNING_METRICS)}, not '
+                         f'{[m.get("metricId") for m in metrics]}')
+    return ['--metric-only', f'--tuning-metric={metric}']
 
 
 def render_custom_job(template: Mapping[str, Any], *, image_uri: str,
@@ -198,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     add('--hp-tuning', action='store_true',
         help='write a hyperparameter-tuning job (hptuning.yaml) instead')
     add('--template', type=pathlib.Path, default=CUSTOM_JOB_TEMPLATE)
-    add('--tuning-template', type=pathlib.Path, default=TUNING_JOB_TEMPLATE)
+    add('--tuning-template', type=pathlib.Path, default=TUNING_JOB_TEMPLATE,
+        help='the study with --hp-tuning (default hptuning.yaml; hptuning-ranking.yaml '
+             'tunes the top-N model by validation NDCG@10)')
     return parser
 
 
@@ -216,11 +249,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         reserved = dict(_FLAGS_SET_HERE)
         if tuning_template is not None:
             reserved.update(dict.fromkeys(tuned_flags(tuning_template),
-                                          'hptuning.yaml (it is tuned)'))
+                                          f'{args.tuning_template.name} (it is tuned)'))
             reserved.update(dict.fromkeys(_TRIAL_FLAGS, 'run-cloud.sh --hp-tuning'))
         check_trainer_flags(trainer_flags, reserved)
         if tuning_template is not None:
-            trainer_flags = [*_TRIAL_FLAGS, *trainer_flags]
+            trainer_flags = [*trial_flags(tuning_template), *trainer_flags]
+            ranks_top_n = 'validation_ndcg' in trainer_flags[1]
+            if ranks_top_n and _flag_value(trainer_flags, '--topn-model') == 'rating':
+                raise ValueError(f'{args.tuning_template.name} tunes the top-N model, which '
+                                 'trainer flag --topn-model rating turns off; drop that flag')
         if args.workers and '--implicit-feedback' in trainer_flags:
             raise ValueError(f'trainer flag --implicit-feedback trains one replica, not the '
                              f'chief and {args.workers} workers; drop --workers or the flag')
@@ -232,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             trainer_flags=['--overwrite', *trainer_flags] if args.overwrite else trainer_flags)
         if tuning_template is not None:
             job = render_tuning_job(tuning_template, job)
-    except ValueError as error:
+    except (ValueError, OSError, yaml.YAMLError) as error:
         # One line, as run-cloud.sh reports every bad flag.
         print(f'{parser.prog}: error: {error}', file=sys.stderr)
         return 2

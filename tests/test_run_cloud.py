@@ -186,20 +186,58 @@ def test_hp_tuning_submits_a_study_of_validation_rmse(run_cloud):
     assert trial['baseOutputDirectory'] == {
         'outputUriPrefix': f'{WORK_DIR}/hptuning/{flag(create["argv"], "--display-name")}'}
     assert trial['workerPoolSpecs'][0]['containerSpec']['args'] == [
-        '--work-dir', WORK_DIR, '--metric-only', '--num-epochs', '5']
+        '--work-dir', WORK_DIR, '--metric-only', '--tuning-metric=validation_rmse',
+        '--num-epochs', '5']
 
 
-def test_tuned_parameters_are_trainer_flags_and_their_bounds_pass():
+def test_hp_tuning_the_ranking_space_submits_a_study_of_validation_ndcg(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, '--hp-tuning',
+                       '--tuning-space', 'hptuning-ranking.yaml', *OFFLINE,
+                       '--', '--topn-iterations', '8')
+    assert result.returncode == 0, result.stderr
+    config = result.submitted_config('hp-tuning-jobs')
+    assert config['studySpec']['metrics'] == [{'metricId': 'validation_ndcg',
+                                               'goal': 'MAXIMIZE'}]
+    assert {p['parameterId'] for p in config['studySpec']['parameters']} == {
+        'topn-factors', 'topn-l2', 'topn-unobserved-weight', 'topn-confidence'}
+    # Each trial reports the top-N model's metric, the one the study ranks by.
+    assert config['trialJobSpec']['workerPoolSpecs'][0]['containerSpec']['args'] == [
+        '--work-dir', WORK_DIR, '--metric-only', '--tuning-metric=validation_ndcg',
+        '--topn-iterations', '8']
+    from google.cloud import aiplatform_v1  # pylint: disable=import-outside-toplevel
+    job = parse_strictly(aiplatform_v1.HyperparameterTuningJob, config)
+    assert [metric.metric_id for metric in job.study_spec.metrics] == ['validation_ndcg']
+
+
+@pytest.mark.parametrize('flags, named', [
+    (['--tuning-space', 'hptuning-ranking.yaml'], '--tuning-space'),
+    (['--hp-tuning', '--tuning-space', 'no-such-study.yaml'], 'no-such-study.yaml'),
+    (['--hp-tuning', '--tuning-space', 'hptuning-ranking.yaml', '--', '--topn-model',
+      'rating'], '--topn-model rating'),
+    (['--hp-tuning', '--', '--tuning-metric', 'validation_ndcg'], '--tuning-metric'),
+])
+def test_a_tuning_space_that_cannot_run_is_one_line(run_cloud, flags, named):
+    split = flags.index('--') if '--' in flags else len(flags)
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, *flags[:split], *OFFLINE,
+                       *flags[split:])
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert named in result.stderr
+    assert not result.gcloud('ai', 'hp-tuning-jobs', 'create')
+
+
+@pytest.mark.parametrize('space', ['hptuning.yaml', 'hptuning-ranking.yaml'])
+def test_tuned_parameters_are_trainer_flags_and_their_bounds_pass(space: str):
     """Vertex passes --<parameterId>=<value>; the trainer must accept both ends."""
     from trainer import config as trainer_config  # imports TensorFlow: a few seconds
-    parser = trainer_config.build_parser()
-    template = render.read_yaml(render.TUNING_JOB_TEMPLATE)
+    template = render.read_yaml(render.REPO / space)
     for parameter in template['studySpec']['parameters']:
         spec = parameter.get('doubleValueSpec') or parameter['integerValueSpec']
         for value in (spec['minValue'], spec['maxValue']):
             arg = f'--{parameter["parameterId"]}={value}'
             # exits on a refused value
-            parser.parse_args(['--work-dir', 'w', *render._TRIAL_FLAGS, arg])
+            trainer_config.parse_args(['--work-dir', 'w', *render.trial_flags(template), arg],
+                                      environ={})
 
 
 @pytest.mark.parametrize('model_dir, job_dir', [

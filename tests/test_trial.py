@@ -9,6 +9,7 @@ metric: no refit, posterior sweeps, ranking evaluation or export.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 
@@ -69,8 +70,8 @@ def run_trial(prepared: str, root, trial: str, *flags: str) -> dict:
     with open(paths['metric_file'], encoding='utf-8') as f:
         (line,) = f.read().splitlines()
     paths['report'] = json.loads(line)
-    paths['loss_log'] = history.read_loss_log(
-        os.path.join(paths['job_dir'], features.LOSS_LOG_FILE))
+    loss_log = os.path.join(paths['job_dir'], features.LOSS_LOG_FILE)
+    paths['loss_log'] = history.read_loss_log(loss_log) if os.path.exists(loss_log) else None
     return paths
 
 
@@ -89,3 +90,36 @@ def test_a_metric_only_trial_reports_the_same_metric_and_skips_the_rest(
     assert not os.path.exists(trial['export'])
     assert not os.path.exists(os.path.join(trial['job_dir'], features.METRICS_FILE))
     assert 'trial 2: validation RMSE' in capsys.readouterr().out
+
+
+def test_a_ranking_trial_reports_the_top_n_model_s_validation_ndcg(
+        prepared: str, tmp_path, capsys):
+    ranking_flags = ('--tuning-metric', 'validation_ndcg', '--topn-iterations', '4')
+    full = run_trial(prepared, tmp_path, '1', *ranking_flags)
+    assert os.path.exists(os.path.join(full['export'], 'saved_model.pb'))
+    trial = run_trial(prepared, tmp_path, '2', '--metric-only', *ranking_flags)
+    assert trial['report']['trial'] == '2' and 'validation_rmse' not in trial['report']
+    # The search is the same with or without what the trial skips (the refit,
+    # the rating model, the export), so the metric is too: the best row of
+    # the trial's own topn_log.csv.
+    reported = float(trial['report']['validation_ndcg'])
+    assert reported == pytest.approx(float(full['report']['validation_ndcg']), rel=1e-6)
+    with open(os.path.join(trial['job_dir'], features.TOPN_LOG_FILE), encoding='utf-8') as f:
+        rows = list(csv.DictReader(f))
+    assert reported == pytest.approx(max(float(row['validation_ndcg']) for row in rows),
+                                     abs=1e-6)  # the log keeps 6 decimals
+    assert 0 < reported <= 1
+    assert trial['report']['global_step'] == str(
+        1 + max(range(len(rows)), key=lambda i: float(rows[i]['validation_ndcg'])))
+    # Nothing of the rating model, and no export.
+    assert trial['loss_log'] is None
+    assert not os.path.exists(trial['export'])
+    assert not os.path.exists(os.path.join(trial['job_dir'], features.METRICS_FILE))
+    assert 'trial 2: validation NDCG@10' in capsys.readouterr().out
+
+
+def test_the_ranking_metric_needs_the_top_n_model(capsys):
+    with pytest.raises(SystemExit):
+        config.parse_args(['--work-dir', 'w', '--tuning-metric', 'validation_ndcg',
+                           '--topn-model', 'rating'], environ={})
+    assert '--topn-model ials' in capsys.readouterr().err

@@ -224,6 +224,9 @@ class TrainConfig:
       metric_only: train and report the validation metric only: no refit, no
         posterior sweeps, no ranking evaluation, no export (a tuning trial
         whose service reads only the metric).
+      tuning_metric: what a tuning trial reports (features.TUNING_METRICS):
+        the rating model's validation_rmse, or the top-N model's
+        validation_ndcg (with metric_only, the rating model is not trained).
       resume_checkpoint_dir: resume from the checkpoints here instead of
         checkpoint_dir (a non-chief worker resumes from the chief's).
     """
@@ -267,6 +270,7 @@ class TrainConfig:
     hypertune_file: str | None = None
     trial_id: str | None = None
     metric_only: bool = False
+    tuning_metric: str = 'validation_rmse'
     resume_checkpoint_dir: str | None = None
 
 
@@ -486,6 +490,11 @@ def build_parser() -> argparse.ArgumentParser:
         help='a tuning trial: train, write the loss log and report the validation '
              'metric only; implies --final-model best --posterior-samples 0 and '
              'skips the ranking evaluation and the export')
+    add('--tuning-metric', default=TrainConfig.tuning_metric,
+        choices=tuple(features.TUNING_METRICS),
+        help="the metric a tuning trial reports: validation_rmse (default, the rating "
+             "model's) or validation_ndcg (the top-N model's NDCG@10; "
+             'hptuning-ranking.yaml)')
     return parser
 
 
@@ -519,8 +528,12 @@ def parse_args(argv: Sequence[str] | None = None,
         field.name: getattr(args, field.name)
         for field in dataclasses.fields(TrainConfig)
         if field.default is not dataclasses.MISSING and hasattr(args, field.name)}
+    if args.tuning_metric == 'validation_ndcg' and args.topn_model != 'ials':
+        parser.error(f'argument --tuning-metric: validation_ndcg ranks the top-N model, '
+                     f'which --topn-model {args.topn_model} turns off; use --topn-model ials')
     if args.metric_only:
-        # The metric is the best epoch's validation RMSE: nothing after it changes it.
+        # The metric is the best epoch's validation RMSE, or the top-N model's best
+        # iteration's validation NDCG: nothing after either changes it.
         hyperparameters.update(final_model='best', posterior_samples=0)
     return make_config(
         work_dir=args.work_dir, model_dir=args.job_dir,

@@ -80,6 +80,9 @@ LOSS_LOG_FILE = 'loss_log.csv'
 TOPN_CHECKPOINT_DIR = 'topn'
 TOPN_LOG_FILE = 'topn_log.csv'
 TOPN_LOG_COLUMNS = ('iteration', 'objective', 'validation_ndcg', 'seconds')
+# What a tuning trial can report (hptuning.yaml, hptuning-ranking.yaml), each a
+# log column above, and whether larger is better.
+TUNING_METRICS = {'validation_rmse': False, 'validation_ndcg': True}
 METRICS_FILE = 'metrics.json'
 # Counts of clipped eval predictions per true rating, for plot.py.
 EVAL_PREDICTIONS_FILE = 'eval_predictions.csv'

@@ -7,8 +7,9 @@
   what `tf.summary.scalar` writes: that one needs the `tensorboard` package,
   which the training image does not install.
 - Hyperparameter tuning: the final model's validation RMSE as metric
-  `validation_rmse` (never the eval split's: the tuning service chooses by
-  it), written the way cloudml-hypertune 0.1.0.dev6 writes it (the file
+  `validation_rmse`, or with --tuning-metric validation_ndcg the top-N
+  model's best validation NDCG@10 (never the eval split's: the tuning
+  service chooses by it), written the way cloudml-hypertune 0.1.0.dev6 writes it (the file
   Vertex AI's tuning service reads): one JSON object per line, keys sorted,
   values as strings except the timestamp, e.g.
 
@@ -34,6 +35,9 @@ from trainer.history import EpochMetrics
 
 # hptuning.yaml's studySpec metricId; the loss-log column of the same name.
 TUNING_METRIC_ID = 'validation_rmse'
+# hptuning-ranking.yaml's: the top-N model's best validation NDCG@10 (a
+# topn_log.csv column).
+RANKING_METRIC_ID = 'validation_ndcg'
 # The TensorBoard run of the validation slice.
 VALIDATION = 'validation'
 
@@ -77,23 +81,24 @@ def epoch_summaries(log_dir: str | None
 
 
 def tuning_metric_line(value: float, global_step: int, trial_id: str | None,
-                       timestamp: float) -> str:
+                       timestamp: float, metric_id: str = TUNING_METRIC_ID) -> str:
     """One line of the metric file, as cloudml-hypertune 0.1.0.dev6 writes it."""
     return json.dumps({
         'timestamp': timestamp,
         'trial': str(trial_id or 0),
-        TUNING_METRIC_ID: str(float(value)),
+        metric_id: str(float(value)),
         'global_step': str(int(global_step)),
         'checkpoint_path': '',
     }, sort_keys=True) + '\n'
 
 
 def report_tuning_metric(path: str, value: float, global_step: int,
-                         trial_id: str | None, timestamp: float) -> None:
+                         trial_id: str | None, timestamp: float,
+                         metric_id: str = TUNING_METRIC_ID) -> None:
     """Writes the metric file in place, as cloudml-hypertune does.
 
     The path is local: the tuning service reads it on this machine.
     """
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     with open(path, 'w', encoding='utf-8') as f:
-        f.write(tuning_metric_line(value, global_step, trial_id, timestamp))
+        f.write(tuning_metric_line(value, global_step, trial_id, timestamp, metric_id))

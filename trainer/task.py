@@ -174,6 +174,8 @@ def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
     info = features.read_dataset_info(config.work_dir)
     config = config_lib.with_data_defaults(config, info)
     user_vocab_size, item_vocab_size = data.read_vocabulary_sizes(tft_dir)
+    if config.metric_only and config.tuning_metric == reporting.RANKING_METRIC_ID:
+        return _ranking_trial(config, info, (user_vocab_size, item_vocab_size), strategy, task)
     try:
         with reporting.epoch_summaries(config.tensorboard_dir) as on_epoch_end:
             result = train_lib.train(config, info, user_vocab_size,
@@ -190,7 +192,8 @@ def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
         print(f'trainer: error: {bad_shard}', file=sys.stderr)
         return 2
     if config.metric_only:
-        _report_and_wait(config, result, strategy, task)
+        _report_and_wait(config, result.best_validation_rmse, result.best_epoch, strategy,
+                         task)
         if task.is_chief:
             print(f'trial {config.trial_id or 0}: validation RMSE '
                   f'{result.best_validation_rmse:.4f} at epoch {result.best_epoch} '
@@ -221,19 +224,46 @@ def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
                                             result.splits.eval, config.eval_batch_size)
     features.write_json(features.join(config.model_dir, features.METRICS_FILE),
                         metrics)
-    _report_and_wait(config, result, strategy, task)
+    if config.tuning_metric == reporting.RANKING_METRIC_ID:
+        _report_and_wait(config, topn_result.best_validation_ndcg, topn_result.iterations,
+                         strategy, task)
+    else:
+        _report_and_wait(config, result.best_validation_rmse, result.best_epoch, strategy,
+                         task)
     if task.is_chief:
         print(_summary(metrics, info, config))
     return 0
 
 
-def _report_and_wait(config: config_lib.TrainConfig, result: train_lib.TrainResult,
+def _ranking_trial(config: config_lib.TrainConfig, info: features.DatasetInfo,
+                   sizes: tuple[int, int], strategy: tf.distribute.Strategy,
+                   task: distribute.Task) -> int:
+    """A tuning trial of the top-N model: its search alone, then the metric.
+
+    The rating model is not trained: the top-N model reads only the splits.
+    """
+    try:
+        splits = train_lib.load_splits(config, info)
+        result = topn.train(config, splits, *(size + features.NUM_OOV_BUCKETS
+                                              for size in sizes), info.seed)
+    except (FileNotFoundError, train_lib.ResumeError, data.ShardError,
+            fused.KernelUnavailable) as error:
+        print(f'trainer: error: {error}', file=sys.stderr)
+        return 2
+    _report_and_wait(config, result.best_validation_ndcg, result.iterations, strategy, task)
+    if task.is_chief:
+        print(f'trial {config.trial_id or 0}: validation NDCG@{ranking.TOP_K} '
+              f'{result.best_validation_ndcg:.4f} at iteration {result.iterations} '
+              f'(--metric-only: no export)')
+    return 0
+
+
+def _report_and_wait(config: config_lib.TrainConfig, value: float, step: int,
                      strategy: tf.distribute.Strategy, task: distribute.Task) -> None:
     """Reports the tuning metric (in a trial), then waits for every worker."""
     if config.hypertune_file is not None:
-        reporting.report_tuning_metric(
-            config.hypertune_file, result.best_validation_rmse, result.best_epoch,
-            config.trial_id, time.time())
+        reporting.report_tuning_metric(config.hypertune_file, value, step, config.trial_id,
+                                       time.time(), config.tuning_metric)
     if task.num_workers > 1:
         distribute.wait_for_all(strategy)
 

@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_SPACE = pathlib.Path(__file__).resolve().parents[1] / 'hptuning.yaml'
 RESULTS_FILE = 'tuning.json'
 # The metrics a spec may name, and whether larger is better.
-METRICS = {'validation_rmse': False, 'validation_ndcg': True}
+METRICS = features.TUNING_METRICS
 
 
 @dataclasses.dataclass(frozen=True)
