@@ -148,17 +148,21 @@ def implicit_model(problem: Problem, kind: str, values: np.ndarray, seed: int,
                    **settings: Any) -> Callable:
     from implicit.cpu.als import AlternatingLeastSquares  # pylint: disable=import-outside-toplevel
     from implicit.cpu.bpr import BayesianPersonalizedRanking  # pylint: disable=import-outside-toplevel
-    if kind == 'als':
-        model = AlternatingLeastSquares(iterations=ALS_ITERATIONS, random_state=seed,
-                                        **settings)
-    else:
-        model = BayesianPersonalizedRanking(iterations=BPR_ITERATIONS, random_state=seed,
-                                            **settings)
+    import threadpoolctl  # pylint: disable=import-outside-toplevel  # implicit's dependency
     keep = values > 0
     matrix = sparse.csr_matrix((values[keep].astype(np.float32),
                                 (problem.users[keep], problem.items[keep])),
                                shape=(problem.num_users, problem.num_items))
-    model.fit(matrix, show_progress=False)
+    # implicit runs its own threads; BLAS threads inside them oversubscribe the
+    # cores, which implicit warns about and asks to turn off.
+    with threadpoolctl.threadpool_limits(1, 'blas'):
+        if kind == 'als':
+            model = AlternatingLeastSquares(iterations=ALS_ITERATIONS, random_state=seed,
+                                            **settings)
+        else:
+            model = BayesianPersonalizedRanking(iterations=BPR_ITERATIONS, random_state=seed,
+                                                **settings)
+        model.fit(matrix, show_progress=False)
     return ranking.factor_scorer(np.asarray(model.user_factors, np.float32),
                                  np.asarray(model.item_factors, np.float32),
                                  problem.num_items)
