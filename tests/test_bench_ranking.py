@@ -54,6 +54,27 @@ def test_served_lists_score_what_the_trainer_measured(trained):
     assert metrics['topn']['iterations'] >= 1 and metrics['topn']['refit']
 
 
+def test_with_a_like_term_the_served_lists_still_score_what_the_trainer_measured(trained,
+                                                                                 tmp_path):
+    # --topn-like-weight moves the served score into the SavedModel's graph
+    # (the rating model's P(rating >= 4) times the top-N score): the export and
+    # the trainer's evaluation must still rank alike.
+    model_dir = str(tmp_path / 'liked')
+    assert task.main(['--work-dir', trained, '--job-dir', model_dir, '--posterior-samples', '0',
+                      '--topn-confidence', '0', '--topn-like-weight', '0.5']) == 0
+    metrics = features.read_json(features.join(model_dir, features.METRICS_FILE))
+    like = metrics['topn']['like']
+    assert like['weight'] == 0.5 and like['cut'] == 3.5
+    assert like['noise'] == pytest.approx(metrics['validation_rmse'])
+    tuning, final, facts = bench.load_problems(trained)
+    row = bench.served_row(trained, model_dir, final, 0, facts['seed'])
+    for name in ('ndcg', 'precision', 'recall', 'coverage'):
+        assert row[name] == pytest.approx(metrics['ranking']['model'][name], abs=1e-9), name
+    default = features.read_json(features.join(features.default_model_dir(trained),
+                                               features.METRICS_FILE))
+    assert row['ndcg'] > 1.08 * default['ranking']['most_popular']['ndcg']
+
+
 def test_rivals_are_tuned_on_validation_and_scored_on_eval(trained, capsys, tmp_path):
     tuning, final, facts = bench.load_problems(trained)
     assert tuning.ratings.size + tuning.target.rating.shape[0] == final.ratings.size

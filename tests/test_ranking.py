@@ -99,6 +99,32 @@ def test_score_items_matches_the_model_pair_by_pair():
     np.testing.assert_allclose(scores[2], 3.0 + np.array([0.3, -0.4, 0.2, 0.9]), rtol=1e-6)
 
 
+def test_topn_scores_add_the_rating_model_s_chance_of_a_like():
+    model = _model(num_users=3, num_items=4)
+    model.set_weights(item_bias=[0.9, -1.2, 0.2, 0.4, 0.0])
+    rng = np.random.default_rng(0)
+    user_factors = tf.constant(rng.uniform(-0.1, 0.6, (4, 2)), tf.float32)
+    item_factors = tf.constant(rng.uniform(-0.1, 0.6, (5, 2)), tf.float32)
+    users = tf.constant([0, 2], tf.int64)
+    plain = user_factors.numpy()[[0, 2]] @ item_factors.numpy()[:4].T
+    np.testing.assert_allclose(
+        ranking.topn_scores(user_factors, item_factors, users, 4).numpy(), plain, rtol=1e-6)
+    like = ranking.LikeTerm(weight=0.5, cut=3.5, noise=0.9)
+    rating = ranking.score_items(model, users, 4).numpy()
+    liked = np.array([[0.5 * math.erfc(-(r - 3.5) / (0.9 * math.sqrt(2))) for r in row]
+                      for row in rating])
+    expected = np.log(np.maximum(plain, ranking.TOPN_SCORE_FLOOR)) + 0.5 * np.log(liked)
+    got = ranking.topn_scores(user_factors, item_factors, users, 4, model, like).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    # A movie the rating model expects the user to dislike drops below one it
+    # expects them to like, at the same top-N score.
+    assert liked[0, 1] < liked[0, 0]
+    # Weight 0 is the top-N score alone.
+    np.testing.assert_allclose(ranking.topn_scores(
+        user_factors, item_factors, users, 4, model, ranking.LikeTerm(0.0, 3.5, 0.9)).numpy(),
+        plain, rtol=1e-6)
+
+
 def test_fallback_shrinks_the_bias_of_rarely_rated_movies():
     model = _model(num_users=1, num_items=3)
     # Movie 0: bias 1.0 from 1 rating; movie 1: 0.5 from 100; movie 2: 0 from 500.

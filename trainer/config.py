@@ -209,6 +209,9 @@ class TrainConfig:
         NDCG@10 stops improving for early_stopping_patience iterations).
       topn_cg_steps: conjugate-gradient steps per half-iteration.
       topn_init_stddev: scale of its initial factors.
+      topn_like_weight: beta: the served top-N score is log(p_u . q_i) +
+        beta * log P(rating >= 4) by the rating model (`ranking.topn_scores`);
+        0 serves p_u . q_i alone.
       eval_batch_size: ratings per batch when computing metrics.
       ranking_users: rank a sample of this many eval users (seeded by the
         split seed) when there are more; 0 ranks all.
@@ -262,6 +265,7 @@ class TrainConfig:
     topn_iterations: int = 20
     topn_cg_steps: int = 3
     topn_init_stddev: float = 0.1
+    topn_like_weight: float = 0.0
     eval_batch_size: int = 65536
     ranking_users: int = 20_000
     training_kernel: str = 'auto'
@@ -460,6 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
         help='conjugate-gradient steps per half-iteration')
     add('--topn-init-stddev', default=TrainConfig.topn_init_stddev,
         type=_bounded(float, '--topn-init-stddev', 0, 10, low_inclusive=False))
+    add('--topn-like-weight', default=TrainConfig.topn_like_weight,
+        type=_bounded(float, '--topn-like-weight', 0, 10),
+        help="beta: serve log(top-N score) + beta x log P(rating >= 4) by the rating model "
+             '(default 0: the top-N score alone; pair it with --topn-confidence 0)')
     add('--eval-batch-size', default=TrainConfig.eval_batch_size,
         type=_bounded(int, '--eval-batch-size', 1, 1 << 20))
     add('--final-model', default=TrainConfig.final_model, choices=FINAL_MODELS,

@@ -13,7 +13,9 @@ without `rating` and `timestamp`.  Two signatures:
   'ratings' [N, k], 'fallback' [N]}` (exported when a `catalog.Catalog` is
   given): each user's k best-scored movies among those they did not rate in
   training, best first.  With a top-N model (`trainer.topn`, the default)
-  the list and `scores` are its p_u . q_i; without one, `scores` are
+  the list and `scores` are its p_u . q_i (with a like term,
+  `ranking.topn_scores`: log of it plus beta x the log of the rating
+  model's P(rating >= 4)); without one, `scores` are
   unclipped predicted ratings (clipping would tie the top of the list at
   the scale's maximum).  `ratings` are the rating model's predictions for
   the listed movies, clipped to the scale as `serving_default` serves them.
@@ -83,8 +85,10 @@ class RecommendingModule(ServingModule):
                  rating_min: float, rating_max: float,
                  catalog: catalog_lib.Catalog,
                  fallback_prior_ratings: float,
-                 topn_factors: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+                 topn_factors: tuple[np.ndarray, np.ndarray] | None = None,
+                 like: ranking.LikeTerm | None = None) -> None:
         super().__init__(model, transform_layer, rating_min, rating_max)
+        self.like = like
         rows = (catalog.num_users + features.NUM_OOV_BUCKETS,
                 catalog.num_items + features.NUM_OOV_BUCKETS)
         if rows != (model.user_bias.shape[0], model.item_bias.shape[0]):
@@ -122,8 +126,8 @@ class RecommendingModule(ServingModule):
         """What the list is ranked by: the top-N model's scores, else predicted ratings."""
         if self.topn_user_factors is None:
             return ranking.score_items(self.model, user, num_items)
-        return tf.matmul(tf.gather(self.topn_user_factors, user),
-                         self.topn_item_factors[:num_items], transpose_b=True)
+        return ranking.topn_scores(self.topn_user_factors, self.topn_item_factors, user,
+                                   num_items, self.model, self.like)
 
     @tf.function(input_signature=[
         tf.TensorSpec([None], tf.string, name=features.USER_ID),
@@ -168,7 +172,8 @@ def export_saved_model(
         rating_min: float, rating_max: float,
         catalog: catalog_lib.Catalog | None = None,
         fallback_prior_ratings: float = ranking.FALLBACK_PRIOR_RATINGS,
-        topn_factors: tuple[np.ndarray, np.ndarray] | None = None) -> str:
+        topn_factors: tuple[np.ndarray, np.ndarray] | None = None,
+        like: ranking.LikeTerm | None = None) -> str:
     """Writes the serving SavedModel, replacing an earlier export atomically.
 
     Args:
@@ -184,6 +189,8 @@ def export_saved_model(
         (`ranking.fallback_scores`).
       topn_factors: the top-N model's (user, movie) factors, rows as the
         rating model's; `recommend` then serves its lists (needs catalog).
+      like: with topn_factors, the rating model's part in their scores
+        (`ranking.topn_scores`); None: p_u . q_i alone.
 
     Returns:
       export_dir, without a trailing slash.
@@ -198,7 +205,7 @@ def export_saved_model(
         signatures = {SIGNATURE: module.serve}
     else:
         module = RecommendingModule(model, transform_layer, rating_min, rating_max,
-                                    catalog, fallback_prior_ratings, topn_factors)
+                                    catalog, fallback_prior_ratings, topn_factors, like)
         signatures = {SIGNATURE: module.serve, RECOMMEND_SIGNATURE: module.recommend}
     tf.saved_model.save(module, tmp_dir, signatures=signatures)
     if tf.io.gfile.exists(export_dir):

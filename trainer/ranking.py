@@ -321,6 +321,46 @@ def factor_scorer(user_factors: np.ndarray, item_factors: np.ndarray,
     return lambda user: tf.matmul(tf.gather(users, user), items, transpose_b=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class LikeTerm:
+    """The rating model's part in the top-N score (--topn-like-weight).
+
+    A movie is relevant when the user watches it and rates it >= RELEVANT_RATING;
+    the top-N model scores the first, the rating model the second:
+    P(rating >= RELEVANT_RATING) = Phi((predicted rating - cut) / noise).
+
+    Attributes:
+      weight: the exponent beta of that probability in the score.
+      cut: where a rating starts to count: RELEVANT_RATING less half a step.
+      noise: the rating model's error std (its validation RMSE).
+    """
+    weight: float
+    cut: float
+    noise: float
+
+
+# With a like term, top-N scores below this count as this (log of a score).
+TOPN_SCORE_FLOOR = 1e-4
+
+
+def topn_scores(user_factors: tf.Tensor, item_factors: tf.Tensor, user: tf.Tensor,
+                num_items: int | tf.Tensor, model: MatrixFactorization | None = None,
+                like: LikeTerm | None = None) -> tf.Tensor:
+    """The top-N model's scores of items 0..num_items-1 for users [B].
+
+    p_u . q_i; with a like term, log(max(p_u . q_i, TOPN_SCORE_FLOOR)) +
+    weight * log P(rating >= RELEVANT_RATING), the rating model's.
+    """
+    scores = tf.matmul(tf.gather(user_factors, user), item_factors[:num_items],
+                       transpose_b=True)
+    if like is None or not like.weight:
+        return scores
+    z = (score_items(model, user, num_items) - like.cut) / like.noise
+    liked = 0.5 * tf.math.erfc(-z / math.sqrt(2.0))
+    return (tf.math.log(tf.maximum(scores, TOPN_SCORE_FLOOR))
+            + like.weight * tf.math.log(tf.maximum(liked, 1e-12)))
+
+
 def sample_users(eval_users: np.ndarray, max_users: int, seed: int) -> np.ndarray | None:
     """A seeded sample of max_users of the distinct eval users, sorted; None
     to keep them all (max_users 0, or no more users than that)."""
@@ -408,8 +448,8 @@ def evaluate(model: MatrixFactorization, catalog: catalog_lib.Catalog,
              eval_split: data.Ratings, k: int = TOP_K,
              relevant_rating: float = RELEVANT_RATING, max_users: int = 0,
              seed: int = 0,
-             topn_factors: tuple[np.ndarray, np.ndarray] | None = None
-             ) -> dict[str, object]:
+             topn_factors: tuple[np.ndarray, np.ndarray] | None = None,
+             like: LikeTerm | None = None) -> dict[str, object]:
     """The served lists, the rating model's, most popular and fallback, on the eval split.
 
     'model' is what `recommend` serves: the top-N model's lists when
@@ -426,6 +466,7 @@ def evaluate(model: MatrixFactorization, catalog: catalog_lib.Catalog,
         are more; 0 ranks all.
       seed: seeds the sample.
       topn_factors: the top-N model's (user, movie) factors, or None.
+      like: the rating model's part in the top-N score (`topn_scores`), or None.
 
     Returns:
       What `evaluate_lists` returns.
@@ -436,7 +477,9 @@ def evaluate(model: MatrixFactorization, catalog: catalog_lib.Catalog,
     by_rating = lambda user: score_items(model, user, num_items)  # noqa: E731
     rankers: dict[str, Ranker] = {'model': by_rating}
     if topn_factors is not None:
-        rankers = {'model': factor_scorer(*topn_factors, num_items),
+        topn_user, topn_item = (tf.constant(factors) for factors in topn_factors)
+        rankers = {'model': lambda user: topn_scores(topn_user, topn_item, user, num_items,
+                                                     model, like),
                    'rating_model': by_rating}
     record = evaluate_lists(
         {**rankers, 'most_popular': catalog.item_counts.astype(np.float64),

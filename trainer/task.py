@@ -97,14 +97,31 @@ def _posterior_line(posterior: dict) -> str:
             f'model alone scored eval RMSE {posterior["before"]["eval_rmse"]:.4f}')
 
 
-def _topn_record(result: topn.TopNResult | None,
-                 config: config_lib.TrainConfig) -> dict[str, object] | None:
+def _topn_record(result: topn.TopNResult | None, config: config_lib.TrainConfig,
+                 like: ranking.LikeTerm | None = None) -> dict[str, object] | None:
     if result is None:
         return None
     ndcg = result.best_validation_ndcg
     return {'model': config.topn_model, 'factors': config.topn_factors,
             'iterations': result.iterations, 'refit': result.refit,
-            'validation_ndcg': None if math.isnan(ndcg) else ndcg, 'seconds': result.seconds}
+            'validation_ndcg': None if math.isnan(ndcg) else ndcg, 'seconds': result.seconds,
+            'like': None if like is None else dataclasses.asdict(like)}
+
+
+def _like_term(config: config_lib.TrainConfig, info: features.DatasetInfo,
+               result: train_lib.TrainResult) -> ranking.LikeTerm | None:
+    """The rating model's part in the served top-N score, or None (--topn-like-weight 0).
+
+    Its noise is the rating model's validation RMSE (never eval's); with no
+    validation slice, 1.
+    """
+    if not config.topn_like_weight:
+        return None
+    step = features.DATASETS[info.layout].rating_step
+    noise = result.best_validation_rmse
+    return ranking.LikeTerm(weight=config.topn_like_weight,
+                            cut=ranking.RELEVANT_RATING - step / 2,
+                            noise=noise if math.isfinite(noise) else 1.0)
 
 
 def _topn_line(record: dict) -> str:
@@ -112,8 +129,12 @@ def _topn_line(record: dict) -> str:
                   f' (best by validation NDCG@{ranking.TOP_K} '
                   f'{record["validation_ndcg"]:.4f})')
     refit = '; refit on all train ratings' if record['refit'] else ''
+    like = record.get('like')
+    served = ('' if like is None else
+              f'; served as log score + {like["weight"]:g} x log P(rating >= '
+              f'{ranking.RELEVANT_RATING:g}) (rating model, noise {like["noise"]:.2f})')
     return (f'  top-N lists: iALS, {record["factors"]} factors, {record["iterations"]} '
-            f'iterations{validation}{refit} ({record["seconds"]:.1f} s)')
+            f'iterations{validation}{refit} ({record["seconds"]:.1f} s){served}')
 
 
 def _summary(metrics: dict, info: features.DatasetInfo,
@@ -208,18 +229,19 @@ def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
         return 2
     topn_factors = (None if topn_result is None
                     else (topn_result.user_factors, topn_result.item_factors))
+    like = _like_term(config, info, result) if topn_factors is not None else None
     catalog = catalog_lib.load_catalog(config.work_dir, features.DATASETS[info.layout],
                                        train=result.splits.train)
     export_dir = export.export_saved_model(
         result.model, tft_dir, config.export_dir, info.rating_min,
-        info.rating_max, catalog=catalog, topn_factors=topn_factors)
+        info.rating_max, catalog=catalog, topn_factors=topn_factors, like=like)
     metrics = _metrics_record(result, info, config, export_dir,
                               time.perf_counter() - started, task.num_workers,
                               strategy.num_replicas_in_sync)
-    metrics['topn'] = _topn_record(topn_result, config)
+    metrics['topn'] = _topn_record(topn_result, config, like)
     metrics['ranking'] = ranking.evaluate(result.model, catalog, result.splits.eval,
                                           max_users=config.ranking_users, seed=info.seed,
-                                          topn_factors=topn_factors)
+                                          topn_factors=topn_factors, like=like)
     eval_predictions.write_eval_predictions(result.model, info, config.model_dir,
                                             result.splits.eval, config.eval_batch_size)
     features.write_json(features.join(config.model_dir, features.METRICS_FILE),
