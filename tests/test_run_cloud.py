@@ -199,7 +199,7 @@ def test_hp_tuning_the_ranking_space_submits_a_study_of_validation_ndcg(run_clou
     assert config['studySpec']['metrics'] == [{'metricId': 'validation_ndcg',
                                                'goal': 'MAXIMIZE'}]
     assert {p['parameterId'] for p in config['studySpec']['parameters']} == {
-        'topn-factors', 'topn-l2', 'topn-unobserved-weight', 'topn-confidence'}
+        'topn-factors', 'topn-l2', 'topn-unobserved-weight'}
     # Each trial reports the top-N model's metric, the one the study ranks by.
     assert config['trialJobSpec']['workerPoolSpecs'][0]['containerSpec']['args'] == [
         '--work-dir', WORK_DIR, '--metric-only', '--tuning-metric=validation_ndcg',

@@ -144,8 +144,7 @@ RANKING_SPACE = str(tune.DEFAULT_SPACE.with_name('hptuning-ranking.yaml'))
 
 @pytest.mark.parametrize('path, metric, names', [
     (str(tune.DEFAULT_SPACE), 'validation_rmse', ['learning-rate', 'num-factors', 'l2']),
-    (RANKING_SPACE, 'validation_ndcg', ['topn-factors', 'topn-l2', 'topn-unobserved-weight',
-                                        'topn-confidence'])])
+    (RANKING_SPACE, 'validation_ndcg', ['topn-factors', 'topn-l2', 'topn-unobserved-weight'])])
 def test_each_search_space_names_trainer_flags_and_its_metric(path, metric, names):
     space, chosen = tune.read_space(path)
     assert [parameter.name for parameter in space] == names and chosen.name == metric

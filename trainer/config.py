@@ -202,7 +202,8 @@ class TrainConfig:
       topn_unobserved_weight: alpha0, the weight pulling every pair to 0;
         None: UNOBSERVED_MASS / movies (`default_unobserved_weight`).
       topn_confidence: the exponent a of a rated pair's weight max(r - 2, 0.2)^a
-        (0: every rating weighs alike).
+        (0, the default: every rating weighs alike, the model learns who
+        watches what and the like term adds how they rate).
       topn_target: what a rated pair should score: 'rating', max(r - 2, 0.2),
         so a disliked movie counts as nearly unrated; 'watched', 1.
       topn_iterations: the most alternating iterations (fewer when validation
@@ -211,7 +212,7 @@ class TrainConfig:
       topn_init_stddev: scale of its initial factors.
       topn_like_weight: beta: the served top-N score is log(p_u . q_i) +
         beta * log P(rating >= 4) by the rating model (`ranking.topn_scores`);
-        0 serves p_u . q_i alone.
+        0 serves p_u . q_i alone (then topn_confidence 1 serves better).
       eval_batch_size: ratings per batch when computing metrics.
       ranking_users: rank a sample of this many eval users (seeded by the
         split seed) when there are more; 0 ranks all.
@@ -260,12 +261,12 @@ class TrainConfig:
     topn_l2: float | None = None
     topn_l2_exponent: float = 0.0
     topn_unobserved_weight: float | None = None
-    topn_confidence: float = 1.0
+    topn_confidence: float = 0.0
     topn_target: str = 'watched'
     topn_iterations: int = 20
     topn_cg_steps: int = 3
     topn_init_stddev: float = 0.1
-    topn_like_weight: float = 0.0
+    topn_like_weight: float = 0.25
     eval_batch_size: int = 65536
     ranking_users: int = 20_000
     training_kernel: str = 'auto'
@@ -452,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
              f'{UNOBSERVED_MASS:g} / the movies, at most 1)')
     add('--topn-confidence', default=TrainConfig.topn_confidence,
         type=_bounded(float, '--topn-confidence', 0, 10),
-        help='a rated pair weighs max(rating - 2, 0.2) to this power (0: all alike)')
+        help='a rated pair weighs max(rating - 2, 0.2) to this power (default 0: all alike; '
+             '1 with --topn-like-weight 0)')
     add('--topn-target', default=TrainConfig.topn_target, choices=TOPN_TARGETS,
         help='what a rated pair should score: watched (default), 1; rating, '
              'max(rating - 2, 0.2)')
@@ -467,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     add('--topn-like-weight', default=TrainConfig.topn_like_weight,
         type=_bounded(float, '--topn-like-weight', 0, 10),
         help="beta: serve log(top-N score) + beta x log P(rating >= 4) by the rating model "
-             '(default 0: the top-N score alone; pair it with --topn-confidence 0)')
+             '(default 0.25; 0: the top-N score alone, best with --topn-confidence 1)')
     add('--eval-batch-size', default=TrainConfig.eval_batch_size,
         type=_bounded(int, '--eval-batch-size', 1, 1 << 20))
     add('--final-model', default=TrainConfig.final_model, choices=FINAL_MODELS,
