@@ -11,8 +11,10 @@ formats what comes back.  It scores nothing itself.
 export dir itself, local or gs://.  --users-file holds one user id per line
 (blank lines are skipped).  An id the model never saw in training gets the
 newcomer list (best movies by learned bias shrunk by rating count), marked
-as such.  Each line shows the list's score (the top-N model's, which ranks
-it) and the rating model's predicted rating of that movie.
+as such.  Each line shows the list's score (what ranks it: the log of the
+top-N model's score plus the rating model's like term, see
+`trainer.ranking.topn_scores`) and the rating model's predicted rating of
+that movie.
 """
 
 from __future__ import annotations
