@@ -313,14 +313,6 @@ def ranking_metrics(top_items: np.ndarray, relevant_rows: np.ndarray,
 Ranker = Callable[[tf.Tensor], tf.Tensor] | np.ndarray
 
 
-def factor_scorer(user_factors: np.ndarray, item_factors: np.ndarray,
-                  num_items: int) -> Callable[[tf.Tensor], tf.Tensor]:
-    """A `rank_users` scorer of a factor model without biases: p_u . q_i."""
-    users = tf.constant(user_factors)
-    items = tf.constant(item_factors[:num_items])
-    return lambda user: tf.matmul(tf.gather(users, user), items, transpose_b=True)
-
-
 @dataclasses.dataclass(frozen=True)
 class LikeTerm:
     """The rating model's part in the top-N score (--topn-like-weight).
@@ -359,6 +351,15 @@ def topn_scores(user_factors: tf.Tensor, item_factors: tf.Tensor, user: tf.Tenso
     liked = 0.5 * tf.math.erfc(-z / math.sqrt(2.0))
     return (tf.math.log(tf.maximum(scores, TOPN_SCORE_FLOOR))
             + like.weight * tf.math.log(tf.maximum(liked, 1e-12)))
+
+
+def factor_scorer(user_factors: np.ndarray, item_factors: np.ndarray, num_items: int,
+                  model: MatrixFactorization | None = None,
+                  like: LikeTerm | None = None) -> Callable[[tf.Tensor], tf.Tensor]:
+    """A `rank_users` scorer of the top-N model: `topn_scores` of these factors."""
+    users = tf.constant(user_factors)
+    items = tf.constant(item_factors[:num_items])
+    return lambda user: topn_scores(users, items, user, num_items, model, like)
 
 
 def sample_users(eval_users: np.ndarray, max_users: int, seed: int) -> np.ndarray | None:
@@ -477,9 +478,7 @@ def evaluate(model: MatrixFactorization, catalog: catalog_lib.Catalog,
     by_rating = lambda user: score_items(model, user, num_items)  # noqa: E731
     rankers: dict[str, Ranker] = {'model': by_rating}
     if topn_factors is not None:
-        topn_user, topn_item = (tf.constant(factors) for factors in topn_factors)
-        rankers = {'model': lambda user: topn_scores(topn_user, topn_item, user, num_items,
-                                                     model, like),
+        rankers = {'model': factor_scorer(*topn_factors, num_items, model, like),
                    'rating_model': by_rating}
     record = evaluate_lists(
         {**rankers, 'most_popular': catalog.item_counts.astype(np.float64),

@@ -182,6 +182,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(config, strategy, task, started)
 
 
+# What a run reports in one line and exit code 2 instead of a traceback.
+_RUN_ERRORS = (FileNotFoundError, train_lib.ResumeError, train_lib.Unsupported,
+               data.ShardError, fused.KernelUnavailable)
+
+
 def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
          task: distribute.Task, started: float) -> int:
     """Trains, exports and reports on one worker; returns the exit code."""
@@ -201,8 +206,7 @@ def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
         with reporting.epoch_summaries(config.tensorboard_dir) as on_epoch_end:
             result = train_lib.train(config, info, user_vocab_size,
                                      item_vocab_size, strategy, on_epoch_end)
-    except (FileNotFoundError, train_lib.ResumeError, train_lib.Unsupported,
-            data.ShardError, fused.KernelUnavailable) as error:
+    except _RUN_ERRORS as error:
         print(f'trainer: error: {error}', file=sys.stderr)
         return 2
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError):
@@ -268,8 +272,7 @@ def _ranking_trial(config: config_lib.TrainConfig, info: features.DatasetInfo,
         splits = train_lib.load_splits(config, info)
         result = topn.train(config, splits, *(size + features.NUM_OOV_BUCKETS
                                               for size in sizes), info.seed)
-    except (FileNotFoundError, train_lib.ResumeError, data.ShardError,
-            fused.KernelUnavailable) as error:
+    except _RUN_ERRORS as error:
         print(f'trainer: error: {error}', file=sys.stderr)
         return 2
     _report_and_wait(config, result.best_validation_ndcg, result.iterations, strategy, task)
