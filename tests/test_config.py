@@ -27,14 +27,14 @@ def test_kebab_case_flags_fill_the_fields():
         '--init-stddev', '0.01', '--seed', '9', '--validation-percent', '5',
         '--early-stopping-patience', '0', '--l2-frequency-exponent', '0.5',
         '--eval-batch-size', '100', '--posterior-samples', '7',
-        '--posterior-burn-in', '2', '--overwrite'], environ={})
+        '--posterior-burn-in', '2', '--posterior-noise', 'shared', '--overwrite'], environ={})
     assert parsed == config.TrainConfig(
         work_dir='w', model_dir='out', checkpoint_dir='out/checkpoints',
         export_dir='out/export', optimizer='sgd', learning_rate=0.5,
         num_factors=4, batch_size=64, num_epochs=3, l2=0.0, l2_bias=0.2,
         init_stddev=0.01, seed=9, validation_percent=5.0,
         early_stopping_patience=0, l2_frequency_exponent=0.5, eval_batch_size=100,
-        posterior_samples=7, posterior_burn_in=2, overwrite=True)
+        posterior_samples=7, posterior_burn_in=2, posterior_noise='shared', overwrite=True)
 
 
 def test_vertex_environment_moves_export_and_checkpoints():

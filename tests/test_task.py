@@ -70,7 +70,9 @@ def test_main_trains_exports_and_summarises(preprocessed, tmp_path, monkeypatch,
     assert f'predicting the train mean: {info.global_mean_eval_rmse:.4f}' in summary
     # Posterior averaging (on by default) is reported with the model it started from.
     before = metrics['posterior']['before']['eval_rmse']
-    assert (f'\n  then its posterior mean: 100 Gibbs sweeps after 20 burn-in' in summary
+    assert metrics['posterior']['noise'] == 'user-movie'
+    assert ('\n  then its posterior mean: 100 Gibbs sweeps after 20 burn-in, a noise level '
+            'per user and per movie' in summary
             and f'the trained model alone scored eval RMSE {before:.4f}\n' in summary)
     for path in (aip_model_dir, os.path.join(model_dir, features.LOSS_LOG_FILE),
                  os.path.join(model_dir, features.METRICS_FILE)):

@@ -21,6 +21,7 @@ from trainer import distribute
 from trainer import features
 from trainer import logs
 from trainer import optimizers
+from trainer import posterior
 
 # Vertex AI custom-job environment: where the SavedModel and checkpoints go.
 ENV_MODEL_DIR = 'AIP_MODEL_DIR'
@@ -192,6 +193,8 @@ class TrainConfig:
         model as it is.
       posterior_burn_in: sweeps run from the trained model and dropped
         before the averaged ones.
+      posterior_noise: the chain's noise model, 'user-movie' (a noise level
+        per user and per movie) or 'shared' (one for every rating).
       topn_model: 'ials' trains the top-N model (`trainer.ials`) after the
         rating model and serves its lists; 'rating' ranks by predicted rating.
       topn_factors: factors per user and movie of the top-N model.
@@ -256,6 +259,7 @@ class TrainConfig:
     implicit_l2: float | None = None
     posterior_samples: int = 100
     posterior_burn_in: int = 20
+    posterior_noise: str = posterior.NOISE_MODELS[0]
     topn_model: str = 'ials'
     topn_factors: int = 64
     topn_l2: float | None = None
@@ -489,6 +493,11 @@ def build_parser() -> argparse.ArgumentParser:
     add('--posterior-burn-in', default=TrainConfig.posterior_burn_in,
         type=_bounded(int, '--posterior-burn-in', 0, 100_000),
         help='sweeps from the trained model dropped before averaging')
+    add('--posterior-noise', default=TrainConfig.posterior_noise,
+        choices=posterior.NOISE_MODELS,
+        help='user-movie (default): the chain learns a noise level per user and per '
+             'movie, so erratic raters and divisive movies weigh less; shared: one '
+             'noise level for every rating')
     add('--training-kernel', default=TrainConfig.training_kernel,
         choices=TRAINING_KERNELS,
         help='fused: each epoch is one C++ op (built once with g++; one replica, '

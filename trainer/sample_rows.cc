@@ -2,13 +2,18 @@
 //
 // For every row e of one side (users, or items) the op draws the row from its
 // Gaussian conditional posterior given the other side's table, the prior
-// precisions and the noise precision.  With z = [q_j, 1] the other row's
+// precisions and the noise precisions.  With z = [q_j, 1] the other row's
 // factors and a constant for the bias, and y = r - mu - b_j the rating less
 // the global mean and the other row's bias, over the ratings of row e:
 //
-//   precision  P = diag(prior_precision) + noise_precision * sum z z^T
-//   mean       m = P^-1 * noise_precision * sum z y
+//   precision  P = diag(prior_precision) + noise_precision[e] * sum w_j z z^T
+//   mean       m = P^-1 * noise_precision[e] * sum w_j z y
 //   sample     x = m + L^-T eps,  P = L L^T,  eps ~ N(0, I) (given as `noise`)
+//
+// A rating's noise precision is the product noise_precision[e] * w_j of a
+// factor of its row's and one of the other row's (w = `other_weight`): tau
+// and ones for one noise level for every rating, per-user and per-movie
+// factors for the heteroscedastic noise of trainer/posterior.py.
 //
 // The rows are independent given the other side, so they are split over
 // `threads` threads in chunks of about kChunkRatings ratings (a frequent
@@ -18,9 +23,10 @@
 // (8, 16 or 32 factors, plus the bias) so the sums unroll and vectorise, and
 // for AVX2 where the CPU has it (below).  The other side's rows are gathered in
 // rating order and prefetched kPrefetchRatings ahead.  Sums are in double
-// precision.  `squared_error` is the sum, over all the ratings, of
-// (y - z . x)^2 for the drawn rows, the residual the noise precision's update
-// needs, from the same sums: sum y^2 - 2 x . sum z y + x^T (sum z z^T) x.
+// precision.  `squared_error` is, for each row, the sum over its ratings of
+// w_j (y - z . x)^2 for the drawn row, the residual the noise precisions'
+// updates need, from the same sums: sum w y^2 - 2 x . sum w z y +
+// x^T (sum w z z^T) x.
 //
 // The ratings come grouped by row: those of row e are positions
 // offsets[e] .. offsets[e + 1] - 1 of `other` (the other side's row) and
@@ -51,21 +57,22 @@ REGISTER_OP("MatrixFactorizationSampleRows")
     .Input("other_table: float")
     .Input("prior_precision: float")
     .Input("noise_precision: float")
+    .Input("other_weight: float")
     .Input("noise: float")
     .Input("threads: int32")
     .Output("sample: float")
     .Output("mean: float")
     .Output("squared_error: double")
     .SetShapeFn([](tf::shape_inference::InferenceContext* c) {
-      c->set_output(0, c->input(6));
-      c->set_output(1, c->input(6));
-      c->set_output(2, c->Scalar());
+      c->set_output(0, c->input(7));
+      c->set_output(1, c->input(7));
+      c->set_output(2, c->Vector(c->Dim(c->input(7), 0)));
       return absl::OkStatus();
     })
     .Doc(R"doc(
 Draws every row of one side of a biased matrix factorisation from its
-conditional posterior; also returns the conditional means and the squared
-residual of the drawn rows.
+conditional posterior; also returns the conditional means and each drawn
+row's weighted squared residual.
 )doc");
 
 // On x86-64, Rows is compiled twice, for AVX2 and for the baseline, and the
@@ -94,7 +101,8 @@ class SampleRowsOp : public tf::OpKernel {
     const tf::Tensor& other_table = ctx->input(3);
     const tf::Tensor& prior = ctx->input(4);
     const tf::Tensor& noise_precision = ctx->input(5);
-    const tf::Tensor& noise = ctx->input(6);
+    const tf::Tensor& other_weight = ctx->input(6);
+    const tf::Tensor& noise = ctx->input(7);
     OP_REQUIRES(ctx, offsets.dims() == 1 && offsets.NumElements() >= 1,
                 absl::InvalidArgumentError("offsets must be a vector of rows + 1"));
     OP_REQUIRES(ctx, other.dims() == 1 && target.dims() == 1 &&
@@ -110,8 +118,11 @@ class SampleRowsOp : public tf::OpKernel {
                     "noise must be [rows, width] and other_table [other rows, width]"));
     OP_REQUIRES(ctx, prior.dims() == 1 && prior.NumElements() == width,
                 absl::InvalidArgumentError("prior_precision must have one entry per column"));
-    OP_REQUIRES(ctx, tf::TensorShapeUtils::IsScalar(noise_precision.shape()),
-                absl::InvalidArgumentError("noise_precision must be a scalar"));
+    OP_REQUIRES(ctx, noise_precision.dims() == 1 && noise_precision.NumElements() == rows,
+                absl::InvalidArgumentError("noise_precision must have one entry per row"));
+    OP_REQUIRES(ctx, other_weight.dims() == 1 &&
+                         other_weight.NumElements() == other_table.dim_size(0),
+                absl::InvalidArgumentError("other_weight must have one entry per other row"));
     OP_REQUIRES_OK(ctx, CheckGroupedRows(offsets, other, other_table.dim_size(0)));
     const auto offset = offsets.flat<int64_t>();
     const auto other_index = other.flat<int32_t>();
@@ -120,21 +131,30 @@ class SampleRowsOp : public tf::OpKernel {
       OP_REQUIRES(ctx, precision(d) > 0.0f,
                   absl::InvalidArgumentError("prior_precision must be positive"));
     }
-    const float tau = noise_precision.scalar<float>()();
-    OP_REQUIRES(ctx, tau > 0.0f, absl::InvalidArgumentError("noise_precision must be positive"));
+    const auto tau = noise_precision.flat<float>();
+    for (int64_t e = 0; e < rows; ++e) {
+      OP_REQUIRES(ctx, tau(e) > 0.0f,
+                  absl::InvalidArgumentError("noise_precision must be positive"));
+    }
+    const auto weight = other_weight.flat<float>();
+    for (int64_t j = 0; j < weight.size(); ++j) {
+      OP_REQUIRES(ctx, weight(j) > 0.0f,
+                  absl::InvalidArgumentError("other_weight must be positive"));
+    }
 
     tf::Tensor* sample = nullptr;
     tf::Tensor* mean = nullptr;
     tf::Tensor* squared = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, noise.shape(), &sample));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, noise.shape(), &mean));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, tf::TensorShape({}), &squared));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, tf::TensorShape({rows}), &squared));
 
     Sweep sweep{offset.data(), other_index.data(), target.flat<float>().data(),
-                other_table.flat<float>().data(), precision.data(), tau,
-                noise.flat<float>().data(), width, sample->flat<float>().data(),
-                mean->flat<float>().data(), std::vector<double>(rows, 0.0)};
-    const int threads = ctx->input(7).scalar<int32_t>()();
+                other_table.flat<float>().data(), precision.data(), tau.data(),
+                weight.data(), noise.flat<float>().data(), width,
+                sample->flat<float>().data(), mean->flat<float>().data(),
+                squared->flat<double>().data()};
+    const int threads = ctx->input(8).scalar<int32_t>()();
     RunChunks(ChunkRows(offset.data(), rows, kChunkRatings), threads, [&sweep] {
       return [&sweep, scratch = std::vector<double>()](int64_t first, int64_t last) mutable {
         switch (sweep.width) {  // the widths of 8, 16 and 32 factors, unrolled
@@ -145,9 +165,6 @@ class SampleRowsOp : public tf::OpKernel {
         }
       };
     });
-    double total = 0.0;  // in row order, whatever the threads did
-    for (const double value : sweep.row_squared_error) total += value;
-    squared->scalar<double>()() = total;
   }
 
  private:
@@ -157,12 +174,13 @@ class SampleRowsOp : public tf::OpKernel {
     const float* target;
     const float* other_table;
     const float* prior;
-    float tau;
+    const float* tau;
+    const float* weight;
     const float* noise;
     int64_t width;
     float* sample;
     float* mean;
-    std::vector<double> row_squared_error;
+    double* row_squared_error;
 
     template <int64_t kWidth>
     MOVIELENS_AVX2_CLONE void Rows(int64_t first, int64_t last, std::vector<double>* scratch) {
@@ -195,9 +213,10 @@ class SampleRowsOp : public tf::OpKernel {
         for (int64_t d = 0; d + 1 < w; ++d) z[d] = row[d];
         z[w - 1] = 1.0;
         const double y = static_cast<double>(target[n]) - row[w - 1];
-        yy += y * y;
+        const double weight_n = weight[other[n]];
+        yy += weight_n * y * y;
         for (int64_t i = 0; i < w; ++i) {
-          const double zi = z[i];
+          const double zi = weight_n * z[i];
           zy[i] += zi * y;
           double* gram_row = gram + i * w;
           for (int64_t j = 0; j <= i; ++j) gram_row[j] += zi * z[j];
@@ -207,10 +226,11 @@ class SampleRowsOp : public tf::OpKernel {
         rhs[i] = zy[i];
         for (int64_t j = 0; j <= i; ++j) p[i * w + j] = gram[i * w + j];
       }
+      const double tau_e = tau[e];
       for (int64_t i = 0; i < w; ++i) {
-        for (int64_t j = 0; j <= i; ++j) p[i * w + j] *= tau;
+        for (int64_t j = 0; j <= i; ++j) p[i * w + j] *= tau_e;
         p[i * w + i] += prior[i];
-        rhs[i] *= tau;
+        rhs[i] *= tau_e;
       }
       // Cholesky, lower triangle in place: P = L L^T.  P is the sum of a
       // positive diagonal and a Gram matrix, so every pivot is positive.

@@ -92,9 +92,11 @@ def _selection_line(metrics: dict) -> str:
 
 
 def _posterior_line(posterior: dict) -> str:
+    noise = ('a noise level per user and per movie' if posterior.get('noise') == 'user-movie'
+             else 'one noise level')
     return (f'  then its posterior mean: {posterior["samples"]} Gibbs sweeps after '
-            f'{posterior["burn_in"]} burn-in ({posterior["seconds"]:.1f} s); the trained '
-            f'model alone scored eval RMSE {posterior["before"]["eval_rmse"]:.4f}')
+            f'{posterior["burn_in"]} burn-in, {noise} ({posterior["seconds"]:.1f} s); '
+            f'the trained model alone scored eval RMSE {posterior["before"]["eval_rmse"]:.4f}')
 
 
 def _topn_record(result: topn.TopNResult | None, config: config_lib.TrainConfig,

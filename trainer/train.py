@@ -580,12 +580,14 @@ def _average_posterior(config: TrainConfig, model: model_lib.MatrixFactorization
         float(model.global_mean.numpy()), ratings.user.numpy(), ratings.item.numpy(),
         ratings.rating.numpy(), samples=config.posterior_samples,
         burn_in=config.posterior_burn_in, seed=config.seed,
-        kernel=config.training_kernel, user_prior_mean=user_prior_mean)
+        kernel=config.training_kernel, user_prior_mean=user_prior_mean,
+        noise=config.posterior_noise)
     model.user_embedding.assign(result.user_table)
     model.item_embedding.assign(result.item_table)
     return {'samples': result.samples, 'burn_in': result.burn_in,
             'seconds': result.seconds, 'kernel': result.kernel,
-            'noise_std': result.noise_std, 'ratings': len(ratings)}
+            'noise_std': result.noise_std, 'ratings': len(ratings), 'noise': result.noise,
+            'noise_shapes': result.noise_shapes}
 
 
 def _keep_best(config: TrainConfig, state: state_lib.State,
