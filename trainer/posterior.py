@@ -32,16 +32,17 @@ falls to 0.75, below what the planted noise leaves, and its running average
 worsens after 60 sweeps (0.8879, then 0.8905 at 400); with a level per user
 and movie it does not drift (0.8795 at 400).
 
-The rate bounds how strongly a column can be shrunk.  A smaller one scored a little better from a trained
-model (synthetic 100k, eval RMSE: rate 0.01 0.9050, 1 0.9070, 5 0.9128), but
-from small factors (a model trained little) it let every factor collapse to
-zero, leaving the biases alone (tests/test_posterior.py starts from factors
-of 0.1 and fails so); 1 is safe from both starts.  A sweep draws all user rows given
-the items (`sample_rows`), then the users' noise factors, then all item
-rows given the users, then the movies' noise factors, then the remaining
-precisions, each from its Gamma conditional.  The chain starts from the trained
-model with its factors shrunk (START_FACTOR_SCALE), whose tables set the first
-precisions; `burn_in` sweeps are dropped and the next `samples` kept.
+The rate bounds how strongly a column can be shrunk.  A smaller one scored a
+little better from a trained model (synthetic 100k, eval RMSE: rate 0.01
+0.9050, 1 0.9070, 5 0.9128), but from small factors (a model trained little)
+it let every factor collapse to zero, leaving the biases alone
+(tests/test_posterior.py starts from factors of 0.1 and fails so); 1 is safe
+from both starts.  A sweep draws all user rows given the items
+(`sample_rows`), then the users' noise factors, then all item rows given the
+users, then the movies' noise factors, then the remaining precisions, each
+from its Gamma conditional.  The chain starts from the trained model with its
+factors shrunk (START_FACTOR_SCALE), whose tables set the first precisions;
+`burn_in` sweeps are dropped and the next `samples` kept.
 
 Averaging: the prediction averaged over the kept sweeps is
 mu + mean(b_u) + mean(b_i) + mean(p_u . q_i).  Each sweep contributes its
@@ -361,7 +362,7 @@ class NoisePrecisions:
         self.per_row = per_row
         self.user_counts = np.diff(users.offsets).astype(np.float64)
         self.item_counts = np.diff(items.offsets).astype(np.float64)
-        self.users, self.items = users, items
+        self.users = users
         self.tau = float(tau)
         self.alpha = np.ones(len(self.user_counts))
         self.beta = np.ones(len(self.item_counts))
@@ -412,7 +413,7 @@ class NoisePrecisions:
         return f'train RMSE of the draw {np.sqrt(item_squared.sum() / self.ratings):.4f}, '
 
     def spread(self) -> str:
-        """', per-user noise std x to y' (10th and 90th percentile), or ''."""
+        """', 10th-90th percentile x-y by user, x-y by movie' of the noise std, or ''."""
         if not self.per_row:
             return ''
         users = np.quantile(1.0 / np.sqrt(self.tau * self.alpha), [0.1, 0.9])
@@ -446,7 +447,7 @@ def average(user_table: np.ndarray, item_table: np.ndarray, global_mean: float,
             user: np.ndarray, item: np.ndarray, rating: np.ndarray, *,
             samples: int, burn_in: int, seed: int, kernel: str = 'auto',
             progress_every: int = 20, user_prior_mean: np.ndarray | None = None,
-            noise: str = 'user-movie') -> Result:
+            noise: str = NOISE_MODELS[0]) -> Result:
     """Runs the chain from the given tables and returns the averaged tables.
 
     Args:
