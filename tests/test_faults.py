@@ -212,14 +212,17 @@ def _tfrecord_of(payload: bytes) -> bytes:
     (features.TRAIN, 'not-examples'),
     (features.EVAL, 'truncated'),
 ])
+@pytest.mark.parametrize('run', ['train', 'ranking trial'])
 def test_a_broken_shard_stops_the_trainer_with_one_line_naming_it(
-        preprocessed, tmp_path, capsys, split, how):
+        preprocessed, tmp_path, capsys, split, how, run):
     work_dir = str(tmp_path / 'work')
     info = _copy_work_dir(preprocessed, work_dir)
     pattern = info.train_pattern if split == features.TRAIN else info.eval_pattern
     named = _break(_shard(pattern), how)
+    # A tuning trial of the top-N model loads the same splits without the rating model.
+    trial = ['--metric-only', '--tuning-metric', 'validation_ndcg'] if run != 'train' else []
 
-    code = task.main(['--work-dir', work_dir, *FLAGS[:2]])
+    code = task.main(['--work-dir', work_dir, *FLAGS[:2], *trial])
 
     assert code == 2
     err = capsys.readouterr().err

@@ -18,7 +18,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from trainer import logs
 
@@ -189,6 +190,24 @@ _RUN_ERRORS = (FileNotFoundError, train_lib.ResumeError, train_lib.Unsupported,
                data.ShardError, fused.KernelUnavailable)
 
 
+def _or_error_line(info: features.DatasetInfo, work: Callable[[], Any]) -> Any:
+    """work(), or None once the run's error is printed in one line (exit code 2).
+
+    tf.data names no file when a shard it reads is broken: the shards are
+    read again to find it, and a failure that is not a shard's is re-raised.
+    """
+    try:
+        return work()
+    except _RUN_ERRORS as error:
+        print(f'trainer: error: {error}', file=sys.stderr)
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError):
+        bad_shard = data.find_unreadable_shard((info.train_pattern, info.eval_pattern))
+        if bad_shard is None:
+            raise
+        print(f'trainer: error: {bad_shard}', file=sys.stderr)
+    return None
+
+
 def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
          task: distribute.Task, started: float) -> int:
     """Trains, exports and reports on one worker; returns the exit code."""
@@ -204,19 +223,13 @@ def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
     user_vocab_size, item_vocab_size = data.read_vocabulary_sizes(tft_dir)
     if config.metric_only and config.tuning_metric == reporting.RANKING_METRIC_ID:
         return _ranking_trial(config, info, (user_vocab_size, item_vocab_size), strategy, task)
-    try:
+
+    def train() -> train_lib.TrainResult:
         with reporting.epoch_summaries(config.tensorboard_dir) as on_epoch_end:
-            result = train_lib.train(config, info, user_vocab_size,
-                                     item_vocab_size, strategy, on_epoch_end)
-    except _RUN_ERRORS as error:
-        print(f'trainer: error: {error}', file=sys.stderr)
-        return 2
-    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError):
-        # tf.data does not say which file failed: find it, or re-raise.
-        bad_shard = data.find_unreadable_shard((info.train_pattern, info.eval_pattern))
-        if bad_shard is None:
-            raise
-        print(f'trainer: error: {bad_shard}', file=sys.stderr)
+            return train_lib.train(config, info, user_vocab_size, item_vocab_size,
+                                   strategy, on_epoch_end)
+    result = _or_error_line(info, train)
+    if result is None:
         return 2
     if config.metric_only:
         _report_and_wait(config, result.best_validation_rmse, result.best_epoch, strategy,
@@ -270,12 +283,10 @@ def _ranking_trial(config: config_lib.TrainConfig, info: features.DatasetInfo,
 
     The rating model is not trained: the top-N model reads only the splits.
     """
-    try:
-        splits = train_lib.load_splits(config, info)
-        result = topn.train(config, splits, *(size + features.NUM_OOV_BUCKETS
-                                              for size in sizes), info.seed)
-    except _RUN_ERRORS as error:
-        print(f'trainer: error: {error}', file=sys.stderr)
+    result = _or_error_line(info, lambda: topn.train(
+        config, train_lib.load_splits(config, info),
+        *(size + features.NUM_OOV_BUCKETS for size in sizes), info.seed))
+    if result is None:
         return 2
     _report_and_wait(config, result.best_validation_ndcg, result.iterations, strategy, task)
     if task.is_chief:
