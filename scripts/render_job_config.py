@@ -134,8 +134,8 @@ def _flag_value(flags: Sequence[str], name: str) -> str | None:
     return value
 
 
-def trial_flags(tuning_template: Mapping[str, Any]) -> list[str]:
-    """What every trial passes the trainer: --metric-only and the study's metric.
+def study_metric(tuning_template: Mapping[str, Any]) -> str:
+    """The one metric the study ranks trials by.
 
     Raises:
       ValueError: the study ranks by a metric the trainer does not report.
@@ -146,7 +146,12 @@ def trial_flags(tuning_template: Mapping[str, Any]) -> list[str]:
         raise ValueError(f'the tuning template must rank by one metric the trainer reports, '
                          f'{" or ".join(features.TUNING_METRICS)}, not '
                          f'{[m.get("metricId") for m in metrics]}')
-    return ['--metric-only', f'--tuning-metric={metric}']
+    return metric
+
+
+def trial_flags(tuning_template: Mapping[str, Any]) -> list[str]:
+    """What every trial passes the trainer: --metric-only and the study's metric."""
+    return ['--metric-only', f'--tuning-metric={study_metric(tuning_template)}']
 
 
 def render_custom_job(template: Mapping[str, Any], *, image_uri: str,
@@ -254,8 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_trainer_flags(trainer_flags, reserved)
         if tuning_template is not None:
             trainer_flags = [*trial_flags(tuning_template), *trainer_flags]
-            ranks_top_n = 'validation_ndcg' in trainer_flags[1]
-            if ranks_top_n and _flag_value(trainer_flags, '--topn-model') == 'rating':
+            if (study_metric(tuning_template) == features.RANKING_METRIC_ID
+                    and _flag_value(trainer_flags, '--topn-model') == 'rating'):
                 raise ValueError(f'{args.tuning_template.name} tunes the top-N model, which '
                                  'trainer flag --topn-model rating turns off; drop that flag')
         if args.workers and '--implicit-feedback' in trainer_flags:

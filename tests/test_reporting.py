@@ -16,8 +16,8 @@ from trainer import features, history, reporting
 def test_the_tuning_metric_is_the_study_metric_and_a_loss_log_column():
     study = yaml.safe_load((REPO / 'hptuning.yaml').read_text(encoding='utf-8'))
     assert [metric['metricId'] for metric in study['studySpec']['metrics']] == [
-        reporting.TUNING_METRIC_ID]
-    assert reporting.TUNING_METRIC_ID in features.LOSS_LOG_COLUMNS
+        features.TUNING_METRIC_ID]
+    assert features.TUNING_METRIC_ID in features.LOSS_LOG_COLUMNS
 
 
 def test_the_metric_file_has_cloudml_hypertunes_line_and_is_rewritten(tmp_path):

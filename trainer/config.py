@@ -279,7 +279,7 @@ class TrainConfig:
     hypertune_file: str | None = None
     trial_id: str | None = None
     metric_only: bool = False
-    tuning_metric: str = 'validation_rmse'
+    tuning_metric: str = features.TUNING_METRIC_ID
     resume_checkpoint_dir: str | None = None
 
 
@@ -547,8 +547,8 @@ def parse_args(argv: Sequence[str] | None = None,
         field.name: getattr(args, field.name)
         for field in dataclasses.fields(TrainConfig)
         if field.default is not dataclasses.MISSING and hasattr(args, field.name)}
-    if args.tuning_metric == 'validation_ndcg' and args.topn_model != 'ials':
-        parser.error(f'argument --tuning-metric: validation_ndcg ranks the top-N model, '
+    if args.tuning_metric == features.RANKING_METRIC_ID and args.topn_model != 'ials':
+        parser.error(f'argument --tuning-metric: {args.tuning_metric} ranks the top-N model, '
                      f'which --topn-model {args.topn_model} turns off; use --topn-model ials')
     if args.metric_only:
         # The metric is the best epoch's validation RMSE, or the top-N model's best

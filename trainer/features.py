@@ -80,9 +80,13 @@ LOSS_LOG_FILE = 'loss_log.csv'
 TOPN_CHECKPOINT_DIR = 'topn'
 TOPN_LOG_FILE = 'topn_log.csv'
 TOPN_LOG_COLUMNS = ('iteration', 'objective', 'validation_ndcg', 'seconds')
-# What a tuning trial can report (hptuning.yaml, hptuning-ranking.yaml), each a
-# log column above, and whether larger is better.
-TUNING_METRICS = {'validation_rmse': False, 'validation_ndcg': True}
+# What a tuning trial can report, each a log column, and whether larger is
+# better: hptuning.yaml's metricId, the rating model's best validation RMSE
+# (loss_log.csv), and hptuning-ranking.yaml's, the top-N model's best
+# validation NDCG@10 (topn_log.csv).
+TUNING_METRIC_ID = 'validation_rmse'
+RANKING_METRIC_ID = 'validation_ndcg'
+TUNING_METRICS = {TUNING_METRIC_ID: False, RANKING_METRIC_ID: True}
 METRICS_FILE = 'metrics.json'
 # Counts of clipped eval predictions per true rating, for plot.py.
 EVAL_PREDICTIONS_FILE = 'eval_predictions.csv'

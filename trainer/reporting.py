@@ -33,11 +33,6 @@ from tensorflow.core.framework import summary_pb2
 from trainer import features
 from trainer.history import EpochMetrics
 
-# hptuning.yaml's studySpec metricId; the loss-log column of the same name.
-TUNING_METRIC_ID = 'validation_rmse'
-# hptuning-ranking.yaml's: the top-N model's best validation NDCG@10 (a
-# topn_log.csv column).
-RANKING_METRIC_ID = 'validation_ndcg'
 # The TensorBoard run of the validation slice.
 VALIDATION = 'validation'
 
@@ -81,7 +76,7 @@ def epoch_summaries(log_dir: str | None
 
 
 def tuning_metric_line(value: float, global_step: int, trial_id: str | None,
-                       timestamp: float, metric_id: str = TUNING_METRIC_ID) -> str:
+                       timestamp: float, metric_id: str = features.TUNING_METRIC_ID) -> str:
     """One line of the metric file, as cloudml-hypertune 0.1.0.dev6 writes it."""
     return json.dumps({
         'timestamp': timestamp,
@@ -94,7 +89,7 @@ def tuning_metric_line(value: float, global_step: int, trial_id: str | None,
 
 def report_tuning_metric(path: str, value: float, global_step: int,
                          trial_id: str | None, timestamp: float,
-                         metric_id: str = TUNING_METRIC_ID) -> None:
+                         metric_id: str = features.TUNING_METRIC_ID) -> None:
     """Writes the metric file in place, as cloudml-hypertune does.
 
     The path is local: the tuning service reads it on this machine.

@@ -221,7 +221,7 @@ def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
     info = features.read_dataset_info(config.work_dir)
     config = config_lib.with_data_defaults(config, info)
     user_vocab_size, item_vocab_size = data.read_vocabulary_sizes(tft_dir)
-    if config.metric_only and config.tuning_metric == reporting.RANKING_METRIC_ID:
+    if config.metric_only and config.tuning_metric == features.RANKING_METRIC_ID:
         return _ranking_trial(config, info, (user_vocab_size, item_vocab_size), strategy, task)
 
     def train() -> train_lib.TrainResult:
@@ -265,7 +265,7 @@ def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
                                             result.splits.eval, config.eval_batch_size)
     features.write_json(features.join(config.model_dir, features.METRICS_FILE),
                         metrics)
-    if config.tuning_metric == reporting.RANKING_METRIC_ID:
+    if config.tuning_metric == features.RANKING_METRIC_ID:
         _report_and_wait(config, topn_result.best_validation_ndcg, topn_result.iterations,
                          strategy, task)
     else:

@@ -59,8 +59,8 @@ class Metric:
 
     @property
     def label(self) -> str:
-        return {'validation_rmse': 'validation RMSE',
-                'validation_ndcg': f'validation NDCG@{ranking.TOP_K}'}[self.name]
+        return {features.TUNING_METRIC_ID: 'validation RMSE',
+                features.RANKING_METRIC_ID: f'validation NDCG@{ranking.TOP_K}'}[self.name]
 
     def best(self, records: list[dict[str, object]]) -> dict[str, object]:
         return (max if self.maximise else min)(records, key=lambda r: r[self.name])
