@@ -18,24 +18,24 @@ This file is the entry point: the flags, the checks before any pipeline
 starts, the wiring of the stages, and dataset_info.json.  The stages live in
 the `trainer` package, so that Dataflow workers can import them:
 
-- trainer/rating_reader.py reads the ratings file in blocks of lines
-  (trainer/blockio.py: byte ranges sized from the file, one Arrow array of
+- trainer/pipeline/rating_reader.py reads the ratings file in blocks of lines
+  (trainer/pipeline/blockio.py: byte ranges sized from the file, one Arrow array of
   lines per range) and parses them block by block with
-  trainer/rating_parser.py: a strict regular expression accepts the common
+  trainer/pipeline/rating_parser.py: a strict regular expression accepts the common
   case column-wise with pyarrow; only lines that fail it go through the
   per-line parser, which names the reason (bytes that are not UTF-8 are
   one).  Rejected rows are counted and written with that reason under
   transformed/rejected/, never dropped silently.
-- trainer/deduplication.py: a (user, movie) pair rated more than once keeps
+- trainer/pipeline/deduplication.py: a (user, movie) pair rated more than once keeps
   its latest rating (`DeduplicateRatings`); the others are rejected as
   duplicate_rating.  A first, light pass over the file finds the pairs seen
   more than once (`FindRepeatedPairs`), so only their rows are grouped.
-- trainer/hash_split.py: the train/eval split is a keyed 64-bit hash of
+- trainer/pipeline/hash_split.py: the train/eval split is a keyed 64-bit hash of
   (seed, user, movie), so the same input gives the same split on every run
   and every retry.
-- trainer/examples.py: TFT learns the id vocabularies on train only and
+- trainer/pipeline/examples.py: TFT learns the id vocabularies on train only and
   transforms both splits; examples are encoded per RecordBatch in C++ and
-  written as blocks of gzipped TFRecords (trainer/blockio.py).
+  written as blocks of gzipped TFRecords (trainer/pipeline/blockio.py).
 
 No step passes a Beam element per rating.  Per-rating Python objects remain
 in two places: tfx_bsl's encoder returns a list of bytes (one per example,
@@ -64,12 +64,13 @@ if __name__ == '__main__':
 # pylint: disable=wrong-import-position
 import apache_beam as beam  # noqa: E402
 
-from trainer import blockio, features, rating_parser  # noqa: E402
-from trainer.deduplication import (DEFAULT_DEDUPE_BUCKETS, DeduplicateRatings,  # noqa: E402
+from trainer import features  # noqa: E402
+from trainer.pipeline import blockio, rating_parser  # noqa: E402
+from trainer.pipeline.deduplication import (DEFAULT_DEDUPE_BUCKETS, DeduplicateRatings,  # noqa: E402
                                    FindRepeatedPairs, SeparateRepeatedPairs)
-from trainer.examples import TransformRatings  # noqa: E402
-from trainer.hash_split import SplitRatings  # noqa: E402
-from trainer.rating_reader import ParseRatings, ReadRatings, SumStatsFn  # noqa: E402
+from trainer.pipeline.examples import TransformRatings  # noqa: E402
+from trainer.pipeline.hash_split import SplitRatings  # noqa: E402
+from trainer.pipeline.rating_reader import ParseRatings, ReadRatings, SumStatsFn  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Top-k movies for users from the exported model, as a table or as JSON.
 
 Owns the command line around the SavedModel's `recommend` signature
-(trainer/export.py): it finds the export, feeds raw user ids in batches and
+(trainer/serving/export.py): it finds the export, feeds raw user ids in batches and
 formats what comes back.  It scores nothing itself.
 
     python recommend.py --model-dir WORK_DIR/model --user 196 [-k 10] [--json]
@@ -13,7 +13,7 @@ export dir itself, local or gs://.  --users-file holds one user id per line
 newcomer list (best movies by learned bias shrunk by rating count), marked
 as such.  Each line shows the list's score (what ranks it: the log of the
 top-N model's score plus the rating model's like term, see
-`trainer.ranking.topn_scores`) and the rating model's predicted rating of
+`trainer.topn.ranking.topn_scores`) and the rating model's predicted rating of
 that movie.
 """
 

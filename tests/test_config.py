@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from trainer import config, features, optimizers
+from trainer import config, features
+from trainer.rating import optimizers
 
 
 def test_defaults_put_everything_under_the_work_dir():
@@ -190,3 +191,8 @@ def test_a_worker_writes_to_scratch_and_resumes_from_the_chief():
         checkpoint_dir='/tmp/scratch/model/checkpoints',
         export_dir='/tmp/scratch/model/export', tensorboard_dir=None,
         hypertune_file=None, resume_checkpoint_dir='gs://b/ckpt')
+
+
+def test_the_optimizer_choices_are_the_optimizers():
+    """config owns the choice list (so --help needs no TensorFlow); it names the optimisers."""
+    assert set(config.OPTIMIZER_NAMES) == set(optimizers.OPTIMIZERS)

@@ -1,4 +1,4 @@
-"""Tests of trainer/ranking.py: hand-made cases whose top-k lists and metrics are known."""
+"""Tests of trainer/topn/ranking.py: hand-made cases whose top-k lists and metrics are known."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import catalog as catalog_lib
-from trainer import ranking
-from trainer.model import MatrixFactorization
+from trainer.rating.model import MatrixFactorization
+from trainer.topn import catalog as catalog_lib
+from trainer.topn import ranking
 
 LOG2_3 = math.log2(3)
 

@@ -10,7 +10,9 @@ import tensorflow as tf
 
 import preprocess
 from conftest import served_rmse, strict_json
-from trainer import config, export, features, synthetic, task, tune
+from trainer import config, features, task, tune
+from trainer.pipeline import synthetic
+from trainer.serving import export
 
 LAYOUT = features.ML_100K
 

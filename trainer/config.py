@@ -20,8 +20,6 @@ from collections.abc import Callable, Mapping, Sequence
 from trainer import distribute
 from trainer import features
 from trainer import logs
-from trainer import optimizers
-from trainer import posterior
 
 # Vertex AI custom-job environment: where the SavedModel and checkpoints go.
 ENV_MODEL_DIR = 'AIP_MODEL_DIR'
@@ -36,12 +34,16 @@ DEFAULT_HP_METRIC_FILE = '/tmp/hypertune/output.metrics'
 
 # --final-model choices.
 FINAL_MODELS = ('refit', 'best')
+# --optimizer choices: the keys of `trainer.rating.optimizers.OPTIMIZERS`.
+OPTIMIZER_NAMES = ('adagrad', 'adam', 'sgd')
+# --posterior-noise choices (`trainer.rating.posterior`), the default first.
+POSTERIOR_NOISE_MODELS = ('user-movie', 'shared')
 # --topn-model choices: the lists `recommend` serves come from the iALS top-N
-# model (`trainer.topn`), or are ranked by the rating model's predictions.
+# model (`trainer.topn.train`), or are ranked by the rating model's predictions.
 TOPN_MODELS = ('ials', 'rating')
-# --topn-target choices: what a rated pair should score, 1 or g(r) (`trainer.ials`).
+# --topn-target choices: what a rated pair should score, 1 or g(r) (`trainer.topn.ials`).
 TOPN_TARGETS = ('rating', 'watched')
-# --training-kernel choices: the fused C++ epoch (`trainer.fused`) where it
+# --training-kernel choices: the fused C++ epoch (`trainer.ops.kernels`) where it
 # applies, else TensorFlow ops; the fused one (an error where it cannot run);
 # TensorFlow ops.
 TRAINING_KERNELS = ('auto', 'fused', 'tf')
@@ -158,7 +160,7 @@ class TrainConfig:
       model_dir: checkpoints (unless checkpoint_dir), loss log, metrics.
       checkpoint_dir: where tf.train.CheckpointManager writes.
       export_dir: where the SavedModel goes.
-      optimizer: a key of `optimizers.OPTIMIZERS`.
+      optimizer: one of OPTIMIZER_NAMES.
       learning_rate: the optimiser's step size.
       learning_rate_decay: epoch n steps with learning_rate * decay^(n - 1);
         None: scaled to the data by `default_learning_rate_decay`.
@@ -182,20 +184,20 @@ class TrainConfig:
       final_model: 'refit' trains a fresh model on the whole train split
         (validation slice included) for the best epoch's number of epochs;
         'best' keeps the best epoch's parameters as they are.
-      implicit_feedback: add the SVD++-style term (`trainer.model`): each
+      implicit_feedback: add the SVD++-style term (`trainer.rating.model`): each
         user's factors gain a learned sum over the movies they rated; trained
         in TensorFlow ops on one replica, folded into the user factors at the
         end.
       implicit_l2: the penalty strength of the implicit term's y rows; None:
         IMPLICIT_L2_FACTOR x l2 (with implicit_feedback).
       posterior_samples: Gibbs sweeps averaged into the final model's
-        posterior mean (`trainer.posterior`); 0 exports the trained (MAP)
+        posterior mean (`trainer.rating.posterior`); 0 exports the trained (MAP)
         model as it is.
       posterior_burn_in: sweeps run from the trained model and dropped
         before the averaged ones.
       posterior_noise: the chain's noise model, 'user-movie' (a noise level
         per user and per movie) or 'shared' (one for every rating).
-      topn_model: 'ials' trains the top-N model (`trainer.ials`) after the
+      topn_model: 'ials' trains the top-N model (`trainer.topn.ials`) after the
         rating model and serves its lists; 'rating' ranks by predicted rating.
       topn_factors: factors per user and movie of the top-N model.
       topn_l2: its ridge penalty, per row l2 * (n + alpha0 * other side)^nu;
@@ -220,7 +222,7 @@ class TrainConfig:
       ranking_users: rank a sample of this many eval users (seeded by the
         split seed) when there are more; 0 ranks all.
       training_kernel: 'fused' trains each epoch in one C++ op
-        (`trainer.fused`: one replica, Adam), 'tf' in TensorFlow ops (and
+        (`trainer.ops.kernels`: one replica, Adam), 'tf' in TensorFlow ops (and
         draws the posterior sweeps in numpy), 'auto' with the C++ ops where
         they apply and build, else as 'tf'.
       overwrite: clear model_dir (and checkpoint_dir) first instead of resuming.
@@ -259,7 +261,7 @@ class TrainConfig:
     implicit_l2: float | None = None
     posterior_samples: int = 100
     posterior_burn_in: int = 20
-    posterior_noise: str = posterior.NOISE_MODELS[0]
+    posterior_noise: str = POSTERIOR_NOISE_MODELS[0]
     topn_model: str = 'ials'
     topn_factors: int = 64
     topn_l2: float | None = None
@@ -399,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
         help='model dir: checkpoints, loss log, metrics, export '
              '(default: WORK_DIR/model)')
     add('--optimizer', default=TrainConfig.optimizer,
-        choices=sorted(optimizers.OPTIMIZERS))
+        choices=OPTIMIZER_NAMES)
     add('--learning-rate', default=TrainConfig.learning_rate,
         type=_bounded(float, '--learning-rate', 0, 10, low_inclusive=False))
     add('--learning-rate-decay', default=TrainConfig.learning_rate_decay,
@@ -494,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_bounded(int, '--posterior-burn-in', 0, 100_000),
         help='sweeps from the trained model dropped before averaging')
     add('--posterior-noise', default=TrainConfig.posterior_noise,
-        choices=posterior.NOISE_MODELS,
+        choices=POSTERIOR_NOISE_MODELS,
         help='user-movie (default): the chain learns a noise level per user and per '
              'movie, so erratic raters and divisive movies weigh less; shared: one '
              'noise level for every rating')

@@ -8,7 +8,7 @@ reads them once, at start-up (`make_strategy`), and builds one strategy:
 - no cluster, or a cluster of one task: the default strategy (one process);
 - a chief and/or workers: `tf.distribute.MultiWorkerMirroredStrategy`.  Each
   worker holds a full copy of the tables, reads every other slice of each
-  global batch, and the sparse gradients are all-reduced (`trainer.train`).
+  global batch, and the sparse gradients are all-reduced (`trainer.rating.train`).
 
 `TF_CONFIG` is read by `TFConfigClusterResolver` only; a `CLUSTER_SPEC` without
 a `TF_CONFIG` is first translated into one (`adopt_cluster_spec`).  Parameter

@@ -36,9 +36,9 @@ from trainer import config as config_lib
 from trainer import data
 from trainer import features
 from trainer import logs
-from trainer import ranking
-from trainer import topn
-from trainer import train as train_lib
+from trainer.rating import train as train_lib
+from trainer.topn import ranking
+from trainer.topn import train as topn_train
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +152,8 @@ def _ranking_trial(config: config_lib.TrainConfig, info: features.DatasetInfo,
     """The top-N model alone: its best iteration by validation NDCG@10, and that
     model's eval NDCG@10 (for information)."""
     rows = tuple(size + features.NUM_OOV_BUCKETS for size in sizes)
-    result = topn.train(config, splits, *rows, seed=info.seed)
-    seen = topn.pairs_catalog(splits.fit, *sizes)
+    result = topn_train.train(config, splits, *rows, seed=info.seed)
+    seen = topn_train.pairs_catalog(splits.fit, *sizes)
     record = ranking.evaluate_lists(
         {'topn': ranking.factor_scorer(result.user_factors, result.item_factors, sizes[1])},
         seen, splits.eval.user.numpy(), splits.eval.item.numpy(),
