@@ -66,7 +66,11 @@ from collections.abc import Sequence
 from trainer import features
 from trainer import fileio
 from trainer import logs
-from trainer.pipeline import synthetic
+
+if __name__ == '__main__':
+    logs.check_packages()  # one line, not a traceback, outside .venv
+
+from trainer.pipeline import synthetic  # noqa: E402  pylint: disable=wrong-import-position
 
 logger = logging.getLogger(__name__)
 

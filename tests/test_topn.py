@@ -155,6 +155,19 @@ def test_without_refit_the_best_iteration_is_kept(splits, tmp_path):
     np.testing.assert_allclose(result.user_factors, again.user_factors, atol=1e-6)
 
 
+def test_early_stopping_stops_patience_iterations_after_the_best(splits, tmp_path):
+    config = _config(tmp_path, topn_iterations=40, early_stopping_patience=2,
+                     final_model='best')
+    result = topn_train.train(config, splits, *ROWS, seed=0)
+    searched = [row[0] for row in result.history]
+    ndcg = [row[2] for row in result.history]
+    best = searched[int(np.argmax(ndcg))]
+    # It stopped early, exactly `patience` iterations past its best, and kept the best.
+    assert len(searched) < 40
+    assert searched[-1] == best + 2 and result.iterations == best
+    assert max(ndcg[-2:]) <= result.best_validation_ndcg
+
+
 def test_a_checkpoint_of_other_factors_is_refused(splits, tmp_path):
     topn_train.train(_config(tmp_path, topn_iterations=1), splits, *ROWS, seed=0)
     with pytest.raises(ResumeError, match='--overwrite'):

@@ -21,15 +21,17 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from trainer import config as config_lib
 from trainer import logs
 
 if __name__ == '__main__':
-    logs.quiet_startup()  # before TensorFlow loads
+    logs.check_packages()
+    config_lib.parse_args()  # --help and a bad flag answer before TensorFlow loads
+    logs.quiet_startup()
 
 # pylint: disable=wrong-import-position
 import tensorflow as tf  # noqa: E402
 
-from trainer import config as config_lib  # noqa: E402
 from trainer import data  # noqa: E402
 from trainer import distribute  # noqa: E402
 from trainer import features  # noqa: E402
@@ -215,7 +217,7 @@ def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
     info_path = features.join(tft_dir, features.DATASET_INFO_FILE)
     if not tf.io.gfile.exists(info_path):
         print(f'trainer: error: {info_path} does not exist; run '
-              f'python preprocess.py --work-dir {config.work_dir} first',
+              f'.venv/bin/python preprocess.py --work-dir {config.work_dir} first',
               file=sys.stderr)
         return 2
     info = features.read_dataset_info(config.work_dir)

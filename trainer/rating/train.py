@@ -522,10 +522,11 @@ def train(config: TrainConfig, info: features.DatasetInfo,
         state.manager.save(checkpoint_number=number)
         logger.info(
             'Epoch %d/%d: objective %.4f, train RMSE %.4f, validation RMSE %.4f '
-            '(best %.4f at epoch %d), eval RMSE %.4f (global mean %.4f), %.2f s, '
-            '%.2fM ratings/s', number, config.num_epochs, running['objective'],
-            row.train_rmse, row.validation_rmse, state.best.validation_rmse.numpy(),
-            state.best.epoch.numpy(), row.eval_rmse, info.global_mean_eval_rmse,
+            '(best %.4f at epoch %d; a gain under %g does not count), eval RMSE %.4f '
+            '(global mean %.4f), %.2f s, %.2fM ratings/s', number, config.num_epochs,
+            running['objective'], row.train_rmse, row.validation_rmse,
+            state.best.validation_rmse.numpy(), state.best.epoch.numpy(), _MIN_IMPROVEMENT,
+            row.eval_rmse, info.global_mean_eval_rmse,
             running['seconds'], running['speed'] / 1e6)
     best_epoch, stopped_early = _keep_best(config, state, has_validation)
     phases = [search]

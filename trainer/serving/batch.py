@@ -29,10 +29,15 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import apache_beam as beam
-from apache_beam.ml.inference.base import ModelHandler, RunInference
+from trainer import features
+from trainer import logs
 
-from trainer import features, logs
+if __name__ == '__main__':
+    logs.check_packages()  # one line, not a traceback, outside .venv
+
+# pylint: disable=wrong-import-position
+import apache_beam as beam  # noqa: E402
+from apache_beam.ml.inference.base import ModelHandler, RunInference  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
