@@ -138,6 +138,19 @@ def training_inputs(spec: dict) -> dict:
             for name, definition in component['inputDefinitions']['parameters'].items()}
 
 
+def test_the_bigquery_table_and_the_labels_reach_their_steps(tmp_path: pathlib.Path):
+    spec = compile_spec(tmp_path, '--batch-recommend', '--bigquery-table', 'p-1:d.t',
+                        '--label', 'app=movielens-mf', '--label', 'dataset=ml-1m',
+                        '--run-label', 'run=movielens_mf_20260101_000000')
+    batch = container_args(spec, 'batch-recommendations')
+    assert batch[batch.index('--bigquery-table') + 1] == 'p-1:d.t'
+    labels = {'app': 'movielens-mf', 'dataset': 'ml-1m'}
+    assert training_inputs(spec)['labels'] == labels
+    upload = spec['root']['dag']['tasks']['model-upload']['inputs']['parameters']['labels']
+    assert upload['runtimeValue']['constant'] == labels
+    assert 'movielens_mf_20260101_000000' not in json.dumps(spec)  # on the run only
+
+
 def test_the_training_task_is_the_rendered_custom_job(tmp_path: pathlib.Path):
     from google.cloud import aiplatform_v1  # pylint: disable=import-outside-toplevel
     from google.protobuf import json_format  # pylint: disable=import-outside-toplevel
