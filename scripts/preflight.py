@@ -20,6 +20,10 @@ Application Default Credentials (trainer.fileio.gcs_credentials_problem).
     python scripts/preflight.py --project P --region R [--pipeline] [--service-account SA]
         [--build] [--tensorboard] [--bigquery-table P:D.T]
     python scripts/preflight.py --credentials
+    python scripts/preflight.py --print launcher|runner|apis [--pipeline] [--build] ...
+
+--print lists the roles of one identity (or the APIs), one a line, for
+scripts/cloud-setup.sh to grant: the table lives here only.
 """
 
 from __future__ import annotations
@@ -240,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add('--credentials', action='store_true',
         help='check only that the Application Default Credentials suit the gs:// steps')
+    add('--print', choices=('launcher', 'runner', 'apis'), dest='listing',
+        help='print the roles this identity needs (or the APIs), one a line; check nothing')
     add('--project')
     add('--region', default='us-central1')
     add('--pipeline', action='store_true', help='run-cloud.sh --pipeline')
@@ -259,11 +265,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             if problem:
                 raise Missing(problem)
             return 0
-        if not args.project:
-            parser.error('--project is required (unless --credentials)')
-        run = Run(project=args.project, region=args.region, pipeline=args.pipeline,
+        if not args.project and not args.listing:
+            parser.error('--project is required (unless --credentials or --print)')
+        run = Run(project=args.project or '', region=args.region, pipeline=args.pipeline,
                   service_account=args.service_account, build=args.build,
                   tensorboard=args.tensorboard, bigquery_table=args.bigquery_table)
+        if args.listing:
+            listing = {'launcher': [need.role for need in launcher_needs(run)],
+                       'runner': [need.role for need in runner_needs(run)],
+                       'apis': needed_apis(run)}[args.listing]
+            print('\n'.join(listing))
+            return 0
         check(run)
     except Missing as missing:
         print(f'run-cloud.sh: error: {missing}', file=sys.stderr)

@@ -1163,3 +1163,93 @@ def test_teardown_removes_endpoints_models_and_images(run_cloud):
     assert sorted(c['argv'][3] for c in result.gcloud('artifacts', 'packages', 'delete')) == [
         'serving', 'trainer', 'trainer-dataflow']
     assert result.gcloud('ai', 'custom-jobs') == [] and result.gcloud('builds') == []
+
+
+# --- scripts/cloud-setup.sh: one command to create what the runs need, one to remove it. ---
+SET_UP = REPO / 'scripts' / 'cloud-setup.sh'
+
+
+def run_set_up(tmp_path: pathlib.Path, *args: str) -> CloudRun:
+    log = tmp_path / 'set-up-calls.jsonl'
+    env = {**os.environ, 'FAKE_GCLOUD_LOG': str(log),
+           'PATH': f'{FAKE_GCLOUD_DIR}{os.pathsep}{os.environ["PATH"]}'}
+    done = subprocess.run([str(SET_UP), *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return CloudRun(done.returncode, done.stdout, done.stderr, calls)
+
+
+def granted_policies(set_up: CloudRun, tmp_path: pathlib.Path) -> dict[str, str]:
+    """The project's and the runner's IAM policies after the recorded set-up, as files."""
+    policies: dict[str, dict[str, list[str]]] = {'project': {}, 'account': {}}
+    for call in set_up.calls:
+        argv = call['argv']
+        kind = ('project' if argv[:2] == ['projects', 'add-iam-policy-binding'] else
+                'account' if argv[:3] == ['iam', 'service-accounts', 'add-iam-policy-binding']
+                else None)
+        if kind:
+            policies[kind].setdefault(flag(argv, '--role'), []).append(flag(argv, '--member'))
+    return {f'FAKE_GCLOUD_{"IAM" if kind == "project" else "SA"}_POLICY': write_policy(
+                tmp_path, f'{kind}.json', {'bindings': [
+                    {'role': role, 'members': members} for role, members in grants.items()]})
+            for kind, grants in policies.items()}
+
+
+def preflight(tmp_path: pathlib.Path, env: dict[str, str], *flags: str
+              ) -> subprocess.CompletedProcess:
+    environ = {**os.environ, **env, 'FAKE_GCLOUD_LOG': str(tmp_path / 'preflight.jsonl'),
+               'FAKE_GCLOUD_DATASETS': 'my-project:movielens',
+               'PATH': f'{FAKE_GCLOUD_DIR}{os.pathsep}{os.environ["PATH"]}'}
+    return subprocess.run([sys.executable, str(REPO / 'scripts' / 'preflight.py'),
+                           '--project', 'my-project', '--service-account', RUNNER, '--build',
+                           *flags], env=environ, capture_output=True, text=True, timeout=60)
+
+
+def test_the_set_up_grants_what_preflight_asks_for_in_either_mode(tmp_path):
+    set_up = run_set_up(tmp_path, 'create', '--project', 'my-project', '--bucket', 'my-bucket',
+                        '--pipeline', '--bigquery-dataset', 'movielens')
+    assert set_up.returncode == 0, set_up.stderr
+    env = granted_policies(set_up, tmp_path)
+    for mode in ([], ['--pipeline']):
+        done = preflight(tmp_path, env, *mode, '--bigquery-table', 'my-project:movielens.recs')
+        assert done.returncode == 0, done.stderr
+    assert [c['argv'][:4] for c in set_up.gcloud('bq')] == [['bq', 'mk', '--dataset', '--location']]
+
+
+def test_the_script_mode_set_up_is_refused_by_the_pipeline_preflight(tmp_path):
+    set_up = run_set_up(tmp_path, 'create', '--project', 'my-project', '--bucket', 'my-bucket')
+    assert set_up.returncode == 0, set_up.stderr
+    env = granted_policies(set_up, tmp_path)
+    assert preflight(tmp_path, env).returncode == 0
+    refused = preflight(tmp_path, env, '--pipeline')
+    assert refused.returncode == 1 and 'roles/dataflow.developer' in refused.stderr
+
+
+def test_the_set_up_delete_removes_it_all(tmp_path):
+    done = run_set_up(tmp_path, 'delete', '--project', 'my-project', '--bucket', 'my-bucket',
+                      '--bigquery-dataset', 'movielens')
+    assert done.returncode == 0, done.stderr
+    assert done.gcloud('ai', 'models', 'delete')  # through run-cloud.sh --teardown
+    (repository,) = done.gcloud('artifacts', 'repositories', 'delete')
+    assert repository['argv'][3] == 'movielens'
+    (bucket,) = done.gcloud('storage', 'rm')
+    assert 'gs://my-bucket' in bucket['argv'] and '--recursive' in bucket['argv']
+    assert [c['argv'] for c in done.gcloud('bq')] == [
+        ['bq', 'rm', '-r', '-f', '--dataset', 'my-project:movielens']]
+    removed = {flag(c['argv'], '--role')
+               for c in done.gcloud('projects', 'remove-iam-policy-binding')}
+    assert {'roles/dataflow.worker', 'roles/dataflow.developer', 'roles/bigquery.jobUser'} <= removed
+    (account,) = done.gcloud('iam', 'service-accounts', 'delete')
+    assert done.calls.index(account) == len(done.calls) - 1
+
+
+@pytest.mark.parametrize('args, named', [
+    (['make'], 'create or delete'),
+    (['create', '--bucket', 'b-1'], '--project'),
+    (['create', '--project', 'my-project', '--bucket', 'B; touch CANARY'], '--bucket'),
+    (['delete', '--project', 'my-project', '--bucket', 'b-1', '--pipeline'], '--pipeline'),
+])
+def test_bad_set_up_flags_are_one_line(tmp_path, args: list[str], named: str):
+    done = run_set_up(tmp_path, *args)
+    assert done.returncode == 2 and done.calls == []
+    assert len(done.stderr.splitlines()) == 1 and named in done.stderr
