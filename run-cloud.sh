@@ -41,6 +41,7 @@ readonly APP_LABEL="movielens-mf"
 usage() {
   cat <<USAGE
 usage: ./run-cloud.sh --work-dir gs://BUCKET/PREFIX [flags] [-- TRAINER_FLAGS...]
+       ./run-cloud.sh --teardown [--project ID] [--region REGION] [--dry-run]
   --work-dir gs://B/P     where every step reads and writes (required; Cloud Storage)
   --project ID            Google Cloud project (default: gcloud config get-value project)
   --region REGION         Dataflow and Vertex AI region (default: us-central1)

@@ -1253,3 +1253,10 @@ def test_bad_set_up_flags_are_one_line(tmp_path, args: list[str], named: str):
     done = run_set_up(tmp_path, *args)
     assert done.returncode == 2 and done.calls == []
     assert len(done.stderr.splitlines()) == 1 and named in done.stderr
+
+
+def test_the_flag_reference_in_the_docs_is_the_help_text():
+    help_text = subprocess.run([str(RUN_CLOUD), '--help'], capture_output=True, text=True,
+                               check=True).stdout
+    docs = (REPO / 'docs' / 'cloud.md').read_text()
+    assert '```\n' + help_text + '```' in docs

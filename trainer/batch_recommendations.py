@@ -7,7 +7,7 @@ and writes one JSON line per user under WORK_DIR/recommendations/, e.g.
 
     {"user_id": "196", "fallback": false, "recommendations": [
         {"rank": 1, "movie_id": "850", "title": "...", "score": 4.4412,
-         "rating": 4.3127}, ...]}
+         "rating": ...}, ...]}
 
 and, with --bigquery-table, the same rows to a BigQuery table.  On Beam's
 local runner by default; on Dataflow with --runner DataflowRunner (run-cloud.sh
