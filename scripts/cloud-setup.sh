@@ -68,6 +68,8 @@ if [[ "${action}" == delete ]]; then
   mapfile -t runner_roles < <(python scripts/preflight.py --print runner --pipeline --tensorboard \
     --bigquery-table "${project}:dataset.recommendations")
 fi
+(( ${#apis[@]} && ${#launcher_roles[@]} && ${#runner_roles[@]} )) \
+  || die "scripts/preflight.py --print listed nothing; run python scripts/preflight.py --print apis to see why"
 
 create() {
   local account member role
@@ -81,7 +83,7 @@ create() {
     --uniform-bucket-level-access
   run gcloud artifacts repositories create "${IMAGE_REPOSITORY}" --project "${project}" \
     --repository-format docker --location "${region}"
-  [[ -z "${dataset}" ]] || run bq mk --dataset --location "${region}" "${project}:${dataset}"
+  [[ -z "${dataset}" ]] || run bq --location "${region}" mk --dataset "${project}:${dataset}"
   run gcloud iam service-accounts create "${RUNNER_NAME}" --project "${project}" \
     --display-name "run-cloud.sh jobs"
   for role in "${runner_roles[@]}"; do

@@ -227,7 +227,7 @@ def check_dataset(run: Run, gcloud: Gcloud) -> None:
     dataset = f'{table_project}:{rest.split(".", 1)[0]}'
     if gcloud(['bq', 'show', '--format', 'json', dataset]).returncode != 0:
         raise Missing(f'BigQuery dataset {dataset} (of --bigquery-table) does not exist or is '
-                      f'not readable: bq mk --dataset --location {run.region} {dataset}')
+                      f'not readable: bq --location {run.region} mk --dataset {dataset}')
 
 
 def check(run: Run, gcloud: Gcloud = call) -> None:

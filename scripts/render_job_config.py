@@ -251,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
         help='Vertex AI TensorBoard: projects/P/locations/R/tensorboards/ID')
     add('--timeout', type=int, metavar='SECONDS',
         help='scheduling.timeout: the job is cancelled after this long')
-    add('--spot', action='store_true', help='scheduling.strategy SPOT, restarted after a preemption')
+    add('--spot', action='store_true',
+        help='scheduling.strategy SPOT, the job restarted after a preemption')
     add('--overwrite', action='store_true',
         help='pass --overwrite to the trainer (run-cloud.sh --overwrite)')
     add('--hp-tuning', action='store_true',

@@ -1056,7 +1056,7 @@ BATCH_TO_BIGQUERY = ('--work-dir', WORK_DIR, '--project', 'my-project', '--image
      'gcloud services enable bigquery.googleapis.com --project my-project'),
     ({'FAKE_GCLOUD_DATASETS': 'my-project:movielens', 'FAKE_GCLOUD_IAM_POLICY': 'EARLIER'},
      f'--member serviceAccount:{RUNNER} --role roles/bigquery.dataEditor'),
-    ({}, 'bq mk --dataset --location us-central1 my-project:movielens'),
+    ({}, 'bq --location us-central1 mk --dataset my-project:movielens'),
 ])
 def test_preflight_of_the_bigquery_output_before_anything_is_paid_for(
         run_cloud, tmp_path, env: dict[str, str], named: str):
@@ -1213,7 +1213,8 @@ def test_the_set_up_grants_what_preflight_asks_for_in_either_mode(tmp_path):
     for mode in ([], ['--pipeline']):
         done = preflight(tmp_path, env, *mode, '--bigquery-table', 'my-project:movielens.recs')
         assert done.returncode == 0, done.stderr
-    assert [c['argv'][:4] for c in set_up.gcloud('bq')] == [['bq', 'mk', '--dataset', '--location']]
+    assert [c['argv'][:4] for c in set_up.gcloud('bq')] == [
+        ['bq', '--location', 'us-central1', 'mk']]
 
 
 def test_the_script_mode_set_up_is_refused_by_the_pipeline_preflight(tmp_path):
@@ -1238,7 +1239,8 @@ def test_the_set_up_delete_removes_it_all(tmp_path):
         ['bq', 'rm', '-r', '-f', '--dataset', 'my-project:movielens']]
     removed = {flag(c['argv'], '--role')
                for c in done.gcloud('projects', 'remove-iam-policy-binding')}
-    assert {'roles/dataflow.worker', 'roles/dataflow.developer', 'roles/bigquery.jobUser'} <= removed
+    assert {'roles/dataflow.worker', 'roles/dataflow.developer',
+            'roles/bigquery.jobUser'} <= removed
     (account,) = done.gcloud('iam', 'service-accounts', 'delete')
     assert done.calls.index(account) == len(done.calls) - 1
 
