@@ -29,11 +29,12 @@ BEAM_FLAGS = ['--runner', 'DataflowRunner', '--project', 'my-project',
 
 
 def compile_spec(tmp_path: pathlib.Path, *flags: str, trainer_flags: tuple[str, ...] = (),
-                 display_name: str = 'movielens_mf_20260101_000000') -> dict:
+                 display_name: str = 'movielens_mf_20260101_000000',
+                 render_flags: tuple[str, ...] = ()) -> dict:
     job = tmp_path / 'job.yaml'
     assert render.main(['--out', str(job), '--image-uri', IMAGE, '--machine-type',
                         'n1-standard-4', '--work-dir', WORK_DIR, '--base-output-dir',
-                        WORK_DIR + '/model', '--', *trainer_flags]) == 0
+                        WORK_DIR + '/model', *render_flags, '--', *trainer_flags]) == 0
     out = tmp_path / f'pipeline-{display_name}.yaml'
     assert pipeline.main(['--out', str(out), '--job-config', str(job), '--project', 'my-project',
                           '--region', 'us-central1', '--work-dir', WORK_DIR,
@@ -171,6 +172,20 @@ def test_the_training_task_is_the_rendered_custom_job(tmp_path: pathlib.Path):
     assert parsed.container_spec.image_uri == IMAGE
     assert inputs['base_output_directory'] == WORK_DIR + '/model'
     assert inputs['display_name'] == 'movielens_mf_train'
+
+
+def test_the_training_job_keeps_the_time_limit_spot_workers_and_accelerator(
+        tmp_path: pathlib.Path):
+    spec = compile_spec(tmp_path, render_flags=('--timeout', '7200', '--spot', '--workers', '2',
+                                                '--gpu', 'NVIDIA_TESLA_T4:1'))
+    inputs = training_inputs(spec)
+    assert (inputs['timeout'], inputs['strategy'], inputs['restart_job_on_worker_restart']) == (
+        '7200s', 'SPOT', True)
+    chief, workers = inputs['worker_pool_specs']
+    assert workers['replica_count'] == 2
+    assert chief['machine_spec'] == {'machine_type': 'n1-standard-4',
+                                     'accelerator_type': 'NVIDIA_TESLA_T4',
+                                     'accelerator_count': 1}
 
 
 def test_the_model_is_uploaded_with_the_serving_contract(tmp_path: pathlib.Path):

@@ -1145,6 +1145,15 @@ def test_a_failed_deployment_leaves_the_earlier_models_serving(run_cloud, tmp_pa
     assert result.gcloud('ai', 'endpoints', 'undeploy-model') == []
 
 
+def test_teardown_dry_run_prints_the_commands_and_calls_nothing(run_cloud):
+    result = run_cloud('--teardown', '--dry-run')
+    assert result.returncode == 0, result.stderr
+    assert result.calls == []
+    for command in ('+ gcloud ai endpoints list', '+ gcloud ai endpoints delete E',
+                    '+ gcloud ai models delete MODEL', '+ gcloud artifacts packages delete'):
+        assert command in result.stdout
+
+
 def test_teardown_removes_endpoints_models_and_images(run_cloud):
     result = run_cloud('--teardown', '--project', 'my-project',
                        FAKE_GCLOUD_ENDPOINT='projects/1/locations/us-central1/endpoints/42',
