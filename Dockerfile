@@ -57,8 +57,13 @@ EXPOSE 8080
 ENTRYPOINT ["python", "-m", "trainer.serving"]
 
 # Vertex AI training: runs as an unprivileged user; outputs go to gs://, /tmp
-# stays writable.  Last, so a plain `docker build .` builds this target.
+# stays writable.  A tuning trial writes its metric where CLOUD_ML_HP_METRIC_FILE
+# says: /var/hypertune on Vertex AI, which only root could write
+# (GoogleCloudPlatform/cloudml-hypertune issue 6), or cloudml-hypertune's default
+# /tmp/hypertune; both directories belong to the trainer user.  Last, so a plain
+# `docker build .` builds this target.
 FROM base AS trainer
-RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin trainer
+RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin trainer \
+    && install -d -o trainer -g trainer -m 0755 /var/hypertune /tmp/hypertune
 USER trainer
 ENTRYPOINT ["python", "-m", "trainer.task"]

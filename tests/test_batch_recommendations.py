@@ -39,9 +39,11 @@ def read_records(work_dir: str) -> dict[str, dict]:
 
 def expected_list(user: str, movies: list[str]) -> list[dict]:
     titles = {'m1': 'Amélie (2001)', 'm2': 'Léon (1994)', 'm3': 'm3'}
-    return [{'rank': rank, 'movie_id': movie, 'title': titles[movie],
-             'score': pytest.approx(GLOBAL_MEAN + USER_BIAS.get(user, 0.0) + MOVIE_BIAS[movie],
-                                    abs=1e-4)}
+    # The planted model's rating is its score: global mean + user bias + movie bias.
+    rating = {movie: pytest.approx(GLOBAL_MEAN + USER_BIAS.get(user, 0.0) + MOVIE_BIAS[movie],
+                                   abs=1e-4) for movie in movies}
+    return [{'rank': rank, 'movie_id': movie, 'title': titles[movie], 'score': rating[movie],
+             'rating': rating[movie]}
             for rank, movie in enumerate(movies, start=1)]
 
 
@@ -85,10 +87,11 @@ def test_bad_flags_are_one_line(tmp_path, capsys, flags: list[str], named: str):
 
 def test_records_fit_the_bigquery_schema():
     outputs = {features.MOVIE_IDS: [[b'm1', b'']], features.TITLES: [[b'T', b'']],
-               features.SCORES: [[4.5, 0.0]], features.FALLBACK: [True]}
+               features.SCORES: [[4.5, 0.0]], features.PREDICTED_RATINGS: [[3.75, 0.0]],
+               features.FALLBACK: [True]}
     (record,) = batch.user_records(['u9'], outputs)
     assert record == {'user_id': 'u9', 'fallback': True, 'recommendations': [
-        {'rank': 1, 'movie_id': 'm1', 'title': 'T', 'score': 4.5}]}
+        {'rank': 1, 'movie_id': 'm1', 'title': 'T', 'score': 4.5, 'rating': 3.75}]}
     fields = batch.BIGQUERY_SCHEMA['fields']
     assert [field['name'] for field in fields] == list(record)
     (nested,) = [field['fields'] for field in fields if field['type'] == 'RECORD']
