@@ -159,7 +159,7 @@ def users_of(index: int, per_request: int, users: Sequence[str]) -> list[str]:
 
 
 async def _connection(port: int, jobs: collections.deque, case: Case, users: Sequence[str],
-                      k: int, expected: Mapping[str, Any], deadline: float,
+                      k: int, expected: Mapping[str, Any], deadline: float, route: str,
                       latencies: list[float], errors: collections.Counter) -> None:
     """One client connection: takes requests from `jobs` until none are left."""
     reader = writer = None
@@ -174,7 +174,7 @@ async def _connection(port: int, jobs: collections.deque, case: Case, users: Seq
                     reader, writer = await asyncio.open_connection(HOST, port)
                     writer.get_extra_info('socket').setsockopt(
                         socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                writer.write(request_bytes(asked, k))
+                writer.write(request_bytes(asked, k, route))
                 status, keep, body = await asyncio.wait_for(read_response(reader),
                                                             REQUEST_TIMEOUT_SECONDS)
                 elapsed = time.perf_counter() - started
@@ -210,7 +210,7 @@ async def _connection(port: int, jobs: collections.deque, case: Case, users: Seq
 
 
 async def _run_case(port: int, case: Case, users: Sequence[str], k: int,
-                    expected: Mapping[str, Any], max_seconds: float
+                    expected: Mapping[str, Any], max_seconds: float, route: str
                     ) -> tuple[float, list[float], collections.Counter]:
     jobs = collections.deque(range(case.requests))
     latencies: list[float] = []
@@ -218,7 +218,7 @@ async def _run_case(port: int, case: Case, users: Sequence[str], k: int,
     started = time.perf_counter()
     deadline = time.monotonic() + max_seconds
     await asyncio.gather(*(_connection(port, jobs, case, users, k, expected, deadline,
-                                       latencies, errors)
+                                       route, latencies, errors)
                            for _ in range(case.connections)))
     if jobs:
         errors['not sent (--max-seconds)'] += len(jobs)
@@ -226,11 +226,15 @@ async def _run_case(port: int, case: Case, users: Sequence[str], k: int,
 
 
 def run_case(port: int, case: Case, users: Sequence[str], k: int,
-             expected: Mapping[str, Any], max_seconds: float) -> CaseResult:
-    """Sends the case's requests and checks every answer against `expected`."""
+             expected: Mapping[str, Any], max_seconds: float,
+             route: str = PREDICT_ROUTE) -> CaseResult:
+    """Sends the case's requests to 127.0.0.1:port and checks every answer.
+
+    `expected` maps each user to its list ({"movie_ids", "scores"}).
+    """
     load_before = os.getloadavg()[0]
     seconds, latencies, errors = asyncio.run(
-        _run_case(port, case, users, k, expected, max_seconds))
+        _run_case(port, case, users, k, expected, max_seconds, route))
     return CaseResult(case, seconds, latencies, errors, load_before, os.getloadavg()[0])
 
 
