@@ -310,7 +310,14 @@ def stop_server(process: subprocess.Popen) -> tuple[int | None, float]:
 
 
 def train_small_model(work_dir: str) -> str:
-    """Generated ml-100k-shaped ratings -> preprocess -> a short training; the export."""
+    """Generated ml-100k-shaped ratings -> preprocess -> a short training; the export.
+
+    A work dir that already holds an export is reused as it is.
+    """
+    export_dir = os.path.join(work_dir, 'model', 'export')
+    if os.path.exists(os.path.join(export_dir, 'saved_model.pb')):
+        logger.info('Reusing the export in %s', export_dir)
+        return export_dir
     steps = [
         ['data-extractor.py', '--work-dir', work_dir, '--dataset', 'synthetic'],
         ['preprocess.py', '--work-dir', work_dir],
@@ -323,7 +330,7 @@ def train_small_model(work_dir: str) -> str:
             if subprocess.call([sys.executable, *step], cwd=REPO, stdout=log,
                                stderr=subprocess.STDOUT) != 0:
                 raise RuntimeError(f'{step[0]} failed; see {log_path}')
-    return os.path.join(work_dir, 'model', 'export')
+    return export_dir
 
 
 def format_table(results: Sequence[CaseResult]) -> str:
@@ -342,8 +349,8 @@ def format_table(results: Sequence[CaseResult]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--model-dir', help='an export to serve (default: train a small one)')
-    parser.add_argument('--work-dir', help='where the small model is trained (default: a temp '
-                        'dir, removed at the end)')
+    parser.add_argument('--work-dir', help='where the small model is trained, or reused from '
+                        'a run before (default: a temp dir, removed at the end)')
     parser.add_argument('--cases', default=DEFAULT_CASES,
                         help=f'CONNECTIONS:REQUESTS[:USERS_PER_REQUEST],... (default {DEFAULT_CASES})')
     parser.add_argument('--k', type=int, default=10, help='list length (default 10)')
@@ -358,6 +365,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_all(args: argparse.Namespace, cases: Sequence[Case], temp_dir: str
+            ) -> tuple[list[CaseResult], int | None, float]:
+    """Model, server, reference lists, the cases, SIGTERM: (results, exit code, seconds)."""
+    model_dir = args.model_dir or train_small_model(args.work_dir or temp_dir)
+    port = free_port()
+    process = start_server(model_dir, port, os.path.join(temp_dir, 'server.log'),
+                           args.server_module)
+    users = [str(user) for user in range(1, args.num_users + 1)]
+    try:
+        expected = reference_lists(port, users, args.k)
+        results = []
+        for case in cases:
+            results.append(run_case(port, case, users, args.k, expected, args.max_seconds))
+            logger.info('%s: %s', case.label, results[-1].summary())
+    finally:
+        code, seconds = stop_server(process)
+    return results, code, seconds
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s')
     parser = build_parser()
@@ -366,23 +392,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         cases = parse_cases(args.cases)
     except ValueError as error:
         parser.error(f'--cases: {error}')
-    if not 1 <= args.k <= 1000 or args.num_users < 1 or args.max_seconds <= 0:
-        parser.error('--k must be 1-1000, --num-users and --max-seconds positive')
+    if not 1 <= args.k <= 1000:
+        parser.error(f'--k {args.k} is not 1-1000; pass e.g. --k 10')
+    if args.num_users < 1:
+        parser.error(f'--num-users {args.num_users} is not positive; pass e.g. --num-users 943')
+    if args.max_seconds <= 0:
+        parser.error(f'--max-seconds {args.max_seconds:g} is not positive; pass e.g. '
+                     '--max-seconds 60')
     temp_dir = tempfile.mkdtemp(prefix='bench-serving-')
     try:
-        model_dir = args.model_dir or train_small_model(args.work_dir or temp_dir)
-        port = free_port()
-        process = start_server(model_dir, port, os.path.join(temp_dir, 'server.log'),
-                               args.server_module)
-        users = [str(user) for user in range(1, args.num_users + 1)]
-        try:
-            expected = reference_lists(port, users, args.k)
-            results = []
-            for case in cases:
-                results.append(run_case(port, case, users, args.k, expected, args.max_seconds))
-                logger.info('%s: %s', case.label, results[-1].summary())
-        finally:
-            code, seconds = stop_server(process)
+        results, code, seconds = run_all(args, cases, temp_dir)
+    except RuntimeError as error:
+        print(f'bench/serving.py: error: {error}', file=sys.stderr)
+        return 2
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
     print(f'{args.server_module}, recommend k={args.k}, {os.cpu_count()} cores, load average '
