@@ -275,6 +275,23 @@ def test_concurrent_requests_of_every_kind_get_their_own_answers(server: Server,
     assert answers.count(False) == 0
 
 
+def read_reply(sock: socket.socket) -> tuple[bytes, bytes]:
+    """(head, body) of one HTTP/1.1 response with a Content-Length."""
+    data = b''
+    while b'\r\n\r\n' not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f'the connection closed after {data!r}'
+        data += chunk
+    head, _, body = data.partition(b'\r\n\r\n')
+    (length,) = [int(line.split(b':')[1]) for line in head.split(b'\r\n')
+                 if line.lower().startswith(b'content-length:')]
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, f'the connection closed after {head + body!r}'
+        body += chunk
+    return head, body
+
+
 def refused(port: int) -> bool:
     try:
         socket.create_connection(('127.0.0.1', port), timeout=5).close()
@@ -289,7 +306,7 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(export_dir: str,
     try:
         idle = socket.create_connection(('127.0.0.1', running.port), timeout=60)
         idle.sendall(bench.request_bytes(['u4'], 2, PREDICT_ROUTE))
-        assert idle.recv(65536).startswith(b'HTTP/1.1 200')  # now an idle keep-alive
+        assert read_reply(idle)[0].startswith(b'HTTP/1.1 200')  # now an idle keep-alive
         body = json.dumps({'instances': [{'user_id': 'u4'}],
                            'parameters': {'signature_name': 'recommend', 'k': 2}}).encode()
         busy = socket.create_connection(('127.0.0.1', running.port), timeout=60)
@@ -306,14 +323,12 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(export_dir: str,
             time.sleep(0.1)
         assert idle.recv(65536) == b''  # the idle connection was closed
         busy.sendall(body)
-        reply = b''
-        while chunk := busy.recv(65536):  # the server closes after answering
-            reply += chunk
-        head, _, payload = reply.partition(b'\r\n\r\n')
+        head, payload = read_reply(busy)
         assert head.startswith(b'HTTP/1.1 200')
         assert b'connection: close' in head.lower()
         (answer,) = json.loads(payload)['predictions']
         assert answer['movie_ids'] == ['m1', 'm2']
+        assert busy.recv(65536) == b''  # then the server closed it
         assert process.wait(timeout=START_DEADLINE_SECONDS) == 0
     finally:
         if process.poll() is None:

@@ -26,8 +26,8 @@ TensorFlow that trained the model: it is the same image stack.
 The HTTP side is uvicorn (keep-alive HTTP/1.1 on one event loop) with a
 Starlette app.  Requests are parsed and checked on the loop; the signature
 calls run on two model threads, and the requests that arrive while both
-are busy are answered by the next call together (`Batcher`: one call per
-signature and k, at most `MAX_BATCH_ROWS` instances), so concurrent
+are busy are answered by the next call together (`trainer.batching`: one
+call per signature and k, at most 256 instances), so concurrent
 clients share the cost of a call instead of queueing for the model one by
 one.  A lone request is never held back to wait for company.  On SIGTERM
 (Vertex scaling down, a rollout) the server stops listening, closes idle
@@ -40,8 +40,6 @@ and exits 0.  See docs/cloud.md#serving and docs/performance.md.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import concurrent.futures
 import dataclasses
 import gc
 import json
@@ -62,6 +60,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from trainer import export, features, logs
+from trainer.batching import Batcher, Call
 
 logger = logging.getLogger(__name__)
 
@@ -76,14 +75,6 @@ DEFAULT_K = 10
 MAX_K = 10_000
 # Vertex AI refuses online requests above 1.5 MB; a little slack for headers.
 MAX_BODY_BYTES = 2 * 1024 * 1024
-# Instances per signature call when concurrent requests are batched (one
-# larger request still runs, alone).  A call costs about 0.4 ms for one user
-# and 50-65 us a user from 32 users on: bigger batches gain nothing, and
-# smaller ones let the model threads take turns.
-MAX_BATCH_ROWS = 256
-# Batches in flight: while one runs in TensorFlow, which releases the GIL,
-# the other turns its outputs into lists.
-MODEL_THREADS = 2
 # Vertex AI does not document how long a prediction container has between
 # SIGTERM and SIGKILL; its nodes run on Kubernetes, whose default is 30 s.
 DEFAULT_DRAIN_SECONDS = 20.0
@@ -108,25 +99,6 @@ class ServingConfig:
     health_route: str = DEFAULT_HEALTH_ROUTE
     predict_route: str = DEFAULT_PREDICT_ROUTE
     drain_seconds: float = DEFAULT_DRAIN_SECONDS
-
-
-@dataclasses.dataclass(frozen=True)
-class Call:
-    """One request's signature call: its inputs as id columns, one row per instance.
-
-    Calls with the same `key` (signature and k) can share one signature call.
-    """
-    signature: str
-    columns: Mapping[str, list[str]]
-    k: int | None = None
-
-    @property
-    def key(self) -> tuple[str, int | None]:
-        return self.signature, self.k
-
-    @property
-    def rows(self) -> int:
-        return len(next(iter(self.columns.values())))
 
 
 def _id_column(instances: Sequence[Any], key: str) -> list[str]:
@@ -239,67 +211,6 @@ class Predictor:
         return predictions
 
 
-class Batcher:
-    """Runs the calls of concurrent requests together, a few batches at a time.
-
-    `submit` queues a call; whenever one of `threads` model threads is free,
-    the oldest queued call and the queued calls with its key (up to
-    `max_rows` instances) go to it as one batch.  Calls queued meanwhile wait
-    for the next free thread.  A lone call runs at once.
-    """
-
-    def __init__(self, predictor: Predictor, max_rows: int = MAX_BATCH_ROWS,
-                 threads: int = MODEL_THREADS) -> None:
-        self._predictor = predictor
-        self._max_rows = max_rows
-        self._threads = threads
-        self._queue: list[tuple[Call, asyncio.Future]] = []
-        self._running = 0
-        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix='model')
-
-    async def submit(self, call: Call) -> list[Any]:
-        """The call's predictions, computed in a batch with its neighbours."""
-        future = asyncio.get_running_loop().create_future()
-        self._queue.append((call, future))
-        if self._running < self._threads:
-            self._running += 1
-            asyncio.get_running_loop().create_task(self._drain())
-        return await future
-
-    def _next_batch(self) -> list[tuple[Call, asyncio.Future]]:
-        key = self._queue[0][0].key
-        batch, rest, rows = [], [], 0
-        for item in self._queue:
-            if item[0].key == key and (not batch or rows + item[0].rows <= self._max_rows):
-                batch.append(item)
-                rows += item[0].rows
-            else:
-                rest.append(item)
-        self._queue = rest
-        return batch
-
-    async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self._queue:
-                batch = self._next_batch()
-                try:
-                    results = await loop.run_in_executor(
-                        self._pool, self._predictor.run, [call for call, _ in batch])
-                except Exception as error:  # pylint: disable=broad-except
-                    # Handed to every waiting request, which answers 500 and logs it.
-                    results = [error] * len(batch)
-                for (_, future), result in zip(batch, results):
-                    if future.cancelled():
-                        continue
-                    if isinstance(result, Exception):
-                        future.set_exception(result)
-                    else:
-                        future.set_result(result)
-        finally:
-            self._running -= 1
-
-
 def _json(status: int, payload: Mapping[str, Any]) -> Response:
     return Response(json.dumps(payload, ensure_ascii=False).encode('utf-8'), status,
                     media_type='application/json; charset=utf-8')
@@ -323,7 +234,7 @@ async def _read_body(request: Request) -> bytes:
 
 def make_app(predictor: Predictor, config: ServingConfig) -> Starlette:
     """The ASGI app: GET health, POST predict; any other route is a JSON 404."""
-    batcher = Batcher(predictor)
+    batcher = Batcher(predictor.run)
 
     async def health(request: Request) -> Response:
         del request
@@ -417,8 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info('Serving on %s:%d (health %s, predict %s)', config.host,
                 listener.getsockname()[1], config.health_route, config.predict_route)
     server.run(sockets=[listener])
-    logger.info('Stopped by %s', ', '.join(signal.Signals(number).name for number in stopped_by)
-                or 'the server')
+    logger.info('Stopped by %s', ' and '.join(sorted({signal.Signals(number).name
+                                                      for number in stopped_by})) or 'uvicorn')
     return 0
 
 if __name__ == '__main__':
