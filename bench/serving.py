@@ -14,9 +14,13 @@ names), and sends it `recommend` requests from keep-alive connections on
 - per case: requests/s, users/s, p50, p99 and max latency, and errors by kind
   (reset, refused, timeout, HTTP status, wrong answer).
 
-Bounded: at most M requests per case and `--max-seconds` per case, to
-127.0.0.1 only; then the server gets SIGTERM and the time it takes to exit is
-printed with its exit code.  The client is one asyncio loop in this process
+Last, 32 clients send requests without pause and the server gets SIGTERM
+2 s in: each client goes on until its connection is closed or refused, and
+the answers after the signal, the requests cut before an answer, the
+refused connections, the exit code and the seconds to exit are printed.
+
+Bounded: at most M requests and `--max-seconds` per case, STOP_SECONDS for
+the SIGTERM phase, to 127.0.0.1 only.  The client is one asyncio loop in this process
 (it never imports TensorFlow), so it shares the machine's cores with the
 server: on a shared machine, compare runs only at similar load (printed).
 
@@ -58,6 +62,7 @@ START_SECONDS = 180.0
 REQUEST_TIMEOUT_SECONDS = 30.0
 STOP_SECONDS = 60.0
 SCORE_RTOL = 1e-4
+SIGTERM_CONNECTIONS = 32
 # The small model: the synthetic ml-100k shape, a few epochs (speed, not quality).
 TRAINER_FLAGS = ('--num-epochs', '3', '--posterior-samples', '0', '--topn-iterations', '2')
 
@@ -160,8 +165,13 @@ def users_of(index: int, per_request: int, users: Sequence[str]) -> list[str]:
 
 async def _connection(port: int, jobs: collections.deque, case: Case, users: Sequence[str],
                       k: int, expected: Mapping[str, Any], deadline: float, route: str,
-                      latencies: list[float], errors: collections.Counter) -> None:
-    """One client connection: takes requests from `jobs` until none are left."""
+                      latencies: list[float], errors: collections.Counter,
+                      stop_on_error: bool = False) -> None:
+    """One client connection: takes requests from `jobs` until none are left.
+
+    A refused or cut connection is counted and opened again, or, with
+    `stop_on_error` (the server is stopping), ends this client.
+    """
     reader = writer = None
     try:
         while jobs and time.monotonic() < deadline:
@@ -181,10 +191,15 @@ async def _connection(port: int, jobs: collections.deque, case: Case, users: Seq
             except ConnectionRefusedError:
                 errors['refused'] += 1
                 writer = None
+                if stop_on_error:
+                    return
                 continue
             except (ConnectionError, asyncio.IncompleteReadError):
                 errors['reset'] += 1
+                writer.close()
                 writer = None
+                if stop_on_error:
+                    return
                 continue
             except asyncio.TimeoutError:
                 errors['timeout'] += 1
@@ -255,6 +270,41 @@ def reference_lists(port: int, users: Sequence[str], k: int) -> dict[str, Any]:
             writer.close()
         return answers
     return asyncio.run(ask())
+
+
+def sigterm_under_load(process: subprocess.Popen, port: int, connections: int,
+                       users: Sequence[str], k: int, expected: Mapping[str, Any],
+                       load_seconds: float = 2.0) -> dict[str, Any]:
+    """SIGTERM while `connections` keep-alive clients send requests: what they saw.
+
+    Each client sends until its connection is closed or refused.  Answers
+    after the signal are requests the server let finish; "reset" counts
+    requests whose connection closed before an answer (sent as the server
+    closed it), "refused" new connections after the listener closed.
+    """
+    async def scenario() -> dict[str, Any]:
+        jobs = collections.deque(range(10_000_000))
+        latencies: list[float] = []
+        errors: collections.Counter = collections.Counter()
+        deadline = time.monotonic() + load_seconds + STOP_SECONDS
+        clients = asyncio.gather(*(
+            _connection(port, jobs, Case(connections, 1), users, k, expected, deadline,
+                        PREDICT_ROUTE, latencies, errors, stop_on_error=True)
+            for _ in range(connections)))
+        await asyncio.sleep(load_seconds)
+        answered_before = len(latencies)
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        await clients
+        loop = asyncio.get_running_loop()
+        try:
+            code = await loop.run_in_executor(None, process.wait, STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            code = None
+        return {'connections': connections, 'answered_before': answered_before,
+                'answered_after': len(latencies) - answered_before, 'errors': dict(errors),
+                'exit_code': code, 'exit_seconds': round(time.monotonic() - signalled, 2)}
+    return asyncio.run(scenario())
 
 
 def free_port() -> int:
@@ -366,8 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_all(args: argparse.Namespace, cases: Sequence[Case], temp_dir: str
-            ) -> tuple[list[CaseResult], int | None, float]:
-    """Model, server, reference lists, the cases, SIGTERM: (results, exit code, seconds)."""
+            ) -> tuple[list[CaseResult], dict[str, Any]]:
+    """Model, server, reference lists, the cases, then SIGTERM under load."""
     model_dir = args.model_dir or train_small_model(args.work_dir or temp_dir)
     port = free_port()
     process = start_server(model_dir, port, os.path.join(temp_dir, 'server.log'),
@@ -379,9 +429,12 @@ def run_all(args: argparse.Namespace, cases: Sequence[Case], temp_dir: str
         for case in cases:
             results.append(run_case(port, case, users, args.k, expected, args.max_seconds))
             logger.info('%s: %s', case.label, results[-1].summary())
+        stopped = sigterm_under_load(process, port, SIGTERM_CONNECTIONS, users, args.k,
+                                     expected)
     finally:
-        code, seconds = stop_server(process)
-    return results, code, seconds
+        if process.poll() is None:
+            stop_server(process)
+    return results, stopped
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -401,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      '--max-seconds 60')
     temp_dir = tempfile.mkdtemp(prefix='bench-serving-')
     try:
-        results, code, seconds = run_all(args, cases, temp_dir)
+        results, stopped = run_all(args, cases, temp_dir)
     except RuntimeError as error:
         print(f'bench/serving.py: error: {error}', file=sys.stderr)
         return 2
@@ -410,14 +463,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'{args.server_module}, recommend k={args.k}, {os.cpu_count()} cores, load average '
           'before each case in the last column:')
     print(format_table(results))
-    print(f'SIGTERM when idle: exit code {code} after {seconds:.2f} s')
+    errors = collections.Counter(stopped['errors'])
+    others = ', '.join(f'{count} {kind}' for kind, count in sorted(errors.items())
+                       if kind not in ('reset', 'refused'))
+    print(f'SIGTERM under load from {stopped["connections"]} connections: '
+          f'{stopped["answered_after"]} requests answered after the signal, '
+          f'{errors["reset"]} cut before an answer, {errors["refused"]} new connections '
+          f'refused{", " + others if others else ""}; exit code {stopped["exit_code"]} '
+          f'{stopped["exit_seconds"]:.2f} s after the signal')
     if args.json_out:
         with open(args.json_out, 'w', encoding='utf-8') as out:
             json.dump({'time': datetime.datetime.now(datetime.timezone.utc).isoformat(),
                        'server': args.server_module, 'k': args.k, 'cores': os.cpu_count(),
                        'cases': [result.summary() for result in results],
-                       'sigterm_exit_code': code, 'sigterm_seconds': seconds}, out, indent=1)
-    return 0 if all(not result.errors for result in results) else 1
+                       'sigterm_under_load': stopped}, out, indent=1)
+    bad = {kind for kind in stopped['errors'] if kind != 'refused'}
+    return 0 if all(not result.errors for result in results) and not bad else 1
 
 
 if __name__ == '__main__':
