@@ -58,6 +58,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from trainer import export, features, logs
 from trainer.batching import Batcher, Call
@@ -84,6 +85,9 @@ LISTEN_BACKLOG = 2048
 # Longer than the 600 s for which Google's front ends keep an idle connection,
 # so the server never closes one that the front end is about to reuse.
 KEEP_ALIVE_SECONDS = 620
+# On SIGTERM an idle keep-alive connection closes after this long without a
+# request (see DrainingProtocol).
+IDLE_CLOSE_SECONDS = 1.0
 
 
 class BadRequest(ValueError):
@@ -211,6 +215,35 @@ class Predictor:
         return predictions
 
 
+class DrainingProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol, but one that lets requests already sent finish on SIGTERM.
+
+    uvicorn closes a connection with no request running at once, and so
+    drops the requests that a busy server has received but not yet parsed,
+    or that a client is sending at that moment.  Here, from the shutdown on,
+    every request is answered with `Connection: close`, and a connection with
+    no request running closes only once it has been idle for
+    IDLE_CLOSE_SECONDS.
+    """
+    draining = False
+
+    def shutdown(self) -> None:
+        self.draining = True
+        if self.cycle is None or self.cycle.response_complete:
+            self.loop.call_later(IDLE_CLOSE_SECONDS, self._close_if_idle)
+        else:
+            self.cycle.keep_alive = False
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        if self.draining and self.cycle is not None:
+            self.cycle.keep_alive = False
+
+    def _close_if_idle(self) -> None:
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.close()
+
+
 def _json(status: int, payload: Mapping[str, Any]) -> Response:
     return Response(json.dumps(payload, ensure_ascii=False).encode('utf-8'), status,
                     media_type='application/json; charset=utf-8')
@@ -317,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f'pass a free --port (or set {ENV_HTTP_PORT})', file=sys.stderr)
         return 2
     server = uvicorn.Server(uvicorn.Config(
-        make_app(predictor, config), backlog=LISTEN_BACKLOG,
+        make_app(predictor, config), http=DrainingProtocol, backlog=LISTEN_BACKLOG,
         timeout_keep_alive=KEEP_ALIVE_SECONDS, timeout_graceful_shutdown=config.drain_seconds,
         lifespan='off', access_log=False, log_config=None, server_header=False))
     stopped_by: list[int] = []
