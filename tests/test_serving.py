@@ -31,7 +31,7 @@ import tensorflow_transform as tft
 from conftest import REPO, load_script
 from test_export import _indices, _train_catalog, tft_dir  # pylint: disable=unused-import
 from test_images import DOCKERFILE, stages
-from trainer import export, features
+from trainer import export, features, serving
 from trainer.model import MatrixFactorization
 
 bench = load_script('bench/serving.py')
@@ -336,3 +336,41 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(export_dir: str,
             process.wait()
     assert refused(running.port)
     assert 'Stopped by SIGTERM' in (tmp_path / 'server.log').read_text()
+
+
+def test_a_port_in_use_is_one_line(export_dir: str, tmp_path: pathlib.Path):
+    with socket.socket() as taken:
+        taken.bind(('127.0.0.1', 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [*entrypoint(), '--host', '127.0.0.1', '--port', str(port)],
+            env={**os.environ, 'AIP_STORAGE_URI': export_dir, 'PYTHONPATH': str(REPO)},
+            cwd=tmp_path, capture_output=True, text=True, timeout=START_DEADLINE_SECONDS,
+            check=False)
+    assert done.returncode == 2
+    assert 'Traceback' not in done.stderr
+    assert f'serving: error: cannot listen on 127.0.0.1:{port}' in done.stderr
+    assert 'pass a free --port' in done.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize('flags, named', [
+    (['--port', '0'], 'is not 1-65535'),
+    (['--drain-seconds', '-1'], '--drain-seconds -1 is not 0-3600'),
+    ([], 'pass --model-dir DIR or set AIP_STORAGE_URI')])
+def test_bad_flags_are_one_line(flags: list[str], named: str,
+                                capsys: pytest.CaptureFixture[str]):
+    environ = {} if not flags else {'AIP_STORAGE_URI': 'gs://bucket/model'}
+    with pytest.raises(SystemExit) as stopped:
+        serving.parse_args(flags, environ)
+    assert stopped.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+def test_flags_and_vertex_variables_make_the_config():
+    config = serving.parse_args(['--drain-seconds', '5'], {
+        'AIP_STORAGE_URI': 'gs://bucket/model', 'AIP_HTTP_PORT': '9000',
+        'AIP_HEALTH_ROUTE': HEALTH_ROUTE, 'AIP_PREDICT_ROUTE': PREDICT_ROUTE})
+    assert config == serving.ServingConfig(
+        model_dir='gs://bucket/model', port=9000, health_route=HEALTH_ROUTE,
+        predict_route=PREDICT_ROUTE, drain_seconds=5.0)
