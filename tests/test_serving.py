@@ -211,9 +211,12 @@ def test_a_bad_request_is_400_naming_the_fix(server: Server, body: Any, named: s
     assert named in reply['error']
 
 
-def test_a_body_that_is_not_json_is_400(server: Server):
-    status, reply = server.request(PREDICT_ROUTE, raw=b'{"instances": [')
-    assert status == 400 and 'not JSON' in reply['error']
+@pytest.mark.parametrize('raw, named', [(b'{"instances": [', 'not JSON'),
+                                        (b'\xff\xfe', 'not JSON'),
+                                        (b'[' * 100_000, 'nested too deep')])
+def test_a_body_that_is_not_json_is_400(server: Server, raw: bytes, named: str):
+    status, reply = server.request(PREDICT_ROUTE, raw=raw)
+    assert status == 400 and named in reply['error']
 
 
 # The users of the load tests: every kind of list (none left, one, two, the

@@ -79,11 +79,14 @@ MAX_BODY_BYTES = 2 * 1024 * 1024
 # Vertex AI does not document how long a prediction container has between
 # SIGTERM and SIGKILL; its nodes run on Kubernetes, whose default is 30 s.
 DEFAULT_DRAIN_SECONDS = 20.0
-# Connections waiting to be accepted; socketserver's 5 reset clients at 32
-# connections.  The kernel caps it at net.core.somaxconn (4096).
+# Connections waiting to be accepted; with socketserver's 5, clients at 32
+# connections waited seconds for a retry or were reset.  The kernel caps it
+# at net.core.somaxconn (4096).
 LISTEN_BACKLOG = 2048
-# Longer than the 600 s for which Google's front ends keep an idle connection,
-# so the server never closes one that the front end is about to reuse.
+# Google Cloud's load balancers keep an idle connection to a backend for up
+# to 600 s and ask backends to keep theirs longer, so that a backend never
+# closes one the balancer is about to reuse; Vertex does not say what its
+# front end does, so the server follows that rule.
 KEEP_ALIVE_SECONDS = 620
 # On SIGTERM an idle keep-alive connection closes after this long without a
 # request (see DrainingProtocol).
@@ -280,6 +283,9 @@ def make_app(predictor: Predictor, config: ServingConfig) -> Starlette:
                 body = json.loads(raw or b'null')
             except (json.JSONDecodeError, UnicodeDecodeError) as error:
                 raise BadRequest(f'the body is not JSON: {error}') from error
+            except RecursionError as error:
+                raise BadRequest('the body is JSON nested too deep; send '
+                                 '{"instances": [...]}') from error
             call = predictor.parse(body)
         except BadRequest as error:
             return _json(400, {'error': str(error)})
