@@ -402,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--work-dir', help='where the small model is trained, or reused from '
                         'a run before (default: a temp dir, removed at the end)')
     parser.add_argument('--cases', default=DEFAULT_CASES,
-                        help=f'CONNECTIONS:REQUESTS[:USERS_PER_REQUEST],... (default {DEFAULT_CASES})')
+                        help='CONNECTIONS:REQUESTS[:USERS_PER_REQUEST],... '
+                        f'(default {DEFAULT_CASES})')
     parser.add_argument('--k', type=int, default=10, help='list length (default 10)')
     parser.add_argument('--num-users', type=int, default=943,
                         help='user ids 1..N are asked for (default 943, the ml-100k users)')
