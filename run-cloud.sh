@@ -437,7 +437,7 @@ run_batch_recommend() {
   local beam_flags=() flags=(--work-dir "${work_dir}" --export-dir "${work_dir}/model/model" -k "${top_k}")
   set_dataflow_flags "${dataflow_job}-recommend"
   [[ -z "${bigquery_table}" ]] || flags+=(--bigquery-table "${bigquery_table}")
-  run python -m trainer.batch_recommendations "${flags[@]}" "${overwrite[@]}" "${beam_flags[@]}"
+  run python -m trainer.serving.batch "${flags[@]}" "${overwrite[@]}" "${beam_flags[@]}"
 }
 
 # The pipeline: compiled here, then submitted to Vertex AI Pipelines; each step
@@ -551,7 +551,7 @@ resource_id() {
 # creating the endpoint when none has that display name.
 deploy_model() {
   local where=(--project "${project}" --region "${region}") model_id="" endpoint_id=""
-  # The serving image (trainer/serving.py) reads the port and routes Vertex passes.
+  # The serving image (trainer/serving/server.py) reads the port and routes Vertex passes.
   run gcloud ai models upload "${where[@]}" --display-name "${job_name}" \
     --artifact-uri "${work_dir}/model/model" --container-image-uri "${serving_image}" \
     --container-ports 8080 --container-health-route /health --container-predict-route /predict

@@ -7,7 +7,7 @@ are the ones run-cloud.sh runs itself, each a pipeline task with caching on:
   preprocess               preprocess.py on Dataflow (launched from the trainer image)
   custom-training-job      the Vertex AI custom job of the rendered config.yaml
   importer / model-upload  the SavedModel into the Model Registry with the serving image
-  batch-recommendations    trainer.batch_recommendations on Dataflow (--batch-recommend)
+  batch-recommendations    trainer.serving.batch on Dataflow (--batch-recommend)
 
 Every command line is fixed when the pipeline is compiled, so a re-run with the
 same flags and images is served from the cache step by step; a step whose
@@ -41,7 +41,7 @@ from kfp import compiler, dsl
 REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as python scripts/pipeline.py
     sys.path.insert(0, str(REPO))
-from trainer import serving  # pylint: disable=wrong-import-position
+from trainer.serving import server  # pylint: disable=wrong-import-position
 
 # A step: run the command, then write the directory it produced into its
 # output artifact.  $1: an input artifact (or /dev/null), $2: the output
@@ -111,7 +111,7 @@ def build_pipeline(config: PipelineConfig):
         return dsl.ContainerSpec(
             image=config.image, command=['sh', '-c', _STEP, 'step'],
             args=[transformed.path, recommendations.path, config.work_dir + '/recommendations',
-                  'python', '-m', 'trainer.batch_recommendations', '--work-dir', config.work_dir,
+                  'python', '-m', 'trainer.serving.batch', '--work-dir', config.work_dir,
                   '--export-dir', config.work_dir + '/model/model', '-k', str(config.top_k),
                   *overwrite, *_dataflow_flags(config, DATAFLOW_JOB_NAME + '-recommend')])
 
@@ -133,9 +133,9 @@ def build_pipeline(config: PipelineConfig):
                 artifact_class=artifact_types.UnmanagedContainerModel,
                 metadata={'containerSpec': {
                     'imageUri': config.serving_image,
-                    'ports': [{'containerPort': serving.DEFAULT_PORT}],
-                    'healthRoute': serving.DEFAULT_HEALTH_ROUTE,
-                    'predictRoute': serving.DEFAULT_PREDICT_ROUTE}}).after(train)
+                    'ports': [{'containerPort': server.DEFAULT_PORT}],
+                    'healthRoute': server.DEFAULT_HEALTH_ROUTE,
+                    'predictRoute': server.DEFAULT_PREDICT_ROUTE}}).after(train)
             ModelUploadOp(project=config.project, location=config.region,
                           display_name=MODEL_NAME,
                           unmanaged_container_model=model.output)

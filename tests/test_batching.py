@@ -1,4 +1,4 @@
-"""trainer/batching.py: which calls share a batch, and that each gets its own answer.
+"""trainer/serving/batching.py: which calls share a batch, and that each gets its own answer.
 
 A planted `run` records every batch it is given and answers each call with
 its own rows; a gate holds the first batch in the model thread, so the calls
@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from trainer.batching import Batcher, Call
+from trainer.serving.server.batching import Batcher, Call
 
 
 def recommend(*users: str, k: int = 10) -> Call:

@@ -72,7 +72,7 @@ def test_the_step_commands_are_run_cloud_sh_steps(tmp_path: pathlib.Path):
     assert preprocess[3:] == ['python', 'preprocess.py', '--work-dir', WORK_DIR, '--overwrite',
                               *BEAM_FLAGS, '--job_name', 'movielens-mf-preprocess']
     batch = container_args(spec, 'batch-recommendations')
-    assert batch[3:9] == ['python', '-m', 'trainer.batch_recommendations', '--work-dir',
+    assert batch[3:9] == ['python', '-m', 'trainer.serving.batch', '--work-dir',
                           WORK_DIR, '--export-dir']
 
 

@@ -584,11 +584,11 @@ def test_deploy_uploads_the_export_and_creates_an_endpoint(run_cloud):
     (build,) = result.gcloud('builds', 'submit')
     assert flag(upload['argv'], '--container-image-uri') == substitutions(
         build['argv'])['_SERVING_IMAGE']
-    from trainer import serving  # pylint: disable=import-outside-toplevel
+    from trainer.serving import server  # pylint: disable=import-outside-toplevel
     assert (flag(upload['argv'], '--container-ports'),
             flag(upload['argv'], '--container-health-route'),
             flag(upload['argv'], '--container-predict-route')) == (
-        str(serving.DEFAULT_PORT), serving.DEFAULT_HEALTH_ROUTE, serving.DEFAULT_PREDICT_ROUTE)
+        str(server.DEFAULT_PORT), server.DEFAULT_HEALTH_ROUTE, server.DEFAULT_PREDICT_ROUTE)
     (create_endpoint,) = result.gcloud('ai', 'endpoints', 'create')
     assert flag(create_endpoint['argv'], '--display-name') == 'movielens-mf'
     (deploy,) = result.gcloud('ai', 'endpoints', 'deploy-model')
@@ -793,18 +793,18 @@ def test_a_misspelt_key_fails_the_strict_parse():
 
 # --- --batch-recommend: every user's top-k on Dataflow. -----------------------------------
 def test_batch_recommend_runs_the_beam_job_on_dataflow_after_training(run_cloud):
-    from trainer import batch_recommendations  # pylint: disable=import-outside-toplevel
+    from trainer.serving import batch as batch_lib  # pylint: disable=import-outside-toplevel
     result = run_cloud('--work-dir', WORK_DIR, '--project', 'my-project', '--batch-recommend',
                        '--top-k', '20', '--bigquery-table', 'my-project:movielens.recs',
                        '--overwrite', '--dry-run')
     assert result.returncode == 0, result.stderr
     commands = [shlex.split(line)[1:] for line in result.stdout.splitlines()
                 if line.startswith('+ ')]
-    (batch,) = [c for c in commands if c[:3] == ['python', '-m', 'trainer.batch_recommendations']]
+    (batch,) = [c for c in commands if c[:3] == ['python', '-m', 'trainer.serving.batch']]
     (create,) = [c for c in commands if c[:4] == ['gcloud', 'ai', 'custom-jobs', 'create']]
     assert commands.index(batch) > commands.index(create)
-    config, beam_args = batch_recommendations.parse_args(batch[3:])
-    assert config == batch_recommendations.BatchConfig(
+    config, beam_args = batch_lib.parse_args(batch[3:])
+    assert config == batch_lib.BatchConfig(
         work_dir=WORK_DIR, export_dir=WORK_DIR + '/model/model', k=20,
         bigquery_table='my-project:movielens.recs', overwrite=True)
     preprocess = preprocess_command(result.stdout)

@@ -1,4 +1,4 @@
-"""The serving image's server over real HTTP (trainer/serving.py).
+"""The serving image's server over real HTTP (trainer/serving/server.py).
 
 The test starts the `serving` target's ENTRYPOINT from the Dockerfile (with
 this interpreter for `python`) as a subprocess, with the variables Vertex AI
@@ -31,8 +31,10 @@ import tensorflow_transform as tft
 from conftest import REPO, load_script
 from test_export import _indices, _train_catalog, tft_dir  # pylint: disable=unused-import
 from test_images import DOCKERFILE, stages
-from trainer import export, features, serving
-from trainer.model import MatrixFactorization
+from trainer import features
+from trainer.rating.model import MatrixFactorization
+from trainer.serving import export
+from trainer.serving import server as server_lib
 
 bench = load_script('bench/serving.py')
 
@@ -365,15 +367,15 @@ def test_bad_flags_are_one_line(flags: list[str], named: str,
                                 capsys: pytest.CaptureFixture[str]):
     environ = {} if not flags else {'AIP_STORAGE_URI': 'gs://bucket/model'}
     with pytest.raises(SystemExit) as stopped:
-        serving.parse_args(flags, environ)
+        server_lib.parse_args(flags, environ)
     assert stopped.value.code == 2
     assert named in capsys.readouterr().err
 
 
 def test_flags_and_vertex_variables_make_the_config():
-    config = serving.parse_args(['--drain-seconds', '5'], {
+    config = server_lib.parse_args(['--drain-seconds', '5'], {
         'AIP_STORAGE_URI': 'gs://bucket/model', 'AIP_HTTP_PORT': '9000',
         'AIP_HEALTH_ROUTE': HEALTH_ROUTE, 'AIP_PREDICT_ROUTE': PREDICT_ROUTE})
-    assert config == serving.ServingConfig(
+    assert config == server_lib.ServingConfig(
         model_dir='gs://bucket/model', port=9000, health_route=HEALTH_ROUTE,
         predict_route=PREDICT_ROUTE, drain_seconds=5.0)

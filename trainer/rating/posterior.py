@@ -59,7 +59,7 @@ sweeps of 16 factors to 16 changed eval RMSE by under 0.0005 on synthetic
 
 The heavy part, every row's normal equations, Cholesky factor and draw, runs
 in the C++ op `MatrixFactorizationSampleRows` (`sample_rows.cc`, built by
-`trainer.fused`); where it cannot be built the same arithmetic runs in numpy,
+`trainer.ops.kernels`); where it cannot be built the same arithmetic runs in numpy,
 to the same chain within float rounding, about 20 times slower.  Random
 numbers come from numpy, seeded by `seed`: the same data and seed give the
 same model whatever the thread count.
@@ -88,6 +88,7 @@ from typing import Any
 
 import numpy as np
 
+from trainer import config
 from trainer import features
 
 logger = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ KEEP_WIDTH = 4
 # Ratings per numpy chunk of the fallback (each costs width^2 doubles).
 _NUMPY_CHUNK_RATINGS = 1 << 16
 # The noise models of `average` (--posterior-noise), the default first.
-NOISE_MODELS = ('user-movie', 'shared')
+NOISE_MODELS = config.POSTERIOR_NOISE_MODELS
 # The shapes a of the per-user and per-movie noise factors' Gamma(a, a)
 # priors (NoisePrecisions): 0.5 (noise levels a factor of ten apart are
 # common) to 1,000 (all alike: one noise level).
@@ -295,10 +296,10 @@ def _sampler(kernel: str) -> tuple[_RowSampler, str]:
     """The op (kernel 'auto' or 'fused') or numpy ('tf', or the op unavailable)."""
     if kernel == 'tf':
         return sample_rows_numpy, 'numpy'
-    from trainer import fused  # imports TensorFlow
+    from trainer.ops import kernels
     try:
-        return _op_sampler(fused.load(), fused.default_threads()), 'op'
-    except fused.KernelUnavailable as error:
+        return _op_sampler(kernels.load(), kernels.default_threads()), 'op'
+    except kernels.KernelUnavailable as error:
         if kernel == 'fused':
             raise
         logger.warning('Posterior sampling in numpy (about 20 times slower): %s', error)
@@ -460,7 +461,7 @@ def average(user_table: np.ndarray, item_table: np.ndarray, global_mean: float,
       burn_in: sweeps run first and dropped.
       seed: seeds every draw.
       kernel: 'auto' (the op, else numpy), 'fused' (the op or
-        fused.KernelUnavailable) or 'tf' (numpy).
+        kernels.KernelUnavailable) or 'tf' (numpy).
       progress_every: log a line every this many sweeps.
       user_prior_mean: the mean of each user row's prior, like user_table
         (None: zero); the user rows are drawn as deviations from it.

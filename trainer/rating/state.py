@@ -17,10 +17,10 @@ import logging
 import tensorflow as tf
 
 from trainer import features
-from trainer import model as model_lib
-from trainer import optimizers
 from trainer.config import TrainConfig
 from trainer.history import ResumeError
+from trainer.rating import model as model_lib
+from trainer.rating import optimizers
 
 logger = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ and, with --bigquery-table, the same rows to a BigQuery table.  On Beam's
 local runner by default; on Dataflow with --runner DataflowRunner (run-cloud.sh
 --batch-recommend), where each worker process loads the model once and the
 users spread over the workers.  It scores nothing itself: the lists are the
-export's (trainer/export.py), best first, movies the user rated in training
+export's (trainer/serving/export.py), best first, movies the user rated in training
 left out, padding dropped.
 
-    python -m trainer.batch_recommendations --work-dir W [--export-dir W/model/export]
+    python -m trainer.serving.batch --work-dir W [--export-dir W/model/export]
         [-k 10] [--batch-size 256] [--bigquery-table P:D.T] [--overwrite] [Beam flags]
 """
 
@@ -29,10 +29,15 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import apache_beam as beam
-from apache_beam.ml.inference.base import ModelHandler, RunInference
+from trainer import features
+from trainer import logs
 
-from trainer import features, logs
+if __name__ == '__main__':
+    logs.check_packages()  # one line, not a traceback, outside .venv
+
+# pylint: disable=wrong-import-position
+import apache_beam as beam  # noqa: E402
+from apache_beam.ml.inference.base import ModelHandler, RunInference  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +177,7 @@ def users_file(work_dir: str) -> str:
 def parse_args(argv: Sequence[str] | None) -> tuple[BatchConfig, list[str]]:
     """Our flags, validated, and the rest (Beam's)."""
     parser = argparse.ArgumentParser(
-        prog='python -m trainer.batch_recommendations', allow_abbrev=False,
+        prog='python -m trainer.serving.batch', allow_abbrev=False,
         description=__doc__.split('\n\n')[0],
         epilog='Every other flag goes to Beam (--runner, --temp_location, ...).')
     parser.add_argument('--work-dir', required=True,
