@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from trainer.serving.server.batching import Batcher, Call
+from trainer.serving.batching import Batcher, Call
 
 
 def recommend(*users: str, k: int = 10) -> Call:

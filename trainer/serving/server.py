@@ -63,7 +63,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from trainer import features
 from trainer import logs
 from trainer.serving import export
-from trainer.serving.server.batching import Batcher, Call
+from trainer.serving.batching import Batcher, Call
 
 logger = logging.getLogger(__name__)
 
