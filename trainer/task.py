@@ -14,6 +14,7 @@ CLUSTER_SPEC) every worker runs this; only the chief's outputs are kept.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import sys
@@ -39,8 +40,12 @@ from trainer import features  # noqa: E402
 from trainer import fused  # noqa: E402
 from trainer import ranking  # noqa: E402
 from trainer import reporting  # noqa: E402
+from trainer import shutdown  # noqa: E402
 from trainer import topn  # noqa: E402
 from trainer import train as train_lib  # noqa: E402
+from trainer import worklock  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 
 def _metrics_record(result: train_lib.TrainResult, info: features.DatasetInfo,
@@ -179,10 +184,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except distribute.ClusterError as error:
         print(f'trainer: error: {error}', file=sys.stderr)
         return 2
-    with distribute.scratch_dir(task) as scratch:
+    with distribute.scratch_dir(task) as scratch, shutdown.stop_at_checkpoints():
         if scratch is not None:
             config = config_lib.redirect_outputs(config, scratch)
-        return _run(config, strategy, task, started)
+        try:
+            with worklock.hold(config.model_dir, worklock.command_line(argv)):
+                return _run(config, strategy, task, started)
+        except worklock.LockHeld as error:
+            print(f'trainer: error: {error}', file=sys.stderr)
+            return 2
+        except shutdown.Stopped as stopped:
+            logger.warning('SIGTERM: %s; exiting 0, run the same command to resume', stopped)
+            return 0
 
 
 # What a run reports in one line and exit code 2 instead of a traceback.

@@ -67,6 +67,7 @@ from trainer import history as history_lib
 from trainer import model as model_lib
 from trainer import optimizers
 from trainer import posterior as posterior_lib
+from trainer import shutdown
 from trainer import state as state_lib
 from trainer.config import TrainConfig
 from trainer.history import EpochMetrics
@@ -510,7 +511,8 @@ def train(config: TrainConfig, info: features.DatasetInfo,
         row = _epoch_metrics(number, running['seconds'], running,
                              search.score(splits.validation), search.score(splits.eval))
         history += (row,)
-        history_lib.write_loss_log(log_path, history)  # before the checkpoint: see module doc
+        with shutdown.writing():
+            history_lib.write_loss_log(log_path, history)  # before the checkpoint: see module doc
         if on_epoch_end is not None:
             on_epoch_end(row)
         # Without a validation slice the last epoch is the best.
@@ -518,7 +520,8 @@ def train(config: TrainConfig, info: features.DatasetInfo,
                                             float(state.best.validation_rmse.numpy())):
             state.best.record(number, row.validation_rmse, state.model)
         state.epoch.assign(number)
-        state.manager.save(checkpoint_number=number)
+        with shutdown.writing():
+            state.manager.save(checkpoint_number=number)
         logger.info(
             'Epoch %d/%d: objective %.4f, train RMSE %.4f, validation RMSE %.4f '
             '(best %.4f at epoch %d), eval RMSE %.4f (global mean %.4f), %.2f s, '
@@ -526,6 +529,7 @@ def train(config: TrainConfig, info: features.DatasetInfo,
             row.train_rmse, row.validation_rmse, state.best.validation_rmse.numpy(),
             state.best.epoch.numpy(), row.eval_rmse, info.global_mean_eval_rmse,
             running['seconds'], running['speed'] / 1e6)
+        shutdown.check(f'epoch {number}')
     best_epoch, stopped_early = _keep_best(config, state, has_validation)
     phases = [search]
     if config.final_model == 'refit' and has_validation and best_epoch > 0:
@@ -574,14 +578,33 @@ def train(config: TrainConfig, info: features.DatasetInfo,
 def _average_posterior(config: TrainConfig, model: model_lib.MatrixFactorization,
                        ratings: data.Ratings,
                        user_prior_mean: Any = None) -> dict[str, Any]:
-    """Replaces the model's tables by their posterior mean given ratings."""
+    """Replaces the model's tables by their posterior mean given ratings.
+
+    The chain is checkpointed (`state.save_chain`) every
+    CHAIN_CHECKPOINT_SECONDS and at SIGTERM, and resumed from its checkpoint.
+    """
+    path = state_lib.chain_path(config.checkpoint_dir)
+    resume = state_lib.load_chain(state_lib.chain_path(
+        config.resume_checkpoint_dir or config.checkpoint_dir))
+    saved_at = time.monotonic()
+
+    def after_sweep(sweep: int, chain: Callable[[], posterior_lib.ChainState]) -> None:
+        nonlocal saved_at
+        # The last sweep too: a run stopped later (in the top-N search) keeps the chain.
+        due = (time.monotonic() - saved_at >= state_lib.CHAIN_CHECKPOINT_SECONDS
+               or sweep == config.posterior_burn_in + config.posterior_samples)
+        if due or shutdown.requested():
+            state_lib.save_chain(path, chain())
+            saved_at = time.monotonic()
+            shutdown.check(f'posterior sweep {sweep}')
+
     result = posterior_lib.average(
         model.user_embedding.numpy(), model.item_embedding.numpy(),
         float(model.global_mean.numpy()), ratings.user.numpy(), ratings.item.numpy(),
         ratings.rating.numpy(), samples=config.posterior_samples,
         burn_in=config.posterior_burn_in, seed=config.seed,
         kernel=config.training_kernel, user_prior_mean=user_prior_mean,
-        noise=config.posterior_noise)
+        noise=config.posterior_noise, resume=resume, after_sweep=after_sweep)
     model.user_embedding.assign(result.user_table)
     model.item_embedding.assign(result.item_table)
     return {'samples': result.samples, 'burn_in': result.burn_in,
@@ -634,8 +657,10 @@ def _refit(config: TrainConfig, info: features.DatasetInfo, sizes: tuple[int, in
     for number in range(int(phase.state.epoch.numpy()) + 1, epochs + 1):
         running = _run_epoch(phase, splits.train, number)
         phase.state.epoch.assign(number)
-        phase.state.manager.save(checkpoint_number=number)
+        with shutdown.writing():
+            phase.state.manager.save(checkpoint_number=number)
         logger.info('Refit on all %d train ratings, epoch %d/%d: train RMSE %.4f, '
                     '%.2f s', len(splits.train), number, epochs, running['rmse'],
                     running['seconds'])
+        shutdown.check(f'refit epoch {number}')
     return phase
