@@ -32,7 +32,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
-from trainer import features, logs
+from trainer import features, logs, shutdown, worklock
 
 logger = logging.getLogger(__name__)
 
@@ -236,8 +236,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup_logging()
     config, beam_args = parse_args(argv)
     try:
-        run(config, beam_args)
-    except (UserError, FileNotFoundError) as error:
+        with shutdown.raise_on_sigterm(), \
+                worklock.hold(config.work_dir, worklock.command_line(argv)):
+            run(config, beam_args)
+    except RuntimeError:
+        if not shutdown.terminated():
+            raise
+        logger.warning('Stopped by SIGTERM: %s may hold part of the lists; run again with '
+                       '--overwrite', features.recommendations_dir(config.work_dir))
+        return shutdown.EXIT_TERMINATED
+    except (UserError, FileNotFoundError, worklock.LockHeld) as error:
         print(f'batch_recommendations: error: {error}', file=sys.stderr)
         return 2
     print(f'recommendations: {features.recommendations_dir(config.work_dir)}/'

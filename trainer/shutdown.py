@@ -128,12 +128,27 @@ def stop_at_checkpoints() -> contextlib.AbstractContextManager[None]:
     return _handling(_on_sigterm_stop)
 
 
+def terminated() -> bool:
+    """True once SIGTERM raised Terminated: whatever a library re-raised it as
+    (Beam wraps it in a RuntimeError), the step is being stopped."""
+    return _REQUEST.signalled_at is not None
+
+
+def raise_if_terminated() -> None:
+    """Raises Terminated if SIGTERM came: called before a data step publishes
+    anything, in case a library swallowed the exception the handler raised."""
+    if terminated():
+        raise Terminated()
+
+
 def _on_sigterm_raise(signum: int, frame) -> None:  # pylint: disable=unused-argument
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # clean up once, undisturbed
+    _REQUEST.signalled_at = time.monotonic()
     logger.warning('SIGTERM: removing what this run half wrote, then exiting')
     raise Terminated()
 
 
 def raise_on_sigterm() -> contextlib.AbstractContextManager[None]:
     """A data step's SIGTERM handler for the block (main thread only): raise Terminated."""
+    _REQUEST.signalled_at = None
     return _handling(_on_sigterm_raise)

@@ -315,8 +315,10 @@ def hold(directory: str, command: str) -> Iterator[None]:
 
 def command_line(argv: Sequence[str] | None = None) -> str:
     """The command a holder ran, for the refusal line (cut to 200 characters)."""
-    words = [os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else 'python',
-             *(sys.argv[1:] if argv is None else argv)]
+    spec = getattr(sys.modules.get('__main__'), '__spec__', None)
+    program = (f'python -m {spec.name}' if spec is not None and spec.name != '__main__'
+               else os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else 'python')
+    words = [program, *(sys.argv[1:] if argv is None else argv)]
     text = ' '.join(words)
     return text if len(text) <= 200 else text[:197] + '...'
 
@@ -330,13 +332,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument('--pid', type=int, help='the holder (default: this process)')
     parser.add_argument('--command', default='', help='what the holder runs')
     parser.add_argument('--token', help='release: the token acquire printed')
+    parser.add_argument('--name', default='worklock', help='the program named in errors')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
     if args.action == 'acquire':
         try:
             lock = acquire(args.dir, make_holder(args.command, args.pid))
         except LockHeld as error:
-            print(f'error: {error}', file=sys.stderr)
+            print(f'{args.name}: error: {error}', file=sys.stderr)
             return 2
         print(lock.holder.token)
         return 0
