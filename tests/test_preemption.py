@@ -177,3 +177,31 @@ def test_a_checkpoint_of_another_chain_is_not_resumed(tmp_path, caplog):
                                 resume=state.load_chain(path))
     np.testing.assert_array_equal(resumed.user_table, fresh.user_table)
     assert 'of another chain' in caplog.text
+
+
+_NO_CHECKPOINT_SCRIPT = '''
+import os, signal, sys, time
+from trainer import logs, shutdown, worklock
+logs.setup_logging()
+shutdown.WATCHDOG_SECONDS = 0.5  # 24 s in a real run
+with shutdown.stop_at_checkpoints(), worklock.hold(sys.argv[1], 'a long step'):
+    with shutdown.writing():  # SIGTERM while a checkpoint is written: it is finished first
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1.0)
+        print('checkpoint written', flush=True)
+    time.sleep(60)  # a step that reaches no checkpoint
+print('not reached', flush=True)
+'''
+
+
+def test_without_a_checkpoint_in_time_the_trainer_exits_0_after_its_write_releasing_its_lock(
+        work_dir):
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, '-c', _NO_CHECKPOINT_SCRIPT, work_dir], cwd=REPO,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 30
+    assert result.stdout.splitlines() == ['checkpoint written']
+    assert re.search(r'SIGTERM 0 s ago and no new checkpoint: exiting 0 at the last one '
+                     r'\(none yet\); run the same command to resume', result.stderr)
+    assert not os.path.exists(os.path.join(work_dir, features.LOCK_FILE))

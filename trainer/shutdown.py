@@ -61,6 +61,8 @@ class _StopRequest:
         self.signalled_at: float | None = None
         self.write_lock = threading.RLock()
         self.last_checkpoint = 'none yet'
+        # Run before the watchdog's exit, which skips every `finally`: releasing locks.
+        self.before_forced_exit: list[Callable[[], None]] = []
 
 
 _REQUEST = _StopRequest()
@@ -84,6 +86,16 @@ def check(where: str | Callable[[], str]) -> None:
 
 
 @contextlib.contextmanager
+def before_forced_exit(callback: Callable[[], None]) -> Iterator[None]:
+    """Within the block, the watchdog's exit calls callback first (a lock's release)."""
+    _REQUEST.before_forced_exit.append(callback)
+    try:
+        yield
+    finally:
+        _REQUEST.before_forced_exit.remove(callback)
+
+
+@contextlib.contextmanager
 def writing() -> Iterator[None]:
     """Holds off the watchdog's exit while a checkpoint is written."""
     with _REQUEST.write_lock:
@@ -96,6 +108,11 @@ def _watchdog(seconds: float) -> None:
         logger.warning('SIGTERM %.0f s ago and no new checkpoint: exiting 0 at the last one '
                        '(%s); run the same command to resume', seconds,
                        _REQUEST.last_checkpoint)
+        for callback in reversed(_REQUEST.before_forced_exit):
+            try:
+                callback()
+            except Exception:  # pylint: disable=broad-except
+                logger.exception('Clean-up before exiting failed; exiting all the same')
         logging.shutdown()
         sys.stderr.flush()
         os._exit(0)  # pylint: disable=protected-access

@@ -36,6 +36,7 @@ from collections.abc import Iterator, Sequence
 
 from trainer import features
 from trainer import fileio
+from trainer import shutdown
 
 logger = logging.getLogger(__name__)
 
@@ -308,7 +309,8 @@ def hold(directory: str, command: str) -> Iterator[None]:
         return
     lock = acquire(directory, make_holder(command))
     try:
-        yield
+        with shutdown.before_forced_exit(lambda: release(lock)):
+            yield
     finally:
         release(lock)
 
