@@ -74,6 +74,11 @@ selection bias 2: eval RMSE 0.8387 trained, 0.8400 averaged with a
 zero-mean prior).  The sampler draws the deviation from the prior mean,
 whose ratings' targets are less x_u . q_i.
 
+After each sweep `average` can hand its caller the chain's state
+(`ChainState`: the rows, precisions, noise factors, the generator's state and
+the running sums), and it resumes from such a state to the same tables, bit
+for bit; `train.py` checkpoints it through `trainer.state`.
+
 This module holds no flags; `train.py` calls `average`.
 """
 

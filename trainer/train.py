@@ -586,16 +586,18 @@ def _average_posterior(config: TrainConfig, model: model_lib.MatrixFactorization
     path = state_lib.chain_path(config.checkpoint_dir)
     resume = state_lib.load_chain(state_lib.chain_path(
         config.resume_checkpoint_dir or config.checkpoint_dir))
-    saved_at = time.monotonic()
+    saved = {'at': time.monotonic(), 'seconds': 0.0}
 
     def after_sweep(sweep: int, chain: Callable[[], posterior_lib.ChainState]) -> None:
-        nonlocal saved_at
+        since = time.monotonic() - saved['at']
         # The last sweep too: a run stopped later (in the top-N search) keeps the chain.
-        due = (time.monotonic() - saved_at >= state_lib.CHAIN_CHECKPOINT_SECONDS
+        due = (since >= max(state_lib.CHAIN_CHECKPOINT_SECONDS,
+                            saved['seconds'] / state_lib.CHAIN_CHECKPOINT_SHARE)
                or sweep == config.posterior_burn_in + config.posterior_samples)
         if due or shutdown.requested():
+            started = time.monotonic()
             state_lib.save_chain(path, chain())
-            saved_at = time.monotonic()
+            saved.update(at=time.monotonic(), seconds=time.monotonic() - started)
             shutdown.check(f'posterior sweep {sweep}')
 
     result = posterior_lib.average(
