@@ -93,6 +93,20 @@ def test_a_step_on_a_locked_work_dir_refuses_naming_the_holder_then_takes_a_dead
     assert not os.path.exists(worklock.lock_path(work_dir))  # released
 
 
+@pytest.mark.parametrize('step, error_prefix', [
+    (['preprocess.py'], 'preprocess.py: error: '),
+    (['-m', 'trainer.batch_recommendations'], 'batch_recommendations: error: '),
+])
+def test_the_other_work_dir_steps_refuse_a_locked_work_dir(work_dir, holder, step,
+                                                            error_prefix):
+    _acquire_for(work_dir, holder.pid)
+    refused = _python(*step, '--work-dir', work_dir)
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines()[-1].startswith(error_prefix)
+    assert int(_refusal(refused.stderr)['pid']) == holder.pid
+    assert os.listdir(work_dir) == [features.LOCK_FILE]  # nothing written
+
+
 def test_concurrent_acquires_give_the_lock_to_exactly_one(work_dir, holder):
     racers = [subprocess.Popen(
         [sys.executable, '-m', 'trainer.worklock', 'acquire', '--dir', work_dir, '--pid',
