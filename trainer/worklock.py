@@ -31,6 +31,7 @@ import logging
 import os
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 
@@ -250,7 +251,7 @@ def acquire(directory: str, holder: Holder, attempts: int = 3) -> Lock:
     path = lock_path(directory)
     text = json.dumps(dataclasses.asdict(holder), indent=1) + '\n'
     local = fileio.is_local(path)
-    for _ in range(attempts):
+    for attempt in range(attempts):
         if local and _create_local(path, text):
             return Lock(path, holder)
         if not local and (generation := _create_gcs(path, text)) is not None:
@@ -258,6 +259,9 @@ def acquire(directory: str, holder: Holder, attempts: int = 3) -> Lock:
         current, version = _read(path)
         if current is None:
             continue  # released meanwhile
+        if not current.token and attempt < attempts - 1:
+            time.sleep(0.1)  # created a moment ago and not written yet: read it again
+            continue
         reason = why_stale(current)
         if reason is None:
             raise LockHeld(_held_message(path, current))
