@@ -9,6 +9,11 @@ AIP_CHECKPOINT_DIR / AIP_MODEL_DIR on Vertex AI), TensorBoard scalars to
 AIP_TENSORBOARD_LOG_DIR and, in a tuning trial, the validation RMSE to the
 hyperparameter-tuning metric file.  In a multi-worker cluster (TF_CONFIG or
 CLUSTER_SPEC) every worker runs this; only the chief's outputs are kept.
+
+The run holds its model dir's lock (`trainer.worklock`): a second trainer on
+the same model dir stops with one line naming the first.  On SIGTERM (a Spot
+VM's preemption) it stops at its next checkpoint and exits 0
+(`trainer.shutdown`); the same command resumes.
 """
 
 from __future__ import annotations
