@@ -173,6 +173,30 @@ def test_run_local_refuses_a_locked_work_dir_before_any_step(work_dir, holder, t
     assert int(_refusal(line)['pid']) == holder.pid
 
 
+def test_run_local_stopped_by_sigterm_stops_its_step_and_releases_every_lock(work_dir,
+                                                                            tmp_path):
+    from trainer import synthetic  # pylint: disable=import-outside-toplevel
+    archive = tmp_path / 'ratings.zip'
+    synthetic.write_archive(str(archive), synthetic.SyntheticConfig(
+        num_users=60, num_movies=50, num_ratings=1_000, layout='ml-100k'))
+    out_path, err_path = tmp_path / 'run-local.out', tmp_path / 'run-local.err'
+    with open(out_path, 'wb') as out, open(err_path, 'wb') as err:
+        script = subprocess.Popen(
+            ['bash', str(REPO / 'run-local.sh'), '--work-dir', work_dir, '--data-sources',
+             str(archive), '--', '--num-epochs', '200', '--early-stopping-patience', '0',
+             '--num-factors', '4'], cwd=tmp_path, stdout=out, stderr=err)
+    code = _terminate_when(
+        script, lambda: 'trainer.train: Epoch 2/' in err_path.read_text(errors='replace'))
+    log = err_path.read_text(errors='replace')
+    assert code == 143, log[-3000:]
+    assert re.search(r'SIGTERM: stopped after the checkpoint of epoch \d+', log)
+    assert log.splitlines()[-1] == ('run-local.sh: stopped during train; run the same '
+                                    'command to resume')
+    assert '+ python plot.py' not in out_path.read_text()  # no step after it
+    assert not os.path.exists(worklock.lock_path(work_dir))
+    assert not os.path.exists(worklock.lock_path(features.default_model_dir(work_dir)))
+
+
 # --- What counts as stale. ---------------------------------------------------------------
 def _write_lock(directory: str, **changes) -> worklock.Holder:
     holder = dataclasses.replace(worklock.make_holder('an earlier run'), **changes)
