@@ -10,7 +10,7 @@ or cleans rows (preprocess.py does). Usage::
 Where the archive comes from: the GroupLens URL in features.DATASETS, or
 --data-sources (http(s) URL, local path, file:// URL or gs:// path of a zip in
 the GroupLens layout of --dataset). `--dataset synthetic` writes one with
-trainer.synthetic (layout --synthetic-layout; planted model --synthetic-model,
+trainer.pipeline.synthetic (layout --synthetic-layout; planted model --synthetic-model,
 by default `movielens`, calibrated as docs/data.md says), whose truth.json is
 staged too.
 
@@ -67,8 +67,12 @@ from trainer import features
 from trainer import fileio
 from trainer import logs
 from trainer import shutdown
-from trainer import synthetic
 from trainer import worklock
+
+if __name__ == '__main__':
+    logs.check_packages()  # one line, not a traceback, outside .venv
+
+from trainer.pipeline import synthetic  # noqa: E402  pylint: disable=wrong-import-position
 
 logger = logging.getLogger(__name__)
 

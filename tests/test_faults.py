@@ -29,7 +29,8 @@ import tensorflow as tf
 
 import preprocess
 from conftest import REPO, load_script
-from trainer import data, export, features, task
+from trainer import data, features, task
+from trainer.serving import export
 
 extractor = load_script('data-extractor.py')
 

@@ -25,8 +25,8 @@ import pytest
 import preprocess
 from conftest import REPO, load_script
 from trainer import features
-from trainer import posterior
-from trainer import state
+from trainer.rating import posterior
+from trainer.rating import state
 
 extractor = load_script('data-extractor.py')
 

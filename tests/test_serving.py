@@ -1,4 +1,4 @@
-"""The serving image's server over real HTTP (trainer/serving.py).
+"""The serving image's server over real HTTP (trainer/serving/server.py).
 
 The test starts the `serving` target's ENTRYPOINT from the Dockerfile (with
 this interpreter for `python`) as a subprocess, with the variables Vertex AI
@@ -28,8 +28,9 @@ import tensorflow_transform as tft
 from conftest import REPO
 from test_export import _indices, _train_catalog, tft_dir  # pylint: disable=unused-import
 from test_images import DOCKERFILE, stages
-from trainer import export, features
-from trainer.model import MatrixFactorization
+from trainer import features
+from trainer.rating.model import MatrixFactorization
+from trainer.serving import export
 
 HEALTH_ROUTE = '/v1/endpoints/1/deployedModels/2/health'
 PREDICT_ROUTE = '/v1/endpoints/1/deployedModels/2:predict'

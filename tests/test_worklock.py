@@ -95,7 +95,7 @@ def test_a_step_on_a_locked_work_dir_refuses_naming_the_holder_then_takes_a_dead
 
 @pytest.mark.parametrize('step, error_prefix', [
     (['preprocess.py'], 'preprocess.py: error: '),
-    (['-m', 'trainer.batch_recommendations'], 'batch_recommendations: error: '),
+    (['-m', 'trainer.serving.batch'], 'batch_recommendations: error: '),
 ])
 def test_the_other_work_dir_steps_refuse_a_locked_work_dir(work_dir, holder, step,
                                                             error_prefix):
@@ -141,7 +141,7 @@ def test_a_second_trainer_on_a_model_dir_in_use_refuses_and_the_first_finishes(
         first = _trainer(work_dir, job_dir, err)
     try:
         deadline = time.monotonic() + 240
-        while 'trainer.train: Epoch 1/' not in err_path.read_text(errors='replace'):
+        while 'trainer.rating.train: Epoch 1/' not in err_path.read_text(errors='replace'):
             assert first.poll() is None and time.monotonic() < deadline, \
                 err_path.read_text(errors='replace')[-3000:]
             time.sleep(0.01)
@@ -175,7 +175,7 @@ def test_run_local_refuses_a_locked_work_dir_before_any_step(work_dir, holder, t
 
 def test_run_local_stopped_by_sigterm_stops_its_step_and_releases_every_lock(work_dir,
                                                                             tmp_path):
-    from trainer import synthetic  # pylint: disable=import-outside-toplevel
+    from trainer.pipeline import synthetic  # pylint: disable=import-outside-toplevel
     archive = tmp_path / 'ratings.zip'
     synthetic.write_archive(str(archive), synthetic.SyntheticConfig(
         num_users=60, num_movies=50, num_ratings=1_000, layout='ml-100k'))
@@ -186,7 +186,7 @@ def test_run_local_stopped_by_sigterm_stops_its_step_and_releases_every_lock(wor
              str(archive), '--', '--num-epochs', '200', '--early-stopping-patience', '0',
              '--num-factors', '4'], cwd=tmp_path, stdout=out, stderr=err)
     code = _terminate_when(
-        script, lambda: 'trainer.train: Epoch 2/' in err_path.read_text(errors='replace'))
+        script, lambda: 'trainer.rating.train: Epoch 2/' in err_path.read_text(errors='replace'))
     log = err_path.read_text(errors='replace')
     assert code == 143, log[-3000:]
     assert re.search(r'SIGTERM: stopped after the checkpoint of epoch \d+', log)

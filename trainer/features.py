@@ -81,10 +81,10 @@ LOCK_FILE = 'run.lock'
 CHECKPOINT_DIR = 'checkpoints'
 EXPORT_DIR = 'export'
 LOSS_LOG_FILE = 'loss_log.csv'
-# The top-N model (trainer/topn.py): its checkpoints under CHECKPOINT_DIR, and
+# The top-N model (trainer/topn/train.py): its checkpoints under CHECKPOINT_DIR, and
 # one row per search iteration.
 TOPN_CHECKPOINT_DIR = 'topn'
-# The posterior chain's state and running sums (trainer/state.py), under CHECKPOINT_DIR.
+# The posterior chain's state and running sums (trainer/rating/state.py), under CHECKPOINT_DIR.
 POSTERIOR_CHECKPOINT_DIR = 'posterior'
 TOPN_LOG_FILE = 'topn_log.csv'
 TOPN_LOG_COLUMNS = ('iteration', 'objective', 'validation_ndcg', 'seconds')
@@ -99,12 +99,12 @@ METRICS_FILE = 'metrics.json'
 # Counts of clipped eval predictions per true rating, for plot.py.
 EVAL_PREDICTIONS_FILE = 'eval_predictions.csv'
 EVAL_PREDICTIONS_COLUMNS = ('rating', 'predicted_low', 'predicted_high', 'count')
-# Every user's top-k from the batch job (trainer/batch_recommendations.py), JSON lines.
+# Every user's top-k from the batch job (trainer/serving/batch.py), JSON lines.
 RECOMMENDATIONS_DIR = 'recommendations'
 RECOMMENDATIONS_PREFIX = 'part'
 RECOMMENDATIONS_SUFFIX = '.jsonl'
 
-# --- The export's `recommend` signature (trainer/export.py). -------------------
+# --- The export's `recommend` signature (trainer/serving/export.py). -------------------
 RECOMMEND_SIGNATURE = 'recommend'
 RECOMMEND_K = 'k'  # the number of movies asked for
 MOVIE_IDS = 'movie_ids'

@@ -27,28 +27,30 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from trainer import config as config_lib
 from trainer import logs
+from trainer import shutdown
+from trainer import worklock
 
 if __name__ == '__main__':
-    logs.quiet_startup()  # before TensorFlow loads
+    logs.check_packages()
+    config_lib.parse_args()  # --help and a bad flag answer before TensorFlow loads
+    logs.quiet_startup()
 
 # pylint: disable=wrong-import-position
 import tensorflow as tf  # noqa: E402
 
-from trainer import catalog as catalog_lib  # noqa: E402
-from trainer import config as config_lib  # noqa: E402
 from trainer import data  # noqa: E402
 from trainer import distribute  # noqa: E402
-from trainer import eval_predictions  # noqa: E402
-from trainer import export  # noqa: E402
 from trainer import features  # noqa: E402
-from trainer import fused  # noqa: E402
-from trainer import ranking  # noqa: E402
 from trainer import reporting  # noqa: E402
-from trainer import shutdown  # noqa: E402
-from trainer import topn  # noqa: E402
-from trainer import train as train_lib  # noqa: E402
-from trainer import worklock  # noqa: E402
+from trainer.ops import kernels  # noqa: E402
+from trainer.rating import eval_predictions  # noqa: E402
+from trainer.rating import train as train_lib  # noqa: E402
+from trainer.serving import export  # noqa: E402
+from trainer.topn import catalog as catalog_lib  # noqa: E402
+from trainer.topn import ranking  # noqa: E402
+from trainer.topn import train as topn_train  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +112,7 @@ def _posterior_line(posterior: dict) -> str:
             f'the trained model alone scored eval RMSE {posterior["before"]["eval_rmse"]:.4f}')
 
 
-def _topn_record(result: topn.TopNResult | None, config: config_lib.TrainConfig,
+def _topn_record(result: topn_train.TopNResult | None, config: config_lib.TrainConfig,
                  like: ranking.LikeTerm | None = None) -> dict[str, object] | None:
     if result is None:
         return None
@@ -205,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # What a run reports in one line and exit code 2 instead of a traceback.
 _RUN_ERRORS = (FileNotFoundError, train_lib.ResumeError, train_lib.Unsupported,
-               data.ShardError, fused.KernelUnavailable)
+               data.ShardError, kernels.KernelUnavailable)
 
 
 def _or_error_line(info: features.DatasetInfo, work: Callable[[], Any]) -> Any:
@@ -233,7 +235,7 @@ def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
     info_path = features.join(tft_dir, features.DATASET_INFO_FILE)
     if not tf.io.gfile.exists(info_path):
         print(f'trainer: error: {info_path} does not exist; run '
-              f'python preprocess.py --work-dir {config.work_dir} first',
+              f'.venv/bin/python preprocess.py --work-dir {config.work_dir} first',
               file=sys.stderr)
         return 2
     info = features.read_dataset_info(config.work_dir)
@@ -258,7 +260,7 @@ def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
                   f'(--metric-only: no export)')
         return 0
     try:
-        topn_result = (topn.train(config, result.splits, result.model.user_bias.shape[0],
+        topn_result = (topn_train.train(config, result.splits, result.model.user_bias.shape[0],
                                   result.model.item_bias.shape[0], info.seed)
                        if config.topn_model == 'ials' else None)
     except train_lib.ResumeError as error:
@@ -301,7 +303,7 @@ def _ranking_trial(config: config_lib.TrainConfig, info: features.DatasetInfo,
 
     The rating model is not trained: the top-N model reads only the splits.
     """
-    result = _or_error_line(info, lambda: topn.train(
+    result = _or_error_line(info, lambda: topn_train.train(
         config, train_lib.load_splits(config, info),
         *(size + features.NUM_OOV_BUCKETS for size in sizes), info.seed))
     if result is None:

@@ -1,6 +1,6 @@
 """The prediction server of the `serving` image: Vertex AI's custom-container contract.
 
-Owns the HTTP side of serving the SavedModel that `trainer.export` writes.
+Owns the HTTP side of serving the SavedModel that `trainer.serving.export` writes.
 Vertex AI starts the container with:
 
 - `AIP_HTTP_PORT`: the port to listen on (default 8080);
@@ -17,7 +17,7 @@ Both signatures go through the one predict route:
 - `recommend`: `"parameters": {"signature_name": "recommend", "k": 10}` and
   instances `{"user_id": "196"}`; each prediction is `{"movie_ids": [...],
   "titles": [...], "scores": [...], "fallback": false}`, best first, padding
-  dropped (see `trainer.export`).
+  dropped (see `trainer.serving.export`).
 
 Ids may be strings or integers (MovieLens ids are numbers).  A bad request
 gets 400 and `{"error": "..."}` naming what to fix.  The server runs the
@@ -40,7 +40,8 @@ from typing import Any
 
 import tensorflow as tf
 
-from trainer import export, features, logs
+from trainer import features, logs
+from trainer.serving import export
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +203,8 @@ def make_handler(predictor: Predictor, config: ServingConfig
 
 def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -> ServingConfig:
     """Flags first, then Vertex AI's AIP_* variables, then the defaults."""
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(prog='python -m trainer.serving',
+                                     description=__doc__.split('\n\n')[0])
     parser.add_argument('--model-dir', default=environ.get(ENV_STORAGE_URI) or None,
                         help=f'the SavedModel (default: ${ENV_STORAGE_URI})')
     parser.add_argument('--host', default='0.0.0.0', help='address to bind (default 0.0.0.0)')

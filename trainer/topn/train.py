@@ -1,6 +1,6 @@
 """The top-N model's training run: iALS iterations, validation by NDCG@10, refit, resume.
 
-`trainer.ials` owns the maths; this module runs it the way `trainer.train`
+`trainer.topn.ials` owns the maths; this module runs it the way `trainer.rating.train`
 runs the rating model, so both follow one protocol:
 
 - search: iterations on the fit ratings (train minus the validation slice);
@@ -35,17 +35,17 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from trainer import catalog as catalog_lib
 from trainer import config as config_lib
 from trainer import data
 from trainer import features
 from trainer import fileio
-from trainer import fused
-from trainer import ials
-from trainer import ranking
 from trainer import shutdown
 from trainer.config import TrainConfig
 from trainer.history import ResumeError
+from trainer.ops import kernels
+from trainer.topn import catalog as catalog_lib
+from trainer.topn import ials
+from trainer.topn import ranking
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ class _Iterator:
                 offsets=pairs.offsets, other=pairs.other, weight=pairs.weight,
                 target=pairs.target, other_table=fixed, gram=gram.astype(np.float32),
                 l2=l2, start=solved, cg_steps=config.topn_cg_steps,
-                threads=fused.default_threads()).numpy()
+                threads=kernels.default_threads()).numpy()
         rated = self.user_rated if side == 0 else self.item_rated
         return np.where(rated, out, 0.0).astype(np.float32)
 
@@ -226,8 +226,8 @@ def _solver_ops(config: TrainConfig):
     if config.training_kernel == 'tf':
         return None
     try:
-        return fused.load()
-    except fused.KernelUnavailable as error:
+        return kernels.load()
+    except kernels.KernelUnavailable as error:
         if config.training_kernel == 'fused':
             raise
         logger.warning('Top-N model in TensorFlow ops (slower): %s', error)

@@ -12,7 +12,7 @@ without `rating` and `timestamp`.  Two signatures:
 - `recommend(user_id [N], k []) -> {'movie_ids', 'titles', 'scores',
   'ratings' [N, k], 'fallback' [N]}` (exported when a `catalog.Catalog` is
   given): each user's k best-scored movies among those they did not rate in
-  training, best first.  With a top-N model (`trainer.topn`, the default)
+  training, best first.  With a top-N model (`trainer.topn.train`, the default)
   the list and `scores` are its p_u . q_i (with a like term,
   `ranking.topn_scores`: log of it plus beta x the log of the rating
   model's P(rating >= 4)); without one, `scores` are
@@ -38,10 +38,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from trainer import catalog as catalog_lib
 from trainer import features
-from trainer import ranking
-from trainer.model import MatrixFactorization
+from trainer.rating.model import MatrixFactorization
+from trainer.topn import catalog as catalog_lib
+from trainer.topn import ranking
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 // One half-step of implicit-feedback ALS: every row of one side re-solved by
 // conjugate gradient, the other side fixed.
 //
-// trainer/ials.py states the model; for row e with rated pairs n (the other
+// trainer/topn/ials.py states the model; for row e with rated pairs n (the other
 // side's row y_n, weight c_n, target t_n) the new row x solves
 //
 //   A x = b,   A = gram + l2[e] I + sum_n c_n y_n y_n^T,   b = sum_n c_n t_n y_n
@@ -19,7 +19,7 @@
 // The pairs come grouped by row: those of row e are positions
 // offsets[e] .. offsets[e + 1] - 1 of `other`, `weight` and `target`.
 //
-// Built by trainer/fused.py with the other ops.
+// Built by trainer/ops/kernels.py with the other ops.
 
 #include <cstdint>
 #include <vector>

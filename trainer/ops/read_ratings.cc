@@ -8,7 +8,7 @@
 // without one of the three, with more than one value, or that is not an
 // Example fails the op with the record's number, as tf.io.parse_example would.
 //
-// Built by trainer/fused.py with the fused epoch op.
+// Built by trainer/ops/kernels.py with the fused epoch op.
 
 #include <cstdint>
 #include <cstring>

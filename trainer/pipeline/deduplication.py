@@ -29,9 +29,10 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
-from trainer import features, rating_parser
-from trainer.hash_split import pair_hash
-from trainer.rating_reader import DEFAULT_MAX_BATCH_SIZE, ParseRatings
+from trainer import features
+from trainer.pipeline import rating_parser
+from trainer.pipeline.hash_split import pair_hash
+from trainer.pipeline.rating_reader import DEFAULT_MAX_BATCH_SIZE, ParseRatings
 
 # Duplicates are found per bucket of (user, movie) pairs; more buckets spread
 # the work over more workers, each bucket holds rows / buckets rows.

@@ -28,12 +28,12 @@ import tensorflow as tf
 
 from trainer import features
 from trainer import fileio
-from trainer import model as model_lib
-from trainer import optimizers
-from trainer import posterior as posterior_lib
 from trainer import shutdown
 from trainer.config import TrainConfig
 from trainer.history import ResumeError
+from trainer.rating import model as model_lib
+from trainer.rating import optimizers
+from trainer.rating import posterior as posterior_lib
 
 logger = logging.getLogger(__name__)
 

@@ -6,16 +6,18 @@ batches with the export's `recommend` signature through Beam's RunInference,
 and writes one JSON line per user under WORK_DIR/recommendations/, e.g.
 
     {"user_id": "196", "fallback": false, "recommendations": [
-        {"rank": 1, "movie_id": "850", "title": "...", "score": 4.4412}, ...]}
+        {"rank": 1, "movie_id": "850", "title": "...", "score": 4.4412,
+         "rating": ...}, ...]}
 
 and, with --bigquery-table, the same rows to a BigQuery table.  On Beam's
 local runner by default; on Dataflow with --runner DataflowRunner (run-cloud.sh
 --batch-recommend), where each worker process loads the model once and the
 users spread over the workers.  It scores nothing itself: the lists are the
-export's (trainer/export.py), best first, movies the user rated in training
-left out, padding dropped.
+export's (trainer/serving/export.py), best first, movies the user rated in training
+left out, padding dropped; `rating` is the rating model's prediction for the
+movie, as recommend.py and the server give it (null from an export without it).
 
-    python -m trainer.batch_recommendations --work-dir W [--export-dir W/model/export]
+    python -m trainer.serving.batch --work-dir W [--export-dir W/model/export]
         [-k 10] [--batch-size 256] [--bigquery-table P:D.T] [--overwrite] [Beam flags]
 """
 
@@ -29,10 +31,17 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import apache_beam as beam
-from apache_beam.ml.inference.base import ModelHandler, RunInference
+from trainer import features
+from trainer import logs
+from trainer import shutdown
+from trainer import worklock
 
-from trainer import features, logs, shutdown, worklock
+if __name__ == '__main__':
+    logs.check_packages()  # one line, not a traceback, outside .venv
+
+# pylint: disable=wrong-import-position
+import apache_beam as beam  # noqa: E402
+from apache_beam.ml.inference.base import ModelHandler, RunInference  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +59,8 @@ BIGQUERY_SCHEMA = {'fields': [
         {'name': 'rank', 'type': 'INTEGER', 'mode': 'REQUIRED'},
         {'name': 'movie_id', 'type': 'STRING', 'mode': 'REQUIRED'},
         {'name': 'title', 'type': 'STRING', 'mode': 'REQUIRED'},
-        {'name': 'score', 'type': 'FLOAT', 'mode': 'REQUIRED'}]}]}
+        {'name': 'score', 'type': 'FLOAT', 'mode': 'REQUIRED'},
+        {'name': 'rating', 'type': 'FLOAT', 'mode': 'NULLABLE'}]}]}
 
 
 class UserError(Exception):
@@ -72,14 +82,18 @@ def user_records(users: Sequence[str], outputs: dict[str, Any]) -> list[dict[str
     """One record per user from a `recommend` call's numpy outputs; padding dropped."""
     records = []
     for row, user_id in enumerate(users):
-        items = zip(outputs[features.MOVIE_IDS][row], outputs[features.TITLES][row],
-                    outputs[features.SCORES][row])
+        movie_ids = outputs[features.MOVIE_IDS][row]
+        ratings = (outputs[features.PREDICTED_RATINGS][row]
+                   if features.PREDICTED_RATINGS in outputs else [None] * len(movie_ids))
+        items = zip(movie_ids, outputs[features.TITLES][row], outputs[features.SCORES][row],
+                    ratings)
         records.append({
             'user_id': user_id, features.FALLBACK: bool(outputs[features.FALLBACK][row]),
             'recommendations': [
                 {'rank': rank, 'movie_id': movie_id.decode('utf-8'),
-                 'title': title.decode('utf-8'), 'score': round(float(score), 4)}
-                for rank, (movie_id, title, score) in enumerate(
+                 'title': title.decode('utf-8'), 'score': round(float(score), 4),
+                 'rating': None if rating is None else round(float(rating), 4)}
+                for rank, (movie_id, title, score, rating) in enumerate(
                     (item for item in items if item[0]), start=1)]})
     return records
 
@@ -172,7 +186,7 @@ def users_file(work_dir: str) -> str:
 def parse_args(argv: Sequence[str] | None) -> tuple[BatchConfig, list[str]]:
     """Our flags, validated, and the rest (Beam's)."""
     parser = argparse.ArgumentParser(
-        prog='python -m trainer.batch_recommendations', allow_abbrev=False,
+        prog='python -m trainer.serving.batch', allow_abbrev=False,
         description=__doc__.split('\n\n')[0],
         epilog='Every other flag goes to Beam (--runner, --temp_location, ...).')
     parser.add_argument('--work-dir', required=True,

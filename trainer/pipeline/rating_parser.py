@@ -10,7 +10,7 @@ reason), `count_header_lines` for the file's first line and
 `format_rejected` for the rejected-rows CSV.
 
 Pure numpy and pyarrow, no Beam: the launcher's sample check and the Beam
-steps (trainer/rating_reader.py) run the same code.  This module lives in
+steps (trainer/pipeline/rating_reader.py) run the same code.  This module lives in
 `trainer` so that Dataflow workers, which install the package, can import it.
 """
 

@@ -1,7 +1,7 @@
 """Implicit-feedback ALS (iALS): the top-N model's maths, in TensorFlow ops.
 
 Owns the objective, one alternating half-step and the scores; the training
-run around it (validation, refit, checkpoints) is `trainer.topn`'s.
+run around it (validation, refit, checkpoints) is `trainer.topn.train`'s.
 
 The model scores user u and movie i by s_ui = p_u . q_i and is fitted on the
 whole user x movie matrix (Hu, Koren & Volinsky 2008), in the form of

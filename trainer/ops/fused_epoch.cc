@@ -1,13 +1,13 @@
 // One training epoch of biased matrix factorisation with lazy Adam, as one op.
 //
-// The TensorFlow form of a step (trainer/train.py) is a chain of about 45
+// The TensorFlow form of a step (trainer/rating/train.py) is a chain of about 45
 // small kernels; on a CPU their scheduling costs more than their arithmetic.
 // This op runs the same computation for a whole epoch: for each batch of the
 // (already shuffled) ratings it gathers the user and item rows, computes the
 // predictions, the objective and its per-example gradient rows (as
-// trainer/model.py's loss_and_gradients), scales them by 1 / batch rows, sums
+// trainer/rating/model.py's loss_and_gradients), scales them by 1 / batch rows, sums
 // the rows that share an index in batch order, and applies one lazy Adam step
-// (as trainer/optimizers.py's Adam) to each distinct row.  Every gradient of a
+// (as trainer/rating/optimizers.py's Adam) to each distinct row.  Every gradient of a
 // batch is computed before any row of it is updated, as in the TF form.
 //
 // The work of a batch is split over `threads` threads: each computes the
@@ -16,7 +16,7 @@
 // rows.  Every parameter comes out the same whatever the thread count; only
 // the order of the epoch's float64 totals changes.
 //
-// Built by trainer/fused.py with the compiler flags TensorFlow reports.
+// Built by trainer/ops/kernels.py with the compiler flags TensorFlow reports.
 
 #define EIGEN_USE_THREADS
 
@@ -310,7 +310,7 @@ class MatrixFactorizationAdamEpochOp : public tf::OpKernel {
         if (part == 0 % parts) user.SumDuplicates(start, rows, columns);
         if (part == 1 % parts) item.SumDuplicates(start, rows, columns);
         barrier->Wait();
-        // As trainer/optimizers.py: the bias-corrected step size of this step.
+        // As trainer/rating/optimizers.py: the bias-corrected step size of this step.
         const float t = static_cast<float>(step);
         const float step_size = learning_rate * std::sqrt(1.0f - std::pow(beta_2, t)) /
                                 (1.0f - std::pow(beta_1, t));

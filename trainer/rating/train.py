@@ -4,14 +4,14 @@ The train split is loaded into memory once (`trainer.data`); a seeded share
 of it (`--validation-percent`) is set aside as the validation slice, the
 rest is what the model is fitted on.  By default (`--training-kernel auto`)
 one epoch over a seeded permutation of the fit ratings is one call of the
-fused C++ op (`trainer.fused`) where it applies: one replica, Adam.  Its
+fused C++ op (`trainer.ops.kernels`) where it applies: one replica, Adam.  Its
 TensorFlow form, which it matches to float32 rounding and which runs
 everywhere else, is one `tf.function` call: a `tf.range` loop slices each
 global batch, every replica takes its contiguous part of it, computes the
 objective's gradient rows by hand (`model.loss_and_gradients`), and the
 gradients (`tf.IndexedSlices` over the rows the batch touched) are summed
 across replicas with `all_reduce` and applied by a sparse optimiser
-(`trainer.optimizers`).  We own the loop instead of using Keras `fit` so the
+(`trainer.rating.optimizers`).  We own the loop instead of using Keras `fit` so the
 same code runs under the default strategy and under
 MultiWorkerMirroredStrategy (`trainer.distribute`), where the update is the
 gradient of the mean over the global batch, exactly.
@@ -29,7 +29,7 @@ epoch's number of epochs (its own checkpoints under checkpoints/refit/), or
 with `--final-model best` the best epoch's parameters as they are.  With
 `--posterior-samples` (on by default) the final model's tables are then
 replaced by their Bayesian posterior mean given the ratings it was fitted on
-(`trainer.posterior`: Gibbs sweeps from the trained model, averaged).  The
+(`trainer.rating.posterior`: Gibbs sweeps from the trained model, averaged).  The
 eval split is reported, never used to choose.  With `--implicit-feedback`
 the model also learns the SVD++-style y table (TensorFlow-ops epoch, one
 replica), and the final model is `model.folded`: the plain model with each
@@ -62,16 +62,17 @@ import tensorflow as tf
 from trainer import config as config_lib
 from trainer import data
 from trainer import features
-from trainer import fused
 from trainer import history as history_lib
-from trainer import model as model_lib
-from trainer import optimizers
-from trainer import posterior as posterior_lib
 from trainer import shutdown
-from trainer import state as state_lib
 from trainer.config import TrainConfig
 from trainer.history import EpochMetrics
-from trainer.state import ResumeError
+from trainer.ops import kernels
+from trainer.rating import fused
+from trainer.rating import model as model_lib
+from trainer.rating import optimizers
+from trainer.rating import posterior as posterior_lib
+from trainer.rating import state as state_lib
+from trainer.rating.state import ResumeError
 
 logger = logging.getLogger(__name__)
 
@@ -293,12 +294,12 @@ def choose_train_epoch(config: TrainConfig, strategy: tf.distribute.Strategy,
                        rating_min: float, rating_max: float) -> Callable[..., tf.Tensor]:
     """The epoch function --training-kernel asks for: fused where it can run.
 
-    The fused op (`trainer.fused`) trains one replica with Adam; under a
+    The fused op (`trainer.ops.kernels`) trains one replica with Adam; under a
     multi-replica strategy, with another optimiser, or without a compiler,
     'auto' falls back to `make_train_epoch` (and says why) and 'fused' raises.
 
     Raises:
-      fused.KernelUnavailable: --training-kernel fused, and it cannot run here.
+      kernels.KernelUnavailable: --training-kernel fused, and it cannot run here.
     """
     if config.training_kernel == 'tf':
         logger.info('Training kernel: TensorFlow ops (--training-kernel tf)')
@@ -309,12 +310,12 @@ def choose_train_epoch(config: TrainConfig, strategy: tf.distribute.Strategy,
                 epoch = fused.make_epoch(model, optimizer, penalty, config.batch_size,
                                          rating_min, rating_max)
                 logger.info('Training kernel: fused (one C++ op per epoch, %d threads)',
-                            fused.default_threads())
+                            kernels.default_threads())
                 return epoch
-            except fused.KernelUnavailable as error:
+            except kernels.KernelUnavailable as error:
                 reason = str(error)
         if config.training_kernel == 'fused':
-            raise fused.KernelUnavailable(
+            raise kernels.KernelUnavailable(
                 f'--training-kernel fused: {reason}; use --training-kernel auto')
         logger.warning('Training kernel: TensorFlow ops, not fused: %s', reason)
     return make_train_epoch(strategy, model, optimizer, penalty, config.batch_size,
@@ -524,10 +525,11 @@ def train(config: TrainConfig, info: features.DatasetInfo,
             state.manager.save(checkpoint_number=number)
         logger.info(
             'Epoch %d/%d: objective %.4f, train RMSE %.4f, validation RMSE %.4f '
-            '(best %.4f at epoch %d), eval RMSE %.4f (global mean %.4f), %.2f s, '
-            '%.2fM ratings/s', number, config.num_epochs, running['objective'],
-            row.train_rmse, row.validation_rmse, state.best.validation_rmse.numpy(),
-            state.best.epoch.numpy(), row.eval_rmse, info.global_mean_eval_rmse,
+            '(best %.4f at epoch %d; a gain under %g does not count), eval RMSE %.4f '
+            '(global mean %.4f), %.2f s, %.2fM ratings/s', number, config.num_epochs,
+            running['objective'], row.train_rmse, row.validation_rmse,
+            state.best.validation_rmse.numpy(), state.best.epoch.numpy(), _MIN_IMPROVEMENT,
+            row.eval_rmse, info.global_mean_eval_rmse,
             running['seconds'], running['speed'] / 1e6)
         shutdown.check(f'epoch {number}')
     best_epoch, stopped_early = _keep_best(config, state, has_validation)

@@ -13,7 +13,7 @@
 // A rating's noise precision is the product noise_precision[e] * w_j of a
 // factor of its row's and one of the other row's (w = `other_weight`): tau
 // and ones for one noise level for every rating, per-user and per-movie
-// factors for the heteroscedastic noise of trainer/posterior.py.
+// factors for the heteroscedastic noise of trainer/rating/posterior.py.
 //
 // The rows are independent given the other side, so they are split over
 // `threads` threads in chunks of about kChunkRatings ratings (a frequent
@@ -30,10 +30,10 @@
 //
 // The ratings come grouped by row: those of row e are positions
 // offsets[e] .. offsets[e + 1] - 1 of `other` (the other side's row) and
-// `target` (r - mu).  trainer/posterior.py drives the sweeps and holds the
+// `target` (r - mu).  trainer/rating/posterior.py drives the sweeps and holds the
 // same computation in numpy, for machines without a compiler.
 //
-// Built by trainer/fused.py with the other ops.
+// Built by trainer/ops/kernels.py with the other ops.
 
 #include <algorithm>
 #include <cmath>

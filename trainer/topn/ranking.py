@@ -1,6 +1,6 @@
 """Top-k recommendation: scoring every movie, excluding seen ones, and ranking metrics.
 
-Owns the rules the `recommend` signature (trainer/export.py) and the
+Owns the rules the `recommend` signature (trainer/serving/export.py) and the
 trainer's ranking evaluation share, so what is measured is what is served:
 
 - `score_items`: the model's predicted rating of every vocabulary movie for
@@ -55,9 +55,9 @@ from collections.abc import Callable
 import numpy as np
 import tensorflow as tf
 
-from trainer import catalog as catalog_lib
 from trainer import data
-from trainer.model import MatrixFactorization
+from trainer.rating.model import MatrixFactorization
+from trainer.topn import catalog as catalog_lib
 
 logger = logging.getLogger(__name__)
 

@@ -1,16 +1,11 @@
 """The trainer's C++ ops, built once per machine and loaded.
 
-`fused_epoch.cc` trains an epoch (below); `read_ratings.cc` reads a shard of
-the preprocessing output into rating columns (used by `data.load_ratings`);
-`sample_rows.cc` draws one side of a posterior-averaging sweep (used by
-`posterior.average`); `ials_solve.cc` re-solves one side of the top-N model
-(used by `topn`, in place of `ials.half_step`).
-
-A training step in TensorFlow ops (`train.make_train_epoch`) is a chain of
-about 45 small kernels, and on a CPU scheduling them costs more than their
-arithmetic.  `MatrixFactorizationAdamEpoch` runs a whole epoch of the same
-computation (the objective and gradient of `model.loss_and_gradients`, the
-lazy Adam of `optimizers.Adam`) in one C++ op, on `threads` threads.
+`fused_epoch.cc` trains an epoch of the rating model (`trainer.rating.fused`);
+`read_ratings.cc` reads a shard of the preprocessing output into rating
+columns (`trainer.data.load_ratings`); `sample_rows.cc` draws one side of a
+posterior-averaging sweep (`trainer.rating.posterior`); `ials_solve.cc`
+re-solves one side of the top-N model (`trainer.topn.train`, in place of
+`ials.half_step`).
 
 The ops are compiled from the sources shipped in this package with the C++
 compiler (`$CXX`, else `g++`; one process per source, side by side, then
@@ -23,7 +18,7 @@ compiler is found (or the build fails) `load` says why, and the trainer falls
 back to TensorFlow ops (`--training-kernel auto`; `data.load_ratings` reads
 with `tf.data`) or stops with that reason (`--training-kernel fused`).
 
-`python -m trainer.fused` builds the library and prints where it is (the
+`python -m trainer.ops` builds the library and prints where it is (the
 training image runs it at build time).
 """
 
@@ -41,9 +36,6 @@ import tempfile
 import threading
 
 import tensorflow as tf
-
-from trainer import model as model_lib
-from trainer import optimizers
 
 logger = logging.getLogger(__name__)
 
@@ -233,52 +225,15 @@ def default_threads() -> int:
     return max(1, min(configured, cpus, MAX_THREADS))
 
 
-def make_epoch(model: model_lib.MatrixFactorization, optimizer: optimizers.Adam,
-               penalty: tf.Tensor, batch_size: int, rating_min: float,
-               rating_max: float, threads: int | None = None):
-    """The fused counterpart of `train.make_train_epoch` (one replica, Adam).
 
-    Returns a tf.function (user, item, rating, user_weights, item_weights) ->
-    [objective, count, squared error, absolute error] sums, which trains the
-    model in place and advances the optimiser's step count by the epoch's
-    batches.
-    """
-    ops = load()
-    threads = threads or default_threads()
-    parameters = model.parameters()
-    moments = [(optimizer.first_moments[name], optimizer.second_moments[name])
-               for name in model_lib.PARAMETER_NAMES]
-    range_ = tf.constant([rating_min, rating_max], tf.float32)
-    empty = tf.zeros([0], tf.float32)
-
-    @tf.function
-    def train_epoch(user, item, rating, user_weights, item_weights) -> tf.Tensor:
-        if user_weights is None:
-            user_weights = item_weights = empty
-        totals = ops.matrix_factorization_adam_epoch(
-            user_table=parameters['user_embedding'].handle,
-            item_table=parameters['item_embedding'].handle,
-            user_m=moments[0][0].handle, user_v=moments[0][1].handle,
-            item_m=moments[1][0].handle, item_v=moments[1][1].handle,
-            user=tf.cast(user, tf.int32), item=tf.cast(item, tf.int32),
-            rating=tf.cast(rating, tf.float32),
-            user_weight=user_weights, item_weight=item_weights,
-            penalty=penalty, global_mean=model.global_mean,
-            learning_rate=optimizer.learning_rate,
-            first_step=optimizer.iterations + 1, batch_size=batch_size,
-            rating_range=range_, threads=threads, beta_1=optimizer.beta_1,
-            beta_2=optimizer.beta_2, epsilon=optimizer.epsilon)
-        with tf.control_dependencies([totals]):
-            steps = (tf.size(rating, tf.int64) + batch_size - 1) // batch_size
-            optimizer.iterations.assign_add(steps)
-        return tf.identity(totals)
-
-    return train_epoch
-
-
-if __name__ == '__main__':
+def main() -> None:
+    """Build the library and print its path, or exit with the reason it cannot be built."""
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     try:
         print(build())
     except KernelUnavailable as error:
         sys.exit(f'error: {error}')
+
+
+if __name__ == '__main__':
+    main()

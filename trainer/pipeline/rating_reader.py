@@ -1,9 +1,9 @@
 """Beam steps that read and parse the ratings file, and the counts they all keep.
 
-Owns `ReadRatings` (byte ranges of the file, each read by trainer/blockio.py
+Owns `ReadRatings` (byte ranges of the file, each read by trainer/pipeline/blockio.py
 as one Arrow array of lines and parsed where it is read) and `ParseRatings`
 (lines given one per element, batched first: tests and small inputs).  Both
-parse with trainer/rating_parser.py and emit three outputs, whose tags the
+parse with trainer/pipeline/rating_parser.py and emit three outputs, whose tags the
 later steps reuse: VALID, RecordBatches of parsed rows in
 `rating_parser.PARSED_SCHEMA`; REJECTED, (reason, line) pairs; STATS, dicts
 of counts, which `SumStatsFn` adds up key by key.  No element is made per
@@ -19,7 +19,8 @@ from typing import Any
 import apache_beam as beam
 import pyarrow as pa
 
-from trainer import blockio, features, logs, rating_parser
+from trainer import features, logs
+from trainer.pipeline import blockio, rating_parser
 
 # Rows per batch when lines come one per element (tests, small inputs).
 DEFAULT_MAX_BATCH_SIZE = 65536

@@ -59,7 +59,7 @@ sweeps of 16 factors to 16 changed eval RMSE by under 0.0005 on synthetic
 
 The heavy part, every row's normal equations, Cholesky factor and draw, runs
 in the C++ op `MatrixFactorizationSampleRows` (`sample_rows.cc`, built by
-`trainer.fused`); where it cannot be built the same arithmetic runs in numpy,
+`trainer.ops.kernels`); where it cannot be built the same arithmetic runs in numpy,
 to the same chain within float rounding, about 20 times slower.  Random
 numbers come from numpy, seeded by `seed`: the same data and seed give the
 same model whatever the thread count.
@@ -77,7 +77,7 @@ whose ratings' targets are less x_u . q_i.
 After each sweep `average` can hand its caller the chain's state
 (`ChainState`: the rows, precisions, noise factors, the generator's state and
 the running sums), and it resumes from such a state to the same tables, bit
-for bit; `train.py` checkpoints it through `trainer.state`.
+for bit; `train.py` checkpoints it through `trainer.rating.state`.
 
 This module holds no flags; `train.py` calls `average`.
 """
@@ -94,6 +94,7 @@ from typing import Any
 
 import numpy as np
 
+from trainer import config
 from trainer import features
 
 logger = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ KEEP_WIDTH = 4
 # Ratings per numpy chunk of the fallback (each costs width^2 doubles).
 _NUMPY_CHUNK_RATINGS = 1 << 16
 # The noise models of `average` (--posterior-noise), the default first.
-NOISE_MODELS = ('user-movie', 'shared')
+NOISE_MODELS = config.POSTERIOR_NOISE_MODELS
 # The shapes a of the per-user and per-movie noise factors' Gamma(a, a)
 # priors (NoisePrecisions): 0.5 (noise levels a factor of ten apart are
 # common) to 1,000 (all alike: one noise level).
@@ -336,10 +337,10 @@ def _sampler(kernel: str) -> tuple[_RowSampler, str]:
     """The op (kernel 'auto' or 'fused') or numpy ('tf', or the op unavailable)."""
     if kernel == 'tf':
         return sample_rows_numpy, 'numpy'
-    from trainer import fused  # imports TensorFlow
+    from trainer.ops import kernels
     try:
-        return _op_sampler(fused.load(), fused.default_threads()), 'op'
-    except fused.KernelUnavailable as error:
+        return _op_sampler(kernels.load(), kernels.default_threads()), 'op'
+    except kernels.KernelUnavailable as error:
         if kernel == 'fused':
             raise
         logger.warning('Posterior sampling in numpy (about 20 times slower): %s', error)
@@ -512,7 +513,7 @@ def average(user_table: np.ndarray, item_table: np.ndarray, global_mean: float,
       burn_in: sweeps run first and dropped.
       seed: seeds every draw.
       kernel: 'auto' (the op, else numpy), 'fused' (the op or
-        fused.KernelUnavailable) or 'tf' (numpy).
+        kernels.KernelUnavailable) or 'tf' (numpy).
       progress_every: log a line every this many sweeps.
       user_prior_mean: the mean of each user row's prior, like user_table
         (None: zero); the user rows are drawn as deviations from it.

@@ -6,7 +6,7 @@ pair's bucket in [0, 10000) falls below the eval share) and `SplitRatings`,
 the Beam step that cuts parsed RecordBatches into the train and eval
 RecordBatches TFT reads and sums each split's ratings.  The hash depends on
 nothing but its arguments, so the same input gives the same split on every
-run, worker and retry; the duplicate check (trainer/deduplication.py) buckets
+run, worker and retry; the duplicate check (trainer/pipeline/deduplication.py) buckets
 pairs with it under a key of its own.  This module lives in `trainer` so that
 Dataflow workers, which install the package, can import it.
 """
@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 
 from trainer import features
-from trainer.examples import make_raw_record_batch
-from trainer.rating_reader import ParseRatings
+from trainer.pipeline.examples import make_raw_record_batch
+from trainer.pipeline.rating_reader import ParseRatings
 
 _MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX_2 = np.uint64(0x94D049BB133111EB)

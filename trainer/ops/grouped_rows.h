@@ -6,7 +6,7 @@
 // row's arithmetic must not depend on the thread that runs it, so the
 // outputs are bit-identical for any thread count.
 //
-// Included by sample_rows.cc and ials_solve.cc; trainer/fused.py hashes it
+// Included by sample_rows.cc and ials_solve.cc; trainer/ops/kernels.py hashes it
 // with the sources, so an edit rebuilds the library.
 
 #ifndef MOVIELENS_TRAINER_GROUPED_ROWS_H_

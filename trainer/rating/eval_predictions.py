@@ -22,7 +22,7 @@ import tensorflow as tf
 from trainer import data
 from trainer import features
 from trainer import fileio
-from trainer.model import MatrixFactorization
+from trainer.rating.model import MatrixFactorization
 
 logger = logging.getLogger(__name__)
 
