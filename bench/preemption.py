@@ -25,7 +25,7 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # (what to wait for in the log, the phase's name)
-_STOPS = ((r'trainer\.train: Epoch 2/', 'epochs'),
+_STOPS = ((r'trainer\.rating\.train: Epoch 2/', 'epochs'),
           (r'Posterior sweep 20/', 'posterior sweeps'),
           (r'Top-N iteration 1/', 'top-N iterations'))
 _STOPPED = re.compile(r'SIGTERM: stopped after the checkpoint of (.*?), ([\d.]+) s after')

@@ -99,7 +99,7 @@ def test_sigterm_in_each_phase_checkpoints_exits_0_and_resumes_to_the_same_model
     baseline_dir, job_dir = str(tmp_path / 'baseline'), str(tmp_path / 'model')
     baseline = _start(preprocessed, baseline_dir, str(logs / 'baseline.err'))
 
-    stops = [(r'trainer\.train: Epoch 2/30', r'(refit )?epoch (\d+)', 'epochs'),
+    stops = [(r'trainer\.rating\.train: Epoch 2/30', r'(refit )?epoch (\d+)', 'epochs'),
              (r'Posterior sweep 20/320', r'posterior sweep (\d+)', 'sweeps'),
              (r'Top-N iteration 1/60', r'top-N (refit )?iteration (\d+)', 'iterations')]
     for number, (trigger, where, phase) in enumerate(stops, 1):
