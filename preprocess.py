@@ -110,6 +110,8 @@ if __name__ == '__main__':
 import apache_beam as beam  # noqa: E402
 
 from trainer import features  # noqa: E402
+from trainer import shutdown  # noqa: E402
+from trainer import worklock  # noqa: E402
 from trainer.pipeline import blockio  # noqa: E402
 from trainer.pipeline import rating_parser  # noqa: E402
 from trainer.pipeline.deduplication import DEFAULT_DEDUPE_BUCKETS  # noqa: E402
@@ -368,10 +370,11 @@ def read_noise_floor(work_dir: str) -> float | None:
 
 
 def run(config: PreprocessConfig, beam_args: Sequence[str]) -> features.DatasetInfo:
-    """Runs the pipeline and writes dataset_info.json last, as the completion marker."""
+    """Runs the pipeline and writes dataset_info.json last, as the completion marker.
+
+    Stopped by SIGTERM, it removes the transformed/ it was writing and exits 143.
+    """
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    import tensorflow_transform as tft  # pylint: disable=import-outside-toplevel
-    import tensorflow_transform.beam as tft_beam  # pylint: disable=import-outside-toplevel
     source_path = features.join(features.raw_dir(config.work_dir), features.SOURCE_FILE)
     if not tf.io.gfile.exists(source_path):
         raise UserError(f'no staged ratings in {config.work_dir} ({source_path} is missing); '
@@ -390,6 +393,25 @@ def run(config: PreprocessConfig, beam_args: Sequence[str]) -> features.DatasetI
                     features.transformed_dir(config.work_dir))
         return done
     out_dir = features.transformed_dir(config.work_dir)
+    try:
+        return _write_output(config, beam_args, source, layout, ratings_path, header_lines)
+    except BaseException:  # cleaning up, then re-raised
+        if not shutdown.terminated():
+            raise
+        # transformed/ was empty when this run started: all of it is half written.
+        logger.warning('Stopped by SIGTERM: removing the unfinished output in %s', out_dir)
+        tf.io.gfile.rmtree(out_dir)
+        raise shutdown.Terminated() from None  # Beam re-raises it as a RuntimeError
+
+
+def _write_output(config: PreprocessConfig, beam_args: Sequence[str],
+                  source: features.SourceInfo, layout: features.DatasetLayout,
+                  ratings_path: str, header_lines: int) -> features.DatasetInfo:
+    """Runs the pipeline into the empty transformed/ and writes dataset_info.json last."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    import tensorflow_transform as tft  # pylint: disable=import-outside-toplevel
+    import tensorflow_transform.beam as tft_beam  # pylint: disable=import-outside-toplevel
+    out_dir = features.transformed_dir(config.work_dir)
     options = pipeline_options(beam_args)
     temp_dir = options.get_all_options().get('temp_location') or tempfile.mkdtemp()
     logger.info('Preprocessing %s (%s layout) into %s', ratings_path, layout.name, out_dir)
@@ -398,6 +420,7 @@ def run(config: PreprocessConfig, beam_args: Sequence[str]) -> features.DatasetI
             parsed, repeated = read_ratings(p, ratings_path, layout, header_lines)
             build_pipeline(parsed, config.work_dir, config.seed, config.eval_percent,
                            repeated_pairs=repeated)
+    shutdown.raise_if_terminated()
     stats_path = features.join(out_dir, _TMP_DIR, _STATS_FILE)
     with tf.io.gfile.GFile(stats_path) as f:
         stats = json.loads(f.read() or '{}')
@@ -413,6 +436,7 @@ def run(config: PreprocessConfig, beam_args: Sequence[str]) -> features.DatasetI
         movies=tft_output.vocabulary_size_by_name(features.MOVIE_VOCAB),
         noise_floor=read_noise_floor(config.work_dir))
     info = dataclasses.replace(info, source_md5=source.md5)
+    shutdown.raise_if_terminated()
     features.write_json(features.join(out_dir, features.DATASET_INFO_FILE), info)
     return info
 
@@ -440,8 +464,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup_logging(verbose=logs.wants_verbose(argv))
     started = time.monotonic()
     try:
-        info = run(config, beam_args)
-    except UserError as error:
+        with shutdown.raise_on_sigterm(), \
+                worklock.hold(config.work_dir, worklock.command_line(argv)):
+            info = run(config, beam_args)
+    except (UserError, worklock.LockHeld) as error:
         print(f'preprocess.py: error: {error}', file=sys.stderr)
         return 2
     print(summarize(info, config.work_dir, time.monotonic() - started))

@@ -9,11 +9,17 @@ AIP_CHECKPOINT_DIR / AIP_MODEL_DIR on Vertex AI), TensorBoard scalars to
 AIP_TENSORBOARD_LOG_DIR and, in a tuning trial, the validation RMSE to the
 hyperparameter-tuning metric file.  In a multi-worker cluster (TF_CONFIG or
 CLUSTER_SPEC) every worker runs this; only the chief's outputs are kept.
+
+The run holds its model dir's lock (`trainer.worklock`): a second trainer on
+the same model dir stops with one line naming the first.  On SIGTERM (a Spot
+VM's preemption) it stops at its next checkpoint and exits 0
+(`trainer.shutdown`); the same command resumes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import sys
@@ -23,6 +29,8 @@ from typing import Any
 
 from trainer import config as config_lib
 from trainer import logs
+from trainer import shutdown
+from trainer import worklock
 
 if __name__ == '__main__':
     logs.check_packages()
@@ -43,6 +51,8 @@ from trainer.serving import export  # noqa: E402
 from trainer.topn import catalog as catalog_lib  # noqa: E402
 from trainer.topn import ranking  # noqa: E402
 from trainer.topn import train as topn_train  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 
 def _metrics_record(result: train_lib.TrainResult, info: features.DatasetInfo,
@@ -181,10 +191,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except distribute.ClusterError as error:
         print(f'trainer: error: {error}', file=sys.stderr)
         return 2
-    with distribute.scratch_dir(task) as scratch:
+    with distribute.scratch_dir(task) as scratch, shutdown.stop_at_checkpoints():
         if scratch is not None:
             config = config_lib.redirect_outputs(config, scratch)
-        return _run(config, strategy, task, started)
+        try:
+            with worklock.hold(config.model_dir, worklock.command_line(argv)):
+                return _run(config, strategy, task, started)
+        except worklock.LockHeld as error:
+            print(f'trainer: error: {error}', file=sys.stderr)
+            return 2
+        except shutdown.Stopped as stopped:
+            logger.warning('SIGTERM: %s; exiting 0, run the same command to resume', stopped)
+            return 0
 
 
 # What a run reports in one line and exit code 2 instead of a traceback.

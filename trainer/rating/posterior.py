@@ -74,12 +74,18 @@ selection bias 2: eval RMSE 0.8387 trained, 0.8400 averaged with a
 zero-mean prior).  The sampler draws the deviation from the prior mean,
 whose ratings' targets are less x_u . q_i.
 
+After each sweep `average` can hand its caller the chain's state
+(`ChainState`: the rows, precisions, noise factors, the generator's state and
+the running sums), and it resumes from such a state to the same tables, bit
+for bit; `train.py` checkpoints it through `trainer.rating.state`.
+
 This module holds no flags; `train.py` calls `average`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import time
@@ -179,6 +185,41 @@ class Result:
     kernel: str
     noise: str = 'shared'
     noise_shapes: tuple[float, float] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainState:
+    """Everything the chain carries from one sweep to the next: a resumed chain
+    continues exactly (the same draws, the same average, bit for bit).
+
+    Attributes:
+      sweep: sweeps done.
+      settings: (samples, burn_in, seed, noise, users, movies, width,
+        ratings, a digest of the start tables): another chain's state is
+        not resumed.
+      users_now, items_now: the last sweep's rows.
+      user_prior, item_prior: the column precisions for the next sweep.
+      noise: tau, then the per-row factors alpha and beta and their shapes.
+      alpha, beta: per user and per movie noise factors.
+      rng: the generator's state (numpy's bit-generator dict).
+      product_left, product_right: the running sum of factor products, as
+        `LowRankSum` holds it (one array per part, in order).
+      user_bias_sum, item_bias_sum: running sums of the kept biases.
+    """
+    sweep: int
+    settings: tuple
+    users_now: np.ndarray
+    items_now: np.ndarray
+    user_prior: np.ndarray
+    item_prior: np.ndarray
+    noise: tuple[float, float, float]
+    alpha: np.ndarray
+    beta: np.ndarray
+    rng: dict
+    product_left: tuple[np.ndarray, ...]
+    product_right: tuple[np.ndarray, ...]
+    user_bias_sum: np.ndarray
+    item_bias_sum: np.ndarray
 
 
 class LowRankSum:
@@ -444,11 +485,22 @@ def _precisions(rng: np.random.Generator, table: np.ndarray) -> np.ndarray:
                      1.0 / (PRIOR_RATE + 0.5 * np.square(table, dtype=np.float64).sum(0)))
 
 
+def _digest(*tables: np.ndarray | None) -> str:
+    """A short digest of the chain's start, so a checkpoint of another start is not resumed."""
+    digest = hashlib.sha256()
+    for table in tables:
+        if table is not None:
+            digest.update(np.ascontiguousarray(table).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def average(user_table: np.ndarray, item_table: np.ndarray, global_mean: float,
             user: np.ndarray, item: np.ndarray, rating: np.ndarray, *,
             samples: int, burn_in: int, seed: int, kernel: str = 'auto',
             progress_every: int = 20, user_prior_mean: np.ndarray | None = None,
-            noise: str = NOISE_MODELS[0]) -> Result:
+            noise: str = NOISE_MODELS[0], resume: ChainState | None = None,
+            after_sweep: Callable[[int, Callable[[], ChainState]], None] | None = None
+            ) -> Result:
     """Runs the chain from the given tables and returns the averaged tables.
 
     Args:
@@ -467,6 +519,11 @@ def average(user_table: np.ndarray, item_table: np.ndarray, global_mean: float,
         (None: zero); the user rows are drawn as deviations from it.
       noise: 'shared' (one noise precision) or 'user-movie' (times a factor
         per user and one per movie: `NoisePrecisions`).
+      resume: a chain state to continue from (`ChainState`), as `after_sweep`
+        got it; ignored, with a log line, if it is another chain's.
+      after_sweep: called after each sweep with its number and a function
+        that returns the chain's state (the caller checkpoints it when it
+        wants: building it copies nothing, saving it costs).
     """
     if samples < 1 or burn_in < 0:
         raise ValueError(f'need samples >= 1 and burn_in >= 0, got {samples}, {burn_in}')
@@ -504,7 +561,38 @@ def average(user_table: np.ndarray, item_table: np.ndarray, global_mean: float,
     products = LowRankSum(COMPRESS_WIDTH * k, KEEP_WIDTH * k)
     user_bias_sum = np.zeros(num_users)
     item_bias_sum = np.zeros(num_items)
-    for sweep in range(1, burn_in + samples + 1):
+    settings = (samples, burn_in, seed, noise, num_users, num_items, width, len(target),
+                _digest(user_table, item_table, user_prior_mean))
+    first = 1
+    if resume is not None and tuple(resume.settings) != settings:
+        logger.warning('The posterior chain checkpoint is of another chain (other flags or '
+                       'another trained model: %s, this chain %s); starting afresh',
+                       tuple(resume.settings), settings)
+    elif resume is not None:
+        first = resume.sweep + 1
+        users_now, items_now = resume.users_now.copy(), resume.items_now.copy()
+        user_prior, item_prior = resume.user_prior.copy(), resume.item_prior.copy()
+        precisions.tau, precisions.user_shape, precisions.item_shape = resume.noise
+        precisions.alpha, precisions.beta = resume.alpha.copy(), resume.beta.copy()
+        rng.bit_generator.state = resume.rng
+        products.left = [part.copy() for part in resume.product_left]
+        products.right = [part.copy() for part in resume.product_right]
+        user_bias_sum, item_bias_sum = resume.user_bias_sum.copy(), resume.item_bias_sum.copy()
+        logger.info('Resuming the posterior chain after sweep %d/%d', resume.sweep,
+                    burn_in + samples)
+    noise_std = precisions.noise_std()
+
+    def chain_state(sweep: int) -> ChainState:
+        return ChainState(
+            sweep=sweep, settings=settings, users_now=users_now, items_now=items_now,
+            user_prior=user_prior, item_prior=item_prior,
+            noise=(precisions.tau, precisions.user_shape, precisions.item_shape),
+            alpha=precisions.alpha, beta=precisions.beta, rng=rng.bit_generator.state,
+            product_left=tuple(products.left), product_right=tuple(products.right),
+            # Copies: the running sums are added to in place.
+            user_bias_sum=user_bias_sum.copy(), item_bias_sum=item_bias_sum.copy())
+
+    for sweep in range(first, burn_in + samples + 1):
         items_given = items_now
         deviation, users_mean, squared = sample_rows(
             users if shift is None else shift.side(items_given), items_given,
@@ -529,6 +617,8 @@ def average(user_table: np.ndarray, item_table: np.ndarray, global_mean: float,
             logger.info('Posterior sweep %d/%d (%d burn-in): %snoise std %.4f%s',
                         sweep, burn_in + samples, burn_in, precisions.train_rmse(squared),
                         noise_std, precisions.spread())
+        if after_sweep is not None:
+            after_sweep(sweep, lambda sweep=sweep: chain_state(sweep))
     left, right = products.truncated(k)
     scale = 1.0 / np.sqrt(samples)
     averaged = []

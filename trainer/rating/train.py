@@ -63,6 +63,7 @@ from trainer import config as config_lib
 from trainer import data
 from trainer import features
 from trainer import history as history_lib
+from trainer import shutdown
 from trainer.config import TrainConfig
 from trainer.history import EpochMetrics
 from trainer.ops import kernels
@@ -511,7 +512,8 @@ def train(config: TrainConfig, info: features.DatasetInfo,
         row = _epoch_metrics(number, running['seconds'], running,
                              search.score(splits.validation), search.score(splits.eval))
         history += (row,)
-        history_lib.write_loss_log(log_path, history)  # before the checkpoint: see module doc
+        with shutdown.writing():
+            history_lib.write_loss_log(log_path, history)  # before the checkpoint: see module doc
         if on_epoch_end is not None:
             on_epoch_end(row)
         # Without a validation slice the last epoch is the best.
@@ -519,7 +521,8 @@ def train(config: TrainConfig, info: features.DatasetInfo,
                                             float(state.best.validation_rmse.numpy())):
             state.best.record(number, row.validation_rmse, state.model)
         state.epoch.assign(number)
-        state.manager.save(checkpoint_number=number)
+        with shutdown.writing():
+            state.manager.save(checkpoint_number=number)
         logger.info(
             'Epoch %d/%d: objective %.4f, train RMSE %.4f, validation RMSE %.4f '
             '(best %.4f at epoch %d; a gain under %g does not count), eval RMSE %.4f '
@@ -528,6 +531,7 @@ def train(config: TrainConfig, info: features.DatasetInfo,
             state.best.validation_rmse.numpy(), state.best.epoch.numpy(), _MIN_IMPROVEMENT,
             row.eval_rmse, info.global_mean_eval_rmse,
             running['seconds'], running['speed'] / 1e6)
+        shutdown.check(f'epoch {number}')
     best_epoch, stopped_early = _keep_best(config, state, has_validation)
     phases = [search]
     if config.final_model == 'refit' and has_validation and best_epoch > 0:
@@ -576,14 +580,35 @@ def train(config: TrainConfig, info: features.DatasetInfo,
 def _average_posterior(config: TrainConfig, model: model_lib.MatrixFactorization,
                        ratings: data.Ratings,
                        user_prior_mean: Any = None) -> dict[str, Any]:
-    """Replaces the model's tables by their posterior mean given ratings."""
+    """Replaces the model's tables by their posterior mean given ratings.
+
+    The chain is checkpointed (`state.save_chain`) every
+    CHAIN_CHECKPOINT_SECONDS and at SIGTERM, and resumed from its checkpoint.
+    """
+    path = state_lib.chain_path(config.checkpoint_dir)
+    resume = state_lib.load_chain(state_lib.chain_path(
+        config.resume_checkpoint_dir or config.checkpoint_dir))
+    saved = {'at': time.monotonic(), 'seconds': 0.0}
+
+    def after_sweep(sweep: int, chain: Callable[[], posterior_lib.ChainState]) -> None:
+        since = time.monotonic() - saved['at']
+        # The last sweep too: a run stopped later (in the top-N search) keeps the chain.
+        due = (since >= max(state_lib.CHAIN_CHECKPOINT_SECONDS,
+                            saved['seconds'] / state_lib.CHAIN_CHECKPOINT_SHARE)
+               or sweep == config.posterior_burn_in + config.posterior_samples)
+        if due or shutdown.requested():
+            started = time.monotonic()
+            state_lib.save_chain(path, chain())
+            saved.update(at=time.monotonic(), seconds=time.monotonic() - started)
+            shutdown.check(f'posterior sweep {sweep}')
+
     result = posterior_lib.average(
         model.user_embedding.numpy(), model.item_embedding.numpy(),
         float(model.global_mean.numpy()), ratings.user.numpy(), ratings.item.numpy(),
         ratings.rating.numpy(), samples=config.posterior_samples,
         burn_in=config.posterior_burn_in, seed=config.seed,
         kernel=config.training_kernel, user_prior_mean=user_prior_mean,
-        noise=config.posterior_noise)
+        noise=config.posterior_noise, resume=resume, after_sweep=after_sweep)
     model.user_embedding.assign(result.user_table)
     model.item_embedding.assign(result.item_table)
     return {'samples': result.samples, 'burn_in': result.burn_in,
@@ -636,8 +661,10 @@ def _refit(config: TrainConfig, info: features.DatasetInfo, sizes: tuple[int, in
     for number in range(int(phase.state.epoch.numpy()) + 1, epochs + 1):
         running = _run_epoch(phase, splits.train, number)
         phase.state.epoch.assign(number)
-        phase.state.manager.save(checkpoint_number=number)
+        with shutdown.writing():
+            phase.state.manager.save(checkpoint_number=number)
         logger.info('Refit on all %d train ratings, epoch %d/%d: train RMSE %.4f, '
                     '%.2f s', len(splits.train), number, epochs, running['rmse'],
                     running['seconds'])
+        shutdown.check(f'refit epoch {number}')
     return phase

@@ -33,6 +33,8 @@ from typing import Any
 
 from trainer import features
 from trainer import logs
+from trainer import shutdown
+from trainer import worklock
 
 if __name__ == '__main__':
     logs.check_packages()  # one line, not a traceback, outside .venv
@@ -248,8 +250,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup_logging()
     config, beam_args = parse_args(argv)
     try:
-        run(config, beam_args)
-    except (UserError, FileNotFoundError) as error:
+        with shutdown.raise_on_sigterm(), \
+                worklock.hold(config.work_dir, worklock.command_line(argv)):
+            run(config, beam_args)
+    except RuntimeError:
+        if not shutdown.terminated():
+            raise
+        logger.warning('Stopped by SIGTERM: %s may hold part of the lists; run again with '
+                       '--overwrite', features.recommendations_dir(config.work_dir))
+        return shutdown.EXIT_TERMINATED
+    except (UserError, FileNotFoundError, worklock.LockHeld) as error:
         print(f'batch_recommendations: error: {error}', file=sys.stderr)
         return 2
     print(f'recommendations: {features.recommendations_dir(config.work_dir)}/'

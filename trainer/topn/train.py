@@ -39,6 +39,7 @@ from trainer import config as config_lib
 from trainer import data
 from trainer import features
 from trainer import fileio
+from trainer import shutdown
 from trainer.config import TrainConfig
 from trainer.history import ResumeError
 from trainer.ops import kernels
@@ -104,9 +105,10 @@ def _save(config: TrainConfig, state: _State) -> None:
              history=np.asarray(state.history, np.float64).reshape(-1, 4))
     path = _state_path(config)
     fileio.makedirs(path.rsplit('/', 1)[0])
-    with fileio.open_file(path + '.tmp', 'wb') as f:
-        f.write(buffer.getvalue())
-    fileio.replace(path + '.tmp', path)
+    with shutdown.writing():
+        with fileio.open_file(path + '.tmp', 'wb') as f:
+            f.write(buffer.getvalue())
+        fileio.replace(path + '.tmp', path)
 
 
 def _fresh(config: TrainConfig, phase: str, shape: tuple[int, int]) -> _State:
@@ -302,6 +304,7 @@ def _search(config: TrainConfig, state: _State, splits, sizes: tuple[int, int],
                     '(best %.4f at %d), %.2f s', state.iteration, config.topn_iterations,
                     state.history[-1][1], ranking.TOP_K, ndcg, state.best_ndcg,
                     state.best_iteration, took)
+        shutdown.check(f'top-N iteration {state.iteration}')
     return seconds
 
 
@@ -350,6 +353,7 @@ def train(config: TrainConfig, splits, user_rows: int, item_rows: int,
         _save(config, state)
         logger.info('Top-N refit on all %d train ratings, iteration %d/%d',
                     len(splits.train), state.iteration, state.best_iteration)
+        shutdown.check(f'top-N refit iteration {state.iteration}')
     return _result(state, True, seconds)
 
 
