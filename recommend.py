@@ -11,10 +11,14 @@ formats what comes back.  It scores nothing itself.
 export dir itself, or the work dir (its model/export/), local or gs://.  --users-file holds one user id per line
 (blank lines are skipped).  An id the model never saw in training gets the
 newcomer list (best movies by learned bias shrunk by rating count), marked
-as such.  Each line shows the list's score (what ranks it: the log of the
-top-N model's score plus the rating model's like term, see
-`trainer.topn.ranking.topn_scores`) and the rating model's predicted rating of
-that movie.
+as such.  Each line shows the list's score and the rating model's predicted
+rating of that movie.  The two kinds of list have scores on different
+scales, so each is labelled: a known user's scores (`score_scale` "ranking"
+in the JSON, column `score` in the table) are what ranks the served list, not
+ratings (with the default top-N model, the log of its score plus the rating
+model's like term, see `trainer.topn.ranking.topn_scores`); a newcomer's
+(`score_scale` "rating", column `stars`) are predicted ratings, each movie's
+bias shrunk by its rating count (`trainer.topn.ranking.fallback_scores`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ DEFAULT_K = 10
 # Users per signature call: a call scores users x movies floats (162k movies
 # would make 256 users 160 MB).
 _USERS_PER_CALL = 256
+# What a list's scores are: `score_scale` in the JSON, and the table's column.
+RANKING_SCALE, RANKING_COLUMN = 'ranking', 'score'
+NEWCOMER_SCALE, NEWCOMER_COLUMN = 'rating', 'stars'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +70,12 @@ class UserRecommendations:
     user_id: str
     fallback: bool
     recommendations: tuple[Recommendation, ...]
+
+    @property
+    def score_scale(self) -> str:
+        """NEWCOMER_SCALE for the fallback list (its scores are ratings), else
+        RANKING_SCALE."""
+        return NEWCOMER_SCALE if self.fallback else RANKING_SCALE
 
 
 def parse_args(argv: Sequence[str] | None) -> RecommendConfig:
@@ -183,9 +196,11 @@ def format_table(results: Sequence[UserRecommendations]) -> str:
     blocks = []
     for result in results:
         heading = (f'user {result.user_id}: unknown to the model, so the best '
-                   'movies for a newcomer' if result.fallback else
+                   f'movies for a newcomer ({NEWCOMER_COLUMN}: predicted ratings)'
+                   if result.fallback else
                    f'user {result.user_id}: best movies not rated in training')
-        rows = [('rank', 'movie id', 'title', 'score', 'rating')] + [
+        column = NEWCOMER_COLUMN if result.fallback else RANKING_COLUMN
+        rows = [('rank', 'movie id', 'title', column, 'rating')] + [
             (str(item.rank), item.movie_id, item.title, f'{item.score:.2f}',
              '' if item.rating is None else f'{item.rating:.2f}')
             for item in result.recommendations]
@@ -201,9 +216,11 @@ def format_table(results: Sequence[UserRecommendations]) -> str:
 
 
 def format_json(results: Sequence[UserRecommendations]) -> str:
-    """A JSON list with one object per user; scores and ratings rounded to 4 decimals."""
+    """A JSON list with one object per user; scores and ratings rounded to 4
+    decimals; `score_scale` says what the scores are (see the module doc)."""
     return json.dumps([
         {'user_id': result.user_id, 'fallback': result.fallback,
+         'score_scale': result.score_scale,
          'recommendations': [
              {'rank': item.rank, 'movie_id': item.movie_id, 'title': item.title,
               'score': round(item.score, 4),

@@ -67,7 +67,7 @@ usage: ./run-cloud.sh --work-dir gs://BUCKET/PREFIX [flags] [-- TRAINER_FLAGS...
   --max-trials N          --hp-tuning only: trials in all (default: 12)
   --parallel-trials N     --hp-tuning only: trials at a time (default: 3)
   --image URI             use this training image; skips the Cloud Build step (then
-                          give --dataflow-image or --dataflow-setup-file for step 2,
+                          give --dataflow-image or --dataflow-setup-file for preprocessing,
                           and --serving-image for --deploy)
                           (default: REGION-docker.pkg.dev/PROJECT/${IMAGE_REPOSITORY}/${IMAGE_NAME}:JOB_NAME)
   --dataflow-image URI    Dataflow's custom SDK container (--sdk_container_image)
@@ -424,7 +424,7 @@ resolve_project() {
     "a project ID of 6-30 lowercase letters, digits or hyphens; pass --project YOUR_PROJECT_ID"
 }
 
-# Steps 1-2 and the chart run here and reach gs:// through Application Default
+# Extraction, the Dataflow launch and the chart run here and reach gs:// through Application Default
 # Credentials, which `gcloud auth login` does not set up: check them before any step.
 check_credentials() {
   local token=(gcloud auth application-default print-access-token)
@@ -797,7 +797,7 @@ if [[ "${pipeline}" == true ]]; then
   exit 0
 fi
 [[ "${skip_extract}" == true ]] || run_extract
-# Built before step 2: Dataflow workers start from the Dataflow image.
+# Built before preprocessing (step 3): Dataflow workers start from the Dataflow image.
 [[ "${build_image}" == false ]] || build_images
 [[ "${skip_preprocess}" == true ]] || run_preprocess
 submit_job

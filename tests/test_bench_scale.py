@@ -6,8 +6,10 @@ test asserts anything about time: timings depend on the machine's load.
 
 from __future__ import annotations
 
+import csv
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -83,15 +85,46 @@ def test_run_200k_adds_up(tmp_path: pathlib.Path) -> None:
     assert counts['generated'] == 200_000 == counts['rows_read']
     assert counts['rows_read'] == counts['rows_accepted'] + counts['rows_rejected']
     assert counts['train_ratings'] + counts['eval_ratings'] == counts['rows_accepted']
-    trainer = row['trainer']
-    assert trainer['epochs'] == 2 and len(trainer['epoch_seconds']) == 2
-    assert min(trainer['epoch_seconds']) > 0
-    # Refit (the default final model) and posterior averaging both ran and were timed,
-    # and no part of the trainer's time exceeds the step's.
-    assert trainer['export_seconds'] > 0 and trainer['refit_seconds'] > 0
-    assert trainer['posterior_seconds'] > 0 and trainer['ranking_and_eval_predictions_seconds'] > 0
-    assert trainer['other_seconds'] >= 0
-    assert trainer['train_seconds'] == pytest.approx(sum(trainer['epoch_seconds']))
+    _check_trainer_breakdown(row)
     # The model scored: better than the train mean, not better than the planted truth.
     assert row['noise_floor_rmse'] < row['global_mean_eval_rmse']
     assert 0.98 * row['noise_floor_rmse'] < row['eval_rmse'] < row['global_mean_eval_rmse']
+
+
+# Log timestamps have millisecond resolution.
+_LOG_TICK = 0.002
+
+
+def _check_trainer_breakdown(row: dict) -> None:
+    """The trainer's parts agree with the loss log, the trainer's log and the step's wall time."""
+    trainer = row['trainer']
+    work_dir = pathlib.Path(row['work_dir'])
+    with open(work_dir / features.MODEL_DIR / features.LOSS_LOG_FILE, newline='',
+              encoding='utf-8') as stream:
+        logged = [float(line['seconds']) for line in csv.DictReader(stream)]
+    assert trainer['epochs'] == 2 and trainer['epoch_seconds'] == logged and len(logged) == 2
+    assert trainer['train_seconds'] == pytest.approx(sum(logged))
+    # Each epoch's own seconds fit between the log line before it (the step's
+    # start for the first) and its own "Epoch n/2" line.
+    (train_step,) = [step for step in row['steps'] if step['name'] == 'train']
+    log_path = str(work_dir / 'logs' / 'train.log')
+    epoch_lines = scale.log_times(log_path, ' Epoch ')
+    assert len(epoch_lines) == 2
+    (exported,) = scale.log_times(log_path, 'Exported the SavedModel')
+    started = exported + trainer['ranking_and_eval_predictions_seconds'] - train_step['seconds']
+    for before, end, seconds in zip([started] + epoch_lines[:-1], epoch_lines, logged):
+        assert 0 < seconds <= end - before + _LOG_TICK
+    # Refit (the default final model) and posterior averaging both ran; the
+    # posterior's span holds the seconds the trainer reports for its sweeps.
+    assert trainer['refit_seconds'] > 0 and trainer['export_seconds'] > 0
+    assert trainer['ranking_and_eval_predictions_seconds'] > 0
+    text = pathlib.Path(log_path).read_text(encoding='utf-8')
+    sweeps = float(re.search(r'Posterior mean of \d+ sweeps: .*, ([\d.]+) s$', text,
+                             re.MULTILINE).group(1))
+    assert sweeps - 0.05 <= trainer['posterior_seconds']
+    # The parts add up to the train step's wall time, none of them negative.
+    parts = [trainer[key] for key in (
+        'train_seconds', 'refit_seconds', 'posterior_seconds', 'export_seconds',
+        'ranking_and_eval_predictions_seconds', 'other_seconds')]
+    assert min(parts) >= 0
+    assert sum(parts) == pytest.approx(train_step['seconds'], abs=1e-6)

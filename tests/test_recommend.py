@@ -235,3 +235,25 @@ def test_each_listed_movie_carries_the_rating_serving_default_predicts(planted):
                                    served[features.RATING].numpy(), rtol=1e-6)
     # The planted favourites: own-group movies were rated 5, the others 1.
     assert np.all(out[features.PREDICTED_RATINGS].numpy()[0] > 3.0)
+
+
+def test_scores_on_two_scales_are_labelled(planted, capsys):
+    """A known user's scores rank the served list (the top-N model's log score
+    with its like term, not a rating); a newcomer's are predicted ratings."""
+    flags = ['--model-dir', planted.model_dir, '--user', '3', '--user', 'stranger', '-k', '4']
+    assert recommend.main([*flags, '--json']) == 0
+    known, stranger = json.loads(capsys.readouterr().out)
+    assert (known['score_scale'], stranger['score_scale']) == ('ranking', 'rating')
+    out = _signature(planted)(user_id=tf.constant(['3', 'stranger']), k=tf.constant(4))
+    scores = out[features.SCORES].numpy()
+    np.testing.assert_allclose([item['score'] for item in known['recommendations']],
+                               scores[0], atol=1e-4)
+    assert np.all(scores[0] < 0)  # logs of products of scores and chances below 1
+    stars = [item['score'] for item in stranger['recommendations']]
+    np.testing.assert_allclose(stars, scores[1], atol=1e-4)
+    assert all(1.0 <= value <= 5.0 for value in stars)
+    assert recommend.main(flags) == 0
+    known_block, stranger_block = capsys.readouterr().out.split('\n\n')
+    assert known_block.splitlines()[1].split()[-2:] == ['score', 'rating']
+    assert stranger_block.splitlines()[0].endswith('(stars: predicted ratings)')
+    assert stranger_block.splitlines()[1].split()[-2:] == ['stars', 'rating']

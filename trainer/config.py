@@ -110,7 +110,8 @@ def default_learning_rate_decay(train_ratings: int, batch_size: int) -> float:
     than that per epoch: 0.8 an epoch once the train split is 800 batches
     (about 0.8M ratings at batch 1024), gentler on small data, where an
     epoch is a few dozen steps and the model needs a dozen epochs.  Measured
-    (eval RMSE, refit): 1M ml-1m-shaped ratings 0.8810 -> 0.8776, 5M
+    on the rank-3 generator's data (--synthetic-model rank3, commit fbd2760;
+    eval RMSE, refit): 1M ml-1m-shaped ratings 0.8810 -> 0.8776, 5M
     ml-25m-shaped 0.8555 -> 0.8516 (floor 0.8254) in the same time; 100k
     0.9160 -> 0.9154.  Decaying 0.8 an epoch at 100k stopped it short of
     converging (0.951), which is why the decay is counted in steps.
@@ -128,7 +129,8 @@ def with_data_defaults(config: 'TrainConfig', info: features.DatasetInfo) -> 'Tr
         filled['learning_rate_decay'] = default_learning_rate_decay(
             info.train_ratings, config.batch_size)
     if config.implicit_feedback and config.implicit_l2 is None:
-        # Measured on synthetic 100k (eval RMSE of the exported model; plain
+        # Measured on the rank-3 generator's synthetic 100k (commit c52341e,
+        # docs/evaluation.md; eval RMSE of the exported model; plain
         # MF 0.9065 without and 0.8397 with selection bias 2): 1x l2 0.9302
         # and 0.8341, 2x 0.9226 and 0.8331, 4x 0.9151 and 0.8319, 16x
         # 0.9092 and 0.8341.  Where who rates what carries no taste the y
@@ -146,14 +148,15 @@ def with_data_defaults(config: 'TrainConfig', info: features.DatasetInfo) -> 'Tr
 class TrainConfig:
     """Everything one training run needs.
 
-    Defaults were measured on synthetic ml-100k-shaped data (100k ratings,
-    80/20 split): the trained model scores eval RMSE 0.915, 1.07x the noise
-    floor of 0.854 (the global mean scores 1.119), after 13 epochs, under
-    1 s of training on 2 cores; its posterior mean 0.9065 (1.061x) in about
-    1.5 s more.  Exact alternating least squares on the L2 objective gets no
-    closer than 1.066x, so the trained model's gap is the objective's, not
-    the optimiser's; 8 or 32 factors, batch 256, more epochs or a lower
-    learning rate all stayed at 1.07-1.08x.
+    Defaults were chosen on synthetic ml-100k-shaped data (100k ratings,
+    80/20 split); what they score there, against Surprise's SVD and the
+    noise floor, is the README's quality table, and how each was chosen is
+    in docs/model.md.  On the earlier rank-3 generator's data
+    (--synthetic-model rank3, commit 1ff16c4) exact alternating least
+    squares on the L2 objective got no closer to the noise floor (1.066x)
+    than the trained model (1.07x), so the trained model's gap was the
+    objective's, not the optimiser's; 8 or 32 factors, batch 256, more
+    epochs or a lower learning rate all stayed at 1.07-1.08x there.
 
     Attributes:
       work_dir: the pipeline work dir (reads WORK_DIR/transformed/).

@@ -6,16 +6,18 @@ batches with the export's `recommend` signature through Beam's RunInference,
 and writes one JSON line per user under WORK_DIR/recommendations/, e.g.
 
     {"user_id": "196", "fallback": false, "recommendations": [
-        {"rank": 1, "movie_id": "850", "title": "...", "score": 4.4412,
-         "rating": ...}, ...]}
+        {"rank": 1, "movie_id": "670", "title": "Movie 670 (1945)",
+         "score": -2.0103, "rating": 3.0704}, ...]}
 
 and, with --bigquery-table, the same rows to a BigQuery table.  On Beam's
 local runner by default; on Dataflow with --runner DataflowRunner (run-cloud.sh
 --batch-recommend), where each worker process loads the model once and the
 users spread over the workers.  It scores nothing itself: the lists are the
 export's (trainer/serving/export.py), best first, movies the user rated in training
-left out, padding dropped; `rating` is the rating model's prediction for the
-movie, as recommend.py and the server give it (null from an export without it).
+left out, padding dropped; `score` ranks the list (not a rating: with the
+default top-N model a log, recommend.py's score_scale "ranking"); `rating` is
+the rating model's prediction for the movie, as recommend.py and the server
+give it (null from an export without it).
 
     python -m trainer.serving.batch --work-dir W [--export-dir W/model/export]
         [-k 10] [--batch-size 256] [--bigquery-table P:D.T] [--overwrite] [Beam flags]

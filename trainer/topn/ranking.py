@@ -16,10 +16,13 @@ trainer's ranking evaluation share, so what is measured is what is served:
       fallback(i) = mu + b_i * n_i / (n_i + FALLBACK_PRIOR_RATINGS),
 
   the posterior mean of a movie effect with a prior worth
-  FALLBACK_PRIOR_RATINGS ratings.  It stays a predicted rating (so scores
-  read the same for known and unknown users) and, unlike bias + w*log(n),
-  needs no weight that trades stars against counts: a much-rated mediocre
-  movie (b = 0) never outranks a well-liked one with enough ratings.
+  FALLBACK_PRIOR_RATINGS ratings.  It stays a predicted rating and, unlike
+  bias + w*log(n), needs no weight that trades stars against counts: a
+  much-rated mediocre movie (b = 0) never outranks a well-liked one with
+  enough ratings.  Known users' lists are ranked by `topn_scores` instead
+  (with a like term, a log, usually negative), so the `recommend`
+  signature's `scores` hold two scales in one tensor, told apart by its
+  `fallback` output; recommend.py labels them (`score_scale`).
 
 Ranking evaluation (`evaluate`), on the eval split, at k = 10:
 
