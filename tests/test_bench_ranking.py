@@ -51,7 +51,28 @@ def test_served_lists_score_what_the_trainer_measured(trained):
         assert row[name] == pytest.approx(ranked['model'][name], abs=1e-9), name
     assert ranked['model']['ndcg'] > 1.08 * ranked['most_popular']['ndcg'], ranked
     assert ranked['model']['ndcg'] > 3.0 * ranked['rating_model']['ndcg'], ranked
-    assert metrics['topn']['iterations'] >= 1 and metrics['topn']['refit']
+    topn = metrics['topn']
+    assert topn['refit'] and topn['model'] in ('ials', 'ease', 'blend')
+    # The default run chose its model on validation and says what it tried.
+    search = topn['search']
+    assert search['family'] == topn['model'] and len(search['table']) >= 3
+    assert topn['validation_ndcg'] == pytest.approx(max(
+        row['validation_ndcg'] for row in search['table'] if row['stage'] == 'score'))
+
+
+@pytest.mark.parametrize('model', ['ease', 'ials', 'blend'])
+def test_each_top_n_family_serves_what_the_trainer_measured(trained, tmp_path, model):
+    model_dir = str(tmp_path / model)
+    assert task.main(['--work-dir', trained, '--job-dir', model_dir, '--posterior-samples', '0',
+                      '--topn-model', model, '--topn-search', 'off', '--num-epochs', '4']) == 0
+    metrics = features.read_json(features.join(model_dir, features.METRICS_FILE))
+    assert metrics['topn']['model'] == model and metrics['topn']['search'] is None
+    assert (metrics['topn'].get('ease_lambda') is not None) == (model != 'ials')
+    tuning, final, facts = bench.load_problems(trained)
+    row = bench.served_row(trained, model_dir, final, 0, facts['seed'])
+    for name in ('ndcg', 'precision', 'recall', 'coverage'):
+        assert row[name] == pytest.approx(metrics['ranking']['model'][name], abs=1e-9), name
+    assert row['ndcg'] > metrics['ranking']['most_popular']['ndcg']
 
 
 def test_with_a_like_term_the_served_lists_still_score_what_the_trainer_measured(trained,
@@ -61,7 +82,8 @@ def test_with_a_like_term_the_served_lists_still_score_what_the_trainer_measured
     # the trainer's evaluation must still rank alike.
     model_dir = str(tmp_path / 'liked')
     assert task.main(['--work-dir', trained, '--job-dir', model_dir, '--posterior-samples', '0',
-                      '--topn-confidence', '0', '--topn-like-weight', '0.5']) == 0
+                      '--topn-confidence', '0', '--topn-like-weight', '0.5',
+                      '--topn-search', 'off']) == 0
     metrics = features.read_json(features.join(model_dir, features.METRICS_FILE))
     like = metrics['topn']['like']
     assert like['weight'] == 0.5 and like['cut'] == 3.5
