@@ -153,3 +153,15 @@ def test_the_default_budget_grows_with_the_data():
     assert topn_search.default_budget(100_000) == pytest.approx(30.0)
     assert 50 < topn_search.default_budget(1_000_000) < 55
     assert topn_search.default_budget(20_000_000) < 125
+
+
+def test_the_flags_point_stays_unless_the_best_is_clearly_better(splits, tiny_grid, tmp_path,
+                                                                 monkeypatch, caplog):
+    caplog.set_level('INFO', logger='trainer.topn_search')
+    monkeypatch.setattr(topn_search, 'CLEAR_MARGIN', 1e9)
+    result = topn_search.search(_config(tmp_path), splits, (USERS, 2 * PAIRS), seed=0)
+    first_ials = next(row for row in result.table if row['stage'] == 'ials')
+    assert result.kept_flags and result.family == 'ials' and result.ease_lambda is None
+    assert result.ials == first_ials['settings'] and not result.on_edge
+    assert result.validation_ndcg == pytest.approx(first_ials['validation_ndcg'])
+    assert "the flags' point is kept" in caplog.text

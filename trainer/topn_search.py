@@ -63,6 +63,11 @@ IALS_SPACE = {'factors': (16, 24, 32, 48, 64, 96, 128, 192),
               'confidence': (0.0, 1.0)}
 IALS_TRIALS = 12
 IALS_SHARE = 0.7
+# ... and EASE's ladder climbs within this share.
+EASE_SHARE = 0.35
+# The chosen point must beat the flags' iALS point by this many standard errors
+# of the paired per-user NDCG difference on the slice, else the flags' point is kept.
+CLEAR_MARGIN = 2.0
 BLENDS = (0.0, 1.0, 0.15, 0.3, 0.5, 0.7, 0.85)
 LIKE_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0)
 _POINT_STREAM = 0x7E5C
@@ -87,6 +92,8 @@ class SearchResult:
       validation_ndcg: the chosen point's NDCG@10 on the slice.
       table: one row per point tried: {stage, settings, validation_ndcg, seconds}.
       on_edge: the chosen values at the edge of what was searched.
+      kept_flags: the best point did not beat the flags' iALS point by
+        CLEAR_MARGIN standard errors, so the flags' point was kept.
       seconds, budget: spent and allowed.
       users: validation users ranked per point.
     """
@@ -98,6 +105,7 @@ class SearchResult:
     validation_ndcg: float
     table: tuple[dict[str, Any], ...]
     on_edge: tuple[str, ...]
+    kept_flags: bool
     seconds: float
     budget: float
     users: int
@@ -157,11 +165,24 @@ class _Slice:
 
     def ndcg(self, scores: np.ndarray) -> float:
         """NDCG@10 of scores [users, movies], fit movies excluded, top-k as `ranking` takes it."""
+        return float(np.mean(self.user_ndcg(scores)))
+
+    def user_ndcg(self, scores: np.ndarray) -> np.ndarray:
+        """Each judged user's NDCG@10 (users with a relevant movie), as `ranking_metrics`
+        averages it."""
         k = min(ranking.TOP_K, self.num_items)
         _, top, valid = ranking.top_k_unseen(tf.constant(scores, tf.float32), self.seen_rows, k)
         top = np.where(valid.numpy(), top.numpy(), -1)
-        return ranking.ranking_metrics(top, self.judged.rows, self.judged.items,
-                                       self.num_items, ranking.TOP_K)['ndcg']
+        users = top.shape[0]
+        keys = np.arange(users, dtype=np.int64)[:, None] * self.num_items + top
+        relevant_keys = (self.judged.rows.astype(np.int64) * self.num_items
+                         + self.judged.items.astype(np.int64))
+        hits = ((top >= 0) & np.isin(keys, relevant_keys)).astype(np.float64)
+        relevant = np.bincount(self.judged.rows.astype(np.int64), minlength=users)
+        discounts = 1.0 / np.log2(np.arange(2, ranking.TOP_K + 2, dtype=np.float64))
+        ideal = np.cumsum(discounts)[np.clip(relevant, 1, ranking.TOP_K) - 1]
+        judged = relevant > 0
+        return (hits @ discounts[:top.shape[1]])[judged] / ideal[judged]
 
     def best_like(self, raw: np.ndarray, likes: tuple[float, ...]) -> tuple[float, float]:
         """(best NDCG, its like weight) of one model's raw scores over the like grid."""
@@ -216,7 +237,7 @@ def _ease_ladder(config: TrainConfig, fit: data.Ratings, sizes: tuple[int, int],
     best = score(lam)
     direction = None
     for step in (2.0, 0.5):  # up first, then down
-        if in_range(lam * step) and clock.left(0.25):
+        if in_range(lam * step) and clock.left(EASE_SHARE):
             ndcg = score(lam * step)
             if ndcg > best:
                 lam, best, direction = lam * step, ndcg, step
@@ -224,7 +245,7 @@ def _ease_ladder(config: TrainConfig, fit: data.Ratings, sizes: tuple[int, int],
     if direction is None:  # neither neighbour is better: on the edge only at the range's end
         return kept[0], seen_values, not (in_range(lam * 2) and in_range(lam / 2))
     on_edge = True  # unless the ladder stops improving before the range's end
-    while len(tried) < EASE_RUNGS and clock.left(0.25) and in_range(lam * direction):
+    while len(tried) < EASE_RUNGS and clock.left(EASE_SHARE) and in_range(lam * direction):
         ndcg = score(lam * direction)
         if ndcg <= best:
             on_edge = False
@@ -259,9 +280,9 @@ def ials_config(config: TrainConfig, point: dict[str, Any]) -> TrainConfig:
 
 def _ials_trials(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
                  where: _Slice, likes: tuple[float, ...], table: list, clock: _Clock):
-    """The best iALS point tried within the budget, a _Best (factors in `model`)."""
+    """(the best iALS point tried within the budget, the flags' point): _Bests."""
     rows = tuple(size + features.NUM_OOV_BUCKETS for size in sizes)
-    best = None
+    best = first = None
     trial_config = dataclasses.replace(config, ranking_users=where.judged.users.size)
     for number, point in enumerate(_ials_points(config, seed)):
         if number and not clock.left(IALS_SHARE):
@@ -280,7 +301,8 @@ def _ials_trials(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
                     '%.1f s)', point, ranking.TOP_K, ndcg, weight, table[-1]['seconds'])
         if best is None or ndcg > best.ndcg:
             best = _Best(ndcg, point, raw, factors)
-    return best
+        first = first or _Best(ndcg, point, raw, factors)
+    return best, first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,6 +312,35 @@ class _Best:
     settings: dict[str, Any]
     raw: np.ndarray
     model: Any
+
+
+def _blended(where: _Slice, blend: float, weight: float, ials_best, ease_best) -> np.ndarray:
+    """The served scores of a blend weight and like weight (lists.ListScorer's, in numpy)."""
+    if blend == 0.0:
+        return where.served(ials_best.raw, weight)
+    if blend == 1.0:
+        return where.served(ease_best.raw, weight)
+    return ((1.0 - blend) * _standardised(where.served(ials_best.raw, weight))
+            + blend * _standardised(where.served(ease_best.raw, weight)))
+
+
+def _unless_clearly_better(config: TrainConfig, where: _Slice, chosen, flags_point, likes,
+                           ials_best):
+    """(chosen, False), or the flags' iALS point and like weight, (its, True), when chosen
+    beats it by less than CLEAR_MARGIN standard errors of the paired per-user difference."""
+    weight = config.topn_like_weight if config.topn_like_weight in likes else 0.0
+    if chosen[1] == 0.0 and ials_best is flags_point and chosen[2] == weight:
+        return chosen, False  # the flags' point itself
+    flags_scores = where.served(flags_point.raw, weight)
+    difference = where.user_ndcg(chosen[3]) - where.user_ndcg(flags_scores)
+    error = difference.std(ddof=1) / math.sqrt(max(difference.size, 1)) if (
+        difference.size > 1) else math.inf
+    if difference.mean() > CLEAR_MARGIN * error:
+        return chosen, False
+    logger.info('Top-N search: the best point beats the flags\' iALS point by %.4f NDCG, '
+                'under %g standard errors (%.4f): the flags\' point is kept',
+                difference.mean(), CLEAR_MARGIN, error)
+    return (where.ndcg(flags_scores), 0.0, weight, flags_scores), True
 
 
 def _ials_edges(point: dict[str, Any]) -> list[str]:
@@ -334,34 +385,36 @@ def search(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
                                                     table, clock)
         if edge:
             on_edge.append(f'EASE lambda {ease_best.settings["lambda"]:g}')
+    flags_point = None
     if 'ials' in families:
-        ials_best = _ials_trials(config, splits, sizes, seed, where, likes, table, clock)
+        ials_best, flags_point = _ials_trials(config, splits, sizes, seed, where, likes, table,
+                                              clock)
     blends = {'ials': (0.0,), 'ease': (1.0,), 'blend': BLENDS[2:]}.get(config.topn_model,
                                                                        BLENDS)
-    chosen = (-math.inf, 0.0, 0.0)
+    chosen = (-math.inf, 0.0, 0.0, None)
     for blend, weight in itertools.product(blends, likes):
         started = time.perf_counter()
-        if blend == 0.0:
-            scores = where.served(ials_best.raw, weight)
-        elif blend == 1.0:
-            scores = where.served(ease_best.raw, weight)
-        else:
-            scores = ((1.0 - blend) * _standardised(where.served(ials_best.raw, weight))
-                      + blend * _standardised(where.served(ease_best.raw, weight)))
+        scores = _blended(where, blend, weight, ials_best, ease_best)
         ndcg = where.ndcg(scores)
         table.append({'stage': 'score', 'settings': {'blend': blend}, 'like_weight': weight,
                       'validation_ndcg': ndcg, 'seconds': time.perf_counter() - started})
         if ndcg > chosen[0]:
-            chosen = (ndcg, blend, weight)
-    ndcg, blend, weight = chosen
+            chosen = (ndcg, blend, weight, scores)
+    kept_flags = False
+    if flags_point is not None and config.topn_model == 'auto':
+        chosen, kept_flags = _unless_clearly_better(config, where, chosen, flags_point, likes,
+                                                    ials_best)
+    ndcg, blend, weight, _ = chosen
     family = 'ials' if blend == 0.0 else 'ease' if blend == 1.0 else 'blend'
-    if family != 'ease' and ials_best is not None:
+    if kept_flags:
+        ials_best, on_edge = flags_point, []
+    if family != 'ease' and ials_best is not None and not kept_flags:
         on_edge += _ials_edges(ials_best.settings)
     if family == 'ials':
         on_edge = [edge for edge in on_edge if not edge.startswith('EASE')]
-    if weight == max(likes) and len(likes) > 1:
+    if weight == max(likes) and len(likes) > 1 and not kept_flags:
         on_edge.append(f'like weight {weight:g}')
-    if family == 'blend' and blend in (min(blends[2:] or blends), max(blends[2:] or blends)):
+    if family == 'blend' and not kept_flags and blend in (min(blends[2:] or blends), max(blends[2:] or blends)):
         on_edge.append(f'EASE weight {blend:g}')
     if on_edge:
         logger.info('Top-N search: the best point lies on the edge of its space: %s; '
@@ -370,7 +423,7 @@ def search(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
         family=family, blend=blend, like_weight=weight,
         ease_lambda=None if family == 'ials' else ease_best.settings['lambda'],
         ials=None if family == 'ease' else ials_best.settings,
-        validation_ndcg=ndcg, table=tuple(table), on_edge=tuple(on_edge),
+        validation_ndcg=ndcg, table=tuple(table), on_edge=tuple(on_edge), kept_flags=kept_flags,
         seconds=clock.spent(), budget=budget, users=int(where.judged.users.size))
     logger.info('Top-N search: %s in %.1f s of %.0f s: %d points on %d validation users, '
                 'best validation NDCG@%d %.4f', describe(result), result.seconds, budget,
