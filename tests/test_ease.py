@@ -102,7 +102,7 @@ def test_tensorflow_scores_equal_x_times_b_and_unknown_users_get_nothing():
     seen_items, row_splits = catalog_lib.group_by_user(user, item, users + 1)
     seen = tf.RaggedTensor.from_row_splits(seen_items, row_splits)
     values = tf.RaggedTensor.from_row_splits(ease.user_values(user, item, rating), row_splits)
-    got = ease.scores(full.index, full.weight, seen, values, tf.range(users + 1),
+    got = ease.scores(*ease.sparse_weights(full), seen, values, tf.range(users + 1),
                       movies).numpy()
     np.testing.assert_allclose(got[:users], x @ weights, rtol=1e-4, atol=1e-4)
     assert not got[users].any()  # the OOV row has no train movies

@@ -121,10 +121,12 @@ def test_a_spent_budget_stops_each_stage_after_its_first_point(splits, tiny_grid
                                 (USERS, 2 * PAIRS), seed=0)
     stages = [row['stage'] for row in result.table]
     assert stages.count('ease') == 1 and stages.count('ials') == 1
-    # The score grid (numpy on the stored scores) still compares both and their blends.
-    assert stages.count('score') == len(topn_search.BLENDS)
+    # The score grid still compares the two families' best, no blend.
+    assert [row['settings']['blend'] for row in result.table if row['stage'] == 'score'] == [
+        0.0, 1.0]
     assert result.budget == 1e-3
     assert 'the budget ends iALS after 1 of 2 points' in caplog.text
+    assert 'the budget ends the score grid after 2 of' in caplog.text
 
 
 @pytest.mark.parametrize('start', [1.0, 64.0])

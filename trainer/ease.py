@@ -18,10 +18,9 @@ Gram matrix and as much for its inverse, and O(movies^3) time.  Above
 others get no neighbours, so they score 0 for every user and are not
 recommended by EASE.  At 5,000 movies the two matrices take 400 MB.
 
-Serving stores, per movie j, its `neighbours` largest |B_jk| (index and
-weight), not B: a user's scores are then sum over their train movies j of
-x_uj times j's neighbour row, one gather and one scatter per rated pair
-(`scores`).  The cut is checked by `neighbour_recall`, the share of the
+Serving stores, per movie j, its `neighbours` largest |B_jk|, not B, as
+a sparse matrix (`sparse_weights`: 16 + 4 bytes per entry): a user's scores
+are then their row of X times it, one sparse x dense product (`scores`).  The cut is checked by `neighbour_recall`, the share of the
 dense model's top-k the stored neighbours reproduce.
 """
 
@@ -145,13 +144,27 @@ def user_values(users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
     return pair_values(np.asarray(ratings)[order], target)
 
 
-def scores(index: tf.Tensor, weight: tf.Tensor, seen: tf.RaggedTensor,
+def sparse_weights(stored: Neighbours) -> tuple[np.ndarray, np.ndarray]:
+    """The stored neighbours as B's nonzero entries: int64 [nnz, 2] (j, k) in row order
+    and float32 [nnz] weights, for `scores`."""
+    rows = np.repeat(np.arange(stored.index.shape[0], dtype=np.int64), stored.index.shape[1])
+    columns = stored.index.reshape(-1).astype(np.int64)
+    weights = stored.weight.reshape(-1)
+    keep = weights != 0
+    rows, columns, weights = rows[keep], columns[keep], weights[keep]
+    order = np.lexsort((columns, rows))
+    return np.stack([rows[order], columns[order]], axis=1), weights[order].astype(np.float32)
+
+
+def scores(indices: tf.Tensor, weights: tf.Tensor, seen: tf.RaggedTensor,
            seen_values: tf.RaggedTensor, user: tf.Tensor,
            num_items: int | tf.Tensor) -> tf.Tensor:
-    """s_u = sum over u's train movies j of x_uj x (j's neighbour row), [B, num_items].
+    """s_u = x_u B over the stored neighbours, [B, num_items]: the users' rows of X
+    scattered into a dense block, then one sparse x dense product with B's nonzeros
+    (E x neighbours multiply-adds per user; memory: two [B, num_items] blocks).
 
     Args:
-      index, weight: `Neighbours.index` and `.weight`.
+      indices, weights: `sparse_weights` of the stored neighbours.
       seen: every user's train movies (`Catalog.seen()`; OOV rows empty).
       seen_values: x of each of them, the same row splits (`user_values`).
       user: int user indices [B].
@@ -159,14 +172,12 @@ def scores(index: tf.Tensor, weight: tf.Tensor, seen: tf.RaggedTensor,
     """
     user = tf.cast(user, tf.int64)
     rated, values = tf.gather(seen, user), tf.gather(seen_values, user)
-    rows = rated.value_rowids()
-    columns = tf.gather(index, rated.flat_values)
-    contributions = tf.gather(weight, rated.flat_values) * values.flat_values[:, None]
-    width = tf.shape(columns, out_type=tf.int64)[1]
-    where = tf.stack([tf.repeat(rows, width), tf.reshape(tf.cast(columns, tf.int64), [-1])],
-                     axis=1)
-    return tf.scatter_nd(where, tf.reshape(contributions, [-1]),
-                         tf.cast(tf.stack([tf.size(user), num_items]), tf.int64))
+    num_items = tf.cast(num_items, tf.int64)
+    where = tf.stack([rated.value_rowids(), tf.cast(rated.flat_values, tf.int64)], axis=1)
+    x = tf.scatter_nd(where, values.flat_values, tf.stack([tf.size(user, tf.int64), num_items]))
+    b = tf.sparse.SparseTensor(indices, weights, tf.stack([num_items, num_items]))
+    # (B^T x^T)^T = x B.
+    return tf.transpose(tf.sparse.sparse_dense_matmul(b, x, adjoint_a=True, adjoint_b=True))
 
 
 def dense_scores(x: np.ndarray, weights: np.ndarray) -> np.ndarray:

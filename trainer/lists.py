@@ -101,8 +101,9 @@ class ListScorer(tf.Module):
             self.user_factors = tensor(lists.user_factors, tf.float32, 'topn_user_factors')
             self.item_factors = tensor(lists.item_factors, tf.float32, 'topn_item_factors')
         if lists.uses_ease:
-            self.neighbour_index = tensor(lists.neighbours.index, tf.int32, 'ease_index')
-            self.neighbour_weight = tensor(lists.neighbours.weight, tf.float32, 'ease_weight')
+            indices, weights = ease_lib.sparse_weights(lists.neighbours)
+            self.neighbour_index = tensor(indices, tf.int64, 'ease_indices')
+            self.neighbour_weight = tensor(weights, tf.float32, 'ease_weights')
             self.seen_values = tensor(lists.seen_values, tf.float32, 'ease_seen_values')
             self.seen_row_splits = tf.constant(seen_row_splits, tf.int64)
 

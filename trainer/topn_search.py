@@ -314,6 +314,13 @@ class _Best:
     model: Any
 
 
+def _row_of(table: list, best: '_Best') -> dict[str, Any]:
+    """The table row of a family's best point (its like weight)."""
+    stage = 'ease' if 'lambda' in best.settings else 'ials'
+    key = {'lambda': best.settings['lambda']} if stage == 'ease' else best.settings
+    return next(row for row in table if row['stage'] == stage and row['settings'] == key)
+
+
 def _blended(where: _Slice, blend: float, weight: float, ials_best, ease_best) -> np.ndarray:
     """The served scores of a blend weight and like weight (lists.ListScorer's, in numpy)."""
     if blend == 0.0:
@@ -392,7 +399,16 @@ def search(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
     blends = {'ials': (0.0,), 'ease': (1.0,), 'blend': BLENDS[2:]}.get(config.topn_model,
                                                                        BLENDS)
     chosen = (-math.inf, 0.0, 0.0, None)
-    for blend, weight in itertools.product(blends, likes):
+    # Each family's best first (at its best like weight), then the rest while the budget lasts.
+    first = [(blend, row['like_weight']) for blend, best in ((0.0, ials_best), (1.0, ease_best))
+             if best is not None and blend in blends
+             for row in [_row_of(table, best)]]
+    grid = first + [point for point in itertools.product(blends, likes) if point not in first]
+    for number, (blend, weight) in enumerate(grid):
+        if number >= max(len(first), 1) and not clock.left():
+            logger.info('Top-N search: the budget ends the score grid after %d of %d points',
+                        number, len(grid))
+            break
         started = time.perf_counter()
         scores = _blended(where, blend, weight, ials_best, ease_best)
         ndcg = where.ndcg(scores)
