@@ -167,3 +167,13 @@ def test_the_flags_point_stays_unless_the_best_is_clearly_better(splits, tiny_gr
     assert result.ials == first_ials['settings'] and not result.on_edge
     assert result.validation_ndcg == pytest.approx(first_ials['validation_ndcg'])
     assert "the flags' point is kept" in caplog.text
+
+
+def test_a_catalogue_too_large_for_the_budget_leaves_ease_out(splits, tiny_grid, tmp_path,
+                                                              monkeypatch, caplog):
+    caplog.set_level('INFO', logger='trainer.topn_search')
+    monkeypatch.setattr(topn_search, 'EASE_MAX_WORK', 1000.0)
+    result = topn_search.search(_config(tmp_path), splits, (USERS, 2 * PAIRS), seed=0)
+    assert result.family == 'ials' and result.ease_left_out
+    assert not any(row['stage'] == 'ease' for row in result.table)
+    assert 'EASE left out' in caplog.text

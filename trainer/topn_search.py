@@ -63,6 +63,9 @@ IALS_SPACE = {'factors': (16, 24, 32, 48, 64, 96, 128, 192),
               'confidence': (0.0, 1.0)}
 IALS_TRIALS = 12
 IALS_SHARE = 0.7
+# The search leaves EASE out past this many ratings x movies in its Gram matrix
+# (1M: 2.7e9, 21 s on a loaded 2-core machine; ml-25m: about 9e10).
+EASE_MAX_WORK = 5e9
 # ... and EASE's ladder climbs within this share.
 EASE_SHARE = 0.35
 # The chosen point must beat the flags' iALS point by this many standard errors
@@ -92,6 +95,7 @@ class SearchResult:
       validation_ndcg: the chosen point's NDCG@10 on the slice.
       table: one row per point tried: {stage, settings, validation_ndcg, seconds}.
       on_edge: the chosen values at the edge of what was searched.
+      ease_left_out: why the search left EASE out (too large), or None.
       kept_flags: the best point did not beat the flags' iALS point by
         CLEAR_MARGIN standard errors, so the flags' point was kept.
       seconds, budget: spent and allowed.
@@ -106,6 +110,7 @@ class SearchResult:
     table: tuple[dict[str, Any], ...]
     on_edge: tuple[str, ...]
     kept_flags: bool
+    ease_left_out: str | None
     seconds: float
     budget: float
     users: int
@@ -299,9 +304,10 @@ def _ials_trials(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
                       'validation_ndcg': ndcg, 'seconds': time.perf_counter() - started})
         logger.info('Top-N search, iALS %s: validation NDCG@%d %.4f (like weight %g; '
                     '%.1f s)', point, ranking.TOP_K, ndcg, weight, table[-1]['seconds'])
+        current = _Best(ndcg, point, raw, factors)
         if best is None or ndcg > best.ndcg:
-            best = _Best(ndcg, point, raw, factors)
-        first = first or _Best(ndcg, point, raw, factors)
+            best = current
+        first = first or current
     return best, first
 
 
@@ -319,6 +325,19 @@ def _row_of(table: list, best: '_Best') -> dict[str, Any]:
     stage = 'ease' if 'lambda' in best.settings else 'ials'
     key = {'lambda': best.settings['lambda']} if stage == 'ease' else best.settings
     return next(row for row in table if row['stage'] == stage and row['settings'] == key)
+
+
+def _ease_too_big(config: TrainConfig, fit: data.Ratings, num_items: int) -> str | None:
+    """Why EASE is too large to search within the budget (its Gram matrix's sparse
+    products cost about kept ratings x kept movies), or None."""
+    items = fit.item.numpy()
+    counts = np.bincount(items, minlength=num_items)
+    kept = ease_lib.movie_subset(counts, config.ease_max_movies)
+    work = float(counts[kept].sum()) * kept.size
+    if work <= EASE_MAX_WORK:
+        return None
+    return (f'{counts[kept].sum()} ratings x {kept.size} movies = {work:.2g} > '
+            f'{EASE_MAX_WORK:.0e}; --topn-model ease trains it anyway')
 
 
 def _blended(where: _Slice, blend: float, weight: float, ials_best, ease_best) -> np.ndarray:
@@ -387,6 +406,10 @@ def search(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
         config.topn_model,)
     on_edge: list[str] = []
     ease_best = ials_best = seen_values = None
+    left_out = _ease_too_big(config, splits.fit, sizes[1]) if config.topn_model == 'auto' else None
+    if left_out:
+        logger.info('Top-N search: EASE left out: %s', left_out)
+        families = ('ials',)
     if 'ease' in families:
         ease_best, seen_values, edge = _ease_ladder(config, splits.fit, sizes, where, likes,
                                                     table, clock)
@@ -396,8 +419,8 @@ def search(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
     if 'ials' in families:
         ials_best, flags_point = _ials_trials(config, splits, sizes, seed, where, likes, table,
                                               clock)
-    blends = {'ials': (0.0,), 'ease': (1.0,), 'blend': BLENDS[2:]}.get(config.topn_model,
-                                                                       BLENDS)
+    blends = {'ials': (0.0,), 'ease': (1.0,), 'blend': BLENDS[2:]}.get(
+        config.topn_model if len(families) == 2 else families[0], BLENDS)
     chosen = (-math.inf, 0.0, 0.0, None)
     # Each family's best first (at its best like weight), then the rest while the budget lasts.
     first = [(blend, row['like_weight']) for blend, best in ((0.0, ials_best), (1.0, ease_best))
@@ -440,6 +463,7 @@ def search(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
         ease_lambda=None if family == 'ials' else ease_best.settings['lambda'],
         ials=None if family == 'ease' else ials_best.settings,
         validation_ndcg=ndcg, table=tuple(table), on_edge=tuple(on_edge), kept_flags=kept_flags,
+        ease_left_out=left_out,
         seconds=clock.spent(), budget=budget, users=int(where.judged.users.size))
     logger.info('Top-N search: %s in %.1f s of %.0f s: %d points on %d validation users, '
                 'best validation NDCG@%d %.4f', describe(result), result.seconds, budget,
