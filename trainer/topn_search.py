@@ -12,18 +12,27 @@ slice's ratings >= 4); the eval split is never read.  In order:
 2. iALS (`trainer.topn.trial`, with early stopping): first the flags'
    point, then seeded random points in IALS_SPACE (factors; ridge and
    unobserved weight as multiples of the flags' or data defaults;
-   confidence 0 or 1), until 70% of the budget or --topn-search-trials;
+   confidence 0 or 1), at most IALS_TRIALS, within 70% of the budget;
 3. the served score: EASE's weight w in a blend of the two best models,
    each standardised per user (w = 0: iALS alone, 1: EASE alone), times
    the like weight beta of the rating model's log P(rating >= 4)
-   (`lists.ListScorer`).  The like term needs a rating model that has not
-   seen the slice: the trainer's search-phase model (`TrainResult.search_model`).
+   (`lists.ListScorer`), on the points' stored validation scores.  The like
+   term needs a rating model that has not seen the slice: the trainer's
+   search-phase model (`TrainResult.search_model`).
+4. with --topn-model auto, the best point replaces the flags' iALS point
+   only if it beats it by CLEAR_MARGIN standard errors of the paired
+   per-user NDCG difference (the slice is small: differences within its
+   noise do not carry to eval).
+
+EASE is left out of the search past EASE_MAX_WORK ratings x movies in its
+Gram matrix (ml-25m), said in one line.
 
 The budget (`default_budget`) grows with the data: 30 s at 100k ratings, 53
-at 1M, 120 at 25M; past 25k validation users the slice is ranked on a seeded
-sample of SEARCH_USERS.  The points and their order are fixed by the seed;
-a stage stops early only when the clock runs out (logged), so two runs
-agree whenever both finish their trials within the budget.  A best value at
+at 1M, 120 at 25M.  The slice is ranked on a seeded sample of at most
+SEARCH_USERS users and SEARCH_CELLS users x movies.  The points and their order are fixed by the seed;
+a stage stops early only when the clock runs out (logged; each stage's
+first point runs in any case), so two runs agree whenever both finish
+their trials within the budget.  A best value at
 the edge of what was searched is said in one log line and kept in the
 result (`on_edge`).  The caller refits the best point on all of train.
 """
