@@ -20,7 +20,8 @@ recommended by EASE.  At 5,000 movies the two matrices take 400 MB.
 
 Serving stores, per movie j, its `neighbours` largest |B_jk|, not B, as
 a sparse matrix (`sparse_weights`: 16 + 4 bytes per entry): a user's scores
-are then their row of X times it, one sparse x dense product (`scores`).  The cut is checked by `neighbour_recall`, the share of the
+are then their row of X times it, one sparse x dense product (`scores`).
+The cut is checked by `neighbour_recall`, the share of the
 dense model's top-k the stored neighbours reproduce.
 """
 

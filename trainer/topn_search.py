@@ -29,7 +29,8 @@ Gram matrix (ml-25m), said in one line.
 
 The budget (`default_budget`) grows with the data: 30 s at 100k ratings, 53
 at 1M, 120 at 25M.  The slice is ranked on a seeded sample of at most
-SEARCH_USERS users and SEARCH_CELLS users x movies.  The points and their order are fixed by the seed;
+SEARCH_USERS users and SEARCH_CELLS users x movies.  The points and their
+order are fixed by the seed;
 a stage stops early only when the clock runs out (logged; each stage's
 first point runs in any case), so two runs agree whenever both finish
 their trials within the budget.  A best value at
@@ -462,7 +463,8 @@ def search(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
         on_edge = [edge for edge in on_edge if not edge.startswith('EASE')]
     if weight == max(likes) and len(likes) > 1 and not kept_flags:
         on_edge.append(f'like weight {weight:g}')
-    if family == 'blend' and not kept_flags and blend in (min(blends[2:] or blends), max(blends[2:] or blends)):
+    interior = [value for value in blends if 0.0 < value < 1.0]
+    if family == 'blend' and not kept_flags and blend in (min(interior), max(interior)):
         on_edge.append(f'EASE weight {blend:g}')
     if on_edge:
         logger.info('Top-N search: the best point lies on the edge of its space: %s; '
