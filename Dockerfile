@@ -23,7 +23,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /opt/movielens
-# g++ builds the trainer's C++ ops (trainer/fused.py).
+# g++ builds the trainer's C++ ops (trainer/ops/kernels.py).
 RUN apt-get update && apt-get install -y --no-install-recommends g++ \
     && rm -rf /var/lib/apt/lists/*
 # Pins before code: editing trainer/ does not reinstall TensorFlow and Beam.
@@ -36,7 +36,7 @@ COPY data-extractor.py preprocess.py ./
 # --no-deps: everything is installed above, at the pinned versions.
 RUN pip install --no-deps . && pip check
 # Build the C++ ops now, so a job does not spend 10-20 s compiling them.
-RUN cd / && python -m trainer.fused
+RUN cd / && python -m trainer.ops
 
 # Dataflow custom SDK container: run-cloud.sh passes --sdk_container_image IMAGE
 # --sdk_location container to preprocess.py (--dataflow-setup-file: --setup_file
@@ -49,7 +49,7 @@ ENTRYPOINT ["/opt/apache/beam/boot"]
 
 # Vertex AI prediction: Vertex's custom-container contract (AIP_HTTP_PORT,
 # AIP_HEALTH_ROUTE, AIP_PREDICT_ROUTE, the model in AIP_STORAGE_URI); see
-# trainer/serving.py.  8080 is Vertex's default port.
+# trainer/serving/server.py.  8080 is Vertex's default port.
 FROM base AS serving
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin serving
 USER serving
@@ -57,8 +57,13 @@ EXPOSE 8080
 ENTRYPOINT ["python", "-m", "trainer.serving"]
 
 # Vertex AI training: runs as an unprivileged user; outputs go to gs://, /tmp
-# stays writable.  Last, so a plain `docker build .` builds this target.
+# stays writable.  A tuning trial writes its metric where CLOUD_ML_HP_METRIC_FILE
+# says: /var/hypertune on Vertex AI, which only root could write
+# (GoogleCloudPlatform/cloudml-hypertune issue 6), or cloudml-hypertune's default
+# /tmp/hypertune; both directories belong to the trainer user.  Last, so a plain
+# `docker build .` builds this target.
 FROM base AS trainer
-RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin trainer
+RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin trainer \
+    && install -d -o trainer -g trainer -m 0755 /var/hypertune /tmp/hypertune
 USER trainer
 ENTRYPOINT ["python", "-m", "trainer.task"]

@@ -10,7 +10,7 @@ or cleans rows (preprocess.py does). Usage::
 Where the archive comes from: the GroupLens URL in features.DATASETS, or
 --data-sources (http(s) URL, local path, file:// URL or gs:// path of a zip in
 the GroupLens layout of --dataset). `--dataset synthetic` writes one with
-trainer.synthetic (layout --synthetic-layout; planted model --synthetic-model,
+trainer.pipeline.synthetic (layout --synthetic-layout; planted model --synthetic-model,
 by default `movielens`, calibrated as docs/data.md says), whose truth.json is
 staged too.
 
@@ -66,7 +66,13 @@ from collections.abc import Sequence
 from trainer import features
 from trainer import fileio
 from trainer import logs
-from trainer import synthetic
+from trainer import shutdown
+from trainer import worklock
+
+if __name__ == '__main__':
+    logs.check_packages()  # one line, not a traceback, outside .venv
+
+from trainer.pipeline import synthetic  # noqa: E402  pylint: disable=wrong-import-position
 
 logger = logging.getLogger(__name__)
 
@@ -472,6 +478,16 @@ def stage_members(path: str, source: Source, members: list[str],
     return file_bytes, newlines - int(layout.ratings_header)
 
 
+def remove_staged(raw_dir: str, names: Sequence[str]) -> None:
+    """Removes the <name>.tmp files a stopped run wrote (SIGTERM), logging it."""
+    leftovers = [name for name in names if fileio.exists(_tmp_path(raw_dir, name))]
+    for name in leftovers:
+        fileio.remove(_tmp_path(raw_dir, name))
+    if leftovers:
+        logger.warning('removed the unfinished %s from %s',
+                       ', '.join(name + '.tmp' for name in leftovers), raw_dir)
+
+
 def _tmp_path(raw_dir: str, name: str) -> str:
     return features.join(raw_dir, name + '.tmp')
 
@@ -508,7 +524,13 @@ def extract(config: ExtractorConfig) -> Staged:
                                f'should have {wanted}: corrupt or changed '
                                'download; fetch it again')
         members = members_to_stage(path, source)
-        file_bytes, rating_lines = stage_members(path, source, members, raw_dir)
+        shutdown.raise_if_terminated()
+        try:
+            file_bytes, rating_lines = stage_members(path, source, members, raw_dir)
+            shutdown.raise_if_terminated()
+        except shutdown.Terminated:
+            remove_staged(raw_dir, [posixpath.basename(member) for member in members])
+            raise
     if config.overwrite:
         clear_raw_dir(raw_dir, keep=[name + '.tmp' for name in file_bytes])
     publish_members(raw_dir, list(file_bytes))
@@ -546,8 +568,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.quiet_startup(argv, load_tensorflow=False)  # TensorFlow loads for gs:// only
     start = time.monotonic()
     try:
-        staged = extract(config)
-    except ExtractError as error:
+        with shutdown.raise_on_sigterm(), \
+                worklock.hold(config.work_dir, worklock.command_line(argv)):
+            staged = extract(config)
+    except (ExtractError, worklock.LockHeld) as error:
         logger.error('%s', error)
         return 1
     print(format_summary(staged, config.work_dir, time.monotonic() - start))

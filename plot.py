@@ -264,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.quiet_startup(argv, load_tensorflow=False)  # TensorFlow loads for gs:// only
     if not fileio.exists(config.loss_log):
         print(f'plot.py: error: no loss log at {config.loss_log}; '
-              'train first: python -m trainer.task --work-dir WORK_DIR', file=sys.stderr)
+              'train first: .venv/bin/python -m trainer.task --work-dir WORK_DIR', file=sys.stderr)
         return 2
     try:
         log = read_loss_log(config.loss_log)

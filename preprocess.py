@@ -18,24 +18,24 @@ This file is the entry point: the flags, the checks before any pipeline
 starts, the wiring of the stages, and dataset_info.json.  The stages live in
 the `trainer` package, so that Dataflow workers can import them:
 
-- trainer/rating_reader.py reads the ratings file in blocks of lines
-  (trainer/blockio.py: byte ranges sized from the file, one Arrow array of
+- trainer/pipeline/rating_reader.py reads the ratings file in blocks of lines
+  (trainer/pipeline/blockio.py: byte ranges sized from the file, one Arrow array of
   lines per range) and parses them block by block with
-  trainer/rating_parser.py: a strict regular expression accepts the common
+  trainer/pipeline/rating_parser.py: a strict regular expression accepts the common
   case column-wise with pyarrow; only lines that fail it go through the
   per-line parser, which names the reason (bytes that are not UTF-8 are
   one).  Rejected rows are counted and written with that reason under
   transformed/rejected/, never dropped silently.
-- trainer/deduplication.py: a (user, movie) pair rated more than once keeps
+- trainer/pipeline/deduplication.py: a (user, movie) pair rated more than once keeps
   its latest rating (`DeduplicateRatings`); the others are rejected as
   duplicate_rating.  A first, light pass over the file finds the pairs seen
   more than once (`FindRepeatedPairs`), so only their rows are grouped.
-- trainer/hash_split.py: the train/eval split is a keyed 64-bit hash of
+- trainer/pipeline/hash_split.py: the train/eval split is a keyed 64-bit hash of
   (seed, user, movie), so the same input gives the same split on every run
   and every retry.
-- trainer/examples.py: TFT learns the id vocabularies on train only and
+- trainer/pipeline/examples.py: TFT learns the id vocabularies on train only and
   transforms both splits; examples are encoded per RecordBatch in C++ and
-  written as blocks of gzipped TFRecords (trainer/blockio.py).
+  written as blocks of gzipped TFRecords (trainer/pipeline/blockio.py).
 
 No step passes a Beam element per rating.  Per-rating Python objects remain
 in two places: tfx_bsl's encoder returns a list of bytes (one per example,
@@ -58,23 +58,72 @@ from typing import Any
 
 from trainer import logs
 
+DEFAULT_EVAL_PERCENT = 20.0
+DEFAULT_SEED = 42
+
+
+# --- Flags: parsed before Beam and TensorFlow load, so --help is quick. ---------------------
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+    """Our flags; Beam's own flags travel separately as a list."""
+    work_dir: str
+    eval_percent: float = DEFAULT_EVAL_PERCENT
+    seed: int = DEFAULT_SEED
+    overwrite: bool = False
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[PreprocessConfig, list[str]]:
+    """Parses our flags; returns them and the remaining (Beam) flags."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n\n')[0],
+        epilog='Every other flag goes to Beam (--runner, --temp_location, ...).')
+    parser.add_argument('--work-dir', required=True,
+                        help='Local path or gs:// URL that data-extractor.py staged into.')
+    parser.add_argument('--eval-percent', type=float, default=DEFAULT_EVAL_PERCENT,
+                        help='Share of ratings held out for evaluation (default %(default)s).')
+    parser.add_argument('--seed', type=int, default=DEFAULT_SEED,
+                        help='Seed of the train/eval split (default %(default)s).')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='Replace an existing transformed/ output.')
+    logs.add_verbose_flag(parser)
+    args, beam_args = parser.parse_known_args(argv)
+    if not 0 < args.eval_percent < 100:
+        parser.error(f'--eval-percent {args.eval_percent:g} is outside (0, 100); '
+                     'pass a share such as 20')
+    if args.seed < 0:
+        parser.error(f'--seed {args.seed} is negative; pass 0 or a positive integer')
+    if any(arg.startswith('--work_dir') or arg.startswith('--eval_percent')
+           for arg in beam_args):
+        parser.error('our flags are spelled with dashes: use --work-dir and --eval-percent')
+    config = PreprocessConfig(work_dir=args.work_dir.rstrip('/'),
+                              eval_percent=args.eval_percent, seed=args.seed,
+                              overwrite=args.overwrite)
+    return config, beam_args
+
+
 if __name__ == '__main__':
-    logs.quiet_startup()  # before TensorFlow loads
+    logs.check_packages()
+    parse_args(sys.argv[1:])  # --help and a bad flag answer before Beam and TensorFlow load
+    logs.quiet_startup()
 
 # pylint: disable=wrong-import-position
 import apache_beam as beam  # noqa: E402
 
-from trainer import blockio, features, rating_parser  # noqa: E402
-from trainer.deduplication import (DEFAULT_DEDUPE_BUCKETS, DeduplicateRatings,  # noqa: E402
-                                   FindRepeatedPairs, SeparateRepeatedPairs)
-from trainer.examples import TransformRatings  # noqa: E402
-from trainer.hash_split import SplitRatings  # noqa: E402
-from trainer.rating_reader import ParseRatings, ReadRatings, SumStatsFn  # noqa: E402
+from trainer import features  # noqa: E402
+from trainer import shutdown  # noqa: E402
+from trainer import worklock  # noqa: E402
+from trainer.pipeline import blockio  # noqa: E402
+from trainer.pipeline import rating_parser  # noqa: E402
+from trainer.pipeline.deduplication import DEFAULT_DEDUPE_BUCKETS  # noqa: E402
+from trainer.pipeline.deduplication import DeduplicateRatings  # noqa: E402
+from trainer.pipeline.deduplication import FindRepeatedPairs  # noqa: E402
+from trainer.pipeline.deduplication import SeparateRepeatedPairs  # noqa: E402
+from trainer.pipeline.examples import TransformRatings  # noqa: E402
+from trainer.pipeline.hash_split import SplitRatings  # noqa: E402
+from trainer.pipeline.rating_reader import ParseRatings, ReadRatings, SumStatsFn  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_EVAL_PERCENT = 20.0
-DEFAULT_SEED = 42
 DEFAULT_RUNNER = 'FnApiRunner'
 
 # Rows per RecordBatch after the duplicate check, the batches TFT analyses and
@@ -89,15 +138,6 @@ _STATS_FILE = 'stats.json'
 # Lines check_sample parses before any pipeline starts.
 _SAMPLE_LINES = 200
 _TMP_DIR = 'tmp'
-
-
-@dataclasses.dataclass(frozen=True)
-class PreprocessConfig:
-    """Our flags; Beam's own flags travel separately as a list."""
-    work_dir: str
-    eval_percent: float = DEFAULT_EVAL_PERCENT
-    seed: int = DEFAULT_SEED
-    overwrite: bool = False
 
 
 def read_ratings(p: beam.Pipeline, path: str, layout: features.DatasetLayout,
@@ -203,36 +243,7 @@ def build_pipeline(parsed, work_dir: str, seed: int, eval_percent: float,
             'rejected': rejected, 'stats': stats}
 
 
-# --- Edges: flags, output dir, run, summary. ---------------------------------------------
-def parse_args(argv: Sequence[str] | None) -> tuple[PreprocessConfig, list[str]]:
-    """Parses our flags; returns them and the remaining (Beam) flags."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split('\n\n')[0],
-        epilog='Every other flag goes to Beam (--runner, --temp_location, ...).')
-    parser.add_argument('--work-dir', required=True,
-                        help='Local path or gs:// URL that data-extractor.py staged into.')
-    parser.add_argument('--eval-percent', type=float, default=DEFAULT_EVAL_PERCENT,
-                        help='Share of ratings held out for evaluation (default %(default)s).')
-    parser.add_argument('--seed', type=int, default=DEFAULT_SEED,
-                        help='Seed of the train/eval split (default %(default)s).')
-    parser.add_argument('--overwrite', action='store_true',
-                        help='Replace an existing transformed/ output.')
-    logs.add_verbose_flag(parser)
-    args, beam_args = parser.parse_known_args(argv)
-    if not 0 < args.eval_percent < 100:
-        parser.error(f'--eval-percent {args.eval_percent:g} is outside (0, 100); '
-                     'pass a share such as 20')
-    if args.seed < 0:
-        parser.error(f'--seed {args.seed} is negative; pass 0 or a positive integer')
-    if any(arg.startswith('--work_dir') or arg.startswith('--eval_percent')
-           for arg in beam_args):
-        parser.error('our flags are spelled with dashes: use --work-dir and --eval-percent')
-    config = PreprocessConfig(work_dir=args.work_dir.rstrip('/'),
-                              eval_percent=args.eval_percent, seed=args.seed,
-                              overwrite=args.overwrite)
-    return config, beam_args
-
-
+# --- Edges: output dir, run, summary. ---------------------------------------------------
 def pipeline_options(beam_args: Sequence[str]):
     """Beam options, with the in-process runner unless --runner says otherwise."""
     from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=import-outside-toplevel
@@ -310,12 +321,12 @@ def check_sample(head: Sequence[bytes], path: str, layout: features.DatasetLayou
     """
     if not head:
         raise UserError(f'{path} is empty: no ratings to preprocess; stage it again with '
-                        'python data-extractor.py --overwrite')
+                        '.venv/bin/python data-extractor.py --overwrite')
     header_lines = rating_parser.count_header_lines(head[0], layout)
     lines = head[header_lines:header_lines + _SAMPLE_LINES]
     if not lines:
         raise UserError(f'{path} holds a header and no ratings; stage it again with '
-                        'python data-extractor.py --overwrite')
+                        '.venv/bin/python data-extractor.py --overwrite')
     parsed = rating_parser.parse_rating_lines(lines, layout)
     if not parsed.valid.num_rows:
         reasons = sorted({reason for reason, _ in parsed.rejected})
@@ -359,14 +370,15 @@ def read_noise_floor(work_dir: str) -> float | None:
 
 
 def run(config: PreprocessConfig, beam_args: Sequence[str]) -> features.DatasetInfo:
-    """Runs the pipeline and writes dataset_info.json last, as the completion marker."""
+    """Runs the pipeline and writes dataset_info.json last, as the completion marker.
+
+    Stopped by SIGTERM, it removes the transformed/ it was writing and exits 143.
+    """
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    import tensorflow_transform as tft  # pylint: disable=import-outside-toplevel
-    import tensorflow_transform.beam as tft_beam  # pylint: disable=import-outside-toplevel
     source_path = features.join(features.raw_dir(config.work_dir), features.SOURCE_FILE)
     if not tf.io.gfile.exists(source_path):
         raise UserError(f'no staged ratings in {config.work_dir} ({source_path} is missing); '
-                        f'run: python data-extractor.py --work-dir {config.work_dir}')
+                        f'run: .venv/bin/python data-extractor.py --work-dir {config.work_dir}')
     source = features.read_source_info(config.work_dir)
     layout = features.DATASETS[source.layout]
     ratings_path = features.join(features.raw_dir(config.work_dir), layout.ratings_file)
@@ -381,6 +393,25 @@ def run(config: PreprocessConfig, beam_args: Sequence[str]) -> features.DatasetI
                     features.transformed_dir(config.work_dir))
         return done
     out_dir = features.transformed_dir(config.work_dir)
+    try:
+        return _write_output(config, beam_args, source, layout, ratings_path, header_lines)
+    except BaseException:  # cleaning up, then re-raised
+        if not shutdown.terminated():
+            raise
+        # transformed/ was empty when this run started: all of it is half written.
+        logger.warning('Stopped by SIGTERM: removing the unfinished output in %s', out_dir)
+        tf.io.gfile.rmtree(out_dir)
+        raise shutdown.Terminated() from None  # Beam re-raises it as a RuntimeError
+
+
+def _write_output(config: PreprocessConfig, beam_args: Sequence[str],
+                  source: features.SourceInfo, layout: features.DatasetLayout,
+                  ratings_path: str, header_lines: int) -> features.DatasetInfo:
+    """Runs the pipeline into the empty transformed/ and writes dataset_info.json last."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    import tensorflow_transform as tft  # pylint: disable=import-outside-toplevel
+    import tensorflow_transform.beam as tft_beam  # pylint: disable=import-outside-toplevel
+    out_dir = features.transformed_dir(config.work_dir)
     options = pipeline_options(beam_args)
     temp_dir = options.get_all_options().get('temp_location') or tempfile.mkdtemp()
     logger.info('Preprocessing %s (%s layout) into %s', ratings_path, layout.name, out_dir)
@@ -389,6 +420,7 @@ def run(config: PreprocessConfig, beam_args: Sequence[str]) -> features.DatasetI
             parsed, repeated = read_ratings(p, ratings_path, layout, header_lines)
             build_pipeline(parsed, config.work_dir, config.seed, config.eval_percent,
                            repeated_pairs=repeated)
+    shutdown.raise_if_terminated()
     stats_path = features.join(out_dir, _TMP_DIR, _STATS_FILE)
     with tf.io.gfile.GFile(stats_path) as f:
         stats = json.loads(f.read() or '{}')
@@ -404,6 +436,7 @@ def run(config: PreprocessConfig, beam_args: Sequence[str]) -> features.DatasetI
         movies=tft_output.vocabulary_size_by_name(features.MOVIE_VOCAB),
         noise_floor=read_noise_floor(config.work_dir))
     info = dataclasses.replace(info, source_md5=source.md5)
+    shutdown.raise_if_terminated()
     features.write_json(features.join(out_dir, features.DATASET_INFO_FILE), info)
     return info
 
@@ -431,8 +464,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup_logging(verbose=logs.wants_verbose(argv))
     started = time.monotonic()
     try:
-        info = run(config, beam_args)
-    except UserError as error:
+        with shutdown.raise_on_sigterm(), \
+                worklock.hold(config.work_dir, worklock.command_line(argv)):
+            info = run(config, beam_args)
+    except (UserError, worklock.LockHeld) as error:
         print(f'preprocess.py: error: {error}', file=sys.stderr)
         return 2
     print(summarize(info, config.work_dir, time.monotonic() - started))

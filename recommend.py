@@ -1,19 +1,19 @@
 """Top-k movies for users from the exported model, as a table or as JSON.
 
 Owns the command line around the SavedModel's `recommend` signature
-(trainer/export.py): it finds the export, feeds raw user ids in batches and
+(trainer/serving/export.py): it finds the export, feeds raw user ids in batches and
 formats what comes back.  It scores nothing itself.
 
-    python recommend.py --model-dir WORK_DIR/model --user 196 [-k 10] [--json]
-    python recommend.py --model-dir gs://bucket/run/model --users-file users.txt --json
+    .venv/bin/python recommend.py --model-dir WORK_DIR/model --user 196 [-k 10] [--json]
+    .venv/bin/python recommend.py --model-dir gs://bucket/run/model --users-file users.txt --json
 
---model-dir is the trainer's model dir (the SavedModel is its export/) or the
-export dir itself, local or gs://.  --users-file holds one user id per line
+--model-dir is the trainer's model dir (the SavedModel is its export/), the
+export dir itself, or the work dir (its model/export/), local or gs://.  --users-file holds one user id per line
 (blank lines are skipped).  An id the model never saw in training gets the
 newcomer list (best movies by learned bias shrunk by rating count), marked
 as such.  Each line shows the list's score (what ranks it: the log of the
 top-N model's score plus the rating model's like term, see
-`trainer.ranking.topn_scores`) and the rating model's predicted rating of
+`trainer.topn.ranking.topn_scores`) and the rating model's predicted rating of
 that movie.
 """
 
@@ -70,8 +70,8 @@ def parse_args(argv: Sequence[str] | None) -> RecommendConfig:
         prog='recommend.py', allow_abbrev=False,
         description=__doc__.split('\n\n')[0])
     parser.add_argument('--model-dir', required=True,
-                        help='model dir holding export/, or the export itself '
-                             '(local path or gs://)')
+                        help='model dir holding export/, the export itself, or the '
+                             'work dir (local path or gs://)')
     parser.add_argument('--user', action='append', default=[],
                         help='a raw user id, e.g. 196; repeat for several')
     parser.add_argument('--users-file',
@@ -99,18 +99,23 @@ def parse_args(argv: Sequence[str] | None) -> RecommendConfig:
 
 
 def find_export_dir(model_dir: str) -> str:
-    """The SavedModel dir: model_dir itself or model_dir/export.
+    """The SavedModel dir: model_dir itself, model_dir/export, or, for a work
+    dir, WORK_DIR/model/export (logged, so the user learns the shorter flag).
 
     Raises:
-      FileNotFoundError: if neither holds a saved_model.pb.
+      FileNotFoundError: if none holds a saved_model.pb.
     """
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    for candidate in (model_dir, features.join(model_dir, features.EXPORT_DIR)):
+    in_work_dir = features.join(features.default_model_dir(model_dir), features.EXPORT_DIR)
+    candidates = (model_dir, features.join(model_dir, features.EXPORT_DIR), in_work_dir)
+    for candidate in candidates:
         if tf.io.gfile.exists(features.join(candidate, 'saved_model.pb')):
+            if candidate == in_work_dir:
+                logger.info('%s is a work dir: serving its model, %s', model_dir, candidate)
             return candidate
     raise FileNotFoundError(
-        f'no SavedModel in {model_dir} or {features.join(model_dir, features.EXPORT_DIR)}; '
-        'train first: python -m trainer.task --work-dir WORK_DIR')
+        f'no SavedModel in {", ".join(candidates)}; '
+        'train first: .venv/bin/python -m trainer.task --work-dir WORK_DIR')
 
 
 def read_users(path: str) -> list[str]:
@@ -143,7 +148,7 @@ def load_recommender(export_dir: str):
         raise ValueError(
             f'the SavedModel in {export_dir} has no {features.RECOMMEND_SIGNATURE!r} '
             f'signature (it has {", ".join(sorted(signatures))}); re-export it with '
-            'python -m trainer.task --work-dir WORK_DIR')
+            '.venv/bin/python -m trainer.task --work-dir WORK_DIR')
     return signatures[features.RECOMMEND_SIGNATURE]
 
 

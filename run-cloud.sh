@@ -5,6 +5,10 @@
 # tune its hyperparameters), wait for the job, chart the loss, optionally deploy.
 #
 #   ./run-cloud.sh --work-dir gs://BUCKET/PREFIX [flags] [-- TRAINER_FLAGS...]
+#   ./run-cloud.sh --teardown [--project ID] [--region REGION]
+#
+# Before any step that costs money, a preflight (scripts/preflight.py) checks the
+# roles, APIs and BigQuery dataset the run needs.
 #
 # Every command is echoed before it runs.  --dry-run echoes the commands and the
 # job config and runs none of them (it only renders the config, locally).  Flag
@@ -31,10 +35,13 @@ readonly DATAFLOW_MAX_WORKERS="8"
 readonly TERMINAL_STATES=" JOB_STATE_SUCCEEDED JOB_STATE_FAILED JOB_STATE_CANCELLED JOB_STATE_EXPIRED JOB_STATE_PARTIALLY_SUCCEEDED "
 # Consecutive failed `describe` calls (network blips) tolerated while waiting.
 readonly MAX_DESCRIBE_FAILURES=5
+# Labels on every job, model, endpoint and Dataflow job, so the bill splits by run.
+readonly APP_LABEL="movielens-mf"
 
 usage() {
   cat <<USAGE
 usage: ./run-cloud.sh --work-dir gs://BUCKET/PREFIX [flags] [-- TRAINER_FLAGS...]
+       ./run-cloud.sh --teardown [--project ID] [--region REGION] [--dry-run]
   --work-dir gs://B/P     where every step reads and writes (required; Cloud Storage)
   --project ID            Google Cloud project (default: gcloud config get-value project)
   --region REGION         Dataflow and Vertex AI region (default: us-central1)
@@ -47,8 +54,12 @@ usage: ./run-cloud.sh --work-dir gs://BUCKET/PREFIX [flags] [-- TRAINER_FLAGS...
   --workers N             worker replicas besides the chief (default: 0): synchronous
                           data-parallel training; see docs/cloud.md, "Distributed training"
   --machine-type TYPE     machine of every replica (default: n1-standard-4)
-  --gpu TYPE:COUNT        accelerators per replica, e.g. NVIDIA_TESLA_T4:1 (needs a
-                          CUDA-enabled image; the default image is CPU-only)
+  --gpu TYPE:COUNT        accelerators per replica, e.g. NVIDIA_TESLA_T4:1; only with
+                          --image of your own CUDA build: the project's image is CPU-only
+  --spot                  train on Spot VMs (scheduling.strategy SPOT); a preempted job
+                          restarts and resumes from its checkpoints
+  --timeout-hours N       cancel the training job (each trial) after N hours (default:
+                          by dataset, 2 for ml-100k to 10 for ml-32m; at most 168)
   --hp-tuning             run a hyperparameter-tuning job (hptuning.yaml) instead
   --tuning-space FILE     --hp-tuning only: the study (default: hptuning.yaml, the rating
                           model by validation RMSE; hptuning-ranking.yaml: the top-N
@@ -93,7 +104,11 @@ usage: ./run-cloud.sh --work-dir gs://BUCKET/PREFIX [flags] [-- TRAINER_FLAGS...
                           as one Vertex AI pipeline (scripts/pipeline.py) instead; each
                           step is cached, so a re-run with the same flags and images
                           skips what has not changed
+  --skip-preflight        skip the check of roles, APIs and the BigQuery dataset (for
+                          roles held through a group or a folder, which it cannot see)
   --dry-run               print the commands and the job config; run nothing
+  --teardown              remove what runs left behind: endpoints (undeployed first),
+                          models and images labelled app=${APP_LABEL}; needs no --work-dir
   -- FLAGS                passed to python -m trainer.task (e.g. -- --num-epochs 30)
 USAGE
 }
@@ -129,6 +144,10 @@ data_sources=""
 workers="0"
 machine_type="n1-standard-4"
 gpu=""
+spot=false
+timeout_hours=""
+skip_preflight=false
+teardown=false
 hp_tuning=false
 tuning_space=""
 max_trials=""
@@ -182,6 +201,10 @@ parse_flags() {
       --fig-dir) need_value "$@"; fig_dir="$2"; shift 2 ;;
       --poll-seconds) need_value "$@"; poll_seconds="$2"; shift 2 ;;
       --hp-tuning) hp_tuning=true; shift ;;
+      --spot) spot=true; shift ;;
+      --timeout-hours) need_value "$@"; timeout_hours="$2"; shift 2 ;;
+      --skip-preflight) skip_preflight=true; shift ;;
+      --teardown) teardown=true; shift ;;
       --skip-extract) skip_extract=true; shift ;;
       --skip-preprocess) skip_preprocess=true; shift ;;
       --skip-plot) skip_plot=true; shift ;;
@@ -211,6 +234,10 @@ parse_flags() {
 # Every value is checked here, before anything runs; the patterns admit no
 # spaces and no shell metacharacters.
 validate_flags() {
+  if [[ "${teardown}" == true ]]; then
+    validate_teardown_flags
+    return 0
+  fi
   [[ -n "${work_dir}" ]] || die "--work-dir is required: a Cloud Storage path, e.g. --work-dir gs://my-bucket/movielens"
   [[ "${work_dir}" == gs://* ]] || die "--work-dir $(shown "${work_dir}") is not a gs:// path; the cloud steps share their files through Cloud Storage, e.g. --work-dir gs://my-bucket/movielens"
   check --work-dir "${work_dir}" '^gs://[a-z0-9][-_.a-z0-9]{1,61}[a-z0-9](/[-_.=+A-Za-z0-9]+)*/?$' \
@@ -237,6 +264,13 @@ validate_flags() {
     "a Compute Engine machine type such as --machine-type n1-standard-4"
   [[ -z "${gpu}" ]] || check --gpu "${gpu}" '^[A-Z][A-Z0-9_]*:[1-9][0-9]?$' \
     "TYPE:COUNT with COUNT a positive integer, e.g. --gpu NVIDIA_TESLA_T4:1"
+  # The built image runs TensorFlow's CPU wheel and the C++ ops have CPU kernels
+  # only: an accelerator would be billed every hour and used by nothing.
+  [[ -z "${gpu}" || -n "${image}" ]] \
+    || die "--gpu ${gpu}: the project's training image is CPU-only (TensorFlow's CPU build, CPU kernels for the C++ ops), so the accelerator would be billed and idle; drop --gpu, or pass --image with a CUDA build of your own"
+  timeout_hours="${timeout_hours:-$(default_timeout_hours "${dataset}")}"
+  check --timeout-hours "${timeout_hours}" '^([1-9]|[1-9][0-9]|1[0-5][0-9]|16[0-8])$' \
+    "a whole number of hours from 1 to 168 (Vertex's limit is 7 days), e.g. --timeout-hours 6"
   [[ -z "${image}" ]] || check --image "${image}" \
     '^[a-z0-9][-.a-z0-9]*(:[0-9]+)?(/[a-z0-9][-_.a-z0-9]*)+(:[A-Za-z0-9_][-_.A-Za-z0-9]{0,127}|@sha256:[a-f0-9]{64})?$' \
     "an image URI such as --image us-central1-docker.pkg.dev/my-project/${IMAGE_REPOSITORY}/${IMAGE_NAME}:v1"
@@ -247,6 +281,27 @@ validate_flags() {
   validate_dataflow_flags
   validate_batch_flags
   validate_pipeline_flags
+}
+
+# The training job's time limit by dataset: far above the measured run (25M
+# ratings train in about 4 minutes of compute, docs/cloud.md "What it costs"),
+# far below Vertex's default of 7 days.
+default_timeout_hours() {
+  case "$1" in
+    ml-1m) echo 3 ;;
+    ml-10m) echo 6 ;;
+    ml-20m|ml-25m) echo 8 ;;
+    ml-32m) echo 10 ;;
+    *) echo 2 ;;
+  esac
+}
+
+validate_teardown_flags() {
+  [[ -z "${project}" ]] || check --project "${project}" '^[a-z][-a-z0-9]{4,28}[a-z0-9]$' \
+    "a project ID (6-30 lowercase letters, digits or hyphens, starting with a letter), e.g. --project my-project"
+  check --region "${region}" '^[a-z]+-[a-z]+[0-9]+$' "a region such as --region us-central1"
+  [[ -z "${work_dir}${image}${gpu}" && "${deploy}${pipeline}${hp_tuning}${batch_recommend}" == falsefalsefalsefalse ]] \
+    || die "--teardown runs alone: it takes only --project, --region and --dry-run"
 }
 
 validate_pipeline_flags() {
@@ -279,6 +334,7 @@ beam_flag_source() {
     project|region) echo "--$1" ;;
     temp_location|staging_location) echo "--work-dir" ;;
     job_name) echo "the job name" ;;
+    labels|label) echo "its labels (app, dataset, run)" ;;
     setup_file) echo "--dataflow-setup-file" ;;
     sdk_container_image|sdk_location) echo "--dataflow-image" ;;
     service_account_email) echo "--service-account" ;;
@@ -322,8 +378,9 @@ validate_dataflow_flags() {
 
 validate_deploy_flags() {
   if [[ "${deploy}" == false ]]; then
-    [[ -z "${endpoint}${serving_image}${serving_machine_type}" ]] \
-      || die "--endpoint, --serving-image and --serving-machine-type only apply with --deploy; add --deploy or drop them"
+    # --pipeline takes --serving-image too: its model upload names the container.
+    [[ -z "${endpoint}${serving_machine_type}" && ( -z "${serving_image}" || "${pipeline}" == true ) ]] \
+      || die "--endpoint, --serving-image and --serving-machine-type only apply with --deploy (--serving-image also with --pipeline); add --deploy or drop them"
     return 0
   fi
   [[ "${hp_tuning}" == false ]] || die "--deploy does not go with --hp-tuning: train the best trial's flags in a plain job with --deploy"
@@ -372,9 +429,16 @@ resolve_project() {
 check_credentials() {
   local token=(gcloud auth application-default print-access-token)
   echo_command "${token[@]}"
-  [[ "${dry_run}" == false ]] || return 0
+  if [[ "${dry_run}" == true ]]; then
+    echo_command python scripts/preflight.py --credentials
+    return 0
+  fi
   "${token[@]}" >/dev/null 2>&1 \
     || fail "no Application Default Credentials: run gcloud auth application-default login (or set GOOGLE_APPLICATION_CREDENTIALS to a key file), then run again"
+  # A token is not enough: TensorFlow's GCS client reads user and key-file
+  # credentials only, not impersonation or workload identity federation.
+  echo_command python scripts/preflight.py --credentials
+  python scripts/preflight.py --credentials || exit 1
 }
 
 # Renders the job config into ${job_config} and prints it.
@@ -383,8 +447,10 @@ render_job_config() {
   [[ "${hp_tuning}" == false ]] || base_output_dir="${work_dir}/hptuning/${job_name}"
   render=(python scripts/render_job_config.py --out "${job_config}" --image-uri "${image}"
           --machine-type "${machine_type}" --work-dir "${work_dir}"
-          --base-output-dir "${base_output_dir}" --workers "${workers}")
+          --base-output-dir "${base_output_dir}" --workers "${workers}"
+          --timeout "$((timeout_hours * 3600))")
   [[ -z "${gpu}" ]] || render+=(--gpu "${gpu}")
+  [[ "${spot}" == false ]] || render+=(--spot)
   if [[ -n "${tensorboard}" ]]; then
     # A bare ID is an instance in this project and region.
     [[ "${tensorboard}" == projects/* ]] || tensorboard="projects/${project}/locations/${region}/tensorboards/${tensorboard}"
@@ -423,6 +489,10 @@ set_dataflow_flags() {
   [[ -z "${dataflow_network}" ]] || beam_flags+=(--network "${dataflow_network}")
   [[ -z "${dataflow_subnetwork}" ]] || beam_flags+=(--subnetwork "${dataflow_subnetwork}")
   [[ "${dataflow_public_ips}" == true ]] || beam_flags+=(--no_use_public_ips)
+  # The run label changes every run; the pipeline leaves it out of its steps
+  # (it would change their cache keys) and puts it on the pipeline run.
+  beam_flags+=(--labels "app=${APP_LABEL}" --labels "dataset=${dataset}")
+  [[ -z "$1" ]] || beam_flags+=(--labels "run=${run_label}")
   beam_flags+=(${dataflow_flags[@]+"${dataflow_flags[@]}"})
 }
 
@@ -437,7 +507,7 @@ run_batch_recommend() {
   local beam_flags=() flags=(--work-dir "${work_dir}" --export-dir "${work_dir}/model/model" -k "${top_k}")
   set_dataflow_flags "${dataflow_job}-recommend"
   [[ -z "${bigquery_table}" ]] || flags+=(--bigquery-table "${bigquery_table}")
-  run python -m trainer.batch_recommendations "${flags[@]}" "${overwrite[@]}" "${beam_flags[@]}"
+  run python -m trainer.serving.batch "${flags[@]}" "${overwrite[@]}" "${beam_flags[@]}"
 }
 
 # The pipeline: compiled here, then submitted to Vertex AI Pipelines; each step
@@ -451,6 +521,8 @@ run_pipeline() {
   [[ -z "${service_account}" ]] || flags+=(--service-account "${service_account}")
   [[ -z "${tensorboard}" ]] || flags+=(--tensorboard "${tensorboard}")
   [[ "${batch_recommend}" == false ]] || flags+=(--batch-recommend --top-k "${top_k}")
+  [[ -z "${bigquery_table}" ]] || flags+=(--bigquery-table "${bigquery_table}")
+  flags+=(--label "app=${APP_LABEL}" --label "dataset=${dataset}" --run-label "run=${run_label}")
   flags+=("${overwrite[@]}")
   run python scripts/pipeline.py "${flags[@]}" -- "${beam_flags[@]}"
 }
@@ -465,7 +537,7 @@ build_images() {
 # Creates the Vertex AI job; sets job_id (the numeric id of the resource name).
 submit_job() {
   local create=(gcloud ai "${job_kind}" create --project "${project}" --region "${region}"
-                --display-name "${job_name}" --config "${job_config}")
+                --display-name "${job_name}" --config "${job_config}" --labels "${labels}")
   [[ "${hp_tuning}" == false ]] || create+=(--max-trial-count "${max_trials}" --parallel-trial-count "${parallel_trials}")
   [[ -z "${service_account}" ]] || create+=(--service-account "${service_account}")
   create+=(--format 'value(name)')
@@ -551,10 +623,11 @@ resource_id() {
 # creating the endpoint when none has that display name.
 deploy_model() {
   local where=(--project "${project}" --region "${region}") model_id="" endpoint_id=""
-  # The serving image (trainer/serving.py) reads the port and routes Vertex passes.
+  # The serving image (trainer/serving/server.py) reads the port and routes Vertex passes.
   run gcloud ai models upload "${where[@]}" --display-name "${job_name}" \
     --artifact-uri "${work_dir}/model/model" --container-image-uri "${serving_image}" \
-    --container-ports 8080 --container-health-route /health --container-predict-route /predict
+    --container-ports 8080 --container-health-route /health --container-predict-route /predict \
+    --labels "${labels}"
   resource_id model_id MODEL_ID gcloud ai models list "${where[@]}" \
     --filter "display_name=${job_name}" --format 'value(name)'
   [[ -n "${model_id}" ]] || fail "the uploaded model ${job_name} is not in the Model Registry"
@@ -563,11 +636,97 @@ deploy_model() {
   if [[ -z "${endpoint_id}" ]]; then
     [[ "${dry_run}" == false ]] || echo "# only when no endpoint is named ${endpoint}:"
     resource_id endpoint_id ENDPOINT_ID gcloud ai endpoints create "${where[@]}" \
-      --display-name "${endpoint}" --format 'value(name)'
+      --display-name "${endpoint}" --labels "app=${APP_LABEL}" --format 'value(name)'
   fi
+  # deploy-model returns once Vertex has the container up and answering its
+  # health route; if it fails, set -e stops here and the earlier models serve on.
   run gcloud ai endpoints deploy-model "${endpoint_id}" "${where[@]}" --model "${model_id}" \
     --display-name "${job_name}" --machine-type "${serving_machine_type}" --traffic-split 0=100
+  undeploy_others "${endpoint_id}" "${job_name}"
   deployed_endpoint="${endpoint_id}"
+}
+
+# Prints "ID<TAB>DISPLAY_NAME" for each model deployed on endpoint $1.
+deployed_models() {
+  gcloud ai endpoints describe "$1" --project "${project}" --region "${region}" \
+    --flatten deployedModels --format 'value(deployedModels.id,deployedModels.displayName)'
+}
+
+# Undeploys every model on endpoint $1 except the one displayed as $2 (which now
+# takes all the traffic): Vertex bills each deployed model around the clock.
+undeploy_others() {
+  local endpoint_id="$1" keep="$2" listing id name found=false
+  echo_command gcloud ai endpoints describe "${endpoint_id}" --project "${project}" --region "${region}" \
+    --flatten deployedModels --format 'value(deployedModels.id,deployedModels.displayName)'
+  if [[ "${dry_run}" == true ]]; then
+    echo "# then, for each other model on the endpoint: gcloud ai endpoints undeploy-model ${endpoint_id} --deployed-model-id ID"
+    return 0
+  fi
+  listing="$(deployed_models "${endpoint_id}")" || fail "could not list the models on endpoint ${endpoint_id}; the earlier ones are still deployed (see docs/cloud.md, Tear down)"
+  while IFS=$'\t' read -r id name; do
+    [[ "${name}" != "${keep}" ]] || found=true
+  done <<< "${listing}"
+  [[ "${found}" == true ]] || fail "${keep} is not among the models deployed on endpoint ${endpoint_id}; the earlier ones were left deployed"
+  while IFS=$'\t' read -r id name; do
+    [[ -n "${id}" && "${name}" != "${keep}" ]] || continue
+    run gcloud ai endpoints undeploy-model "${endpoint_id}" --project "${project}" --region "${region}" \
+      --deployed-model-id "${id}"
+  done <<< "${listing}"
+}
+
+# --teardown: every endpoint (its models undeployed first), model and image the
+# runs left, found by their app label and the image repository.
+teardown() {
+  local where=(--project "${project}" --region "${region}") endpoint_id model package listing id name
+  local list_endpoints=(gcloud ai endpoints list "${where[@]}" --filter "labels.app=${APP_LABEL}" --format 'value(name)')
+  local list_models=(gcloud ai models list "${where[@]}" --filter "labels.app=${APP_LABEL}" --format 'value(name)')
+  local list_packages=(gcloud artifacts packages list --project "${project}" --location "${region}"
+                       --repository "${IMAGE_REPOSITORY}" --format 'value(name)')
+  if [[ "${dry_run}" == true ]]; then
+    echo_command "${list_endpoints[@]}"
+    echo "# for each endpoint E: gcloud ai endpoints undeploy-model E --deployed-model-id ID (each model), then:"
+    echo_command gcloud ai endpoints delete E "${where[@]}" --quiet
+    echo_command "${list_models[@]}"
+    echo_command gcloud ai models delete MODEL "${where[@]}" --quiet
+    echo_command "${list_packages[@]}"
+    echo_command gcloud artifacts packages delete PACKAGE --project "${project}" --location "${region}" --repository "${IMAGE_REPOSITORY}" --quiet
+    return 0
+  fi
+  echo_command "${list_endpoints[@]}"
+  for endpoint_id in $("${list_endpoints[@]}"); do
+    endpoint_id="${endpoint_id##*/}"
+    echo_command gcloud ai endpoints describe "${endpoint_id}" "${where[@]}" --flatten deployedModels \
+      --format 'value(deployedModels.id,deployedModels.displayName)'
+    listing="$(deployed_models "${endpoint_id}")"
+    while IFS=$'\t' read -r id name; do
+      [[ -z "${id}" ]] || run gcloud ai endpoints undeploy-model "${endpoint_id}" "${where[@]}" --deployed-model-id "${id}"
+    done <<< "${listing}"
+    run gcloud ai endpoints delete "${endpoint_id}" "${where[@]}" --quiet
+  done
+  echo_command "${list_models[@]}"
+  for model in $("${list_models[@]}"); do
+    run gcloud ai models delete "${model##*/}" "${where[@]}" --quiet
+  done
+  echo_command "${list_packages[@]}"
+  for package in $("${list_packages[@]}"); do
+    run gcloud artifacts packages delete "${package##*/}" --project "${project}" --location "${region}" \
+      --repository "${IMAGE_REPOSITORY}" --quiet
+  done
+  echo "run-cloud.sh: torn down the endpoints, models and images labelled app=${APP_LABEL} in ${project}/${region}; the bucket, the repository and the service account stay (docs/cloud.md, Tear down)"
+}
+
+# The roles, APIs and BigQuery dataset the run needs, checked before anything
+# is paid for (scripts/preflight.py); it stops in one line naming the fix.
+run_preflight() {
+  local flags=(--project "${project}" --region "${region}")
+  [[ "${pipeline}" == false ]] || flags+=(--pipeline)
+  [[ -z "${service_account}" ]] || flags+=(--service-account "${service_account}")
+  [[ "${build_image}" == false ]] || flags+=(--build)
+  [[ -z "${tensorboard}" ]] || flags+=(--tensorboard)
+  [[ -z "${bigquery_table}" ]] || flags+=(--bigquery-table "${bigquery_table}")
+  echo_command python scripts/preflight.py "${flags[@]}"
+  [[ "${dry_run}" == false ]] || return 0
+  python scripts/preflight.py "${flags[@]}" || exit 1
 }
 
 on_interrupt() {
@@ -592,12 +751,19 @@ else
 fi
 resolve_project
 
+if [[ "${teardown}" == true ]]; then
+  teardown
+  exit 0
+fi
+
 # shellcheck source=scripts/venv.sh
 source scripts/venv.sh
 ensure_venv
 
 job_name="${JOB_PREFIX}_$(date -u +%Y%m%d_%H%M%S)"
 dataflow_job="${job_name//_/-}"  # Dataflow job names: lowercase letters, digits, dashes
+run_label="${job_name}"  # label values: lowercase letters, digits, _ and -
+labels="app=${APP_LABEL},dataset=${dataset},run=${run_label}"
 build_image=false
 if [[ -z "${image}" ]]; then
   # Built from this checkout by Cloud Build, tagged with the job name.
@@ -623,6 +789,7 @@ trap on_interrupt INT TERM
 # The config is rendered first: a bad trainer flag stops the run before any step.
 render_job_config
 check_credentials
+[[ "${skip_preflight}" == true ]] || run_preflight
 if [[ "${pipeline}" == true ]]; then
   [[ "${build_image}" == false ]] || build_images
   run_pipeline

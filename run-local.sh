@@ -8,6 +8,7 @@
 # Sets up .venv (Python 3.11, pinned packages) on first use; pip's log goes to
 # .venv/install.log.  Every output lands in the work dir, charts in WORK_DIR/fig/.
 set -euo pipefail
+command_line="./run-local.sh $*"
 caller_dir="$(pwd)"
 cd "$(dirname "$0")"
 
@@ -93,13 +94,46 @@ done
 source scripts/venv.sh
 ensure_venv
 
+# One lock on the work dir for the whole chain (trainer/worklock.py): a second run
+# is refused before its first step, not between two steps of the first; the steps
+# see the token and run under it.  Released on exit, whatever the exit.
+lock_token="$(python -m trainer.worklock acquire --dir "${work_dir}" --pid $$ \
+  --command "${command_line}" --name run-local.sh)" || exit 2
+export WORK_DIR_LOCK_TOKEN="${lock_token}"
+release_lock() {
+  python -m trainer.worklock release --dir "${work_dir}" --token "${lock_token}" || true
+}
+trap release_lock EXIT
+
+# SIGTERM or Ctrl-C: the running step gets SIGTERM (the trainer checkpoints and
+# exits 0, the data steps remove what they half wrote), then the chain stops.
+step_pid=""
+stopping=false
+stop_step() {
+  stopping=true
+  [[ -z "${step_pid}" ]] || kill -TERM "${step_pid}" 2>/dev/null || true
+}
+trap stop_step TERM INT
+
 timings=()
 run_step() {
-  local name="$1" started
+  local name="$1" started status=0
   shift
   printf '+'; printf ' %q' "$@"; printf '\n'
   started="${EPOCHREALTIME/./}"
-  "$@"
+  "$@" &
+  step_pid=$!
+  wait "${step_pid}" || status=$?
+  while kill -0 "${step_pid}" 2>/dev/null; do  # a signal interrupted the wait
+    status=0
+    wait "${step_pid}" || status=$?
+  done
+  step_pid=""
+  if [[ "${stopping}" == true ]]; then
+    echo "run-local.sh: stopped during ${name}; run the same command to resume" >&2
+    exit 143
+  fi
+  [[ "${status}" -eq 0 ]] || exit "${status}"
   timings+=("--step-seconds=${name}=$(( (${EPOCHREALTIME/./} - started) / 1000 ))ms")
 }
 

@@ -20,10 +20,10 @@ setuptools.setup(
     name='movielens-mf-trainer',
     version='0.1.0',
     description='Biased matrix factorisation on MovieLens: Beam/TFT preprocessing and TF training.',
-    packages=['trainer'],
-    # The C++ ops' sources (trainer.fused.SOURCES): trainer/fused.py builds them
-    # where it trains.
-    package_data={'trainer': ['*.cc', '*.h']},
+    packages=setuptools.find_packages(include=['trainer', 'trainer.*']),
+    # The C++ ops' sources (trainer.ops.kernels.SOURCES): trainer/ops/kernels.py
+    # builds them where it trains.
+    package_data={'trainer.ops': ['*.cc', '*.h']},
     python_requires='>=3.11,<3.12',
     install_requires=read_requirements(),
 )

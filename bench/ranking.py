@@ -4,7 +4,7 @@ Owns the ranking benchmark.  It reads a work dir the pipeline and the trainer
 already wrote (`./run-local.sh --work-dir W`, or any run of
 `python -m trainer.task`), loads the exact train/eval split and the
 trainer's validation slice (`trainer.data`: the same seeded carve of train),
-and scores every ranker with the trainer's protocol (`trainer.ranking`):
+and scores every ranker with the trainer's protocol (`trainer.topn.ranking`):
 candidates are the movies a user did not rate in train, relevant are the
 user's eval movies rated >= 4, k = 10, over every eval user (or the seeded
 sample the trainer used past `--ranking-users`).
@@ -57,8 +57,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tensorflow as tf  # noqa: E402
 import tensorflow_transform as tft  # noqa: E402
 
-from trainer import data, features, ranking, synthetic, topn  # noqa: E402
-from trainer import ease as ease_lib  # noqa: E402
+from trainer import data, features  # noqa: E402
+from trainer.pipeline import synthetic  # noqa: E402
+from trainer.topn import ease as ease_lib  # noqa: E402
+from trainer.topn import ranking, train as topn_train  # noqa: E402
 
 logger = logging.getLogger('bench.ranking')
 
@@ -96,7 +98,7 @@ class Problem:
                                  shape=(self.num_users, self.num_items))
 
     def ndcg_etc(self, scorer: Scorer, max_users: int, seed: int) -> dict[str, float]:
-        seen = topn.pairs_catalog(
+        seen = topn_train.pairs_catalog(
             data.Ratings(tf.constant(self.users), tf.constant(self.items),
                          tf.constant(self.ratings)), self.num_users, self.num_items)
         record = ranking.evaluate_lists(

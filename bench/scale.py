@@ -1,7 +1,7 @@
 """Measures the workflow's cost at several data sizes: one table, also as JSON.
 
 Owns the benchmark only: it generates MovieLens-25M-shaped ratings with
-trainer/synthetic.py (or takes zips given with --data-sources), then runs each
+trainer/pipeline/synthetic.py (or takes zips given with --data-sources), then runs each
 step as a subprocess exactly as a user would::
 
     python data-extractor.py --work-dir W --dataset ml-25m --data-sources ZIP
@@ -192,7 +192,7 @@ def generate_command(path: str, num_ratings: int, seed: int) -> list[str]:
     users, movies = synthetic_shape(num_ratings)
     settings = {'num_users': users, 'num_movies': movies, 'num_ratings': num_ratings,
                 'seed': seed, 'layout': DATASET}
-    code = ('import json, sys; from trainer import synthetic; '
+    code = ('import json, sys; from trainer.pipeline import synthetic; '
             'synthetic.write_archive(sys.argv[1], synthetic.SyntheticConfig('
             '**json.loads(sys.argv[2])))')
     return [sys.executable, '-c', code, path, json.dumps(settings)]

@@ -1,8 +1,8 @@
 """Grid search of the trainer's defaults on generated MovieLens-like ratings.
 
-Generates one data set (`trainer.synthetic`, the calibrated `movielens`
+Generates one data set (`trainer.pipeline.synthetic`, the calibrated `movielens`
 model by default), splits it 80/20 by a seeded draw, writes the split as
-transformed TFRecords and trains every grid point with `trainer.train`,
+transformed TFRecords and trains every grid point with `trainer.rating.train`,
 printing one table row per point: eval RMSE, its ratio to the planted noise
 floor, epochs and seconds.  Grid axes are comma lists; every combination
 runs, so keep them short (each 100k point takes seconds, each 1M point
@@ -31,7 +31,9 @@ import tensorflow as tf
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from trainer import config as config_lib  # noqa: E402
-from trainer import features, synthetic, train  # noqa: E402
+from trainer import features  # noqa: E402
+from trainer.pipeline import synthetic  # noqa: E402
+from trainer.rating import train  # noqa: E402
 
 # Grid axes: flag, TrainConfig field, type.
 _AXES = (('--num-factors', 'num_factors', int), ('--init-stddev', 'init_stddev', float),

@@ -1,6 +1,6 @@
 """Calibration check: do models rank on generated data as on real MovieLens 100k?
 
-Generates one data set (`trainer.synthetic`, `--set field=value` overrides
+Generates one data set (`trainer.pipeline.synthetic`, `--set field=value` overrides
 any `SyntheticConfig` field), splits it 80/20 by a seeded draw and fits, on
 the same split: Surprise's BaselineOnly, SVD with its defaults, SVD as tuned
 on real ml-100k (100 factors, 80 epochs, lr 0.005, reg 0.1), a plain
@@ -33,7 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import tune_defaults  # noqa: E402
 from trainer import config as config_lib  # noqa: E402
-from trainer import synthetic, train  # noqa: E402
+from trainer.pipeline import synthetic  # noqa: E402
+from trainer.rating import train  # noqa: E402
 
 # Real ml-100k: each model's RMSE over the one it is compared with.
 # BaselineOnly / global mean and SVD defaults / BaselineOnly from Surprise's

@@ -3,12 +3,13 @@
 Owns: turning run-cloud.sh's flags into the YAML that `gcloud ai custom-jobs
 create --config` or `gcloud ai hp-tuning-jobs create --config` reads.  The job's
 shape lives in the templates; this module only substitutes values and adds the
-parts that depend on flags (trainer flags, the worker pool, the accelerator).
+parts that depend on flags (trainer flags, the worker pool, the accelerator,
+the time limit and Spot VMs).
 
     python scripts/render_job_config.py --out JOB.yaml --image-uri URI
         --machine-type n1-standard-4 --work-dir gs://B/P --base-output-dir gs://B/P/model
-        [--workers N] [--gpu TYPE:COUNT] [--tensorboard RESOURCE] [--overwrite] [--hp-tuning]
-        [-- TRAINER_FLAGS...]
+        [--workers N] [--gpu TYPE:COUNT] [--tensorboard RESOURCE] [--timeout SECONDS]
+        [--spot] [--overwrite] [--hp-tuning] [-- TRAINER_FLAGS...]
 
 A placeholder is a whole YAML value spelled ${NAME} (capitals); it is replaced
 in the parsed document, never in the text, so no value can change the YAML's
@@ -196,6 +197,25 @@ def render_custom_job(template: Mapping[str, Any], *, image_uri: str,
     return spec
 
 
+def scheduling(timeout_seconds: int | None, spot: bool) -> dict[str, Any]:
+    """The job's `scheduling` (aiplatform_v1.Scheduling, camelCase as gcloud reads it).
+
+    Args:
+      timeout_seconds: the job is cancelled after this long (Vertex's default
+        is 7 days); None leaves the default.
+      spot: run on Spot VMs (strategy SPOT).  A preempted VM is a restarted
+        worker, so the job restarts with it (restartJobOnWorkerRestart) and the
+        trainer resumes from its checkpoints in AIP_CHECKPOINT_DIR.
+    """
+    result: dict[str, Any] = {}
+    if timeout_seconds is not None:
+        result['timeout'] = f'{timeout_seconds}s'
+    if spot:
+        result['strategy'] = 'SPOT'
+        result['restartJobOnWorkerRestart'] = True
+    return result
+
+
 def render_tuning_job(template: Mapping[str, Any],
                       trial_job_spec: Mapping[str, Any]) -> dict[str, Any]:
     """Fills hptuning.yaml with the trial's CustomJobSpec."""
@@ -229,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     add('--gpu', metavar='TYPE:COUNT', help='accelerator per replica')
     add('--tensorboard', metavar='RESOURCE',
         help='Vertex AI TensorBoard: projects/P/locations/R/tensorboards/ID')
+    add('--timeout', type=int, metavar='SECONDS',
+        help='scheduling.timeout: the job is cancelled after this long')
+    add('--spot', action='store_true',
+        help='scheduling.strategy SPOT, the job restarted after a preemption')
     add('--overwrite', action='store_true',
         help='pass --overwrite to the trainer (run-cloud.sh --overwrite)')
     add('--hp-tuning', action='store_true',
@@ -248,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer_flags = argv[split + 1:]
     if args.workers < 0:
         parser.error(f'argument --workers: {args.workers} is negative; pass 0 or more')
+    if args.timeout is not None and args.timeout <= 0:
+        parser.error(f'argument --timeout: {args.timeout} is not a positive number of seconds')
     try:
         accelerator = parse_accelerator(args.gpu) if args.gpu else None
         tuning_template = read_yaml(args.tuning_template) if args.hp_tuning else None
@@ -272,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             base_output_dir=args.base_output_dir, workers=args.workers,
             accelerator=accelerator, tensorboard=args.tensorboard,
             trainer_flags=['--overwrite', *trainer_flags] if args.overwrite else trainer_flags)
+        if args.timeout is not None or args.spot:
+            job['scheduling'] = scheduling(args.timeout, args.spot)
         if tuning_template is not None:
             job = render_tuning_job(tuning_template, job)
     except (ValueError, OSError, yaml.YAMLError) as error:

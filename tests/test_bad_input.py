@@ -29,7 +29,8 @@ from apache_beam.testing.util import assert_that, equal_to
 
 import preprocess
 from conftest import load_script
-from trainer import deduplication, features, hash_split, rating_parser, rating_reader
+from trainer import features
+from trainer.pipeline import deduplication, hash_split, rating_parser, rating_reader
 
 extractor = load_script('data-extractor.py')
 

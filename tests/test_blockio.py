@@ -1,4 +1,4 @@
-"""Tests of trainer/blockio.py: block reads agree with ReadFromText, block writes with TensorFlow."""
+"""Tests of trainer/pipeline/blockio.py: block reads agree with ReadFromText, block writes with TensorFlow."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from trainer import blockio
+from trainer.pipeline import blockio
 
 RUNNER = 'FnApiRunner'
 

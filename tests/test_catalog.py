@@ -1,4 +1,4 @@
-"""Tests of trainer/catalog.py: titles in every layout, and the ragged train items."""
+"""Tests of trainer/topn/catalog.py: titles in every layout, and the ragged train items."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from trainer import catalog, features
+from trainer import features
+from trainer.topn import catalog
 
 AMELIE = "Amélie (Fabuleux destin d'Amélie Poulain, Le) (2001)"
 TITLE_FILES = {

@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from trainer import config, features, optimizers
+from trainer import config, features
+from trainer.rating import optimizers
 
 
 def test_defaults_put_everything_under_the_work_dir():
@@ -85,10 +86,10 @@ def test_bad_values_get_one_line_naming_flag_value_and_range(flag, value, capsys
     with pytest.raises(SystemExit) as exit_info:
         config.parse_args(['--work-dir', 'w', flag, value], environ={})
     assert exit_info.value.code == 2
-    errors = [line for line in capsys.readouterr().err.splitlines()
-              if 'error:' in line]
-    assert len(errors) == 1
+    errors = capsys.readouterr().err.splitlines()  # the whole of stderr: no usage block
+    assert len(errors) == 1 and 'error:' in errors[0] and '(see --help)' in errors[0]
     assert flag in errors[0] and repr(value) in errors[0]
+    assert 'is not a int' not in errors[0]
     if flag not in ('--optimizer', '--topn-search', '--topn-model'):
         assert 'in [' in errors[0] or 'in (' in errors[0]
         assert f'pass e.g. {flag} ' in errors[0]
@@ -143,7 +144,7 @@ def test_implicit_feedback_flags_that_cannot_run_are_refused(argv, message, caps
     with pytest.raises(SystemExit) as exit_info:
         config.parse_args(['--work-dir', 'w', *argv], environ={})
     assert exit_info.value.code == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if 'error:' in line]
+    errors = capsys.readouterr().err.splitlines()
     assert len(errors) == 1 and message in errors[0]
 
 
@@ -196,3 +197,23 @@ def test_a_worker_writes_to_scratch_and_resumes_from_the_chief():
         checkpoint_dir='/tmp/scratch/model/checkpoints',
         export_dir='/tmp/scratch/model/export', tensorboard_dir=None,
         hypertune_file=None, resume_checkpoint_dir='gs://b/ckpt')
+
+
+def test_the_optimizer_choices_are_the_optimizers():
+    """config owns the choice list (so --help needs no TensorFlow); it names the optimisers."""
+    assert set(config.OPTIMIZER_NAMES) == set(optimizers.OPTIMIZERS)
+
+
+def test_help_shows_every_flag_with_a_line_and_its_default():
+    """Every flag says what it does; a flag with a default says the default."""
+    parser = config.build_parser()
+    text = parser.format_help()
+    for group in ('the rating model', "the rating model's posterior mean", 'the top-N model'):
+        assert f'\n{group}' in text
+    for action in parser._actions:  # pylint: disable=protected-access
+        if not action.option_strings or action.dest == 'help':
+            continue
+        assert action.help, f'{action.option_strings[0]} has no help text'
+        shown = parser._get_formatter()._get_help_string(action)  # pylint: disable=protected-access
+        if action.default not in (None, False):
+            assert 'default' in shown, f'{action.option_strings[0]} hides its default'

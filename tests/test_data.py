@@ -162,9 +162,9 @@ def _unpacked_example(user: int, item: int, rating: float) -> bytes:
 
 
 def test_the_shard_reader_matches_tf_data_and_reads_unpacked_lists(pattern, monkeypatch):
-    ops = data.fused.load()
+    ops = data.kernels.load()
     with_op = data.load_ratings(pattern)
-    monkeypatch.setattr(data.fused, 'load', _unavailable)
+    monkeypatch.setattr(data.kernels, 'load', _unavailable)
     with_tf_data = data.load_ratings(pattern)
     assert _triples(with_op) == _triples(with_tf_data) == ROWS
     parsed = tf.io.parse_single_example(_unpacked_example(3, 2, 4.5), data.MODEL_FEATURE_SPEC)
@@ -179,7 +179,7 @@ def test_the_shard_reader_matches_tf_data_and_reads_unpacked_lists(pattern, monk
 
 
 def _unavailable():
-    raise data.fused.KernelUnavailable('no C++ compiler')
+    raise data.kernels.KernelUnavailable('no C++ compiler')
 
 
 @pytest.mark.parametrize('record, problem', [
@@ -203,4 +203,4 @@ def test_the_shard_reader_names_a_bad_record(work_dir, record, problem):
         writer.write(_example(0, 0, 1.0))
         writer.write(record)
     with pytest.raises(tf.errors.InvalidArgumentError, match=f'{path}: record 1 '):
-        data.fused.load().read_rating_shard(path)
+        data.kernels.load().read_rating_shard(path)

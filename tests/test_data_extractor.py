@@ -20,7 +20,7 @@ import pytest
 
 from conftest import REPO, load_script
 from trainer import features
-from trainer import synthetic
+from trainer.pipeline import synthetic
 
 extractor = load_script('data-extractor.py')
 

@@ -28,7 +28,8 @@ from tensorflow.core.util import event_pb2
 
 import preprocess
 from conftest import REPO, load_script, served_rmse
-from trainer import config, distribute, export, features, history, task
+from trainer import config, distribute, features, history, task
+from trainer.serving import export
 
 # 4,040 train ratings: 15 batches of 257 and a last one of 185, which the two
 # workers split 93/92, so the uneven last batch is exercised too.

@@ -1,4 +1,4 @@
-"""Tests of EASE (trainer/ease.py): the closed form, the Gram matrix, the stored neighbours.
+"""Tests of EASE (trainer/topn/ease.py): the closed form, the Gram matrix, the stored neighbours.
 
 Planted answers: each column of B is the ridge regression of that movie's
 column on the others (solved directly here, one movie at a time); on data
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import catalog as catalog_lib
-from trainer import ease
+from trainer.topn import catalog as catalog_lib
+from trainer.topn import ease
 
 
 def _ratings(seed: int, users: int, movies: int, density: float):

@@ -67,7 +67,19 @@ def test_export_serves_raw_ids_without_the_transform_dir(local_run, tmp_path):
     # Raw ids in, the evaluated model's ratings out: its eval RMSE, rating by rating.
     served_rmse = np.sqrt(np.mean((rating[:-1] - truth) ** 2))
     assert served_rmse == pytest.approx(metrics['eval_rmse'], rel=1e-4)
-    assert 1 <= rating[-1] <= 5  # an unknown user still gets a rating
+    # An unknown user gets the mean plus the movie's bias: its row is the
+    # out-of-vocabulary one, which stays at zero.
+    reader = tf.train.load_checkpoint(str(export / 'variables' / 'variables'))
+    def table(name: str) -> np.ndarray:
+        return reader.get_tensor(f'model/{name}/.ATTRIBUTES/VARIABLE_VALUE')
+    info = features.read_dataset_info(str(work_dir))  # moved back by now
+    first = next(iter(tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(info.eval_pattern)),
+                                              compression_type='GZIP')))
+    example = tf.io.parse_single_example(first, features.TRANSFORMED_FEATURE_SPEC)
+    assert example[features.MOVIE_ID].numpy() == movies[0]  # eval_examples' first example
+    movie_bias = table('item_embedding')[int(example[features.ITEM].numpy()), -1]
+    assert rating[-1] == pytest.approx(
+        np.clip(table('global_mean') + movie_bias, info.rating_min, info.rating_max), abs=1e-4)
 
 
 def test_chart_is_a_png_and_the_summary_ends_with_next_commands(local_run):
@@ -77,7 +89,7 @@ def test_chart_is_a_png_and_the_summary_ends_with_next_commands(local_run):
     next_command, chart_line = stdout.strip().splitlines()[-2:]
     assert chart_line == f'== chart: {chart}'
     user_id = next_command.rsplit(' --user ', 1)[1]
-    assert next_command.startswith('== next: python recommend.py --model-dir ')
+    assert next_command.startswith('== next: .venv/bin/python recommend.py --model-dir ')
     staged_users = {line.split('\t')[0] for line in
                     (work_dir / 'raw' / 'u.data').read_text().splitlines()}
     assert user_id in staged_users

@@ -1,12 +1,13 @@
-"""Tests of trainer/eval_predictions.py: counts of clipped predictions per true rating."""
+"""Tests of trainer/rating/eval_predictions.py: counts of clipped predictions per true rating."""
 
 from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
 
-from trainer import data, eval_predictions, features
-from trainer.model import MatrixFactorization
+from trainer import data, features
+from trainer.rating import eval_predictions
+from trainer.rating.model import MatrixFactorization
 
 
 def test_counts_put_each_clipped_prediction_in_its_bin():

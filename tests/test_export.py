@@ -1,4 +1,4 @@
-"""Tests of trainer/export.py: a SavedModel that serves raw ids on its own."""
+"""Tests of trainer/serving/export.py: a SavedModel that serves raw ids on its own."""
 
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ import tensorflow_transform.beam as tft_beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 
-from trainer import catalog, examples, export, features
-from trainer.model import MatrixFactorization
+from trainer import features
+from trainer.pipeline import examples
+from trainer.rating.model import MatrixFactorization
+from trainer.serving import export
+from trainer.topn import catalog
 
 RAW_ROWS = [(user, movie, rating) for user, movie, rating in [
     ('u1', 'm1', 5.0), ('u1', 'm2', 3.0), ('u1', 'm3', 4.0), ('u2', 'm1', 4.0),

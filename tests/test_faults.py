@@ -29,7 +29,8 @@ import tensorflow as tf
 
 import preprocess
 from conftest import REPO, load_script
-from trainer import data, export, features, task
+from trainer import data, features, task
+from trainer.serving import export
 
 extractor = load_script('data-extractor.py')
 
@@ -129,7 +130,7 @@ def test_a_killed_trainer_resumes_and_ends_like_an_uninterrupted_run(preprocesse
     [resumed_from] = [int(number) for number in re.findall(
         r'Resuming from \S*/checkpoints/ckpt-(\d+)$', second, re.MULTILINE)]
     assert logged - 1 <= resumed_from <= logged
-    assert [int(number) for number in re.findall(r'trainer\.train: Epoch (\d+)/', second)] \
+    assert [int(number) for number in re.findall(r'trainer\.rating\.train: Epoch (\d+)/', second)] \
         == list(range(resumed_from + 1, len(_loss_log(baseline_dir)) + 1))
 
     # 3. Run again: nothing left to train, exports, and matches the baseline.

@@ -3,6 +3,7 @@ and the light scripts start without importing TensorFlow."""
 
 from __future__ import annotations
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -81,3 +82,26 @@ def test_plot_and_summary_of_a_finished_run_do_not_import_tensorflow(tmp_path):
             'assert "tensorflow" not in sys.modules, "tensorflow was imported"\n')
     subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True, capture_output=True)
     assert (tmp_path / 'fig' / 'loss.png').stat().st_size > 0
+
+
+@pytest.mark.parametrize('content, usable', [
+    ({'type': 'authorized_user', 'refresh_token': 'r'}, True),
+    ({'type': 'service_account', 'private_key': 'k'}, True),
+    ({'type': 'impersonated_service_account', 'source_credentials': {}}, False),
+    ({'type': 'external_account', 'audience': 'a'}, False),
+])
+def test_credentials_tensorflow_can_use_are_told_apart(tmp_path, content: dict, usable: bool):
+    key = tmp_path / 'adc.json'
+    key.write_text(json.dumps(content))
+    problem = fileio.gcs_credentials_problem({'GOOGLE_APPLICATION_CREDENTIALS': str(key)})
+    assert (problem is None) == usable
+    if not usable:
+        assert content['type'] in problem and len(problem.splitlines()) == 1
+
+
+def test_without_a_credentials_file_the_metadata_server_is_left_to_tensorflow(tmp_path):
+    assert fileio.gcs_credentials_problem({'HOME': str(tmp_path)}) is None
+    config = tmp_path / 'config'
+    config.mkdir()
+    (config / 'application_default_credentials.json').write_text('{"type": "external_account"}')
+    assert 'external_account' in fileio.gcs_credentials_problem({'CLOUDSDK_CONFIG': str(config)})

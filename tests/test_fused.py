@@ -17,10 +17,11 @@ import pytest
 import tensorflow as tf
 
 from trainer import config as config_lib
-from trainer import fused
-from trainer import model as model_lib
-from trainer import optimizers
-from trainer import train as train_lib
+from trainer.ops import kernels
+from trainer.rating import fused
+from trainer.rating import model as model_lib
+from trainer.rating import optimizers
+from trainer.rating import train as train_lib
 
 USERS, ITEMS, FACTORS, BATCH = 40, 25, 4, 64
 
@@ -106,22 +107,22 @@ def test_fused_epoch_rejects_out_of_range_indices():
 
 def test_build_without_a_compiler_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
-    monkeypatch.setenv(fused.ENV_CACHE, str(tmp_path / 'cache'))
-    with pytest.raises(fused.KernelUnavailable, match='no C[+][+] compiler .* install g[+][+]'):
-        fused.build()
+    monkeypatch.setenv(kernels.ENV_CACHE, str(tmp_path / 'cache'))
+    with pytest.raises(kernels.KernelUnavailable, match='no C[+][+] compiler .* install g[+][+]'):
+        kernels.build()
 
 
 def test_a_missing_source_is_a_reason_not_a_crash(monkeypatch, tmp_path):
-    monkeypatch.setattr(fused, 'SOURCES', (*fused.SOURCES, tmp_path / 'gone.cc'))
-    monkeypatch.setenv(fused.ENV_CACHE, str(tmp_path / 'cache'))
-    with pytest.raises(fused.KernelUnavailable, match='cannot read the op source .*gone.cc'):
-        fused.build()
+    monkeypatch.setattr(kernels, 'SOURCES', (*kernels.SOURCES, tmp_path / 'gone.cc'))
+    monkeypatch.setenv(kernels.ENV_CACHE, str(tmp_path / 'cache'))
+    with pytest.raises(kernels.KernelUnavailable, match='cannot read the op source .*gone.cc'):
+        kernels.build()
 
 
 def test_the_package_ships_every_op_source(tmp_path):
     """A wheel built from setup.py (what the image and Dataflow workers install)
     holds every source `build` compiles."""
-    root = pathlib.Path(fused.__file__).resolve().parent.parent
+    root = pathlib.Path(kernels.__file__).resolve().parents[2]
     for name in ('setup.py', 'requirements.txt'):
         shutil.copy(root / name, tmp_path / name)
     shutil.copytree(root / 'trainer', tmp_path / 'trainer',
@@ -132,37 +133,37 @@ def test_the_package_ships_every_op_source(tmp_path):
     wheel, = (tmp_path / 'dist').glob('*.whl')
     with zipfile.ZipFile(wheel) as archive:
         shipped = set(archive.namelist())
-    assert {f'trainer/{source.name}' for source in fused.SOURCES} <= shipped
+    assert {f'trainer/ops/{source.name}' for source in kernels.SOURCES} <= shipped
 
 
 def test_a_failed_build_names_the_error_and_leaves_no_library(monkeypatch, tmp_path):
     source = tmp_path / 'fused_epoch.cc'
     source.write_text('this is not C++;\n')
-    monkeypatch.setattr(fused, 'SOURCES', (source,))
-    monkeypatch.setenv(fused.ENV_CACHE, str(tmp_path / 'cache'))
-    with pytest.raises(fused.KernelUnavailable, match='building fused_epoch.cc failed: .*error'):
-        fused.build()
+    monkeypatch.setattr(kernels, 'SOURCES', (source,))
+    monkeypatch.setenv(kernels.ENV_CACHE, str(tmp_path / 'cache'))
+    with pytest.raises(kernels.KernelUnavailable, match='building fused_epoch.cc failed: .*error'):
+        kernels.build()
     assert not list((tmp_path / 'cache').rglob('*.so'))
 
 
 def test_a_failed_link_names_it_and_leaves_nothing_behind(monkeypatch, tmp_path):
-    real_link = fused._link_command
-    monkeypatch.setattr(fused, '_link_command', lambda compiler, objects, output: real_link(
+    real_link = kernels._link_command
+    monkeypatch.setattr(kernels, '_link_command', lambda compiler, objects, output: real_link(
         compiler, [*objects, tmp_path / 'missing.o'], output))
-    monkeypatch.setenv(fused.ENV_CACHE, str(tmp_path / 'cache'))
-    with pytest.raises(fused.KernelUnavailable, match='linking fused_epoch.cc, .* failed: .*missing'):
-        fused.build()
+    monkeypatch.setenv(kernels.ENV_CACHE, str(tmp_path / 'cache'))
+    with pytest.raises(kernels.KernelUnavailable, match='linking fused_epoch.cc, .* failed: .*missing'):
+        kernels.build()
     assert not [path for path in (tmp_path / 'cache').rglob('*') if path.is_file()]
 
 
 def test_the_library_is_cached_by_source(monkeypatch, tmp_path):
-    built = fused.build()
-    assert fused.build() == built  # cached: the same file, not rebuilt
+    built = kernels.build()
+    assert kernels.build() == built  # cached: the same file, not rebuilt
     assert built.stat().st_size > 0
     copy = tmp_path / 'fused_epoch.cc'
-    copy.write_text(fused.SOURCES[0].read_text() + '\n// changed\n')
-    monkeypatch.setattr(fused, 'SOURCES', (copy, *fused.SOURCES[1:]))
-    assert fused.library_path('g++').parent != built.parent
+    copy.write_text(kernels.SOURCES[0].read_text() + '\n// changed\n')
+    monkeypatch.setattr(kernels, 'SOURCES', (copy, *kernels.SOURCES[1:]))
+    assert kernels.library_path('g++').parent != built.parent
 
 
 class _TwoReplicas:
@@ -191,22 +192,22 @@ def test_auto_falls_back_to_tensorflow_ops_and_says_why(strategy, optimizer_name
     built = []
     monkeypatch.setattr(train_lib, 'make_train_epoch',
                         lambda *args, **kwargs: built.append(args) or 'tf')
-    with caplog.at_level(logging.WARNING, logger='trainer.train'):
+    with caplog.at_level(logging.WARNING, logger='trainer.rating.train'):
         assert _choose('auto', strategy, optimizer_name, implicit) == 'tf'
     assert built and reason in caplog.text
-    with pytest.raises(fused.KernelUnavailable, match=f'{reason}.*--training-kernel auto'):
+    with pytest.raises(kernels.KernelUnavailable, match=f'{reason}.*--training-kernel auto'):
         _choose('fused', strategy, optimizer_name, implicit)
 
 
 def test_auto_falls_back_when_the_kernel_cannot_be_built(monkeypatch, caplog):
     def unavailable(*args, **kwargs):
-        raise fused.KernelUnavailable('no C++ compiler (g++) on PATH; install g++')
+        raise kernels.KernelUnavailable('no C++ compiler (g++) on PATH; install g++')
     monkeypatch.setattr(fused, 'make_epoch', unavailable)
-    with caplog.at_level(logging.WARNING, logger='trainer.train'):
+    with caplog.at_level(logging.WARNING, logger='trainer.rating.train'):
         epoch = _choose('auto')
     assert 'not fused: no C++ compiler' in caplog.text
     assert callable(epoch)
-    with pytest.raises(fused.KernelUnavailable, match='install g[+][+]; use --training-kernel auto'):
+    with pytest.raises(kernels.KernelUnavailable, match='install g[+][+]; use --training-kernel auto'):
         _choose('fused')
 
 
@@ -226,10 +227,10 @@ def test_fused_flag_with_another_optimizer_is_a_one_line_error(capsys):
 
 
 def test_module_entry_point_builds_and_prints_the_library():
-    result = subprocess.run([sys.executable, '-m', 'trainer.fused'], capture_output=True,
+    result = subprocess.run([sys.executable, '-m', 'trainer.ops.kernels'], capture_output=True,
                             text=True, check=True, cwd=pathlib.Path(__file__).parents[1])
     path = pathlib.Path(result.stdout.strip().splitlines()[-1])
-    assert path == fused.build() and path.exists()
+    assert path == kernels.build() and path.exists()
 
 
 def test_auto_falls_back_under_a_one_replica_mirrored_strategy(caplog):
@@ -239,7 +240,7 @@ def test_auto_falls_back_under_a_one_replica_mirrored_strategy(caplog):
         optimizer = optimizers.Adam(model.parameters(), 0.05)
     config = config_lib.make_config('work', l2=0.05, learning_rate_decay=1.0, batch_size=BATCH)
     penalty = model_lib.penalty_weights(FACTORS, 0.05, 0.01)
-    with caplog.at_level(logging.WARNING, logger='trainer.train'):
+    with caplog.at_level(logging.WARNING, logger='trainer.rating.train'):
         epoch = train_lib.choose_train_epoch(config, strategy, model, optimizer, penalty,
                                              1.0, 5.0)
     assert 'not those of MirroredStrategy' in caplog.text
@@ -249,38 +250,38 @@ def test_auto_falls_back_under_a_one_replica_mirrored_strategy(caplog):
 
 
 def test_default_threads_stay_within_the_cpus_and_the_cap(monkeypatch):
-    monkeypatch.setattr(fused.os, 'sched_getaffinity', lambda pid: set(range(64)))
-    assert fused.default_threads() == fused.MAX_THREADS
-    monkeypatch.setattr(fused.os, 'sched_getaffinity', lambda pid: {0})
-    assert fused.default_threads() == 1
+    monkeypatch.setattr(kernels.os, 'sched_getaffinity', lambda pid: set(range(64)))
+    assert kernels.default_threads() == kernels.MAX_THREADS
+    monkeypatch.setattr(kernels.os, 'sched_getaffinity', lambda pid: {0})
+    assert kernels.default_threads() == 1
 
 
 def test_threads_loading_at_once_share_one_build(monkeypatch, tmp_path):
     # A second real library in this process would register the ops twice:
     # build and load are stand-ins that take a while and count their calls.
-    monkeypatch.setattr(fused, '_load_once', functools.cache(fused._load_once.__wrapped__))
+    monkeypatch.setattr(kernels, '_load_once', functools.cache(kernels._load_once.__wrapped__))
     builds, loads = [], []
 
     def slow_build():
         builds.append(1)
         time.sleep(0.5)
         return tmp_path / 'trainer_ops.so'
-    monkeypatch.setattr(fused, 'build', slow_build)
-    monkeypatch.setattr(fused.tf, 'load_op_library', lambda path: loads.append(path) or object())
+    monkeypatch.setattr(kernels, 'build', slow_build)
+    monkeypatch.setattr(kernels.tf, 'load_op_library', lambda path: loads.append(path) or object())
     with futures.ThreadPoolExecutor(3) as pool:
-        modules = list(pool.map(lambda _: fused.load(), range(3)))
+        modules = list(pool.map(lambda _: kernels.load(), range(3)))
     assert len(builds) == len(loads) == 1 and all(module is modules[0] for module in modules)
 
 
 def test_a_failed_build_is_not_tried_again_in_the_same_process(monkeypatch):
-    monkeypatch.setattr(fused, '_load_once', functools.cache(fused._load_once.__wrapped__))
+    monkeypatch.setattr(kernels, '_load_once', functools.cache(kernels._load_once.__wrapped__))
     builds = []
 
     def failing_build():
         builds.append(1)
-        raise fused.KernelUnavailable('building fused_epoch.cc failed: error: no')
-    monkeypatch.setattr(fused, 'build', failing_build)
+        raise kernels.KernelUnavailable('building fused_epoch.cc failed: error: no')
+    monkeypatch.setattr(kernels, 'build', failing_build)
     for _ in range(3):  # the two split loads and a training phase
-        with pytest.raises(fused.KernelUnavailable, match='building fused_epoch.cc failed'):
-            fused.load()
+        with pytest.raises(kernels.KernelUnavailable, match='building fused_epoch.cc failed'):
+            kernels.load()
     assert len(builds) == 1

@@ -89,8 +89,6 @@ def preprocessed(gcs, staged, tmp_path_factory) -> str:
 
 @pytest.fixture(scope='module')
 def trained(gcs, preprocessed, tmp_path_factory) -> str:
-    if not (REPO / 'trainer' / 'task.py').exists():
-        pytest.skip('trainer/task.py is not there yet')
     stdout = run_step(gcs, tmp_path_factory.mktemp('train-cwd'), '-m', 'trainer.task',
                       '--work-dir', preprocessed, '--num-epochs', '2')
     assert 'eval RMSE' in stdout

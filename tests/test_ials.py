@@ -1,4 +1,4 @@
-"""Tests of trainer/ials.py: the conjugate-gradient half-step and the objective, on tiny data."""
+"""Tests of trainer/topn/ials.py: the conjugate-gradient half-step and the objective, on tiny data."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import ials
+from trainer.topn import ials
 
 USERS, ITEMS, FACTORS, L2, ALPHA0 = 7, 9, 4, 0.7, 0.3
 
@@ -131,10 +131,11 @@ def test_initial_factors_are_seeded_and_scaled():
 
 @pytest.mark.parametrize('factors', [16, 7])  # an unrolled width, and the generic one
 def test_the_cpp_op_solves_as_the_tensorflow_half_step(factors):
-    from trainer import fused, topn  # pylint: disable=import-outside-toplevel
+    from trainer.ops import kernels
+    from trainer.topn import train as topn_train  # pylint: disable=import-outside-toplevel
     try:
-        ops = fused.load()
-    except fused.KernelUnavailable as error:
+        ops = kernels.load()
+    except kernels.KernelUnavailable as error:
         pytest.skip(f'no C++ ops here: {error}')
     rng = np.random.default_rng(1)
     users, items = np.nonzero(rng.random((60, 40)) < 0.2)
@@ -146,7 +147,7 @@ def test_the_cpp_op_solves_as_the_tensorflow_half_step(factors):
     expected = ials.half_step(tf.constant(start), tf.constant(fixed), tf.constant(users),
                               tf.constant(items), tf.constant(weight), tf.constant(target),
                               tf.constant(l2), ALPHA0, 3).numpy()
-    side = topn._Side.group(users, items, weight, target, 60)
+    side = topn_train._Side.group(users, items, weight, target, 60)
     gram = (ALPHA0 * fixed.T.astype(np.float64) @ fixed).astype(np.float32)
     outputs = [ops.implicit_als_solve_rows(
         offsets=side.offsets, other=side.other, weight=side.weight, target=side.target,

@@ -8,7 +8,15 @@ service expects.
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
 import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
 
 import pytest
 import yaml
@@ -110,3 +118,79 @@ def test_the_build_context_holds_what_the_base_stage_copies(dockerfile_stages):
                           for path in copied)
     for path in copied:
         assert (REPO / path).exists()
+
+
+def trainer_user(lines: list[str]) -> tuple[str, int, str, list[str]]:
+    """The trainer stage's user, its uid, and the mode and directories it owns (install -d)."""
+    (user,) = [line.split()[1] for line in lines if line.startswith('USER ')]
+    words = [word for line in lines if line.startswith('RUN ') for word in shlex.split(line[4:])]
+    uid = int(words[words.index('--uid') + 1])
+    start = words.index('install')
+    command = words[start:words.index('&&', start) if '&&' in words[start:] else None]
+    assert command[command.index('-o') + 1] == command[command.index('-g') + 1] == user
+    mode = command[command.index('-m') + 1]
+    return user, uid, mode, [word for word in command[1:] if word.startswith('/')]
+
+
+def test_the_trainer_user_owns_the_tuning_metric_directories(dockerfile_stages):
+    from trainer import config  # pylint: disable=import-outside-toplevel
+    user, uid, _, directories = trainer_user(dockerfile_stages['trainer'])
+    assert user == 'trainer' and uid != 0
+    # Vertex AI's metric directory, and cloudml-hypertune's default (the trainer's too).
+    assert '/var/hypertune' in directories
+    assert os.path.dirname(config.DEFAULT_HP_METRIC_FILE) in directories
+
+
+def run_as(uid: int, code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Python code as uid, with this interpreter; reading anything stays allowed
+    (the virtualenv may live under a directory only root can enter), writing
+    follows uid's permissions."""
+    return subprocess.run(
+        ['setpriv', '--reuid', str(uid), '--regid', str(uid), '--clear-groups',
+         '--inh-caps', '+dac_read_search', '--ambient-caps', '+dac_read_search',
+         sys.executable, '-c', code],
+        env={'PATH': os.environ['PATH'], 'PYTHONPATH': str(REPO), **env},
+        capture_output=True, text=True, timeout=120, check=False)
+
+
+# What trainer.task does in a trial: the path from the environment, then the report.
+REPORT = """
+import json, os, sys
+from trainer import config, reporting
+path = config.make_config('gs://b/w', environ=dict(os.environ)).hypertune_file
+try:
+    reporting.report_tuning_metric(path, 0.91, 7, '3', 0.0)
+except PermissionError as error:
+    sys.exit(f'refused: {error}')
+print(json.dumps([path, os.stat(path).st_uid, open(path).read()]))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which('setpriv') is None,
+                    reason='needs root and setpriv to run as the image user')
+def test_a_tuning_trial_reports_its_metric_as_the_image_user(dockerfile_stages):
+    """The Dockerfile's directories, laid out in a scratch root, written by its uid."""
+    _, uid, mode, _ = trainer_user(dockerfile_stages['trainer'])
+    root = pathlib.Path(tempfile.mkdtemp(prefix='image-root-'))
+    try:
+        root.chmod(0o755)
+        home = root / 'home'
+        home.mkdir()
+        os.chown(home, uid, uid)
+        env = {'HOME': str(home), 'MPLCONFIGDIR': str(home), 'CLOUD_ML_TRIAL_ID': '3'}
+        metric = root / 'var' / 'hypertune' / 'output.metrics'
+        (root / 'var').mkdir(mode=0o755)  # owned by root, as /var is in the image
+        # Without the Dockerfile's directory, the image user cannot write the metric.
+        refused = run_as(uid, REPORT, {**env, 'CLOUD_ML_HP_METRIC_FILE': str(metric)})
+        assert refused.returncode != 0 and 'refused' in refused.stderr
+        metric.parent.mkdir()  # install -d -o trainer -g trainer -m MODE /var/hypertune
+        os.chown(metric.parent, uid, uid)
+        metric.parent.chmod(int(mode, 8))
+        done = run_as(uid, REPORT, {**env, 'CLOUD_ML_HP_METRIC_FILE': str(metric)})
+        assert done.returncode == 0, done.stderr
+        path, owner, text = json.loads(done.stdout.strip().splitlines()[-1])
+        assert (path, owner) == (str(metric), uid)
+        line = json.loads(text)
+        assert (line['validation_rmse'], line['trial'], line['global_step']) == ('0.91', '3', '7')
+    finally:
+        shutil.rmtree(root)

@@ -1,4 +1,4 @@
-"""Tests of trainer/model.py: prediction rule, OOV rows, objective, sparse gradients."""
+"""Tests of trainer/rating/model.py: prediction rule, OOV rows, objective, sparse gradients."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import features
-from trainer.model import (MatrixFactorization, folded, implicit_gradient,
+from trainer.rating.model import (MatrixFactorization, folded, implicit_gradient,
                            loss_and_gradients, penalty_weights, per_example_loss)
 
 OOV = features.NUM_OOV_BUCKETS

@@ -84,8 +84,9 @@ def test_every_file_setup_py_reads_is_in_the_sdist(source_tree: pathlib.Path,
 
 
 def test_the_sdist_ships_the_cpp_op_sources(sdist: pathlib.Path):
-    from trainer import fused  # pylint: disable=import-outside-toplevel
-    assert {f'trainer/{source.name}' for source in (*fused.SOURCES, *fused.HEADERS)} <= members(sdist)
+    from trainer.ops import kernels
+    assert {f'trainer/ops/{source.name}'
+            for source in (*kernels.SOURCES, *kernels.HEADERS)} <= members(sdist)
 
 
 def test_a_worker_installs_the_sdist_and_imports_trainer(sdist: pathlib.Path,
@@ -106,14 +107,71 @@ def test_a_worker_installs_the_sdist_and_imports_trainer(sdist: pathlib.Path,
          '--no-cache-dir', '--disable-pip-version-check', str(sdist)],
         capture_output=True, text=True, cwd=tmp_path)
     assert install.returncode == 0, install.stderr[-3000:]
-    # Outside the source tree, so the import can only come from the install.
+    # Outside the source tree, so the import can only come from the install; one
+    # module of each subpackage, since find_packages drops one without __init__.py.
+    modules = ['trainer.features', 'trainer.pipeline.rating_parser', 'trainer.rating.optimizers',
+               'trainer.topn.ials', 'trainer.serving.export', 'trainer.ops.kernels']
     done = subprocess.run(
-        [str(python), '-c', 'import trainer.features; print(trainer.features.__file__)'],
+        [str(python), '-c', 'import importlib, sys\n'
+         'for name in sys.argv[1:]: print(importlib.import_module(name).__file__)', *modules],
         capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(str(env_dir))
+    files = done.stdout.split()
+    assert len(files) == len(modules)
+    assert all(file.startswith(str(env_dir)) for file in files), files
     installed = subprocess.run([str(python), '-m', 'pip', 'show', '--files',
                                 'movielens-mf-trainer'],
                                capture_output=True, text=True, check=True).stdout
     assert 'Requires: ' in installed and 'tensorflow-transform' in installed
-    assert 'trainer/fused_epoch.cc' in installed
+    assert 'trainer/ops/fused_epoch.cc' in installed
+
+
+# What each part of the package may import (docs/model.md, "Code layout"): every
+# import runs one way, so a subpackage can be read, and shipped, without the ones
+# above it.
+LAYERS = {
+    'shared': {'shared', 'ops'},
+    'ops': {'ops'},
+    'pipeline': {'shared', 'pipeline'},
+    'rating': {'shared', 'ops', 'rating'},
+    'topn': {'shared', 'ops', 'rating', 'topn'},
+    'serving': {'shared', 'ops', 'rating', 'topn', 'serving'},
+}
+ENTRY_POINTS = {'task', 'tune', 'summary'}
+
+
+def _layer(module: str) -> str | None:
+    """'trainer.rating.train' -> 'rating'; a top-level shared module -> 'shared'."""
+    parts = module.split('.')
+    if parts[0] != 'trainer' or len(parts) == 1:
+        return None
+    if parts[1] in LAYERS:
+        return parts[1]
+    return None if parts[1] in ENTRY_POINTS else 'shared'
+
+
+def test_imports_run_one_way():
+    import ast  # pylint: disable=import-outside-toplevel
+    broken = []
+    for path in sorted((REPO / 'trainer').rglob('*.py')):
+        module = '.'.join(path.relative_to(REPO).with_suffix('').parts)
+        layer = _layer(module)
+        if layer is None:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding='utf-8'))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                targets = [f'{node.module}.{alias.name}' for alias in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            for target in targets:
+                # `from trainer import features` names the module trainer.features.
+                imported = _layer(target) if target.count('.') >= 1 else None
+                if target.split('.')[:2] == ['trainer', 'ops'] or imported in LAYERS:
+                    imported = _layer(target)
+                if imported is not None and imported not in LAYERS[layer]:
+                    broken.append(f'{module} imports {target}')
+                if target.startswith('trainer.') and target.split('.')[1] in ENTRY_POINTS:
+                    broken.append(f'{module} imports the entry point {target}')
+    assert not broken, broken

@@ -8,8 +8,8 @@ import pytest
 import tensorflow as tf
 
 from trainer import features
-from trainer import fused
-from trainer import posterior
+from trainer.ops import kernels
+from trainer.rating import posterior
 
 USERS, ITEMS, WIDTH = 30, 20, 4  # 3 factors and the bias
 
@@ -27,8 +27,8 @@ def _side(seed: int = 0, ratings: int = 300) -> tuple[posterior.Side, np.ndarray
 
 def _ops():
     try:
-        return fused.load()
-    except fused.KernelUnavailable as error:  # the suite's other tests say why
+        return kernels.load()
+    except kernels.KernelUnavailable as error:  # the suite's other tests say why
         pytest.skip(str(error))
 
 

@@ -14,7 +14,8 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 import preprocess
-from trainer import features, hash_split, rating_parser, rating_reader
+from trainer import features
+from trainer.pipeline import hash_split, rating_parser, rating_reader
 
 ML_100K = features.DATASETS['ml-100k']
 ML_1M = features.DATASETS['ml-1m']

@@ -1,6 +1,6 @@
 """Quality regression: the trainer's defaults come close to a planted noise floor.
 
-The data are synthetic with a known answer (trainer/synthetic.py): biases and
+The data are synthetic with a known answer (trainer/pipeline/synthetic.py): biases and
 rank-3 factors plus Gaussian noise, rounded to the rating scale (the rank3
 model), and the calibrated movielens model, whose many weak factors leave a
 planted gap the bound below states.  The noise
@@ -23,7 +23,9 @@ import dataclasses
 import pytest
 
 from conftest import load_script
-from trainer import config, features, synthetic, train
+from trainer import config, features
+from trainer.pipeline import synthetic
+from trainer.rating import train
 
 DENSE = synthetic.SyntheticConfig(num_users=500, num_movies=400, num_ratings=100_000,
                                   seed=11, user_activity_sigma=0.3,

@@ -1,4 +1,4 @@
-"""Tests of trainer/ranking.py: hand-made cases whose top-k lists and metrics are known."""
+"""Tests of trainer/topn/ranking.py: hand-made cases whose top-k lists and metrics are known."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import catalog as catalog_lib
-from trainer import ranking
-from trainer.model import MatrixFactorization
+from trainer.rating.model import MatrixFactorization
+from trainer.topn import catalog as catalog_lib
+from trainer.topn import ranking
 
 LOG2_3 = math.log2(3)
 
@@ -116,9 +116,14 @@ def test_topn_scores_add_the_rating_model_s_chance_of_a_like():
     expected = np.log(np.maximum(plain, ranking.TOPN_SCORE_FLOOR)) + 0.5 * np.log(liked)
     got = ranking.topn_scores(user_factors, item_factors, users, 4, model, like).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    # A movie the rating model expects the user to dislike drops below one it
-    # expects them to like, at the same top-N score.
-    assert liked[0, 1] < liked[0, 0]
+    # A movie the rating model expects the user to dislike (movie 1, bias -1.2)
+    # drops below one it expects them to like (movie 0, bias 0.9), at the same
+    # top-N score.
+    twins = tf.concat([item_factors[:1], item_factors[:1], item_factors[2:]], axis=0)
+    tied = ranking.topn_scores(user_factors, twins, users, 4).numpy()
+    assert tied[0, 0] == tied[0, 1]
+    liked_scores = ranking.topn_scores(user_factors, twins, users, 4, model, like).numpy()
+    assert liked_scores[0, 1] < liked_scores[0, 0] - 0.5
     # Weight 0 is the top-N score alone.
     np.testing.assert_allclose(ranking.topn_scores(
         user_factors, item_factors, users, 4, model, ranking.LikeTerm(0.0, 3.5, 0.9)).numpy(),

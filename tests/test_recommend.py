@@ -150,6 +150,21 @@ def test_json_for_a_users_file_on_the_export_dir(planted, tmp_path, capsys):
             (item['score'] for item in items), reverse=True)
 
 
+def test_a_work_dir_is_served_from_its_model_dir(planted, tmp_path, capsys):
+    """--model-dir WORK_DIR (not WORK_DIR/model) finds WORK_DIR/model/export."""
+    work_dir = tmp_path / 'work'
+    work_dir.mkdir()
+    (work_dir / features.MODEL_DIR).symlink_to(planted.model_dir)
+    flags = ['--user', '3', '-k', '4', '--json']
+    assert recommend.main(['--model-dir', planted.model_dir, *flags]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    assert recommend.main(['--model-dir', str(work_dir), *flags]) == 0
+    assert json.loads(capsys.readouterr().out) == expected
+    assert recommend.main(['--model-dir', str(tmp_path / 'empty'), *flags]) == 2
+    error = capsys.readouterr().err
+    assert 'no SavedModel in' in error and f'{tmp_path}/empty/model/export' in error
+
+
 def test_training_reports_ranking_metrics_and_eval_prediction_counts(planted):
     metrics = features.read_json(os.path.join(planted.model_dir, features.METRICS_FILE))
     ranking = metrics['ranking']

@@ -67,9 +67,15 @@ def run_cloud(tmp_path: pathlib.Path) -> Callable[..., CloudRun]:
     """Runs run-cloud.sh with the recording gcloud first on PATH."""
     log = tmp_path / 'gcloud-calls.jsonl'
 
+    home = tmp_path / 'home'  # no Application Default Credentials file of this machine's
+    home.mkdir()
+
     def run(*flags: str, **env: str) -> CloudRun:
-        environ = {**os.environ, 'FAKE_GCLOUD_LOG': str(log),
+        environ = {**os.environ, 'FAKE_GCLOUD_LOG': str(log), 'HOME': str(home),
                    'PATH': f'{FAKE_GCLOUD_DIR}{os.pathsep}{os.environ["PATH"]}', **env}
+        for name in ('GOOGLE_APPLICATION_CREDENTIALS', 'CLOUDSDK_CONFIG'):
+            if name not in env:
+                environ.pop(name, None)
         done = subprocess.run([str(RUN_CLOUD), *flags], env=environ, cwd=tmp_path,
                               capture_output=True, text=True, timeout=120)
         calls = ([json.loads(line) for line in log.read_text().splitlines()]
@@ -85,7 +91,8 @@ def test_single_replica_job_config_field_by_field(run_cloud):
                        '--', '--num-epochs', '3', '--learning-rate', '0.01')
     assert result.returncode == 0, result.stderr
     config = result.submitted_config()
-    assert list(config) == ['workerPoolSpecs', 'baseOutputDirectory']
+    assert list(config) == ['workerPoolSpecs', 'baseOutputDirectory', 'scheduling']
+    assert config['scheduling'] == {'timeout': '7200s'}  # ml-100k: 2 hours
     (chief,) = config['workerPoolSpecs']
     assert chief['replicaCount'] == 1
     assert chief['machineSpec'] == {'machineType': 'n1-highmem-2'}
@@ -117,7 +124,9 @@ def test_job_name_and_dataflow_job_name(run_cloud):
         '--job_name', job_name.replace('_', '-'),
         '--sdk_container_image', f'{registry}/trainer-dataflow:{job_name}',
         '--sdk_location', 'container',
-        '--worker_machine_type', 'n1-highmem-2', '--max_num_workers', '8']
+        '--worker_machine_type', 'n1-highmem-2', '--max_num_workers', '8',
+        '--labels', 'app=movielens-mf', '--labels', 'dataset=ml-100k',
+        '--labels', f'run={job_name}']
 
 
 def test_service_account_reaches_dataflow_and_vertex(run_cloud):
@@ -284,6 +293,8 @@ def test_dry_run_prints_every_command_and_the_yaml_and_runs_no_gcloud(run_cloud)
     expected_starts = [
         ['python', 'scripts/render_job_config.py'],
         ['gcloud', 'auth', 'application-default', 'print-access-token'],
+        ['python', 'scripts/preflight.py', '--credentials'],
+        ['python', 'scripts/preflight.py', '--project', 'PROJECT_ID'],
         ['python', 'data-extractor.py', '--work-dir', WORK_DIR, '--dataset', 'synthetic'],
         ['gcloud', 'builds', 'submit'],
         ['python', 'preprocess.py', '--work-dir', WORK_DIR, '--runner', 'DataflowRunner'],
@@ -390,6 +401,9 @@ def test_dataflow_options_reach_beam_as_beam_reads_them(run_cloud, caplog):
     assert cloud.service_account_email == account
     assert options.view_as(po.DebugOptions).experiments == ['use_runner_v2']
     assert options.view_as(po.StandardOptions).runner == 'DataflowRunner'
+    labels = dict(label.split('=', 1) for label in cloud.labels)
+    assert labels['app'] == 'movielens-mf' and labels['dataset'] == 'ml-100k'
+    assert JOB_NAME.match(labels['run'])
 
 
 def beam_start(stdout: str) -> int:
@@ -584,11 +598,11 @@ def test_deploy_uploads_the_export_and_creates_an_endpoint(run_cloud):
     (build,) = result.gcloud('builds', 'submit')
     assert flag(upload['argv'], '--container-image-uri') == substitutions(
         build['argv'])['_SERVING_IMAGE']
-    from trainer import serving  # pylint: disable=import-outside-toplevel
+    from trainer.serving import server  # pylint: disable=import-outside-toplevel
     assert (flag(upload['argv'], '--container-ports'),
             flag(upload['argv'], '--container-health-route'),
             flag(upload['argv'], '--container-predict-route')) == (
-        str(serving.DEFAULT_PORT), serving.DEFAULT_HEALTH_ROUTE, serving.DEFAULT_PREDICT_ROUTE)
+        str(server.DEFAULT_PORT), server.DEFAULT_HEALTH_ROUTE, server.DEFAULT_PREDICT_ROUTE)
     (create_endpoint,) = result.gcloud('ai', 'endpoints', 'create')
     assert flag(create_endpoint['argv'], '--display-name') == 'movielens-mf'
     (deploy,) = result.gcloud('ai', 'endpoints', 'deploy-model')
@@ -793,18 +807,18 @@ def test_a_misspelt_key_fails_the_strict_parse():
 
 # --- --batch-recommend: every user's top-k on Dataflow. -----------------------------------
 def test_batch_recommend_runs_the_beam_job_on_dataflow_after_training(run_cloud):
-    from trainer import batch_recommendations  # pylint: disable=import-outside-toplevel
+    from trainer.serving import batch as batch_lib  # pylint: disable=import-outside-toplevel
     result = run_cloud('--work-dir', WORK_DIR, '--project', 'my-project', '--batch-recommend',
                        '--top-k', '20', '--bigquery-table', 'my-project:movielens.recs',
                        '--overwrite', '--dry-run')
     assert result.returncode == 0, result.stderr
     commands = [shlex.split(line)[1:] for line in result.stdout.splitlines()
                 if line.startswith('+ ')]
-    (batch,) = [c for c in commands if c[:3] == ['python', '-m', 'trainer.batch_recommendations']]
+    (batch,) = [c for c in commands if c[:3] == ['python', '-m', 'trainer.serving.batch']]
     (create,) = [c for c in commands if c[:4] == ['gcloud', 'ai', 'custom-jobs', 'create']]
     assert commands.index(batch) > commands.index(create)
-    config, beam_args = batch_recommendations.parse_args(batch[3:])
-    assert config == batch_recommendations.BatchConfig(
+    config, beam_args = batch_lib.parse_args(batch[3:])
+    assert config == batch_lib.BatchConfig(
         work_dir=WORK_DIR, export_dir=WORK_DIR + '/model/model', k=20,
         bigquery_table='my-project:movielens.recs', overwrite=True)
     preprocess = preprocess_command(result.stdout)
@@ -838,10 +852,13 @@ def test_pipeline_replaces_the_steps_with_one_compiled_and_submitted_pipeline(ru
     assert [c[:3] for c in commands] == [
         ['python', 'scripts/render_job_config.py', '--out'],
         ['gcloud', 'auth', 'application-default'],
+        ['python', 'scripts/preflight.py', '--credentials'],
+        ['python', 'scripts/preflight.py', '--project'],
         ['gcloud', 'builds', 'submit'],
         ['python', 'scripts/pipeline.py', '--out']]
-    built = substitutions(commands[2])
-    argv = commands[3][2:]
+    assert '--pipeline' in commands[3]  # the pipeline's account launches Dataflow itself
+    built = substitutions(commands[4])
+    argv = commands[5][2:]
     split = argv.index('--')
     args = pipeline.build_parser().parse_args(argv[:split])
     assert (args.image, args.serving_image, args.submit, args.batch_recommend) == (
@@ -849,6 +866,26 @@ def test_pipeline_replaces_the_steps_with_one_compiled_and_submitted_pipeline(ru
     beam = argv[split + 1:]
     assert flag(beam, '--sdk_container_image') == built['_DATAFLOW_IMAGE']
     assert '--job_name' not in beam  # each pipeline step names its own Dataflow job
+
+
+def test_pipeline_passes_the_bigquery_table_and_the_labels_on(run_cloud):
+    pipeline = load_script('scripts/pipeline.py')
+    result = run_cloud('--work-dir', WORK_DIR, '--project', 'my-project', '--pipeline',
+                       '--batch-recommend', '--bigquery-table', 'my-project:movielens.recs',
+                       '--dry-run')
+    assert result.returncode == 0, result.stderr
+    (argv,) = [shlex.split(line)[3:] for line in result.stdout.splitlines()
+               if line.startswith('+ python scripts/pipeline.py')]
+    split = argv.index('--')
+    args = pipeline.build_parser().parse_args(argv[:split])
+    assert args.bigquery_table == 'my-project:movielens.recs'
+    assert dict(args.label) == {'app': 'movielens-mf', 'dataset': 'ml-100k'}
+    (run_label,) = args.run_label
+    assert run_label[0] == 'run' and JOB_NAME.match(run_label[1])
+    # The steps' Dataflow jobs carry no run label: it would change their cache keys.
+    beam = argv[split + 1:]
+    assert [beam[i + 1] for i, word in enumerate(beam) if word == '--labels'] == [
+        'app=movielens-mf', 'dataset=ml-100k']
 
 
 @pytest.mark.parametrize('flags, named', [
@@ -861,3 +898,376 @@ def test_bad_pipeline_flags_are_one_line(run_cloud, flags: list[str], named: str
     result = run_cloud('--work-dir', WORK_DIR, *flags, '--poll-seconds', '0')
     assert result.returncode == 2 and result.calls == []
     assert len(result.stderr.splitlines()) == 1 and named in result.stderr
+
+
+# --- Time limits, labels, Spot VMs and the accelerator. ------------------------------------
+@pytest.mark.parametrize('flags, timeout', [
+    ([], '7200s'),                                        # ml-100k: 2 hours
+    (['--dataset', 'ml-25m'], '28800s'),                  # 25M ratings: 8 hours
+    (['--dataset', 'ml-25m', '--timeout-hours', '3'], '10800s'),
+])
+def test_every_job_has_a_time_limit_that_scales_with_the_dataset(
+        run_cloud, flags: list[str], timeout: str):
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, *flags, *OFFLINE)
+    assert result.returncode == 0, result.stderr
+    assert result.submitted_config()['scheduling'] == {'timeout': timeout}
+
+
+def test_every_tuning_trial_has_the_time_limit(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, '--hp-tuning',
+                       '--timeout-hours', '1', *OFFLINE)
+    assert result.returncode == 0, result.stderr
+    assert result.submitted_config('hp-tuning-jobs')['trialJobSpec']['scheduling'] == {
+        'timeout': '3600s'}
+
+
+def test_spot_runs_the_job_on_spot_vms_and_restarts_it_after_a_preemption(run_cloud):
+    from google.cloud import aiplatform_v1  # pylint: disable=import-outside-toplevel
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, '--spot', '--workers', '1',
+                       *OFFLINE)
+    assert result.returncode == 0, result.stderr
+    config = result.submitted_config()
+    assert config['scheduling'] == {'timeout': '7200s', 'strategy': 'SPOT',
+                                    'restartJobOnWorkerRestart': True}
+    spec = parse_strictly(aiplatform_v1.CustomJobSpec, config)
+    assert spec.scheduling.strategy == aiplatform_v1.Scheduling.Strategy.SPOT
+    assert spec.scheduling.restart_job_on_worker_restart
+    assert spec.scheduling.timeout.seconds == 7200
+
+
+def labels_of(argv: list[str]) -> dict[str, str]:
+    return dict(item.split('=', 1) for item in flag(argv, '--labels').split(','))
+
+
+def test_jobs_models_and_endpoints_carry_the_run_labels(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, '--dataset', 'ml-1m', '--deploy', *OFFLINE)
+    assert result.returncode == 0, result.stderr
+    (create,) = result.gcloud('ai', 'custom-jobs', 'create')
+    job_name = flag(create['argv'], '--display-name')
+    run_labels = {'app': 'movielens-mf', 'dataset': 'ml-1m', 'run': job_name}
+    assert labels_of(create['argv']) == run_labels
+    (upload,) = result.gcloud('ai', 'models', 'upload')
+    assert labels_of(upload['argv']) == run_labels
+    (endpoint,) = result.gcloud('ai', 'endpoints', 'create')
+    assert labels_of(endpoint['argv']) == {'app': 'movielens-mf'}  # it outlives the run
+
+
+def test_tuning_jobs_carry_the_run_labels(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, '--hp-tuning', *OFFLINE)
+    assert result.returncode == 0, result.stderr
+    (create,) = result.gcloud('ai', 'hp-tuning-jobs', 'create')
+    assert labels_of(create['argv'])['app'] == 'movielens-mf'
+
+
+def test_gpu_with_the_cpu_image_is_refused_in_one_line(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, '--gpu', 'NVIDIA_TESLA_T4:1', *OFFLINE)
+    assert result.returncode == 2 and result.calls == []
+    assert len(result.stderr.splitlines()) == 1
+    assert '--gpu' in result.stderr and 'CPU-only' in result.stderr
+
+
+@pytest.mark.parametrize('flags, named', [
+    (['--timeout-hours', '0'], '--timeout-hours'),
+    (['--timeout-hours', '169'], '--timeout-hours'),
+    (['--timeout-hours', '2h'], '--timeout-hours'),
+    (['--teardown', '--deploy'], '--teardown'),
+])
+def test_bad_timeout_and_teardown_flags_are_one_line(run_cloud, flags: list[str], named: str):
+    result = run_cloud('--work-dir', WORK_DIR, *flags, *OFFLINE)
+    assert result.returncode == 2 and result.calls == []
+    assert len(result.stderr.splitlines()) == 1 and named in result.stderr
+
+
+# --- Preflight: roles, APIs, the BigQuery dataset, the kind of credentials. -----------------
+RUNNER = 'movielens-runner@my-project.iam.gserviceaccount.com'
+# The roles the set-up of docs/cloud.md granted before the pipeline mode was checked.
+EARLIER_SET_UP = {'bindings': [
+    {'role': role, 'members': [f'serviceAccount:{RUNNER}']}
+    for role in ('roles/dataflow.worker', 'roles/storage.objectAdmin', 'roles/aiplatform.user',
+                 'roles/artifactregistry.reader')] + [
+    {'role': role, 'members': ['user:tester@example.com']}
+    for role in ('roles/dataflow.developer', 'roles/aiplatform.user',
+                 'roles/storage.objectAdmin')]}
+ACT_AS_FOR_YOU = {'bindings': [{'role': 'roles/iam.serviceAccountUser',
+                                'members': ['user:tester@example.com']}]}
+PIPELINE_RUN = ('--work-dir', WORK_DIR, '--project', 'my-project', '--pipeline',
+                '--service-account', RUNNER, '--image', IMAGE, '--dataflow-image', IMAGE + '-df',
+                '--serving-image', IMAGE + '-serving')
+
+
+def write_policy(tmp_path: pathlib.Path, name: str, policy: dict) -> str:
+    path = tmp_path / name
+    path.write_text(json.dumps(policy))
+    return str(path)
+
+
+def one_error_line(result: CloudRun) -> str:
+    assert result.returncode == 1, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    return line
+
+
+def test_preflight_names_the_roles_the_pipeline_account_lacks(run_cloud, tmp_path):
+    """The pipeline's account launches Dataflow from the preprocess step, as itself."""
+    policy = write_policy(tmp_path, 'policy.json', EARLIER_SET_UP)
+    account_policy = write_policy(tmp_path, 'account.json', ACT_AS_FOR_YOU)
+    result = run_cloud(*PIPELINE_RUN, FAKE_GCLOUD_IAM_POLICY=policy,
+                       FAKE_GCLOUD_SA_POLICY=account_policy)
+    line = one_error_line(result)
+    assert 'roles/dataflow.developer' in line and f'serviceAccount:{RUNNER}' in line
+    assert (f'gcloud projects add-iam-policy-binding my-project --member serviceAccount:{RUNNER}'
+            ' --role roles/dataflow.developer') in line
+    assert '+ python scripts/pipeline.py' not in result.stdout  # nothing submitted
+    # Granted that, it is acting as itself that is missing.
+    EARLIER_SET_UP['bindings'].append({'role': 'roles/dataflow.developer',
+                                       'members': [f'serviceAccount:{RUNNER}']})
+    try:
+        policy = write_policy(tmp_path, 'policy.json', EARLIER_SET_UP)
+    finally:
+        EARLIER_SET_UP['bindings'].pop()
+    result = run_cloud(*PIPELINE_RUN, FAKE_GCLOUD_IAM_POLICY=policy,
+                       FAKE_GCLOUD_SA_POLICY=account_policy)
+    line = one_error_line(result)
+    assert (f'gcloud iam service-accounts add-iam-policy-binding {RUNNER} --project my-project '
+            f'--member serviceAccount:{RUNNER} --role roles/iam.serviceAccountUser') in line
+
+
+def test_the_earlier_set_up_still_runs_the_script_mode(run_cloud, tmp_path):
+    result = run_cloud('--work-dir', WORK_DIR, '--project', 'my-project', '--image', IMAGE,
+                       '--service-account', RUNNER, *OFFLINE,
+                       FAKE_GCLOUD_IAM_POLICY=write_policy(tmp_path, 'p.json', EARLIER_SET_UP),
+                       FAKE_GCLOUD_SA_POLICY=write_policy(tmp_path, 'a.json', ACT_AS_FOR_YOU))
+    assert result.returncode == 0, result.stderr
+    assert 'preflight: roles, APIs in place' in result.stdout
+    (get_policy,) = result.gcloud('projects', 'get-iam-policy')
+    assert result.calls.index(get_policy) < result.calls.index(
+        result.gcloud('ai', 'custom-jobs', 'create')[0])
+
+
+BATCH_TO_BIGQUERY = ('--work-dir', WORK_DIR, '--project', 'my-project', '--image', IMAGE,
+                     '--dataflow-image', IMAGE + '-df', '--service-account', RUNNER,
+                     '--batch-recommend', '--bigquery-table', 'my-project:movielens.recs',
+                     *OFFLINE)
+
+
+@pytest.mark.parametrize('env, named', [
+    ({'FAKE_GCLOUD_SERVICES': 'compute.googleapis.com,storage.googleapis.com,'
+      'dataflow.googleapis.com,aiplatform.googleapis.com,artifactregistry.googleapis.com'},
+     'gcloud services enable bigquery.googleapis.com --project my-project'),
+    ({'FAKE_GCLOUD_DATASETS': 'my-project:movielens', 'FAKE_GCLOUD_IAM_POLICY': 'EARLIER'},
+     f'--member serviceAccount:{RUNNER} --role roles/bigquery.dataEditor'),
+    ({}, 'bq --location us-central1 mk --dataset my-project:movielens'),
+])
+def test_preflight_of_the_bigquery_output_before_anything_is_paid_for(
+        run_cloud, tmp_path, env: dict[str, str], named: str):
+    if env.get('FAKE_GCLOUD_IAM_POLICY') == 'EARLIER':
+        env = {**env, 'FAKE_GCLOUD_IAM_POLICY': write_policy(tmp_path, 'p.json', EARLIER_SET_UP),
+               'FAKE_GCLOUD_SA_POLICY': write_policy(tmp_path, 'a.json', ACT_AS_FOR_YOU)}
+    result = run_cloud(*BATCH_TO_BIGQUERY, **env)
+    assert named in one_error_line(result)
+    assert result.gcloud('ai', 'custom-jobs') == []
+
+
+def test_preflight_passes_when_the_dataset_exists(run_cloud):
+    result = run_cloud(*BATCH_TO_BIGQUERY, FAKE_GCLOUD_DATASETS='my-project:movielens')
+    # The run goes on to train; its batch step then finds no export in the fake bucket.
+    assert 'preflight: roles, APIs and BigQuery dataset in place' in result.stdout
+    assert result.gcloud('ai', 'custom-jobs', 'create')
+    assert [call['argv'] for call in result.gcloud('bq')] == [
+        ['bq', 'show', '--format', 'json', 'my-project:movielens']]
+
+
+def test_skip_preflight_reads_no_policy(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, '--skip-preflight', *OFFLINE,
+                       FAKE_GCLOUD_SERVICES='')
+    assert result.returncode == 0, result.stderr
+    assert result.gcloud('projects') == [] and result.gcloud('services') == []
+
+
+@pytest.mark.parametrize('kind', ['impersonated_service_account', 'external_account',
+                                  'external_account_authorized_user'])
+def test_credentials_tensorflow_cannot_use_are_one_line_before_any_step(
+        run_cloud, tmp_path, kind: str):
+    adc = tmp_path / 'adc.json'
+    adc.write_text(json.dumps({'type': kind}))
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, *OFFLINE,
+                       GOOGLE_APPLICATION_CREDENTIALS=str(adc))
+    line = one_error_line(result)
+    assert repr(kind) in line and 'gcloud auth application-default login' in line
+    assert result.gcloud('ai') == [] and result.gcloud('projects') == []
+
+
+@pytest.mark.parametrize('kind', ['authorized_user', 'service_account'])
+def test_user_and_key_file_credentials_pass(run_cloud, tmp_path, kind: str):
+    config = tmp_path / 'gcloud-config'
+    config.mkdir()
+    (config / 'application_default_credentials.json').write_text(json.dumps({'type': kind}))
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, *OFFLINE,
+                       CLOUDSDK_CONFIG=str(config))
+    assert result.returncode == 0, result.stderr
+
+
+# --- Endpoint cost: earlier models undeployed; --teardown. ---------------------------------
+def test_deploy_undeploys_the_earlier_models_once_the_new_one_serves(run_cloud):
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, '--deploy',
+                       '--serving-image', IMAGE + '-serving', *OFFLINE,
+                       FAKE_GCLOUD_ENDPOINT='projects/1/locations/us-central1/endpoints/42',
+                       FAKE_GCLOUD_DEPLOYED='111:movielens_mf_20260101_000000,'
+                                            '222:movielens_mf_20260102_000000')
+    assert result.returncode == 0, result.stderr
+    (deploy,) = result.gcloud('ai', 'endpoints', 'deploy-model')
+    undeploys = result.gcloud('ai', 'endpoints', 'undeploy-model')
+    assert sorted(flag(call['argv'], '--deployed-model-id') for call in undeploys) == [
+        '111', '222']
+    assert all(call['argv'][3] == '42' for call in undeploys)
+    assert all(result.calls.index(call) > result.calls.index(deploy) for call in undeploys)
+
+
+def test_a_failed_deployment_leaves_the_earlier_models_serving(run_cloud, tmp_path):
+    # A stand-in whose deploy-model fails, as when the container never answers its health route.
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    wrapper = bin_dir / 'gcloud'
+    wrapper.write_text('#!/bin/sh\n'
+                       'case "$*" in *deploy-model*) "$REAL_GCLOUD" "$@"; echo "ERROR: '
+                       'health check failed" >&2; exit 1 ;; esac\n'
+                       'exec "$REAL_GCLOUD" "$@"\n')
+    wrapper.chmod(0o755)
+    result = run_cloud('--work-dir', WORK_DIR, '--image', IMAGE, '--deploy',
+                       '--serving-image', IMAGE + '-serving', *OFFLINE,
+                       FAKE_GCLOUD_ENDPOINT='projects/1/locations/us-central1/endpoints/42',
+                       FAKE_GCLOUD_DEPLOYED='111:movielens_mf_20260101_000000',
+                       REAL_GCLOUD=str(FAKE_GCLOUD_DIR / 'gcloud'),
+                       PATH=f'{bin_dir}{os.pathsep}{FAKE_GCLOUD_DIR}{os.pathsep}'
+                            f'{os.environ["PATH"]}')
+    assert result.returncode != 0
+    assert result.gcloud('ai', 'endpoints', 'deploy-model')
+    assert result.gcloud('ai', 'endpoints', 'undeploy-model') == []
+
+
+def test_teardown_dry_run_prints_the_commands_and_calls_nothing(run_cloud):
+    result = run_cloud('--teardown', '--dry-run')
+    assert result.returncode == 0, result.stderr
+    assert result.calls == []
+    for command in ('+ gcloud ai endpoints list', '+ gcloud ai endpoints delete E',
+                    '+ gcloud ai models delete MODEL', '+ gcloud artifacts packages delete'):
+        assert command in result.stdout
+
+
+def test_teardown_removes_endpoints_models_and_images(run_cloud):
+    result = run_cloud('--teardown', '--project', 'my-project',
+                       FAKE_GCLOUD_ENDPOINT='projects/1/locations/us-central1/endpoints/42',
+                       FAKE_GCLOUD_DEPLOYED='111:movielens_mf_a,222:movielens_mf_b')
+    assert result.returncode == 0, result.stderr
+    (endpoints,) = result.gcloud('ai', 'endpoints', 'list')
+    assert flag(endpoints['argv'], '--filter') == 'labels.app=movielens-mf'
+    assert sorted(flag(c['argv'], '--deployed-model-id')
+                  for c in result.gcloud('ai', 'endpoints', 'undeploy-model')) == ['111', '222']
+    (delete_endpoint,) = result.gcloud('ai', 'endpoints', 'delete')
+    assert delete_endpoint['argv'][3] == '42'
+    assert result.calls.index(delete_endpoint) > max(
+        result.calls.index(c) for c in result.gcloud('ai', 'endpoints', 'undeploy-model'))
+    (delete_model,) = result.gcloud('ai', 'models', 'delete')
+    assert delete_model['argv'][3] == '5555555555'
+    assert sorted(c['argv'][3] for c in result.gcloud('artifacts', 'packages', 'delete')) == [
+        'serving', 'trainer', 'trainer-dataflow']
+    assert result.gcloud('ai', 'custom-jobs') == [] and result.gcloud('builds') == []
+
+
+# --- scripts/cloud-setup.sh: one command to create what the runs need, one to remove it. ---
+SET_UP = REPO / 'scripts' / 'cloud-setup.sh'
+
+
+def run_set_up(tmp_path: pathlib.Path, *args: str) -> CloudRun:
+    log = tmp_path / 'set-up-calls.jsonl'
+    env = {**os.environ, 'FAKE_GCLOUD_LOG': str(log),
+           'PATH': f'{FAKE_GCLOUD_DIR}{os.pathsep}{os.environ["PATH"]}'}
+    done = subprocess.run([str(SET_UP), *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return CloudRun(done.returncode, done.stdout, done.stderr, calls)
+
+
+def granted_policies(set_up: CloudRun, tmp_path: pathlib.Path) -> dict[str, str]:
+    """The project's and the runner's IAM policies after the recorded set-up, as files."""
+    policies: dict[str, dict[str, list[str]]] = {'project': {}, 'account': {}}
+    for call in set_up.calls:
+        argv = call['argv']
+        kind = ('project' if argv[:2] == ['projects', 'add-iam-policy-binding'] else
+                'account' if argv[:3] == ['iam', 'service-accounts', 'add-iam-policy-binding']
+                else None)
+        if kind:
+            policies[kind].setdefault(flag(argv, '--role'), []).append(flag(argv, '--member'))
+    return {f'FAKE_GCLOUD_{"IAM" if kind == "project" else "SA"}_POLICY': write_policy(
+                tmp_path, f'{kind}.json', {'bindings': [
+                    {'role': role, 'members': members} for role, members in grants.items()]})
+            for kind, grants in policies.items()}
+
+
+def preflight(tmp_path: pathlib.Path, env: dict[str, str], *flags: str
+              ) -> subprocess.CompletedProcess:
+    environ = {**os.environ, **env, 'FAKE_GCLOUD_LOG': str(tmp_path / 'preflight.jsonl'),
+               'FAKE_GCLOUD_DATASETS': 'my-project:movielens',
+               'PATH': f'{FAKE_GCLOUD_DIR}{os.pathsep}{os.environ["PATH"]}'}
+    return subprocess.run([sys.executable, str(REPO / 'scripts' / 'preflight.py'),
+                           '--project', 'my-project', '--service-account', RUNNER, '--build',
+                           *flags], env=environ, capture_output=True, text=True, timeout=60)
+
+
+def test_the_set_up_grants_what_preflight_asks_for_in_either_mode(tmp_path):
+    set_up = run_set_up(tmp_path, 'create', '--project', 'my-project', '--bucket', 'my-bucket',
+                        '--pipeline', '--bigquery-dataset', 'movielens')
+    assert set_up.returncode == 0, set_up.stderr
+    env = granted_policies(set_up, tmp_path)
+    for mode in ([], ['--pipeline']):
+        done = preflight(tmp_path, env, *mode, '--bigquery-table', 'my-project:movielens.recs')
+        assert done.returncode == 0, done.stderr
+    assert [c['argv'][:4] for c in set_up.gcloud('bq')] == [
+        ['bq', '--location', 'us-central1', 'mk']]
+
+
+def test_the_script_mode_set_up_is_refused_by_the_pipeline_preflight(tmp_path):
+    set_up = run_set_up(tmp_path, 'create', '--project', 'my-project', '--bucket', 'my-bucket')
+    assert set_up.returncode == 0, set_up.stderr
+    env = granted_policies(set_up, tmp_path)
+    assert preflight(tmp_path, env).returncode == 0
+    refused = preflight(tmp_path, env, '--pipeline')
+    assert refused.returncode == 1 and 'roles/dataflow.developer' in refused.stderr
+
+
+def test_the_set_up_delete_removes_it_all(tmp_path):
+    done = run_set_up(tmp_path, 'delete', '--project', 'my-project', '--bucket', 'my-bucket',
+                      '--bigquery-dataset', 'movielens')
+    assert done.returncode == 0, done.stderr
+    assert done.gcloud('ai', 'models', 'delete')  # through run-cloud.sh --teardown
+    (repository,) = done.gcloud('artifacts', 'repositories', 'delete')
+    assert repository['argv'][3] == 'movielens'
+    (bucket,) = done.gcloud('storage', 'rm')
+    assert 'gs://my-bucket' in bucket['argv'] and '--recursive' in bucket['argv']
+    assert [c['argv'] for c in done.gcloud('bq')] == [
+        ['bq', 'rm', '-r', '-f', '--dataset', 'my-project:movielens']]
+    removed = {flag(c['argv'], '--role')
+               for c in done.gcloud('projects', 'remove-iam-policy-binding')}
+    assert {'roles/dataflow.worker', 'roles/dataflow.developer',
+            'roles/bigquery.jobUser'} <= removed
+    (account,) = done.gcloud('iam', 'service-accounts', 'delete')
+    assert done.calls.index(account) == len(done.calls) - 1
+
+
+@pytest.mark.parametrize('args, named', [
+    (['make'], 'create or delete'),
+    (['create', '--bucket', 'b-1'], '--project'),
+    (['create', '--project', 'my-project', '--bucket', 'B; touch CANARY'], '--bucket'),
+    (['delete', '--project', 'my-project', '--bucket', 'b-1', '--pipeline'], '--pipeline'),
+])
+def test_bad_set_up_flags_are_one_line(tmp_path, args: list[str], named: str):
+    done = run_set_up(tmp_path, *args)
+    assert done.returncode == 2 and done.calls == []
+    assert len(done.stderr.splitlines()) == 1 and named in done.stderr
+
+
+def test_the_flag_reference_in_the_docs_is_the_help_text():
+    help_text = subprocess.run([str(RUN_CLOUD), '--help'], capture_output=True, text=True,
+                               check=True).stdout
+    docs = (REPO / 'docs' / 'cloud.md').read_text()
+    assert '```\n' + help_text + '```' in docs

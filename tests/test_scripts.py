@@ -14,7 +14,8 @@ import subprocess
 import pytest
 
 from conftest import REPO
-from trainer import features, synthetic
+from trainer import features
+from trainer.pipeline import synthetic
 
 # Shell that would create a canary file if any value were ever evaluated.
 INJECTIONS = ('; touch {canary}', '$(touch {canary})', '`touch {canary}`', '&& touch {canary}')

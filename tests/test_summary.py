@@ -52,7 +52,7 @@ def test_summary_ends_with_a_real_user_and_the_chart(tmp_path):
 
     assert user_id == '8123'
     assert text.splitlines()[-2:] == [
-        f"== next: python recommend.py --model-dir '{work_dir}/model' --user 8123",
+        f"== next: .venv/bin/python recommend.py --model-dir '{work_dir}/model' --user 8123",
         f'== chart: {work_dir}/fig/x.png']
     assert summary.first_user_id(str(tmp_path / 'gone'), features.ML_100K) is None
 

@@ -1,4 +1,4 @@
-"""Tests of trainer/synthetic.py: counts, scales, planted answer, archive layout."""
+"""Tests of trainer/pipeline/synthetic.py: counts, scales, planted answer, archive layout."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from trainer import features
-from trainer import synthetic
+from trainer.pipeline import synthetic
 
 SMALL = dict(num_users=40, num_movies=60, num_ratings=900)
 SMALL_RANK = synthetic.SyntheticConfig().rank

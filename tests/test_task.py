@@ -10,7 +10,9 @@ import tensorflow as tf
 
 import preprocess
 from conftest import served_rmse, strict_json
-from trainer import config, export, features, synthetic, task, tune
+from trainer import config, features, task, tune
+from trainer.pipeline import synthetic
+from trainer.serving import export
 
 LAYOUT = features.ML_100K
 
@@ -191,7 +193,7 @@ def test_tune_ranks_trials_by_validation_and_refuses_to_mix_searches(
     table = [line.split()[0] for line in out.splitlines()[1:4]]
     assert table == [str(trial['trial']) for trial in
                      sorted(trials, key=lambda trial: trial['validation_rmse'])]
-    assert f'python -m trainer.task --work-dir {preprocessed} --num-epochs 3' in out
+    assert f'.venv/bin/python -m trainer.task --work-dir {preprocessed} --num-epochs 3' in out
     assert '--job-dir' not in out.splitlines()[-1]
     # A second search into the same dir would mix two searches: refused.
     assert tune.main(flags) == 2

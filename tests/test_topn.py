@@ -1,4 +1,4 @@
-"""Tests of trainer/topn.py: the top-N model's run on planted data, its choice of
+"""Tests of trainer/topn/train.py: the top-N model's run on planted data, its choice of
 iterations, and resuming after a kill.
 
 The planted case: synthetic ratings from the generator's MovieLens-like model,
@@ -20,9 +20,12 @@ import pytest
 import tensorflow as tf
 
 from trainer import config as config_lib
-from trainer import data, features, fused, ranking, synthetic, topn
+from trainer import data, features
 from trainer.history import ResumeError
-from trainer.train import Splits
+from trainer.ops import kernels
+from trainer.pipeline import synthetic
+from trainer.rating.train import Splits
+from trainer.topn import ranking, train as topn_train
 
 PLANTED = synthetic.SyntheticConfig(num_users=400, num_movies=800, num_ratings=25_000,
                                     seed=5)
@@ -58,7 +61,7 @@ def _config(tmp_path, **overrides) -> config_lib.TrainConfig:
 
 
 def _eval_ndcg(splits: Splits, ranker) -> float:
-    catalog = topn.pairs_catalog(splits.train, PLANTED.num_users, PLANTED.num_movies)
+    catalog = topn_train.pairs_catalog(splits.train, PLANTED.num_users, PLANTED.num_movies)
     record = ranking.evaluate_lists({'ranker': ranker}, catalog, splits.eval.user.numpy(),
                                     splits.eval.item.numpy(), splits.eval.rating.numpy())
     return record['ranker']['ndcg']
@@ -79,7 +82,7 @@ def test_the_top_n_model_beats_most_popular_on_planted_taste(splits, generated, 
     # graded confidences.  The default fits the 0/1 matrix and serves it with
     # the rating model's like term, which tests/test_bench_ranking.py checks end
     # to end.
-    result = topn.train(_config(tmp_path, topn_confidence=1.0), splits, *ROWS, seed=0)
+    result = topn_train.train(_config(tmp_path, topn_confidence=1.0), splits, *ROWS, seed=0)
     ours = _eval_ndcg(splits, ranking.factor_scorer(result.user_factors, result.item_factors,
                                                     PLANTED.num_movies))
     counts = np.bincount(splits.train.item.numpy(), minlength=PLANTED.num_movies)
@@ -99,8 +102,8 @@ def test_the_top_n_model_beats_most_popular_on_planted_taste(splits, generated, 
 
 
 def test_the_same_seed_gives_the_same_factors(splits, tmp_path):
-    first = topn.train(_config(tmp_path / 'a', topn_iterations=3), splits, *ROWS, seed=0)
-    second = topn.train(_config(tmp_path / 'b', topn_iterations=3), splits, *ROWS, seed=0)
+    first = topn_train.train(_config(tmp_path / 'a', topn_iterations=3), splits, *ROWS, seed=0)
+    second = topn_train.train(_config(tmp_path / 'b', topn_iterations=3), splits, *ROWS, seed=0)
     np.testing.assert_array_equal(first.user_factors, second.user_factors)
     np.testing.assert_array_equal(first.item_factors, second.item_factors)
 
@@ -110,9 +113,9 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(splits, tmp_path, monk
                                                           final_model):
     settings = {'topn_iterations': 6, 'early_stopping_patience': 0,
                 'final_model': final_model}
-    whole = topn.train(_config(tmp_path / 'whole', **settings), splits, *ROWS, seed=0)
+    whole = topn_train.train(_config(tmp_path / 'whole', **settings), splits, *ROWS, seed=0)
     config = _config(tmp_path / 'killed', **settings)
-    save, saves = topn._save, []
+    save, saves = topn_train._save, []
 
     def save_then_die(config_, state):
         save(config_, state)
@@ -120,18 +123,18 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(splits, tmp_path, monk
         if len(saves) == 4:
             raise KeyboardInterrupt('killed')
 
-    monkeypatch.setattr(topn, '_save', save_then_die)
+    monkeypatch.setattr(topn_train, '_save', save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        topn.train(config, splits, *ROWS, seed=0)
-    monkeypatch.setattr(topn, '_save', save)
-    step, started_at = topn._Iterator.step, []
+        topn_train.train(config, splits, *ROWS, seed=0)
+    monkeypatch.setattr(topn_train, '_save', save)
+    step, started_at = topn_train._Iterator.step, []
 
     def recorded_step(iterator, state):
         started_at.append((state.phase, state.iteration))
         return step(iterator, state)
 
-    monkeypatch.setattr(topn._Iterator, 'step', recorded_step)
-    resumed = topn.train(config, splits, *ROWS, seed=0)
+    monkeypatch.setattr(topn_train._Iterator, 'step', recorded_step)
+    resumed = topn_train.train(config, splits, *ROWS, seed=0)
     # It went on from the fourth saved iteration, not from scratch.
     assert saves == [1, 2, 3, 4] and started_at[0] == ('search', 4)
     np.testing.assert_allclose(resumed.user_factors, whole.user_factors, rtol=0, atol=1e-6)
@@ -143,32 +146,45 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(splits, tmp_path, monk
 def test_without_refit_the_best_iteration_is_kept(splits, tmp_path):
     config = _config(tmp_path, topn_iterations=8, early_stopping_patience=0,
                      final_model='best')
-    result = topn.train(config, splits, *ROWS, seed=0)
+    result = topn_train.train(config, splits, *ROWS, seed=0)
     assert not result.refit
-    again = topn.train(dataclasses.replace(config, topn_iterations=result.iterations,
+    again = topn_train.train(dataclasses.replace(config, topn_iterations=result.iterations,
                                            model_dir=str(tmp_path / 'short'),
                                            checkpoint_dir=str(tmp_path / 'short' / 'c')),
                        splits, *ROWS, seed=0)
     np.testing.assert_allclose(result.user_factors, again.user_factors, atol=1e-6)
 
 
+def test_early_stopping_stops_patience_iterations_after_the_best(splits, tmp_path):
+    config = _config(tmp_path, topn_iterations=40, early_stopping_patience=2,
+                     final_model='best')
+    result = topn_train.train(config, splits, *ROWS, seed=0)
+    searched = [row[0] for row in result.history]
+    ndcg = [row[2] for row in result.history]
+    best = searched[int(np.argmax(ndcg))]
+    # It stopped early, exactly `patience` iterations past its best, and kept the best.
+    assert len(searched) < 40
+    assert searched[-1] == best + 2 and result.iterations == best
+    assert max(ndcg[-2:]) <= result.best_validation_ndcg
+
+
 def test_a_checkpoint_of_other_factors_is_refused(splits, tmp_path):
-    topn.train(_config(tmp_path, topn_iterations=1), splits, *ROWS, seed=0)
+    topn_train.train(_config(tmp_path, topn_iterations=1), splits, *ROWS, seed=0)
     with pytest.raises(ResumeError, match='--overwrite'):
-        topn.train(_config(tmp_path, topn_iterations=1, topn_factors=8), splits, *ROWS,
+        topn_train.train(_config(tmp_path, topn_iterations=1, topn_factors=8), splits, *ROWS,
                    seed=0)
 
 
 def test_the_tensorflow_fallback_trains_the_same_model_as_the_cpp_op(splits, tmp_path):
     settings = {'topn_iterations': 3, 'early_stopping_patience': 0, 'final_model': 'best'}
     try:
-        fused.load()
-    except fused.KernelUnavailable as error:
+        kernels.load()
+    except kernels.KernelUnavailable as error:
         pytest.skip(f'no C++ ops here: {error}')
-    assert topn._solver_ops(_config(tmp_path)) is not None  # auto takes the op
-    assert topn._solver_ops(_config(tmp_path, training_kernel='tf')) is None
-    with_op = topn.train(_config(tmp_path / 'op', **settings), splits, *ROWS, seed=0)
-    with_tf = topn.train(_config(tmp_path / 'tf', training_kernel='tf', **settings), splits,
+    assert topn_train._solver_ops(_config(tmp_path)) is not None  # auto takes the op
+    assert topn_train._solver_ops(_config(tmp_path, training_kernel='tf')) is None
+    with_op = topn_train.train(_config(tmp_path / 'op', **settings), splits, *ROWS, seed=0)
+    with_tf = topn_train.train(_config(tmp_path / 'tf', training_kernel='tf', **settings), splits,
                          *ROWS, seed=0)
     assert with_op.iterations == with_tf.iterations
     np.testing.assert_allclose(with_tf.user_factors, with_op.user_factors, atol=2e-3)

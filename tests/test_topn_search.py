@@ -1,4 +1,4 @@
-"""Tests of the top-N search (trainer/topn_search.py) on data with a planted answer.
+"""Tests of the top-N search (trainer/topn/search.py) on data with a planted answer.
 
 The planted case: 120 movies in 60 pairs of near-duplicates (a film and its
 re-release).  Each user watches both halves of five pairs; the validation
@@ -17,8 +17,9 @@ import pytest
 import tensorflow as tf
 
 from trainer import config as config_lib
-from trainer import data, ease, lists, ranking, topn_search
-from trainer.train import Splits
+from trainer import data
+from trainer.rating.train import Splits
+from trainer.topn import ease, lists, ranking, search as topn_search
 
 USERS, PAIRS, PAIRS_PER_USER, HELD_OUT = 200, 60, 5, 2
 
@@ -116,7 +117,7 @@ def test_the_same_seed_searches_the_same_points(splits, tiny_grid, tmp_path):
 
 def test_a_spent_budget_stops_each_stage_after_its_first_point(splits, tiny_grid, tmp_path,
                                                                caplog):
-    caplog.set_level('INFO', logger='trainer.topn_search')
+    caplog.set_level('INFO', logger='trainer.topn.search')
     result = topn_search.search(_config(tmp_path, topn_search_seconds=1e-3), splits,
                                 (USERS, 2 * PAIRS), seed=0)
     stages = [row['stage'] for row in result.table]
@@ -143,7 +144,7 @@ def test_the_lambda_ladder_climbs_to_the_best_rung_from_either_side(splits, tmp_
 def test_a_best_point_on_the_edge_is_said_in_one_line(splits, tmp_path, caplog, monkeypatch):
     # A ladder that may not go past 8 ends on its edge, still improving.
     monkeypatch.setattr(topn_search, 'EASE_RANGE', (0.5, 8.0))
-    caplog.set_level('INFO', logger='trainer.topn_search')
+    caplog.set_level('INFO', logger='trainer.topn.search')
     result = topn_search.search(_config(tmp_path, topn_model='ease', ease_lambda=1.0), splits,
                                 (USERS, 2 * PAIRS), seed=0)
     assert result.ease_lambda == 8.0 and result.on_edge == ('EASE lambda 8',)
@@ -159,7 +160,7 @@ def test_the_default_budget_grows_with_the_data():
 
 def test_the_flags_point_stays_unless_the_best_is_clearly_better(splits, tiny_grid, tmp_path,
                                                                  monkeypatch, caplog):
-    caplog.set_level('INFO', logger='trainer.topn_search')
+    caplog.set_level('INFO', logger='trainer.topn.search')
     monkeypatch.setattr(topn_search, 'CLEAR_MARGIN', 1e9)
     result = topn_search.search(_config(tmp_path), splits, (USERS, 2 * PAIRS), seed=0)
     first_ials = next(row for row in result.table if row['stage'] == 'ials')
@@ -171,7 +172,7 @@ def test_the_flags_point_stays_unless_the_best_is_clearly_better(splits, tiny_gr
 
 def test_a_catalogue_too_large_for_the_budget_leaves_ease_out(splits, tiny_grid, tmp_path,
                                                               monkeypatch, caplog):
-    caplog.set_level('INFO', logger='trainer.topn_search')
+    caplog.set_level('INFO', logger='trainer.topn.search')
     monkeypatch.setattr(topn_search, 'EASE_MAX_WORK', 1000.0)
     result = topn_search.search(_config(tmp_path), splits, (USERS, 2 * PAIRS), seed=0)
     assert result.family == 'ials' and result.ease_left_out

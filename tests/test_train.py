@@ -1,4 +1,4 @@
-"""Tests of trainer/train.py and trainer/optimizers.py on small planted data."""
+"""Tests of trainer/rating/train.py and trainer/rating/optimizers.py on small planted data."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import config, data, features, history, model, optimizers, synthetic, train
+from trainer import config, data, features, history
+from trainer.pipeline import synthetic
+from trainer.rating import model, optimizers, train
 
 # 150 users x 120 movies, 7,000 ratings: biases and rank-3 factors plus N(0, 0.5^2) noise.
 PLANTED = synthetic.SyntheticConfig(num_users=150, num_movies=120,
@@ -232,7 +234,8 @@ def test_a_mirrored_strategy_over_two_devices_matches_the_default(planted, tmp_p
         cpu = tf.config.list_physical_devices('CPU')[0]
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from trainer import config, features, train
+        from trainer import config, features
+        from trainer.rating import train
         info = features.DatasetInfo(**json.loads(sys.argv[1]))
         results = []
         for name, strategy in (

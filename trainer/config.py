@@ -20,8 +20,6 @@ from collections.abc import Callable, Mapping, Sequence
 from trainer import distribute
 from trainer import features
 from trainer import logs
-from trainer import optimizers
-from trainer import posterior
 
 # Vertex AI custom-job environment: where the SavedModel and checkpoints go.
 ENV_MODEL_DIR = 'AIP_MODEL_DIR'
@@ -36,16 +34,20 @@ DEFAULT_HP_METRIC_FILE = '/tmp/hypertune/output.metrics'
 
 # --final-model choices.
 FINAL_MODELS = ('refit', 'best')
+# --optimizer choices: the keys of `trainer.rating.optimizers.OPTIMIZERS`.
+OPTIMIZER_NAMES = ('adagrad', 'adam', 'sgd')
+# --posterior-noise choices (`trainer.rating.posterior`), the default first.
+POSTERIOR_NOISE_MODELS = ('user-movie', 'shared')
 # --topn-model choices: the lists `recommend` serves come from the top-N model
 # validation chooses ('auto': EASE, iALS or a blend; iALS with --topn-search
-# off), from iALS (`trainer.topn`), EASE (`trainer.ease`) or their blend
-# (`trainer.lists`), or are ranked by the rating model's predictions.
+# off), from iALS (`trainer.topn.train`), EASE (`trainer.topn.ease`) or their blend
+# (`trainer.topn.lists`), or are ranked by the rating model's predictions.
 TOPN_MODELS = ('auto', 'ials', 'ease', 'blend', 'rating')
 # --topn-search choices: search the top-N hyperparameters on validation, or not.
 TOPN_SEARCH = ('on', 'off')
-# --topn-target choices: what a rated pair should score, 1 or g(r) (`trainer.ials`).
+# --topn-target choices: what a rated pair should score, 1 or g(r) (`trainer.topn.ials`).
 TOPN_TARGETS = ('rating', 'watched')
-# --training-kernel choices: the fused C++ epoch (`trainer.fused`) where it
+# --training-kernel choices: the fused C++ epoch (`trainer.ops.kernels`) where it
 # applies, else TensorFlow ops; the fused one (an error where it cannot run);
 # TensorFlow ops.
 TRAINING_KERNELS = ('auto', 'fused', 'tf')
@@ -162,7 +164,7 @@ class TrainConfig:
       model_dir: checkpoints (unless checkpoint_dir), loss log, metrics.
       checkpoint_dir: where tf.train.CheckpointManager writes.
       export_dir: where the SavedModel goes.
-      optimizer: a key of `optimizers.OPTIMIZERS`.
+      optimizer: one of OPTIMIZER_NAMES.
       learning_rate: the optimiser's step size.
       learning_rate_decay: epoch n steps with learning_rate * decay^(n - 1);
         None: scaled to the data by `default_learning_rate_decay`.
@@ -186,14 +188,14 @@ class TrainConfig:
       final_model: 'refit' trains a fresh model on the whole train split
         (validation slice included) for the best epoch's number of epochs;
         'best' keeps the best epoch's parameters as they are.
-      implicit_feedback: add the SVD++-style term (`trainer.model`): each
+      implicit_feedback: add the SVD++-style term (`trainer.rating.model`): each
         user's factors gain a learned sum over the movies they rated; trained
         in TensorFlow ops on one replica, folded into the user factors at the
         end.
       implicit_l2: the penalty strength of the implicit term's y rows; None:
         IMPLICIT_L2_FACTOR x l2 (with implicit_feedback).
       posterior_samples: Gibbs sweeps averaged into the final model's
-        posterior mean (`trainer.posterior`); 0 exports the trained (MAP)
+        posterior mean (`trainer.rating.posterior`); 0 exports the trained (MAP)
         model as it is.
       posterior_burn_in: sweeps run from the trained model and dropped
         before the averaged ones.
@@ -201,10 +203,10 @@ class TrainConfig:
         per user and per movie) or 'shared' (one for every rating).
       topn_model: the served lists' model: 'auto' (validation picks EASE,
         iALS or their blend; iALS with topn_search 'off'), 'ials'
-        (`trainer.ials`), 'ease' (`trainer.ease`), 'blend' (`trainer.lists`),
+        (`trainer.topn.ials`), 'ease' (`trainer.topn.ease`), 'blend' (`trainer.topn.lists`),
         or 'rating': rank by predicted rating.
       topn_search: 'on' searches the top-N hyperparameters on the validation
-        slice and refits the best on all of train (`trainer.topn_search`);
+        slice and refits the best on all of train (`trainer.topn.search`);
         'off' trains the topn_* and ease_* flags as given.
       topn_search_seconds: the search's time budget; None: grows with the
         train ratings (`topn_search.default_budget`).
@@ -235,7 +237,7 @@ class TrainConfig:
       ranking_users: rank a sample of this many eval users (seeded by the
         split seed) when there are more; 0 ranks all.
       training_kernel: 'fused' trains each epoch in one C++ op
-        (`trainer.fused`: one replica, Adam), 'tf' in TensorFlow ops (and
+        (`trainer.ops.kernels`: one replica, Adam), 'tf' in TensorFlow ops (and
         draws the posterior sweeps in numpy), 'auto' with the C++ ops where
         they apply and build, else as 'tf'.
       overwrite: clear model_dir (and checkpoint_dir) first instead of resuming.
@@ -274,7 +276,7 @@ class TrainConfig:
     implicit_l2: float | None = None
     posterior_samples: int = 100
     posterior_burn_in: int = 20
-    posterior_noise: str = posterior.NOISE_MODELS[0]
+    posterior_noise: str = POSTERIOR_NOISE_MODELS[0]
     topn_model: str = 'auto'
     topn_search: str = 'on'
     topn_search_seconds: float | None = None
@@ -374,6 +376,10 @@ def redirect_outputs(config: TrainConfig, scratch_dir: str) -> TrainConfig:
         resume_checkpoint_dir=config.checkpoint_dir)
 
 
+# How a bad value's error names the type it wanted.
+_KIND_NAMES = {'int': 'an integer', 'float': 'a number'}
+
+
 def _bounded(kind: Callable[[str], float], flag: str, low: float, high: float,
              low_inclusive: bool = True,
              typical: float | None = None) -> Callable[[str], float]:
@@ -399,65 +405,147 @@ def _bounded(kind: Callable[[str], float], flag: str, low: float, high: float,
             low <= value <= high if low_inclusive else low < value <= high)
         if not in_range:
             raise argparse.ArgumentTypeError(
-                f'{text!r} is not a {kind.__name__} in {allowed}; '
-                f'pass e.g. {example}')
+                f'{text!r} is not {_KIND_NAMES.get(kind.__name__, kind.__name__)} in '
+                f'{allowed}; pass e.g. {example}')
         return value
 
     convert.__name__ = kind.__name__
     return convert
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each flag's default where its help does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ''
+        if ('default' not in text and action.default not in (None, False, argparse.SUPPRESS)
+                and action.option_strings):
+            text += ' (default: %(default)s)'
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Answers a bad flag in one line (no 35-line usage block), naming --help."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The trainer's flags; names are kebab-case TrainConfig fields."""
-    parser = argparse.ArgumentParser(
-        prog='python -m trainer.task', allow_abbrev=False,
-        description='Trains biased matrix factorisation on the TFT output '
-                    'of preprocess.py and exports a SavedModel.')
-    add = parser.add_argument
+    """The trainer's flags, grouped by what they steer; names are kebab-case TrainConfig fields."""
+    parser = _Parser(
+        prog='python -m trainer.task', usage='%(prog)s --work-dir WORK_DIR [flags]',
+        allow_abbrev=False, formatter_class=_HelpFormatter,
+        description='Trains the rating model (biased matrix factorisation, then its '
+                    'posterior mean) and the top-N model on the TFT output of '
+                    'preprocess.py, and exports one SavedModel that serves both.')
+    _add_run_flags(parser.add_argument_group('the run'))
+    _add_rating_flags(parser.add_argument_group(
+        'the rating model (biased matrix factorisation, trained with minibatch SGD-family optimisers)'))
+    _add_posterior_flags(parser.add_argument_group(
+        "the rating model's posterior mean (Gibbs sweeps from the trained model, averaged)"))
+    _add_topn_flags(parser.add_argument_group(
+        'the top-N model (the lists `recommend` serves)'))
+    _add_tuning_flags(parser.add_argument_group('hyperparameter tuning trials'))
+    return parser
+
+
+def _add_run_flags(group: argparse._ArgumentGroup) -> None:
+    add = group.add_argument
     add('--work-dir', required=True,
         help='work dir holding transformed/ (local path or gs://)')
     add('--job-dir', default=None,
         help='model dir: checkpoints, loss log, metrics, export '
              '(default: WORK_DIR/model)')
-    add('--optimizer', default=TrainConfig.optimizer,
-        choices=sorted(optimizers.OPTIMIZERS))
+    add('--seed', default=TrainConfig.seed,
+        type=_bounded(int, '--seed', 0, 2**31 - 1),
+        help='seed of the initial factors, the validation slice and the samples')
+    add('--validation-percent', default=TrainConfig.validation_percent,
+        type=_bounded(float, '--validation-percent', 0, 50),
+        help='share of the train split held out to pick the epoch and stop '
+             'early (0: none, train --num-epochs on all of it)')
+    add('--final-model', default=TrainConfig.final_model, choices=FINAL_MODELS,
+        help='refit: retrain on all train ratings for the best epoch count; '
+             'best: keep the best epoch as trained')
+    add('--ranking-users', default=TrainConfig.ranking_users,
+        type=_bounded(int, '--ranking-users', 0, 1 << 31),
+        help='rank a seeded sample of this many eval users when there are more '
+             '(0: all); ranking 162k users takes about 25 s')
+    add('--eval-batch-size', default=TrainConfig.eval_batch_size,
+        type=_bounded(int, '--eval-batch-size', 1, 1 << 20),
+        help='ratings per batch when scoring validation and eval')
+    add('--training-kernel', default=TrainConfig.training_kernel,
+        choices=TRAINING_KERNELS,
+        help='fused: each epoch is one C++ op (built once with g++; one replica, '
+             'adam); tf: TensorFlow ops; auto: fused where it applies')
+    add('--overwrite', action='store_true',
+        help='clear the model dir and start fresh instead of resuming')
+    logs.add_verbose_flag(group)
+
+
+def _add_rating_flags(group: argparse._ArgumentGroup) -> None:
+    add = group.add_argument
+    add('--optimizer', default=TrainConfig.optimizer, choices=OPTIMIZER_NAMES,
+        help='the minibatch optimiser (lazy: it updates only the rows a batch touches)')
     add('--learning-rate', default=TrainConfig.learning_rate,
-        type=_bounded(float, '--learning-rate', 0, 10, low_inclusive=False))
+        type=_bounded(float, '--learning-rate', 0, 10, low_inclusive=False),
+        help="the optimiser's initial step size")
     add('--learning-rate-decay', default=TrainConfig.learning_rate_decay,
         type=_bounded(float, '--learning-rate-decay', 0, 1, low_inclusive=False,
                       typical=DECAY_FACTOR),
         help='each epoch multiplies the learning rate by this (1: constant; default: '
              f'{DECAY_FACTOR:g} per {DECAY_STEPS} steps, at most per epoch)')
     add('--num-factors', default=TrainConfig.num_factors,
-        type=_bounded(int, '--num-factors', 1, 1024))
+        type=_bounded(int, '--num-factors', 1, 1024),
+        help='latent factors per user and per movie')
     add('--batch-size', default=TrainConfig.batch_size,
-        type=_bounded(int, '--batch-size', 1, 1 << 20))
+        type=_bounded(int, '--batch-size', 1, 1 << 20),
+        help='ratings per minibatch (across all workers)')
     add('--num-epochs', default=TrainConfig.num_epochs,
-        type=_bounded(int, '--num-epochs', 1, 10_000))
+        type=_bounded(int, '--num-epochs', 1, 10_000),
+        help='the most epochs; validation RMSE stops earlier')
+    add('--early-stopping-patience', default=TrainConfig.early_stopping_patience,
+        type=_bounded(int, '--early-stopping-patience', 0, 10_000),
+        help='epochs without a validation improvement before stopping (0: never)')
     add('--l2', default=TrainConfig.l2, type=_bounded(float, '--l2', 0, 100),
         help='per-example L2 strength on factor rows (default: '
              f'{L2_SCALE:g} / the mean train ratings per user and per movie)')
     add('--l2-bias', default=TrainConfig.l2_bias,
         type=_bounded(float, '--l2-bias', 0, 100),
         help='per-example L2 strength on biases')
-    add('--init-stddev', default=TrainConfig.init_stddev,
-        type=_bounded(float, '--init-stddev', 0, 10, low_inclusive=False))
-    add('--seed', default=TrainConfig.seed,
-        type=_bounded(int, '--seed', 0, 2**31 - 1))
-    add('--validation-percent', default=TrainConfig.validation_percent,
-        type=_bounded(float, '--validation-percent', 0, 50),
-        help='share of the train split held out to pick the epoch and stop '
-             'early (0: none, train --num-epochs on all of it)')
-    add('--early-stopping-patience', default=TrainConfig.early_stopping_patience,
-        type=_bounded(int, '--early-stopping-patience', 0, 10_000),
-        help='epochs without a validation improvement before stopping (0: never)')
     add('--l2-frequency-exponent', default=TrainConfig.l2_frequency_exponent,
         type=_bounded(float, '--l2-frequency-exponent', 0, 1),
         help='penalty weight n^-alpha of a row with n ratings (0: per example)')
-    add('--ranking-users', default=TrainConfig.ranking_users,
-        type=_bounded(int, '--ranking-users', 0, 1 << 31),
-        help='rank a seeded sample of this many eval users when there are more '
-             '(0: all); ranking 162k users takes about 25 s')
+    add('--init-stddev', default=TrainConfig.init_stddev,
+        type=_bounded(float, '--init-stddev', 0, 10, low_inclusive=False),
+        help='standard deviation of the initial factors')
+    add('--implicit-feedback', action='store_true',
+        help="SVD++-style term: learn from which movies each user rated, not only "
+             'how (one replica, TensorFlow ops: 10 s of training instead of 0.5 s at 100k)')
+    add('--implicit-l2', default=TrainConfig.implicit_l2,
+        type=_bounded(float, '--implicit-l2', 0, 100),
+        help='per-example L2 strength on the implicit rows, spread over the movies '
+             f'each user rated (default: {IMPLICIT_L2_FACTOR:g} x --l2)')
+
+
+def _add_posterior_flags(group: argparse._ArgumentGroup) -> None:
+    add = group.add_argument
+    add('--posterior-samples', default=TrainConfig.posterior_samples,
+        type=_bounded(int, '--posterior-samples', 0, 100_000),
+        help='Gibbs sweeps averaged into the exported model (its Bayesian posterior '
+             'mean); 0: export the trained model as it is')
+    add('--posterior-burn-in', default=TrainConfig.posterior_burn_in,
+        type=_bounded(int, '--posterior-burn-in', 0, 100_000),
+        help='sweeps from the trained model dropped before averaging')
+    add('--posterior-noise', default=TrainConfig.posterior_noise,
+        choices=POSTERIOR_NOISE_MODELS,
+        help='user-movie: the chain learns a noise level per user and per '
+             'movie, so erratic raters and divisive movies weigh less; shared: one '
+             'noise level for every rating')
+
+
+def _add_topn_flags(group: argparse._ArgumentGroup) -> None:
+    add = group.add_argument
     add('--topn-model', default=TrainConfig.topn_model, choices=TOPN_MODELS,
         help='auto (default): validation picks EASE, iALS or their blend (iALS with '
              '--topn-search off); ials, ease, blend: that model; rating: rank by '
@@ -483,7 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_bounded(float, '--topn-blend', 0, 1),
         help="EASE's weight in --topn-model blend (scores standardised per user)")
     add('--topn-factors', default=TrainConfig.topn_factors,
-        type=_bounded(int, '--topn-factors', 1, 1024))
+        type=_bounded(int, '--topn-factors', 1, 1024),
+        help='latent factors per user and per movie of the top-N model')
     add('--topn-l2', default=TrainConfig.topn_l2,
         type=_bounded(float, '--topn-l2', 0, 1e6, typical=20),
         help='ridge penalty of a top-N factor row: this x (its ratings + '
@@ -491,7 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
              f'(default: {TOPN_L2_SCALE:g} x the mean train ratings per user and per '
              'movie to the power 2/3)')
     add('--topn-l2-exponent', default=TrainConfig.topn_l2_exponent,
-        type=_bounded(float, '--topn-l2-exponent', 0, 2))
+        type=_bounded(float, '--topn-l2-exponent', 0, 2),
+        help='how the ridge penalty grows with a row\'s weight (0: the same for every row)')
     add('--topn-unobserved-weight', default=TrainConfig.topn_unobserved_weight,
         type=_bounded(float, '--topn-unobserved-weight', 0, 1e4, low_inclusive=False,
                       typical=0.5),
@@ -502,8 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
         help='a rated pair weighs max(rating - 2, 0.2) to this power (default 0: all alike; '
              '1 with --topn-like-weight 0)')
     add('--topn-target', default=TrainConfig.topn_target, choices=TOPN_TARGETS,
-        help='what a rated pair should score: watched (default), 1; rating, '
-             'max(rating - 2, 0.2)')
+        help='what a rated pair should score: watched, 1; rating, max(rating - 2, 0.2)')
     add('--topn-iterations', default=TrainConfig.topn_iterations,
         type=_bounded(int, '--topn-iterations', 1, 10_000),
         help='the most alternating iterations; validation NDCG@10 stops earlier')
@@ -511,52 +600,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=_bounded(int, '--topn-cg-steps', 1, 1024),
         help='conjugate-gradient steps per half-iteration')
     add('--topn-init-stddev', default=TrainConfig.topn_init_stddev,
-        type=_bounded(float, '--topn-init-stddev', 0, 10, low_inclusive=False))
+        type=_bounded(float, '--topn-init-stddev', 0, 10, low_inclusive=False),
+        help='standard deviation of the initial top-N factors')
     add('--topn-like-weight', default=TrainConfig.topn_like_weight,
         type=_bounded(float, '--topn-like-weight', 0, 10),
         help="beta: serve log(top-N score) + beta x log P(rating >= 4) by the rating model "
              '(default 0.25; 0: the top-N score alone, best with --topn-confidence 1)')
-    add('--eval-batch-size', default=TrainConfig.eval_batch_size,
-        type=_bounded(int, '--eval-batch-size', 1, 1 << 20))
-    add('--final-model', default=TrainConfig.final_model, choices=FINAL_MODELS,
-        help='refit: retrain on all train ratings for the best epoch count '
-             '(default); best: keep the best epoch as trained')
-    add('--implicit-feedback', action='store_true',
-        help="SVD++-style term: learn from which movies each user rated, not only "
-             'how (one replica, TensorFlow ops: 10 s of training instead of 0.5 s at 100k)')
-    add('--implicit-l2', default=TrainConfig.implicit_l2,
-        type=_bounded(float, '--implicit-l2', 0, 100),
-        help='per-example L2 strength on the implicit rows, spread over the movies '
-             f'each user rated (default: {IMPLICIT_L2_FACTOR:g} x --l2)')
-    add('--posterior-samples', default=TrainConfig.posterior_samples,
-        type=_bounded(int, '--posterior-samples', 0, 100_000),
-        help='Gibbs sweeps averaged into the final model (its Bayesian posterior '
-             'mean); 0: export the trained model as it is')
-    add('--posterior-burn-in', default=TrainConfig.posterior_burn_in,
-        type=_bounded(int, '--posterior-burn-in', 0, 100_000),
-        help='sweeps from the trained model dropped before averaging')
-    add('--posterior-noise', default=TrainConfig.posterior_noise,
-        choices=posterior.NOISE_MODELS,
-        help='user-movie (default): the chain learns a noise level per user and per '
-             'movie, so erratic raters and divisive movies weigh less; shared: one '
-             'noise level for every rating')
-    add('--training-kernel', default=TrainConfig.training_kernel,
-        choices=TRAINING_KERNELS,
-        help='fused: each epoch is one C++ op (built once with g++; one replica, '
-             'adam); tf: TensorFlow ops; auto (default): fused where it applies')
-    add('--overwrite', action='store_true',
-        help='clear the model dir and start fresh instead of resuming')
-    logs.add_verbose_flag(parser)
+
+
+def _add_tuning_flags(group: argparse._ArgumentGroup) -> None:
+    add = group.add_argument
     add('--metric-only', action='store_true',
         help='a tuning trial: train, write the loss log and report the validation '
              'metric only; implies --final-model best --posterior-samples 0 and '
              'skips the ranking evaluation and the export')
     add('--tuning-metric', default=TrainConfig.tuning_metric,
         choices=tuple(features.TUNING_METRICS),
-        help="the metric a tuning trial reports: validation_rmse (default, the rating "
+        help="the metric a tuning trial reports: validation_rmse (the rating "
              "model's) or validation_ndcg (the top-N model's NDCG@10; "
              'hptuning-ranking.yaml)')
-    return parser
 
 
 def parse_args(argv: Sequence[str] | None = None,

@@ -5,7 +5,7 @@ gzip check by `load_checked`) into three columns (int32 user and item
 indices, float32 ratings): 12 bytes a rating, 300 MB for 25M ratings,
 sorted by (user, item) so that row positions depend on the ratings alone.
 Each shard is read by the C++ op `ReadRatingShard` (`read_ratings.cc`, built
-with the fused epoch by `trainer.fused`), which decodes only the keys the
+with the fused epoch by `trainer.ops.kernels`), which decodes only the keys the
 model reads: 8.5 s for a 20M-rating shard, where `tf.data` with
 `tf.io.parse_example` in batches of 65536, the fallback where the op cannot
 be built, takes about 25 s (about 1 us a record of iteration).
@@ -36,7 +36,7 @@ import tensorflow as tf
 import tensorflow_transform as tft
 
 from trainer import features
-from trainer import fused
+from trainer.ops import kernels
 
 # The keys the model reads; the raw ids stay unparsed (the export maps them itself).
 MODEL_KEYS = (features.USER, features.ITEM, features.RATING)
@@ -196,8 +196,8 @@ def load_ratings(file_pattern: str) -> Ratings:
     """
     files = list_shards(file_pattern)
     try:
-        parts = _read_with_op(fused.load(), files)
-    except fused.KernelUnavailable:  # the trainer says why when it picks its epoch
+        parts = _read_with_op(kernels.load(), files)
+    except kernels.KernelUnavailable:  # the trainer says why when it picks its epoch
         parts = _read_with_tf_data(files)
     user, item, rating = (tf.concat(column or [tf.zeros([0], dtype)], axis=0)
                           for column, dtype in zip(parts, (tf.int32, tf.int32, tf.float32)))

@@ -8,7 +8,7 @@ reads them once, at start-up (`make_strategy`), and builds one strategy:
 - no cluster, or a cluster of one task: the default strategy (one process);
 - a chief and/or workers: `tf.distribute.MultiWorkerMirroredStrategy`.  Each
   worker holds a full copy of the tables, reads every other slice of each
-  global batch, and the sparse gradients are all-reduced (`trainer.train`).
+  global batch, and the sparse gradients are all-reduced (`trainer.rating.train`).
 
 `TF_CONFIG` is read by `TFConfigClusterResolver` only; a `CLUSTER_SPEC` without
 a `TF_CONFIG` is first translated into one (`adopt_cluster_spec`).  Parameter
@@ -29,8 +29,12 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, MutableMapping
+from typing import TYPE_CHECKING
 
-import tensorflow as tf
+from trainer import logs
+
+if TYPE_CHECKING:  # TensorFlow loads when a strategy is made, not when flags are read
+    import tensorflow as tf
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +188,7 @@ def make_strategy(environ: MutableMapping[str, str]
     Raises:
       ClusterError: if the cluster is malformed or not supported.
     """
+    tf = logs.import_tensorflow()
     adopt_cluster_spec(environ)
     resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
     try:
@@ -204,6 +209,7 @@ def wait_for_all(strategy: tf.distribute.Strategy) -> None:
     A worker that ended while the chief was still writing would look dead
     to the coordination service; ending together avoids that.
     """
+    tf = logs.import_tensorflow()
 
     @tf.function  # eager collectives work too, but warn of their overhead
     def all_reduce_one() -> tf.Tensor:

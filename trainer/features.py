@@ -8,6 +8,7 @@ Beam (Dataflow workers and the training container both install it).
 Work-dir layout (a local path or ``gs://bucket/prefix``)::
 
     WORK_DIR/
+      run.lock                  while a step or run-local.sh writes here (trainer/worklock.py)
       raw/                      data-extractor.py
         source.json             what was staged: dataset, layout, url, md5
         <ratings file>          as in the archive: u.data, ratings.dat, ratings.csv
@@ -21,6 +22,7 @@ Work-dir layout (a local path or ``gs://bucket/prefix``)::
         rejected/               rejected-*.csv: reason, line
         dataset_info.json       counts and the train mean; written last
       model/                    python -m trainer.task
+        run.lock                while a trainer writes here
         checkpoints/
         export/                 SavedModel, serving_default(user_id, movie_id) -> rating,
                                 recommend(user_id, k) -> movie_ids, titles, scores,
@@ -72,12 +74,18 @@ REJECTED_DIR = 'rejected'
 DATASET_INFO_FILE = 'dataset_info.json'
 TFRECORD_SUFFIX = '.tfrecord.gz'
 MODEL_DIR = 'model'
+# A directory's lock while a step writes in it (trainer/worklock.py): in the
+# work dir for the data steps and a run-local.sh chain, in the model dir for
+# the trainer.
+LOCK_FILE = 'run.lock'
 CHECKPOINT_DIR = 'checkpoints'
 EXPORT_DIR = 'export'
 LOSS_LOG_FILE = 'loss_log.csv'
-# The top-N model (trainer/topn.py): its checkpoints under CHECKPOINT_DIR, and
+# The top-N model (trainer/topn/train.py): its checkpoints under CHECKPOINT_DIR, and
 # one row per search iteration.
 TOPN_CHECKPOINT_DIR = 'topn'
+# The posterior chain's state and running sums (trainer/rating/state.py), under CHECKPOINT_DIR.
+POSTERIOR_CHECKPOINT_DIR = 'posterior'
 TOPN_LOG_FILE = 'topn_log.csv'
 TOPN_LOG_COLUMNS = ('iteration', 'objective', 'validation_ndcg', 'seconds')
 # What a tuning trial can report, each a log column, and whether larger is
@@ -91,12 +99,12 @@ METRICS_FILE = 'metrics.json'
 # Counts of clipped eval predictions per true rating, for plot.py.
 EVAL_PREDICTIONS_FILE = 'eval_predictions.csv'
 EVAL_PREDICTIONS_COLUMNS = ('rating', 'predicted_low', 'predicted_high', 'count')
-# Every user's top-k from the batch job (trainer/batch_recommendations.py), JSON lines.
+# Every user's top-k from the batch job (trainer/serving/batch.py), JSON lines.
 RECOMMENDATIONS_DIR = 'recommendations'
 RECOMMENDATIONS_PREFIX = 'part'
 RECOMMENDATIONS_SUFFIX = '.jsonl'
 
-# --- The export's `recommend` signature (trainer/export.py). -------------------
+# --- The export's `recommend` signature (trainer/serving/export.py). -------------------
 RECOMMEND_SIGNATURE = 'recommend'
 RECOMMEND_K = 'k'  # the number of movies asked for
 MOVIE_IDS = 'movie_ids'

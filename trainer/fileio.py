@@ -8,8 +8,10 @@ read a CSV and a few JSON files, and importing TensorFlow for them took
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from collections.abc import Mapping
 from typing import IO
 
 from trainer import logs
@@ -86,3 +88,39 @@ def rmtree(path: str) -> None:
 def size(path: str) -> int:
     """The file's length in bytes."""
     return os.path.getsize(path) if is_local(path) else _gfile().stat(path).length
+
+
+# What TensorFlow's GCS filesystem can read from an Application Default
+# Credentials file (tsl/platform/cloud/google_auth_provider.cc): a user's refresh
+# token or a service-account key.  Impersonated service accounts and workload
+# identity federation (external_account...) pass `gcloud auth
+# application-default print-access-token`, but tf.io.gfile cannot use them.
+GCS_CREDENTIAL_TYPES = ('authorized_user', 'service_account')
+
+
+def adc_file(environ: Mapping[str, str]) -> str | None:
+    """The ADC file TensorFlow reads, or None (then it asks the metadata server)."""
+    if environ.get('GOOGLE_APPLICATION_CREDENTIALS'):
+        return environ['GOOGLE_APPLICATION_CREDENTIALS']
+    config = environ.get('CLOUDSDK_CONFIG') or os.path.join(
+        environ.get('HOME', ''), '.config', 'gcloud')
+    path = os.path.join(config, 'application_default_credentials.json')
+    return path if os.path.exists(path) else None
+
+
+def gcs_credentials_problem(environ: Mapping[str, str]) -> str | None:
+    """One line saying why tf.io.gfile cannot reach gs:// with these credentials, or None."""
+    path = adc_file(environ)
+    if path is None:
+        return None
+    try:
+        with open(path, encoding='utf-8') as f:
+            kind = json.load(f).get('type')
+    except (OSError, ValueError, AttributeError) as error:
+        return f'cannot read the Application Default Credentials {path}: {error}'
+    if kind in GCS_CREDENTIAL_TYPES:
+        return None
+    return (f'the Application Default Credentials in {path} are of type {kind!r}, which '
+            "TensorFlow's Cloud Storage client (the gs:// steps run here) cannot use; run "
+            'gcloud auth application-default login (without --impersonate-service-account), '
+            'or set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file')

@@ -18,6 +18,7 @@ Two calls, both at the edges:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import re
@@ -54,6 +55,27 @@ _STARTUP_LINE = re.compile(
     r'|To enable the following instructions: .*rebuild TensorFlow')
 
 
+# What a Python that runs this project must be able to import: the pinned stack
+# (requirements.txt), which run-local.sh and run-tests.sh install into .venv.
+STACK_MODULES = ('numpy', 'tensorflow', 'apache_beam', 'tensorflow_transform', 'matplotlib')
+VENV_PYTHON = '.venv/bin/python'
+
+
+def check_packages(modules: Sequence[str] = STACK_MODULES) -> None:
+    """Exits with one line naming the fix when a pinned package is missing.
+
+    The usual cause is a Python outside .venv: `python recommend.py` in a new
+    shell.  Call it at the top of an entry point, before anything imports the
+    stack; it looks the modules up without importing them.
+    """
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f'error: {missing[0]} is not installed for {sys.executable}; '
+              f'run this with {VENV_PYTHON} (./run-local.sh or ./run-tests.sh sets up '
+              '.venv), or activate it first: source .venv/bin/activate', file=sys.stderr)
+        sys.exit(2)
+
+
 def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
     """Adds --verbose, which every entry point takes (see quiet_startup)."""
     parser.add_argument(VERBOSE_FLAG, action='store_true', help=VERBOSE_HELP)
@@ -73,7 +95,8 @@ def is_startup_line(line: str) -> bool:
 def quiet_startup(argv: Sequence[str] | None = None, load_tensorflow: bool = True) -> None:
     """Hides TensorFlow's native start-up lines unless argv holds --verbose.
 
-    Call before anything imports TensorFlow.  Sets TF_CPP_MIN_LOG_LEVEL (which
+    Call before anything imports TensorFlow.  Exits in one line where the
+    pinned packages are missing (`check_packages`).  Sets TF_CPP_MIN_LOG_LEVEL (which
     child processes inherit; an explicit value is kept unless --verbose is
     given) and, with load_tensorflow, imports TensorFlow through
     import_tensorflow.
@@ -83,6 +106,7 @@ def quiet_startup(argv: Sequence[str] | None = None, load_tensorflow: bool = Tru
       load_tensorflow: import TensorFlow now; pass False where only some paths
         need it (they import it through import_tensorflow).
     """
+    check_packages()
     if wants_verbose(argv):
         os.environ[_TF_LOG_LEVEL] = _VERBOSE_TF_LOG_LEVEL
         return

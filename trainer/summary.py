@@ -42,7 +42,7 @@ def next_commands(model_dir: str, chart: str | None, user_id: str | None) -> lis
     """What to try next: recommendations for a real user, and the chart."""
     lines = []
     if user_id is not None:
-        lines.append(f'== next: python recommend.py --model-dir {shlex.quote(model_dir)} '
+        lines.append(f'== next: .venv/bin/python recommend.py --model-dir {shlex.quote(model_dir)} '
                      f'--user {shlex.quote(user_id)}')
     if chart:
         lines.append(f'== chart: {chart}')

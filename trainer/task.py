@@ -9,6 +9,11 @@ AIP_CHECKPOINT_DIR / AIP_MODEL_DIR on Vertex AI), TensorBoard scalars to
 AIP_TENSORBOARD_LOG_DIR and, in a tuning trial, the validation RMSE to the
 hyperparameter-tuning metric file.  In a multi-worker cluster (TF_CONFIG or
 CLUSTER_SPEC) every worker runs this; only the chief's outputs are kept.
+
+The run holds its model dir's lock (`trainer.worklock`): a second trainer on
+the same model dir stops with one line naming the first.  On SIGTERM (a Spot
+VM's preemption) it stops at its next checkpoint and exits 0
+(`trainer.shutdown`); the same command resumes.
 """
 
 from __future__ import annotations
@@ -22,29 +27,35 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from trainer import config as config_lib
 from trainer import logs
+from trainer import shutdown
+from trainer import worklock
 
 if __name__ == '__main__':
-    logs.quiet_startup()  # before TensorFlow loads
+    logs.check_packages()
+    config_lib.parse_args()  # --help and a bad flag answer before TensorFlow loads
+    logs.quiet_startup()
 
 # pylint: disable=wrong-import-position
 import tensorflow as tf  # noqa: E402
 
-from trainer import catalog as catalog_lib  # noqa: E402
-from trainer import config as config_lib  # noqa: E402
 from trainer import data  # noqa: E402
 from trainer import distribute  # noqa: E402
-from trainer import eval_predictions  # noqa: E402
-from trainer import export  # noqa: E402
 from trainer import features  # noqa: E402
-from trainer import ease as ease_lib  # noqa: E402
-from trainer import fused  # noqa: E402
-from trainer import lists as lists_lib  # noqa: E402
-from trainer import ranking  # noqa: E402
 from trainer import reporting  # noqa: E402
-from trainer import topn  # noqa: E402
-from trainer import topn_search  # noqa: E402
-from trainer import train as train_lib  # noqa: E402
+from trainer.ops import kernels  # noqa: E402
+from trainer.rating import eval_predictions  # noqa: E402
+from trainer.rating import train as train_lib  # noqa: E402
+from trainer.serving import export  # noqa: E402
+from trainer.topn import catalog as catalog_lib  # noqa: E402
+from trainer.topn import ease as ease_lib  # noqa: E402
+from trainer.topn import lists as lists_lib  # noqa: E402
+from trainer.topn import ranking  # noqa: E402
+from trainer.topn import search as topn_search  # noqa: E402
+from trainer.topn import train as topn_train  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 
 def _metrics_record(result: train_lib.TrainResult, info: features.DatasetInfo,
@@ -109,7 +120,7 @@ class _Lists:
     """The served top-N model and how it was chosen."""
     model: lists_lib.ListModel
     like: ranking.LikeTerm | None
-    ials: topn.TopNResult | None
+    ials: topn_train.TopNResult | None
     search: topn_search.SearchResult | None
     seconds: float
 
@@ -170,7 +181,7 @@ def _train_lists(config: config_lib.TrainConfig, info: features.DatasetInfo,
     blend = {'ials': 0.0, 'ease': 1.0}.get(family, blend)
     ials_result = user_factors = item_factors = stored = seen_values = None
     if family != 'ease':
-        ials_result = topn.train(ials_config, splits, *(
+        ials_result = topn_train.train(ials_config, splits, *(
             size + features.NUM_OOV_BUCKETS for size in sizes), info.seed)
         user_factors, item_factors = ials_result.user_factors, ials_result.item_factors
     if family != 'ials':
@@ -251,15 +262,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except distribute.ClusterError as error:
         print(f'trainer: error: {error}', file=sys.stderr)
         return 2
-    with distribute.scratch_dir(task) as scratch:
+    with distribute.scratch_dir(task) as scratch, shutdown.stop_at_checkpoints():
         if scratch is not None:
             config = config_lib.redirect_outputs(config, scratch)
-        return _run(config, strategy, task, started)
+        try:
+            with worklock.hold(config.model_dir, worklock.command_line(argv)):
+                return _run(config, strategy, task, started)
+        except worklock.LockHeld as error:
+            print(f'trainer: error: {error}', file=sys.stderr)
+            return 2
+        except shutdown.Stopped as stopped:
+            logger.warning('SIGTERM: %s; exiting 0, run the same command to resume', stopped)
+            return 0
 
 
 # What a run reports in one line and exit code 2 instead of a traceback.
 _RUN_ERRORS = (FileNotFoundError, train_lib.ResumeError, train_lib.Unsupported,
-               data.ShardError, fused.KernelUnavailable)
+               data.ShardError, kernels.KernelUnavailable)
 
 
 def _or_error_line(info: features.DatasetInfo, work: Callable[[], Any]) -> Any:
@@ -287,7 +306,7 @@ def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
     info_path = features.join(tft_dir, features.DATASET_INFO_FILE)
     if not tf.io.gfile.exists(info_path):
         print(f'trainer: error: {info_path} does not exist; run '
-              f'python preprocess.py --work-dir {config.work_dir} first',
+              f'.venv/bin/python preprocess.py --work-dir {config.work_dir} first',
               file=sys.stderr)
         return 2
     info = features.read_dataset_info(config.work_dir)
@@ -356,7 +375,7 @@ def _ranking_trial(config: config_lib.TrainConfig, info: features.DatasetInfo,
 
     The rating model is not trained: the top-N model reads only the splits.
     """
-    result = _or_error_line(info, lambda: topn.train(
+    result = _or_error_line(info, lambda: topn_train.train(
         config, train_lib.load_splits(config, info),
         *(size + features.NUM_OOV_BUCKETS for size in sizes), info.seed))
     if result is None:

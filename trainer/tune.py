@@ -29,16 +29,21 @@ import sys
 import time
 from collections.abc import Sequence
 
-import numpy as np
-import tensorflow as tf
-
-from trainer import config as config_lib
-from trainer import data
-from trainer import features
 from trainer import logs
-from trainer import ranking
-from trainer import topn
-from trainer import train as train_lib
+
+if __name__ == '__main__':
+    logs.quiet_startup()  # before TensorFlow loads
+
+# pylint: disable=wrong-import-position
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from trainer import config as config_lib  # noqa: E402
+from trainer import data  # noqa: E402
+from trainer import features  # noqa: E402
+from trainer.rating import train as train_lib  # noqa: E402
+from trainer.topn import ranking  # noqa: E402
+from trainer.topn import train as topn_train  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +157,8 @@ def _ranking_trial(config: config_lib.TrainConfig, info: features.DatasetInfo,
     """The top-N model alone: its best iteration by validation NDCG@10, and that
     model's eval NDCG@10 (for information)."""
     rows = tuple(size + features.NUM_OOV_BUCKETS for size in sizes)
-    result = topn.train(config, splits, *rows, seed=info.seed)
-    seen = topn.pairs_catalog(splits.fit, *sizes)
+    result = topn_train.train(config, splits, *rows, seed=info.seed)
+    seen = topn_train.pairs_catalog(splits.fit, *sizes)
     record = ranking.evaluate_lists(
         {'topn': ranking.factor_scorer(result.user_factors, result.item_factors, sizes[1])},
         seen, splits.eval.user.numpy(), splits.eval.item.numpy(),
@@ -269,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'tune: {len(records)} trials over {", ".join(p.name for p in space)}; best '
           f'{metric.label} {best[metric.name]:.4f} (trial {best["trial"]}; base flags '
           f'{records[0][metric.name]:.4f}); wrote {features.join(job_dir, RESULTS_FILE)}')
-    print('  train it: python -m trainer.task '
+    print('  train it: .venv/bin/python -m trainer.task '
           + ' '.join(args.trainer_argv + ([flags] if flags else [])))
     return 0
 

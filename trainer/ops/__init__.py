@@ -1,0 +1,1 @@
+"""The C++ ops: their sources, their build and their loader (`kernels`)."""

@@ -1,0 +1,1 @@
+"""The Beam pipeline's pieces: reading, parsing, de-duplicating and splitting ratings; generated data."""

@@ -1,0 +1,1 @@
+"""Serving: the SavedModel export, the prediction server and batch recommendations."""

@@ -1,0 +1,1 @@
+"""The top-N model: implicit-feedback ALS on which movies users rated, its ranking metrics and the catalog."""
