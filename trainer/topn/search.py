@@ -52,6 +52,7 @@ import tensorflow as tf
 
 from trainer import data
 from trainer import features
+from trainer import shutdown
 from trainer.config import TrainConfig
 from trainer.topn import ease as ease_lib
 from trainer.topn import lists as lists_lib
@@ -130,6 +131,14 @@ class SearchResult:
 
 
 class _Clock:
+    """The search's budget, asked before every point; it also answers SIGTERM.
+
+    The search keeps no checkpoint of its own: on SIGTERM it stops before its
+    next point (the rating model's checkpoints are all written by then), and a
+    resumed run searches again from the start, as the same seed draws the
+    same points.
+    """
+
     def __init__(self, budget: float) -> None:
         self.started, self.budget = time.perf_counter(), budget
 
@@ -137,6 +146,7 @@ class _Clock:
         return time.perf_counter() - self.started
 
     def left(self, share: float = 1.0) -> bool:
+        shutdown.check('the rating model (the top-N search starts again on resume)')
         return self.spent() < share * self.budget
 
 
