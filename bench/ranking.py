@@ -59,6 +59,7 @@ import tensorflow_transform as tft  # noqa: E402
 
 from trainer import data, features  # noqa: E402
 from trainer.pipeline import synthetic  # noqa: E402
+from trainer.topn import ease as ease_lib  # noqa: E402
 from trainer.topn import ranking, train as topn_train  # noqa: E402
 
 logger = logging.getLogger('bench.ranking')
@@ -77,8 +78,8 @@ Scorer = Callable[[tf.Tensor], tf.Tensor] | np.ndarray
 
 
 def graded(ratings: np.ndarray) -> np.ndarray:
-    """max(r - 2, 0.2): what a rating is worth in a rating-aware matrix."""
-    return np.maximum(ratings - 2.0, 0.2)
+    """max(r - 2, 0.2): what a rating is worth in a rating-aware matrix (EASE's x)."""
+    return ease_lib.pair_values(ratings).astype(np.float64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,12 +127,8 @@ def _item_item_scorer(x: sparse.csr_matrix, weights: np.ndarray) -> Callable:
 
 def ease(problem: Problem, values: np.ndarray | None, lam: float) -> Callable:
     x = problem.matrix(values)
-    gram = (x.T @ x).toarray().astype(np.float64)
-    gram[np.diag_indices_from(gram)] += lam
-    inverse = np.linalg.inv(gram)
-    weights = -inverse / np.diag(inverse)
-    weights[np.diag_indices_from(weights)] = 0.0
-    return _item_item_scorer(x, weights)
+    return _item_item_scorer(x, ease_lib.weights_from_gram(
+        (x.T @ x).toarray().astype(np.float64), lam))
 
 
 def item_knn(problem: Problem, neighbours: int) -> Callable:

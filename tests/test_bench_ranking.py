@@ -51,7 +51,30 @@ def test_served_lists_score_what_the_trainer_measured(trained):
         assert row[name] == pytest.approx(ranked['model'][name], abs=1e-9), name
     assert ranked['model']['ndcg'] > 1.08 * ranked['most_popular']['ndcg'], ranked
     assert ranked['model']['ndcg'] > 3.0 * ranked['rating_model']['ndcg'], ranked
-    assert metrics['topn']['iterations'] >= 1 and metrics['topn']['refit']
+    topn = metrics['topn']
+    assert topn['refit'] and topn['model'] in ('ials', 'ease', 'blend')
+    # The default run chose its model on validation and says what it tried.
+    search = topn['search']
+    assert search['family'] == topn['model'] and len(search['table']) >= 3
+    best = max(row['validation_ndcg'] for row in search['table'] if row['stage'] == 'score')
+    assert topn['validation_ndcg'] == search['validation_ndcg']
+    assert (search['validation_ndcg'] <= best) if search['kept_flags'] else (
+        search['validation_ndcg'] == pytest.approx(best))
+
+
+@pytest.mark.parametrize('model', ['ease', 'ials', 'blend'])
+def test_each_top_n_family_serves_what_the_trainer_measured(trained, tmp_path, model):
+    model_dir = str(tmp_path / model)
+    assert task.main(['--work-dir', trained, '--job-dir', model_dir, '--posterior-samples', '0',
+                      '--topn-model', model, '--topn-search', 'off', '--num-epochs', '4']) == 0
+    metrics = features.read_json(features.join(model_dir, features.METRICS_FILE))
+    assert metrics['topn']['model'] == model and metrics['topn']['search'] is None
+    assert (metrics['topn'].get('ease_lambda') is not None) == (model != 'ials')
+    tuning, final, facts = bench.load_problems(trained)
+    row = bench.served_row(trained, model_dir, final, 0, facts['seed'])
+    for name in ('ndcg', 'precision', 'recall', 'coverage'):
+        assert row[name] == pytest.approx(metrics['ranking']['model'][name], abs=1e-9), name
+    assert row['ndcg'] > metrics['ranking']['most_popular']['ndcg']
 
 
 @pytest.mark.parametrize('weight, confidence', [('0.5', '0'), ('0', '1')])
@@ -63,7 +86,8 @@ def test_with_any_like_weight_the_served_lists_score_what_the_trainer_measured(
     # as docs/evaluation.md suggests for it) serves the top-N score alone.
     model_dir = str(tmp_path / 'liked')
     assert task.main(['--work-dir', trained, '--job-dir', model_dir, '--posterior-samples', '0',
-                      '--topn-confidence', confidence, '--topn-like-weight', weight]) == 0
+                      '--topn-confidence', confidence, '--topn-like-weight', weight,
+                      '--topn-search', 'off']) == 0
     metrics = features.read_json(features.join(model_dir, features.METRICS_FILE))
     like = metrics['topn'].get('like')
     if float(weight):

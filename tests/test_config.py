@@ -75,6 +75,12 @@ def test_os_environ_is_read_when_no_mapping_is_given(monkeypatch):
     ('--optimizer', 'rmsprop'),
     ('--posterior-samples', '-1'),
     ('--posterior-burn-in', '1.5'),
+    ('--topn-search', 'maybe'),
+    ('--topn-search-seconds', '0'),
+    ('--ease-lambda', '-1'),
+    ('--ease-max-movies', '1'),
+    ('--topn-blend', '1.5'),
+    ('--topn-model', 'slim'),
 ])
 def test_bad_values_get_one_line_naming_flag_value_and_range(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -84,7 +90,7 @@ def test_bad_values_get_one_line_naming_flag_value_and_range(flag, value, capsys
     assert len(errors) == 1 and 'error:' in errors[0] and '(see --help)' in errors[0]
     assert flag in errors[0] and repr(value) in errors[0]
     assert 'is not a int' not in errors[0]
-    if flag != '--optimizer':
+    if flag not in ('--optimizer', '--topn-search', '--topn-model'):
         assert 'in [' in errors[0] or 'in (' in errors[0]
         assert f'pass e.g. {flag} ' in errors[0]
 

@@ -36,7 +36,7 @@ extractor = load_script('data-extractor.py')
 FLAGS = ['--num-epochs', '30', '--early-stopping-patience', '0', '--batch-size', '32',
          '--num-factors', '4', '--learning-rate', '0.01', '--seed', '3',
          '--posterior-samples', '300', '--posterior-burn-in', '20',
-         '--topn-iterations', '60']
+         '--topn-iterations', '60', '--topn-search', 'off']  # the iALS iterations themselves
 _CLUSTER_ENV = ('TF_CONFIG', 'CLUSTER_SPEC')
 
 

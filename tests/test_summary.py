@@ -55,3 +55,16 @@ def test_summary_ends_with_a_real_user_and_the_chart(tmp_path):
         f"== next: .venv/bin/python recommend.py --model-dir '{work_dir}/model' --user 8123",
         f'== chart: {work_dir}/fig/x.png']
     assert summary.first_user_id(str(tmp_path / 'gone'), features.ML_100K) is None
+
+
+def test_the_lists_line_says_which_model_validation_chose_and_from_how_many_points():
+    topn = {'model': 'blend', 'factors': 64, 'ease_lambda': 3200.0, 'blend': 0.3,
+            'like': {'weight': 0.5, 'cut': 3.5, 'noise': 0.9},
+            'search': {'validation_ndcg': 0.14304, 'table': [{}] * 34, 'seconds': 21.0,
+                       'on_edge': ['EASE weight 0.3']}}
+    assert summary.lists_phrase(topn) == (
+        'a blend of EASE and iALS (64 factors, lambda 3200, EASE weight 0.3, like weight 0.5), '
+        'chosen on validation: NDCG@10 0.1430, 34 points in 21 s '
+        '(on the edge of its space: EASE weight 0.3)')
+    fixed = {'model': 'ease', 'ease_lambda': 800.0, 'like': None, 'search': None}
+    assert summary.lists_phrase(fixed) == 'EASE (lambda 800, no like term)'

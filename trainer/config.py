@@ -38,9 +38,13 @@ FINAL_MODELS = ('refit', 'best')
 OPTIMIZER_NAMES = ('adagrad', 'adam', 'sgd')
 # --posterior-noise choices (`trainer.rating.posterior`), the default first.
 POSTERIOR_NOISE_MODELS = ('user-movie', 'shared')
-# --topn-model choices: the lists `recommend` serves come from the iALS top-N
-# model (`trainer.topn.train`), or are ranked by the rating model's predictions.
-TOPN_MODELS = ('ials', 'rating')
+# --topn-model choices: the lists `recommend` serves come from the top-N model
+# validation chooses ('auto': EASE, iALS or a blend; iALS with --topn-search
+# off), from iALS (`trainer.topn.train`), EASE (`trainer.topn.ease`) or their blend
+# (`trainer.topn.lists`), or are ranked by the rating model's predictions.
+TOPN_MODELS = ('auto', 'ials', 'ease', 'blend', 'rating')
+# --topn-search choices: search the top-N hyperparameters on validation, or not.
+TOPN_SEARCH = ('on', 'off')
 # --topn-target choices: what a rated pair should score, 1 or g(r) (`trainer.topn.ials`).
 TOPN_TARGETS = ('rating', 'watched')
 # --training-kernel choices: the fused C++ epoch (`trainer.ops.kernels`) where it
@@ -200,8 +204,19 @@ class TrainConfig:
         before the averaged ones.
       posterior_noise: the chain's noise model, 'user-movie' (a noise level
         per user and per movie) or 'shared' (one for every rating).
-      topn_model: 'ials' trains the top-N model (`trainer.topn.ials`) after the
-        rating model and serves its lists; 'rating' ranks by predicted rating.
+      topn_model: the served lists' model: 'auto' (validation picks EASE,
+        iALS or their blend; iALS with topn_search 'off'), 'ials'
+        (`trainer.topn.ials`), 'ease' (`trainer.topn.ease`), 'blend' (`trainer.topn.lists`),
+        or 'rating': rank by predicted rating.
+      topn_search: 'on' searches the top-N hyperparameters on the validation
+        slice and refits the best on all of train (`trainer.topn.search`);
+        'off' trains the topn_* and ease_* flags as given.
+      topn_search_seconds: the search's time budget; None: grows with the
+        train ratings (`topn_search.default_budget`).
+      ease_lambda: EASE's ridge lambda (the search's first rung).
+      ease_max_movies: EASE keeps at most this many movies, the most rated.
+      ease_neighbours: neighbours stored per movie for serving.
+      topn_blend: EASE's weight in a blend of standardised scores.
       topn_factors: factors per user and movie of the top-N model.
       topn_l2: its ridge penalty, per row l2 * (n + alpha0 * other side)^nu;
         None: scaled to the data by `default_topn_l2`.
@@ -265,7 +280,13 @@ class TrainConfig:
     posterior_samples: int = 100
     posterior_burn_in: int = 20
     posterior_noise: str = POSTERIOR_NOISE_MODELS[0]
-    topn_model: str = 'ials'
+    topn_model: str = 'auto'
+    topn_search: str = 'on'
+    topn_search_seconds: float | None = None
+    ease_lambda: float = 800.0
+    ease_max_movies: int = 5_000
+    ease_neighbours: int = 200
+    topn_blend: float = 0.5
     topn_factors: int = 64
     topn_l2: float | None = None
     topn_l2_exponent: float = 0.0
@@ -529,8 +550,29 @@ def _add_posterior_flags(group: argparse._ArgumentGroup) -> None:
 def _add_topn_flags(group: argparse._ArgumentGroup) -> None:
     add = group.add_argument
     add('--topn-model', default=TrainConfig.topn_model, choices=TOPN_MODELS,
-        help='ials: train the top-N model on which movies users rated and '
-             'how, and serve its lists; rating: rank by predicted rating')
+        help='auto (default): validation picks EASE, iALS or their blend (iALS with '
+             '--topn-search off); ials, ease, blend: that model; rating: rank by '
+             'predicted rating')
+    add('--topn-search', default=TrainConfig.topn_search, choices=TOPN_SEARCH,
+        help='on (default): search the top-N hyperparameters on the validation slice '
+             'within a time budget and refit the best; off: train the flags as given')
+    add('--topn-search-seconds', default=TrainConfig.topn_search_seconds,
+        type=_bounded(float, '--topn-search-seconds', 0, 86_400, low_inclusive=False,
+                      typical=30),
+        help='the search\'s time budget (default: 30 s x (train ratings / 100k)^0.25)')
+    add('--ease-lambda', default=TrainConfig.ease_lambda,
+        type=_bounded(float, '--ease-lambda', 0, 1e8, low_inclusive=False),
+        help="EASE's ridge lambda (the search starts there)")
+    add('--ease-max-movies', default=TrainConfig.ease_max_movies,
+        type=_bounded(int, '--ease-max-movies', 2, 50_000),
+        help='EASE keeps the most-rated movies up to this many (a dense movies^2 '
+             'inverse: 400 MB at 5,000)')
+    add('--ease-neighbours', default=TrainConfig.ease_neighbours,
+        type=_bounded(int, '--ease-neighbours', 1, 50_000),
+        help='EASE neighbours stored per movie in the export')
+    add('--topn-blend', default=TrainConfig.topn_blend,
+        type=_bounded(float, '--topn-blend', 0, 1),
+        help="EASE's weight in --topn-model blend (scores standardised per user)")
     add('--topn-factors', default=TrainConfig.topn_factors,
         type=_bounded(int, '--topn-factors', 1, 1024),
         help='latent factors per user and per movie of the top-N model')
@@ -612,9 +654,13 @@ def parse_args(argv: Sequence[str] | None = None,
         field.name: getattr(args, field.name)
         for field in dataclasses.fields(TrainConfig)
         if field.default is not dataclasses.MISSING and hasattr(args, field.name)}
-    if args.tuning_metric == features.RANKING_METRIC_ID and args.topn_model != 'ials':
+    if args.tuning_metric == features.RANKING_METRIC_ID and args.topn_model not in ('auto',
+                                                                                'ials'):
         parser.error(f'argument --tuning-metric: {args.tuning_metric} ranks the top-N model, '
                      f'which --topn-model {args.topn_model} turns off; use --topn-model ials')
+    if args.tuning_metric == features.RANKING_METRIC_ID:
+        # A ranking trial scores the iALS flags it was given: no search of its own.
+        hyperparameters.update(topn_search='off')
     if args.metric_only:
         # The metric is the best epoch's validation RMSE, or the top-N model's best
         # iteration's validation NDCG: nothing after either changes it.

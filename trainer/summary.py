@@ -49,6 +49,28 @@ def next_commands(model_dir: str, chart: str | None, user_id: str | None) -> lis
     return lines
 
 
+def lists_phrase(topn: dict) -> str:
+    """What the served lists come from and how they were chosen, from metrics.json's topn."""
+    names = {'ials': 'iALS', 'ease': 'EASE', 'blend': 'a blend of EASE and iALS'}
+    parts = []
+    if topn.get('factors') is not None:
+        parts.append(f'{topn["factors"]} factors')
+    if topn.get('ease_lambda') is not None:
+        parts.append(f'lambda {topn["ease_lambda"]:g}')
+    if topn.get('model') == 'blend':
+        parts.append(f'EASE weight {topn["blend"]:g}')
+    like = topn.get('like')
+    parts.append(f'like weight {like["weight"]:g}' if like else 'no like term')
+    text = f'{names.get(topn.get("model"), topn.get("model"))} ({", ".join(parts)})'
+    search = topn.get('search')
+    if search:
+        text += (f', chosen on validation: NDCG@10 {search["validation_ndcg"]:.4f}, '
+                 f'{len(search["table"])} points in {search["seconds"]:.0f} s')
+        if search.get('on_edge'):
+            text += f' (on the edge of its space: {", ".join(search["on_edge"])})'
+    return text
+
+
 def format_summary(info: features.DatasetInfo, metrics: dict, model_dir: str,
                    chart: str | None, steps: Sequence[tuple[str, float]],
                    user_id: str | None = None) -> str:
@@ -72,6 +94,9 @@ def format_summary(info: features.DatasetInfo, metrics: dict, model_dir: str,
                if 'rating_model' in ranking else '')
             + f'most popular: NDCG {ranking["most_popular"]["ndcg"]:.4f}, '
             f'recall {ranking["most_popular"]["recall"]:.4f}')
+    topn = metrics.get('topn')
+    if topn:
+        lines.append(f'== lists: {lists_phrase(topn)}')
     if steps:
         lines.append('== seconds: ' + ', '.join(f'{name} {seconds:.1f}'
                                                 for name, seconds in steps)

@@ -49,7 +49,10 @@ from trainer.rating import eval_predictions  # noqa: E402
 from trainer.rating import train as train_lib  # noqa: E402
 from trainer.serving import export  # noqa: E402
 from trainer.topn import catalog as catalog_lib  # noqa: E402
+from trainer.topn import ease as ease_lib  # noqa: E402
+from trainer.topn import lists as lists_lib  # noqa: E402
 from trainer.topn import ranking  # noqa: E402
+from trainer.topn import search as topn_search  # noqa: E402
 from trainer.topn import train as topn_train  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -112,31 +115,86 @@ def _posterior_line(posterior: dict) -> str:
             f'the trained model alone scored eval RMSE {posterior["before"]["eval_rmse"]:.4f}')
 
 
-def _topn_record(result: topn_train.TopNResult | None, config: config_lib.TrainConfig,
-                 like: ranking.LikeTerm | None = None) -> dict[str, object] | None:
-    if result is None:
+@dataclasses.dataclass(frozen=True)
+class _Lists:
+    """The served top-N model and how it was chosen."""
+    model: lists_lib.ListModel
+    like: ranking.LikeTerm | None
+    ials: topn_train.TopNResult | None
+    search: topn_search.SearchResult | None
+    seconds: float
+
+
+def _topn_record(lists: _Lists | None) -> dict[str, object] | None:
+    if lists is None:
         return None
-    ndcg = result.best_validation_ndcg
-    return {'model': config.topn_model, 'factors': config.topn_factors,
-            'iterations': result.iterations, 'refit': result.refit,
-            'validation_ndcg': None if math.isnan(ndcg) else ndcg, 'seconds': result.seconds,
-            'like': None if like is None else dataclasses.asdict(like)}
+    ials = lists.ials
+    ndcg = (lists.search.validation_ndcg if lists.search is not None
+            else ials.best_validation_ndcg if ials is not None else math.nan)
+    return {'model': lists.model.family, **lists_lib.record(lists.model),
+            'iterations': None if ials is None else ials.iterations,
+            'refit': True if ials is None else ials.refit,
+            'validation_ndcg': None if math.isnan(ndcg) else ndcg, 'seconds': lists.seconds,
+            'like': None if lists.like is None else dataclasses.asdict(lists.like),
+            'search': None if lists.search is None else lists.search.record()}
 
 
-def _like_term(config: config_lib.TrainConfig, info: features.DatasetInfo,
+def _like_term(weight: float, info: features.DatasetInfo,
                result: train_lib.TrainResult) -> ranking.LikeTerm | None:
-    """The rating model's part in the served top-N score, or None (--topn-like-weight 0).
+    """The rating model's part in the served top-N score, or None (weight 0).
 
     Its noise is the rating model's validation RMSE (never eval's); with no
     validation slice, 1.
     """
-    if not config.topn_like_weight:
+    if not weight:
         return None
     step = features.DATASETS[info.layout].rating_step
     noise = result.best_validation_rmse
-    return ranking.LikeTerm(weight=config.topn_like_weight,
-                            cut=ranking.RELEVANT_RATING - step / 2,
+    return ranking.LikeTerm(weight=weight, cut=ranking.RELEVANT_RATING - step / 2,
                             noise=noise if math.isfinite(noise) else 1.0)
+
+
+def _train_lists(config: config_lib.TrainConfig, info: features.DatasetInfo,
+                 result: train_lib.TrainResult, sizes: tuple[int, int]) -> _Lists:
+    """Chooses (--topn-search on) and fits the served top-N model on all of train.
+
+    Raises:
+      ResumeError: an iALS checkpoint of other shapes is in the way.
+    """
+    started = time.perf_counter()
+    splits = result.splits
+    family = 'ials' if config.topn_model == 'auto' else config.topn_model
+    blend, like_weight, found = config.topn_blend, config.topn_like_weight, None
+    ials_config, lam = config, config.ease_lambda
+    if config.topn_search == 'on' and len(splits.validation) > 0:
+        found = topn_search.search(config, splits, sizes, info.seed, result.search_model,
+                                   _like_term(1.0, info, result))
+        family, blend, like_weight = found.family, found.blend, found.like_weight
+        if found.ials is not None:
+            ials_config = dataclasses.replace(
+                topn_search.ials_config(config, found.ials),
+                topn_iterations=max(1, found.ials['iterations']))
+        lam = found.ease_lambda or lam
+    elif config.topn_search == 'on':
+        logging.getLogger(__name__).info(
+            'Top-N search: no validation slice (--validation-percent 0); the flags as given')
+    blend = {'ials': 0.0, 'ease': 1.0}.get(family, blend)
+    ials_result = user_factors = item_factors = stored = seen_values = None
+    if family != 'ease':
+        ials_result = topn_train.train(ials_config, splits, *(
+            size + features.NUM_OOV_BUCKETS for size in sizes), info.seed)
+        user_factors, item_factors = ials_result.user_factors, ials_result.item_factors
+    if family != 'ials':
+        train = splits.train
+        stored = ease_lib.fit(train.user.numpy(), train.item.numpy(), train.rating.numpy(),
+                              sizes[0], sizes[1], lam, max_movies=config.ease_max_movies,
+                              count=config.ease_neighbours)
+        seen_values = ease_lib.user_values(train.user.numpy(), train.item.numpy(),
+                                           train.rating.numpy())
+    model = lists_lib.ListModel(family, user_factors, item_factors, stored, seen_values,
+                                blend)
+    return _Lists(model, _like_term(like_weight, info, result), ials_result, found,
+                  time.perf_counter() - started)
 
 
 def _topn_line(record: dict) -> str:
@@ -148,8 +206,21 @@ def _topn_line(record: dict) -> str:
     served = ('' if like is None else
               f'; served as log score + {like["weight"]:g} x log P(rating >= '
               f'{ranking.RELEVANT_RATING:g}) (rating model, noise {like["noise"]:.2f})')
-    return (f'  top-N lists: iALS, {record["factors"]} factors, {record["iterations"]} '
-            f'iterations{validation}{refit} ({record["seconds"]:.1f} s){served}')
+    parts = []
+    if record.get('factors') is not None:
+        parts.append(f'iALS, {record["factors"]} factors, {record["iterations"]} iterations')
+    if record.get('ease_lambda') is not None:
+        parts.append(f'EASE, lambda {record["ease_lambda"]:g} on {record["ease_movies"]} '
+                     f'movies, {record["ease_neighbours"]} neighbours each')
+    model = ' + '.join(parts)
+    if record.get('family') == 'blend':
+        model = f'a blend (EASE weight {record["blend"]:g}) of {model}'
+    search = record.get('search')
+    chosen = ('' if not search else
+              f'; chosen on validation from {len(search["table"])} points in '
+              f'{search["seconds"]:.0f} s')
+    return (f'  top-N lists: {model}{validation}{chosen}{refit} ({record["seconds"]:.1f} s)'
+            f'{served}')
 
 
 def _summary(metrics: dict, info: features.DatasetInfo,
@@ -260,33 +331,34 @@ def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
                   f'(--metric-only: no export)')
         return 0
     try:
-        topn_result = (topn_train.train(config, result.splits, result.model.user_bias.shape[0],
-                                  result.model.item_bias.shape[0], info.seed)
-                       if config.topn_model == 'ials' else None)
+        lists = (None if config.topn_model == 'rating' else
+                 _train_lists(config, info, result, (user_vocab_size, item_vocab_size)))
     except train_lib.ResumeError as error:
         print(f'trainer: error: {error}', file=sys.stderr)
         return 2
-    topn_factors = (None if topn_result is None
-                    else (topn_result.user_factors, topn_result.item_factors))
-    like = _like_term(config, info, result) if topn_factors is not None else None
+    like = None if lists is None else lists.like
     catalog = catalog_lib.load_catalog(config.work_dir, features.DATASETS[info.layout],
                                        train=result.splits.train)
     export_dir = export.export_saved_model(
         result.model, tft_dir, config.export_dir, info.rating_min,
-        info.rating_max, catalog=catalog, topn_factors=topn_factors, like=like)
+        info.rating_max, catalog=catalog, like=like,
+        lists=None if lists is None else lists.model)
     metrics = _metrics_record(result, info, config, export_dir,
                               time.perf_counter() - started, task.num_workers,
                               strategy.num_replicas_in_sync)
-    metrics['topn'] = _topn_record(topn_result, config, like)
+    metrics['topn'] = _topn_record(lists)
+    served = (None if lists is None else
+              lists_lib.scorer(lists.model, catalog.seen(), catalog.num_items, result.model,
+                               like))
     metrics['ranking'] = ranking.evaluate(result.model, catalog, result.splits.eval,
                                           max_users=config.ranking_users, seed=info.seed,
-                                          topn_factors=topn_factors, like=like)
+                                          served=served)
     eval_predictions.write_eval_predictions(result.model, info, config.model_dir,
                                             result.splits.eval, config.eval_batch_size)
     features.write_json(features.join(config.model_dir, features.METRICS_FILE),
                         metrics)
-    if config.tuning_metric == features.RANKING_METRIC_ID:
-        _report_and_wait(config, topn_result.best_validation_ndcg, topn_result.iterations,
+    if config.tuning_metric == features.RANKING_METRIC_ID and lists.ials is not None:
+        _report_and_wait(config, lists.ials.best_validation_ndcg, lists.ials.iterations,
                          strategy, task)
     else:
         _report_and_wait(config, result.best_validation_rmse, result.best_epoch, strategy,

@@ -121,6 +121,10 @@ class TrainResult:
       posterior: with --posterior-samples, how the averaging went: sweeps,
         seconds, kernel, and `before`, the trained (MAP) model's metrics
         that `final` improves on; None without.
+      search_model: the model fitted on the fit ratings alone (the search
+        phase's best epoch; the final model when there was no refit): it has
+        not seen the validation slice, so the top-N search can choose the
+        like weight with it.
     """
     model: model_lib.MatrixFactorization
     history: tuple[EpochMetrics, ...]
@@ -134,6 +138,7 @@ class TrainResult:
     final: EpochMetrics
     splits: 'Splits'
     posterior: dict[str, Any] | None = None
+    search_model: model_lib.MatrixFactorization | None = None
 
     @property
     def fit_ratings(self) -> int:
@@ -574,7 +579,9 @@ def train(config: TrainConfig, info: features.DatasetInfo,
         refit=len(phases) > 1, stopped_early=stopped_early,
         train_seconds=sum(phase.train_seconds for phase in phases),
         ratings_trained=sum(phase.ratings for phase in phases),
-        final=final, splits=splits, posterior=posterior)
+        final=final, splits=splits, posterior=posterior,
+        search_model=(model_lib.folded(search.state.model) if len(phases) > 1
+                      else final_model))
 
 
 def _average_posterior(config: TrainConfig, model: model_lib.MatrixFactorization,

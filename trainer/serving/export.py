@@ -12,8 +12,9 @@ without `rating` and `timestamp`.  Two signatures:
 - `recommend(user_id [N], k []) -> {'movie_ids', 'titles', 'scores',
   'ratings' [N, k], 'fallback' [N]}` (exported when a `catalog.Catalog` is
   given): each user's k best-scored movies among those they did not rate in
-  training, best first.  With a top-N model (`trainer.topn.train`, the default)
-  the list and `scores` are its p_u . q_i (with a like term,
+  training, best first.  With a top-N model (`trainer.topn.lists`: iALS, EASE
+  or a blend, chosen on validation) the list and `scores` are its scores
+  (for iALS p_u . q_i; with a like term,
   `ranking.topn_scores`: log of it plus beta x the log of the rating
   model's P(rating >= 4)); without one, `scores` are
   unclipped predicted ratings (clipping would tie the top of the list at
@@ -41,6 +42,7 @@ import tensorflow_transform as tft
 from trainer import features
 from trainer.rating.model import MatrixFactorization
 from trainer.topn import catalog as catalog_lib
+from trainer.topn import lists as lists_lib
 from trainer.topn import ranking
 
 logger = logging.getLogger(__name__)
@@ -86,7 +88,8 @@ class RecommendingModule(ServingModule):
                  catalog: catalog_lib.Catalog,
                  fallback_prior_ratings: float,
                  topn_factors: tuple[np.ndarray, np.ndarray] | None = None,
-                 like: ranking.LikeTerm | None = None) -> None:
+                 like: ranking.LikeTerm | None = None,
+                 lists: lists_lib.ListModel | None = None) -> None:
         super().__init__(model, transform_layer, rating_min, rating_max)
         self.like = like
         rows = (catalog.num_users + features.NUM_OOV_BUCKETS,
@@ -109,25 +112,31 @@ class RecommendingModule(ServingModule):
                                              'seen_items')
         self.seen_row_splits = _constant_variable(catalog.seen_row_splits,
                                                   tf.int64, 'seen_row_splits')
-        self.topn_user_factors = self.topn_item_factors = None
-        if topn_factors is not None:
-            user_factors, item_factors = topn_factors
-            if (user_factors.shape[0], item_factors.shape[0]) != rows:
+        if lists is None and topn_factors is not None:
+            lists = lists_lib.ListModel('ials', *topn_factors)
+        self.list_scorer = None
+        if lists is not None:
+            if lists.uses_ials and (lists.user_factors.shape[0],
+                                    lists.item_factors.shape[0]) != rows:
                 raise ValueError(
-                    f'the top-N model has {user_factors.shape[0]} user and '
-                    f'{item_factors.shape[0]} movie rows, the catalogue {rows}: '
+                    f'the top-N model has {lists.user_factors.shape[0]} user and '
+                    f'{lists.item_factors.shape[0]} movie rows, the catalogue {rows}: '
                     'not the same vocabularies')
-            self.topn_user_factors = _constant_variable(user_factors, tf.float32,
-                                                        'topn_user_factors')
-            self.topn_item_factors = _constant_variable(item_factors, tf.float32,
-                                                        'topn_item_factors')
+            if lists.uses_ease and (lists.neighbours.index.shape[0] != catalog.num_items
+                                    or lists.seen_values.size != catalog.seen_items.size):
+                raise ValueError(
+                    f'the EASE model has {lists.neighbours.index.shape[0]} movies and '
+                    f'{lists.seen_values.size} train pairs, the catalogue '
+                    f'{catalog.num_items} and {catalog.seen_items.size}: not the same data')
+            self.list_scorer = lists_lib.ListScorer(lists, catalog.seen_row_splits,
+                                                    as_variables=True)
 
-    def _list_scores(self, user: tf.Tensor, num_items: tf.Tensor) -> tf.Tensor:
+    def _list_scores(self, user: tf.Tensor, num_items: tf.Tensor,
+                     seen: tf.RaggedTensor) -> tf.Tensor:
         """What the list is ranked by: the top-N model's scores, else predicted ratings."""
-        if self.topn_user_factors is None:
+        if self.list_scorer is None:
             return ranking.score_items(self.model, user, num_items)
-        return ranking.topn_scores(self.topn_user_factors, self.topn_item_factors, user,
-                                   num_items, self.model, self.like)
+        return self.list_scorer(user, num_items, seen, self.model, self.like)
 
     @tf.function(input_signature=[
         tf.TensorSpec([None], tf.string, name=features.USER_ID),
@@ -138,13 +147,13 @@ class RecommendingModule(ServingModule):
         user = self.transform_layer({features.USER_ID: user_id})[features.USER]
         num_items = tf.size(self.movie_ids)
         fallback = user >= self.num_users
+        seen = tf.RaggedTensor.from_row_splits(
+            self.seen_items, self.seen_row_splits, validate=False)
         scores = tf.where(
             fallback[:, None],
             ranking.fallback_scores(self.model, self.item_counts,
                                     self.fallback_prior_ratings)[None, :],
-            self._list_scores(user, num_items))
-        seen = tf.RaggedTensor.from_row_splits(
-            self.seen_items, self.seen_row_splits, validate=False)
+            self._list_scores(user, num_items, seen))
         values, indices, valid = ranking.top_k_unseen(
             scores, tf.gather(seen, user), tf.minimum(k, num_items))
         listed_users = tf.broadcast_to(user[:, None], tf.shape(indices))
@@ -173,7 +182,8 @@ def export_saved_model(
         catalog: catalog_lib.Catalog | None = None,
         fallback_prior_ratings: float = ranking.FALLBACK_PRIOR_RATINGS,
         topn_factors: tuple[np.ndarray, np.ndarray] | None = None,
-        like: ranking.LikeTerm | None = None) -> str:
+        like: ranking.LikeTerm | None = None,
+        lists: lists_lib.ListModel | None = None) -> str:
     """Writes the serving SavedModel, replacing an earlier export atomically.
 
     Args:
@@ -191,6 +201,8 @@ def export_saved_model(
         rating model's; `recommend` then serves its lists (needs catalog).
       like: with topn_factors, the rating model's part in their scores
         (`ranking.topn_scores`); None: p_u . q_i alone.
+      lists: the served top-N model (`lists.ListModel`: iALS, EASE or a
+        blend), in place of topn_factors.
 
     Returns:
       export_dir, without a trailing slash.
@@ -205,7 +217,8 @@ def export_saved_model(
         signatures = {SIGNATURE: module.serve}
     else:
         module = RecommendingModule(model, transform_layer, rating_min, rating_max,
-                                    catalog, fallback_prior_ratings, topn_factors, like)
+                                    catalog, fallback_prior_ratings, topn_factors, like,
+                                    lists)
         signatures = {SIGNATURE: module.serve, RECOMMEND_SIGNATURE: module.recommend}
     tf.saved_model.save(module, tmp_dir, signatures=signatures)
     if tf.io.gfile.exists(export_dir):

@@ -453,11 +453,12 @@ def evaluate(model: MatrixFactorization, catalog: catalog_lib.Catalog,
              relevant_rating: float = RELEVANT_RATING, max_users: int = 0,
              seed: int = 0,
              topn_factors: tuple[np.ndarray, np.ndarray] | None = None,
-             like: LikeTerm | None = None) -> dict[str, object]:
+             like: LikeTerm | None = None,
+             served: Callable[[tf.Tensor], tf.Tensor] | None = None) -> dict[str, object]:
     """The served lists, the rating model's, most popular and fallback, on the eval split.
 
     'model' is what `recommend` serves: the top-N model's lists when
-    topn_factors are given (the rating model's then appear as
+    served or topn_factors are given (the rating model's then appear as
     'rating_model'), else the lists ranked by predicted rating.
 
     Args:
@@ -471,6 +472,8 @@ def evaluate(model: MatrixFactorization, catalog: catalog_lib.Catalog,
       seed: seeds the sample.
       topn_factors: the top-N model's (user, movie) factors, or None.
       like: the rating model's part in the top-N score (`topn_scores`), or None.
+      served: the served top-N model's scorer (`lists.scorer`), in place of
+        topn_factors and like.
 
     Returns:
       What `evaluate_lists` returns.
@@ -480,9 +483,10 @@ def evaluate(model: MatrixFactorization, catalog: catalog_lib.Catalog,
     num_items = catalog.num_items
     by_rating = lambda user: score_items(model, user, num_items)  # noqa: E731
     rankers: dict[str, Ranker] = {'model': by_rating}
-    if topn_factors is not None:
-        rankers = {'model': factor_scorer(*topn_factors, num_items, model, like),
-                   'rating_model': by_rating}
+    if topn_factors is not None and served is None:
+        served = factor_scorer(*topn_factors, num_items, model, like)
+    if served is not None:
+        rankers = {'model': served, 'rating_model': by_rating}
     record = evaluate_lists(
         {**rankers, 'most_popular': catalog.item_counts.astype(np.float64),
          'fallback': fallback_scores(model, catalog.item_counts).numpy()},

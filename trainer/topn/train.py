@@ -380,3 +380,26 @@ def _result(state: _State, refit: bool, seconds: float) -> TopNResult:
     return TopNResult(state.user_factors, state.item_factors, state.best_iteration,
                       state.best_ndcg if math.isfinite(state.best_ndcg) else math.nan,
                       refit, seconds, tuple(tuple(row) for row in state.history))
+
+
+def trial(config: TrainConfig, fit: data.Ratings, validation: data.Ratings,
+          shape: tuple[int, int], seed: int) -> tuple[float, int, tuple[np.ndarray, np.ndarray]]:
+    """One search point: iterations on fit, NDCG@10 on validation after each,
+    early stopping as `train` does; no checkpoint, no log.
+
+    Returns:
+      (best validation NDCG, its iteration, its (user, movie) factors).
+    """
+    iterator = _Iterator(config, fit, shape)
+    validate = _Validation(config, fit, validation, shape, seed)
+    state = _fresh(config, _SEARCH, shape)
+    best = (-math.inf, 0, (state.user_factors, state.item_factors))
+    while state.iteration < config.topn_iterations:
+        if (config.early_stopping_patience
+                and state.iteration - best[1] >= config.early_stopping_patience):
+            break
+        iterator.step(state)
+        ndcg = validate.ndcg(state)
+        if math.isfinite(ndcg) and ndcg > best[0] + _MIN_IMPROVEMENT:
+            best = (ndcg, state.iteration, (state.user_factors, state.item_factors))
+    return best

@@ -1,0 +1,200 @@
+"""EASE (Steck, WWW 2019): the item-item top-N model's maths, its stored neighbours and scores.
+
+The model scores user u and movie i by s_ui = sum_j x_uj B_ji, where x_u is
+the user's row of the graded train matrix and B the closed form of
+
+    min_B |X - X B|^2 + lam |B|^2   subject to diag(B) = 0:
+
+    P = (X^T X + lam I)^-1,   B = I - P diag(1 / diag(P))
+
+(B_ij = -P_ij / P_jj off the diagonal, 0 on it).  X holds
+g(r) = max(r - 2, 0.2) per rated pair (`ials.preference`: 3 stars 1, 5
+stars 3, 1-2 stars 0.2), so a disliked movie pulls its neighbours up less
+than a loved one; 'watched' targets put 1 in every rated cell.
+
+The inverse is dense, movies x movies in float64: 8 bytes x movies^2 for the
+Gram matrix and as much for its inverse, and O(movies^3) time.  Above
+`max_movies` the model keeps the most-rated movies only (ties by index); the
+others get no neighbours, so they score 0 for every user and are not
+recommended by EASE.  At 5,000 movies the two matrices take 400 MB.
+
+Serving stores, per movie j, its `neighbours` largest |B_jk|, not B, as
+a sparse matrix (`sparse_weights`: 16 + 4 bytes per entry): a user's scores
+are then their row of X times it, one sparse x dense product (`scores`).
+The cut is checked by `neighbour_recall`, the share of the
+dense model's top-k the stored neighbours reproduce.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from trainer.topn import ials
+
+logger = logging.getLogger(__name__)
+
+# The stored neighbours per movie (fewer when the model holds fewer movies).
+DEFAULT_NEIGHBOURS = 200
+# EASE keeps at most this many movies (the most rated); see the module doc.
+DEFAULT_MAX_MOVIES = 5_000
+# Movie columns per block of the Gram matrix's sparse x dense products.
+_GRAM_BLOCK = 512
+
+
+def pair_values(ratings: np.ndarray, target: str = 'rating') -> np.ndarray:
+    """x of each rated pair: g(r) ('rating') or 1 ('watched'), float32 (see the module doc)."""
+    return ials.targets(ratings, target)
+
+
+def movie_subset(item_counts: np.ndarray, max_movies: int) -> np.ndarray:
+    """The movie indices EASE keeps, ascending: all, or the max_movies most rated."""
+    item_counts = np.asarray(item_counts)
+    if item_counts.size <= max_movies:
+        return np.arange(item_counts.size)
+    order = np.argsort(-item_counts, kind='stable')
+    return np.sort(order[:max_movies])
+
+
+def gram(users: np.ndarray, items: np.ndarray, values: np.ndarray, num_users: int,
+         subset: np.ndarray, num_items: int) -> np.ndarray:
+    """X^T X over the subset's movies, float64 [E, E]: sparse x dense products in
+    TensorFlow ops, a block of movie columns at a time."""
+    column = np.full(num_items, -1, np.int64)
+    column[subset] = np.arange(subset.size)
+    keep = column[items] >= 0
+    rows, cols = np.asarray(users, np.int64)[keep], column[items[keep]]
+    order = np.lexsort((cols, rows))
+    rows, cols, vals = rows[order], cols[order], np.asarray(values, np.float32)[keep][order]
+    x = tf.sparse.SparseTensor(np.stack([rows, cols], 1), vals, [num_users, subset.size])
+    x_t = tf.sparse.reorder(tf.sparse.transpose(x))
+    out = np.empty((subset.size, subset.size), np.float64)
+    by_column = np.argsort(cols, kind='stable')
+    column_starts = np.searchsorted(cols[by_column], np.arange(0, subset.size + 1))
+    for start in range(0, subset.size, _GRAM_BLOCK):
+        end = min(start + _GRAM_BLOCK, subset.size)
+        pick = by_column[column_starts[start]:column_starts[end]]
+        block = np.zeros((num_users, end - start), np.float32)
+        block[rows[pick], cols[pick] - start] = vals[pick]
+        out[:, start:end] = tf.sparse.sparse_dense_matmul(x_t, block).numpy()
+    return out
+
+
+def weights_from_gram(gram_matrix: np.ndarray, lam: float) -> np.ndarray:
+    """B = I - P diag(1 / diag(P)), P = (G + lam I)^-1, float64 (see the module doc)."""
+    inverse = np.array(gram_matrix, np.float64, copy=True)
+    inverse[np.diag_indices_from(inverse)] += lam
+    inverse = np.linalg.inv(inverse)
+    weights = -inverse / np.diag(inverse)
+    weights[np.diag_indices_from(weights)] = 0.0
+    return weights
+
+
+@dataclasses.dataclass(frozen=True)
+class Neighbours:
+    """Each movie's strongest EASE weights, as `scores` reads them.
+
+    Attributes:
+      index: int32 [num_items, M]: movie j's neighbours k (movie indices).
+      weight: float32 [num_items, M]: B_jk; 0 pads movies outside the model.
+      lam: the ridge lambda B was solved with.
+      movies: the movies in the model (all, or the most rated).
+    """
+    index: np.ndarray
+    weight: np.ndarray
+    lam: float
+    movies: int
+
+
+def neighbours(weights: np.ndarray, subset: np.ndarray, num_items: int, count: int,
+               lam: float) -> Neighbours:
+    """The count largest |B_jk| of each row j of B (subset coordinates), in movie indices."""
+    count = max(1, min(count, subset.size - 1))
+    strongest = np.argpartition(-np.abs(weights), count - 1, axis=1)[:, :count]
+    index = np.zeros((num_items, count), np.int32)
+    weight = np.zeros((num_items, count), np.float32)
+    index[subset] = subset[strongest]
+    weight[subset] = np.take_along_axis(weights, strongest, axis=1)
+    return Neighbours(index, weight, float(lam), int(subset.size))
+
+
+def fit(users: np.ndarray, items: np.ndarray, ratings: np.ndarray, num_users: int,
+        num_items: int, lam: float, target: str = 'rating',
+        max_movies: int = DEFAULT_MAX_MOVIES,
+        count: int = DEFAULT_NEIGHBOURS) -> Neighbours:
+    """EASE on rated pairs, cut to each movie's `count` strongest neighbours."""
+    started = time.perf_counter()
+    subset = movie_subset(np.bincount(items, minlength=num_items), max_movies)
+    weights = weights_from_gram(
+        gram(users, items, pair_values(ratings, target), num_users, subset, num_items), lam)
+    out = neighbours(weights, subset, num_items, count, lam)
+    logger.info('EASE on %d of %d movies, lambda %g, %d neighbours each: %.1f s',
+                subset.size, num_items, lam, out.index.shape[1],
+                time.perf_counter() - started)
+    return out
+
+
+def user_values(users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
+                target: str = 'rating') -> np.ndarray:
+    """x of each train pair in `catalog.group_by_user`'s order (by user, then item)."""
+    order = np.lexsort((items, users))
+    return pair_values(np.asarray(ratings)[order], target)
+
+
+def sparse_weights(stored: Neighbours) -> tuple[np.ndarray, np.ndarray]:
+    """The stored neighbours as B's nonzero entries: int64 [nnz, 2] (j, k) in row order
+    and float32 [nnz] weights, for `scores`."""
+    rows = np.repeat(np.arange(stored.index.shape[0], dtype=np.int64), stored.index.shape[1])
+    columns = stored.index.reshape(-1).astype(np.int64)
+    weights = stored.weight.reshape(-1)
+    keep = weights != 0
+    rows, columns, weights = rows[keep], columns[keep], weights[keep]
+    order = np.lexsort((columns, rows))
+    return np.stack([rows[order], columns[order]], axis=1), weights[order].astype(np.float32)
+
+
+def scores(indices: tf.Tensor, weights: tf.Tensor, seen: tf.RaggedTensor,
+           seen_values: tf.RaggedTensor, user: tf.Tensor,
+           num_items: int | tf.Tensor) -> tf.Tensor:
+    """s_u = x_u B over the stored neighbours, [B, num_items]: the users' rows of X
+    scattered into a dense block, then one sparse x dense product with B's nonzeros
+    (E x neighbours multiply-adds per user; memory: two [B, num_items] blocks).
+
+    Args:
+      indices, weights: `sparse_weights` of the stored neighbours.
+      seen: every user's train movies (`Catalog.seen()`; OOV rows empty).
+      seen_values: x of each of them, the same row splits (`user_values`).
+      user: int user indices [B].
+      num_items: vocabulary movies.
+    """
+    user = tf.cast(user, tf.int64)
+    rated, values = tf.gather(seen, user), tf.gather(seen_values, user)
+    num_items = tf.cast(num_items, tf.int64)
+    where = tf.stack([rated.value_rowids(), tf.cast(rated.flat_values, tf.int64)], axis=1)
+    x = tf.scatter_nd(where, values.flat_values, tf.stack([tf.size(user, tf.int64), num_items]))
+    b = tf.sparse.SparseTensor(indices, weights, tf.stack([num_items, num_items]))
+    # (B^T x^T)^T = x B.
+    return tf.transpose(tf.sparse.sparse_dense_matmul(b, x, adjoint_a=True, adjoint_b=True))
+
+
+def dense_scores(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """X B in numpy, for checks: [users, movies] rows of x times the dense weights."""
+    return np.asarray(x, np.float64) @ np.asarray(weights, np.float64)
+
+
+def neighbour_recall(x: np.ndarray, weights: np.ndarray, stored: Neighbours,
+                     k: int) -> float:
+    """Share of the dense top-k (unrated movies) that the stored neighbours' top-k hold."""
+    dense = dense_scores(x, weights)
+    cut = np.zeros_like(dense)
+    for j in range(x.shape[1]):
+        cut[:, stored.index[j]] += x[:, [j]] * stored.weight[j][None, :]
+    rated = x != 0
+    dense[rated], cut[rated] = -np.inf, -np.inf
+    top_dense = np.argsort(-dense, axis=1, kind='stable')[:, :k]
+    top_cut = np.argsort(-cut, axis=1, kind='stable')[:, :k]
+    return float(np.mean([np.intersect1d(a, b).size / k for a, b in zip(top_dense, top_cut)]))

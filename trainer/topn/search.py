@@ -1,0 +1,508 @@
+"""The top-N search: every run chooses its list model on its own validation slice.
+
+`trainer.task` calls `search` after the rating model (with --topn-search on,
+the default).  Everything is fitted on the fit ratings (train minus the
+validation slice) and scored by NDCG@10 on the slice, ranked as eval is
+(`ranking`: candidates the movies a user did not rate in fit, relevant the
+slice's ratings >= 4); the eval split is never read.  In order:
+
+1. EASE (`trainer.topn.ease`, graded targets max(r - 2, 0.2)): lambda on a
+   ladder of doublings from --ease-lambda, walking towards the better
+   neighbour until it stops improving (at most EASE_RUNGS solves);
+2. iALS (`trainer.topn.train.trial`, with early stopping): first the flags'
+   point, then seeded random points in IALS_SPACE (factors; ridge and
+   unobserved weight as multiples of the flags' or data defaults;
+   confidence 0 or 1), at most IALS_TRIALS, within 70% of the budget;
+3. the served score: EASE's weight w in a blend of the two best models,
+   each standardised per user (w = 0: iALS alone, 1: EASE alone), times
+   the like weight beta of the rating model's log P(rating >= 4)
+   (`lists.ListScorer`), on the points' stored validation scores.  The like
+   term needs a rating model that has not seen the slice: the trainer's
+   search-phase model (`TrainResult.search_model`).
+4. with --topn-model auto, the best point replaces the flags' iALS point
+   only if it beats it by CLEAR_MARGIN standard errors of the paired
+   per-user NDCG difference (the slice is small: differences within its
+   noise do not carry to eval).
+
+EASE is left out of the search past EASE_MAX_WORK ratings x movies in its
+Gram matrix (ml-25m), said in one line.
+
+The budget (`default_budget`) grows with the data: 30 s at 100k ratings, 53
+at 1M, 120 at 25M.  The slice is ranked on a seeded sample of at most
+SEARCH_USERS users and SEARCH_CELLS users x movies.  The points and their
+order are fixed by the seed;
+a stage stops early only when the clock runs out (logged; each stage's
+first point runs in any case), so two runs agree whenever both finish
+their trials within the budget.  A best value at
+the edge of what was searched is said in one log line and kept in the
+result (`on_edge`).  The caller refits the best point on all of train.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from trainer import data
+from trainer import features
+from trainer import shutdown
+from trainer.config import TrainConfig
+from trainer.topn import ease as ease_lib
+from trainer.topn import lists as lists_lib
+from trainer.topn import ranking
+from trainer.topn import train as topn_train
+
+logger = logging.getLogger(__name__)
+
+# 30 s at 100k train ratings, x (ratings / 100k)^BUDGET_EXPONENT.
+BUDGET_SECONDS, BUDGET_RATINGS, BUDGET_EXPONENT = 30.0, 100_000, 0.25
+# Validation users ranked per search point at most (a seeded sample past it).
+SEARCH_USERS = 5_000
+# ... and at most this many users x movies (40M: 320 MB per float64 score matrix).
+SEARCH_CELLS = 40_000_000
+EASE_RUNGS = 8
+EASE_RANGE = (25.0, 409_600.0)
+IALS_SPACE = {'factors': (16, 24, 32, 48, 64, 96, 128, 192),
+              'l2_scale': (1 / 8, 8.0), 'unobserved_scale': (1 / 4, 16.0),
+              'confidence': (0.0, 1.0)}
+IALS_TRIALS = 12
+IALS_SHARE = 0.7
+# The search leaves EASE out past this many ratings x movies in its Gram matrix
+# (1M: 2.7e9, 21 s on a loaded 2-core machine; ml-25m: about 9e10).
+EASE_MAX_WORK = 5e9
+# ... and EASE's ladder climbs within this share.
+EASE_SHARE = 0.35
+# The chosen point must beat the flags' iALS point by this many standard errors
+# of the paired per-user NDCG difference on the slice, else the flags' point is kept.
+CLEAR_MARGIN = 2.0
+BLENDS = (0.0, 1.0, 0.15, 0.3, 0.5, 0.7, 0.85)
+LIKE_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0)
+_POINT_STREAM = 0x7E5C
+
+
+def default_budget(train_ratings: int) -> float:
+    """The search's seconds: BUDGET_SECONDS at BUDGET_RATINGS, growing as a power."""
+    return BUDGET_SECONDS * max(train_ratings / BUDGET_RATINGS, 1e-3) ** BUDGET_EXPONENT
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+    """What `search` chose and everything it tried.
+
+    Attributes:
+      family: 'ials', 'ease' or 'blend'.
+      blend: EASE's weight w (0 for ials, 1 for ease).
+      like_weight: beta.
+      ease_lambda: EASE's best lambda (None without EASE).
+      ials: the best iALS point {factors, l2, unobserved_weight, confidence,
+        iterations} (None without iALS).
+      validation_ndcg: the chosen point's NDCG@10 on the slice.
+      table: one row per point tried: {stage, settings, validation_ndcg, seconds}.
+      on_edge: the chosen values at the edge of what was searched.
+      ease_left_out: why the search left EASE out (too large), or None.
+      kept_flags: the best point did not beat the flags' iALS point by
+        CLEAR_MARGIN standard errors, so the flags' point was kept.
+      seconds, budget: spent and allowed.
+      users: validation users ranked per point.
+    """
+    family: str
+    blend: float
+    like_weight: float
+    ease_lambda: float | None
+    ials: dict[str, Any] | None
+    validation_ndcg: float
+    table: tuple[dict[str, Any], ...]
+    on_edge: tuple[str, ...]
+    kept_flags: bool
+    ease_left_out: str | None
+    seconds: float
+    budget: float
+    users: int
+
+    def record(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _Clock:
+    """The search's budget, asked before every point; it also answers SIGTERM.
+
+    The search keeps no checkpoint of its own: on SIGTERM it stops before its
+    next point (the rating model's checkpoints are all written by then), and a
+    resumed run searches again from the start, as the same seed draws the
+    same points.
+    """
+
+    def __init__(self, budget: float) -> None:
+        self.started, self.budget = time.perf_counter(), budget
+
+    def spent(self) -> float:
+        return time.perf_counter() - self.started
+
+    def left(self, share: float = 1.0) -> bool:
+        shutdown.check('the rating model (the top-N search starts again on resume)')
+        return self.spent() < share * self.budget
+
+
+class _Slice:
+    """The validation slice's judged users, their fit movies masked, and the
+    rating model's log P(rating >= 4): each point's scores are ranked in numpy.
+
+    Ranks at most SEARCH_CELLS users x movies (a seeded sample of users past it).
+    """
+
+    def __init__(self, fit: data.Ratings, validation: data.Ratings, num_users: int,
+                 num_items: int, max_users: int, seed: int, rating_model=None,
+                 like: ranking.LikeTerm | None = None) -> None:
+        self.num_items = num_items
+        cap = max(1, SEARCH_CELLS // max(num_items, 1))
+        max_users = min(max_users, cap) if max_users > 0 else cap
+        self.judged = ranking.judge(num_users, num_items, validation.user.numpy(),
+                                    validation.item.numpy(), validation.rating.numpy(),
+                                    max_users=max_users, seed=seed)
+        self.seen = topn_train.pairs_catalog(fit, num_users, num_items).seen()
+        self.seen_rows = tf.gather(self.seen, tf.constant(self.judged.users, tf.int64))
+        self.log_liked = None
+        if rating_model is not None and like is not None:
+            z = (ranking.score_items(rating_model, self.judged.users, num_items).numpy()
+                 - like.cut) / like.noise
+            self.log_liked = np.log(np.maximum(0.5 * _erfc(-z / math.sqrt(2.0)), 1e-12))
+
+    def raw(self, scorer) -> np.ndarray:
+        """A scorer's [users, movies] scores of the judged users, float64."""
+        users = self.judged.users
+        return np.concatenate([np.zeros((0, self.num_items))] + [
+            scorer(tf.constant(users[start:start + 1024], tf.int64)).numpy()
+            for start in range(0, users.size, 1024)]).astype(np.float64)
+
+    def served(self, raw: np.ndarray, like_weight: float) -> np.ndarray:
+        """lists.ListScorer's per-model score: raw, or its log plus the like term."""
+        if not like_weight or self.log_liked is None:
+            return raw
+        return (np.log(np.maximum(raw, ranking.TOPN_SCORE_FLOOR))
+                + like_weight * self.log_liked)
+
+    def ndcg(self, scores: np.ndarray) -> float:
+        """NDCG@10 of scores [users, movies], fit movies excluded, top-k as `ranking` takes it."""
+        return float(np.mean(self.user_ndcg(scores)))
+
+    def user_ndcg(self, scores: np.ndarray) -> np.ndarray:
+        """Each judged user's NDCG@10 (users with a relevant movie), as `ranking_metrics`
+        averages it."""
+        k = min(ranking.TOP_K, self.num_items)
+        _, top, valid = ranking.top_k_unseen(tf.constant(scores, tf.float32), self.seen_rows, k)
+        top = np.where(valid.numpy(), top.numpy(), -1)
+        users = top.shape[0]
+        keys = np.arange(users, dtype=np.int64)[:, None] * self.num_items + top
+        relevant_keys = (self.judged.rows.astype(np.int64) * self.num_items
+                         + self.judged.items.astype(np.int64))
+        hits = ((top >= 0) & np.isin(keys, relevant_keys)).astype(np.float64)
+        relevant = np.bincount(self.judged.rows.astype(np.int64), minlength=users)
+        discounts = 1.0 / np.log2(np.arange(2, ranking.TOP_K + 2, dtype=np.float64))
+        ideal = np.cumsum(discounts)[np.clip(relevant, 1, ranking.TOP_K) - 1]
+        judged = relevant > 0
+        return (hits @ discounts[:top.shape[1]])[judged] / ideal[judged]
+
+    def best_like(self, raw: np.ndarray, likes: tuple[float, ...]) -> tuple[float, float]:
+        """(best NDCG, its like weight) of one model's raw scores over the like grid."""
+        ndcg, weight = max((self.ndcg(self.served(raw, weight)), -weight) for weight in likes)
+        return ndcg, -weight
+
+
+def _erfc(x: np.ndarray) -> np.ndarray:
+    return tf.math.erfc(tf.constant(x, tf.float64)).numpy()
+
+
+def _standardised(scores: np.ndarray) -> np.ndarray:
+    std = np.maximum(scores.std(axis=1, keepdims=True), 1e-9)
+    return (scores - scores.mean(axis=1, keepdims=True)) / std
+
+
+def _ease_ladder(config: TrainConfig, fit: data.Ratings, sizes: tuple[int, int],
+                 where: _Slice, likes: tuple[float, ...], table: list, clock: _Clock):
+    """The lambda ladder's best: a _Best (settings {'lambda'}) and its neighbours,
+    the fit pairs' values and whether it is on the edge; records each rung."""
+    num_users, num_items = sizes
+    users, items, ratings = fit.user.numpy(), fit.item.numpy(), fit.rating.numpy()
+    subset = ease_lib.movie_subset(np.bincount(items, minlength=num_items),
+                                   config.ease_max_movies)
+    gram = ease_lib.gram(users, items, ease_lib.pair_values(ratings), num_users, subset,
+                         num_items)
+    seen_values = ease_lib.user_values(users, items, ratings)
+    tried: dict[float, float] = {}
+    kept: list[_Best] = []
+
+    def score(lam: float) -> float:
+        started = time.perf_counter()
+        stored = ease_lib.neighbours(ease_lib.weights_from_gram(gram, lam), subset,
+                                     num_items, config.ease_neighbours, lam)
+        model = lists_lib.ListModel('ease', neighbours=stored, seen_values=seen_values,
+                                    blend=1.0)
+        raw = where.raw(lists_lib.scorer(model, where.seen, num_items))
+        ndcg, weight = where.best_like(raw, likes)
+        tried[lam] = ndcg
+        table.append({'stage': 'ease', 'settings': {'lambda': lam}, 'like_weight': weight,
+                      'validation_ndcg': ndcg, 'seconds': time.perf_counter() - started})
+        logger.info('Top-N search, EASE lambda %g: validation NDCG@%d %.4f (like weight '
+                    '%g; %.1f s)', lam, ranking.TOP_K, ndcg, weight, table[-1]['seconds'])
+        if not kept or ndcg > kept[0].ndcg:
+            kept[:] = [_Best(ndcg, {'lambda': lam}, raw, stored)]
+        return ndcg
+
+    def in_range(value: float) -> bool:
+        return EASE_RANGE[0] <= value <= EASE_RANGE[1]
+
+    lam = float(np.clip(config.ease_lambda, *EASE_RANGE))
+    best = score(lam)
+    direction = None
+    for step in (2.0, 0.5):  # up first, then down
+        if in_range(lam * step) and clock.left(EASE_SHARE):
+            ndcg = score(lam * step)
+            if ndcg > best:
+                lam, best, direction = lam * step, ndcg, step
+                break
+    if direction is None:  # neither neighbour is better: on the edge only at the range's end
+        return kept[0], seen_values, not (in_range(lam * 2) and in_range(lam / 2))
+    on_edge = True  # unless the ladder stops improving before the range's end
+    while len(tried) < EASE_RUNGS and clock.left(EASE_SHARE) and in_range(lam * direction):
+        ndcg = score(lam * direction)
+        if ndcg <= best:
+            on_edge = False
+            break
+        lam, best = lam * direction, ndcg
+    return kept[0], seen_values, on_edge
+
+
+def _ials_points(config: TrainConfig, seed: int) -> list[dict[str, Any]]:
+    """The flags' point, then seeded random points of IALS_SPACE."""
+    rng = np.random.default_rng([seed, _POINT_STREAM])
+    points = [{'factors': config.topn_factors, 'l2_scale': 1.0, 'unobserved_scale': 1.0,
+               'confidence': config.topn_confidence}]
+    for _ in range(IALS_TRIALS - 1):
+        def log_uniform(low: float, high: float) -> float:
+            return float(np.exp(rng.uniform(np.log(low), np.log(high))))
+        points.append({'factors': int(rng.choice(IALS_SPACE['factors'])),
+                       'l2_scale': round(log_uniform(*IALS_SPACE['l2_scale']), 4),
+                       'unobserved_scale': round(log_uniform(*IALS_SPACE['unobserved_scale']), 4),
+                       'confidence': float(rng.choice(IALS_SPACE['confidence']))})
+    return points
+
+
+def ials_config(config: TrainConfig, point: dict[str, Any]) -> TrainConfig:
+    """config with an iALS search point's values (scales multiply the config's)."""
+    return dataclasses.replace(
+        config, topn_factors=int(point['factors']),
+        topn_l2=config.topn_l2 * point['l2_scale'],
+        topn_unobserved_weight=config.topn_unobserved_weight * point['unobserved_scale'],
+        topn_confidence=float(point['confidence']))
+
+
+def _ials_trials(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
+                 where: _Slice, likes: tuple[float, ...], table: list, clock: _Clock):
+    """(the best iALS point tried within the budget, the flags' point): _Bests."""
+    rows = tuple(size + features.NUM_OOV_BUCKETS for size in sizes)
+    best = first = None
+    trial_config = dataclasses.replace(config, ranking_users=where.judged.users.size)
+    for number, point in enumerate(_ials_points(config, seed)):
+        if number and not clock.left(IALS_SHARE):
+            logger.info('Top-N search: the budget ends iALS after %d of %d points',
+                        number, IALS_TRIALS)
+            break
+        started = time.perf_counter()
+        _, iterations, factors = topn_train.trial(ials_config(trial_config, point), splits.fit,
+                                            splits.validation, rows, seed)
+        raw = where.raw(ranking.factor_scorer(*factors, sizes[1]))
+        ndcg, weight = where.best_like(raw, likes)
+        point = {**point, 'iterations': iterations}
+        table.append({'stage': 'ials', 'settings': point, 'like_weight': weight,
+                      'validation_ndcg': ndcg, 'seconds': time.perf_counter() - started})
+        logger.info('Top-N search, iALS %s: validation NDCG@%d %.4f (like weight %g; '
+                    '%.1f s)', point, ranking.TOP_K, ndcg, weight, table[-1]['seconds'])
+        current = _Best(ndcg, point, raw, factors)
+        if best is None or ndcg > best.ndcg:
+            best = current
+        first = first or current
+    return best, first
+
+
+@dataclasses.dataclass(frozen=True)
+class _Best:
+    """A family's best point: its NDCG, settings, raw validation scores, fitted model."""
+    ndcg: float
+    settings: dict[str, Any]
+    raw: np.ndarray
+    model: Any
+
+
+def _row_of(table: list, best: '_Best') -> dict[str, Any]:
+    """The table row of a family's best point (its like weight)."""
+    stage = 'ease' if 'lambda' in best.settings else 'ials'
+    key = {'lambda': best.settings['lambda']} if stage == 'ease' else best.settings
+    return next(row for row in table if row['stage'] == stage and row['settings'] == key)
+
+
+def _ease_too_big(config: TrainConfig, fit: data.Ratings, num_items: int) -> str | None:
+    """Why EASE is too large to search within the budget (its Gram matrix's sparse
+    products cost about kept ratings x kept movies), or None."""
+    items = fit.item.numpy()
+    counts = np.bincount(items, minlength=num_items)
+    kept = ease_lib.movie_subset(counts, config.ease_max_movies)
+    work = float(counts[kept].sum()) * kept.size
+    if work <= EASE_MAX_WORK:
+        return None
+    return (f'{counts[kept].sum()} ratings x {kept.size} movies = {work:.2g} > '
+            f'{EASE_MAX_WORK:.0e}; --topn-model ease trains it anyway')
+
+
+def _blended(where: _Slice, blend: float, weight: float, ials_best, ease_best) -> np.ndarray:
+    """The served scores of a blend weight and like weight (lists.ListScorer's, in numpy)."""
+    if blend == 0.0:
+        return where.served(ials_best.raw, weight)
+    if blend == 1.0:
+        return where.served(ease_best.raw, weight)
+    return ((1.0 - blend) * _standardised(where.served(ials_best.raw, weight))
+            + blend * _standardised(where.served(ease_best.raw, weight)))
+
+
+def _unless_clearly_better(config: TrainConfig, where: _Slice, chosen, flags_point, likes,
+                           ials_best):
+    """(chosen, False), or the flags' iALS point and like weight, (its, True), when chosen
+    beats it by less than CLEAR_MARGIN standard errors of the paired per-user difference."""
+    weight = config.topn_like_weight if config.topn_like_weight in likes else 0.0
+    if chosen[1] == 0.0 and ials_best is flags_point and chosen[2] == weight:
+        return chosen, False  # the flags' point itself
+    flags_scores = where.served(flags_point.raw, weight)
+    difference = where.user_ndcg(chosen[3]) - where.user_ndcg(flags_scores)
+    error = difference.std(ddof=1) / math.sqrt(max(difference.size, 1)) if (
+        difference.size > 1) else math.inf
+    if difference.mean() > CLEAR_MARGIN * error:
+        return chosen, False
+    logger.info('Top-N search: the best point beats the flags\' iALS point by %.4f NDCG, '
+                'under %g standard errors (%.4f): the flags\' point is kept',
+                difference.mean(), CLEAR_MARGIN, error)
+    return (where.ndcg(flags_scores), 0.0, weight, flags_scores), True
+
+
+def _ials_edges(point: dict[str, Any]) -> list[str]:
+    out = []
+    if point['factors'] in (min(IALS_SPACE['factors']), max(IALS_SPACE['factors'])):
+        out.append(f'iALS factors {point["factors"]}')
+    for name in ('l2_scale', 'unobserved_scale'):
+        low, high = np.log(IALS_SPACE[name])
+        position = (np.log(point[name]) - low) / (high - low)
+        if position < 0.1 or position > 0.9:
+            out.append(f'iALS {name} {point[name]:g}')
+    return out
+
+
+def search(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
+           rating_model=None, like: ranking.LikeTerm | None = None) -> SearchResult:
+    """Chooses the served top-N model on the validation slice (see the module doc).
+
+    Args:
+      config: the run's config, data defaults filled in (topn_l2 etc.).
+      splits: `train.Splits`; only fit and validation are read.
+      sizes: (users, movies) in the vocabularies, OOV excluded.
+      seed: the split seed: the points and the ranked users' sample.
+      rating_model: a rating model fitted on fit alone, for the like term.
+      like: its like term's cut and noise (the weight is searched).
+
+    Returns:
+      The chosen point and the table of every point tried.
+    """
+    budget = config.topn_search_seconds or default_budget(len(splits.train))
+    clock = _Clock(budget)
+    max_users = min(config.ranking_users or SEARCH_USERS, SEARCH_USERS)
+    where = _Slice(splits.fit, splits.validation, *sizes, max_users, seed, rating_model, like)
+    likes = LIKE_WEIGHTS if where.log_liked is not None else (0.0,)
+    table: list[dict[str, Any]] = []
+    families = ('ials', 'ease') if config.topn_model in ('auto', 'blend') else (
+        config.topn_model,)
+    on_edge: list[str] = []
+    ease_best = ials_best = seen_values = None
+    left_out = _ease_too_big(config, splits.fit, sizes[1]) if config.topn_model == 'auto' else None
+    if left_out:
+        logger.info('Top-N search: EASE left out: %s', left_out)
+        families = ('ials',)
+    if 'ease' in families:
+        ease_best, seen_values, edge = _ease_ladder(config, splits.fit, sizes, where, likes,
+                                                    table, clock)
+        if edge:
+            on_edge.append(f'EASE lambda {ease_best.settings["lambda"]:g}')
+    flags_point = None
+    if 'ials' in families:
+        ials_best, flags_point = _ials_trials(config, splits, sizes, seed, where, likes, table,
+                                              clock)
+    blends = {'ials': (0.0,), 'ease': (1.0,), 'blend': BLENDS[2:]}.get(
+        config.topn_model if len(families) == 2 else families[0], BLENDS)
+    chosen = (-math.inf, 0.0, 0.0, None)
+    # Each family's best first (at its best like weight), then the rest while the budget lasts.
+    first = [(blend, row['like_weight']) for blend, best in ((0.0, ials_best), (1.0, ease_best))
+             if best is not None and blend in blends
+             for row in [_row_of(table, best)]]
+    grid = first + [point for point in itertools.product(blends, likes) if point not in first]
+    for number, (blend, weight) in enumerate(grid):
+        if number >= max(len(first), 1) and not clock.left():
+            logger.info('Top-N search: the budget ends the score grid after %d of %d points',
+                        number, len(grid))
+            break
+        started = time.perf_counter()
+        scores = _blended(where, blend, weight, ials_best, ease_best)
+        ndcg = where.ndcg(scores)
+        table.append({'stage': 'score', 'settings': {'blend': blend}, 'like_weight': weight,
+                      'validation_ndcg': ndcg, 'seconds': time.perf_counter() - started})
+        if ndcg > chosen[0]:
+            chosen = (ndcg, blend, weight, scores)
+    kept_flags = False
+    if flags_point is not None and config.topn_model == 'auto':
+        chosen, kept_flags = _unless_clearly_better(config, where, chosen, flags_point, likes,
+                                                    ials_best)
+    ndcg, blend, weight, _ = chosen
+    family = 'ials' if blend == 0.0 else 'ease' if blend == 1.0 else 'blend'
+    if kept_flags:
+        ials_best, on_edge = flags_point, []
+    if family != 'ease' and ials_best is not None and not kept_flags:
+        on_edge += _ials_edges(ials_best.settings)
+    if family == 'ials':
+        on_edge = [edge for edge in on_edge if not edge.startswith('EASE')]
+    if weight == max(likes) and len(likes) > 1 and not kept_flags:
+        on_edge.append(f'like weight {weight:g}')
+    interior = [value for value in blends if 0.0 < value < 1.0]
+    if family == 'blend' and not kept_flags and blend in (min(interior), max(interior)):
+        on_edge.append(f'EASE weight {blend:g}')
+    if on_edge:
+        logger.info('Top-N search: the best point lies on the edge of its space: %s; '
+                    'a wider space may do better', ', '.join(on_edge))
+    result = SearchResult(
+        family=family, blend=blend, like_weight=weight,
+        ease_lambda=None if family == 'ials' else ease_best.settings['lambda'],
+        ials=None if family == 'ease' else ials_best.settings,
+        validation_ndcg=ndcg, table=tuple(table), on_edge=tuple(on_edge), kept_flags=kept_flags,
+        ease_left_out=left_out,
+        seconds=clock.spent(), budget=budget, users=int(where.judged.users.size))
+    logger.info('Top-N search: %s in %.1f s of %.0f s: %d points on %d validation users, '
+                'best validation NDCG@%d %.4f', describe(result), result.seconds, budget,
+                len(table), result.users, ranking.TOP_K, ndcg)
+    return result
+
+
+def describe(result: SearchResult) -> str:
+    """One phrase: the chosen family and its values."""
+    parts = []
+    if result.ials is not None:
+        point = result.ials
+        parts.append(f'iALS ({point["factors"]} factors, l2 x{point["l2_scale"]:g}, '
+                     f'unobserved weight x{point["unobserved_scale"]:g}, confidence '
+                     f'{point["confidence"]:g}, {point["iterations"]} iterations)')
+    if result.ease_lambda is not None:
+        parts.append(f'EASE (lambda {result.ease_lambda:g})')
+    joined = ' + '.join(parts)
+    if result.family == 'blend':
+        joined = f'blend, EASE weight {result.blend:g}: {joined}'
+    return f'{joined}, like weight {result.like_weight:g}'
