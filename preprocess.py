@@ -111,6 +111,7 @@ import apache_beam as beam  # noqa: E402
 
 from trainer import features  # noqa: E402
 from trainer import shutdown  # noqa: E402
+from trainer import usage  # noqa: E402
 from trainer import worklock  # noqa: E402
 from trainer.pipeline import blockio  # noqa: E402
 from trainer.pipeline import rating_parser  # noqa: E402
@@ -465,7 +466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         with shutdown.raise_on_sigterm(), \
-                worklock.hold(config.work_dir, worklock.command_line(argv)):
+                worklock.hold(config.work_dir, worklock.command_line(argv)), \
+                usage.sampling(features.usage_path(config.work_dir, 'preprocess')):
             info = run(config, beam_args)
     except (UserError, worklock.LockHeld) as error:
         print(f'preprocess.py: error: {error}', file=sys.stderr)

@@ -30,6 +30,7 @@ from typing import Any
 from trainer import config as config_lib
 from trainer import logs
 from trainer import shutdown
+from trainer import usage
 from trainer import worklock
 
 if __name__ == '__main__':
@@ -274,7 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if scratch is not None:
             config = config_lib.redirect_outputs(config, scratch)
         try:
-            with worklock.hold(config.model_dir, worklock.command_line(argv)):
+            with worklock.hold(config.model_dir, worklock.command_line(argv)), \
+                    usage.sampling(_usage_path(config, task)):
                 return _run(config, strategy, task, started)
         except worklock.LockHeld as error:
             print(f'trainer: error: {error}', file=sys.stderr)
@@ -282,6 +284,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except shutdown.Stopped as stopped:
             logger.warning('SIGTERM: %s; exiting 0, run the same command to resume', stopped)
             return 0
+
+
+def _usage_path(config: config_lib.TrainConfig, task: distribute.Task) -> str | None:
+    """The chief's WORK_DIR/usage/trainer.csv (gs:// in the cloud); tuning trials,
+    which share a work dir, and the other workers sample nothing."""
+    if not task.is_chief or config.metric_only:
+        return None
+    return features.usage_path(config.work_dir, 'trainer')
 
 
 # What a run reports in one line and exit code 2 instead of a traceback.
