@@ -416,7 +416,11 @@ def _write_output(config: PreprocessConfig, beam_args: Sequence[str],
     options = pipeline_options(beam_args)
     temp_dir = options.get_all_options().get('temp_location') or tempfile.mkdtemp()
     logger.info('Preprocessing %s (%s layout) into %s', ratings_path, layout.name, out_dir)
-    with beam.Pipeline(options=options) as p:
+    # TFT's analysers (vocabularies, the train mean) report no progress, so its first
+    # phase gets a heartbeat without an estimate; the write phase logs its own lines.
+    with logs.heartbeat('Preprocessing', "the Beam pipeline (TFT's analyse phase: "
+                        'vocabularies and the train mean, then the write)'), \
+            beam.Pipeline(options=options) as p:
         with tft_beam.Context(temp_dir=temp_dir):
             parsed, repeated = read_ratings(p, ratings_path, layout, header_lines)
             build_pipeline(parsed, config.work_dir, config.seed, config.eval_percent,
