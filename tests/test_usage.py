@@ -10,26 +10,27 @@ import pytest
 from trainer import features, usage
 
 
-def test_a_busy_process_is_sampled_at_about_one_core_and_its_memory_grows(tmp_path):
+def test_a_busy_process_is_sampled_as_busy_then_idle_and_its_memory_grows(tmp_path):
     path = str(tmp_path / 'usage' / 'trainer.csv')
     before = usage.read_sample().rss_bytes
+    cpu_before = time.process_time()
     with usage.sampling(path, every_seconds=0.1, write_seconds=0.3) as sampler:
         assert sampler is not None
         held = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
         deadline = time.monotonic() + 1.2
-        spins = 0
-        while time.monotonic() < deadline:  # one busy core
-            spins += 1
+        while time.monotonic() < deadline:  # one busy thread
+            pass
         time.sleep(0.5)  # then idle
+    cpu_used = time.process_time() - cpu_before
     recorded = usage.read_usage(path)
     assert 10 <= len(recorded.seconds) <= 25
     assert recorded.seconds == sorted(recorded.seconds) and recorded.seconds[-1] > 1.6
+    # The samples account for the CPU the process used, however loaded the machine is.
+    assert recorded.mean_cpu_cores() * recorded.seconds[-1] == pytest.approx(cpu_used, abs=0.15)
     busy = [cores for cores, at in zip(recorded.cpu_cores, recorded.seconds) if 0.3 < at < 1.1]
     idle = [cores for cores, at in zip(recorded.cpu_cores, recorded.seconds) if at > 1.45]
-    assert np.median(busy) == pytest.approx(1.0, abs=0.35)  # 2 shared cores: some slack
-    assert max(idle) < 0.3
+    assert np.mean(busy) > 0.2 and max(idle) < 0.1
     assert recorded.peak_rss_bytes() >= before + 50 * 2**20 and held.all()
-    assert 0.3 < recorded.mean_cpu_cores() < 1.2
     assert recorded.peak_rss_bytes() >= recorded.mean_rss_bytes() > 20 * 2**20
 
 

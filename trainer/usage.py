@@ -21,6 +21,7 @@ import dataclasses
 import io
 import logging
 import os
+import posixpath
 import threading
 import time
 from collections.abc import Iterator
@@ -95,7 +96,9 @@ class Sampler:
 
     def start(self) -> None:
         self.samples.append(read_sample())
-        fileio.makedirs(self.path.rsplit('/', 1)[0])
+        parent = posixpath.dirname(self.path)
+        if parent:
+            fileio.makedirs(parent)
         self._thread.start()
 
     def _run(self) -> None:
