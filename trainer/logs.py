@@ -163,11 +163,11 @@ class ProgressLog:
     so far: `what: 30 of 120 (25%), 10 s so far, about 30 s left`.
     """
 
-    def __init__(self, what: str, every_seconds: float = PROGRESS_SECONDS,
+    def __init__(self, what: str, every_seconds: float | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  total: int | None = None) -> None:
         self._what = what
-        self._every = every_seconds
+        self._every = PROGRESS_SECONDS if every_seconds is None else every_seconds
         self._clock = clock
         self._count = 0
         self._next: float | None = None
