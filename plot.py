@@ -241,13 +241,16 @@ def draw_usage_chart(title: str, steps: dict[str, usage.Usage]):
     figure = Figure(figsize=(max(6.5, 3.6 * len(steps)), 3.8), dpi=120)
     for axes, (step, recorded) in zip(figure.subplots(1, len(steps), squeeze=False)[0],
                                       steps.items()):
-        axes.plot(recorded.seconds, recorded.cpu_cores, color='tab:blue', linewidth=1)
+        axes.plot(recorded.seconds, recorded.cpu_cores, color='tab:blue', linewidth=1,
+                  marker='.' if len(recorded.seconds) < 20 else None)
+        axes.set_xlim(left=0, right=max(recorded.seconds[-1], 1.0))
         axes.set_xlabel(f'{step}: seconds')
         axes.set_ylabel('CPU (cores busy)', color='tab:blue')
         axes.set_ylim(bottom=0, top=max(1.0, recorded.peak_cpu_cores() * 1.1))
         memory = axes.twinx()
         memory.plot(recorded.seconds, [value / 2**30 for value in recorded.rss_bytes],
-                    color='tab:red', linewidth=1)
+                    color='tab:red', linewidth=1,
+                    marker='.' if len(recorded.seconds) < 20 else None)
         memory.set_ylabel('resident memory (GiB)', color='tab:red')
         memory.set_ylim(bottom=0, top=max(recorded.peak_rss_bytes() / 2**30 * 1.1, 0.1))
         axes.set_title(f'{step}: mean {recorded.mean_cpu_cores():.2f} cores, '

@@ -105,7 +105,7 @@ RECOMMENDATIONS_PREFIX = 'part'
 RECOMMENDATIONS_SUFFIX = '.jsonl'
 
 # Each step's CPU and resident memory, sampled about every second (trainer/usage.py):
-# WORK_DIR/usage/<step>.csv, one row a sample.
+# WORK_DIR/usage/<step>.csv, one row a sample; seconds count from the process's start.
 USAGE_DIR = 'usage'
 USAGE_COLUMNS = ('unix_time', 'seconds', 'cpu_cores', 'rss_bytes')
 USAGE_STEPS = ('extract', 'preprocess', 'trainer', 'batch')

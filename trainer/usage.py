@@ -4,7 +4,8 @@ Each step (data-extractor.py, preprocess.py, `python -m trainer.task`, the
 batch job) runs its work inside `sampling(path)`: a daemon thread reads
 /proc/self/stat (user + system CPU time, this process's threads and its
 waited-for children) and /proc/self/statm (resident pages) every
-`every_seconds`, and rewrites the CSV (features.USAGE_COLUMNS) every
+`every_seconds` (the first row covers the process's start-up: its imports),
+and rewrites the CSV (features.USAGE_COLUMNS) every
 `write_seconds` and at the end, through fileio, so a gs:// path works and a
 reader never sees half a file.  A re-run of a step replaces its file.
 
@@ -63,9 +64,25 @@ def read_sample() -> Sample:
     return Sample(time.time(), ticks / _TICKS, resident_pages * _PAGE)
 
 
+def process_start() -> Sample:
+    """A sample at the moment this process started: no CPU used, no memory yet.
+
+    From /proc/self/stat's start time (clock ticks after boot) and /proc/uptime,
+    so a step's first row covers its imports too (TensorFlow's take seconds).
+
+    Raises:
+      OSError: /proc is not there (not Linux).
+    """
+    with open(_STAT, 'rb') as stat:
+        started_after_boot = int(stat.read().rsplit(b')', 1)[1].split()[19]) / _TICKS
+    with open('/proc/uptime', 'rb') as uptime:
+        since_boot = float(uptime.read().split()[0])
+    return Sample(time.time() - (since_boot - started_after_boot), 0.0, 0)
+
+
 def rows(samples: list[Sample]) -> list[tuple[float, float, float, int]]:
     """CSV rows from consecutive samples: seconds since the first, CPU cores busy since
-    the previous sample (1.0 is one core all the time), resident bytes."""
+    the previous sample (1.0 is one core all the time), resident bytes at the sample."""
     out = []
     for previous, sample in zip(samples, samples[1:]):
         interval = sample.unix_time - previous.unix_time
@@ -95,7 +112,7 @@ class Sampler:
         self._thread = threading.Thread(target=self._run, name='usage-sampler', daemon=True)
 
     def start(self) -> None:
-        self.samples.append(read_sample())
+        self.samples.extend([process_start(), read_sample()])
         parent = posixpath.dirname(self.path)
         if parent:
             fileio.makedirs(parent)
