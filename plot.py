@@ -241,8 +241,10 @@ def draw_usage_chart(title: str, steps: dict[str, usage.Usage]):
     figure = Figure(figsize=(max(6.5, 3.6 * len(steps)), 3.8), dpi=120)
     for axes, (step, recorded) in zip(figure.subplots(1, len(steps), squeeze=False)[0],
                                       steps.items()):
-        axes.plot(recorded.seconds, recorded.cpu_cores, color='tab:blue', linewidth=1,
-                  marker='.' if len(recorded.seconds) < 20 else None)
+        # Each CPU figure is the mean over the interval up to its sample; the first
+        # interval starts with the process.
+        axes.plot([0.0, *recorded.seconds], [recorded.cpu_cores[0], *recorded.cpu_cores],
+                  color='tab:blue', linewidth=1, drawstyle='steps-pre')
         axes.set_xlim(left=0, right=max(recorded.seconds[-1], 1.0))
         axes.set_xlabel(f'{step}: seconds')
         axes.set_ylabel('CPU (cores busy)', color='tab:blue')
