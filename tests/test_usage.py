@@ -17,10 +17,11 @@ def test_a_busy_process_is_sampled_as_busy_then_idle_and_its_memory_grows(tmp_pa
     with usage.sampling(path, every_seconds=0.1, write_seconds=0.3) as sampler:
         assert sampler is not None
         held = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
-        deadline = time.monotonic() + 1.2
-        while time.monotonic() < deadline:  # one busy thread
+        busy_from = time.time()
+        while time.time() < busy_from + 1.2:  # one busy thread
             pass
-        time.sleep(0.5)  # then idle
+        busy_to = time.time()
+        time.sleep(0.6)  # then idle
     # Since this process started, with the children it waited for (as /proc counts).
     cpu_used = sum(os.times()[:4])
     recorded = usage.read_usage(path)
@@ -31,10 +32,13 @@ def test_a_busy_process_is_sampled_as_busy_then_idle_and_its_memory_grows(tmp_pa
     assert recorded.seconds[-1] - started > 1.6
     # The samples account for all the CPU the process used, however loaded the machine is.
     assert recorded.mean_cpu_cores() * recorded.seconds[-1] == pytest.approx(cpu_used, abs=0.15)
+    # Rows whose interval (the 0.1 s up to their sample) lies inside each stretch.
+    born = usage.process_start().unix_time
     busy = [cores for cores, at in zip(recorded.cpu_cores, recorded.seconds)
-            if 0.3 < at - started < 1.1]
+            if busy_from + 0.15 < born + at < busy_to - 0.05]
     idle = [cores for cores, at in zip(recorded.cpu_cores, recorded.seconds)
-            if at - started > 1.45]
+            if born + at > busy_to + 0.2]
+    assert len(busy) >= 3 and len(idle) >= 2
     assert np.mean(busy) > 0.2 and max(idle) < 0.1
     assert recorded.peak_rss_bytes() >= before + 50 * 2**20 and held.all()
     assert recorded.peak_rss_bytes() >= recorded.mean_rss_bytes() > 20 * 2**20
