@@ -67,6 +67,7 @@ from trainer import features
 from trainer import fileio
 from trainer import logs
 from trainer import shutdown
+from trainer import usage
 from trainer import worklock
 
 if __name__ == '__main__':
@@ -569,7 +570,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.monotonic()
     try:
         with shutdown.raise_on_sigterm(), \
-                worklock.hold(config.work_dir, worklock.command_line(argv)):
+                worklock.hold(config.work_dir, worklock.command_line(argv)), \
+                usage.sampling(features.usage_path(config.work_dir, 'extract')):
             staged = extract(config)
     except (ExtractError, worklock.LockHeld) as error:
         logger.error('%s', error)

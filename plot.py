@@ -8,9 +8,11 @@ Computes no metric: every number comes from files the trainer wrote.
 - `<out stem>-eval.png`, when the model dir has them: how predicted ratings
   spread for each true eval rating (eval_predictions.csv) and the ranking
   metrics of the model against the most-popular baseline (metrics.json).
+- `<out stem>-usage.png`, when the work dir has WORK_DIR/usage/<step>.csv: each
+  step's CPU (cores busy) and resident memory over its run, one panel a step.
 
-    python plot.py --model-dir WORK_DIR/model [--out fig/loss.png] [--title ...] [--show]
-                   [--verbose]
+    python plot.py --model-dir WORK_DIR/model [--work-dir WORK_DIR] [--out fig/loss.png]
+                   [--title ...] [--show] [--verbose]
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-from trainer import features, fileio, logs
+from trainer import features, fileio, logs, usage
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ FIG_DIR = 'fig'
 @dataclasses.dataclass(frozen=True)
 class PlotConfig:
     loss_log: str
+    work_dir: str
     out: str
     title: str
     show: bool = False
@@ -226,6 +229,55 @@ def write_eval_chart(model_dir: str, out: str, dataset: str) -> str | None:
     return eval_out
 
 
+def usage_chart_path(out: str) -> str:
+    """<out stem>-usage.png next to the loss chart."""
+    path = pathlib.Path(out)
+    return str(path.with_name(f'{path.stem}-usage{path.suffix}'))
+
+
+def draw_usage_chart(title: str, steps: dict[str, usage.Usage]):
+    """One panel per step: CPU cores busy (left axis), resident GiB (right); a Figure."""
+    from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+    figure = Figure(figsize=(max(6.5, 3.6 * len(steps)), 3.8), dpi=120)
+    for axes, (step, recorded) in zip(figure.subplots(1, len(steps), squeeze=False)[0],
+                                      steps.items()):
+        # Each CPU figure is the mean over the interval up to its sample; the first
+        # interval starts with the process.
+        axes.plot([0.0, *recorded.seconds], [recorded.cpu_cores[0], *recorded.cpu_cores],
+                  color='tab:blue', linewidth=1, drawstyle='steps-pre')
+        axes.set_xlim(left=0, right=max(recorded.seconds[-1], 1.0))
+        axes.set_xlabel(f'{step}: seconds')
+        axes.set_ylabel('CPU (cores busy)', color='tab:blue')
+        axes.set_ylim(bottom=0, top=max(1.0, recorded.peak_cpu_cores() * 1.1))
+        memory = axes.twinx()
+        memory.plot(recorded.seconds, [value / 2**30 for value in recorded.rss_bytes],
+                    color='tab:red', linewidth=1,
+                    marker='.' if len(recorded.seconds) < 20 else None)
+        memory.set_ylabel('resident memory (GiB)', color='tab:red')
+        memory.set_ylim(bottom=0, top=max(recorded.peak_rss_bytes() / 2**30 * 1.1, 0.1))
+        axes.set_title(f'{step}: mean {recorded.mean_cpu_cores():.2f} cores, '
+                       f'peak {recorded.peak_rss_bytes() / 2**30:.2f} GiB', fontsize='small')
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def write_usage_chart(work_dir: str, out: str, dataset: str) -> str | None:
+    """Draws the usage chart when the steps left their samples; returns the path or None.
+
+    Raises:
+      ValueError: when a usage file is malformed.
+    """
+    steps = {step: usage.read_usage(path)
+             for step, path in usage.recorded_steps(work_dir).items()}
+    steps = {step: recorded for step, recorded in steps.items() if recorded.seconds}
+    if not steps:
+        return None
+    usage_out = usage_chart_path(out)
+    draw_usage_chart(f'{dataset}: what each step used', steps).savefig(usage_out)
+    return usage_out
+
+
 def read_reference_lines(model_dir: str) -> dict[str, float | None]:
     """The baselines the trainer recorded in metrics.json, when it is there."""
     path = features.join(model_dir, features.METRICS_FILE)
@@ -247,6 +299,8 @@ def parse_args(argv: Sequence[str] | None) -> PlotConfig:
                         help='The trainer\'s model dir (local or gs://) holding loss_log.csv.')
     parser.add_argument('--out', help='PNG to write (default: fig/<dataset>-loss.png beside '
                         'the model dir, i.e. in the work dir; ./fig/ for a gs:// model dir).')
+    parser.add_argument('--work-dir', help="The steps' work dir, holding usage/ (default: "
+                        "the model dir's parent).")
     parser.add_argument('--title', help='Chart title (default: the dataset name).')
     parser.add_argument('--show', action='store_true', help='Also open a window.')
     logs.add_verbose_flag(parser)
@@ -255,6 +309,7 @@ def parse_args(argv: Sequence[str] | None) -> PlotConfig:
         parser.error(f'--out {args.out!r} must end in .png, e.g. fig/loss.png')
     model_dir = args.model_dir.rstrip('/')
     return PlotConfig(loss_log=features.join(model_dir, features.LOSS_LOG_FILE),
+                      work_dir=(args.work_dir or posix_parent(model_dir)).rstrip('/'),
                       out=args.out or '', title=args.title or '', show=args.show)
 
 
@@ -283,6 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     figure.savefig(out)
     try:
         eval_out = write_eval_chart(posix_parent(config.loss_log), out, dataset)
+        usage_out = write_usage_chart(config.work_dir, out, dataset)
     except ValueError as error:
         print(f'plot.py: error: {error}', file=sys.stderr)
         return 2
@@ -292,9 +348,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'plot: read {len(log.epochs)} epochs from {config.loss_log}; '
           f'last epoch eval RMSE {log.columns["eval_rmse"][-1]:.4f}'
           + (f', exported model {exported:.4f}' if exported is not None else '')
-          + f'; wrote {out}'
-          + (f' and {eval_out}' if eval_out else ''))
+          + f'; wrote {_listed([out, eval_out, usage_out])}')
     return 0
+
+
+def _listed(paths: list[str | None]) -> str:
+    """'a', 'a and b', 'a, b and c' of the paths that are not None."""
+    kept = [path for path in paths if path]
+    return ' and '.join([', '.join(kept[:-1]), kept[-1]] if len(kept) > 1 else kept)
 
 
 def show_window(figure) -> None:

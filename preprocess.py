@@ -111,6 +111,7 @@ import apache_beam as beam  # noqa: E402
 
 from trainer import features  # noqa: E402
 from trainer import shutdown  # noqa: E402
+from trainer import usage  # noqa: E402
 from trainer import worklock  # noqa: E402
 from trainer.pipeline import blockio  # noqa: E402
 from trainer.pipeline import rating_parser  # noqa: E402
@@ -415,7 +416,11 @@ def _write_output(config: PreprocessConfig, beam_args: Sequence[str],
     options = pipeline_options(beam_args)
     temp_dir = options.get_all_options().get('temp_location') or tempfile.mkdtemp()
     logger.info('Preprocessing %s (%s layout) into %s', ratings_path, layout.name, out_dir)
-    with beam.Pipeline(options=options) as p:
+    # TFT's analysers (vocabularies, the train mean) report no progress, so its first
+    # phase gets a heartbeat without an estimate; the write phase logs its own lines.
+    with logs.heartbeat('Preprocessing', "the Beam pipeline (TFT's analyse phase: "
+                        'vocabularies and the train mean, then the write)'), \
+            beam.Pipeline(options=options) as p:
         with tft_beam.Context(temp_dir=temp_dir):
             parsed, repeated = read_ratings(p, ratings_path, layout, header_lines)
             build_pipeline(parsed, config.work_dir, config.seed, config.eval_percent,
@@ -465,7 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         with shutdown.raise_on_sigterm(), \
-                worklock.hold(config.work_dir, worklock.command_line(argv)):
+                worklock.hold(config.work_dir, worklock.command_line(argv)), \
+                usage.sampling(features.usage_path(config.work_dir, 'preprocess')):
             info = run(config, beam_args)
     except (UserError, worklock.LockHeld) as error:
         print(f'preprocess.py: error: {error}', file=sys.stderr)

@@ -9,6 +9,9 @@ step as a subprocess exactly as a user would::
     python -m trainer.task --work-dir W [--num-epochs N]
     python plot.py --model-dir W/model --out W/fig/loss.png
 
+Per step also: peak and mean CPU (cores busy) and resident memory from the
+samples the step wrote itself (WORK_DIR/usage/, trainer/usage.py).
+
 Per step: wall seconds, ratings per second (rows read / wall seconds), and
 peak resident memory two ways: the largest sum of RSS over the step's process
 tree, sampled from /proc every 0.2 s (what the issue asks; spikes shorter
@@ -56,6 +59,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+# trainer.usage loads neither TensorFlow nor numpy (the test checks it): see _PARENT_NOTE.
+from trainer import usage  # noqa: E402  pylint: disable=wrong-import-position
+
 logger = logging.getLogger('bench.scale')
 
 DEFAULT_SIZES = '1m,5m,25m'
@@ -74,6 +80,9 @@ FULL_MOVIES = 59_047
 MIN_SIZE = 10_000
 SAMPLE_SECONDS = 0.2
 STEPS = ('extract', 'preprocess', 'train', 'plot')
+# The steps that sample their own CPU and memory, and their usage file's name.
+USAGE_DIR = 'usage'  # features.USAGE_DIR
+USAGE_FILES = {'extract': 'extract', 'preprocess': 'preprocess', 'train': 'trainer'}
 _SIZE_PATTERN = re.compile(r'^(\d+(?:\.\d+)?)([km]?)$')
 _LOG_TIME = re.compile(r'^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ')
 _PAGE_BYTES = os.sysconf('SC_PAGE_SIZE')
@@ -345,6 +354,7 @@ def bench_one(label: str, zip_path: str, generated: int | None, work_dir: str,
     metrics = read_json(os.path.join(work_dir, *METRICS_PATH))
     rows = info['rows_read']
     return {
+        'usage': step_usage(work_dir),
         'label': label, 'source': zip_path, 'work_dir': work_dir,
         'counts': {'generated': generated, **{key: info[key] for key in (
             'rows_read', 'rows_accepted', 'rows_rejected', 'train_ratings', 'eval_ratings',
@@ -357,12 +367,43 @@ def bench_one(label: str, zip_path: str, generated: int | None, work_dir: str,
                   for run in runs],
         'total_seconds': sum(run.seconds for run in runs),
         'trainer': {**trainer_breakdown(runs[2], os.path.join(work_dir, *LOSS_LOG_PATH)),
-            'epochs': metrics['epochs'],
+            'epochs': metrics['epochs'], 'phase_seconds': metrics.get('phase_seconds'),
             'trainer_ratings_per_second': metrics['ratings_per_second']},
         'eval_rmse': metrics['eval_rmse'],
         'noise_floor_rmse': info.get('noise_floor_rmse'),
         'global_mean_eval_rmse': info['global_mean_eval_rmse'],
     }
+
+
+def step_usage(work_dir: str) -> dict[str, dict[str, float]]:
+    """Each step's peak and mean CPU (cores busy) and resident bytes, from the
+    samples it wrote itself (WORK_DIR/usage/<step>.csv, trainer/usage.py)."""
+    found = {}
+    for step, name in USAGE_FILES.items():
+        path = os.path.join(work_dir, USAGE_DIR, f'{name}.csv')
+        if not os.path.exists(path):
+            continue
+        recorded = usage.read_usage(path)
+        found[step] = {'samples': len(recorded.seconds),
+                       'peak_cpu_cores': recorded.peak_cpu_cores(),
+                       'mean_cpu_cores': recorded.mean_cpu_cores(),
+                       'peak_rss_bytes': recorded.peak_rss_bytes(),
+                       'mean_rss_bytes': recorded.mean_rss_bytes()}
+    return found
+
+
+def format_usage(results: list[dict[str, Any]]) -> list[str]:
+    """One line per (size, step) that sampled itself: CPU cores and RSS, peak and mean."""
+    mib = 1 << 20
+    lines = ['', f'{"size":>6} {"step":<11}{"samples":>8}{"CPU peak":>9}{"mean":>6}'
+                 f'{"RSS MiB peak":>13}{"mean":>7}   (each step\'s own samples)']
+    for result in results:
+        for step, used in result.get('usage', {}).items():
+            lines.append(f'{result["label"]:>6} {step:<11}{used["samples"]:8d}'
+                         f'{used["peak_cpu_cores"]:9.2f}{used["mean_cpu_cores"]:6.2f}'
+                         f'{used["peak_rss_bytes"] / mib:13.0f}'
+                         f'{used["mean_rss_bytes"] / mib:7.0f}')
+    return lines
 
 
 def _optional(value: float | None, form: str) -> str:
@@ -406,6 +447,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
             f'{_optional(trainer["ranking_and_eval_predictions_seconds"], "8.1f"):>8}'
             f'{result["eval_rmse"]:10.4f}{_optional(result["noise_floor_rmse"], "7.4f"):>7}'
             f'{result["global_mean_eval_rmse"]:7.4f}')
+    lines.extend(format_usage(results))
     return '\n'.join(lines)
 
 

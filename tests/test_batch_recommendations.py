@@ -15,7 +15,7 @@ import pytest
 
 from test_export import tft_dir  # pylint: disable=unused-import
 from test_serving import GLOBAL_MEAN, MOVIE_BIAS, USER_BIAS, export_planted_model
-from trainer import features
+from trainer import features, usage
 from trainer.serving import batch
 
 
@@ -57,6 +57,7 @@ def test_every_user_gets_their_unrated_movies_best_first(work_dir: str, capsys):
         'u4': expected_list('u4', ['m1', 'm2'])}
     assert not any(record['fallback'] for record in records.values())
     assert 'recommendations:' in capsys.readouterr().out
+    assert usage.read_usage(features.usage_path(work_dir, 'batch')).peak_rss_bytes() > 0
 
 
 def test_a_second_run_needs_overwrite(work_dir: str, capsys):

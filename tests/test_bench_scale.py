@@ -57,6 +57,17 @@ def test_names_match_features() -> None:
     assert scale.DATASET_INFO_PATH == (features.TRANSFORMED_DIR, features.DATASET_INFO_FILE)
     assert scale.METRICS_PATH == (features.MODEL_DIR, features.METRICS_FILE)
     assert scale.LOSS_LOG_PATH == (features.MODEL_DIR, features.LOSS_LOG_FILE)
+    assert scale.USAGE_DIR == features.USAGE_DIR
+
+
+def test_the_usage_reader_loads_no_tensorflow() -> None:
+    result = subprocess.run(
+        [sys.executable, '-c', 'import sys; sys.path.insert(0, "bench"); import scale; '
+         'print(sorted({"tensorflow", "numpy"} & set(sys.modules)))'],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == '[]'
+    assert scale.USAGE_FILES['train'] == 'trainer' and set(scale.USAGE_FILES.values()) <= set(
+        features.USAGE_STEPS)
 
 
 def test_shape_follows_ml_25m() -> None:
@@ -85,6 +96,17 @@ def test_run_200k_adds_up(tmp_path: pathlib.Path) -> None:
     assert counts['generated'] == 200_000 == counts['rows_read']
     assert counts['rows_read'] == counts['rows_accepted'] + counts['rows_rejected']
     assert counts['train_ratings'] + counts['eval_ratings'] == counts['rows_accepted']
+    # What each step used, from its own samples: busy, and within its ru_maxrss.
+    assert list(row['usage']) == ['extract', 'preprocess', 'train']
+    for step in row['steps'][:3]:
+        used = row['usage'][step['name']]
+        assert used['samples'] >= 1 and 0 < used['mean_cpu_cores'] <= used['peak_cpu_cores'] + 1e-9
+        # /proc's resident count lags by a few pages a thread: 1% slack.
+        assert 0 < used['mean_rss_bytes'] <= used['peak_rss_bytes']
+        assert used['peak_rss_bytes'] <= 1.01 * step['max_process_rss_bytes']
+        assert f'{used["peak_rss_bytes"] / 2**20:13.0f}' in result.stdout
+    trainer = row['trainer']
+    assert set(trainer['phase_seconds']) >= {'load', 'rating_epochs', 'posterior', 'export'}
     _check_trainer_breakdown(row)
     # The model scored: better than the train mean, not better than the planted truth.
     assert row['noise_floor_rmse'] < row['global_mean_eval_rmse']

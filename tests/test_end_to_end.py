@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO, eval_examples, exported_eval_rmse
-from trainer import features
+from trainer import features, usage
 
 # What the factors must be worth on the default (movielens) data: the export
 # beats its own biases by at least this in eval RMSE (measured: 0.8800 against
@@ -93,6 +93,21 @@ def test_chart_is_a_png_and_the_summary_ends_with_next_commands(local_run):
     staged_users = {line.split('\t')[0] for line in
                     (work_dir / 'raw' / 'u.data').read_text().splitlines()}
     assert user_id in staged_users
+
+
+def test_each_step_recorded_its_cpu_and_memory_and_the_chart_shows_them(local_run):
+    work_dir, fig_dir, stdout = local_run
+    for step in ('extract', 'preprocess', 'trainer'):
+        recorded = usage.read_usage(features.usage_path(str(work_dir), step))
+        assert recorded.seconds and recorded.seconds[-1] > 0
+        # A Python process with its libraries loaded: tens of MiB at least, and busy.
+        assert recorded.peak_rss_bytes() > 30 * 2**20 and recorded.mean_cpu_cores() > 0.05
+    # The trainer's samples span its run: its phases fit inside them.
+    metrics = features.read_json(str(work_dir / features.MODEL_DIR / features.METRICS_FILE))
+    trainer = usage.read_usage(features.usage_path(str(work_dir), 'trainer'))
+    assert trainer.seconds[-1] >= sum(metrics['phase_seconds'].values())
+    assert (fig_dir / 'synthetic-loss-usage.png').read_bytes()[:4] == b'\x89PNG'
+    assert '== trainer seconds: load shards ' in stdout
 
 
 def _modified(root: pathlib.Path) -> dict[str, int]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -75,3 +77,41 @@ def test_progress_is_logged_once_per_interval(caplog):
 
     assert [record.getMessage() for record in caplog.records] == [
         'rating rows parsed: 11,000 so far', 'rating rows parsed: 21,000 so far']
+
+
+def test_progress_with_a_total_estimates_the_time_left_at_the_rate_so_far(caplog):
+    now = [50.0]
+    progress = logs.ProgressLog('Posterior sweeps', every_seconds=15, clock=lambda: now[0],
+                                total=120)
+    caplog.set_level(logging.INFO, logger='trainer.progress')
+    for sweep in range(120):  # 2 s a sweep, counted from the start, not the first sweep
+        now[0] = 50.0 + 2.0 * (sweep + 1)
+        progress.add(1)
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[:2] == ['Posterior sweeps: 8 of 120 (7%), 16 s so far, about 224 s left',
+                         'Posterior sweeps: 16 of 120 (13%), 32 s so far, about 208 s left']
+    assert len(lines) == 15 and lines[-1].endswith('about 0 s left')
+
+
+def test_time_left_needs_some_work_done():
+    assert logs.time_left(0, 10, 5.0) is None
+    assert logs.time_left(5, 10, 0.0) is None
+    assert logs.time_left(1, 4, 3.0) == pytest.approx(9.0)
+    assert logs.time_left(5, 4, 3.0) == 0.0  # more than the estimate: nothing left
+
+
+def test_a_heartbeat_speaks_only_in_silence(caplog):
+    caplog.set_level(logging.INFO, logger='trainer.progress')
+    with logs.heartbeat('Preprocessing', 'the analyse phase', every_seconds=0.05):
+        time.sleep(0.2)
+    beats = [record.getMessage() for record in caplog.records]
+    assert len(beats) >= 2 and all(
+        re.fullmatch(r'Preprocessing: \d+ s so far; waiting on the analyse phase', line)
+        for line in beats)
+    caplog.clear()
+    progress = logs.ProgressLog('rows written', every_seconds=0.0)
+    with logs.heartbeat('Preprocessing', 'the write', every_seconds=0.1):
+        for _ in range(30):  # a progress line every 10 ms: the heartbeat keeps quiet
+            progress.add(1)
+            time.sleep(0.01)
+    assert not [record for record in caplog.records if 'waiting on' in record.getMessage()]

@@ -153,3 +153,39 @@ def test_the_chart_marks_the_trained_and_the_exported_model(tmp_path):
     with open(os.path.join(model_dir, features.METRICS_FILE), 'w') as f:
         json.dump({'dataset': 'synthetic', 'eval_rmse': 0.95}, f)
     assert plot.read_reference_lines(model_dir)['trained_eval_rmse'] is None
+
+
+def _record_usage(work_dir: str, step: str) -> None:
+    from trainer import usage
+    with usage.sampling(features.usage_path(work_dir, step), every_seconds=0.05):
+        sum(range(2_000_000))  # some CPU to record
+
+
+def test_main_draws_the_usage_chart_one_panel_a_step_from_recorded_files(tmp_path, capsys):
+    work_dir = str(tmp_path)
+    _write_log(os.path.join(work_dir, 'model'))
+    for step in ('trainer', 'extract'):
+        _record_usage(work_dir, step)
+    out = str(tmp_path / 'fig' / 'loss.png')
+    assert plot.main(['--model-dir', os.path.join(work_dir, 'model'), '--out', out]) == 0
+    usage_png = tmp_path / 'fig' / 'loss-usage.png'
+    assert usage_png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert str(usage_png) in capsys.readouterr().out
+    from trainer import usage
+    figure = plot.draw_usage_chart('t', {step: usage.read_usage(path) for step, path
+                                         in usage.recorded_steps(work_dir).items()})
+    # In the order the steps run; CPU and memory on two axes of each panel.
+    labels = [axes.get_xlabel() for axes in figure.axes]
+    assert labels[:2] == ['extract: seconds', 'trainer: seconds'] and len(figure.axes) == 4
+
+
+def test_no_usage_chart_without_samples_and_a_malformed_one_gets_one_line(tmp_path, capsys):
+    _write_log(str(tmp_path / 'model'))
+    out = str(tmp_path / 'loss.png')
+    assert plot.main(['--model-dir', str(tmp_path / 'model'), '--out', out]) == 0
+    assert not (tmp_path / 'loss-usage.png').exists()
+    os.makedirs(tmp_path / features.USAGE_DIR)
+    (tmp_path / features.USAGE_DIR / 'trainer.csv').write_text('a,b\n1,2\n')
+    assert plot.main(['--model-dir', str(tmp_path / 'model'), '--out', out]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and 'trainer.csv is not a usage file' in error[0]

@@ -3,11 +3,13 @@ algebra, the low-rank average, and the chain on planted data."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import features
+from trainer import features, logs
 from trainer.ops import kernels
 from trainer.rating import posterior
 
@@ -359,3 +361,16 @@ def test_average_rejects_an_unknown_noise_model():
     with pytest.raises(ValueError, match='noise must be one of'):
         posterior.average(*tables, 3.0, np.array([0]), np.array([0]), np.array([3.0]),
                           samples=1, burn_in=0, seed=0, noise='per-rating')
+
+
+def test_the_sweeps_log_their_progress_and_the_time_left(monkeypatch, caplog):
+    monkeypatch.setattr(logs, 'PROGRESS_SECONDS', 0.0)  # a line every sweep
+    caplog.set_level(logging.INFO, logger='trainer.progress')
+    user, item, rating, _, _ = _planted(seed=1)
+    posterior.average(*_tables(120, 80, 3), 3.5, user, item, rating, samples=3, burn_in=1,
+                      seed=0)
+    lines = [record.getMessage() for record in caplog.records]
+    assert [line.split(' (')[0] for line in lines] == [
+        f'Posterior sweeps: {sweep} of 4' for sweep in range(1, 5)]
+    assert lines[-1].startswith('Posterior sweeps: 4 of 4 (100%), ')
+    assert lines[-1].endswith(', about 0 s left')

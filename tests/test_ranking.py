@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from trainer import logs
 from trainer.rating.model import MatrixFactorization
 from trainer.topn import catalog as catalog_lib
 from trainer.topn import ranking
@@ -146,7 +147,9 @@ def _catalog(num_users: int, movie_ids: list[str], train: list[tuple[int, int]]
     return catalog_lib.build_catalog(movie_ids, {}, num_users, users, items)
 
 
-def test_evaluate_lists_on_a_hand_made_case():
+def test_evaluate_lists_on_a_hand_made_case(monkeypatch, caplog):
+    monkeypatch.setattr(logs, 'PROGRESS_SECONDS', 0.0)  # a progress line every block
+    caplog.set_level('INFO', logger='trainer.progress')
     # 2 users x 4 items. Model scores are item biases [0.1, 0.4, 0.3, 0.2] for
     # everyone (zero factors), so its order is 1, 2, 3, 0; popularity by train
     # count is item 0 (2 ratings), 3 (1), 2 (1), then 1.
@@ -167,6 +170,8 @@ def test_evaluate_lists_on_a_hand_made_case():
          'most_popular': lambda user: tf.repeat(popularity, tf.shape(user)[0], axis=0)},
         catalog, eval_users, eval_items, eval_ratings, k=2)
     assert record['users'] == 2 and record['users_with_relevant'] == 2
+    # Both rankers' lists counted toward the progress line's total.
+    assert 'Ranking@2 on eval: user lists: 4 of 4 (100%)' in caplog.text
     # Model, unseen only: user 0 -> [1, 3] (hit at 1), user 1 -> [1, 2] (hit at 2).
     assert record['model'] == pytest.approx({
         'precision': 0.5, 'recall': 1.0, 'ndcg': (1 + 1 / LOG2_3) / 2,

@@ -68,3 +68,11 @@ def test_the_lists_line_says_which_model_validation_chose_and_from_how_many_poin
         '(on the edge of its space: EASE weight 0.3)')
     fixed = {'model': 'ease', 'ease_lambda': 800.0, 'like': None, 'search': None}
     assert summary.lists_phrase(fixed) == 'EASE (lambda 800, no like term)'
+
+
+def test_the_trainer_seconds_line_shows_each_phase_and_the_rest_of_the_wall_time():
+    metrics = {**METRICS, 'wall_seconds': 10.0,
+               'phase_seconds': {'load': 1.25, 'rating_epochs': 4.0, 'ranking': 2.0}}
+    text = summary.format_summary(INFO, metrics, 'w/model', None, [])
+    assert ('== trainer seconds: load shards 1.2, rating epochs 4.0, ranking eval 2.0 '
+            '(other 2.8 of 10.0 s)') in text.splitlines()

@@ -58,6 +58,12 @@ def test_main_trains_exports_and_summarises(preprocessed, tmp_path, monkeypatch,
     assert metrics['export_dir'] == aip_model_dir
     assert metrics['ratings_per_second'] > 0
     assert metrics['config']['num_factors'] == 4
+    # Where the time went: every phase this run had, each positive, within the wall time.
+    seconds = metrics['phase_seconds']
+    assert set(seconds) == {'load', 'rating_epochs', 'refit', 'posterior', 'topn_search',
+                            'topn_train', 'export', 'ranking', 'eval_predictions'}
+    assert all(value > 0 for value in seconds.values())
+    assert sum(seconds.values()) <= metrics['wall_seconds']
 
     # The export serves the model metrics.json scored: its eval RMSE, rating by rating.
     signature = tf.saved_model.load(aip_model_dir).signatures[export.SIGNATURE]
@@ -76,6 +82,8 @@ def test_main_trains_exports_and_summarises(preprocessed, tmp_path, monkeypatch,
     assert ('\n  then its posterior mean: 100 Gibbs sweeps after 20 burn-in, a noise level '
             'per user and per movie' in summary
             and f'the trained model alone scored eval RMSE {before:.4f}\n' in summary)
+    assert f'  seconds: load shards {seconds["load"]:.1f}, ' in summary
+    assert f'of {metrics["wall_seconds"]:.1f} s)' in summary
     for path in (aip_model_dir, os.path.join(model_dir, features.LOSS_LOG_FILE),
                  os.path.join(model_dir, features.METRICS_FILE)):
         assert path in summary

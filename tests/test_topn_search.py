@@ -178,3 +178,14 @@ def test_a_catalogue_too_large_for_the_budget_leaves_ease_out(splits, tiny_grid,
     assert result.family == 'ials' and result.ease_left_out
     assert not any(row['stage'] == 'ease' for row in result.table)
     assert 'EASE left out' in caplog.text
+
+
+@pytest.mark.parametrize('done, spent, stage_spent, budget, left', [
+    (3, 40.0, 30.0, 1000.0, 90.0),  # 10 s a point, 9 points to go; the budget is far
+    (3, 40.0, 30.0, 100.0, 30.0),  # 70 s of the budget is iALS's: 30 s of it is left
+    (3, 90.0, 30.0, 100.0, 0.0),  # past its share: it ends with the point it is on
+])
+def test_the_ials_stage_time_left_is_its_rate_capped_by_its_budget(done, spent, stage_spent,
+                                                                   budget, left):
+    assert topn_search.IALS_TRIALS == 12 and topn_search.IALS_SHARE == 0.7
+    assert topn_search.ials_seconds_left(done, spent, stage_spent, budget) == pytest.approx(left)

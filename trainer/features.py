@@ -104,6 +104,12 @@ RECOMMENDATIONS_DIR = 'recommendations'
 RECOMMENDATIONS_PREFIX = 'part'
 RECOMMENDATIONS_SUFFIX = '.jsonl'
 
+# Each step's CPU and resident memory, sampled about every second (trainer/usage.py):
+# WORK_DIR/usage/<step>.csv, one row a sample; seconds count from the process's start.
+USAGE_DIR = 'usage'
+USAGE_COLUMNS = ('unix_time', 'seconds', 'cpu_cores', 'rss_bytes')
+USAGE_STEPS = ('extract', 'preprocess', 'trainer', 'batch')
+
 # --- The export's `recommend` signature (trainer/serving/export.py). -------------------
 RECOMMEND_SIGNATURE = 'recommend'
 RECOMMEND_K = 'k'  # the number of movies asked for
@@ -150,6 +156,11 @@ def default_model_dir(work_dir: str) -> str:
 
 def recommendations_dir(work_dir: str) -> str:
     return join(work_dir, RECOMMENDATIONS_DIR)
+
+
+def usage_path(work_dir: str, step: str) -> str:
+    """WORK_DIR/usage/<step>.csv: the CPU and memory samples of one step."""
+    return join(work_dir, USAGE_DIR, f'{step}.csv')
 
 
 # --- Dataset layouts. ------------------------------------------------------------

@@ -18,14 +18,17 @@ Two calls, both at the edges:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import logging
+import math
 import os
 import re
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 VERBOSE_FLAG = '--verbose'
@@ -38,6 +41,9 @@ _VERBOSE_TF_LOG_LEVEL = '0'
 # Seconds between two progress lines of a long step.
 PROGRESS_SECONDS = 15.0
 _progress_logger = logging.getLogger('trainer.progress')
+# When this process last logged a progress line (monotonic s): a heartbeat stays
+# quiet while a ProgressLog speaks.
+_last_line = [-math.inf]
 
 # This project's loggers: the package and the script run as __main__.
 _PROJECT = ('trainer', '__main__')
@@ -152,26 +158,78 @@ class ProgressLog:
     """Logs a running count at most every `every_seconds`: progress of a long step.
 
     Cheap enough to call once per batch: one clock read.  Beam pickles it with
-    its DoFn; each worker counts what it processed.
+    its DoFn; each worker counts what it processed.  With a total the line
+    also gives the share done and an estimate of the time left, at the rate
+    so far: `what: 30 of 120 (25%), 10 s so far, about 30 s left`.
     """
 
-    def __init__(self, what: str, every_seconds: float = PROGRESS_SECONDS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, what: str, every_seconds: float | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 total: int | None = None) -> None:
         self._what = what
-        self._every = every_seconds
+        self._every = PROGRESS_SECONDS if every_seconds is None else every_seconds
         self._clock = clock
         self._count = 0
         self._next: float | None = None
+        self._total = total
+        # Counted from here when the total is known: the first item's time counts too.
+        self._started = clock() if total is not None else None
 
     def add(self, count: int) -> None:
         """Counts count more items; logs the total when the interval has passed."""
         self._count += count
         now = self._clock()
         if self._next is None:
+            self._next = (now if self._started is None else self._started) + self._every
+        if now >= self._next:
+            _progress_logger.info('%s', self.line(now))
             self._next = now + self._every
-        elif now >= self._next:
-            _progress_logger.info('%s: %s so far', self._what, f'{self._count:,}')
-            self._next = now + self._every
+            _last_line[0] = time.monotonic()
+
+    def line(self, now: float) -> str:
+        """The progress line at time now."""
+        if self._total is None or self._started is None:
+            return f'{self._what}: {self._count:,} so far'
+        elapsed = now - self._started
+        text = (f'{self._what}: {self._count:,} of {self._total:,} '
+                f'({100 * self._count / max(self._total, 1):.0f}%), {elapsed:.0f} s so far')
+        left = time_left(self._count, self._total, elapsed)
+        return text + ('' if left is None else f', about {left:.0f} s left')
+
+
+@contextlib.contextmanager
+def heartbeat(what: str, waiting_on: str,
+              every_seconds: float = PROGRESS_SECONDS) -> Iterator[None]:
+    """Logs 'what: N s so far; waiting on ...' every every_seconds of silence.
+
+    For a phase that reports no progress of its own (TFT's analysers): no
+    estimate of the time left, but a sign of life and what it waits on.  A
+    daemon thread; it stays quiet while ProgressLog lines are being logged.
+    """
+    started = time.monotonic()
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every_seconds):
+            if time.monotonic() - _last_line[0] >= every_seconds:
+                _progress_logger.info('%s: %.0f s so far; waiting on %s', what,
+                                      time.monotonic() - started, waiting_on)
+                _last_line[0] = time.monotonic()
+
+    thread = threading.Thread(target=beat, name='heartbeat', daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def time_left(done: float, total: float, elapsed: float) -> float | None:
+    """Seconds left at the rate so far (elapsed for done of total); None before any."""
+    if done <= 0 or elapsed <= 0:
+        return None
+    return max(0.0, elapsed * (total - done) / done)
 
 
 def setup_logging(verbose: bool = False) -> None:

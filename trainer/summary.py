@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from trainer import features
 from trainer import fileio
+from trainer import phases
 
 
 def _step_seconds(value: str) -> tuple[str, float]:
@@ -101,6 +102,9 @@ def format_summary(info: features.DatasetInfo, metrics: dict, model_dir: str,
         lines.append('== seconds: ' + ', '.join(f'{name} {seconds:.1f}'
                                                 for name, seconds in steps)
                      + f' (total {sum(seconds for _, seconds in steps):.1f})')
+    if metrics.get('phase_seconds'):
+        lines.append('== trainer seconds: ' + phases.summary_text(metrics['phase_seconds'],
+                                                                  metrics.get('wall_seconds')))
     lines.append(f'== model: {metrics.get("export_dir", features.join(model_dir, features.EXPORT_DIR))}')
     lines.append(f'== loss log: {features.join(model_dir, features.LOSS_LOG_FILE)}')
     lines.extend(next_commands(model_dir, chart, user_id))

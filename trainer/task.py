@@ -30,6 +30,7 @@ from typing import Any
 from trainer import config as config_lib
 from trainer import logs
 from trainer import shutdown
+from trainer import usage
 from trainer import worklock
 
 if __name__ == '__main__':
@@ -43,6 +44,7 @@ import tensorflow as tf  # noqa: E402
 from trainer import data  # noqa: E402
 from trainer import distribute  # noqa: E402
 from trainer import features  # noqa: E402
+from trainer import phases as phases_lib  # noqa: E402
 from trainer import reporting  # noqa: E402
 from trainer.ops import kernels  # noqa: E402
 from trainer.rating import eval_predictions  # noqa: E402
@@ -155,7 +157,8 @@ def _like_term(weight: float, info: features.DatasetInfo,
 
 
 def _train_lists(config: config_lib.TrainConfig, info: features.DatasetInfo,
-                 result: train_lib.TrainResult, sizes: tuple[int, int]) -> _Lists:
+                 result: train_lib.TrainResult, sizes: tuple[int, int],
+                 phases: phases_lib.PhaseTimes) -> _Lists:
     """Chooses (--topn-search on) and fits the served top-N model on all of train.
 
     Raises:
@@ -167,8 +170,9 @@ def _train_lists(config: config_lib.TrainConfig, info: features.DatasetInfo,
     blend, like_weight, found = config.topn_blend, config.topn_like_weight, None
     ials_config, lam = config, config.ease_lambda
     if config.topn_search == 'on' and len(splits.validation) > 0:
-        found = topn_search.search(config, splits, sizes, info.seed, result.search_model,
-                                   _like_term(1.0, info, result))
+        with phases.phase('topn_search'):
+            found = topn_search.search(config, splits, sizes, info.seed, result.search_model,
+                                       _like_term(1.0, info, result))
         family, blend, like_weight = found.family, found.blend, found.like_weight
         if found.ials is not None:
             ials_config = dataclasses.replace(
@@ -179,6 +183,7 @@ def _train_lists(config: config_lib.TrainConfig, info: features.DatasetInfo,
         logging.getLogger(__name__).info(
             'Top-N search: no validation slice (--validation-percent 0); the flags as given')
     blend = {'ials': 0.0, 'ease': 1.0}.get(family, blend)
+    fitted = time.perf_counter()
     ials_result = user_factors = item_factors = stored = seen_values = None
     if family != 'ease':
         ials_result = topn_train.train(ials_config, splits, *(
@@ -193,6 +198,7 @@ def _train_lists(config: config_lib.TrainConfig, info: features.DatasetInfo,
                                            train.rating.numpy())
     model = lists_lib.ListModel(family, user_factors, item_factors, stored, seen_values,
                                 blend)
+    phases.add('topn_train', time.perf_counter() - fitted)
     return _Lists(model, _like_term(like_weight, info, result), ials_result, found,
                   time.perf_counter() - started)
 
@@ -243,6 +249,9 @@ def _summary(metrics: dict, info: features.DatasetInfo,
         lines.append(_topn_line(metrics['topn']))
     if 'ranking' in metrics:
         lines.append('  ' + ranking.summary_line(metrics['ranking']))
+    if metrics.get('phase_seconds'):
+        lines.append('  seconds: ' + phases_lib.summary_text(metrics['phase_seconds'],
+                                                            metrics['wall_seconds']))
     lines += [
         f'  export: {metrics["export_dir"]}',
         f'  loss log: {features.join(config.model_dir, features.LOSS_LOG_FILE)}',
@@ -266,7 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if scratch is not None:
             config = config_lib.redirect_outputs(config, scratch)
         try:
-            with worklock.hold(config.model_dir, worklock.command_line(argv)):
+            with worklock.hold(config.model_dir, worklock.command_line(argv)), \
+                    usage.sampling(_usage_path(config, task)):
                 return _run(config, strategy, task, started)
         except worklock.LockHeld as error:
             print(f'trainer: error: {error}', file=sys.stderr)
@@ -274,6 +284,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except shutdown.Stopped as stopped:
             logger.warning('SIGTERM: %s; exiting 0, run the same command to resume', stopped)
             return 0
+
+
+def _usage_path(config: config_lib.TrainConfig, task: distribute.Task) -> str | None:
+    """The chief's WORK_DIR/usage/trainer.csv (gs:// in the cloud); tuning trials,
+    which share a work dir, and the other workers sample nothing."""
+    if not task.is_chief or config.metric_only:
+        return None
+    return features.usage_path(config.work_dir, 'trainer')
 
 
 # What a run reports in one line and exit code 2 instead of a traceback.
@@ -318,7 +336,8 @@ def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
     def train() -> train_lib.TrainResult:
         with reporting.epoch_summaries(config.tensorboard_dir) as on_epoch_end:
             return train_lib.train(config, info, user_vocab_size, item_vocab_size,
-                                   strategy, on_epoch_end)
+                                   strategy, on_epoch_end, phases)
+    phases = phases_lib.PhaseTimes()
     result = _or_error_line(info, train)
     if result is None:
         return 2
@@ -332,29 +351,35 @@ def _run(config: config_lib.TrainConfig, strategy: tf.distribute.Strategy,
         return 0
     try:
         lists = (None if config.topn_model == 'rating' else
-                 _train_lists(config, info, result, (user_vocab_size, item_vocab_size)))
+                 _train_lists(config, info, result, (user_vocab_size, item_vocab_size),
+                              phases))
     except train_lib.ResumeError as error:
         print(f'trainer: error: {error}', file=sys.stderr)
         return 2
     like = None if lists is None else lists.like
     catalog = catalog_lib.load_catalog(config.work_dir, features.DATASETS[info.layout],
                                        train=result.splits.train)
-    export_dir = export.export_saved_model(
-        result.model, tft_dir, config.export_dir, info.rating_min,
-        info.rating_max, catalog=catalog, like=like,
-        lists=None if lists is None else lists.model)
-    metrics = _metrics_record(result, info, config, export_dir,
-                              time.perf_counter() - started, task.num_workers,
+    with phases.phase('export'):
+        export_dir = export.export_saved_model(
+            result.model, tft_dir, config.export_dir, info.rating_min,
+            info.rating_max, catalog=catalog, like=like,
+            lists=None if lists is None else lists.model)
+    metrics = _metrics_record(result, info, config, export_dir, 0.0, task.num_workers,
                               strategy.num_replicas_in_sync)
     metrics['topn'] = _topn_record(lists)
     served = (None if lists is None else
               lists_lib.scorer(lists.model, catalog.seen(), catalog.num_items, result.model,
                                like))
-    metrics['ranking'] = ranking.evaluate(result.model, catalog, result.splits.eval,
-                                          max_users=config.ranking_users, seed=info.seed,
-                                          served=served)
-    eval_predictions.write_eval_predictions(result.model, info, config.model_dir,
-                                            result.splits.eval, config.eval_batch_size)
+    with phases.phase('ranking'):
+        metrics['ranking'] = ranking.evaluate(result.model, catalog, result.splits.eval,
+                                              max_users=config.ranking_users, seed=info.seed,
+                                              served=served)
+    with phases.phase('eval_predictions'):
+        eval_predictions.write_eval_predictions(result.model, info, config.model_dir,
+                                                result.splits.eval, config.eval_batch_size)
+    # Every phase above is inside the wall time, so they add up to at most it.
+    metrics['phase_seconds'] = phases.record()
+    metrics['wall_seconds'] = time.perf_counter() - started
     features.write_json(features.join(config.model_dir, features.METRICS_FILE),
                         metrics)
     if config.tuning_metric == features.RANKING_METRIC_ID and lists.ials is not None:

@@ -97,6 +97,7 @@ import numpy as np
 
 from trainer import config
 from trainer import features
+from trainer import logs
 
 logger = logging.getLogger(__name__)
 
@@ -582,6 +583,7 @@ def average(user_table: np.ndarray, item_table: np.ndarray, global_mean: float,
         logger.info('Resuming the posterior chain after sweep %d/%d', resume.sweep,
                     burn_in + samples)
     noise_std = precisions.noise_std()
+    progress = logs.ProgressLog('Posterior sweeps', total=burn_in + samples - first + 1)
 
     def chain_state(sweep: int) -> ChainState:
         return ChainState(
@@ -620,6 +622,7 @@ def average(user_table: np.ndarray, item_table: np.ndarray, global_mean: float,
                         noise_std, precisions.spread())
         if after_sweep is not None:
             after_sweep(sweep, lambda sweep=sweep: chain_state(sweep))
+        progress.add(1)
     left, right = products.truncated(k)
     scale = 1.0 / np.sqrt(samples)
     averaged = []

@@ -63,6 +63,7 @@ from trainer import config as config_lib
 from trainer import data
 from trainer import features
 from trainer import history as history_lib
+from trainer import phases as phases_lib
 from trainer import shutdown
 from trainer.config import TrainConfig
 from trainer.history import EpochMetrics
@@ -467,8 +468,8 @@ def _run_epoch(phase: _Phase, fit: data.Ratings, number: int) -> dict[str, float
 def train(config: TrainConfig, info: features.DatasetInfo,
           user_vocab_size: int, item_vocab_size: int,
           strategy: tf.distribute.Strategy | None = None,
-          on_epoch_end: Callable[[EpochMetrics], None] | None = None
-          ) -> TrainResult:
+          on_epoch_end: Callable[[EpochMetrics], None] | None = None,
+          phases: phases_lib.PhaseTimes | None = None) -> TrainResult:
     """Trains (or resumes training) up to config.num_epochs epochs, or until stopped early.
 
     Then, with --final-model refit and a validation slice, trains a fresh
@@ -483,6 +484,8 @@ def train(config: TrainConfig, info: features.DatasetInfo,
       strategy: the distribution strategy; None means the current one (the
         default strategy unless the caller entered another's scope).
       on_epoch_end: called with each new loss-log row, after it is written.
+      phases: where the seconds of loading, the epochs, the refit and the
+        posterior go (`trainer.phases`); None keeps them nowhere.
 
     Returns:
       The final model and its metrics.
@@ -501,7 +504,19 @@ def train(config: TrainConfig, info: features.DatasetInfo,
     sizes = (user_vocab_size, item_vocab_size)
     # Restore (or refuse) before the minutes of loading a large split.
     state = state_lib.build_state(config, info, *sizes, strategy)
-    splits = load_splits(config, info)
+    phases = phases or phases_lib.PhaseTimes()
+    with phases.phase('load'):
+        splits = load_splits(config, info)
+    return _train_loaded(config, info, sizes, strategy, on_epoch_end, phases, state, splits)
+
+
+def _train_loaded(config: TrainConfig, info: features.DatasetInfo, sizes: tuple[int, int],
+                  strategy: tf.distribute.Strategy,
+                  on_epoch_end: Callable[[EpochMetrics], None] | None,
+                  phases: phases_lib.PhaseTimes, state: state_lib.State,
+                  splits: Splits) -> TrainResult:
+    """`train` once the splits are loaded: the epochs, the refit, the posterior."""
+    started = time.perf_counter()
     search = _start_phase(config, info, strategy, state, splits.fit)
     initial_epoch = int(search.state.epoch.numpy())
     log_path = features.join(config.model_dir, features.LOSS_LOG_FILE)
@@ -538,11 +553,13 @@ def train(config: TrainConfig, info: features.DatasetInfo,
             running['seconds'], running['speed'] / 1e6)
         shutdown.check(f'epoch {number}')
     best_epoch, stopped_early = _keep_best(config, state, has_validation)
-    phases = [search]
+    phases.add('rating_epochs', time.perf_counter() - started)
+    fits = [search]
     if config.final_model == 'refit' and has_validation and best_epoch > 0:
-        phases.append(_refit(config, info, sizes, strategy, splits, best_epoch))
-    final_phase = phases[-1]
-    final_fit = splits.fit if len(phases) == 1 else splits.train
+        with phases.phase('refit'):
+            fits.append(_refit(config, info, sizes, strategy, splits, best_epoch))
+    final_phase = fits[-1]
+    final_fit = splits.fit if len(fits) == 1 else splits.train
     # With implicit feedback: the plain model with the implicit sums folded in.
     final_model = model_lib.folded(final_phase.state.model)
     final_score = final_phase.score
@@ -554,7 +571,7 @@ def train(config: TrainConfig, info: features.DatasetInfo,
         return _epoch_metrics(
             best_epoch, 0.0, final_score(final_fit),
             # A refit model has seen the validation slice: its score there is in-sample.
-            (final_score(splits.validation) if len(phases) == 1
+            (final_score(splits.validation) if len(fits) == 1
              else _metrics(math.nan, math.nan, 0)),
             final_score(splits.eval))
     final = final_metrics()
@@ -563,8 +580,9 @@ def train(config: TrainConfig, info: features.DatasetInfo,
         # Centred on the implicit sums: what the user factors were before any rating.
         prior_mean = (final_phase.state.model.implicit_offsets().numpy()
                       if config.implicit_feedback else None)
-        posterior = _average_posterior(config, final_model, final_fit, prior_mean)
-        trained, final = final, final_metrics()
+        with phases.phase('posterior'):
+            posterior = _average_posterior(config, final_model, final_fit, prior_mean)
+            trained, final = final, final_metrics()
         posterior['before'] = dataclasses.asdict(trained)
         validation = ('' if math.isnan(final.validation_rmse) else
                       f'validation RMSE {final.validation_rmse:.4f} (trained model '
@@ -576,11 +594,11 @@ def train(config: TrainConfig, info: features.DatasetInfo,
         model=final_model, history=history, initial_epoch=initial_epoch,
         best_epoch=best_epoch,
         best_validation_rmse=float(state.best.validation_rmse.numpy()),
-        refit=len(phases) > 1, stopped_early=stopped_early,
-        train_seconds=sum(phase.train_seconds for phase in phases),
-        ratings_trained=sum(phase.ratings for phase in phases),
+        refit=len(fits) > 1, stopped_early=stopped_early,
+        train_seconds=sum(fit.train_seconds for fit in fits),
+        ratings_trained=sum(fit.ratings for fit in fits),
         final=final, splits=splits, posterior=posterior,
-        search_model=(model_lib.folded(search.state.model) if len(phases) > 1
+        search_model=(model_lib.folded(search.state.model) if len(fits) > 1
                       else final_model))
 
 

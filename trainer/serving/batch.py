@@ -36,6 +36,7 @@ from typing import Any
 from trainer import features
 from trainer import logs
 from trainer import shutdown
+from trainer import usage
 from trainer import worklock
 
 if __name__ == '__main__':
@@ -253,7 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config, beam_args = parse_args(argv)
     try:
         with shutdown.raise_on_sigterm(), \
-                worklock.hold(config.work_dir, worklock.command_line(argv)):
+                worklock.hold(config.work_dir, worklock.command_line(argv)), \
+                usage.sampling(features.usage_path(config.work_dir, 'batch')):
             run(config, beam_args)
     except RuntimeError:
         if not shutdown.terminated():

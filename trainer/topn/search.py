@@ -52,6 +52,7 @@ import tensorflow as tf
 
 from trainer import data
 from trainer import features
+from trainer import logs
 from trainer import shutdown
 from trainer.config import TrainConfig
 from trainer.topn import ease as ease_lib
@@ -309,6 +310,7 @@ def _ials_trials(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
     rows = tuple(size + features.NUM_OOV_BUCKETS for size in sizes)
     best = first = None
     trial_config = dataclasses.replace(config, ranking_users=where.judged.users.size)
+    stage_started = clock.spent()
     for number, point in enumerate(_ials_points(config, seed)):
         if number and not clock.left(IALS_SHARE):
             logger.info('Top-N search: the budget ends iALS after %d of %d points',
@@ -323,12 +325,28 @@ def _ials_trials(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
         table.append({'stage': 'ials', 'settings': point, 'like_weight': weight,
                       'validation_ndcg': ndcg, 'seconds': time.perf_counter() - started})
         logger.info('Top-N search, iALS %s: validation NDCG@%d %.4f (like weight %g; '
-                    '%.1f s)', point, ranking.TOP_K, ndcg, weight, table[-1]['seconds'])
+                    '%.1f s); point %d of %d, %s', point, ranking.TOP_K, ndcg, weight,
+                    table[-1]['seconds'], number + 1, IALS_TRIALS,
+                    _left_text(clock, number + 1, stage_started))
         current = _Best(ndcg, point, raw, factors)
         if best is None or ndcg > best.ndcg:
             best = current
         first = first or current
     return best, first
+
+
+def ials_seconds_left(done: int, spent: float, stage_spent: float, budget: float) -> float:
+    """The iALS stage's seconds left: at the rate of its points so far, and at most
+    until its share of the budget is spent (it then finishes the point it is on)."""
+    rate = logs.time_left(done, IALS_TRIALS, stage_spent)
+    by_budget = max(0.0, IALS_SHARE * budget - spent)
+    return by_budget if rate is None else min(rate, by_budget)
+
+
+def _left_text(clock: _Clock, done: int, stage_started: float) -> str:
+    spent = clock.spent()
+    left = ials_seconds_left(done, spent, spent - stage_started, clock.budget)
+    return f'about {left:.0f} s left for iALS ({spent:.0f} s of the {clock.budget:.0f} s budget)'
 
 
 @dataclasses.dataclass(frozen=True)
