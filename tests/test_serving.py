@@ -35,6 +35,7 @@ from trainer import features
 from trainer.rating.model import MatrixFactorization
 from trainer.serving import export
 from trainer.serving import server as server_lib
+from trainer.serving.batching import Call
 
 bench = load_script('bench/serving.py')
 
@@ -238,6 +239,58 @@ def model_lists(export_dir: str, users: list[str], k: int) -> dict[str, dict[str
             'movie_ids': [outputs[features.MOVIE_IDS][row, i].numpy().decode() for i in kept],
             'scores': [float(outputs[features.SCORES][row, i]) for i in kept]}
     return lists
+
+
+def model_answers(export_dir: str, users: list[str], k: int) -> list[dict[str, Any]]:
+    """The recommend signature's own rows for `users`, every field, padding dropped."""
+    outputs = {name: value.numpy() for name, value in tf.saved_model.load(
+        export_dir).signatures[features.RECOMMEND_SIGNATURE](
+            user_id=tf.constant(users), k=tf.constant(k, tf.int32)).items()}
+    answers = []
+    for row in range(len(users)):
+        kept = [i for i, movie_id in enumerate(outputs[features.MOVIE_IDS][row]) if movie_id]
+        answers.append({name: [outputs[name][row][i] for i in kept] for name in (
+            features.MOVIE_IDS, features.TITLES, features.SCORES, features.PREDICTED_RATINGS)})
+        answers[-1][features.FALLBACK] = outputs[features.FALLBACK][row]
+    return answers
+
+
+def assert_model_answers(got: list[Any], expected: list[dict[str, Any]]) -> None:
+    assert len(got) == len(expected)
+    for answer, want in zip(got, expected):
+        assert list(answer) == [features.MOVIE_IDS, features.TITLES, features.SCORES,
+                                features.PREDICTED_RATINGS, features.FALLBACK]
+        for name in (features.MOVIE_IDS, features.TITLES):
+            assert answer[name] == [value.decode() for value in want[name]]
+        for name in (features.SCORES, features.PREDICTED_RATINGS):
+            np.testing.assert_allclose(answer[name], want[name], rtol=1e-6)
+        assert answer[features.FALLBACK] is bool(want[features.FALLBACK])
+
+
+# More users than one batch holds (trainer.serving.batching.MAX_BATCH_ROWS),
+# with every kind of list, padding included (k = 3 is more than u2 has left).
+MANY_USERS = [LOAD_USERS[i % len(LOAD_USERS)] for i in range(300)]
+
+
+def test_a_request_larger_than_a_batch_gets_the_models_own_lists(server: Server,
+                                                                export_dir: str):
+    status, body = server.predict({'instances': [{'user_id': user} for user in MANY_USERS],
+                                   'parameters': {'signature_name': 'recommend', 'k': 3}})
+    assert status == 200
+    assert min(len(answer[features.MOVIE_IDS]) for answer in body['predictions']) < 3
+    assert_model_answers(body['predictions'], model_answers(export_dir, MANY_USERS, 3))
+
+
+def test_calls_batched_together_get_each_their_own_lists(export_dir: str):
+    # What a model thread does with a batch: one signature call over both
+    # calls' rows, split back per call.
+    predictor = server_lib.Predictor(export_dir)
+    few = ['u4', 'stranger', 'u2']
+    first, second = predictor.run([
+        Call(features.RECOMMEND_SIGNATURE, {features.USER_ID: MANY_USERS}, 3),
+        Call(features.RECOMMEND_SIGNATURE, {features.USER_ID: few}, 3)])
+    assert_model_answers(first, model_answers(export_dir, MANY_USERS, 3))
+    assert_model_answers(second, model_answers(export_dir, few, 3))
 
 
 @pytest.mark.parametrize('case', [bench.Case(8, 240), bench.Case(4, 60, 5)],
