@@ -22,13 +22,12 @@ import time
 import numpy as np
 import pytest
 
-import preprocess
-from conftest import REPO, load_script
+from conftest import REPO
+from test_faults import preprocessed  # noqa: F401  pylint: disable=unused-import  # its small work dir
 from trainer import features
 from trainer.rating import posterior
 from trainer.rating import state
 
-extractor = load_script('data-extractor.py')
 
 # Patience 0 (no early stop) and enough epochs, sweeps and iterations that each
 # phase lasts long enough to be interrupted in (half a second or more each here; a
@@ -38,16 +37,6 @@ FLAGS = ['--num-epochs', '30', '--early-stopping-patience', '0', '--batch-size',
          '--posterior-samples', '300', '--posterior-burn-in', '20',
          '--topn-iterations', '60', '--topn-search', 'off']  # the iALS iterations themselves
 _CLUSTER_ENV = ('TF_CONFIG', 'CLUSTER_SPEC')
-
-
-@pytest.fixture(scope='module')
-def preprocessed(tmp_path_factory) -> str:
-    """A work dir after data-extractor.py and preprocess.py on 6,000 synthetic ratings."""
-    work_dir = str(tmp_path_factory.mktemp('preemption') / 'work')
-    assert extractor.main(['--work-dir', work_dir, '--dataset', 'synthetic', '--num-users',
-                           '150', '--num-movies', '120', '--num-ratings', '6000']) == 0
-    assert preprocess.main(['--work-dir', work_dir]) == 0
-    return work_dir
 
 
 def _start(work_dir: str, job_dir: str, err_path: str) -> subprocess.Popen:
