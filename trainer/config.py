@@ -243,6 +243,10 @@ class TrainConfig:
         ratings (a seeded sample, keyed by the split seed, when there are
         more; validation is always scored in full); 0 scores all.  The final
         model is scored on the whole eval split.
+      topn_validation_users: rank at most this many validation users after
+        each top-N iteration (a seeded sample, keyed by the split seed; also
+        capped at `trainer.topn.train.VALIDATION_CELLS` users x movies);
+        0 ranks all.
       training_kernel: 'fused' trains each epoch in one C++ op
         (`trainer.ops.kernels`: one replica, Adam), 'tf' in TensorFlow ops (and
         draws the posterior sweeps in numpy), 'auto' with the C++ ops where
@@ -304,6 +308,7 @@ class TrainConfig:
     eval_batch_size: int = 65536
     ranking_users: int = 20_000
     epoch_eval_ratings: int = 500_000
+    topn_validation_users: int = 5_000
     training_kernel: str = 'auto'
     overwrite: bool = False
     tensorboard_dir: str | None = None
@@ -608,6 +613,10 @@ def _add_topn_flags(group: argparse._ArgumentGroup) -> None:
     add('--topn-iterations', default=TrainConfig.topn_iterations,
         type=_bounded(int, '--topn-iterations', 1, 10_000),
         help='the most alternating iterations; validation NDCG@10 stops earlier')
+    add('--topn-validation-users', default=TrainConfig.topn_validation_users,
+        type=_bounded(int, '--topn-validation-users', 0, 1 << 31),
+        help='rank a seeded sample of this many validation users after each top-N '
+             'iteration when there are more (also at most 200M users x movies; 0: all)')
     add('--topn-cg-steps', default=TrainConfig.topn_cg_steps,
         type=_bounded(int, '--topn-cg-steps', 1, 1024),
         help='conjugate-gradient steps per half-iteration')
