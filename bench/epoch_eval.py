@@ -75,8 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.ratings < 10_000 or args.repeats < 1:
         parser.error('--ratings must be at least 10k and --repeats at least 1')
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
-    import tensorflow as tf
+    logging.basicConfig(level=logging.INFO,
+                        format='%(asctime)s %(levelname)s %(name)s: %(message)s')
     from trainer import config as config_lib
     from trainer import data
     from trainer import features
@@ -92,7 +92,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     eval_ = _ratings(rng, args.ratings - len(train), users, movies)
     config = config_lib.make_config(work_dir='unused', model_dir='unused')
     fit, validation = data.split_validation(train, config.validation_percent, 0)
-    splits = rating_train.Splits(train, fit, validation, eval_)
     logger.info('%d users, %d movies: %d fit, %d validation, %d eval ratings', users, movies,
                 len(fit), len(validation), len(eval_))
 
@@ -120,8 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           f'validation ({len(validation):,}) {figures["validation"]:.2f} s; eval all '
           f'({len(eval_):,}) {figures["eval, all"]:.2f} s; eval sample ({len(sample):,}) '
           f'{figures["eval, sample"]:.2f} s')
-    print(f'  per-epoch evaluation: before {before:.2f} s ({before / (figures["epoch"] + before):.0%}'
-          f' of the epoch), now {after:.2f} s ({after / (figures["epoch"] + after):.0%})')
+    epoch_seconds = figures['epoch']
+    print(f'  per-epoch evaluation: before {before:.2f} s '
+          f'({before / (epoch_seconds + before):.0%} of the epoch), now {after:.2f} s '
+          f'({after / (epoch_seconds + after):.0%})')
 
     config = dataclasses.replace(
         config, topn_unobserved_weight=config_lib.default_unobserved_weight(movies),
