@@ -246,7 +246,7 @@ class TrainConfig:
       topn_validation_users: rank at most this many validation users after
         each top-N iteration (a seeded sample, keyed by the split seed; also
         capped at `trainer.topn.train.VALIDATION_CELLS` users x movies);
-        0 ranks all.
+        0: as many as ranking_users.
       training_kernel: 'fused' trains each epoch in one C++ op
         (`trainer.ops.kernels`: one replica, Adam), 'tf' in TensorFlow ops (and
         draws the posterior sweeps in numpy), 'auto' with the C++ ops where
@@ -616,7 +616,8 @@ def _add_topn_flags(group: argparse._ArgumentGroup) -> None:
     add('--topn-validation-users', default=TrainConfig.topn_validation_users,
         type=_bounded(int, '--topn-validation-users', 0, 1 << 31),
         help='rank a seeded sample of this many validation users after each top-N '
-             'iteration when there are more (also at most 200M users x movies; 0: all)')
+             'iteration when there are more, and at most 200M users x movies '
+             '(0: as many as --ranking-users)')
     add('--topn-cg-steps', default=TrainConfig.topn_cg_steps,
         type=_bounded(int, '--topn-cg-steps', 1, 1024),
         help='conjugate-gradient steps per half-iteration')
