@@ -9,7 +9,8 @@ runs the rating model, so both follow one protocol:
   are the user's validation movies rated >= 4) and its NDCG@10 logged: on a
   seeded sample (keyed by the split seed, the same users every iteration) of
   at most --topn-validation-users users (5,000) and VALIDATION_CELLS users x
-  movies (200M: 3,387 users at 25M, about a fifth of an iteration there);
+  movies (200M: 3,387 users at 25M, where ranking them took 0.43 s against
+  9.1 s of solves; docs/performance.md#per-epoch-evaluation);
   training stops after `--early-stopping-patience` iterations without a
   better NDCG, or at `--topn-iterations`;
 - refit (`--final-model refit`, with a validation slice): a fresh model on
@@ -306,7 +307,7 @@ def _search(config: TrainConfig, state: _State, splits, sizes: tuple[int, int],
                   if has_validation else None)
     if validation is not None:
         logger.info('Top-N validation ranks %d of its %d users after each iteration '
-                    '(a seeded sample: --topn-validation-users, at most %dM users x movies)',
+                    '(a seeded sample past --topn-validation-users or %dM users x movies)',
                     validation.judged.users.size, validation.judged.users_in_eval,
                     VALIDATION_CELLS // 1_000_000)
     seconds = 0.0
