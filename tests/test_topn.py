@@ -190,3 +190,51 @@ def test_the_tensorflow_fallback_trains_the_same_model_as_the_cpp_op(splits, tmp
     np.testing.assert_allclose(with_tf.user_factors, with_op.user_factors, atol=2e-3)
     np.testing.assert_allclose(with_tf.item_factors, with_op.item_factors, atol=2e-3)
     assert with_tf.best_validation_ndcg == pytest.approx(with_op.best_validation_ndcg, abs=0.01)
+
+
+def test_the_validation_sample_is_capped_by_users_and_cells():
+    config = config_lib.make_config(work_dir='unused', model_dir='unused')
+    assert config.topn_validation_users == 5_000
+    assert topn_train.validation_users(config, 3_706) == 5_000
+    # 200M cells: 3,387 users of a 59,047-movie catalogue.
+    assert topn_train.validation_users(config, 59_047) == 3_387
+    everyone = dataclasses.replace(config, topn_validation_users=0)
+    assert topn_train.validation_users(everyone, 59_047) == config.ranking_users
+    assert topn_train.validation_users(
+        dataclasses.replace(everyone, ranking_users=0), 59_047) == 0
+    # A search point's trials rank its slice's users (--ranking-users), no more.
+    assert topn_train.validation_users(dataclasses.replace(config, ranking_users=677),
+                                       59_047) == 677
+
+
+def test_the_validation_sample_is_seeded_and_its_size_respected(splits, tmp_path):
+    def ranked(seed, users):
+        validation = topn_train._Validation(
+            _config(tmp_path, topn_validation_users=users), splits.fit, splits.validation,
+            ROWS, seed)
+        return validation.judged.users
+
+    everyone = ranked(0, 0)
+    first = ranked(0, 120)
+    assert everyone.size > 300 and first.size == 120
+    assert np.isin(first, everyone).all()
+    np.testing.assert_array_equal(ranked(0, 120), first)
+    assert not np.array_equal(ranked(1, 120), first)
+
+
+def test_early_stopping_on_a_validation_sample_picks_the_full_validations_iteration(
+        splits, tmp_path):
+    """Half the validation users, and a quarter, stop at the iteration all of them pick
+    (planted here: a clear best at 2 of 40, then a plateau)."""
+    settings = {'topn_iterations': 40, 'early_stopping_patience': 3, 'final_model': 'best',
+                'topn_factors': 16, 'topn_init_stddev': 0.01, 'ranking_users': 0}
+    full = topn_train.train(_config(tmp_path / 'all', topn_validation_users=0, **settings),
+                            splits, *ROWS, seed=0)
+    assert 1 < full.iterations < 40 - 3
+    for users in (200, 100):
+        sampled = topn_train.train(
+            _config(tmp_path / str(users), topn_validation_users=users, **settings),
+            splits, *ROWS, seed=0)
+        assert sampled.iterations == full.iterations
+        assert sampled.best_validation_ndcg != pytest.approx(full.best_validation_ndcg,
+                                                             abs=1e-6)

@@ -462,3 +462,79 @@ def test_implicit_feedback_refuses_several_replicas():
     with pytest.raises(train.Unsupported, match='one replica'):
         train.make_train_epoch(TwoReplicas(), implicit, optimizer,
                                model.penalty_weights(2, 0.1, 0.01), 128, 1.0, 5.0)
+
+
+def _per_rating_squared_errors(scored_model: model.MatrixFactorization,
+                               ratings: data.Ratings, info: features.DatasetInfo) -> np.ndarray:
+    prediction = scored_model(ratings.user, ratings.item).numpy()
+    error = np.clip(prediction, info.rating_min, info.rating_max) - ratings.rating.numpy()
+    return error.astype(np.float64) ** 2
+
+
+def test_the_per_epoch_scores_are_seeded_samples_within_their_stated_error(
+        planted, tmp_path, monkeypatch):
+    """Each epoch's eval RMSE on a 400-rating sample lies within 3 standard errors
+    of the full split's; the stated error is the one measured; validation and
+    the final model are scored in full."""
+    real_build_state, held = train.state_lib.build_state, {}
+
+    def capture_state(*args, **kwargs):
+        held.setdefault('state', real_build_state(*args, **kwargs))
+        return held['state']
+
+    monkeypatch.setattr(train.state_lib, 'build_state', capture_state)
+    info, num_users, num_movies = planted
+    full_eval = data.load_ratings(info.eval_pattern)
+    validation = train.load_splits(
+        config.make_config(work_dir='unused', model_dir='unused'), info).validation
+    per_epoch = []
+
+    def check(row):
+        squared = _per_rating_squared_errors(held['state'].model, full_eval, info)
+        per_epoch.append((row.eval_rmse, squared))
+        assert row.validation_rmse == pytest.approx(np.sqrt(np.mean(
+            _per_rating_squared_errors(held['state'].model, validation, info))), abs=1e-5)
+
+    result = train.train(
+        config.make_config(work_dir='unused', model_dir=str(tmp_path / 'model'),
+                           **{**FAST, 'epoch_eval_ratings': 400}),
+        info, num_users, num_movies, on_epoch_end=check)
+    assert len(full_eval) > 1_000 and len(per_epoch) == 4
+    for sampled_rmse, squared in per_epoch:
+        full_rmse = float(np.sqrt(squared.mean()))
+        # The delta method's standard error of the RMSE of 400 of these ratings.
+        measured = (squared.std() / (2 * full_rmse * np.sqrt(400))
+                    * np.sqrt(1 - 400 / squared.size))
+        stated = train.sampled_rmse_error(400, squared.size, full_rmse)
+        assert stated == pytest.approx(measured, rel=0.3)
+        assert sampled_rmse != pytest.approx(full_rmse, abs=1e-7)  # a sample, not all
+        assert abs(sampled_rmse - full_rmse) < 3 * measured
+    assert result.final.eval_rmse == pytest.approx(_eval_rmse(result, info), abs=1e-5)
+
+
+def test_the_per_epoch_samples_are_keyed_by_the_split_seed(planted):
+    info, _, _ = planted
+    splits = train.load_splits(config.make_config(work_dir='unused', model_dir='unused'), info)
+
+    def samples(seed, **overrides):
+        run_config = config.make_config(work_dir='unused', model_dir='unused',
+                                        **{'seed': seed, **overrides})
+        return train.epoch_samples(run_config, info, splits)
+
+    validation, eval_ = samples(0, epoch_eval_ratings=300)
+    assert len(validation) == len(splits.validation) > 300 and len(eval_) == 300
+    for again, first in zip(samples(7, epoch_eval_ratings=300), (validation, eval_)):
+        np.testing.assert_array_equal(again.user.numpy(), first.user.numpy())
+        np.testing.assert_array_equal(again.item.numpy(), first.item.numpy())
+    other = train.epoch_samples(
+        config.make_config(work_dir='unused', model_dir='unused', epoch_eval_ratings=300),
+        dataclasses.replace(info, seed=1), splits)[1]
+    assert not np.array_equal(other.item.numpy(), eval_.item.numpy())
+    # In the split's (user, item) order, each a row of it.
+    keys = eval_.user.numpy().astype(np.int64) * 1_000 + eval_.item.numpy()
+    assert np.all(np.diff(keys) >= 0)
+    full = splits.eval.user.numpy().astype(np.int64) * 1_000 + splits.eval.item.numpy()
+    assert np.isin(keys, full).all()
+    everything = samples(0, epoch_eval_ratings=0)
+    assert [len(part) for part in everything] == [len(splits.validation), len(splits.eval)]
+

@@ -239,6 +239,14 @@ class TrainConfig:
       eval_batch_size: ratings per batch when computing metrics.
       ranking_users: rank a sample of this many eval users (seeded by the
         split seed) when there are more; 0 ranks all.
+      epoch_eval_ratings: after each epoch, score at most this many eval
+        ratings (a seeded sample, keyed by the split seed, when there are
+        more; validation is always scored in full); 0 scores all.  The final
+        model is scored on the whole eval split.
+      topn_validation_users: rank at most this many validation users after
+        each top-N iteration (a seeded sample, keyed by the split seed; also
+        capped at `trainer.topn.train.VALIDATION_CELLS` users x movies);
+        0: as many as ranking_users.
       training_kernel: 'fused' trains each epoch in one C++ op
         (`trainer.ops.kernels`: one replica, Adam), 'tf' in TensorFlow ops (and
         draws the posterior sweeps in numpy), 'auto' with the C++ ops where
@@ -299,6 +307,8 @@ class TrainConfig:
     topn_like_weight: float = 0.25
     eval_batch_size: int = 65536
     ranking_users: int = 20_000
+    epoch_eval_ratings: int = 500_000
+    topn_validation_users: int = 5_000
     training_kernel: str = 'auto'
     overwrite: bool = False
     tensorboard_dir: str | None = None
@@ -474,6 +484,10 @@ def _add_run_flags(group: argparse._ArgumentGroup) -> None:
         type=_bounded(int, '--ranking-users', 0, 1 << 31),
         help='rank a seeded sample of this many eval users when there are more '
              '(0: all); ranking 162k users takes about 25 s')
+    add('--epoch-eval-ratings', default=TrainConfig.epoch_eval_ratings,
+        type=_bounded(int, '--epoch-eval-ratings', 0, 1 << 31),
+        help='score a seeded sample of this many eval ratings after each epoch when '
+             'there are more (0: all); validation and the final model are scored on all')
     add('--eval-batch-size', default=TrainConfig.eval_batch_size,
         type=_bounded(int, '--eval-batch-size', 1, 1 << 20),
         help='ratings per batch when scoring validation and eval')
@@ -599,6 +613,11 @@ def _add_topn_flags(group: argparse._ArgumentGroup) -> None:
     add('--topn-iterations', default=TrainConfig.topn_iterations,
         type=_bounded(int, '--topn-iterations', 1, 10_000),
         help='the most alternating iterations; validation NDCG@10 stops earlier')
+    add('--topn-validation-users', default=TrainConfig.topn_validation_users,
+        type=_bounded(int, '--topn-validation-users', 0, 1 << 31),
+        help='rank a seeded sample of this many validation users after each top-N '
+             'iteration when there are more, and at most 200M users x movies '
+             '(0: as many as --ranking-users)')
     add('--topn-cg-steps', default=TrainConfig.topn_cg_steps,
         type=_bounded(int, '--topn-cg-steps', 1, 1024),
         help='conjugate-gradient steps per half-iteration')

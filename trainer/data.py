@@ -178,6 +178,8 @@ _LOAD_BATCH = 65536
 _PARALLEL_SHARDS = 4
 # Seeds the validation slice's permutation apart from the epochs' shuffles.
 _VALIDATION_STREAM = 0x7A11D
+# ... and the per-epoch eval sample apart from both.
+_SAMPLE_STREAM = 0x5A3B1
 
 
 def load_ratings(file_pattern: str) -> Ratings:
@@ -289,6 +291,20 @@ def split_validation(ratings: Ratings, percent: float,
     chosen = _permutation(size, (seed, _VALIDATION_STREAM))
     return (ratings.take(tf.sort(chosen[count:])),
             ratings.take(tf.sort(chosen[:count])))
+
+
+def sample(ratings: Ratings, max_ratings: int, seed: int, stream: int = 0) -> Ratings:
+    """A seeded uniform sample of at most max_ratings rows, in the input's order.
+
+    All rows when there are no more than max_ratings, or max_ratings is 0.
+    The choice depends only on the row count, max_ratings, the seed and the
+    stream (one per split sampled), as `split_validation`'s does.
+    """
+    size = len(ratings)
+    if max_ratings <= 0 or size <= max_ratings:
+        return ratings
+    chosen = _permutation(size, (seed, _SAMPLE_STREAM + stream))
+    return ratings.take(tf.sort(chosen[:max_ratings]))
 
 
 def frequency_weights(ratings: Ratings, user_rows: int, item_rows: int,

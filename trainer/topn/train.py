@@ -6,7 +6,11 @@ runs the rating model, so both follow one protocol:
 - search: iterations on the fit ratings (train minus the validation slice);
   after each, the validation slice is ranked (`ranking.evaluate_lists`:
   candidates are the movies a user did not rate in the fit ratings, relevant
-  are the user's validation movies rated >= 4) and its NDCG@10 logged;
+  are the user's validation movies rated >= 4) and its NDCG@10 logged: on a
+  seeded sample (keyed by the split seed, the same users every iteration) of
+  at most --topn-validation-users users (5,000) and VALIDATION_CELLS users x
+  movies (200M: 3,387 users at 25M, where ranking them took 0.43 s against
+  9.1 s of solves; docs/performance.md#per-epoch-evaluation);
   training stops after `--early-stopping-patience` iterations without a
   better NDCG, or at `--topn-iterations`;
 - refit (`--final-model refit`, with a validation slice): a fresh model on
@@ -55,6 +59,9 @@ _SEARCH, _REFIT = 'search', 'refit'
 _USER_STREAM, _ITEM_STREAM = 0x1A15, 0x1A16
 # An iteration counts as better only if validation NDCG grows by more than this.
 _MIN_IMPROVEMENT = 1e-4
+# Validation ranks at most this many users x movies after each iteration (with
+# --topn-validation-users above 0): ranking costs about in proportion to it.
+VALIDATION_CELLS = 200_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,7 +254,7 @@ class _Validation:
         self.num_items = num_items
         self.judged = ranking.judge(num_users, num_items, validation.user.numpy(),
                                     validation.item.numpy(), validation.rating.numpy(),
-                                    max_users=config.ranking_users, seed=seed)
+                                    max_users=validation_users(config, num_items), seed=seed)
         self.user_factors = tf.Variable(tf.zeros([shape[0], config.topn_factors]))
         self.item_factors = tf.Variable(tf.zeros([num_items, config.topn_factors]))
         self.scorer = lambda user: tf.matmul(  # noqa: E731
@@ -262,6 +269,19 @@ class _Validation:
                                  ranking.TOP_K, compiled=self.top_k)
         return ranking.ranking_metrics(top, self.judged.rows, self.judged.items,
                                        self.num_items, ranking.TOP_K)['ndcg']
+
+
+def validation_users(config: TrainConfig, num_items: int) -> int:
+    """The most validation users ranked after each iteration (0: all).
+
+    At most --ranking-users (a search point sets it to its slice's users, so
+    its trials rank the slice's sample) and --topn-validation-users, and, with
+    the latter above 0, VALIDATION_CELLS users x movies.
+    """
+    caps = [cap for cap in (config.ranking_users, config.topn_validation_users) if cap > 0]
+    if config.topn_validation_users > 0:
+        caps.append(max(1, VALIDATION_CELLS // max(num_items, 1)))
+    return min(caps) if caps else 0
 
 
 def pairs_catalog(ratings: data.Ratings, num_users: int, num_items: int) -> catalog_lib.Catalog:
@@ -285,6 +305,11 @@ def _search(config: TrainConfig, state: _State, splits, sizes: tuple[int, int],
     has_validation = len(splits.validation) > 0
     validation = (_Validation(config, splits.fit, splits.validation, sizes, seed)
                   if has_validation else None)
+    if validation is not None:
+        logger.info('Top-N validation ranks %d of its %d users after each iteration '
+                    '(a seeded sample past --topn-validation-users or %dM users x movies)',
+                    validation.judged.users.size, validation.judged.users_in_eval,
+                    VALIDATION_CELLS // 1_000_000)
     seconds = 0.0
     while state.iteration < config.topn_iterations:
         if (has_validation and config.early_stopping_patience
