@@ -22,12 +22,12 @@ def test_a_busy_process_is_sampled_as_busy_then_idle_and_its_memory_grows(tmp_pa
             pass
         busy_to = time.time()
         time.sleep(0.6)  # then idle
-    # Since this process started, with the children it waited for (as /proc counts).
-    cpu_used = sum(os.times()[:4])
+    # Since this process started: its own threads, not its children.
+    cpu_used = sum(os.times()[:2])
     recorded = usage.read_usage(path)
     # The first row runs from the process's start (pytest's imports) to the sampler's.
     started = recorded.seconds[0]
-    assert 10 <= len(recorded.seconds) <= 25 and started > 0.5
+    assert 10 <= len(recorded.seconds) <= 25 and started > 0.05
     assert recorded.seconds == sorted(recorded.seconds)
     assert recorded.seconds[-1] - started > 1.6
     # The samples account for all the CPU the process used, however loaded the machine is.

@@ -2,8 +2,9 @@
 
 Each step (data-extractor.py, preprocess.py, `python -m trainer.task`, the
 batch job) runs its work inside `sampling(path)`: a daemon thread reads
-/proc/self/stat (user + system CPU time, this process's threads and its
-waited-for children) and /proc/self/statm (resident pages) every
+/proc/self/stat (user + system CPU time of this process's threads; not its
+children's, which /proc adds only when a child is reaped, all at once: the
+one-time g++ build of the C++ ops would show as tens of cores for a second) and /proc/self/statm (resident pages) every
 `every_seconds` (the first row covers the process's start-up: its imports),
 and rewrites the CSV (features.USAGE_COLUMNS) every
 `write_seconds` and at the end, through fileio, so a gs:// path works and a
@@ -49,7 +50,7 @@ class Sample:
 
 
 def read_sample() -> Sample:
-    """This process's CPU seconds (all threads, waited-for children) and RSS now.
+    """This process's CPU seconds (all its threads, no children) and RSS now.
 
     Raises:
       OSError: /proc is not there (not Linux).
@@ -57,8 +58,8 @@ def read_sample() -> Sample:
     with open(_STAT, 'rb') as stat:
         # Fields after the command name, which may hold spaces: state is the first.
         fields = stat.read().rsplit(b')', 1)[1].split()
-    # utime, stime, cutime, cstime are fields 14-17 of proc(5); fields[0] is field 3.
-    ticks = sum(int(value) for value in fields[11:15])
+    # utime and stime are fields 14-15 of proc(5); fields[0] is field 3.
+    ticks = sum(int(value) for value in fields[11:13])
     with open(_STATM, 'rb') as statm:
         resident_pages = int(statm.read().split()[1])
     return Sample(time.time(), ticks / _TICKS, resident_pages * _PAGE)
