@@ -369,7 +369,7 @@ def test_the_sweeps_log_their_progress_and_the_time_left(monkeypatch, caplog):
     user, item, rating, _, _ = _planted(seed=1)
     posterior.average(*_tables(120, 80, 3), 3.5, user, item, rating, samples=3, burn_in=1,
                       seed=0)
-    lines = [record.getMessage() for record in caplog.records]
+    lines = [record.getMessage() for record in caplog.records if record.name == 'trainer.progress']
     assert [line.split(' (')[0] for line in lines] == [
         f'Posterior sweeps: {sweep} of 4' for sweep in range(1, 5)]
     assert lines[-1].startswith('Posterior sweeps: 4 of 4 (100%), ')
