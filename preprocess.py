@@ -102,7 +102,6 @@ def parse_args(argv: Sequence[str] | None) -> tuple[PreprocessConfig, list[str]]
 
 
 if __name__ == '__main__':
-    logs.check_packages()
     parse_args(sys.argv[1:])  # --help and a bad flag answer before Beam and TensorFlow load
     logs.quiet_startup()
 

@@ -34,7 +34,6 @@ from trainer import usage
 from trainer import worklock
 
 if __name__ == '__main__':
-    logs.check_packages()
     config_lib.parse_args()  # --help and a bad flag answer before TensorFlow loads
     logs.quiet_startup()
 
