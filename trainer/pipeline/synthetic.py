@@ -92,6 +92,9 @@ _POPULARITY_ROUNDS = 4
 # many candidates (at most SELECTION_MAX_SHARE of all movies).
 SELECTION_CANDIDATES = 3
 SELECTION_MAX_SHARE = 0.75
+# movielens draws who rates what for blocks of users holding about this many
+# candidate pairs (bounds memory; the draws do not depend on it below it).
+_EXPOSURE_BLOCK_PAIRS = 1 << 22
 _CHUNK_ROWS = 1_000_000
 # --synthetic-model choices: the calibrated default and the earlier rank-3 model.
 MOVIELENS = 'movielens'
@@ -104,8 +107,26 @@ MODEL_DEFAULTS: dict[str, dict[str, float]] = {
                 movie_popularity_sigma=1.3, selection_bias=0.0),
     MOVIELENS: dict(rank=48, global_mean=3.6, user_bias_std=0.5, item_bias_std=0.65,
                     interaction_std=0.65, noise_std=0.8, user_activity_sigma=1.4,
-                    movie_popularity_sigma=1.15, selection_bias=1.0),
+                    movie_popularity_sigma=2.0, selection_bias=0.5),
 }
+# What the movielens model plants in who watches what beyond taste
+# (`planted_exposure`): franchises (sequels, series, near-duplicates), the
+# share of the catalogue in one, how many franchises a user follows on
+# average, and how a follower's affinity weighs in their choice of movies and
+# in their ratings; and a low-rank interest that weighs in the choice of
+# movies only.  rank3 has neither.  A truth.json written before they existed
+# lacks these fields and means none (`config_from_truth`).
+EXPOSURE_DEFAULTS: dict[str, float] = dict(
+    franchise_share=0.5, franchises_per_user=12.0, franchise_selection=5.0,
+    franchise_rating=1.0, interest_rank=8, interest_std=2.5, selection_candidates=20.0)
+# The same fields for rank3 and for a movielens truth.json written before
+# they existed: none of it, and the pool of SELECTION_CANDIDATES.
+EXPOSURE_LEGACY: dict[str, float] = {**{name: 0.0 for name in EXPOSURE_DEFAULTS},
+                                     'selection_candidates': SELECTION_CANDIDATES}
+# Franchise sizes are drawn uniformly from this range (inclusive).
+FRANCHISE_SIZES = (2, 8)
+# A follower's affinity: gamma distributed, mean 1 (shape x scale).
+_AFFINITY_SHAPE = 2.0
 # Rating counts per star of the real archives (0.5 to 5 stars for half-star
 # layouts), which the movielens model reproduces as shares; docs/data.md
 # gives the sources.  They sum to each archive's published rating count.
@@ -177,6 +198,21 @@ class SyntheticConfig:
       user_noise_sigma: movielens: each user's noise std is noise_std times
         a lognormal factor with this sigma (and mean 1): some users rate
         consistently, others erratically.
+      franchise_share: movielens: the share of movies that belong to a
+        franchise (0: none, the generator before franchises).
+      franchises_per_user: movielens: how many franchises a user follows,
+        on average (Poisson).
+      franchise_selection: movielens: weight of a follower's affinity in the
+        log odds of picking the franchise's movies.
+      franchise_rating: movielens: weight of a follower's affinity in the
+        planted rating of the franchise's movies.
+      interest_rank: movielens: factors of the interest that weighs in who
+        watches what but not in ratings.
+      selection_candidates: movielens: each user's movies are picked from
+        this many times as many candidates drawn by popularity (rank3:
+        SELECTION_CANDIDATES).
+      interest_std: movielens: standard deviation of user_interest .
+        item_interest, a term of the log odds of picking a movie (0: none).
     """
     num_users: int = 943
     num_movies: int = 1682
@@ -195,6 +231,13 @@ class SyntheticConfig:
     model: str = MOVIELENS
     spectrum_decay: float = 1.2
     user_noise_sigma: float = 0.3
+    franchise_share: float | None = None
+    franchises_per_user: float | None = None
+    franchise_selection: float | None = None
+    franchise_rating: float | None = None
+    interest_rank: int | None = None
+    interest_std: float | None = None
+    selection_candidates: float | None = None
 
     def __post_init__(self) -> None:
         if self.model not in MODEL_DEFAULTS:
@@ -202,6 +245,12 @@ class SyntheticConfig:
         for name, value in MODEL_DEFAULTS[self.model].items():
             if getattr(self, name) is None:  # frozen: fill the model's default once
                 object.__setattr__(self, name, value)
+        for name, value in EXPOSURE_DEFAULTS.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value if self.model == MOVIELENS else
+                                   EXPOSURE_LEGACY[name])
+        if self.model == RANK3 and self.franchise_share:
+            raise ValueError('franchises need the movielens model; rank3 has none')
         if self.layout not in features.DATASETS:
             raise ValueError(f'layout {self.layout!r} is not one of '
                              f'{sorted(features.DATASETS)}')
@@ -224,6 +273,19 @@ class SyntheticConfig:
             raise ValueError(f'user_noise_sigma must lie in [0, 2], got {self.user_noise_sigma!r}')
         if not 0 <= self.spectrum_decay <= 4:
             raise ValueError(f'spectrum_decay must lie in [0, 4], got {self.spectrum_decay!r}')
+        if not 0 <= self.franchise_share <= 1:
+            raise ValueError(f'franchise_share must lie in [0, 1], got {self.franchise_share!r}')
+        if not min(self.franchises_per_user, self.franchise_selection,
+                   self.franchise_rating, self.interest_rank, self.interest_std) >= 0:
+            raise ValueError('franchises_per_user, franchise_selection, franchise_rating, '
+                             'interest_rank and interest_std must be >= 0')
+        if not 1 <= self.selection_candidates <= 100:
+            raise ValueError(f'selection_candidates must lie in [1, 100], '
+                             f'got {self.selection_candidates!r}')
+        if self.model == RANK3 and self.selection_candidates != SELECTION_CANDIDATES:
+            raise ValueError(f'rank3 picks from {SELECTION_CANDIDATES} times as many candidates')
+        if self.model == RANK3 and self.interest_std:
+            raise ValueError('an interest term needs the movielens model; rank3 has none')
 
     @property
     def factor_std(self) -> float:
@@ -272,29 +334,172 @@ def sample_exposure(pairs_rng: np.random.Generator, selection_rng: np.random.Gen
     """Who rates what: by popularity, then (selection_bias > 0) by taste."""
     if not config.selection_bias:
         return sample_pairs(pairs_rng, counts, popularity / popularity.sum())
-    candidates = np.minimum(SELECTION_CANDIDATES * counts,
+    candidates = np.minimum(np.round(config.selection_candidates * counts).astype(np.int64),
                             int(SELECTION_MAX_SHARE * config.num_movies))
-    users, movies = sample_pairs(pairs_rng, np.maximum(candidates, counts),
-                                 popularity / popularity.sum())
+    pool = np.maximum(candidates, counts)
+    if config.model != MOVIELENS:
+        users, movies = sample_pairs(pairs_rng, pool, popularity / popularity.sum())
+        return select_liked(selection_rng, config.selection_bias, planted, counts, users,
+                            movies)
+    # movielens: users in blocks of about _EXPOSURE_BLOCK_PAIRS candidates, so
+    # a large pool (selection_candidates x 25M ratings) never sits in memory.
     # The candidate draw cannot show popularity to a user whose pool holds
     # most movies; movielens ranks the pool by popularity too, so heavy
     # users do not rate the tail as often as the head.
-    log_popularity = np.log(popularity) if config.model == MOVIELENS else None
-    return select_liked(selection_rng, config.selection_bias, planted, counts, users, movies,
-                        log_popularity)
+    log_popularity = np.log(popularity)
+    block = np.cumsum(pool) // _EXPOSURE_BLOCK_PAIRS
+    bounds = np.flatnonzero(np.r_[True, block[1:] != block[:-1], True])
+    kept = []
+    for begin, end in zip(bounds[:-1], bounds[1:]):
+        users, movies = sample_pairs(pairs_rng, pool[begin:end], popularity / popularity.sum())
+        users = users + begin
+        if 'fan_user' in planted:  # a follower's pool holds the whole franchise
+            users, movies = _with_followed(planted, config.num_movies, users, movies,
+                                           begin, end)
+        kept.append(select_liked(selection_rng, config.selection_bias, planted, counts, users,
+                                 movies, log_popularity, config.franchise_selection))
+    return (np.concatenate([users for users, _ in kept]),
+            np.concatenate([movies for _, movies in kept]))
+
+
+def _with_followed(planted: dict[str, np.ndarray], num_movies: int, users: np.ndarray,
+                   movies: np.ndarray, begin: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+    """The candidate pairs plus every movie of each franchise its user follows
+    (users begin..end-1), each pair once, sorted by user then movie."""
+    members = np.argsort(planted['franchise'], kind='stable')
+    members = members[planted['franchise'][members] >= 0]
+    sizes = np.bincount(planted['franchise'][members],
+                        minlength=int(planted['franchise'].max()) + 1)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    fans = slice(*np.searchsorted(planted['fan_user'], [begin, end]))
+    fan_franchise = planted['fan_franchise'][fans]
+    fan_sizes = sizes[fan_franchise]
+    fan_rows = np.repeat(np.arange(fan_sizes.size), fan_sizes)
+    within = np.arange(fan_rows.size) - np.repeat(np.cumsum(fan_sizes) - fan_sizes, fan_sizes)
+    followed = members[starts[fan_franchise][fan_rows] + within]
+    keys = np.concatenate([users.astype(np.int64) * num_movies + movies,
+                           planted['fan_user'][fans][fan_rows].astype(np.int64) * num_movies
+                           + followed])
+    keys = np.unique(keys)
+    return keys // num_movies, keys % num_movies
 
 
 def _draw_model(config: SyntheticConfig) -> dict[str, Any]:
     """The streams, counts, popularity and planted model: all but who rates what."""
     # SeedSequence children depend on their index only, so the rank-3 streams
     # are those it drew from spawn(6).
+    # spawn(8)'s first seven children are spawn(7)'s: the franchise stream
+    # leaves every other draw as it was.
     streams = dict(zip(('counts', 'pairs', 'model', 'noise', 'extras', 'selection',
-                        'ranking'), _streams(config.seed, 7)))
+                        'ranking', 'franchise'), _streams(config.seed, 8)))
     counts = sample_user_counts(streams['counts'], config)
     popularity = streams['model'].lognormal(0.0, config.movie_popularity_sigma,
                                             config.num_movies)
     planted = planted_model(streams['model'], config)
+    planted.update(planted_exposure(streams['franchise'], config, popularity))
     return dict(streams=streams, counts=counts, popularity=popularity, planted=planted)
+
+
+def planted_exposure(rng: np.random.Generator, config: SyntheticConfig,
+                     popularity: np.ndarray) -> dict[str, np.ndarray]:
+    """What weighs in who watches what beyond taste (movielens), drawn once.
+
+    An interest, user_interest . item_interest (interest_rank factors of
+    equal variance, the product's std interest_std), adds to the log odds
+    of picking a movie: what people watch follows a few strong directions
+    (genres, eras, audiences) that ratings do not.  Then `planted_fandom`.
+    Empty when both are off (the generator before them: same draws).
+    """
+    planted = {}
+    if config.franchise_share:
+        planted.update(planted_fandom(rng, config, popularity))
+    if config.interest_std and config.interest_rank:
+        scale = np.sqrt(config.interest_std / np.sqrt(config.interest_rank))
+        for name, rows in (('user_interest', config.num_users),
+                           ('item_interest', config.num_movies)):
+            planted[name] = (rng.standard_normal((rows, config.interest_rank))
+                             * scale).astype(np.float32)
+    return planted
+
+
+def planted_fandom(rng: np.random.Generator, config: SyntheticConfig,
+                   popularity: np.ndarray) -> dict[str, np.ndarray]:
+    """Franchises and who follows them (movielens), drawn once.
+
+    franchise_share of the movies, in random order, form franchises of
+    FRANCHISE_SIZES[0]..FRANCHISE_SIZES[1] movies (uniform sizes).  Each
+    user follows Poisson(franchises_per_user) distinct franchises, drawn by
+    their members' mean popularity, with an affinity a ~ Gamma(2, 1/2)
+    (mean 1, always > 0) per followed franchise.  A follower's candidate
+    pool holds every movie of the franchise, its log weight in the choice of
+    movies gains franchise_selection * a and its planted rating
+    franchise_rating * a: followers watch the franchise together and rate it
+    alike, which no low-rank taste captures and an item-item model finds.
+
+    Returns:
+      'franchise': int64 [num_movies], each movie's franchise or -1;
+      'fan_user', 'fan_franchise', 'fan_affinity': one entry per (user,
+      followed franchise), sorted by user then franchise.
+    """
+    low, high = FRANCHISE_SIZES
+    in_franchises = int(round(config.franchise_share * config.num_movies))
+    sizes = rng.integers(low, high + 1, max(in_franchises // low, 1))
+    sizes = sizes[np.cumsum(sizes) <= in_franchises]
+    order = rng.permutation(config.num_movies)
+    franchise = np.full(config.num_movies, -1, np.int64)
+    franchise[order[:sizes.sum()]] = np.repeat(np.arange(sizes.size), sizes)
+    empty = np.zeros(0, np.int64)
+    if not sizes.size:
+        return dict(franchise=franchise, fan_user=empty, fan_franchise=empty,
+                    fan_affinity=np.zeros(0))
+    appeal = (np.bincount(franchise[franchise >= 0], popularity[franchise >= 0], sizes.size)
+              / sizes)
+    follows = np.minimum(rng.poisson(config.franchises_per_user, config.num_users),
+                         sizes.size)
+    fan_user, fan_franchise = sample_pairs(rng, follows, appeal / appeal.sum())
+    affinity = rng.gamma(_AFFINITY_SHAPE, 1.0 / _AFFINITY_SHAPE, fan_user.size)
+    return dict(franchise=franchise, fan_user=fan_user, fan_franchise=fan_franchise,
+                fan_affinity=affinity)
+
+
+def planted_rows(planted: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The planted model of the users `rows` (0-based, repeats allowed), as
+    users 0..len(rows)-1: their biases, factors and followed franchises."""
+    out = {name: table[rows] if name.startswith('user') else table
+           for name, table in planted.items() if not name.startswith('fan_')}
+    if 'fan_user' in planted:
+        first = np.searchsorted(planted['fan_user'], rows)
+        last = np.searchsorted(planted['fan_user'], rows, side='right')
+        take = np.concatenate([np.arange(a, b) for a, b in zip(first, last)] + [[]]).astype(
+            np.int64)
+        out['fan_user'] = np.repeat(np.arange(rows.size), last - first)
+        out['fan_franchise'] = planted['fan_franchise'][take]
+        out['fan_affinity'] = planted['fan_affinity'][take]
+    return out
+
+
+def interest(planted: dict[str, np.ndarray], users: np.ndarray,
+             movies: np.ndarray) -> np.ndarray:
+    """user_interest . item_interest of each (user, movie) pair (0 without)."""
+    if 'user_interest' not in planted:
+        return np.zeros(users.shape)
+    return _interaction({'user_factors': planted['user_interest'],
+                         'item_factors': planted['item_interest']}, users, movies)
+
+
+def franchise_affinity(planted: dict[str, np.ndarray], users: np.ndarray,
+                       movies: np.ndarray) -> np.ndarray:
+    """Each (user, movie) pair's affinity: the user's for the movie's
+    franchise if they follow it, else 0 (float64, users and movies broadcast)."""
+    if 'fan_user' not in planted or not planted['fan_user'].size:
+        return np.zeros(np.broadcast(users, movies).shape)
+    franchise = planted['franchise'][movies]
+    count = int(planted['franchise'].max()) + 1
+    fan_keys = planted['fan_user'].astype(np.int64) * count + planted['fan_franchise']
+    keys = users.astype(np.int64) * count + franchise
+    position = np.minimum(np.searchsorted(fan_keys, keys), fan_keys.size - 1)
+    found = (franchise >= 0) & (fan_keys[position] == keys)
+    return np.where(found, planted['fan_affinity'][position], 0.0)
 
 
 def _draw_exposure(config: SyntheticConfig) -> dict[str, Any]:
@@ -556,19 +761,24 @@ def _interaction(planted: dict[str, np.ndarray], users: np.ndarray,
 def planted_signal(planted: dict[str, np.ndarray], config: SyntheticConfig,
                    users: np.ndarray, movies: np.ndarray) -> np.ndarray:
     """The noiseless planted rating of each (user, movie) pair, unclipped."""
-    return (config.global_mean + planted['user_bias'][users] + planted['item_bias'][movies]
-            + _interaction(planted, users, movies))
+    signal = (config.global_mean + planted['user_bias'][users] + planted['item_bias'][movies]
+              + _interaction(planted, users, movies))
+    if config.franchise_rating and 'fan_user' in planted:
+        signal += config.franchise_rating * franchise_affinity(planted, users, movies)
+    return signal
 
 
 def select_liked(rng: np.random.Generator, strength: float, planted: dict[str, np.ndarray],
                  counts: np.ndarray, users: np.ndarray, movies: np.ndarray,
-                 log_popularity: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 log_popularity: np.ndarray | None = None,
+                 franchise_selection: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Keeps each user's counts[u] candidates they like best, with Gumbel noise.
 
     Gumbel-top-k: the k largest of strength * score + Gumbel noise are a
     draw without replacement with probabilities proportional to
     exp(strength * score), score = item_bias + user_factors . item_factors,
-    times popularity when log_popularity is given.
+    times popularity when log_popularity is given and times
+    exp(franchise_selection * affinity) for the franchises a user follows.
 
     Args:
       users, movies: the candidates, 0-based, sorted by user.
@@ -581,6 +791,10 @@ def select_liked(rng: np.random.Generator, strength: float, planted: dict[str, n
     key = strength * score + rng.gumbel(size=users.size)
     if log_popularity is not None:
         key += log_popularity[movies]
+    if franchise_selection and 'fan_user' in planted:
+        key += franchise_selection * franchise_affinity(planted, users, movies)
+    if 'user_interest' in planted:
+        key += interest(planted, users, movies)
     order = np.lexsort((-key, users))  # by user, best first
     first = np.searchsorted(users, np.arange(counts.size))  # users is sorted
     rank = np.arange(users.size) - first[users[order]]
@@ -680,6 +894,8 @@ def holdout_relevance(config: SyntheticConfig, planted: dict[str, np.ndarray],
     held out with probability holdout * pi / (1 - (1 - holdout) * pi): a
     movie the user almost surely rated but did not keep is almost surely held
     out.  Rating noise is independent of who rates what, so the two multiply.
+    A followed franchise's affinity enters both (`planted_fandom`): it is
+    part of the planted state, so the ranking stays the Bayes ranking.
 
     Returns:
       float64 [len(block), num_movies].
@@ -688,19 +904,27 @@ def holdout_relevance(config: SyntheticConfig, planted: dict[str, np.ndarray],
     cut = thresholds[int(round((RELEVANT_RATING - layout.rating_min) / layout.rating_step)) - 1]
     taste = (planted['user_factors'][block].astype(np.float64)
              @ planted['item_factors'].astype(np.float64).T)
+    affinity = franchise_affinity(planted, block[:, None],
+                                  np.arange(config.num_movies)[None, :])
     signal = (config.global_mean + planted['user_bias'][block, None]
-              + planted['item_bias'][None, :] + taste)
+              + planted['item_bias'][None, :] + taste + config.franchise_rating * affinity)
     noise = np.maximum(user_noise[block, None], 1e-12)
     like = np.log(np.maximum(normal_cdf((signal - cut) / noise), 1e-300))
     del signal
+    liking = None
+    if 'user_interest' in planted:
+        liking = (planted['user_interest'][block].astype(np.float64)
+                  @ planted['item_interest'].astype(np.float64).T)
     rated = exposure_probability(config, popularity, counts[block],
-                                 planted['item_bias'][None, :] + taste)
+                                 planted['item_bias'][None, :] + taste, affinity, liking)
     rated = np.clip(rated, 1e-300, 1.0 - 1e-12)
     return np.log(holdout * rated / (1.0 - (1.0 - holdout) * rated)) + like
 
 
 def exposure_probability(config: SyntheticConfig, popularity: np.ndarray,
-                         counts: np.ndarray, taste_score: np.ndarray) -> np.ndarray:
+                         counts: np.ndarray, taste_score: np.ndarray,
+                         affinity: np.ndarray | None = None,
+                         interest_score: np.ndarray | None = None) -> np.ndarray:
     """P(the generator gives each user each movie), for a block of users.
 
     Follows `sample_exposure` stage by stage with the Poisson approximation
@@ -711,10 +935,16 @@ def exposure_probability(config: SyntheticConfig, popularity: np.ndarray,
     pool with weights popularity * exp(selection_bias * taste_score) (movielens;
     rank3 leaves popularity out), so a movie is kept with probability
     P(in pool) * (1 - exp(-r w_j)), r solving sum_j P(in pool) * (...) = n.
+    A followed franchise's movies are in the pool for sure, and their weight
+    gains a factor exp(franchise_selection * affinity).
 
     Args:
       counts: [B] ratings of each user of the block.
       taste_score: [B, num_movies] item_bias + user_factors . item_factors.
+      affinity: [B, num_movies] `franchise_affinity` (> 0 where the user
+        follows the movie's franchise), or None for none.
+      interest_score: [B, num_movies] user_interest . item_interest, a term
+        of the log weight, or None for none.
 
     Returns:
       float64 [B, num_movies].
@@ -723,12 +953,17 @@ def exposure_probability(config: SyntheticConfig, popularity: np.ndarray,
     by_popularity = np.broadcast_to(share, taste_score.shape)
     if not config.selection_bias:
         return _inclusion(by_popularity, counts)
-    pool = np.maximum(np.minimum(SELECTION_CANDIDATES * counts,
+    pool = np.maximum(np.minimum(np.round(config.selection_candidates * counts),
                                  int(SELECTION_MAX_SHARE * config.num_movies)), counts)
     in_pool = _inclusion(by_popularity, pool)
     log_weight = config.selection_bias * taste_score
     if config.model == MOVIELENS:
         log_weight = log_weight + np.log(share)
+    if affinity is not None:
+        in_pool = np.where(affinity > 0, 1.0, in_pool)
+        log_weight = log_weight + config.franchise_selection * affinity
+    if interest_score is not None:
+        log_weight = log_weight + interest_score
     weight = np.exp(log_weight - log_weight.max(axis=1, keepdims=True))
     return in_pool * _inclusion(weight, counts, in_pool)
 
@@ -775,6 +1010,8 @@ def config_fields(config: SyntheticConfig) -> dict[str, Any]:
     fields = dataclasses.asdict(config)
     if config.model == RANK3:
         del fields['model'], fields['spectrum_decay'], fields['user_noise_sigma']
+        for name in EXPOSURE_DEFAULTS:
+            del fields[name]
         if not config.selection_bias:
             del fields['selection_bias']
     return fields
@@ -786,6 +1023,8 @@ def config_from_truth(truth: dict[str, Any]) -> SyntheticConfig:
     fields = {name: truth[name] for name in names if name in truth}
     if 'thresholds' not in truth and 'model' not in truth:
         fields['model'] = RANK3  # rank3 truth leaves the field out
+    elif 'franchise_share' not in truth:
+        fields.update(EXPOSURE_LEGACY)  # written before these fields existed
     return SyntheticConfig(**fields)
 
 
