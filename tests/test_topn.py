@@ -89,9 +89,13 @@ def test_the_top_n_model_beats_most_popular_on_planted_taste(splits, generated, 
     popular = _eval_ndcg(splits, counts.astype(np.float64))
     ceiling = _eval_ndcg(splits, _planted_ranker(generated))
     print(f'top-N NDCG@10 {ours:.4f}, most popular {popular:.4f}, planted {ceiling:.4f}')
-    # Measured: 0.3058 against 0.2698 for most popular, and the ceiling 0.3690.
-    assert ours > 1.08 * popular, (ours, popular)
-    assert 0.78 * ceiling < ours < ceiling, (ours, ceiling)
+    # Measured: 0.3631 against 0.2233 for most popular, and the ceiling 0.7949.
+    # The ceiling knows which franchises each user follows, also those with
+    # no movie in the user's train ratings, which no model of the ratings can
+    # know: its lead is far larger than before franchises (0.3058 against a
+    # ceiling of 0.3690 then).
+    assert ours > 1.4 * popular, (ours, popular)
+    assert 0.4 * ceiling < ours < ceiling, (ours, ceiling)
     assert result.refit and result.iterations >= 1
     assert np.all(result.user_factors[-1] == 0)  # the OOV row has no ratings
     log = (tmp_path / 'model' / features.TOPN_LOG_FILE).read_text().splitlines()
