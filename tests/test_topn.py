@@ -47,6 +47,19 @@ def generated() -> synthetic.SyntheticRatings:
 
 @pytest.fixture(scope='module')
 def splits(generated) -> Splits:
+    return _split(generated)
+
+
+@pytest.fixture(scope='module')
+def splits_before_franchises() -> Splits:
+    """PLANTED's sizes and seed with the generator before franchises and
+    interest (commit a19b3ff), whose iALS validation curve has a clear best."""
+    return _split(synthetic.generate(dataclasses.replace(
+        PLANTED, movie_popularity_sigma=1.15, selection_bias=1.0,
+        **synthetic.EXPOSURE_LEGACY)))
+
+
+def _split(generated: synthetic.SyntheticRatings) -> Splits:
     users, items = generated.user_ids - 1, generated.movie_ids - 1
     is_eval = np.random.default_rng(1).random(users.size) < 0.2
     train = _ratings(users[~is_eval], items[~is_eval], generated.ratings[~is_eval])
@@ -227,9 +240,10 @@ def test_the_validation_sample_is_seeded_and_its_size_respected(splits, tmp_path
 
 
 def test_early_stopping_on_a_validation_sample_picks_the_full_validations_iteration(
-        splits, tmp_path):
+        splits_before_franchises, tmp_path):
     """Half the validation users, and a quarter, stop at the iteration all of them pick
     (planted here: a clear best at 2 of 40, then a plateau)."""
+    splits = splits_before_franchises
     settings = {'topn_iterations': 40, 'early_stopping_patience': 3, 'final_model': 'best',
                 'topn_factors': 16, 'topn_init_stddev': 0.01, 'ranking_users': 0}
     full = topn_train.train(_config(tmp_path / 'all', topn_validation_users=0, **settings),
