@@ -133,6 +133,11 @@ def test_the_command_prints_the_table_and_writes_json(trained, capsys, tmp_path)
     ceiling = report['ceiling']
     assert ceiling['name'].startswith('planted Bayes ranking')
     assert ceiling['ndcg'] > max(row['ndcg'] for row in report['rows'])
+    # The served lists' share of it: the ceiling knows the franchises each
+    # user follows, also those with no movie in the user's train ratings.
+    share = report['rows'][0]['ndcg'] / ceiling['ndcg']
+    print(f'served / planted ceiling: {share:.3f}')
+    assert 0.3 < share < 1.0, share
 
 
 def test_no_ceiling_without_a_planted_truth(trained, tmp_path):
