@@ -37,9 +37,11 @@ def test_model_learns_the_planted_structure(local_run):
     metrics = features.read_json(str(work_dir / features.MODEL_DIR / features.METRICS_FILE))
     assert info.noise_floor_rmse is not None
     assert metrics['eval_rmse'] < 0.9 * info.global_mean_eval_rmse
-    # The default (movielens) data plant 48 mostly weak factors: the defaults
-    # reach 1.157x its floor, tuned SVD 1.180x (docs/data.md).
-    assert metrics['eval_rmse'] < 1.2 * info.noise_floor_rmse
+    # The default (movielens) data plant 48 mostly weak factors and a franchise
+    # term no low-rank model holds: the defaults reach 1.251x its floor, tuned
+    # SVD 1.269x, BaselineOnly 1.32x (docs/data.md; before franchises 1.157x
+    # and 1.180x).
+    assert metrics['eval_rmse'] < 1.29 * info.noise_floor_rmse
     assert 'eval RMSE' in stdout and 'predicting the train mean' in stdout
     # Those bounds leave room for biases alone; the factors must earn their share.
     export = str(work_dir / features.MODEL_DIR / features.EXPORT_DIR)
