@@ -454,3 +454,20 @@ def test_same_seed_gives_same_bytes_with_selection_bias(tmp_path: pathlib.Path) 
     synthetic.write_archive(str(paths[2]), dataclasses.replace(biased, selection_bias=0.0))
     assert paths[0].read_bytes() == paths[1].read_bytes()
     assert read_member(paths[0], 'ml-100k/u.data') != read_member(paths[2], 'ml-100k/u.data')
+
+
+def test_a_truth_json_from_before_franchises_redraws_that_generator() -> None:
+    # A movielens truth.json written before franchises and interest existed
+    # lacks their fields: bench/ranking.py must redraw the planted model it
+    # was generated from, without franchises, interest or the larger pool.
+    before = dict(movie_popularity_sigma=1.15, selection_bias=1.0,
+                  **synthetic.EXPOSURE_LEGACY)
+    truth = synthetic.generate(synthetic.SyntheticConfig(**SMALL, **before)).truth
+    for name in synthetic.EXPOSURE_DEFAULTS:
+        del truth[name]
+    config = synthetic.config_from_truth(truth)
+    assert config == synthetic.SyntheticConfig(**SMALL, **before)
+    assert config.selection_candidates == synthetic.SELECTION_CANDIDATES
+    planted = synthetic.planted_state(config)['planted']
+    assert 'fan_user' not in planted and 'user_interest' not in planted
+    assert 'fan_user' in synthetic.planted_state(synthetic.SyntheticConfig(**SMALL))['planted']
