@@ -197,9 +197,15 @@ class TrainConfig:
         end.
       implicit_l2: the penalty strength of the implicit term's y rows; None:
         IMPLICIT_L2_FACTOR x l2 (with implicit_feedback).
-      posterior_samples: Gibbs sweeps averaged into the final model's
-        posterior mean (`trainer.rating.posterior`); 0 exports the trained (MAP)
-        model as it is.
+      posterior_samples: the most Gibbs sweeps averaged into the final
+        model's posterior mean (`trainer.rating.posterior`); 0 exports the
+        trained (MAP) model as it is.
+      posterior_mc_error: the chain stops at the first kept sweep (from
+        posterior_min_samples on) where the Monte Carlo error's estimated
+        share of the validation RMSE is at most this (0.001: 0.1%); 0 runs
+        all posterior_samples.
+      posterior_min_samples: the fewest sweeps averaged when the rule stops
+        the chain.
       posterior_burn_in: sweeps run from the trained model and dropped
         before the averaged ones.
       posterior_noise: the chain's noise model, 'user-movie' (a noise level
@@ -287,6 +293,8 @@ class TrainConfig:
     implicit_l2: float | None = None
     posterior_samples: int = 100
     posterior_burn_in: int = 20
+    posterior_mc_error: float = 0.001
+    posterior_min_samples: int = 20
     posterior_noise: str = POSTERIOR_NOISE_MODELS[0]
     topn_model: str = 'auto'
     topn_search: str = 'on'
@@ -549,8 +557,16 @@ def _add_posterior_flags(group: argparse._ArgumentGroup) -> None:
     add = group.add_argument
     add('--posterior-samples', default=TrainConfig.posterior_samples,
         type=_bounded(int, '--posterior-samples', 0, 100_000),
-        help='Gibbs sweeps averaged into the exported model (its Bayesian posterior '
-             'mean); 0: export the trained model as it is')
+        help='the most Gibbs sweeps averaged into the exported model (its Bayesian '
+             'posterior mean); 0: export the trained model as it is')
+    add('--posterior-mc-error', default=TrainConfig.posterior_mc_error,
+        type=_bounded(float, '--posterior-mc-error', 0, 1),
+        help="stop averaging once the Monte Carlo error's estimated share of the "
+             'validation RMSE is at most this (0.001: 0.1%%); 0: run all '
+             '--posterior-samples')
+    add('--posterior-min-samples', default=TrainConfig.posterior_min_samples,
+        type=_bounded(int, '--posterior-min-samples', 1, 100_000),
+        help='the fewest sweeps averaged when --posterior-mc-error stops the chain')
     add('--posterior-burn-in', default=TrainConfig.posterior_burn_in,
         type=_bounded(int, '--posterior-burn-in', 0, 100_000),
         help='sweeps from the trained model dropped before averaging')
