@@ -86,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--min-samples', type=int, default=20,
                         help='the rule\'s fewest kept sweeps (default 20)')
     parser.add_argument('--json-out', help='where the rows go as JSON')
+    parser.add_argument('--predictions-out',
+                        help="an .npy for each kept sweep's predictions of the rule's "
+                             'validation sample (float32, kept sweeps x ratings), and its '
+                             'targets in the same name with .target.npy')
     args = parser.parse_args(argv)
     if args.sweeps < 1 or args.burn_in < 0 or args.every < 1:
         parser.error('--sweeps and --every must be >= 1, --burn-in >= 0')
@@ -102,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     levels = [float(text) for text in args.levels.split(',') if text]
     stops: dict[float, int] = {}
+    predictions: list[np.ndarray] = []
+    previous = [0.0]
     clock = {'last': time.perf_counter(), 'bench': 0.0, 'sweeps': 0.0}
 
     def after_sweep(sweep, chain, last):
@@ -110,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         kept = sweep - args.burn_in
         row = {'sweep': sweep, 'kept': kept, 'seconds': clock['sweeps']}
         state = chain()
+        if kept >= 1 and state.batches is not None and args.predictions_out:
+            total = state.batches['total']
+            predictions.append((total - previous[0]).astype(np.float32))
+            previous[0] = total.copy()
         if kept >= 1 and state.batches is not None:
             batches = posterior.BatchMeans(len(state.batches['total']))
             batches.restore(state.batches)
@@ -173,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f'level {100 * level:g}%: ' + ('runs to the cap' if stop is None else
               f"stops after {stop['kept']} kept sweeps, {stop['seconds']:.1f} s of sweeps, "
               f"eval RMSE {stop['eval_rmse']:.4f}"))
+    if args.predictions_out:
+        np.save(args.predictions_out, np.stack(predictions))
+        np.save(args.predictions_out.removesuffix('.npy') + '.target.npy', target[0])
     if args.json_out:
         with open(args.json_out, 'w', encoding='utf-8') as f:
             json.dump({'rows': rows, 'trained_eval_rmse': trained_eval, 'load': load,

@@ -3,6 +3,7 @@ algebra, the low-rank average, and the chain on planted data."""
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -393,6 +394,16 @@ def test_batch_means_find_the_planted_variance_of_a_running_mean():
     assert 3.4 < batches.autocorrelation() < 4.6, batches.autocorrelation()
     expected = sigma ** 2 * 4 / sweeps
     assert batches.variance() == pytest.approx(expected, rel=0.15)
+    # A chain still drifting (a trend of 0.5 over the sweeps, each rating its own
+    # direction) has a running mean that is off by far more than its noise.
+    drifting = posterior.BatchMeans(2000)
+    direction = rng.choice([-1.0, 1.0], 2000)
+    for sweep in range(sweeps):
+        drifting.add(direction * 0.5 * sweep / sweeps + rng.normal(0, sigma, 2000))
+    # Batch means alone would say sigma^2 / n (independent draws around the trend,
+    # plus the trend's spread within the batches); half the halves' gap is 0.125.
+    assert drifting.variance() > 10 * sigma ** 2 / sweeps
+    assert drifting.variance() == pytest.approx(0.125 ** 2, rel=0.25)
     few = posterior.BatchMeans(3)
     for _ in range(posterior.MIN_BATCHES - 1):
         few.add(np.ones(3))
@@ -425,30 +436,26 @@ def _adaptive(samples: int = 60, **settings):
                              validation=(user[held], item[held], rating[held]), **settings)
 
 
-def _statistics(**settings) -> dict[int, float | None]:
+@functools.cache
+def _statistics() -> dict[int, float | None]:
     """The rule's statistic after each kept sweep of a chain run to its cap,
     from the chain states the sweeps hand over."""
+    user, item, rating, held, _ = _planted(seed=2)
+    sample = posterior.validation_sample(user[held], item[held], rating[held], 120, 80, 0)
+    target = sample[2] - float(np.float32(float(rating[~held].mean())))
     statistics = {}
 
     def after_sweep(sweep, chain, last):
         state = chain()
-        batches = posterior.BatchMeans(len(state.batches['total']))
+        batches = posterior.BatchMeans(len(target))
         batches.restore(state.batches)
-        statistics[sweep - 5] = batches.variance()
-    user, item, rating, held, _ = _planted(seed=2)
-    sample = posterior.validation_sample(user[held], item[held], rating[held], 120, 80, 0)
-    target = sample[2] - float(np.float32(float(rating[~held].mean())))
-    result = _adaptive(after_sweep=after_sweep, mc_error=0.0, **settings)
+        variance = batches.variance()
+        if sweep > 5:
+            statistics[sweep - 5] = None if variance is None else variance / (
+                2 * float(np.mean((batches.mean() - target) ** 2)))
+    result = _adaptive(after_sweep=after_sweep, mc_error=0.0)
     assert result.stopped_by == 'cap' and result.mc_error_level == 0.0
-    totals = {}
-
-    def totals_after(sweep, chain, last):
-        state = chain()
-        totals[sweep - 5] = state.batches['total'] / max(state.batches['kept'], 1)
-    _adaptive(after_sweep=totals_after, mc_error=0.0, **settings)
-    return {kept: None if variance is None else
-            variance / (2 * float(np.mean((totals[kept] - target) ** 2)))
-            for kept, variance in statistics.items() if kept >= 1}
+    return statistics
 
 
 def test_a_loose_level_stops_at_the_minimum_and_a_tight_one_runs_to_the_cap(caplog):
@@ -493,9 +500,9 @@ def test_the_chain_stops_at_the_first_sweep_the_rule_allows_and_equals_a_fixed_c
 def test_an_adaptive_chain_resumed_from_its_checkpoint_stops_at_the_same_sweep(
         stop_after, tmp_path):
     from trainer.rating import state
-    settings = dict(mc_error=0.0125, min_samples=18)
+    settings = dict(mc_error=_statistics()[40] * 1.001, min_samples=18)
     uninterrupted = _adaptive(**settings)
-    assert uninterrupted.stopped_by == 'mc_error' and 18 <= uninterrupted.samples < 60
+    assert uninterrupted.stopped_by == 'mc_error' and 18 <= uninterrupted.samples <= 40
     stop_sweep = uninterrupted.samples + 5
     at = {'burn-in': 3, 'kept': stop_sweep - 4, 'last': stop_sweep}[stop_after]
     path = str(tmp_path / 'posterior' / 'chain.npz')
@@ -515,8 +522,8 @@ def test_an_adaptive_chain_resumed_from_its_checkpoint_stops_at_the_same_sweep(
     np.testing.assert_array_equal(resumed.user_table, uninterrupted.user_table)
     np.testing.assert_array_equal(resumed.item_table, uninterrupted.item_table)
     # Another level is another chain: its checkpoint is not resumed.
-    other = _adaptive(resume=saved, mc_error=0.01, min_samples=10)
-    assert other.samples != uninterrupted.samples or other.mc_error_level == 0.01
+    other = _adaptive(resume=saved, mc_error=0.5, min_samples=10)
+    assert (other.samples, other.mc_error_level) == (10, 0.5)
 
 
 def test_average_rejects_a_negative_level():
