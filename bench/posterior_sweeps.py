@@ -39,14 +39,18 @@ def _trained(args: argparse.Namespace):
     from trainer import config as config_lib
     from trainer import data, features
     from trainer.rating import train as train_lib
-    config = config_lib.parse_args(['--work-dir', args.work_dir, '--job-dir', args.job_dir,
-                                    '--posterior-samples', '0', '--overwrite'])
+    flags = ['--work-dir', args.work_dir, '--job-dir', args.job_dir,
+             '--posterior-samples', '0', '--overwrite']
+    for flag in ('num_epochs', 'final_model'):
+        if getattr(args, flag):
+            flags += ['--' + flag.replace('_', '-'), getattr(args, flag)]
+    config = config_lib.parse_args(flags)
     info = features.read_dataset_info(config.work_dir)
     config = config_lib.with_data_defaults(config, info)
     if args.tables and os.path.exists(args.tables):
         saved = np.load(args.tables)
         splits = train_lib.load_splits(config, info)
-        return saved['user'], saved['item'], float(saved['mu']), splits, info
+        return saved['user'], saved['item'], float(saved['mu']), splits, info, config
     sizes = data.read_vocabulary_sizes(features.transformed_dir(config.work_dir))
     result = train_lib.train(config, info, *sizes)
     model = result.model
@@ -54,7 +58,7 @@ def _trained(args: argparse.Namespace):
               float(model.global_mean.numpy()))
     if args.tables:
         np.savez(args.tables, user=tables[0], item=tables[1], mu=tables[2])
-    return (*tables, result.splits, info)
+    return (*tables, result.splits, info, config)
 
 
 def _rmse(user_table, item_table, mu, ratings, low, high) -> float:
@@ -85,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
                         help='stop levels to report (comma-separated)')
     parser.add_argument('--min-samples', type=int, default=20,
                         help='the rule\'s fewest kept sweeps (default 20)')
+    parser.add_argument('--start-scales',
+                        help="the chains' start factor scales, comma-separated, one chain "
+                             'each (default: posterior.START_FACTOR_SCALE)')
+    parser.add_argument('--num-epochs', help='trainer --num-epochs (default: its own)')
+    parser.add_argument('--final-model', help='trainer --final-model (default: its own)')
     parser.add_argument('--json-out', help='where the rows go as JSON')
     parser.add_argument('--predictions-out',
                         help="an .npy for each kept sweep's predictions of the rule's "
@@ -94,13 +103,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweeps < 1 or args.burn_in < 0 or args.every < 1:
         parser.error('--sweeps and --every must be >= 1, --burn-in >= 0')
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
-    from trainer import features
     from trainer.rating import posterior
-    user_table, item_table, mu, splits, info = _trained(args)
+    user_table, item_table, mu, splits, info, config = _trained(args)
     load = os.getloadavg()
     logger.info('load average %.2f %.2f %.2f on %d CPUs', *load, os.cpu_count())
+    scales = ([float(text) for text in args.start_scales.split(',')] if args.start_scales
+              else [posterior.START_FACTOR_SCALE])
+    for scale in scales:
+        posterior.START_FACTOR_SCALE = scale
+        suffix = '' if len(scales) == 1 else f'-start{scale:g}'
+        print(f'start factor scale {scale:g}')
+        _measure(args, user_table, item_table, mu, splits, info, config, suffix)
+    return 0
+
+
+def _measure(args, user_table, item_table, mu, splits, info, config, suffix: str) -> None:
+    """One chain: its rows printed, and kept as --json-out and --predictions-out say."""
+    from trainer import features
+    from trainer.rating import posterior
+    load = os.getloadavg()
     k = user_table.shape[1] - 1
-    train = splits.train
+    # The ratings the trainer's chain conditions on: all of train after a refit.
+    train = splits.train if config.final_model == 'refit' else splits.fit
     validation = (splits.validation.user.numpy(), splits.validation.item.numpy(),
                   splits.validation.rating.numpy())
     rows: list[dict] = []
@@ -184,13 +208,14 @@ def main(argv: list[str] | None = None) -> int:
               f"stops after {stop['kept']} kept sweeps, {stop['seconds']:.1f} s of sweeps, "
               f"eval RMSE {stop['eval_rmse']:.4f}"))
     if args.predictions_out:
-        np.save(args.predictions_out, np.stack(predictions))
-        np.save(args.predictions_out.removesuffix('.npy') + '.target.npy', target[0])
+        stem = args.predictions_out.removesuffix('.npy') + suffix
+        np.save(stem + '.npy', np.stack(predictions))
+        np.save(stem + '.target.npy', target[0])
     if args.json_out:
-        with open(args.json_out, 'w', encoding='utf-8') as f:
+        with open(args.json_out.removesuffix('.json') + suffix + '.json', 'w',
+                  encoding='utf-8') as f:
             json.dump({'rows': rows, 'trained_eval_rmse': trained_eval, 'load': load,
                        'burn_in': args.burn_in, 'train_ratings': len(train)}, f, indent=1)
-    return 0
 
 
 if __name__ == '__main__':

@@ -531,3 +531,24 @@ def test_average_rejects_a_negative_level():
     with pytest.raises(ValueError, match='mc_error >= 0'):
         posterior.average(*tables, 3.0, np.array([0]), np.array([0]), np.array([3.0]),
                           samples=1, burn_in=0, seed=0, mc_error=-0.1)
+
+
+def test_the_start_scale_is_the_chains_start_and_part_of_its_settings(monkeypatch, tmp_path):
+    from trainer.rating import state
+    from_mode = _adaptive(samples=3, start_scale=1.0)
+    monkeypatch.setattr(posterior, 'START_FACTOR_SCALE', 1.0)
+    np.testing.assert_array_equal(_adaptive(samples=3).user_table, from_mode.user_table)
+    monkeypatch.undo()
+    shrunk = _adaptive(samples=3)
+    assert np.abs(shrunk.user_table - from_mode.user_table).max() > 1e-3
+    path = str(tmp_path / 'chain.npz')
+
+    def save(sweep, chain, last):
+        if last:
+            state.save_chain(path, chain())
+    _adaptive(samples=3, start_scale=1.0, after_sweep=save)
+    # A checkpoint of a chain from the mode is not resumed by a chain from 0.3 of it.
+    resumed = _adaptive(samples=3, resume=state.load_chain(path))
+    np.testing.assert_array_equal(resumed.user_table, shrunk.user_table)
+    with pytest.raises(ValueError, match='start_scale'):
+        _adaptive(samples=3, start_scale=1.5)

@@ -206,6 +206,8 @@ class TrainConfig:
         all posterior_samples.
       posterior_min_samples: the fewest sweeps averaged when the rule stops
         the chain.
+      posterior_start_scale: the chain starts from the trained factors times
+        this (1: the trained model itself).
       posterior_burn_in: sweeps run from the trained model and dropped
         before the averaged ones.
       posterior_noise: the chain's noise model, 'user-movie' (a noise level
@@ -295,6 +297,7 @@ class TrainConfig:
     posterior_burn_in: int = 20
     posterior_mc_error: float = 0.001
     posterior_min_samples: int = 20
+    posterior_start_scale: float = 0.3
     posterior_noise: str = POSTERIOR_NOISE_MODELS[0]
     topn_model: str = 'auto'
     topn_search: str = 'on'
@@ -567,6 +570,11 @@ def _add_posterior_flags(group: argparse._ArgumentGroup) -> None:
     add('--posterior-min-samples', default=TrainConfig.posterior_min_samples,
         type=_bounded(int, '--posterior-min-samples', 1, 100_000),
         help='the fewest sweeps averaged when --posterior-mc-error stops the chain')
+    add('--posterior-start-scale', default=TrainConfig.posterior_start_scale,
+        type=_bounded(float, '--posterior-start-scale', 0, 1),
+        help="the chain starts from the trained factors times this; 1: from the "
+             'trained model itself (docs/model.md#posterior-averaging says which is better '
+             'where)')
     add('--posterior-burn-in', default=TrainConfig.posterior_burn_in,
         type=_bounded(int, '--posterior-burn-in', 0, 100_000),
         help='sweeps from the trained model dropped before averaging')

@@ -688,7 +688,8 @@ def average(user_table: np.ndarray, item_table: np.ndarray, global_mean: float,
             noise: str = NOISE_MODELS[0], resume: ChainState | None = None,
             after_sweep: Callable[[int, Callable[[], ChainState], bool], None] | None = None,
             validation: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-            mc_error: float = 0.0, min_samples: int = 1) -> Result:
+            mc_error: float = 0.0, min_samples: int = 1,
+            start_scale: float | None = None) -> Result:
     """Runs the chain from the given tables and returns the averaged tables.
 
     Args:
@@ -720,6 +721,8 @@ def average(user_table: np.ndarray, item_table: np.ndarray, global_mean: float,
         is at most this (module doc); 0, or no validation ratings: run all
         `samples`.
       min_samples: the fewest sweeps the rule keeps.
+      start_scale: the chain starts from the trained factors times this
+        (None: START_FACTOR_SCALE; 1: the trained model itself).
     """
     if samples < 1 or burn_in < 0:
         raise ValueError(f'need samples >= 1 and burn_in >= 0, got {samples}, {burn_in}')
@@ -747,9 +750,12 @@ def average(user_table: np.ndarray, item_table: np.ndarray, global_mean: float,
     items_now = np.array(item_table[:num_items], np.float32)
     # The chain starts from the trained biases and the trained factors shrunk
     # towards their prior mean (see START_FACTOR_SCALE).
-    users_now[:, :k] = prior_mean[:, :k] + START_FACTOR_SCALE * (users_now[:, :k]
-                                                                 - prior_mean[:, :k])
-    items_now[:, :k] *= START_FACTOR_SCALE
+    scale = START_FACTOR_SCALE if start_scale is None else float(start_scale)
+    if not 0 <= scale <= 1:
+        raise ValueError(f'start_scale must be in [0, 1], got {scale}')
+    users_now[:, :k] = prior_mean[:, :k] + np.float32(scale) * (users_now[:, :k]
+                                                                - prior_mean[:, :k])
+    items_now[:, :k] *= np.float32(scale)
     precisions = NoisePrecisions(
         users, items, 1.0 / max(_squared_error(users_now, items_now, user, item, target)
                                 / max(len(target), 1), 1e-6), per_row=noise == 'user-movie')
@@ -771,7 +777,7 @@ def average(user_table: np.ndarray, item_table: np.ndarray, global_mean: float,
                     'runs all %d sweeps', samples)
     settings = (samples, burn_in, seed, noise, num_users, num_items, width, len(target),
                 _digest(user_table, item_table, user_prior_mean),
-                mc_error if rule is not None else 0.0, min_samples,
+                mc_error if rule is not None else 0.0, min_samples, scale,
                 _digest(rule.user, rule.item, rule.target) if rule is not None else '')
     first = 1
     stopped = False

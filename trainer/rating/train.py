@@ -673,7 +673,8 @@ def _average_posterior(config: TrainConfig, model: model_lib.MatrixFactorization
         validation=(None if validation is None or not len(validation) else
                     (validation.user.numpy(), validation.item.numpy(),
                      validation.rating.numpy())),
-        mc_error=config.posterior_mc_error, min_samples=config.posterior_min_samples)
+        mc_error=config.posterior_mc_error, min_samples=config.posterior_min_samples,
+        start_scale=config.posterior_start_scale)
     model.user_embedding.assign(result.user_table)
     model.item_embedding.assign(result.item_table)
     return {'samples': result.samples, 'burn_in': result.burn_in,
@@ -683,7 +684,8 @@ def _average_posterior(config: TrainConfig, model: model_lib.MatrixFactorization
             'min_samples': config.posterior_min_samples, 'stopped_by': result.stopped_by,
             'mc_error': result.mc_error, 'mc_error_level': result.mc_error_level,
             'mc_validation_ratings': result.validation_sample,
-            'autocorrelation': result.autocorrelation}
+            'autocorrelation': result.autocorrelation,
+            'start_scale': config.posterior_start_scale}
 
 
 def _keep_best(config: TrainConfig, state: state_lib.State,
