@@ -138,7 +138,11 @@ PRIOR_RATE = 1.0
 # at 100k but not at 1M, where 20 burn-in sweeps are too few to grow the
 # factors from nothing.  The chain mixes slowly, so its start shows for
 # hundreds of sweeps: from 0.3, 200 and 400 sweeps scored 0.8908 and 0.8915
-# at 100k and 0.8455 at 1M, still ahead of the mode's start.
+# at 100k and 0.8455 at 1M, still ahead of the mode's start.  Those figures
+# are of one noise level; with a level per user and movie, on ml-25m-shaped
+# data, the mode's start (1) scored better and settled sooner from 1M on and
+# worse at 100k (docs/performance.md#posterior-averaging).  `average`'s
+# start_scale (--posterior-start-scale) overrides it.
 START_FACTOR_SCALE = 0.3
 # The running average of the factor products is recompressed when it has
 # more columns than this multiple of K, to this multiple of K.
