@@ -552,3 +552,21 @@ def test_the_start_scale_is_the_chains_start_and_part_of_its_settings(monkeypatc
     np.testing.assert_array_equal(resumed.user_table, shrunk.user_table)
     with pytest.raises(ValueError, match='start_scale'):
         _adaptive(samples=3, start_scale=1.5)
+
+
+@pytest.mark.parametrize('stopped_by, level, expected', [
+    ('mc_error', 0.001, '(stopped at Monte Carlo error 0.0912% of the validation RMSE, '
+                        'level 0.1%; 61.0 s)'),
+    ('cap', 0.001, '(the cap, Monte Carlo error 0.213% of the validation RMSE against a level '
+                   'of 0.1%; 61.0 s)'),
+    ('cap', 0.0, '(Monte Carlo error 0.213% of the validation RMSE; 61.0 s)'),
+])
+def test_the_summary_line_says_why_the_chain_stopped(stopped_by, level, expected):
+    from trainer import task
+    posterior_metrics = {'samples': 37, 'burn_in': 20, 'noise': 'user-movie', 'seconds': 61.0,
+                         'mc_error': 0.000912 if stopped_by == 'mc_error' else 0.00213,
+                         'mc_error_level': level, 'stopped_by': stopped_by,
+                         'max_samples': 100, 'before': {'eval_rmse': 0.8}}
+    line = task._posterior_line(posterior_metrics)
+    assert line.startswith('  then its posterior mean: 37 Gibbs sweeps after 20 burn-in, ')
+    assert expected in line, line
