@@ -171,7 +171,8 @@ def _measure(args, user_table, item_table, mu, splits, info, config, suffix: str
             logger.info('kept %d: eval RMSE %.4f, statistic %s, %.1f s of sweeps', kept,
                         row['eval_rmse'], row.get('statistic'), row['seconds'])
         rows.append(row)
-        clock['last'] = time.perf_counter()
+        logger.info('trained model: eval RMSE %.4f', trained_eval)
+    clock['last'] = time.perf_counter()
 
     # The rule's sample as `average` draws it (seed 0, the trainer's default).
     users, items = user_table.shape[0], item_table.shape[0]
