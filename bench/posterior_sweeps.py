@@ -148,9 +148,7 @@ def _measure(args, user_table, item_table, mu, splits, info, config, suffix: str
             batches = posterior.BatchMeans(len(state.batches['total']))
             batches.restore(state.batches)
             row['autocorrelation'] = batches.autocorrelation()
-            variance = batches.variance()
-            row['statistic'] = None if variance is None else variance / (
-                2 * float(np.square(batches.mean() - target[0]).mean()))
+            row['statistic'] = posterior.mc_error_share(batches, target[0])
         for level in levels:
             if (level not in stops and kept >= args.min_samples
                     and row.get('statistic') is not None and row['statistic'] <= level):
@@ -171,8 +169,7 @@ def _measure(args, user_table, item_table, mu, splits, info, config, suffix: str
             logger.info('kept %d: eval RMSE %.4f, statistic %s, %.1f s of sweeps', kept,
                         row['eval_rmse'], row.get('statistic'), row['seconds'])
         rows.append(row)
-        logger.info('trained model: eval RMSE %.4f', trained_eval)
-    clock['last'] = time.perf_counter()
+        clock['last'] = time.perf_counter()
 
     # The rule's sample as `average` draws it (seed 0, the trainer's default).
     users, items = user_table.shape[0], item_table.shape[0]
@@ -181,6 +178,7 @@ def _measure(args, user_table, item_table, mu, splits, info, config, suffix: str
     target = [sample[2] - float(np.float32(mu))]
     trained_eval = _rmse(user_table, item_table, mu, splits.eval, info.rating_min,
                          info.rating_max)
+    logger.info('trained model: eval RMSE %.4f', trained_eval)
     clock['last'] = time.perf_counter()
     posterior.average(
         user_table, item_table, mu, train.user.numpy(), train.item.numpy(),

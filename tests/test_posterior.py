@@ -449,10 +449,8 @@ def _statistics() -> dict[int, float | None]:
         state = chain()
         batches = posterior.BatchMeans(len(target))
         batches.restore(state.batches)
-        variance = batches.variance()
         if sweep > 5:
-            statistics[sweep - 5] = None if variance is None else variance / (
-                2 * float(np.mean((batches.mean() - target) ** 2)))
+            statistics[sweep - 5] = posterior.mc_error_share(batches, target)
     result = _adaptive(after_sweep=after_sweep, mc_error=0.0)
     assert result.stopped_by == 'cap' and result.mc_error_level == 0.0
     return statistics
