@@ -202,8 +202,10 @@ class TrainConfig:
         trained (MAP) model as it is.
       posterior_mc_error: the chain stops at the first kept sweep (from
         posterior_min_samples on) where the Monte Carlo error's estimated
-        share of the validation RMSE is at most this (0.001: 0.1%); 0 runs
-        all posterior_samples.
+        share of the validation RMSE is at most this (0.001: 0.1%); 0 (the
+        default) runs all posterior_samples.  Trust it from the trained model's
+        start (posterior_start_scale 1): from shrunk factors the chain can sit
+        on a plateau before it climbs, which no rule can see coming.
       posterior_min_samples: the fewest sweeps averaged when the rule stops
         the chain.
       posterior_start_scale: the chain starts from the trained factors times
@@ -295,7 +297,7 @@ class TrainConfig:
     implicit_l2: float | None = None
     posterior_samples: int = 100
     posterior_burn_in: int = 20
-    posterior_mc_error: float = 0.001
+    posterior_mc_error: float = 0.0
     posterior_min_samples: int = 20
     posterior_start_scale: float = 0.3
     posterior_noise: str = POSTERIOR_NOISE_MODELS[0]
@@ -565,8 +567,8 @@ def _add_posterior_flags(group: argparse._ArgumentGroup) -> None:
     add('--posterior-mc-error', default=TrainConfig.posterior_mc_error,
         type=_bounded(float, '--posterior-mc-error', 0, 1),
         help="stop averaging once the Monte Carlo error's estimated share of the "
-             'validation RMSE is at most this (0.001: 0.1%%); 0: run all '
-             '--posterior-samples')
+             'validation RMSE is at most this, e.g. 0.001 (0.1%%) with '
+             '--posterior-start-scale 1; 0 (default): run all --posterior-samples')
     add('--posterior-min-samples', default=TrainConfig.posterior_min_samples,
         type=_bounded(int, '--posterior-min-samples', 1, 100_000),
         help='the fewest sweeps averaged when --posterior-mc-error stops the chain')
