@@ -97,7 +97,12 @@ fit, which costs RMSE in proportion to the move, not its square: so V_n is
 replaced by how much better the last half of the kept sweeps alone fits the
 sample than all of them, when that is larger (`mc_error_share`).  Large data pin the
 posterior down, the draws vary little, and the rule stops sooner; no count
-is tuned per size.  `samples` is the cap.
+is tuned per size.  `samples` is the cap.  The rule reads the chain's past:
+a chain that sits on a plateau before it climbs (from the default shrunk
+start at 5M, for 40 sweeps) looks settled, so the trainer leaves the rule
+off unless asked, and it is meant for a chain started from the trained
+model itself (start_scale 1), which settles within a few sweeps
+(docs/performance.md#how-many-sweeps).
 
 After each sweep `average` can hand its caller the chain's state
 (`ChainState`: the rows, precisions, noise factors, the generator's state and
@@ -145,7 +150,7 @@ PRIOR_RATE = 1.0
 # at 100k and 0.8455 at 1M, still ahead of the mode's start.  Those figures
 # are of one noise level; with a level per user and movie, on ml-25m-shaped
 # data, the mode's start (1) scored better and settled sooner from 1M on and
-# worse at 100k (docs/performance.md#posterior-averaging).  `average`'s
+# worse at 100k (docs/performance.md#how-many-sweeps).  `average`'s
 # start_scale (--posterior-start-scale) overrides it.
 START_FACTOR_SCALE = 0.3
 # The running average of the factor products is recompressed when it has
