@@ -111,8 +111,18 @@ def _selection_line(metrics: dict) -> str:
 def _posterior_line(posterior: dict) -> str:
     noise = ('a noise level per user and per movie' if posterior.get('noise') == 'user-movie'
              else 'one noise level')
+    stop, error = '', posterior.get('mc_error')
+    if error is not None:
+        share = f'Monte Carlo error {100 * error:.3g}% of the validation RMSE'
+        level = posterior.get('mc_error_level') or 0.0
+        if posterior.get('stopped_by') == 'mc_error':
+            stop = f'stopped at {share}, level {100 * level:.3g}%; '
+        elif level:
+            stop = f'the cap, {share} against a level of {100 * level:.3g}%; '
+        else:
+            stop = f'{share}; '
     return (f'  then its posterior mean: {posterior["samples"]} Gibbs sweeps after '
-            f'{posterior["burn_in"]} burn-in, {noise} ({posterior["seconds"]:.1f} s); '
+            f'{posterior["burn_in"]} burn-in, {noise} ({stop}{posterior["seconds"]:.1f} s); '
             f'the trained model alone scored eval RMSE {posterior["before"]["eval_rmse"]:.4f}')
 
 

@@ -614,14 +614,15 @@ def _train_loaded(config: TrainConfig, info: features.DatasetInfo, sizes: tuple[
         prior_mean = (final_phase.state.model.implicit_offsets().numpy()
                       if config.implicit_feedback else None)
         with phases.phase('posterior'):
-            posterior = _average_posterior(config, final_model, final_fit, prior_mean)
+            posterior = _average_posterior(config, final_model, final_fit, prior_mean,
+                                           splits.validation)
             trained, final = final, final_metrics()
         posterior['before'] = dataclasses.asdict(trained)
         validation = ('' if math.isnan(final.validation_rmse) else
                       f'validation RMSE {final.validation_rmse:.4f} (trained model '
                       f'{trained.validation_rmse:.4f}), ')
         logger.info('Posterior mean of %d sweeps: %seval RMSE %.4f (trained model %.4f), '
-                    '%.1f s', config.posterior_samples, validation, final.eval_rmse,
+                    '%.1f s', posterior['samples'], validation, final.eval_rmse,
                     trained.eval_rmse, posterior['seconds'])
     return TrainResult(
         model=final_model, history=history, initial_epoch=initial_epoch,
@@ -637,8 +638,10 @@ def _train_loaded(config: TrainConfig, info: features.DatasetInfo, sizes: tuple[
 
 def _average_posterior(config: TrainConfig, model: model_lib.MatrixFactorization,
                        ratings: data.Ratings,
-                       user_prior_mean: Any = None) -> dict[str, Any]:
-    """Replaces the model's tables by their posterior mean given ratings.
+                       user_prior_mean: Any = None,
+                       validation: data.Ratings | None = None) -> dict[str, Any]:
+    """Replaces the model's tables by their posterior mean given ratings
+    (the chain stops by its rule on the validation ratings).
 
     The chain is checkpointed (`state.save_chain`) every
     CHAIN_CHECKPOINT_SECONDS and at SIGTERM, and resumed from its checkpoint.
@@ -648,12 +651,12 @@ def _average_posterior(config: TrainConfig, model: model_lib.MatrixFactorization
         config.resume_checkpoint_dir or config.checkpoint_dir))
     saved = {'at': time.monotonic(), 'seconds': 0.0}
 
-    def after_sweep(sweep: int, chain: Callable[[], posterior_lib.ChainState]) -> None:
+    def after_sweep(sweep: int, chain: Callable[[], posterior_lib.ChainState],
+                    last: bool) -> None:
         since = time.monotonic() - saved['at']
         # The last sweep too: a run stopped later (in the top-N search) keeps the chain.
         due = (since >= max(state_lib.CHAIN_CHECKPOINT_SECONDS,
-                            saved['seconds'] / state_lib.CHAIN_CHECKPOINT_SHARE)
-               or sweep == config.posterior_burn_in + config.posterior_samples)
+                            saved['seconds'] / state_lib.CHAIN_CHECKPOINT_SHARE) or last)
         if due or shutdown.requested():
             started = time.monotonic()
             state_lib.save_chain(path, chain())
@@ -666,13 +669,23 @@ def _average_posterior(config: TrainConfig, model: model_lib.MatrixFactorization
         ratings.rating.numpy(), samples=config.posterior_samples,
         burn_in=config.posterior_burn_in, seed=config.seed,
         kernel=config.training_kernel, user_prior_mean=user_prior_mean,
-        noise=config.posterior_noise, resume=resume, after_sweep=after_sweep)
+        noise=config.posterior_noise, resume=resume, after_sweep=after_sweep,
+        validation=(None if validation is None or not len(validation) else
+                    (validation.user.numpy(), validation.item.numpy(),
+                     validation.rating.numpy())),
+        mc_error=config.posterior_mc_error, min_samples=config.posterior_min_samples,
+        start_scale=config.posterior_start_scale)
     model.user_embedding.assign(result.user_table)
     model.item_embedding.assign(result.item_table)
     return {'samples': result.samples, 'burn_in': result.burn_in,
             'seconds': result.seconds, 'kernel': result.kernel,
             'noise_std': result.noise_std, 'ratings': len(ratings), 'noise': result.noise,
-            'noise_shapes': result.noise_shapes}
+            'noise_shapes': result.noise_shapes, 'max_samples': config.posterior_samples,
+            'min_samples': config.posterior_min_samples, 'stopped_by': result.stopped_by,
+            'mc_error': result.mc_error, 'mc_error_level': result.mc_error_level,
+            'mc_validation_ratings': result.validation_sample,
+            'autocorrelation': result.autocorrelation,
+            'start_scale': config.posterior_start_scale}
 
 
 def _keep_best(config: TrainConfig, state: state_lib.State,
