@@ -5,11 +5,10 @@ about 45 small kernels, and on a CPU scheduling them costs more than their
 arithmetic.  The op (`trainer/ops/fused_epoch.cc`, built and loaded by
 `trainer.ops.kernels`) runs a whole epoch of the same computation (the
 objective and gradient of `model.loss_and_gradients`, the lazy Adam of
-`optimizers.Adam`) on `threads` threads.  It reads the ratings through the
-epoch's order (`epoch_order`, the permutation `data.shuffle` applies) instead
-of shuffled copies of the columns.  `make_scorer` scores ratings with
-`score_ratings.cc`, and `epoch_order` draws the permutation with
-`shuffle_order.cc`.
+`optimizers.Adam`) on `threads` threads.  It takes the ratings as they are
+held and the epoch's order (`epoch_order`, the permutation `data.shuffle`
+applies, drawn by `shuffle_order.cc`) and copies the columns into that order
+itself.  `make_scorer` scores ratings with `score_ratings.cc`.
 """
 
 from __future__ import annotations
@@ -69,7 +68,6 @@ def make_epoch(model: model_lib.MatrixFactorization, optimizer: optimizers.Adam,
 
     train_epoch.reads_order = True  # `train._run_epoch` passes the permutation
     return train_epoch
-
 
 
 def epoch_order(size: int, seed: int) -> tf.Tensor:

@@ -23,9 +23,9 @@ measured before each update (free to compute; Keras reports the same); after
 each epoch the validation slice and the eval split are scored, with
 predictions clipped to the rating scale, as served (by a C++ op where the
 fused epoch's library builds and the model has no implicit-feedback term:
-`make_scorer`).  Validation is scored in
-full (it steers early stopping, and a sample of it moved the chosen epoch on
-small data: docs/performance.md); the eval split, only reported, on a fixed
+`make_scorer`).  Validation is scored in full (it steers early stopping,
+and a sample of it moved the chosen epoch on small data:
+docs/performance.md); the eval split, only reported, on a fixed
 seeded sample of at most --epoch-eval-ratings ratings (500,000: standard
 error of the sampled RMSE about RMSE / sqrt(2 x 500,000), 0.0009 at 0.88),
 keyed by the split seed, so every epoch and every run of a split scores the
@@ -507,9 +507,10 @@ def _start_phase(config: TrainConfig, info: features.DatasetInfo,
 def _run_epoch(phase: _Phase, fit: data.Ratings, number: int) -> dict[str, float]:
     """Trains one epoch on a seeded shuffle of fit; returns its running metrics.
 
-    The fused epoch reads fit through the shuffle's permutation
-    (`fused.epoch_order`, the one `data.shuffle` applies); the TensorFlow
-    form trains on the shuffled copy.
+    The fused epoch takes fit and the shuffle's permutation
+    (`fused.epoch_order`, the one `data.shuffle` applies) and copies the
+    columns into that order itself; the TensorFlow form trains on
+    `data.shuffle`'s copy.
     """
     seed = data.epoch_seed(phase.config.seed, number)
     phase.state.optimizer.learning_rate.assign(
