@@ -4,7 +4,9 @@ The train split is loaded into memory once (`trainer.data`); a seeded share
 of it (`--validation-percent`) is set aside as the validation slice, the
 rest is what the model is fitted on.  By default (`--training-kernel auto`)
 one epoch over a seeded permutation of the fit ratings is one call of the
-fused C++ op (`trainer.ops.kernels`) where it applies: one replica, Adam.  Its
+fused C++ op (`trainer.ops.kernels`) where it applies: one replica, Adam; it
+takes the fit columns and the permutation (`fused.epoch_order`, the one
+`data.shuffle` applies) and copies the columns into that order itself.  Its
 TensorFlow form, which it matches to float32 rounding and which runs
 everywhere else, is one `tf.function` call: a `tf.range` loop slices each
 global batch, every replica takes its contiguous part of it, computes the
@@ -19,9 +21,11 @@ gradient of the mean over the global batch, exactly.
 The loss log's train columns are the running error of the epoch's batches,
 measured before each update (free to compute; Keras reports the same); after
 each epoch the validation slice and the eval split are scored, with
-predictions clipped to the rating scale, as served.  Validation is scored in
-full (it steers early stopping, and a sample of it moved the chosen epoch on
-small data: docs/performance.md); the eval split, only reported, on a fixed
+predictions clipped to the rating scale, as served (by a C++ op where the
+fused epoch's library builds and the model has no implicit-feedback term:
+`make_scorer`).  Validation is scored in full (it steers early stopping,
+and a sample of it moved the chosen epoch on small data:
+docs/performance.md); the eval split, only reported, on a fixed
 seeded sample of at most --epoch-eval-ratings ratings (500,000: standard
 error of the sampled RMSE about RMSE / sqrt(2 x 500,000), 0.0009 at 0.88),
 keyed by the split seed, so every epoch and every run of a split scores the
@@ -335,13 +339,32 @@ def choose_train_epoch(config: TrainConfig, strategy: tf.distribute.Strategy,
 
 
 def make_scorer(model: model_lib.MatrixFactorization, rating_min: float,
-                rating_max: float, chunk_size: int
+                rating_max: float, chunk_size: int, kernel: str = 'tf'
                 ) -> Callable[[data.Ratings], dict[str, float]]:
     """Builds Ratings -> {mse, rmse, mae} of predictions clipped to the scale.
 
     Scores on the calling worker alone (every worker holds every rating, so
     all compute the same numbers without a collective); NaN for no ratings.
+    With kernel 'auto' or 'fused' (--training-kernel) a plain model held in
+    plain variables is scored by the C++ op (`fused.make_scorer`: the rows
+    read in place, two threads), where it builds; otherwise, and with 'tf',
+    by TensorFlow ops in chunks of chunk_size ratings.  The two agree to
+    float32 rounding of each prediction.
     """
+    if (kernel != 'tf' and not model.implicit_feedback
+            and not isinstance(model.user_embedding, tf.distribute.DistributedValues)):
+        try:
+            fused_sums = fused.make_scorer(model, rating_min, rating_max)
+        except kernels.KernelUnavailable:
+            pass  # the epoch said why, if it was to be fused
+        else:
+            def fused_score(ratings: data.Ratings) -> dict[str, float]:
+                if len(ratings) == 0:
+                    return _metrics(math.nan, math.nan, 0)
+                squared, absolute = fused_sums(ratings.user, ratings.item,
+                                               ratings.rating).numpy()
+                return _metrics(float(squared), float(absolute), len(ratings))
+            return fused_score
 
     @tf.function
     def error_sums(user, item, rating) -> tf.Tensor:
@@ -477,19 +500,30 @@ def _start_phase(config: TrainConfig, info: features.DatasetInfo,
         model_lib.penalty_weights(config.num_factors, config.l2, config.l2_bias),
         info.rating_min, info.rating_max)
     score = make_scorer(state.model, info.rating_min, info.rating_max,
-                        config.eval_batch_size)
+                        config.eval_batch_size, config.training_kernel)
     return _Phase(config, state, train_epoch, score, user_weights, item_weights)
 
 
 def _run_epoch(phase: _Phase, fit: data.Ratings, number: int) -> dict[str, float]:
-    """Trains one epoch on a seeded shuffle of fit; returns its running metrics."""
-    shuffled = data.shuffle(fit, data.epoch_seed(phase.config.seed, number))
+    """Trains one epoch on a seeded shuffle of fit; returns its running metrics.
+
+    The fused epoch takes fit and the shuffle's permutation
+    (`fused.epoch_order`, the one `data.shuffle` applies) and copies the
+    columns into that order itself; the TensorFlow form trains on
+    `data.shuffle`'s copy.
+    """
+    seed = data.epoch_seed(phase.config.seed, number)
     phase.state.optimizer.learning_rate.assign(
         phase.config.learning_rate * phase.config.learning_rate_decay ** (number - 1))
+    if getattr(phase.train_epoch, 'reads_order', False):
+        columns = (fit.user, fit.item, fit.rating)
+        order = {'order': fused.epoch_order(len(fit), seed)}
+    else:
+        shuffled = data.shuffle(fit, seed)
+        columns, order = (shuffled.user, shuffled.item, shuffled.rating), {}
     start = time.perf_counter()
     objective, count, squared, absolute = phase.train_epoch(
-        shuffled.user, shuffled.item, shuffled.rating, phase.user_weights,
-        phase.item_weights).numpy()
+        *columns, phase.user_weights, phase.item_weights, **order).numpy()
     seconds = time.perf_counter() - start
     phase.train_seconds += seconds
     phase.ratings += int(count)
@@ -598,7 +632,7 @@ def _train_loaded(config: TrainConfig, info: features.DatasetInfo, sizes: tuple[
     final_score = final_phase.score
     if final_model is not final_phase.state.model:
         final_score = make_scorer(final_model, info.rating_min, info.rating_max,
-                                  config.eval_batch_size)
+                                  config.eval_batch_size, config.training_kernel)
 
     def final_metrics() -> EpochMetrics:
         return _epoch_metrics(
