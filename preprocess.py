@@ -28,7 +28,7 @@ the `trainer` package, so that Dataflow workers can import them:
   transformed/rejected/, never dropped silently.
 - trainer/pipeline/deduplication.py: a (user, movie) pair rated more than once keeps
   its latest rating (`DeduplicateRatings`); the others are rejected as
-  duplicate_rating.  A first, light pass over the file finds the pairs seen
+  duplicate_rating.  A first, light pass over the file (ids only) finds the pairs seen
   more than once (`FindRepeatedPairs`), so only their rows are grouped.
 - trainer/pipeline/hash_split.py: the train/eval split is a keyed 64-bit hash of
   (seed, user, movie), so the same input gives the same split on every run
@@ -120,7 +120,8 @@ from trainer.pipeline.deduplication import FindRepeatedPairs  # noqa: E402
 from trainer.pipeline.deduplication import SeparateRepeatedPairs  # noqa: E402
 from trainer.pipeline.examples import TransformRatings  # noqa: E402
 from trainer.pipeline.hash_split import SplitRatings  # noqa: E402
-from trainer.pipeline.rating_reader import ParseRatings, ReadRatings, SumStatsFn  # noqa: E402
+from trainer.pipeline.rating_reader import ParseRatings, ReadIdPairs, ReadRatings  # noqa: E402
+from trainer.pipeline.rating_reader import SumStatsFn  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -144,10 +145,10 @@ def read_ratings(p: beam.Pipeline, path: str, layout: features.DatasetLayout,
                  header_lines: int) -> tuple[Any, Any]:
     """Reads the ratings file twice: once for the rows, once for the repeated pairs.
 
-    The second pass keeps 8 bytes a row (`FindRepeatedPairs`), so only the
-    rows of repeated pairs go through the duplicate check's shuffle with
-    their lines: reading and parsing again costs less memory than shuffling
-    every row (the local runner holds a shuffle's input until the job ends).
+    The second pass parses only the ids (`ReadIdPairs`) and keeps 8 bytes a
+    row (`FindRepeatedPairs`), so only the rows of repeated pairs go through
+    the duplicate check's shuffle with their lines: reading again costs less
+    memory than shuffling every row (the local runner holds a shuffle's input until the job ends).
     Each pass plans its own ranges: were they shared, the runner could not
     fuse the first pass with the step that waits for the second (the side
     input), and would hold every parsed row in memory in between.
@@ -157,8 +158,8 @@ def read_ratings(p: beam.Pipeline, path: str, layout: features.DatasetLayout,
     """
     parsed = (p | 'PlanRanges' >> blockio.PlanLineRanges(path, header_lines)
               | 'ReadRatings' >> ReadRatings(path, layout))
-    repeated = ((p | 'PlanRangesForPairs' >> blockio.PlanLineRanges(path, header_lines)
-                 | 'ReadRatingsForPairs' >> ReadRatings(path, layout))[ParseRatings.VALID]
+    repeated = (p | 'PlanRangesForPairs' >> blockio.PlanLineRanges(path, header_lines)
+                | 'ReadIdPairs' >> ReadIdPairs(path, layout)
                 | 'FindRepeatedPairs' >> FindRepeatedPairs())
     return parsed, repeated
 
