@@ -268,7 +268,7 @@ def frame_tfrecords(records: Sequence[bytes] | pa.Array) -> bytes:
         _fixed_width_binary(footers.tobytes(), 4, count), pa.scalar(b'', pa.large_binary()))
     offsets = np.frombuffer(framed.buffers()[1], dtype=np.int64, count=count + 1,
                             offset=framed.offset * 8)
-    return framed.buffers()[2].to_pybytes()[offsets[0]:offsets[-1]]
+    return framed.buffers()[2][int(offsets[0]):int(offsets[-1])].to_pybytes()  # one copy
 
 
 def _fixed_width_binary(data: bytes, width: int, count: int) -> pa.LargeBinaryArray:
