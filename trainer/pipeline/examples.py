@@ -6,9 +6,8 @@ description), the TFT `preprocessing_fn` (id vocabularies learnt on train
 only; ids unseen in training go to one OOV bucket) and `TransformRatings`,
 which analyses train, transforms both splits and encodes each transformed
 RecordBatch as one Arrow array of serialized tf.Examples (`encode_examples`:
-column-wise with numpy and one Arrow gather, about 10x less CPU than
-tfx_bsl's per-example encoder, which it falls back to for shapes it does not
-handle): no element and no Python object is made per example.  TensorFlow,
+column-wise with numpy and one Arrow gather, instead of tfx_bsl's
+per-example encoder, which it falls back to for shapes it does not handle): no element and no Python object is made per example.  TensorFlow,
 TFT and tfx_bsl are imported where they are used.
 This module lives in `trainer` so that Dataflow workers, which install the
 package, can import it.
