@@ -129,7 +129,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_RUNNER = 'FnApiRunner'
 
 # Rows per RecordBatch after the duplicate check, the batches TFT analyses and
-# transforms (a block of the file is at most ~2.7M rows, so in practice one
+# transforms (a block of the file is at most ~0.9M rows, so in practice one
 # batch per block).  Large, because TFT's vocabulary analyser emits one Python
 # element per distinct id per batch (see `examples.preprocessing_fn`), and
 # pays a TF call and conversions per batch.  TFT's desired_batch_size only
