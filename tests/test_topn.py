@@ -25,7 +25,7 @@ from trainer.history import ResumeError
 from trainer.ops import kernels
 from trainer.pipeline import synthetic
 from trainer.rating.train import Splits
-from trainer.topn import ranking, train as topn_train
+from trainer.topn import ials, ranking, train as topn_train
 
 PLANTED = synthetic.SyntheticConfig(num_users=400, num_movies=800, num_ratings=25_000,
                                     seed=5)
@@ -238,3 +238,38 @@ def test_early_stopping_on_a_validation_sample_picks_the_full_validations_iterat
         assert sampled.iterations == full.iterations
         assert sampled.best_validation_ndcg != pytest.approx(full.best_validation_ndcg,
                                                              abs=1e-6)
+
+
+@pytest.mark.parametrize('factors', [16, 5])  # an unrolled width, and the generic one
+def test_the_objective_from_the_cpp_half_step_is_the_direct_sum(splits, tmp_path, factors):
+    """topn_log.csv's objective, its rated part summed inside the C++ op, against the
+    dense sum over every user x movie cell of the objective in ials.py."""
+    try:
+        kernels.load()
+    except kernels.KernelUnavailable as error:
+        pytest.skip(f'no C++ ops here: {error}')
+    config = dataclasses.replace(
+        _config(tmp_path, topn_factors=factors, topn_confidence=1.0, topn_target='rating',
+                topn_l2_exponent=1.0),
+        topn_l2=0.5, topn_unobserved_weight=0.3)
+    iterator = topn_train._Iterator(config, splits.fit, ROWS)
+    state = topn_train._fresh(config, 'search', ROWS)
+    for _ in range(2):
+        iterator.step(state)
+        fast = iterator.objective(state)
+        assert iterator._rated_loss[2] is not None  # the op's sum, not a pass over the pairs
+        p = state.user_factors.astype(np.float64)
+        q = state.item_factors.astype(np.float64)
+        users, items = splits.fit.user.numpy(), splits.fit.item.numpy()
+        ratings = splits.fit.rating.numpy()
+        weight, target = ials.preference(ratings), ials.preference(ratings)
+        scores = p @ q.T
+        rated = np.sum(weight * (target - scores[users, items]) ** 2)
+        user_l2 = 0.5 * (np.bincount(users, minlength=ROWS[0]) + 0.3 * PLANTED.num_movies)
+        item_l2 = 0.5 * (np.bincount(items, minlength=ROWS[1]) + 0.3 * PLANTED.num_users)
+        direct = (rated + 0.3 * np.sum(scores ** 2) + np.sum(user_l2 * np.sum(p * p, 1))
+                  + np.sum(item_l2 * np.sum(q * q, 1)))
+        assert fast == pytest.approx(direct, rel=1e-5)
+        # and as the pass over the pairs computes it (the TensorFlow fallback's way)
+        iterator._rated_loss = None
+        assert iterator.objective(state) == pytest.approx(fast, rel=1e-5)

@@ -190,13 +190,18 @@ class _Iterator:
         self.user_rated = np.bincount(users, minlength=shape[0])[:, None] > 0
         self.item_rated = np.bincount(items, minlength=shape[1])[:, None] > 0
         self.ops = _solver_ops(config)
+        # (user factors, movie factors, their rated loss or None) after the last step.
+        self._rated_loss: tuple[np.ndarray, np.ndarray, float | None] | None = None
         if self.ops is not None:
             self.sides = (_Side.group(users, items, weight, target, shape[0]),
                           _Side.group(items, users, weight, target, shape[1]))
 
-    def _solve(self, side: int, solved: np.ndarray, fixed: np.ndarray) -> np.ndarray:
+    def _solve(self, side: int, solved: np.ndarray, fixed: np.ndarray,
+               with_loss: bool = False) -> tuple[np.ndarray, float | None]:
+        """The side's new factors, and with_loss (C++ op only) their rated loss."""
         config = self.config
         l2 = (self.user_l2, self.item_l2)[side]
+        rated_loss = None
         if self.ops is None:
             rows, columns = (self.users, self.items) if side == 0 else (self.items, self.users)
             out = ials.half_step(tf.constant(solved), tf.constant(fixed), rows, columns,
@@ -205,26 +210,40 @@ class _Iterator:
         else:
             pairs = self.sides[side]
             gram = config.topn_unobserved_weight * (fixed.T.astype(np.float64) @ fixed)
-            out = self.ops.implicit_als_solve_rows(
+            out, loss = self.ops.implicit_als_solve_rows(
                 offsets=pairs.offsets, other=pairs.other, weight=pairs.weight,
                 target=pairs.target, other_table=fixed, gram=gram.astype(np.float32),
                 l2=l2, start=solved, cg_steps=config.topn_cg_steps,
-                threads=kernels.default_threads()).numpy()
+                threads=kernels.default_threads(), with_loss=with_loss)
+            out = out.numpy()
+            if with_loss:
+                rated_loss = float(np.sum(loss.numpy()))
         rated = self.user_rated if side == 0 else self.item_rated
-        return np.where(rated, out, 0.0).astype(np.float32)
+        # (rows without rated pairs add nothing to the loss, zeroed or not)
+        return np.where(rated, out, 0.0).astype(np.float32), rated_loss
 
     def step(self, state: _State) -> float:
         started = time.perf_counter()
-        state.user_factors = self._solve(0, state.user_factors, state.item_factors)
-        state.item_factors = self._solve(1, state.item_factors, state.user_factors)
+        state.user_factors, _ = self._solve(0, state.user_factors, state.item_factors)
+        state.item_factors, rated_loss = self._solve(1, state.item_factors, state.user_factors,
+                                                     with_loss=True)
         state.iteration += 1
+        self._rated_loss = (state.user_factors, state.item_factors, rated_loss)
         return time.perf_counter() - started
 
     def objective(self, state: _State) -> float:
+        """L of the state's factors (`ials.py`): its rated part from the last step's
+        C++ half-step where that solved these factors, else by a pass over the pairs."""
+        user_l2, item_l2 = self.user_l2.numpy(), self.item_l2.numpy()
+        alpha0 = self.config.topn_unobserved_weight
+        last = self._rated_loss
+        if (last is not None and last[2] is not None and last[0] is state.user_factors
+                and last[1] is state.item_factors):
+            return ials.objective_from_rated(last[2], state.user_factors, state.item_factors,
+                                             user_l2, item_l2, alpha0)
         return ials.objective(state.user_factors, state.item_factors, self.users.numpy(),
                               self.items.numpy(), self.weight.numpy(), self.target.numpy(),
-                              self.user_l2.numpy(), self.item_l2.numpy(),
-                              self.config.topn_unobserved_weight)
+                              user_l2, item_l2, alpha0)
 
 
 def _solver_ops(config: TrainConfig):
