@@ -17,7 +17,9 @@
 // bit-identical for any `threads`.
 //
 // The pairs come grouped by row: those of row e are positions
-// offsets[e] .. offsets[e + 1] - 1 of `other`, `weight` and `target`.
+// offsets[e] .. offsets[e + 1] - 1 of `other`, `weight` and `target`.  A row
+// without pairs solves to 0 at once (its exact optimum: b = 0), so rows the
+// data leaves empty (a sample of the users, OOV rows) cost nothing.
 //
 // With `with_loss`, the op also returns each row's rated loss at its new
 // value, sum_n c_n (t_n - y_n . x)^2 (the dot in float32 as the scores are,
@@ -127,14 +129,19 @@ struct Solve {
   __attribute__((always_inline)) inline void Row(int64_t e, std::vector<float>* scratch,
                                                  std::vector<float>* gathered) const {
     const int64_t w = kWidth > 0 ? kWidth : width;
+    const int64_t first = offsets[e];
+    const int64_t count = offsets[e + 1] - first;
+    if (count == 0) {  // b = 0 and A is positive definite: the row's optimum is 0
+      for (int64_t i = 0; i < w; ++i) solved[e * w + i] = 0.0f;
+      if (loss != nullptr) loss[e] = 0.0;
+      return;
+    }
     scratch->assign(4 * w, 0.0f);
     float* x = scratch->data();
     float* r = x + w;
     float* p = r + w;
     float* ap = p + w;
     for (int64_t i = 0; i < w; ++i) x[i] = start[e * w + i];
-    const int64_t first = offsets[e];
-    const int64_t count = offsets[e + 1] - first;
     if (static_cast<int64_t>(gathered->size()) < count * w) gathered->resize(count * w);
     float* ys = gathered->data();
     for (int64_t n = 0; n < count; ++n) {  // gather the y_n; r = b

@@ -28,9 +28,14 @@ EASE is left out of the search past EASE_MAX_WORK ratings x movies in its
 Gram matrix (ml-25m), said in one line.
 
 The budget (`default_budget`) grows with the data: 30 s at 100k ratings, 53
-at 1M, 120 at 25M.  The slice is ranked on a seeded sample of at most
-SEARCH_USERS users and SEARCH_CELLS users x movies.  The points and their
-order are fixed by the seed;
+at 1M.  Past SEARCH_RATINGS (1M) fit ratings every point is fitted on a
+seeded sample of the users holding about that many (`user_sample`; each
+movie's ridge scaled to the share kept, `topn_train.UserSample`), so the
+search costs and is allowed what it is at 1M: 53 s at 5M and 25M; the
+chosen iALS point's iterations are then chosen again on all users, by the
+caller's run with validation (`refit_config`).  The slice is ranked on a
+seeded sample of at most SEARCH_USERS users and SEARCH_CELLS users x movies.
+The points, their order and the users sampled are fixed by the seed;
 a stage stops early only when the clock runs out (logged; each stage's
 first point runs in any case), so two runs agree whenever both finish
 their trials within the budget.  A best value at
@@ -40,6 +45,7 @@ result (`on_edge`).  The caller refits the best point on all of train.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -62,8 +68,12 @@ from trainer.topn import train as topn_train
 
 logger = logging.getLogger(__name__)
 
-# 30 s at 100k train ratings, x (ratings / 100k)^BUDGET_EXPONENT.
+# 30 s at 100k train ratings, x (ratings / 100k)^BUDGET_EXPONENT, up to SEARCH_RATINGS.
 BUDGET_SECONDS, BUDGET_RATINGS, BUDGET_EXPONENT = 30.0, 100_000, 0.25
+# Past this many fit ratings the search fits a seeded sample of the users
+# holding about this many (`user_sample`), so its cost, and its budget, stop
+# growing with the data: 53 s from 1M ratings on.
+SEARCH_RATINGS = 1_000_000
 # Validation users ranked per search point at most (a seeded sample past it).
 SEARCH_USERS = 5_000
 # ... and at most this many users x movies (40M: 320 MB per float64 score matrix).
@@ -85,12 +95,40 @@ EASE_SHARE = 0.35
 CLEAR_MARGIN = 2.0
 BLENDS = (0.0, 1.0, 0.15, 0.3, 0.5, 0.7, 0.85)
 LIKE_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0)
-_POINT_STREAM = 0x7E5C
+_POINT_STREAM, _SAMPLE_STREAM = 0x7E5C, 0x7E5D
 
 
 def default_budget(train_ratings: int) -> float:
-    """The search's seconds: BUDGET_SECONDS at BUDGET_RATINGS, growing as a power."""
-    return BUDGET_SECONDS * max(train_ratings / BUDGET_RATINGS, 1e-3) ** BUDGET_EXPONENT
+    """The search's seconds: BUDGET_SECONDS at BUDGET_RATINGS, growing as a power up to
+    SEARCH_RATINGS (past it the search fits a sample of that size)."""
+    ratings = min(train_ratings, SEARCH_RATINGS)
+    return BUDGET_SECONDS * max(ratings / BUDGET_RATINGS, 1e-3) ** BUDGET_EXPONENT
+
+
+def user_sample(fit: data.Ratings, validation: data.Ratings, num_users: int, num_items: int,
+                seed: int) -> tuple[data.Ratings, data.Ratings, topn_train.UserSample] | None:
+    """The fit and validation ratings of a seeded sample of users holding about
+    SEARCH_RATINGS fit ratings, and the sample's share (`topn_train.UserSample`);
+    None when fit holds no more than that.
+
+    Every user is kept with probability SEARCH_RATINGS / fit ratings, drawn from
+    the split seed: the same users in every run with that seed.  Indices stay
+    the vocabulary's (rows of users left out are empty and cost the solves
+    nothing), so the rating model's like term scores the same users.
+    """
+    if len(fit) <= SEARCH_RATINGS:
+        return None
+    share = SEARCH_RATINGS / len(fit)
+    kept = np.random.default_rng([seed, _SAMPLE_STREAM]).random(num_users) < share
+
+    def restrict(ratings: data.Ratings) -> data.Ratings:
+        users = ratings.user.numpy()
+        mask = kept[np.minimum(users, num_users - 1)] & (users < num_users)
+        return data.Ratings(*(tf.constant(column.numpy()[mask]) for column in
+                              (ratings.user, ratings.item, ratings.rating)))
+
+    item_counts = np.bincount(fit.item.numpy(), minlength=num_items + features.NUM_OOV_BUCKETS)
+    return restrict(fit), restrict(validation), topn_train.UserSample(share, item_counts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +150,10 @@ class SearchResult:
         CLEAR_MARGIN standard errors, so the flags' point was kept.
       seconds, budget: spent and allowed.
       users: validation users ranked per point.
+      sample: past SEARCH_RATINGS fit ratings, the users the points were fitted
+        on, {users, of_users, fit_ratings, of_fit_ratings} (`user_sample`); the
+        chosen iALS point's iterations are then chosen again on all users.
+      validation_seconds: of `seconds`, those spent ranking the slice.
     """
     family: str
     blend: float
@@ -126,6 +168,8 @@ class SearchResult:
     seconds: float
     budget: float
     users: int
+    sample: dict[str, int] | None = None
+    validation_seconds: float = 0.0
 
     def record(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -156,11 +200,14 @@ class _Slice:
     rating model's log P(rating >= 4): each point's scores are ranked in numpy.
 
     Ranks at most SEARCH_CELLS users x movies (a seeded sample of users past it).
+    `seconds` counts the time spent setting up, scoring and ranking the slice
+    (the trials' own validation is counted apart).
     """
 
     def __init__(self, fit: data.Ratings, validation: data.Ratings, num_users: int,
                  num_items: int, max_users: int, seed: int, rating_model=None,
                  like: ranking.LikeTerm | None = None) -> None:
+        started = time.perf_counter()
         self.num_items = num_items
         cap = max(1, SEARCH_CELLS // max(num_items, 1))
         max_users = min(max_users, cap) if max_users > 0 else cap
@@ -174,20 +221,31 @@ class _Slice:
             z = (ranking.score_items(rating_model, self.judged.users, num_items).numpy()
                  - like.cut) / like.noise
             self.log_liked = np.log(np.maximum(0.5 * _erfc(-z / math.sqrt(2.0)), 1e-12))
+        self.seconds = time.perf_counter() - started
+
+    @contextlib.contextmanager
+    def _timed(self):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - started
 
     def raw(self, scorer) -> np.ndarray:
         """A scorer's [users, movies] scores of the judged users, float64."""
         users = self.judged.users
-        return np.concatenate([np.zeros((0, self.num_items))] + [
-            scorer(tf.constant(users[start:start + 1024], tf.int64)).numpy()
-            for start in range(0, users.size, 1024)]).astype(np.float64)
+        with self._timed():
+            return np.concatenate([np.zeros((0, self.num_items))] + [
+                scorer(tf.constant(users[start:start + 1024], tf.int64)).numpy()
+                for start in range(0, users.size, 1024)]).astype(np.float64)
 
     def served(self, raw: np.ndarray, like_weight: float) -> np.ndarray:
         """lists.ListScorer's per-model score: raw, or its log plus the like term."""
         if not like_weight or self.log_liked is None:
             return raw
-        return (np.log(np.maximum(raw, ranking.TOPN_SCORE_FLOOR))
-                + like_weight * self.log_liked)
+        with self._timed():
+            return (np.log(np.maximum(raw, ranking.TOPN_SCORE_FLOOR))
+                    + like_weight * self.log_liked)
 
     def ndcg(self, scores: np.ndarray) -> float:
         """NDCG@10 of scores [users, movies], fit movies excluded, top-k as `ranking` takes it."""
@@ -196,6 +254,10 @@ class _Slice:
     def user_ndcg(self, scores: np.ndarray) -> np.ndarray:
         """Each judged user's NDCG@10 (users with a relevant movie), as `ranking_metrics`
         averages it."""
+        with self._timed():
+            return self._user_ndcg(scores)
+
+    def _user_ndcg(self, scores: np.ndarray) -> np.ndarray:
         k = min(ranking.TOP_K, self.num_items)
         _, top, valid = ranking.top_k_unseen(tf.constant(scores, tf.float32), self.seen_rows, k)
         top = np.where(valid.numpy(), top.numpy(), -1)
@@ -305,10 +367,13 @@ def ials_config(config: TrainConfig, point: dict[str, Any]) -> TrainConfig:
 
 
 def _ials_trials(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
-                 where: _Slice, likes: tuple[float, ...], table: list, clock: _Clock):
-    """(the best iALS point tried within the budget, the flags' point): _Bests."""
+                 where: _Slice, likes: tuple[float, ...], table: list, clock: _Clock,
+                 sample: topn_train.UserSample | None = None):
+    """(the best iALS point tried within the budget, the flags' point): _Bests; and the
+    seconds the trials spent ranking the slice."""
     rows = tuple(size + features.NUM_OOV_BUCKETS for size in sizes)
     best = first = None
+    validation_seconds = 0.0
     trial_config = dataclasses.replace(config, ranking_users=where.judged.users.size)
     stage_started = clock.spent()
     for number, point in enumerate(_ials_points(config, seed)):
@@ -317,8 +382,9 @@ def _ials_trials(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
                         number, IALS_TRIALS)
             break
         started = time.perf_counter()
-        _, iterations, factors = topn_train.trial(ials_config(trial_config, point), splits.fit,
-                                            splits.validation, rows, seed)
+        _, iterations, factors, ranked = topn_train.trial(
+            ials_config(trial_config, point), splits.fit, splits.validation, rows, seed, sample)
+        validation_seconds += ranked
         raw = where.raw(ranking.factor_scorer(*factors, sizes[1]))
         ndcg, weight = where.best_like(raw, likes)
         point = {**point, 'iterations': iterations}
@@ -332,7 +398,7 @@ def _ials_trials(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
         if best is None or ndcg > best.ndcg:
             best = current
         first = first or current
-    return best, first
+    return best, first, validation_seconds
 
 
 def ials_seconds_left(done: int, spent: float, stage_spent: float, budget: float) -> float:
@@ -437,6 +503,19 @@ def search(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
     budget = config.topn_search_seconds or default_budget(len(splits.train))
     clock = _Clock(budget)
     max_users = min(config.ranking_users or SEARCH_USERS, SEARCH_USERS)
+    sampled = user_sample(splits.fit, splits.validation, *sizes, seed)
+    sample = sample_record = None
+    whole_fit = splits.fit
+    if sampled is not None:
+        splits = dataclasses.replace(splits, fit=sampled[0], validation=sampled[1])
+        sample = sampled[2]
+        sample_record = {'users': int(np.unique(splits.fit.user.numpy()).size),
+                         'of_users': int(np.unique(whole_fit.user.numpy()).size),
+                         'fit_ratings': len(splits.fit), 'of_fit_ratings': len(whole_fit)}
+        logger.info('Top-N search on a seeded sample of %d of %d users (%d of %d fit '
+                    'ratings; past %d the search fits a sample)', sample_record['users'],
+                    sample_record['of_users'], len(splits.fit), len(whole_fit),
+                    SEARCH_RATINGS)
     where = _Slice(splits.fit, splits.validation, *sizes, max_users, seed, rating_model, like)
     likes = LIKE_WEIGHTS if where.log_liked is not None else (0.0,)
     table: list[dict[str, Any]] = []
@@ -444,7 +523,7 @@ def search(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
         config.topn_model,)
     on_edge: list[str] = []
     ease_best = ials_best = seen_values = None
-    left_out = _ease_too_big(config, splits.fit, sizes[1]) if config.topn_model == 'auto' else None
+    left_out = _ease_too_big(config, whole_fit, sizes[1]) if config.topn_model == 'auto' else None
     if left_out:
         logger.info('Top-N search: EASE left out: %s', left_out)
         families = ('ials',)
@@ -454,9 +533,10 @@ def search(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
         if edge:
             on_edge.append(f'EASE lambda {ease_best.settings["lambda"]:g}')
     flags_point = None
+    trials_validation = 0.0
     if 'ials' in families:
-        ials_best, flags_point = _ials_trials(config, splits, sizes, seed, where, likes, table,
-                                              clock)
+        ials_best, flags_point, trials_validation = _ials_trials(config, splits, sizes, seed, where, likes, table,
+                                              clock, sample)
     blends = {'ials': (0.0,), 'ease': (1.0,), 'blend': BLENDS[2:]}.get(
         config.topn_model if len(families) == 2 else families[0], BLENDS)
     chosen = (-math.inf, 0.0, 0.0, None)
@@ -503,11 +583,23 @@ def search(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
         ials=None if family == 'ease' else ials_best.settings,
         validation_ndcg=ndcg, table=tuple(table), on_edge=tuple(on_edge), kept_flags=kept_flags,
         ease_left_out=left_out,
-        seconds=clock.spent(), budget=budget, users=int(where.judged.users.size))
-    logger.info('Top-N search: %s in %.1f s of %.0f s: %d points on %d validation users, '
-                'best validation NDCG@%d %.4f', describe(result), result.seconds, budget,
-                len(table), result.users, ranking.TOP_K, ndcg)
+        seconds=clock.spent(), budget=budget, users=int(where.judged.users.size),
+        sample=sample_record, validation_seconds=where.seconds + trials_validation)
+    logger.info('Top-N search: %s in %.1f s of %.0f s (%.1f s ranking validation): %d points '
+                'on %d validation users, best validation NDCG@%d %.4f', describe(result),
+                result.seconds, budget, result.validation_seconds, len(table), result.users,
+                ranking.TOP_K, ndcg)
     return result
+
+
+def refit_config(config: TrainConfig, result: SearchResult) -> TrainConfig:
+    """The config that trains the chosen iALS point on all of train: its values and
+    its iterations (searched on a sample of the users, --topn-iterations: the
+    iterations on all users are chosen again by validation, as without a search)."""
+    point = ials_config(config, result.ials)
+    if result.sample is not None:
+        return point
+    return dataclasses.replace(point, topn_iterations=max(1, result.ials['iterations']))
 
 
 def describe(result: SearchResult) -> str:
