@@ -273,3 +273,28 @@ def test_the_objective_from_the_cpp_half_step_is_the_direct_sum(splits, tmp_path
         # and as the pass over the pairs computes it (the TensorFlow fallback's way)
         iterator._rated_loss = None
         assert iterator.objective(state) == pytest.approx(fast, rel=1e-5)
+
+
+def test_after_a_search_the_refit_trains_what_the_search_iterations_would_choose(
+        splits, tmp_path):
+    """With the search's trial of the chosen point, train skips the search iterations
+    that would only repeat it: the same refitted factors, the trial's rows in topn_log.csv."""
+    def config(name, **overrides):
+        return _config(tmp_path / name, early_stopping_patience=2, topn_factors=16,
+                       topn_l2=20.0, topn_unobserved_weight=0.5, **overrides)
+    tried = topn_train.trial(config('trial', topn_iterations=8), splits.fit,
+                             splits.validation, ROWS, seed=0)
+    assert 1 <= tried.iteration < len(tried.history) <= 8
+    repeated = topn_train.train(config('repeated', topn_iterations=tried.iteration), splits,
+                                *ROWS, seed=0)
+    searched = topn_train.train(config('searched', topn_iterations=tried.iteration), splits,
+                                *ROWS, seed=0, searched=tried)
+    assert searched.refit and searched.iterations == repeated.iterations == tried.iteration
+    np.testing.assert_array_equal(searched.user_factors, repeated.user_factors)
+    np.testing.assert_array_equal(searched.item_factors, repeated.item_factors)
+    assert searched.best_validation_ndcg == repeated.best_validation_ndcg == tried.ndcg
+    assert searched.history == tried.history
+    assert [row[:3] for row in repeated.history] == [row[:3] for row in tried.history[
+        :tried.iteration]]
+    log = (tmp_path / 'searched' / 'model' / features.TOPN_LOG_FILE).read_text().splitlines()
+    assert len(log) == 1 + len(tried.history)

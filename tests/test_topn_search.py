@@ -171,9 +171,9 @@ def test_past_its_ratings_the_search_fits_a_seeded_sample_of_users(splits, tiny_
     fitted = []
     trial = topn_search.topn_train.trial
 
-    def recorded_trial(config, fit, validation, *args):
+    def recorded_trial(config, fit, validation, *args, **kwargs):
         fitted.append((set(fit.user.numpy()), set(validation.user.numpy()), args[-1]))
-        return trial(config, fit, validation, *args)
+        return trial(config, fit, validation, *args, **kwargs)
     monkeypatch.setattr(topn_search.topn_train, 'trial', recorded_trial)
     first = topn_search.search(_config(tmp_path), splits, (USERS, 2 * PAIRS), seed=3)
     assert 60 < first.sample['users'] < 140 and first.sample['of_users'] == USERS

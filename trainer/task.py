@@ -187,7 +187,8 @@ def _train_lists(config: config_lib.TrainConfig, info: features.DatasetInfo,
     ials_result = user_factors = item_factors = stored = seen_values = None
     if family != 'ease':
         ials_result = topn_train.train(ials_config, splits, *(
-            size + features.NUM_OOV_BUCKETS for size in sizes), info.seed)
+            size + features.NUM_OOV_BUCKETS for size in sizes), info.seed,
+            searched=None if found is None else found.ials_trial)
         user_factors, item_factors = ials_result.user_factors, ials_result.item_factors
     if family != 'ials':
         train = splits.train

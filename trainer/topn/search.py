@@ -170,9 +170,12 @@ class SearchResult:
     users: int
     sample: dict[str, int] | None = None
     validation_seconds: float = 0.0
+    # The chosen iALS point's trial (`topn_train.train`'s `searched`); not recorded.
+    ials_trial: Any = None
 
     def record(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {key: value for key, value in dataclasses.asdict(self).items()
+                if key != 'ials_trial'}
 
 
 class _Clock:
@@ -221,6 +224,7 @@ class _Slice:
             z = (ranking.score_items(rating_model, self.judged.users, num_items).numpy()
                  - like.cut) / like.noise
             self.log_liked = np.log(np.maximum(0.5 * _erfc(-z / math.sqrt(2.0)), 1e-12))
+        self._log_raw: tuple[np.ndarray, np.ndarray] | None = None
         self.seconds = time.perf_counter() - started
 
     @contextlib.contextmanager
@@ -244,8 +248,12 @@ class _Slice:
         if not like_weight or self.log_liked is None:
             return raw
         with self._timed():
-            return (np.log(np.maximum(raw, ranking.TOPN_SCORE_FLOOR))
-                    + like_weight * self.log_liked)
+            # The log of the last raw scores is kept: the like grid reuses it.
+            if self._log_raw is None or self._log_raw[0] is not raw:
+                self._log_raw = None
+                floored = np.maximum(raw, ranking.TOPN_SCORE_FLOOR)
+                self._log_raw = (raw, np.log(floored, out=floored))
+            return self._log_raw[1] + like_weight * self.log_liked
 
     def ndcg(self, scores: np.ndarray) -> float:
         """NDCG@10 of scores [users, movies], fit movies excluded, top-k as `ranking` takes it."""
@@ -259,7 +267,9 @@ class _Slice:
 
     def _user_ndcg(self, scores: np.ndarray) -> np.ndarray:
         k = min(ranking.TOP_K, self.num_items)
-        _, top, valid = ranking.top_k_unseen(tf.constant(scores, tf.float32), self.seen_rows, k)
+        # (cast by numpy: the same values, ten times faster than tf.constant's cast)
+        _, top, valid = ranking.top_k_unseen(tf.constant(scores.astype(np.float32)),
+                                             self.seen_rows, k)
         top = np.where(valid.numpy(), top.numpy(), -1)
         users = top.shape[0]
         keys = np.arange(users, dtype=np.int64)[:, None] * self.num_items + top
@@ -382,9 +392,10 @@ def _ials_trials(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
                         number, IALS_TRIALS)
             break
         started = time.perf_counter()
-        _, iterations, factors, ranked = topn_train.trial(
-            ials_config(trial_config, point), splits.fit, splits.validation, rows, seed, sample)
-        validation_seconds += ranked
+        tried = topn_train.trial(ials_config(trial_config, point), splits.fit,
+                                 splits.validation, rows, seed, sample, seen=where.seen)
+        validation_seconds += tried.validation_seconds
+        iterations, factors = tried.iteration, tried.factors
         raw = where.raw(ranking.factor_scorer(*factors, sizes[1]))
         ndcg, weight = where.best_like(raw, likes)
         point = {**point, 'iterations': iterations}
@@ -394,7 +405,7 @@ def _ials_trials(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
                     '%.1f s); point %d of %d, %s', point, ranking.TOP_K, ndcg, weight,
                     table[-1]['seconds'], number + 1, IALS_TRIALS,
                     _left_text(clock, number + 1, stage_started))
-        current = _Best(ndcg, point, raw, factors)
+        current = _Best(ndcg, point, raw, factors, tried)
         if best is None or ndcg > best.ndcg:
             best = current
         first = first or current
@@ -417,11 +428,13 @@ def _left_text(clock: _Clock, done: int, stage_started: float) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class _Best:
-    """A family's best point: its NDCG, settings, raw validation scores, fitted model."""
+    """A family's best point: its NDCG, settings, raw validation scores, fitted model
+    (and for iALS its `topn_train.Trial`)."""
     ndcg: float
     settings: dict[str, Any]
     raw: np.ndarray
     model: Any
+    trial: Any = None
 
 
 def _row_of(table: list, best: '_Best') -> dict[str, Any]:
@@ -584,7 +597,8 @@ def search(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
         validation_ndcg=ndcg, table=tuple(table), on_edge=tuple(on_edge), kept_flags=kept_flags,
         ease_left_out=left_out,
         seconds=clock.spent(), budget=budget, users=int(where.judged.users.size),
-        sample=sample_record, validation_seconds=where.seconds + trials_validation)
+        sample=sample_record, validation_seconds=where.seconds + trials_validation,
+        ials_trial=None if family == 'ease' else ials_best.trial)
     logger.info('Top-N search: %s in %.1f s of %.0f s (%.1f s ranking validation): %d points '
                 'on %d validation users, best validation NDCG@%d %.4f', describe(result),
                 result.seconds, budget, result.validation_seconds, len(table), result.users,
@@ -593,9 +607,11 @@ def search(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
 
 
 def refit_config(config: TrainConfig, result: SearchResult) -> TrainConfig:
-    """The config that trains the chosen iALS point on all of train: its values and
-    its iterations (searched on a sample of the users, --topn-iterations: the
-    iterations on all users are chosen again by validation, as without a search)."""
+    """The config that trains the chosen iALS point on all of train (with
+    `result.ials_trial` as `topn_train.train`'s `searched`): its values and
+    iterations.  Searched on a sample of the users, the iterations cap is
+    --topn-iterations: without a refit (--final-model best) they are chosen
+    again on all users, by validation."""
     point = ials_config(config, result.ials)
     if result.sample is not None:
         return point

@@ -299,7 +299,8 @@ class _Validation:
     """
 
     def __init__(self, config: TrainConfig, fit: data.Ratings, validation: data.Ratings,
-                 shape: tuple[int, int], seed: int) -> None:
+                 shape: tuple[int, int], seed: int, seen: tf.RaggedTensor | None = None) -> None:
+        """seen: fit's `pairs_catalog(...).seen()`, if the caller has it."""
         started = time.perf_counter()
         num_users, num_items = (rows - features.NUM_OOV_BUCKETS for rows in shape)
         self.num_items = num_items
@@ -310,7 +311,7 @@ class _Validation:
         self.item_factors = tf.Variable(tf.zeros([num_items, config.topn_factors]))
         self.scorer = lambda user: tf.matmul(  # noqa: E731
             tf.gather(self.user_factors, user), self.item_factors, transpose_b=True)
-        self.seen = pairs_catalog(fit, num_users, num_items).seen()
+        self.seen = pairs_catalog(fit, num_users, num_items).seen() if seen is None else seen
         self.top_k = ranking.compile_top_k(self.scorer, self.seen, num_items, ranking.TOP_K)
         # Seconds spent setting up and ranking, so far.
         self.seconds = time.perf_counter() - started
@@ -391,7 +392,7 @@ def _search(config: TrainConfig, state: _State, splits, sizes: tuple[int, int],
 
 
 def train(config: TrainConfig, splits, user_rows: int, item_rows: int,
-          seed: int) -> TopNResult:
+          seed: int, searched: Trial | None = None) -> TopNResult:
     """Fits (or resumes) the top-N model; see the module doc.
 
     Args:
@@ -400,6 +401,10 @@ def train(config: TrainConfig, splits, user_rows: int, item_rows: int,
       user_rows: users in the vocabulary plus OOV rows.
       item_rows: movies in the vocabulary plus OOV rows.
       seed: the split seed, which seeds the sample of ranked validation users.
+      searched: the search's trial of these settings.  With a refit, its best
+        iteration count and its history (topn_log.csv) stand for the search
+        iterations, which would only repeat it (on all users where it ran on a
+        sample: `search.user_sample`), and the run goes straight to the refit.
 
     Returns:
       The final factors and how they were chosen.
@@ -416,8 +421,18 @@ def train(config: TrainConfig, splits, user_rows: int, item_rows: int,
         config = dataclasses.replace(
             config, topn_l2=config_lib.default_topn_l2(len(splits.train), users, movies))
     fileio.makedirs(config.model_dir)
-    state = _restore(config, shape) or _fresh(config, _SEARCH, shape)
+    state = _restore(config, shape)
     seconds = validation_seconds = 0.0
+    if (state is None and searched is not None and config.final_model == 'refit'
+            and len(splits.validation) > 0):
+        state = _fresh(config, _REFIT, shape)
+        state.best_iteration = max(1, searched.iteration)
+        state.best_ndcg, state.history = searched.ndcg, list(searched.history)
+        _write_log(config, state.history)
+        _save(config, state)
+        logger.info('Top-N model: the search chose %d iterations; refit on all train ratings',
+                    state.best_iteration)
+    state = state or _fresh(config, _SEARCH, shape)
     if state.phase == _SEARCH:
         seconds, validation_seconds = _search(config, state, splits, shape, seed)
         refit = (config.final_model == 'refit' and len(splits.validation) > 0
@@ -467,27 +482,45 @@ def _result(state: _State, refit: bool, seconds: float, refit_seconds: float,
                       refit_seconds, validation_seconds)
 
 
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """What `trial` returns.
+
+    Attributes:
+      ndcg: the best validation NDCG@10.
+      iteration: its iteration.
+      factors: its (user, movie) factors.
+      validation_seconds: the seconds spent ranking validation.
+      history: (iteration, objective, validation NDCG, seconds) per iteration,
+        as topn_log.csv has them.
+    """
+    ndcg: float
+    iteration: int
+    factors: tuple[np.ndarray, np.ndarray]
+    validation_seconds: float
+    history: tuple[tuple[int, float, float, float], ...]
+
+
 def trial(config: TrainConfig, fit: data.Ratings, validation: data.Ratings,
           shape: tuple[int, int], seed: int, sample: UserSample | None = None,
-          ) -> tuple[float, int, tuple[np.ndarray, np.ndarray], float]:
+          seen: tf.RaggedTensor | None = None) -> Trial:
     """One search point: iterations on fit, NDCG@10 on validation after each,
     early stopping as `train` does; no checkpoint, no log.  With `sample`, fit
-    and validation hold a sample of the users (see `UserSample`).
-
-    Returns:
-      (best validation NDCG, its iteration, its (user, movie) factors, the
-      seconds spent ranking validation).
+    and validation hold a sample of the users (see `UserSample`); `seen` is
+    fit's `pairs_catalog(...).seen()`, if the caller has it.
     """
     iterator = _Iterator(config, fit, shape, sample)
-    validate = _Validation(config, fit, validation, shape, seed)
+    validate = _Validation(config, fit, validation, shape, seed, seen)
     state = _fresh(config, _SEARCH, shape)
     best = (-math.inf, 0, (state.user_factors, state.item_factors))
+    history = []
     while state.iteration < config.topn_iterations:
         if (config.early_stopping_patience
                 and state.iteration - best[1] >= config.early_stopping_patience):
             break
-        iterator.step(state)
+        took = iterator.step(state)
         ndcg = validate.ndcg(state)
+        history.append((state.iteration, iterator.objective(state), ndcg, took))
         if math.isfinite(ndcg) and ndcg > best[0] + _MIN_IMPROVEMENT:
             best = (ndcg, state.iteration, (state.user_factors, state.item_factors))
-    return (*best, validate.seconds)
+    return Trial(*best, validate.seconds, tuple(history))
