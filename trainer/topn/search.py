@@ -12,7 +12,9 @@ slice's ratings >= 4); the eval split is never read.  In order:
 2. iALS (`trainer.topn.train.trial`, with early stopping): first the flags'
    point, then seeded random points in IALS_SPACE (factors; ridge and
    unobserved weight as multiples of the flags' or data defaults;
-   confidence 0 or 1), at most IALS_TRIALS, within 70% of the budget;
+   confidence 0 or 1), at most IALS_TRIALS, within 70% of the budget
+   (on a sample of the users, `user_sample`, the points after the first are
+   ranked at the first's like weight, not each at its best);
 3. the served score: EASE's weight w in a blend of the two best models,
    each standardised per user (w = 0: iALS alone, 1: EASE alone), times
    the like weight beta of the rating model's log P(rating >= 4)
@@ -383,6 +385,7 @@ def _ials_trials(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
     seconds the trials spent ranking the slice."""
     rows = tuple(size + features.NUM_OOV_BUCKETS for size in sizes)
     best = first = None
+    first_like = 0.0
     validation_seconds = 0.0
     trial_config = dataclasses.replace(config, ranking_users=where.judged.users.size)
     stage_started = clock.spent()
@@ -397,7 +400,13 @@ def _ials_trials(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
         validation_seconds += tried.validation_seconds
         iterations, factors = tried.iteration, tried.factors
         raw = where.raw(ranking.factor_scorer(*factors, sizes[1]))
-        ndcg, weight = where.best_like(raw, likes)
+        # On a sample of the users (large data), the points after the first are
+        # ranked at the first's like weight, one ranking instead of a grid; the
+        # score grid still tries every like weight on the best point.
+        point_likes = likes if sample is None or first is None else (first_like,)
+        ndcg, weight = where.best_like(raw, point_likes)
+        if first is None:
+            first_like = weight
         point = {**point, 'iterations': iterations}
         table.append({'stage': 'ials', 'settings': point, 'like_weight': weight,
                       'validation_ndcg': ndcg, 'seconds': time.perf_counter() - started})

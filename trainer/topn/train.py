@@ -223,6 +223,8 @@ class _Iterator:
         self.ops = _solver_ops(config)
         # (user factors, movie factors, their rated loss or None) after the last step.
         self._rated_loss: tuple[np.ndarray, np.ndarray, float | None] | None = None
+        # P^T P (float64) of the user factors of the last movie half-step with its loss.
+        self._fixed_gram: np.ndarray | None = None
         if self.ops is not None:
             self.sides = (_Side.group(users, items, weight, target, shape[0]),
                           _Side.group(items, users, weight, target, shape[1]))
@@ -240,7 +242,10 @@ class _Iterator:
                                  config.topn_unobserved_weight, config.topn_cg_steps).numpy()
         else:
             pairs = self.sides[side]
-            gram = config.topn_unobserved_weight * (fixed.T.astype(np.float64) @ fixed)
+            fixed_gram = fixed.T.astype(np.float64) @ fixed
+            if with_loss:  # the objective's unobserved pull needs it too
+                self._fixed_gram = fixed_gram
+            gram = config.topn_unobserved_weight * fixed_gram
             out, loss = self.ops.implicit_als_solve_rows(
                 offsets=pairs.offsets, other=pairs.other, weight=pairs.weight,
                 target=pairs.target, other_table=fixed, gram=gram.astype(np.float32),
@@ -271,7 +276,7 @@ class _Iterator:
         if (last is not None and last[2] is not None and last[0] is state.user_factors
                 and last[1] is state.item_factors):
             return ials.objective_from_rated(last[2], state.user_factors, state.item_factors,
-                                             user_l2, item_l2, alpha0)
+                                             user_l2, item_l2, alpha0, self._fixed_gram)
         return ials.objective(state.user_factors, state.item_factors, self.users.numpy(),
                               self.items.numpy(), self.weight.numpy(), self.target.numpy(),
                               user_l2, item_l2, alpha0)
