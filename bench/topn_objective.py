@@ -66,7 +66,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from trainer import config as config_lib
     from trainer import data
     from trainer import features
-    from trainer.topn import ials
     from trainer.topn import train as topn_train
 
     share = args.ratings / _ML25M[0]

@@ -73,6 +73,7 @@ def _table(result: topn_search.SearchResult) -> list:
 def test_the_search_picks_the_planted_item_item_model(splits, tiny_grid, tmp_path):
     result = topn_search.search(_config(tmp_path), splits, (USERS, 2 * PAIRS), seed=0)
     assert result.family == 'ease' and result.blend == 1.0 and result.ials is None
+    assert result.sample is None and result.ials_trial is None
     stages = [row['stage'] for row in result.table]
     assert stages.count('ials') == 2 and stages.count('ease') >= 2
     best_ials = max(row['validation_ndcg'] for row in result.table if row['stage'] == 'ials')
@@ -191,14 +192,16 @@ def test_past_its_ratings_the_search_fits_a_seeded_sample_of_users(splits, tiny_
     assert _table(first) == _table(second) and first.sample == second.sample
     topn_search.search(_config(tmp_path), splits, (USERS, 2 * PAIRS), seed=4)
     assert fitted[-1][0] != users
-    # The chosen iALS point's iterations are chosen again on all users.
+    # The chosen iALS point's iterations are chosen again on all users (no trial to
+    # refit from), up to the sample's count.
+    ials = topn_search.search(_config(tmp_path, topn_model='ials'), splits, (USERS, 2 * PAIRS),
+                              seed=3)
+    assert ials.family == 'ials' and ials.sample is not None and ials.ials_trial is None
     config = _config(tmp_path, topn_iterations=9)
     point = {'factors': 8, 'l2_scale': 2.0, 'unobserved_scale': 1.0, 'confidence': 0.0,
              'iterations': 3}
     refit = topn_search.refit_config(config, dataclasses.replace(first, ials=point))
-    assert refit.topn_iterations == 9 and refit.topn_factors == 8 and refit.topn_l2 == 2.0
-    whole = dataclasses.replace(first, ials=point, sample=None)
-    assert topn_search.refit_config(config, whole).topn_iterations == 3
+    assert refit.topn_iterations == 3 and refit.topn_factors == 8 and refit.topn_l2 == 2.0
 
 
 def test_a_sampled_search_still_picks_the_planted_item_item_model(splits, tiny_grid, sampled,
@@ -226,6 +229,8 @@ def test_the_flags_point_stays_unless_the_best_is_clearly_better(splits, tiny_gr
     result = topn_search.search(_config(tmp_path), splits, (USERS, 2 * PAIRS), seed=0)
     first_ials = next(row for row in result.table if row['stage'] == 'ials')
     assert result.kept_flags and result.family == 'ials' and result.ease_lambda is None
+    # The trial the refit starts from is the flags' point's (the search fitted all users).
+    assert result.ials_trial.iteration == first_ials['settings']['iterations']
     assert result.ials == first_ials['settings'] and not result.on_edge
     assert result.validation_ndcg == pytest.approx(first_ials['validation_ndcg'])
     assert "the flags' point is kept" in caplog.text

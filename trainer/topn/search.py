@@ -34,9 +34,9 @@ at 1M.  Past SEARCH_RATINGS (1M) fit ratings every point is fitted on a
 seeded sample of the users holding about that many (`user_sample`; each
 movie's ridge scaled to the share kept, `topn_train.UserSample`), so the
 search costs and is allowed what it is at 1M: 53 s at 5M and 25M; the
-chosen iALS point's iterations are then chosen again on all users, by the
-caller's run with validation (`refit_config`; the sample's count,
-refitted, scored lower).  The slice is ranked on a
+chosen iALS point's iterations are then chosen again on all users, up to
+the sample's count, by the caller's run with validation (`refit_config`;
+the sample's count, refitted as it was, scored lower).  The slice is ranked on a
 seeded sample of at most SEARCH_USERS users and SEARCH_CELLS users x movies.
 The points, their order and the users sampled are fixed by the seed;
 a stage stops early only when the clock runs out (logged; each stage's
@@ -174,9 +174,9 @@ class SearchResult:
     sample: dict[str, int] | None = None
     validation_seconds: float = 0.0
     # The chosen iALS point's trial (`topn_train.train`'s `searched`), unless it ran
-    # on a sample of the users (its iterations then do not carry: at 25M the
-    # sample's best count, 3, refitted on all users scored 7% lower eval NDCG@10
-    # than the 2 chosen on all users); not recorded.
+    # on a sample of the users (its best count does not carry as it is: at 25M the
+    # sample's 3, refitted on all users, scored 7% lower eval NDCG@10 than the 2
+    # that validation on all users chooses); not recorded.
     ials_trial: Any = None
 
     def record(self) -> dict[str, Any]:
@@ -561,8 +561,8 @@ def search(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
     flags_point = None
     trials_validation = 0.0
     if 'ials' in families:
-        ials_best, flags_point, trials_validation = _ials_trials(config, splits, sizes, seed, where, likes, table,
-                                              clock, sample)
+        ials_best, flags_point, trials_validation = _ials_trials(
+            config, splits, sizes, seed, where, likes, table, clock, sample)
     blends = {'ials': (0.0,), 'ease': (1.0,), 'blend': BLENDS[2:]}.get(
         config.topn_model if len(families) == 2 else families[0], BLENDS)
     chosen = (-math.inf, 0.0, 0.0, None)
@@ -621,12 +621,10 @@ def search(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
 
 def refit_config(config: TrainConfig, result: SearchResult) -> TrainConfig:
     """The config that trains the chosen iALS point on all of train (with
-    `result.ials_trial` as `topn_train.train`'s `searched`): its values and
-    iterations.  Searched on a sample of the users, the iterations cap is
-    --topn-iterations: they are chosen again on all users, by validation."""
+    `result.ials_trial` as `topn_train.train`'s `searched`): its values, and its
+    iterations as the cap.  Searched on a sample of the users, the iterations
+    are chosen again on all users by validation, up to the sample's count."""
     point = ials_config(config, result.ials)
-    if result.sample is not None:
-        return point
     return dataclasses.replace(point, topn_iterations=max(1, result.ials['iterations']))
 
 
