@@ -174,9 +174,8 @@ class SearchResult:
     sample: dict[str, int] | None = None
     validation_seconds: float = 0.0
     # The chosen iALS point's trial (`topn_train.train`'s `searched`), unless it ran
-    # on a sample of the users (its best count does not carry as it is: at 25M the
-    # sample's 3, refitted on all users, scored 7% lower eval NDCG@10 than the 2
-    # that validation on all users chooses); not recorded.
+    # on a sample of the users (its best count does not carry as it is; see
+    # `refit_config`); not recorded.
     ials_trial: Any = None
 
     def record(self) -> dict[str, Any]:
