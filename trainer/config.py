@@ -599,7 +599,8 @@ def _add_topn_flags(group: argparse._ArgumentGroup) -> None:
     add('--topn-search-seconds', default=TrainConfig.topn_search_seconds,
         type=_bounded(float, '--topn-search-seconds', 0, 86_400, low_inclusive=False,
                       typical=30),
-        help='the search\'s time budget (default: 30 s x (train ratings / 100k)^0.25)')
+        help='the search\'s time budget (default: 30 s x (train ratings / 100k)^0.25, '
+             'at most 53 s: past 1M ratings it searches a sample of the users)')
     add('--ease-lambda', default=TrainConfig.ease_lambda,
         type=_bounded(float, '--ease-lambda', 0, 1e8, low_inclusive=False),
         help="EASE's ridge lambda (the search starts there)")

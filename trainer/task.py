@@ -179,14 +179,15 @@ def _train_lists(config: config_lib.TrainConfig, info: features.DatasetInfo,
     blend, like_weight, found = config.topn_blend, config.topn_like_weight, None
     ials_config, lam = config, config.ease_lambda
     if config.topn_search == 'on' and len(splits.validation) > 0:
-        with phases.phase('topn_search'):
-            found = topn_search.search(config, splits, sizes, info.seed, result.search_model,
-                                       _like_term(1.0, info, result))
+        searched = time.perf_counter()
+        found = topn_search.search(config, splits, sizes, info.seed, result.search_model,
+                                   _like_term(1.0, info, result))
+        # Its validation ranking is a phase of its own (as the top-N training's below).
+        phases.add('topn_search', time.perf_counter() - searched - found.validation_seconds)
+        phases.add('topn_validation', found.validation_seconds)
         family, blend, like_weight = found.family, found.blend, found.like_weight
         if found.ials is not None:
-            ials_config = dataclasses.replace(
-                topn_search.ials_config(config, found.ials),
-                topn_iterations=max(1, found.ials['iterations']))
+            ials_config = topn_search.refit_config(config, found)
         lam = found.ease_lambda or lam
     elif config.topn_search == 'on':
         logging.getLogger(__name__).info(
@@ -196,7 +197,8 @@ def _train_lists(config: config_lib.TrainConfig, info: features.DatasetInfo,
     ials_result = user_factors = item_factors = stored = seen_values = None
     if family != 'ease':
         ials_result = topn_train.train(ials_config, splits, *(
-            size + features.NUM_OOV_BUCKETS for size in sizes), info.seed)
+            size + features.NUM_OOV_BUCKETS for size in sizes), info.seed,
+            searched=None if found is None else found.ials_trial)
         user_factors, item_factors = ials_result.user_factors, ials_result.item_factors
     if family != 'ials':
         train = splits.train
@@ -207,7 +209,12 @@ def _train_lists(config: config_lib.TrainConfig, info: features.DatasetInfo,
                                            train.rating.numpy())
     model = lists_lib.ListModel(family, user_factors, item_factors, stored, seen_values,
                                 blend)
-    phases.add('topn_train', time.perf_counter() - fitted)
+    fit_seconds = time.perf_counter() - fitted
+    if ials_result is not None:  # the refit's iterations and the validation ranking apart
+        fit_seconds -= ials_result.refit_seconds + ials_result.validation_seconds
+        phases.add('topn_refit', ials_result.refit_seconds)
+        phases.add('topn_validation', ials_result.validation_seconds)
+    phases.add('topn_train', fit_seconds)
     return _Lists(model, _like_term(like_weight, info, result), ials_result, found,
                   time.perf_counter() - started)
 
