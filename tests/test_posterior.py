@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import features, logs
+from trainer import config, features, logs
 from trainer.ops import kernels
 from trainer.rating import posterior
 
@@ -568,3 +568,16 @@ def test_the_summary_line_says_why_the_chain_stopped(stopped_by, level, expected
     line = task._posterior_line(posterior_metrics)
     assert line.startswith('  then its posterior mean: 37 Gibbs sweeps after 20 burn-in, ')
     assert expected in line, line
+
+
+def test_default_chain_starts_from_the_trained_model_and_stops_by_the_rule_on_large_data():
+    small = posterior.default_chain(posterior.LARGE_CHAIN_RATINGS - 1)
+    large = posterior.default_chain(posterior.LARGE_CHAIN_RATINGS)
+    assert small == (posterior.START_FACTOR_SCALE, 0.0) and small[0] < 1
+    assert large == (1.0, posterior.LARGE_CHAIN_MC_ERROR) and large[1] > 0
+    # The flags' defaults leave the choice to the data; an explicit value wins.
+    parsed = config.parse_args(['--work-dir', 'w'])
+    assert parsed.posterior_start_scale is None and parsed.posterior_mc_error is None
+    parsed = config.parse_args(['--work-dir', 'w', '--posterior-start-scale', '0.3',
+                                '--posterior-mc-error', '0'])
+    assert parsed.posterior_start_scale == 0.3 and parsed.posterior_mc_error == 0.0

@@ -697,6 +697,11 @@ def _average_posterior(config: TrainConfig, model: model_lib.MatrixFactorization
             saved.update(at=time.monotonic(), seconds=time.monotonic() - started)
             shutdown.check(f'posterior sweep {sweep}')
 
+    start_scale, mc_error = posterior_lib.default_chain(len(ratings))
+    if config.posterior_start_scale is not None:
+        start_scale = config.posterior_start_scale
+    if config.posterior_mc_error is not None:
+        mc_error = config.posterior_mc_error
     result = posterior_lib.average(
         model.user_embedding.numpy(), model.item_embedding.numpy(),
         float(model.global_mean.numpy()), ratings.user.numpy(), ratings.item.numpy(),
@@ -707,8 +712,8 @@ def _average_posterior(config: TrainConfig, model: model_lib.MatrixFactorization
         validation=(None if validation is None or not len(validation) else
                     (validation.user.numpy(), validation.item.numpy(),
                      validation.rating.numpy())),
-        mc_error=config.posterior_mc_error, min_samples=config.posterior_min_samples,
-        start_scale=config.posterior_start_scale)
+        mc_error=mc_error, min_samples=config.posterior_min_samples,
+        start_scale=start_scale)
     model.user_embedding.assign(result.user_table)
     model.item_embedding.assign(result.item_table)
     return {'samples': result.samples, 'burn_in': result.burn_in,
@@ -719,7 +724,7 @@ def _average_posterior(config: TrainConfig, model: model_lib.MatrixFactorization
             'mc_error': result.mc_error, 'mc_error_level': result.mc_error_level,
             'mc_validation_ratings': result.validation_sample,
             'autocorrelation': result.autocorrelation,
-            'start_scale': config.posterior_start_scale}
+            'start_scale': start_scale}
 
 
 def _keep_best(config: TrainConfig, state: state_lib.State,
