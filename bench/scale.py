@@ -518,19 +518,20 @@ def _exponent(sizes: list[int], seconds: list[float | None]) -> float | None:
 def format_growth(results: list[dict[str, Any]]) -> str:
     """The growth table: seconds by size for each step and trainer phase, and b."""
     ordered = sorted(results, key=lambda result: result['counts']['train_ratings'])
-    head = ''.join(f'{result["label"]:>10}' for result in ordered)
-    lines = [f'{"":<24}{head}   b (seconds ~ ratings^b)',
-             f'{"train ratings":<24}' + ''.join(
-                 f'{result["counts"]["train_ratings"]:>10,}' for result in ordered),
-             f'{"users":<24}' + ''.join(f'{result["counts"]["users"]:>10,}'
-                                        for result in ordered),
-             f'{"movies":<24}' + ''.join(f'{result["counts"]["movies"]:>10,}'
-                                         for result in ordered)]
+    width = max([11] + [len(result['label']) + 2 for result in ordered])
+    name_width = 28
+
+    def line(label: str, cells: list[str], tail: str = '') -> str:
+        return f'{label:<{name_width}}' + ''.join(cell.rjust(width) for cell in cells) + tail
+
+    lines = [line('', [result['label'] for result in ordered], '   b (seconds ~ ratings^b)')]
+    for key in ('train_ratings', 'users', 'movies'):
+        lines.append(line(key.replace('_', ' '),
+                          [f'{result["counts"][key]:,}' for result in ordered]))
     for row in growth_rows(results):
         label = row['name'] if row['kind'] == 'step' else f'  trainer: {row["name"]}'
-        lines.append(f'{label:<24}' + ''.join(_optional(value, '10.1f').rjust(10)
-                                              for value in row['seconds'])
-                     + '   ' + _optional(row['exponent'], '.2f'))
+        lines.append(line(label, [_optional(value, '.1f') for value in row['seconds']],
+                          '   ' + _optional(row['exponent'], '.2f')))
     return '\n'.join(lines)
 
 
