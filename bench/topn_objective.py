@@ -23,33 +23,18 @@ import argparse
 import dataclasses
 import logging
 import os
-import statistics
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# The ml-25m shape, the size flag and the timer are epoch_eval's (no TensorFlow at import).
+from epoch_eval import _ML25M, _median_seconds, _size  # noqa: E402
 
 logger = logging.getLogger('bench.topn_objective')
-
-# ml-25m: 162,541 users and 59,047 movies for 25,000,095 ratings (scale.py's growth).
-_ML25M = (25_000_095, 162_541, 59_047)
-
-
-def _size(text: str) -> int:
-    scale = {'k': 1_000, 'm': 1_000_000}.get(text[-1:].lower(), 1)
-    return int(float(text[:-1] if scale > 1 else text) * scale)
-
-
-def _median_seconds(work: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
