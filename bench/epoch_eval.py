@@ -51,6 +51,12 @@ def _size(text: str) -> int:
     return int(float(text[:-1] if scale > 1 else text) * scale)
 
 
+def _shape(ratings: int) -> tuple[int, int]:
+    """(users, movies) of ml-25m scaled to this many ratings (scale.py's growth)."""
+    share = ratings / _ML25M[0]
+    return max(100, round(_ML25M[1] * share)), max(100, round(_ML25M[2] * share ** 0.5))
+
+
 def _median_seconds(work: Callable[[], object], repeats: int) -> float:
     return _median_wall_and_cpu(work, repeats)[0]
 
@@ -99,9 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from trainer.rating import train as rating_train
     from trainer.topn import train as topn_train
 
-    share = args.ratings / _ML25M[0]
-    users = max(100, round(_ML25M[1] * share))
-    movies = max(100, round(_ML25M[2] * share ** 0.5))
+    users, movies = _shape(args.ratings)
     rng = np.random.default_rng(0)
     train = _ratings(rng, round(args.ratings * 0.8), users, movies)
     eval_ = _ratings(rng, args.ratings - len(train), users, movies)

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # The ml-25m shape, the size flag and the timer are epoch_eval's (no TensorFlow at import).
-from epoch_eval import _ML25M, _median_seconds, _size  # noqa: E402
+from epoch_eval import _ML25M, _median_seconds, _shape, _size  # noqa: E402
 
 logger = logging.getLogger('bench.topn_objective')
 
@@ -53,9 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from trainer import features
     from trainer.topn import train as topn_train
 
-    share = args.ratings / _ML25M[0]
-    users = max(100, round(_ML25M[1] * share))
-    movies = max(100, round(_ML25M[2] * share ** 0.5))
+    users, movies = _shape(args.ratings)
     rng = np.random.default_rng(0)
     size = round(args.ratings * 0.8)
     user = rng.integers(0, users, size)

@@ -358,13 +358,7 @@ def make_scorer(model: model_lib.MatrixFactorization, rating_min: float,
         except kernels.KernelUnavailable:
             pass  # the epoch said why, if it was to be fused
         else:
-            def fused_score(ratings: data.Ratings) -> dict[str, float]:
-                if len(ratings) == 0:
-                    return _metrics(math.nan, math.nan, 0)
-                squared, absolute = fused_sums(ratings.user, ratings.item,
-                                               ratings.rating).numpy()
-                return _metrics(float(squared), float(absolute), len(ratings))
-            return fused_score
+            return _scorer(fused_sums)
 
     @tf.function
     def error_sums(user, item, rating) -> tf.Tensor:
@@ -379,13 +373,16 @@ def make_scorer(model: model_lib.MatrixFactorization, rating_min: float,
                               tf.reduce_sum(tf.abs(error))])
         return sums
 
+    return _scorer(error_sums)
+
+
+def _scorer(error_sums: Callable[..., Any]) -> Callable[[data.Ratings], dict[str, float]]:
+    """Ratings -> RMSE and MAE, from error_sums(user, item, rating) = [sum e^2, sum |e|]."""
     def score(ratings: data.Ratings) -> dict[str, float]:
         if len(ratings) == 0:
             return _metrics(math.nan, math.nan, 0)
-        squared, absolute = error_sums(ratings.user, ratings.item,
-                                       ratings.rating).numpy()
+        squared, absolute = error_sums(ratings.user, ratings.item, ratings.rating).numpy()
         return _metrics(float(squared), float(absolute), len(ratings))
-
     return score
 
 
