@@ -28,19 +28,20 @@ the `trainer` package, so that Dataflow workers can import them:
   transformed/rejected/, never dropped silently.
 - trainer/pipeline/deduplication.py: a (user, movie) pair rated more than once keeps
   its latest rating (`DeduplicateRatings`); the others are rejected as
-  duplicate_rating.  A first, light pass over the file finds the pairs seen
+  duplicate_rating.  A first, light pass over the file (ids only) finds the pairs seen
   more than once (`FindRepeatedPairs`), so only their rows are grouped.
 - trainer/pipeline/hash_split.py: the train/eval split is a keyed 64-bit hash of
   (seed, user, movie), so the same input gives the same split on every run
   and every retry.
 - trainer/pipeline/examples.py: TFT learns the id vocabularies on train only and
-  transforms both splits; examples are encoded per RecordBatch in C++ and
-  written as blocks of gzipped TFRecords (trainer/pipeline/blockio.py).
+  transforms both splits; examples are encoded per RecordBatch column-wise
+  (numpy and Arrow) and written as blocks of gzipped TFRecords
+  (trainer/pipeline/blockio.py, which compresses on a thread of its own).
 
 No step passes a Beam element per rating.  Per-rating Python objects remain
-in two places: tfx_bsl's encoder returns a list of bytes (one per example,
-framed by mapping a C checksum over it), and TFT's vocabulary analyser turns
-each batch's distinct ids into Python values.
+in two places: the TFRecord framing takes each record's CRC-32C with one C
+call on a Python bytes object, and TFT's vocabulary analyser turns each
+batch's distinct ids into Python values.
 """
 
 from __future__ import annotations
@@ -120,14 +121,15 @@ from trainer.pipeline.deduplication import FindRepeatedPairs  # noqa: E402
 from trainer.pipeline.deduplication import SeparateRepeatedPairs  # noqa: E402
 from trainer.pipeline.examples import TransformRatings  # noqa: E402
 from trainer.pipeline.hash_split import SplitRatings  # noqa: E402
-from trainer.pipeline.rating_reader import ParseRatings, ReadRatings, SumStatsFn  # noqa: E402
+from trainer.pipeline.rating_reader import ParseRatings, ReadIdPairs, ReadRatings  # noqa: E402
+from trainer.pipeline.rating_reader import SumStatsFn  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RUNNER = 'FnApiRunner'
 
 # Rows per RecordBatch after the duplicate check, the batches TFT analyses and
-# transforms (a block of the file is at most ~2.7M rows, so in practice one
+# transforms (a block of the file is at most ~0.9M rows, so in practice one
 # batch per block).  Large, because TFT's vocabulary analyser emits one Python
 # element per distinct id per batch (see `examples.preprocessing_fn`), and
 # pays a TF call and conversions per batch.  TFT's desired_batch_size only
@@ -144,10 +146,10 @@ def read_ratings(p: beam.Pipeline, path: str, layout: features.DatasetLayout,
                  header_lines: int) -> tuple[Any, Any]:
     """Reads the ratings file twice: once for the rows, once for the repeated pairs.
 
-    The second pass keeps 8 bytes a row (`FindRepeatedPairs`), so only the
-    rows of repeated pairs go through the duplicate check's shuffle with
-    their lines: reading and parsing again costs less memory than shuffling
-    every row (the local runner holds a shuffle's input until the job ends).
+    The second pass parses only the ids (`ReadIdPairs`) and keeps 8 bytes a
+    row (`FindRepeatedPairs`), so only the rows of repeated pairs go through
+    the duplicate check's shuffle with their lines: reading again costs less
+    memory than shuffling every row (the local runner holds a shuffle's input until the job ends).
     Each pass plans its own ranges: were they shared, the runner could not
     fuse the first pass with the step that waits for the second (the side
     input), and would hold every parsed row in memory in between.
@@ -157,8 +159,8 @@ def read_ratings(p: beam.Pipeline, path: str, layout: features.DatasetLayout,
     """
     parsed = (p | 'PlanRanges' >> blockio.PlanLineRanges(path, header_lines)
               | 'ReadRatings' >> ReadRatings(path, layout))
-    repeated = ((p | 'PlanRangesForPairs' >> blockio.PlanLineRanges(path, header_lines)
-                 | 'ReadRatingsForPairs' >> ReadRatings(path, layout))[ParseRatings.VALID]
+    repeated = (p | 'PlanRangesForPairs' >> blockio.PlanLineRanges(path, header_lines)
+                | 'ReadIdPairs' >> ReadIdPairs(path, layout)
                 | 'FindRepeatedPairs' >> FindRepeatedPairs())
     return parsed, repeated
 
@@ -210,9 +212,9 @@ def build_pipeline(parsed, work_dir: str, seed: int, eval_percent: float,
         groups every row.
 
     Returns:
-      A dict with 'train' and 'eval' (lists of serialized tf.Examples), 'rejected'
-      (CSV text of every rejected row, a block per element) and 'stats' (one
-      dict of summed counts).
+      A dict with 'train' and 'eval' (Arrow arrays of serialized tf.Examples,
+      one per batch), 'rejected' (CSV text of every rejected row, a block per
+      element) and 'stats' (one dict of summed counts).
     """
     import tensorflow_transform.beam as tft_beam  # pylint: disable=import-outside-toplevel
     out_dir = features.transformed_dir(work_dir)

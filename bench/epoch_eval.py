@@ -6,9 +6,13 @@ splits in memory, in (user, item) order as the trainer holds them, and times,
 in one process:
 
 - the rating model: one fused epoch over the fit ratings (train minus a 10%
-  validation slice; the second epoch, after tracing), the validation slice
-  scored in full, the eval split scored in full (what every epoch did
-  before --epoch-eval-ratings) and on its seeded sample (what it does now);
+  validation slice; the second epoch, after tracing) on shuffled copies of
+  the columns and read through the permutation; what the next epoch's order
+  costs before each (`data.shuffle`: TensorFlow's permutation and three
+  gathers; `fused.epoch_order`: the same permutation by the C++ op); the
+  validation slice and the eval split's seeded sample scored by TensorFlow
+  ops and by the C++ op (and the whole eval split, what every epoch scored
+  before --epoch-eval-ratings); the checkpoint written after each epoch;
 - the top-N model: one iALS iteration on the fit ratings (the second), and
   the validation NDCG@10 ranking of the users the trainer ranked before
   (--ranking-users, 20,000) and of its sample now (--topn-validation-users
@@ -28,6 +32,7 @@ import logging
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 
@@ -46,13 +51,25 @@ def _size(text: str) -> int:
     return int(float(text[:-1] if scale > 1 else text) * scale)
 
 
+def _shape(ratings: int) -> tuple[int, int]:
+    """(users, movies) of ml-25m scaled to this many ratings (scale.py's growth)."""
+    share = ratings / _ML25M[0]
+    return max(100, round(_ML25M[1] * share)), max(100, round(_ML25M[2] * share ** 0.5))
+
+
 def _median_seconds(work: Callable[[], object], repeats: int) -> float:
-    times = []
+    return _median_wall_and_cpu(work, repeats)[0]
+
+
+def _median_wall_and_cpu(work: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median wall seconds and median CPU seconds of this process (all its threads)."""
+    walls, cpus = [], []
     for _ in range(repeats):
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         work()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - started)
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def _ratings(rng: np.random.Generator, size: int, users: int, movies: int):
@@ -72,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument('--ratings', type=_size, default=_ML25M[0],
                         help='ratings in all (80%% train, 20%% eval); default ml-25m')
     parser.add_argument('--repeats', type=int, default=3, help='timings per figure')
+    parser.add_argument('--rating-only', action='store_true',
+                        help='time the rating model only, not the top-N model')
     args = parser.parse_args(argv)
     if args.ratings < 10_000 or args.repeats < 1:
         parser.error('--ratings must be at least 10k and --repeats at least 1')
@@ -80,13 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from trainer import config as config_lib
     from trainer import data
     from trainer import features
+    import tensorflow as tf
     from trainer.rating import fused, model as model_lib, optimizers
+    from trainer.rating import state as state_lib
     from trainer.rating import train as rating_train
     from trainer.topn import train as topn_train
 
-    share = args.ratings / _ML25M[0]
-    users = max(100, round(_ML25M[1] * share))
-    movies = max(100, round(_ML25M[2] * share ** 0.5))
+    users, movies = _shape(args.ratings)
     rng = np.random.default_rng(0)
     train = _ratings(rng, round(args.ratings * 0.8), users, movies)
     eval_ = _ratings(rng, args.ratings - len(train), users, movies)
@@ -102,28 +121,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     epoch = fused.make_epoch(model, optimizer, model_lib.penalty_weights(
         config.num_factors, 0.05, config.l2_bias), config.batch_size, 0.5, 5.0)
     shuffled = data.shuffle(fit, 1)
-    score = rating_train.make_scorer(model, 0.5, 5.0, config.eval_batch_size)
+    order = fused.epoch_order(len(fit), 1)
+    scorers = {kernel: rating_train.make_scorer(model, 0.5, 5.0, config.eval_batch_size,
+                                                kernel)
+               for kernel in ('tf', 'auto')}
     sample = data.sample(eval_, config.epoch_eval_ratings, 0)
     epoch(shuffled.user, shuffled.item, shuffled.rating, None, None)  # traces
-    for ratings in (validation, eval_, sample):  # a trace per shape
-        score(ratings)
-    figures = {
-        'epoch': _median_seconds(lambda: epoch(shuffled.user, shuffled.item, shuffled.rating,
-                                               None, None).numpy(), args.repeats),
-        'validation': _median_seconds(lambda: score(validation), args.repeats),
-        'eval, all': _median_seconds(lambda: score(eval_), args.repeats),
-        'eval, sample': _median_seconds(lambda: score(sample), args.repeats)}
-    before = figures['validation'] + figures['eval, all']
-    after = figures['validation'] + figures['eval, sample']
-    print(f'rating model, {args.ratings:,} ratings: epoch {figures["epoch"]:.2f} s; '
-          f'validation ({len(validation):,}) {figures["validation"]:.2f} s; eval all '
-          f'({len(eval_):,}) {figures["eval, all"]:.2f} s; eval sample ({len(sample):,}) '
-          f'{figures["eval, sample"]:.2f} s')
-    epoch_seconds = figures['epoch']
-    print(f'  per-epoch evaluation: before {before:.2f} s '
-          f'({before / (epoch_seconds + before):.0%} of the epoch), now {after:.2f} s '
-          f'({after / (epoch_seconds + after):.0%})')
+    epoch(fit.user, fit.item, fit.rating, None, None, order)
+    for score in scorers.values():
+        for ratings in (validation, eval_, sample):  # a trace per shape
+            score(ratings)
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
+                                     best=state_lib.BestEpoch(model))
+    with tempfile.TemporaryDirectory() as scratch:
+        manager = tf.train.CheckpointManager(checkpoint, scratch, max_to_keep=2)
+        numbers = iter(range(1, 1 + args.repeats))
+        saving = _median_wall_and_cpu(
+            lambda: manager.save(checkpoint_number=next(numbers)), args.repeats)
+    timed = {
+        'epoch, shuffled copies': lambda: epoch(shuffled.user, shuffled.item,
+                                                shuffled.rating, None, None).numpy(),
+        'epoch, through the order': lambda: epoch(fit.user, fit.item, fit.rating,
+                                                  None, None, order).numpy(),
+        'shuffle, tf': lambda: data.shuffle(fit, 2).rating.numpy(),
+        'order, op': lambda: fused.epoch_order(len(fit), 2).numpy(),
+        'validation, tf': lambda: scorers['tf'](validation),
+        'validation, op': lambda: scorers['auto'](validation),
+        'eval all, tf': lambda: scorers['tf'](eval_),
+        'eval sample, tf': lambda: scorers['tf'](sample),
+        'eval sample, op': lambda: scorers['auto'](sample)}
+    measured = {name: _median_wall_and_cpu(work, args.repeats) for name, work in timed.items()}
+    measured['checkpoint'] = saving
+    figures = {name: wall for name, (wall, _) in measured.items()}
+    print(f'rating model, {args.ratings:,} ratings ({len(fit):,} fit, {len(validation):,} '
+          f'validation, {len(eval_):,} eval, sample {len(sample):,}), load '
+          f'{os.getloadavg()[0]:.1f}:')
+    print('  wall s (CPU s of this process, all threads; the epochs spin while waiting):')
+    for name, (wall, cpu) in measured.items():
+        print(f'  {name}: {wall:.3f} s ({cpu:.3f} s)')
+    for name, parts in (
+            ('all eval, tf', ('shuffle, tf', 'validation, tf', 'eval all, tf')),
+            ('eval sample, tf', ('shuffle, tf', 'validation, tf', 'eval sample, tf')),
+            ('ops', ('order, op', 'validation, op', 'eval sample, op'))):
+        trained = figures['epoch, shuffled copies' if 'tf' in name
+                          else 'epoch, through the order']
+        evaluation = figures[parts[1]] + figures[parts[2]]
+        outside = sum(figures[part] for part in parts) + figures['checkpoint']
+        print(f'  {name}: evaluation {evaluation:.3f} s ({evaluation / trained:.1%} of the '
+              f'epoch\'s training), outside the training {outside:.2f} s, epoch '
+              f'{trained + outside:.2f} s')
 
+    if args.rating_only:
+        return 0
     config = dataclasses.replace(
         config, topn_unobserved_weight=config_lib.default_unobserved_weight(movies),
         topn_l2=config_lib.default_topn_l2(len(train), users, movies))

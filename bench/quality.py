@@ -79,6 +79,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from trainer import logs  # noqa: E402
+
+logs.quiet_startup(sys.argv[1:])  # TensorFlow's start-up lines, before it loads
+
 import tensorflow as tf  # noqa: E402  pylint: disable=wrong-import-position
 
 from trainer import data  # noqa: E402  pylint: disable=wrong-import-position

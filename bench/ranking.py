@@ -54,6 +54,10 @@ import scipy.sparse as sparse
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from trainer import logs  # noqa: E402
+
+logs.quiet_startup(sys.argv[1:])  # TensorFlow's start-up lines, before it loads
+
 import tensorflow as tf  # noqa: E402
 import tensorflow_transform as tft  # noqa: E402
 

@@ -29,6 +29,12 @@ them without the MD5 check (it records their MD5 instead).
     python bench/scale.py [--sizes 1m,5m,25m] [--epochs N] [--seed 0]
                           [--data-sources ZIP ...] [--work-root DIR] [--keep]
                           [--json-out PATH]
+    python bench/scale.py --growth RUN.json [RUN.json ...]
+
+With two sizes or more it also prints the growth table: each step's and
+each trainer phase's seconds by size, and the exponent b of
+seconds ~ ratings^b fitted over the sizes.  --growth prints it from the JSON
+of earlier runs (say 1M and 5M generated, 25M from a zip) without running.
 
 Timings depend on the machine's load: the table records the load average
 before and after each step. It asserts nothing about time.
@@ -98,6 +104,7 @@ class BenchConfig:
     work_root: str | None = None
     keep: bool = False
     json_out: str = ''
+    growth: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--keep', action='store_true', help='keep the temp work root')
     parser.add_argument('--json-out', help='where the JSON table goes (default: '
                         'bench/results/scale-<UTC time>.json)')
+    parser.add_argument('--growth', nargs='+', metavar='JSON', default=[],
+                        help='print only the growth table of earlier runs (their JSON files, '
+                             'e.g. one of --sizes 1m,5m and one of --data-sources 25M.zip); '
+                             'runs nothing')
     return parser
 
 
@@ -158,6 +169,12 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
     """Validates the flags; one parser.error line (exit 2) on a bad one."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    for path in args.growth:
+        if not os.path.isfile(path):
+            parser.error(f'--growth {path!r}: no such file; pass JSON files bench/scale.py wrote')
+    if args.growth and (args.sizes is not None or args.data_sources):
+        parser.error('--growth with --sizes or --data-sources: --growth only reads earlier '
+                     'runs; pass one or the other')
     if args.data_sources and args.sizes is not None:
         parser.error('--sizes with --data-sources: a given zip has its own size; pass one')
     for path in args.data_sources:
@@ -182,7 +199,8 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
     json_out = args.json_out or str(REPO / 'bench' / 'results' / f'scale-{stamp}.json')
     return BenchConfig(sizes=tuple(sizes), data_sources=tuple(args.data_sources),
                        epochs=args.epochs, seed=args.seed,
-                       work_root=args.work_root, keep=args.keep, json_out=json_out)
+                       work_root=args.work_root, keep=args.keep, json_out=json_out,
+                       growth=tuple(args.growth))
 
 
 def synthetic_shape(num_ratings: int) -> tuple[int, int]:
@@ -451,6 +469,72 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return '\n'.join(lines)
 
 
+def growth_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each step's and each trainer phase's seconds by size, with its measured exponent.
+
+    The exponent b of seconds ~ ratings^b is the least-squares slope of
+    log(seconds) on log(train ratings) over the sizes (None with fewer than two
+    sizes or a phase some size did not run).  On ml-25m-shaped data users grow
+    like the ratings and movies like their square root, so a cost linear in the
+    ratings (or the users) has b = 1, one linear in the movies b = 0.5, and a
+    movies x movies inverse b = 1.5 (docs/performance.md#beyond-one-machine).
+    """
+    ordered = sorted(results, key=lambda result: result['counts']['train_ratings'])
+    names: list[tuple[str, str]] = []
+    for result in ordered:
+        for step in result['steps']:
+            if ('step', step['name']) not in names:
+                names.append(('step', step['name']))
+    for result in ordered:
+        for phase in (result['trainer'].get('phase_seconds') or {}):
+            if ('phase', phase) not in names:
+                names.append(('phase', phase))
+    rows = []
+    for kind, name in names:
+        seconds = []
+        for result in ordered:
+            if kind == 'step':
+                found = [step['seconds'] for step in result['steps'] if step['name'] == name]
+                seconds.append(found[0] if found else None)
+            else:
+                seconds.append((result['trainer'].get('phase_seconds') or {}).get(name))
+        rows.append({'kind': kind, 'name': name, 'seconds': seconds,
+                     'exponent': _exponent([r['counts']['train_ratings'] for r in ordered],
+                                           seconds)})
+    return rows
+
+
+def _exponent(sizes: list[int], seconds: list[float | None]) -> float | None:
+    points = [(math.log(size), math.log(value)) for size, value in zip(sizes, seconds)
+              if value is not None and value > 0]
+    if len(points) < 2 or len(points) < len(sizes) or len({x for x, _ in points}) < 2:
+        return None
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    return (sum((x - mean_x) * (y - mean_y) for x, y in points)
+            / sum((x - mean_x) ** 2 for x, _ in points))
+
+
+def format_growth(results: list[dict[str, Any]]) -> str:
+    """The growth table: seconds by size for each step and trainer phase, and b."""
+    ordered = sorted(results, key=lambda result: result['counts']['train_ratings'])
+    width = max([11] + [len(result['label']) + 2 for result in ordered])
+    name_width = 28
+
+    def line(label: str, cells: list[str], tail: str = '') -> str:
+        return f'{label:<{name_width}}' + ''.join(cell.rjust(width) for cell in cells) + tail
+
+    lines = [line('', [result['label'] for result in ordered], '   b (seconds ~ ratings^b)')]
+    for key in ('train_ratings', 'users', 'movies'):
+        lines.append(line(key.replace('_', ' '),
+                          [f'{result["counts"][key]:,}' for result in ordered]))
+    for row in growth_rows(results):
+        label = row['name'] if row['kind'] == 'step' else f'  trainer: {row["name"]}'
+        lines.append(line(label, [_optional(value, '.1f') for value in row['seconds']],
+                          '   ' + _optional(row['exponent'], '.2f')))
+    return '\n'.join(lines)
+
+
 def run_all(config: BenchConfig, work_root: str) -> list[dict[str, Any]] | None:
     """Generates or takes each zip and benchmarks it; None if a step failed."""
     results = []
@@ -490,6 +574,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    if config.growth:
+        print(format_growth([result for path in config.growth
+                             for result in read_json(path)['results']]))
+        return 0
     if config.work_root is not None:
         os.makedirs(config.work_root, exist_ok=True)
         work_root = tempfile.mkdtemp(prefix='scale-', dir=config.work_root)
@@ -514,6 +602,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with open(config.json_out, 'w', encoding='utf-8') as stream:
         json.dump(document, stream, indent=2)
     print(format_table(results))
+    if len(results) > 1:
+        print()
+        print(format_growth(results))
     print(f'JSON: {config.json_out}')
     return 0
 

@@ -150,3 +150,48 @@ def _check_trainer_breakdown(row: dict) -> None:
         'ranking_and_eval_predictions_seconds', 'other_seconds')]
     assert min(parts) >= 0
     assert sum(parts) == pytest.approx(train_step['seconds'], abs=1e-6)
+
+
+def _result(label: str, train: int, seconds: dict[str, float], phases: dict[str, float]) -> dict:
+    return {'label': label, 'counts': {'train_ratings': train, 'users': train // 100,
+                                       'movies': int(train ** 0.5)},
+            'steps': [{'name': name, 'seconds': value} for name, value in seconds.items()],
+            'trainer': {'phase_seconds': phases}}
+
+
+def test_growth_fits_the_exponent_of_each_step_and_phase(tmp_path: pathlib.Path) -> None:
+    # Planted: preprocess linear in the ratings, the posterior like their
+    # square root, EASE like their 1.5th power; the top-N search only at 25M.
+    sizes = {'1m': 800_000, '5m': 4_000_000, '25m': 20_000_000}
+    results = [_result(label, n, {'preprocess': 2e-5 * n},
+                       {'posterior': 0.01 * n ** 0.5, 'ease': 1e-9 * n ** 1.5,
+                        **({'topn_search': 60.0} if label == '25m' else {})})
+               for label, n in reversed(sizes.items())]
+    rows = {row['name']: row for row in scale.growth_rows(results)}
+    assert rows['preprocess']['seconds'] == pytest.approx([16.0, 80.0, 400.0])
+    assert rows['preprocess']['exponent'] == pytest.approx(1.0)
+    assert rows['posterior']['exponent'] == pytest.approx(0.5)
+    assert rows['ease']['exponent'] == pytest.approx(1.5)
+    assert rows['topn_search']['seconds'] == [None, None, 60.0]
+    assert rows['topn_search']['exponent'] is None
+    # The same table from the runs' JSON files, without running anything.
+    paths = []
+    for index, result in enumerate(results):
+        path = tmp_path / f'run{index}.json'
+        path.write_text(json.dumps({'results': [result]}))
+        paths.append(str(path))
+    printed = subprocess.run([sys.executable, 'bench/scale.py', '--growth', *paths], cwd=REPO,
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    header, *lines = printed.splitlines()
+    assert header.split()[:3] == ['1m', '5m', '25m']
+    (ease_line,) = [line for line in lines if line.split()[:2] == ['trainer:', 'ease']]
+    assert ease_line.split()[-1] == '1.50'
+
+
+def test_growth_refuses_runs_with_it(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / 'run.json'
+    path.write_text('{"results": []}')
+    result = subprocess.run([sys.executable, 'bench/scale.py', '--growth', str(path),
+                             '--sizes', '1m'], cwd=REPO, capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 2 and '--growth with --sizes' in result.stderr.splitlines()[-1]

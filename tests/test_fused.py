@@ -17,6 +17,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import config as config_lib
+from trainer import data
 from trainer.ops import kernels
 from trainer.rating import fused
 from trainer.rating import model as model_lib
@@ -103,6 +104,101 @@ def test_fused_epoch_rejects_out_of_range_indices():
         epoch(tf.constant([0, 1], tf.int32), bad_item, tf.constant([3.0, 4.0]), None, None)
     for expected, actual in zip(before, _tables(model)):  # checked before any update
         np.testing.assert_array_equal(actual, expected)
+
+
+def test_fused_epoch_through_an_order_trains_as_on_shuffled_copies():
+    """The epoch's permutation read by the op (any thread count) gives the bits
+    that training on `data.shuffle`'s copies gave."""
+    user, item, rating = _ratings(3000, seed=5)
+    ratings = data.Ratings(user, item, rating)
+    results = []
+    for threads, through_order in ((2, False), (2, True), (1, True), (3, True)):
+        model = model_lib.MatrixFactorization(USERS, ITEMS, FACTORS, 3.2, 0.1, seed=7)
+        optimizer = optimizers.Adam(model.parameters(), 0.05)
+        epoch = fused.make_epoch(model, optimizer, model_lib.penalty_weights(FACTORS, 0.05, 0.01),
+                                 BATCH, 1.0, 5.0, threads=threads)
+        totals = []
+        for seed in (11, 12):
+            if through_order:
+                totals.append(epoch(user, item, rating, *_weights(),
+                                    fused.epoch_order(len(ratings), seed)).numpy())
+            else:
+                shuffled = data.shuffle(ratings, seed)
+                totals.append(epoch(shuffled.user, shuffled.item, shuffled.rating,
+                                    *_weights()).numpy())
+        results.append((_tables(model), np.array(totals), optimizer.iterations.numpy()))
+    (expected, expected_totals, steps), *others = results
+    assert steps == 2 * 47
+    for tables, totals, other_steps in others:
+        for want, got in zip(expected, tables):
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(totals, expected_totals, rtol=1e-12)
+        assert other_steps == steps
+
+
+def test_fused_epoch_trains_a_partial_order_and_rejects_a_bad_entry():
+    user, item, rating = _ratings(300, seed=6)
+    model = model_lib.MatrixFactorization(USERS, ITEMS, FACTORS, 3.2, 0.1, seed=7)
+    optimizer = optimizers.Adam(model.parameters(), 0.05)
+    epoch = fused.make_epoch(model, optimizer, model_lib.penalty_weights(FACTORS, 0.05, 0.01),
+                             BATCH, 1.0, 5.0)
+    totals = epoch(user, item, rating, None, None, tf.constant([5, 3, 299], tf.int32)).numpy()
+    assert totals[1] == 3 and optimizer.iterations.numpy() == 1
+    before = _tables(model)
+    with pytest.raises(tf.errors.InvalidArgumentError, match='order entry 300 at 1'):
+        epoch(user, item, rating, None, None, tf.constant([0, 300], tf.int32))
+    for expected, actual in zip(before, _tables(model)):
+        np.testing.assert_array_equal(actual, expected)
+
+
+@pytest.mark.parametrize('size', [0, 1, 2, 3, 1000, 65_537])
+def test_epoch_order_is_tensorflows_stateless_shuffle(size):
+    for seed in (0, 7, data.epoch_seed(3, 2)):
+        expected = tf.random.experimental.stateless_shuffle(
+            tf.range(size, dtype=tf.int32), seed=(seed, 0)).numpy()
+        np.testing.assert_array_equal(fused.epoch_order(size, seed).numpy(), expected)
+    if size > 3:  # a permutation, and not the identity
+        order = fused.epoch_order(size, 7).numpy()
+        assert sorted(order) == list(range(size)) and (order != np.arange(size)).any()
+
+
+def _scored(model, user, item, rating, low=1.0, high=5.0):
+    """(squared, absolute) error sums by numpy in float64, predictions clipped."""
+    users, items = model.user_embedding.numpy(), model.item_embedding.numpy()
+    prediction = (float(model.global_mean.numpy()) + users[user, -1] + items[item, -1]
+                  + np.sum(users[user, :-1].astype(np.float64) * items[item, :-1], axis=1))
+    error = np.clip(prediction, low, high) - rating
+    return np.array([np.sum(error ** 2), np.sum(np.abs(error))])
+
+
+def test_the_scoring_op_matches_numpy_and_tensorflow_on_any_thread_count():
+    model = model_lib.MatrixFactorization(USERS, ITEMS, FACTORS, 3.2, 0.6, seed=3)
+    user, item, rating = _ratings(40_000, seed=8)  # several chunks of 16,384
+    expected = _scored(model, user.numpy(), item.numpy(), rating.numpy())
+    by_threads = [fused.make_scorer(model, 1.0, 5.0, threads)(user, item, rating).numpy()
+                  for threads in (1, 2, 3)]
+    np.testing.assert_allclose(by_threads[0], expected, rtol=1e-6)
+    for other in by_threads[1:]:
+        np.testing.assert_array_equal(other, by_threads[0])
+    ratings = data.Ratings(user, item, rating)
+    for kernel in ('tf', 'auto'):
+        metrics = train_lib.make_scorer(model, 1.0, 5.0, 1024, kernel)(ratings)
+        assert metrics['mse'] == pytest.approx(expected[0] / 40_000, rel=1e-6)
+        assert metrics['mae'] == pytest.approx(expected[1] / 40_000, rel=1e-6)
+    # Clipping matters here: some predictions fall outside [1, 5].
+    assert not np.allclose(expected, _scored(model, user.numpy(), item.numpy(),
+                                             rating.numpy(), -100, 100))
+    empty = tf.zeros([0], tf.int32)
+    assert np.isnan(train_lib.make_scorer(model, 1.0, 5.0, 1024, 'auto')(
+        data.Ratings(empty, empty, tf.zeros([0])))['rmse'])
+
+
+def test_the_scoring_op_rejects_out_of_range_indices():
+    model = model_lib.MatrixFactorization(USERS, ITEMS, FACTORS, 3.2, 0.1, seed=3)
+    with pytest.raises(tf.errors.InvalidArgumentError, match='user index 41 at 1'):
+        fused.make_scorer(model, 1.0, 5.0)(tf.constant([0, USERS + 1], tf.int32),
+                                           tf.constant([0, 1], tf.int32),
+                                           tf.constant([3.0, 4.0]))
 
 
 def test_build_without_a_compiler_says_what_to_install(monkeypatch, tmp_path):

@@ -3,13 +3,14 @@ algebra, the low-rank average, and the chain on planted data."""
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import features, logs
+from trainer import config, features, logs
 from trainer.ops import kernels
 from trainer.rating import posterior
 
@@ -374,3 +375,209 @@ def test_the_sweeps_log_their_progress_and_the_time_left(monkeypatch, caplog):
         f'Posterior sweeps: {sweep} of 4' for sweep in range(1, 5)]
     assert lines[-1].startswith('Posterior sweeps: 4 of 4 (100%), ')
     assert lines[-1].endswith(', about 0 s left')
+
+
+def test_batch_means_find_the_planted_variance_of_a_running_mean():
+    # Planted: 2,000 ratings' predictions follow AR(1) chains with rho 0.6,
+    # so the running mean of n sweeps has variance sigma^2 tau / n with the
+    # integrated autocorrelation time tau = (1 + rho) / (1 - rho) = 4.
+    rng = np.random.default_rng(0)
+    rho, sigma, sweeps = 0.6, 0.5, 400
+    batches = posterior.BatchMeans(2000)
+    value = rng.normal(0, sigma, 2000)
+    for _ in range(sweeps):
+        batches.add(value)
+        value = rho * value + np.sqrt(1 - rho ** 2) * rng.normal(0, sigma, 2000)
+    assert posterior.MIN_BATCHES <= len(batches.whole) < 2 * posterior.MIN_BATCHES
+    assert batches.size * len(batches.whole) + batches.in_current == sweeps
+    # Batches of 32 sweeps against a memory of a few: within 15% of 4.
+    assert 3.4 < batches.autocorrelation() < 4.6, batches.autocorrelation()
+    expected = sigma ** 2 * 4 / sweeps
+    assert batches.variance() == pytest.approx(expected, rel=0.15)
+    # A chain still drifting (a trend of 0.5 over the sweeps, each rating its own
+    # direction) has a running mean that is off by far more than its noise.
+    drifting = posterior.BatchMeans(2000)
+    direction = rng.choice([-1.0, 1.0], 2000)
+    for sweep in range(sweeps):
+        drifting.add(direction * 0.5 * sweep / sweeps + rng.normal(0, sigma, 2000))
+    # Batch means alone would say sigma^2 / n (independent draws around the trend,
+    # plus the trend's spread within the batches); half the halves' gap is 0.125.
+    assert drifting.variance() > 10 * sigma ** 2 / sweeps
+    assert drifting.variance() == pytest.approx(0.125 ** 2, rel=0.25)
+    few = posterior.BatchMeans(3)
+    for _ in range(posterior.MIN_BATCHES - 1):
+        few.add(np.ones(3))
+    assert few.variance() is None  # too few batches to say
+
+
+def test_the_validation_sample_is_seeded_and_leaves_out_unknown_rows(monkeypatch):
+    monkeypatch.setattr(posterior, 'VALIDATION_SAMPLE', 50)
+    rng = np.random.default_rng(1)
+    user, item = rng.integers(0, 12, 300), rng.integers(0, 9, 300)
+    rating = rng.normal(3, 1, 300)
+    sample = posterior.validation_sample(user, item, rating, 10, 8, seed=0)
+    assert len(sample[0]) == 50
+    assert sample[0].max() < 10 and sample[1].max() < 8
+    again = posterior.validation_sample(user, item, rating, 10, 8, seed=0)
+    other = posterior.validation_sample(user, item, rating, 10, 8, seed=1)
+    for a, b in zip(sample, again):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(sample[2], other[2])
+
+
+def _adaptive(samples: int = 60, **settings):
+    """The planted chain with a validation slice (the held-out ratings) for the rule."""
+    user, item, rating, held, _ = _planted(seed=2)
+    mu = float(rating[~held].mean())
+    tables = _tables(120, 80, 3)
+    settings = {'burn_in': 5, 'seed': 0, **settings}
+    return posterior.average(*tables, mu, user[~held], item[~held], rating[~held],
+                             samples=samples,
+                             validation=(user[held], item[held], rating[held]), **settings)
+
+
+@functools.cache
+def _statistics() -> dict[int, float | None]:
+    """The rule's statistic after each kept sweep of a chain run to its cap,
+    from the chain states the sweeps hand over."""
+    user, item, rating, held, _ = _planted(seed=2)
+    sample = posterior.validation_sample(user[held], item[held], rating[held], 120, 80, 0)
+    target = sample[2] - float(np.float32(float(rating[~held].mean())))
+    statistics = {}
+
+    def after_sweep(sweep, chain, last):
+        state = chain()
+        batches = posterior.BatchMeans(len(target))
+        batches.restore(state.batches)
+        if sweep > 5:
+            statistics[sweep - 5] = posterior.mc_error_share(batches, target)
+    result = _adaptive(after_sweep=after_sweep, mc_error=0.0)
+    assert result.stopped_by == 'cap' and result.mc_error_level == 0.0
+    return statistics
+
+
+def test_a_loose_level_stops_at_the_minimum_and_a_tight_one_runs_to_the_cap(caplog):
+    caplog.set_level(logging.INFO, logger='trainer.rating.posterior')
+    loose = _adaptive(mc_error=0.5, min_samples=12)
+    assert (loose.samples, loose.stopped_by) == (12, 'mc_error')
+    assert loose.mc_error <= 0.5 and loose.mc_error_level == 0.5
+    assert 'Posterior chain stopped after 12 kept sweeps' in caplog.text
+    tight = _adaptive(samples=30, mc_error=1e-9, min_samples=12)
+    assert (tight.samples, tight.stopped_by) == (30, 'cap')
+    assert tight.mc_error > 1e-9
+    assert tight.validation_sample == 120  # a held-out rating per user
+
+
+def test_the_chain_stops_at_the_first_sweep_the_rule_allows_and_equals_a_fixed_chain(caplog):
+    statistics = _statistics()
+    # From MIN_BATCHES kept sweeps on (batches of one sweep), the rule has a figure.
+    assert [kept for kept, value in statistics.items() if value is None] == list(
+        range(1, posterior.MIN_BATCHES))
+    level = statistics[30] * 1.001
+    expected = min(kept for kept, value in statistics.items()
+                   if kept >= 20 and value is not None and value <= level)
+    caplog.set_level(logging.INFO, logger='trainer.rating.posterior')
+    stopped = _adaptive(mc_error=level, min_samples=20, progress_every=1)
+    assert (stopped.samples, stopped.stopped_by) == (expected, 'mc_error')
+    assert stopped.mc_error == pytest.approx(statistics[expected], rel=1e-9)
+    # The logged error at the stop sweep is the rule's figure.
+    line = next(record.getMessage() for record in caplog.records
+                if record.getMessage().startswith(f'Posterior sweep {expected + 5}/65 '))
+    assert f'Monte Carlo error {100 * statistics[expected]:.3g}% of the validation' in line
+    # The rule draws nothing: the stopped chain is the fixed chain of that length.
+    fixed = _adaptive(samples=expected)
+    np.testing.assert_array_equal(stopped.user_table, fixed.user_table)
+    np.testing.assert_array_equal(stopped.item_table, fixed.item_table)
+    # And the same seed stops at the same sweep with the same tables.
+    again = _adaptive(mc_error=level, min_samples=20)
+    assert again.samples == stopped.samples
+    np.testing.assert_array_equal(again.user_table, stopped.user_table)
+
+
+@pytest.mark.parametrize('stop_after', ['burn-in', 'kept', 'last'])
+def test_an_adaptive_chain_resumed_from_its_checkpoint_stops_at_the_same_sweep(
+        stop_after, tmp_path):
+    from trainer.rating import state
+    settings = dict(mc_error=_statistics()[40] * 1.001, min_samples=18)
+    uninterrupted = _adaptive(**settings)
+    assert uninterrupted.stopped_by == 'mc_error' and 18 <= uninterrupted.samples <= 40
+    stop_sweep = uninterrupted.samples + 5
+    at = {'burn-in': 3, 'kept': stop_sweep - 4, 'last': stop_sweep}[stop_after]
+    path = str(tmp_path / 'posterior' / 'chain.npz')
+    lasts = []
+
+    def save_at(sweep, chain, last):
+        lasts.append(last)
+        if sweep == at:
+            state.save_chain(path, chain())
+    _adaptive(after_sweep=save_at, **settings)
+    assert lasts == [False] * (stop_sweep - 1) + [True]
+    saved = state.load_chain(path)
+    assert saved.sweep == at and saved.stopped == (stop_after == 'last')
+    resumed = _adaptive(resume=saved, **settings)
+    assert (resumed.samples, resumed.stopped_by) == (uninterrupted.samples, 'mc_error')
+    assert resumed.mc_error == uninterrupted.mc_error
+    np.testing.assert_array_equal(resumed.user_table, uninterrupted.user_table)
+    np.testing.assert_array_equal(resumed.item_table, uninterrupted.item_table)
+    # Another level is another chain: its checkpoint is not resumed.
+    other = _adaptive(resume=saved, mc_error=0.5, min_samples=10)
+    assert (other.samples, other.mc_error_level) == (10, 0.5)
+
+
+def test_average_rejects_a_negative_level():
+    tables = _tables(3, 3, 2)
+    with pytest.raises(ValueError, match='mc_error >= 0'):
+        posterior.average(*tables, 3.0, np.array([0]), np.array([0]), np.array([3.0]),
+                          samples=1, burn_in=0, seed=0, mc_error=-0.1)
+
+
+def test_the_start_scale_is_the_chains_start_and_part_of_its_settings(monkeypatch, tmp_path):
+    from trainer.rating import state
+    from_mode = _adaptive(samples=3, start_scale=1.0)
+    monkeypatch.setattr(posterior, 'START_FACTOR_SCALE', 1.0)
+    np.testing.assert_array_equal(_adaptive(samples=3).user_table, from_mode.user_table)
+    monkeypatch.undo()
+    shrunk = _adaptive(samples=3)
+    assert np.abs(shrunk.user_table - from_mode.user_table).max() > 1e-3
+    path = str(tmp_path / 'chain.npz')
+
+    def save(sweep, chain, last):
+        if last:
+            state.save_chain(path, chain())
+    _adaptive(samples=3, start_scale=1.0, after_sweep=save)
+    # A checkpoint of a chain from the mode is not resumed by a chain from 0.3 of it.
+    resumed = _adaptive(samples=3, resume=state.load_chain(path))
+    np.testing.assert_array_equal(resumed.user_table, shrunk.user_table)
+    with pytest.raises(ValueError, match='start_scale'):
+        _adaptive(samples=3, start_scale=1.5)
+
+
+@pytest.mark.parametrize('stopped_by, level, expected', [
+    ('mc_error', 0.001, '(stopped at Monte Carlo error 0.0912% of the validation RMSE, '
+                        'level 0.1%; 61.0 s)'),
+    ('cap', 0.001, '(the cap, Monte Carlo error 0.213% of the validation RMSE against a level '
+                   'of 0.1%; 61.0 s)'),
+    ('cap', 0.0, '(Monte Carlo error 0.213% of the validation RMSE; 61.0 s)'),
+])
+def test_the_summary_line_says_why_the_chain_stopped(stopped_by, level, expected):
+    from trainer import task
+    posterior_metrics = {'samples': 37, 'burn_in': 20, 'noise': 'user-movie', 'seconds': 61.0,
+                         'mc_error': 0.000912 if stopped_by == 'mc_error' else 0.00213,
+                         'mc_error_level': level, 'stopped_by': stopped_by,
+                         'max_samples': 100, 'before': {'eval_rmse': 0.8}}
+    line = task._posterior_line(posterior_metrics)
+    assert line.startswith('  then its posterior mean: 37 Gibbs sweeps after 20 burn-in, ')
+    assert expected in line, line
+
+
+def test_default_chain_starts_from_the_trained_model_and_stops_by_the_rule_on_large_data():
+    small = posterior.default_chain(posterior.LARGE_CHAIN_RATINGS - 1)
+    large = posterior.default_chain(posterior.LARGE_CHAIN_RATINGS)
+    assert small == (posterior.START_FACTOR_SCALE, 0.0) and small[0] < 1
+    assert large == (1.0, posterior.LARGE_CHAIN_MC_ERROR) and large[1] > 0
+    # The flags' defaults leave the choice to the data; an explicit value wins.
+    parsed = config.parse_args(['--work-dir', 'w'])
+    assert parsed.posterior_start_scale is None and parsed.posterior_mc_error is None
+    parsed = config.parse_args(['--work-dir', 'w', '--posterior-start-scale', '0.3',
+                                '--posterior-mc-error', '0'])
+    assert parsed.posterior_start_scale == 0.3 and parsed.posterior_mc_error == 0.0

@@ -141,7 +141,7 @@ def test_a_chain_resumed_from_its_checkpoint_file_gives_the_same_mean(kernel, st
     uninterrupted = posterior.average(*inputs, **settings)
     path = str(tmp_path / 'posterior' / 'chain.npz')
 
-    def save_at_stop(sweep, chain):
+    def save_at_stop(sweep, chain, last):
         if sweep == stop_after:
             state.save_chain(path, chain())
     posterior.average(*inputs, after_sweep=save_at_stop, **settings)
@@ -157,7 +157,7 @@ def test_a_checkpoint_of_another_chain_is_not_resumed(tmp_path, caplog):
     inputs = _chain_inputs()
     path = str(tmp_path / 'chain.npz')
 
-    def save(sweep, chain):
+    def save(sweep, chain, last):
         if sweep == 12:
             state.save_chain(path, chain())
     posterior.average(*inputs, samples=20, burn_in=5, seed=1, kernel='tf', after_sweep=save)

@@ -8,6 +8,7 @@ import os
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 import pytest
 import tensorflow as tf
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
@@ -79,6 +80,28 @@ def test_parse_rating_lines_matches_the_per_line_parser():
 def test_parse_rating_lines_of_nothing_is_empty():
     parsed = rating_parser.parse_rating_lines([], ML_100K)
     assert parsed.valid.num_rows == 0 and parsed.rejected == []
+
+
+@pytest.mark.parametrize('layout', [ML_100K, ML_1M, ML_25M])
+def test_parse_id_pairs_finds_every_accepted_pair(layout):
+    """The repeated-pairs pass reads only ids: every pair the full parser accepts, at most
+    a few of the rejected lines' pairs, on messy lines of every kind."""
+    sep = layout.ratings_separator
+    fields = [('1', '10', '5', '100'), ('007', '70', '4', '1'), (' 8', '80 ', '3', '2'),
+              ('9', '90', '9', '3'), ('x', '1', '1', '1'), ('11', '110', '2', 'bad'),
+              ('12', '-120', '1', '4'), ('1', '10', '3', '200'), ('13', '130', '1')]
+    lines = [sep.join(row) for row in fields]
+    lines += ['\ufeff14' + sep + '140' + sep + '2' + sep + '5', '', 'userId' + sep + 'movieId']
+    raw = [line.encode() for line in lines] + [b'15' + sep.encode() + b'\xff' + sep.encode()
+                                               + b'1' + sep.encode() + b'1']
+    got = rating_parser.parse_id_pairs(pa.array(raw, pa.large_binary()), layout)
+    got_pairs = list(zip(got.column('user_id').to_pylist(), got.column('movie_id').to_pylist()))
+    valid = rating_parser.parse_rating_lines(pa.array(raw, pa.large_binary()), layout).valid
+    accepted = list(zip(valid.column('user_id').to_pylist(), valid.column('movie_id').to_pylist()))
+    assert sorted(accepted) == [(1, 10), (1, 10), (7, 70), (8, 80), (14, 140)]
+    assert not set(accepted) - set(got_pairs)
+    assert sorted(got_pairs) == sorted(accepted + [(9, 90), (11, 110), (13, 130)])
+    assert got_pairs.count((1, 10)) == 2
 
 
 def test_split_is_deterministic_and_near_the_asked_share():

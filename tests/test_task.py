@@ -64,7 +64,8 @@ def test_main_trains_exports_and_summarises(preprocessed, tmp_path, monkeypatch,
     # Where the time went: every phase this run had, each positive, within the wall time.
     seconds = metrics['phase_seconds']
     assert set(seconds) == {'load', 'rating_epochs', 'refit', 'posterior', 'topn_search',
-                            'topn_train', 'export', 'ranking', 'eval_predictions'}
+                            'topn_train', 'topn_refit', 'topn_validation', 'export', 'ranking',
+                            'eval_predictions'}
     assert all(value > 0 for value in seconds.values())
     assert sum(seconds.values()) <= metrics['wall_seconds']
 

@@ -25,7 +25,7 @@ from trainer.history import ResumeError
 from trainer.ops import kernels
 from trainer.pipeline import synthetic
 from trainer.rating.train import Splits
-from trainer.topn import ranking, train as topn_train
+from trainer.topn import ials, ranking, train as topn_train
 
 PLANTED = synthetic.SyntheticConfig(num_users=400, num_movies=800, num_ratings=25_000,
                                     seed=5)
@@ -256,3 +256,63 @@ def test_early_stopping_on_a_validation_sample_picks_the_full_validations_iterat
         assert sampled.iterations == full.iterations
         assert sampled.best_validation_ndcg != pytest.approx(full.best_validation_ndcg,
                                                              abs=1e-6)
+
+
+@pytest.mark.parametrize('factors', [16, 5])  # an unrolled width, and the generic one
+def test_the_objective_from_the_cpp_half_step_is_the_direct_sum(splits, tmp_path, factors):
+    """topn_log.csv's objective, its rated part summed inside the C++ op, against the
+    dense sum over every user x movie cell of the objective in ials.py."""
+    try:
+        kernels.load()
+    except kernels.KernelUnavailable as error:
+        pytest.skip(f'no C++ ops here: {error}')
+    config = dataclasses.replace(
+        _config(tmp_path, topn_factors=factors, topn_confidence=1.0, topn_target='rating',
+                topn_l2_exponent=1.0),
+        topn_l2=0.5, topn_unobserved_weight=0.3)
+    iterator = topn_train._Iterator(config, splits.fit, ROWS)
+    state = topn_train._fresh(config, 'search', ROWS)
+    for _ in range(2):
+        iterator.step(state)
+        fast = iterator.objective(state)
+        assert iterator._rated_loss[2] is not None  # the op's sum, not a pass over the pairs
+        p = state.user_factors.astype(np.float64)
+        q = state.item_factors.astype(np.float64)
+        users, items = splits.fit.user.numpy(), splits.fit.item.numpy()
+        ratings = splits.fit.rating.numpy()
+        weight, target = ials.preference(ratings), ials.preference(ratings)
+        scores = p @ q.T
+        rated = np.sum(weight * (target - scores[users, items]) ** 2)
+        user_l2 = 0.5 * (np.bincount(users, minlength=ROWS[0]) + 0.3 * PLANTED.num_movies)
+        item_l2 = 0.5 * (np.bincount(items, minlength=ROWS[1]) + 0.3 * PLANTED.num_users)
+        direct = (rated + 0.3 * np.sum(scores ** 2) + np.sum(user_l2 * np.sum(p * p, 1))
+                  + np.sum(item_l2 * np.sum(q * q, 1)))
+        assert fast == pytest.approx(direct, rel=1e-5)
+        # and as the pass over the pairs computes it (the TensorFlow fallback's way)
+        iterator._rated_loss = None
+        assert iterator.objective(state) == pytest.approx(fast, rel=1e-5)
+
+
+def test_after_a_search_the_refit_trains_what_the_search_iterations_would_choose(
+        splits, tmp_path):
+    """With the search's trial of the chosen point, train skips the search iterations
+    that would only repeat it: the same refitted factors, the trial's rows in topn_log.csv."""
+    def config(name, **overrides):
+        return _config(tmp_path / name, early_stopping_patience=2, topn_factors=16,
+                       topn_l2=20.0, topn_unobserved_weight=0.5, **overrides)
+    tried = topn_train.trial(config('trial', topn_iterations=8), splits.fit,
+                             splits.validation, ROWS, seed=0)
+    assert 1 <= tried.iteration < len(tried.history) <= 8
+    repeated = topn_train.train(config('repeated', topn_iterations=tried.iteration), splits,
+                                *ROWS, seed=0)
+    searched = topn_train.train(config('searched', topn_iterations=tried.iteration), splits,
+                                *ROWS, seed=0, searched=tried)
+    assert searched.refit and searched.iterations == repeated.iterations == tried.iteration
+    np.testing.assert_array_equal(searched.user_factors, repeated.user_factors)
+    np.testing.assert_array_equal(searched.item_factors, repeated.item_factors)
+    assert searched.best_validation_ndcg == repeated.best_validation_ndcg == tried.ndcg
+    assert searched.history == tried.history
+    assert [row[:3] for row in repeated.history] == [row[:3] for row in tried.history[
+        :tried.iteration]]
+    log = (tmp_path / 'searched' / 'model' / features.TOPN_LOG_FILE).read_text().splitlines()
+    assert len(log) == 1 + len(tried.history)

@@ -73,6 +73,7 @@ def _table(result: topn_search.SearchResult) -> list:
 def test_the_search_picks_the_planted_item_item_model(splits, tiny_grid, tmp_path):
     result = topn_search.search(_config(tmp_path), splits, (USERS, 2 * PAIRS), seed=0)
     assert result.family == 'ease' and result.blend == 1.0 and result.ials is None
+    assert result.sample is None and result.ials_trial is None
     stages = [row['stage'] for row in result.table]
     assert stages.count('ials') == 2 and stages.count('ease') >= 2
     best_ials = max(row['validation_ndcg'] for row in result.table if row['stage'] == 'ials')
@@ -108,8 +109,8 @@ def test_the_same_seed_searches_the_same_points(splits, tiny_grid, tmp_path):
     first = topn_search.search(_config(tmp_path), splits, (USERS, 2 * PAIRS), seed=3)
     second = topn_search.search(_config(tmp_path), splits, (USERS, 2 * PAIRS), seed=3)
     assert _table(first) == _table(second)
-    assert dataclasses.replace(first, table=(), seconds=0) == dataclasses.replace(
-        second, table=(), seconds=0)
+    assert dataclasses.replace(first, table=(), seconds=0, validation_seconds=0) == (
+        dataclasses.replace(second, table=(), seconds=0, validation_seconds=0))
     other = topn_search.search(_config(tmp_path), splits, (USERS, 2 * PAIRS), seed=4)
     ials = [row['settings'] for row in other.table if row['stage'] == 'ials']
     assert ials != [row['settings'] for row in first.table if row['stage'] == 'ials']
@@ -152,10 +153,73 @@ def test_a_best_point_on_the_edge_is_said_in_one_line(splits, tmp_path, caplog, 
     assert len(lines) == 1 and 'EASE lambda 8' in lines[0]
 
 
-def test_the_default_budget_grows_with_the_data():
+def test_the_default_budget_grows_with_the_data_up_to_the_searched_sample():
     assert topn_search.default_budget(100_000) == pytest.approx(30.0)
     assert 50 < topn_search.default_budget(1_000_000) < 55
-    assert topn_search.default_budget(20_000_000) < 125
+    # Past SEARCH_RATINGS the search fits a sample of that size, in the same budget.
+    assert topn_search.default_budget(22_500_000) == topn_search.default_budget(
+        topn_search.SEARCH_RATINGS)
+
+
+@pytest.fixture
+def sampled(monkeypatch):
+    """The search fits a sample of about half the users (the planted fit: 1,600 ratings)."""
+    monkeypatch.setattr(topn_search, 'SEARCH_RATINGS', 800)
+
+
+def test_past_its_ratings_the_search_fits_a_seeded_sample_of_users(splits, tiny_grid, sampled,
+                                                                   tmp_path, monkeypatch):
+    fitted = []
+    trial = topn_search.topn_train.trial
+
+    def recorded_trial(config, fit, validation, *args, **kwargs):
+        fitted.append((set(fit.user.numpy()), set(validation.user.numpy()), args[-1]))
+        return trial(config, fit, validation, *args, **kwargs)
+    monkeypatch.setattr(topn_search.topn_train, 'trial', recorded_trial)
+    first = topn_search.search(_config(tmp_path), splits, (USERS, 2 * PAIRS), seed=3)
+    assert 60 < first.sample['users'] < 140 and first.sample['of_users'] == USERS
+    assert first.sample['fit_ratings'] < first.sample['of_fit_ratings'] == len(splits.fit)
+    users, validation_users, sample = fitted[0]
+    assert len(users) == first.sample['users'] and validation_users <= users
+    assert all(fit_users == users for fit_users, _, _ in fitted)  # every point, one sample
+    assert first.users <= len(validation_users)
+    # Each movie's ridge is the whole data's times the share kept (topn_train.UserSample).
+    assert sample.share == pytest.approx(800 / len(splits.fit))
+    np.testing.assert_array_equal(sample.item_counts[:2 * PAIRS],
+                                  np.bincount(splits.fit.item.numpy(), minlength=2 * PAIRS))
+    # Deterministic for a seed; another seed draws other users.
+    second = topn_search.search(_config(tmp_path), splits, (USERS, 2 * PAIRS), seed=3)
+    assert _table(first) == _table(second) and first.sample == second.sample
+    topn_search.search(_config(tmp_path), splits, (USERS, 2 * PAIRS), seed=4)
+    assert fitted[-1][0] != users
+    # The chosen iALS point's iterations are chosen again on all users (no trial to
+    # refit from), up to the sample's count.
+    ials = topn_search.search(_config(tmp_path, topn_model='ials'), splits, (USERS, 2 * PAIRS),
+                              seed=3)
+    assert ials.family == 'ials' and ials.sample is not None and ials.ials_trial is None
+    config = _config(tmp_path, topn_iterations=9)
+    point = {'factors': 8, 'l2_scale': 2.0, 'unobserved_scale': 1.0, 'confidence': 0.0,
+             'iterations': 3}
+    refit = topn_search.refit_config(config, dataclasses.replace(first, ials=point))
+    assert refit.topn_iterations == 3 and refit.topn_factors == 8 and refit.topn_l2 == 2.0
+
+
+def test_a_sampled_search_still_picks_the_planted_item_item_model(splits, tiny_grid, sampled,
+                                                                  tmp_path):
+    result = topn_search.search(_config(tmp_path), splits, (USERS, 2 * PAIRS), seed=0)
+    assert result.sample is not None
+    # (half the users: EASE's pairs are seen half as often, its lead stays)
+    best_ials = max(row['validation_ndcg'] for row in result.table if row['stage'] == 'ials')
+    assert result.family == 'ease' and result.validation_ndcg > best_ials + 0.1
+    assert 0 < result.validation_seconds < result.seconds
+
+
+def test_a_sampled_search_respects_its_budget(splits, tiny_grid, sampled, tmp_path):
+    result = topn_search.search(_config(tmp_path, topn_search_seconds=1e-3), splits,
+                                (USERS, 2 * PAIRS), seed=0)
+    assert result.sample is not None and result.budget == 1e-3
+    stages = [row['stage'] for row in result.table]
+    assert stages.count('ease') == 1 and stages.count('ials') == 1
 
 
 def test_the_flags_point_stays_unless_the_best_is_clearly_better(splits, tiny_grid, tmp_path,
@@ -165,6 +229,8 @@ def test_the_flags_point_stays_unless_the_best_is_clearly_better(splits, tiny_gr
     result = topn_search.search(_config(tmp_path), splits, (USERS, 2 * PAIRS), seed=0)
     first_ials = next(row for row in result.table if row['stage'] == 'ials')
     assert result.kept_flags and result.family == 'ials' and result.ease_lambda is None
+    # The trial the refit starts from is the flags' point's (the search fitted all users).
+    assert result.ials_trial.iteration == first_ials['settings']['iterations']
     assert result.ials == first_ials['settings'] and not result.on_edge
     assert result.validation_ndcg == pytest.approx(first_ials['validation_ndcg'])
     assert "the flags' point is kept" in caplog.text

@@ -304,8 +304,8 @@ def test_early_stopping_keeps_the_best_validation_epoch_and_ignores_eval(
     calls = {'validation': 0, 'eval': 0}
     held = {}
 
-    def planted_scorer(model, rating_min, rating_max, chunk_size):
-        score = real_scorer(model, rating_min, rating_max, chunk_size)
+    def planted_scorer(model, rating_min, rating_max, chunk_size, kernel='tf'):
+        score = real_scorer(model, rating_min, rating_max, chunk_size, kernel)
 
         def fake(ratings):
             metrics = score(ratings)
@@ -348,6 +348,35 @@ def test_early_stopping_keeps_the_best_validation_epoch_and_ignores_eval(
     again = train.train(run_config, info, num_users, num_movies)
     assert again.ratings_trained == 0 and again.best_epoch == 3
     np.testing.assert_array_equal(again.model.user_embedding.numpy(), snapshots[3])
+
+
+def test_the_fused_epochs_order_and_scoring_keep_the_model_of_shuffled_copies(
+        planted, tmp_path, monkeypatch):
+    """Training through the permutation and scoring with the C++ op give, bit
+    for bit, the model that shuffled copies and TensorFlow scoring gave: the
+    same best epoch, the same refit; the scores agree to float32 rounding."""
+    settings = dict(num_epochs=6, final_model='refit', early_stopping_patience=2)
+    now = _run(planted, str(tmp_path / 'now'), **settings)
+    real_make_epoch, real_scorer = train.fused.make_epoch, train.make_scorer
+
+    def copies_epoch(*args, **kwargs):
+        epoch = real_make_epoch(*args, **kwargs)
+        return lambda *columns: epoch(*columns)  # no reads_order: `data.shuffle` copies
+    monkeypatch.setattr(train.fused, 'make_epoch', copies_epoch)
+    monkeypatch.setattr(train, 'make_scorer', lambda *args: real_scorer(*args[:4], 'tf'))
+    before = _run(planted, str(tmp_path / 'before'), **settings)
+    assert now.refit and before.refit and now.best_epoch == before.best_epoch
+    for name in ('user_embedding', 'item_embedding'):
+        np.testing.assert_array_equal(getattr(now.model, name).numpy(),
+                                      getattr(before.model, name).numpy())
+        np.testing.assert_array_equal(getattr(now.search_model, name).numpy(),
+                                      getattr(before.search_model, name).numpy())
+    assert len(now.history) == len(before.history) > 2
+    for got, want in zip(now.history, before.history):
+        assert got.train_rmse == want.train_rmse
+        assert got.validation_rmse == pytest.approx(want.validation_rmse, abs=1e-6)
+        assert got.eval_rmse == pytest.approx(want.eval_rmse, abs=1e-6)
+    assert now.final.eval_rmse == pytest.approx(before.final.eval_rmse, abs=1e-6)
 
 
 def test_without_a_validation_slice_the_last_epoch_is_kept(planted, tmp_path):

@@ -42,7 +42,10 @@ def test_a_busy_process_is_sampled_as_busy_then_idle_and_its_memory_grows(tmp_pa
     idle = [cores for cores, at in zip(recorded.cpu_cores, recorded.seconds)
             if born + at > busy_to + 0.2]
     assert len(busy) >= 3 and len(idle) >= 2
-    assert np.mean(busy) > 0.2 and max(idle) < 0.1
+    # CPU time moves in 10 ms clock ticks, so one tick of another thread of this
+    # process (a long pytest run has some) reads 0.1 core in a 0.1 s row; a busy
+    # thread reads about 1 (less on a loaded machine).
+    assert np.mean(busy) > 0.2 and np.mean(idle) < 0.1 and max(idle) <= 0.2
     assert recorded.peak_rss_bytes() >= before + 50 * 2**20 and held.all()
     assert recorded.peak_rss_bytes() >= recorded.mean_rss_bytes() > 20 * 2**20
 

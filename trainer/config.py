@@ -197,9 +197,22 @@ class TrainConfig:
         end.
       implicit_l2: the penalty strength of the implicit term's y rows; None:
         IMPLICIT_L2_FACTOR x l2 (with implicit_feedback).
-      posterior_samples: Gibbs sweeps averaged into the final model's
-        posterior mean (`trainer.rating.posterior`); 0 exports the trained (MAP)
-        model as it is.
+      posterior_samples: the most Gibbs sweeps averaged into the final
+        model's posterior mean (`trainer.rating.posterior`); 0 exports the
+        trained (MAP) model as it is.
+      posterior_mc_error: the chain stops at the first kept sweep (from
+        posterior_min_samples on) where the Monte Carlo error's estimated
+        share of the validation RMSE is at most this (0.001: 0.1%); 0 runs all
+        posterior_samples; None (the default): 0.001 from 500,000 train
+        ratings on, else 0 (`posterior.default_chain`).  Trust it from the
+        trained model's start (posterior_start_scale 1): from shrunk factors
+        the chain can sit on a plateau before it climbs, which no rule can see
+        coming.
+      posterior_min_samples: the fewest sweeps averaged when the rule stops
+        the chain.
+      posterior_start_scale: the chain starts from the trained factors times
+        this (1: the trained model itself); None (the default): 1 from 500,000
+        train ratings on, else 0.3.
       posterior_burn_in: sweeps run from the trained model and dropped
         before the averaged ones.
       posterior_noise: the chain's noise model, 'user-movie' (a noise level
@@ -287,6 +300,9 @@ class TrainConfig:
     implicit_l2: float | None = None
     posterior_samples: int = 100
     posterior_burn_in: int = 20
+    posterior_mc_error: float | None = None
+    posterior_min_samples: int = 20
+    posterior_start_scale: float | None = None
     posterior_noise: str = POSTERIOR_NOISE_MODELS[0]
     topn_model: str = 'auto'
     topn_search: str = 'on'
@@ -549,8 +565,22 @@ def _add_posterior_flags(group: argparse._ArgumentGroup) -> None:
     add = group.add_argument
     add('--posterior-samples', default=TrainConfig.posterior_samples,
         type=_bounded(int, '--posterior-samples', 0, 100_000),
-        help='Gibbs sweeps averaged into the exported model (its Bayesian posterior '
-             'mean); 0: export the trained model as it is')
+        help='the most Gibbs sweeps averaged into the exported model (its Bayesian '
+             'posterior mean); 0: export the trained model as it is')
+    add('--posterior-mc-error', default=TrainConfig.posterior_mc_error,
+        type=_bounded(float, '--posterior-mc-error', 0, 1),
+        help="stop averaging once the Monte Carlo error's estimated share of the "
+             'validation RMSE is at most this, e.g. 0.001 (0.1%%) with '
+             '--posterior-start-scale 1; 0: run all --posterior-samples (default: '
+             '0.001 from 500,000 train ratings on, else 0)')
+    add('--posterior-min-samples', default=TrainConfig.posterior_min_samples,
+        type=_bounded(int, '--posterior-min-samples', 1, 100_000),
+        help='the fewest sweeps averaged when --posterior-mc-error stops the chain')
+    add('--posterior-start-scale', default=TrainConfig.posterior_start_scale,
+        type=_bounded(float, '--posterior-start-scale', 0, 1),
+        help="the chain starts from the trained factors times this; 1: from the "
+             'trained model itself (default: 1 from 500,000 train ratings on, else 0.3; '
+             'docs/performance.md#how-many-sweeps says why)')
     add('--posterior-burn-in', default=TrainConfig.posterior_burn_in,
         type=_bounded(int, '--posterior-burn-in', 0, 100_000),
         help='sweeps from the trained model dropped before averaging')
@@ -573,7 +603,8 @@ def _add_topn_flags(group: argparse._ArgumentGroup) -> None:
     add('--topn-search-seconds', default=TrainConfig.topn_search_seconds,
         type=_bounded(float, '--topn-search-seconds', 0, 86_400, low_inclusive=False,
                       typical=30),
-        help='the search\'s time budget (default: 30 s x (train ratings / 100k)^0.25)')
+        help='the search\'s time budget (default: 30 s x (train ratings / 100k)^0.25, '
+             'at most 53 s: past 1M ratings it searches a sample of the users)')
     add('--ease-lambda', default=TrainConfig.ease_lambda,
         type=_bounded(float, '--ease-lambda', 0, 1e8, low_inclusive=False),
         help="EASE's ridge lambda (the search starts there)")

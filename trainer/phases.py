@@ -21,6 +21,8 @@ LABELS = {
     'posterior': 'posterior',
     'topn_search': 'top-N search',
     'topn_train': 'top-N training',
+    'topn_refit': 'top-N refit',
+    'topn_validation': 'top-N validation',
     'export': 'export',
     'ranking': 'ranking eval',
     'eval_predictions': 'eval predictions',

@@ -111,8 +111,18 @@ def _selection_line(metrics: dict) -> str:
 def _posterior_line(posterior: dict) -> str:
     noise = ('a noise level per user and per movie' if posterior.get('noise') == 'user-movie'
              else 'one noise level')
+    stop, error = '', posterior.get('mc_error')
+    if error is not None:
+        share = f'Monte Carlo error {100 * error:.3g}% of the validation RMSE'
+        level = posterior.get('mc_error_level') or 0.0
+        if posterior.get('stopped_by') == 'mc_error':
+            stop = f'stopped at {share}, level {100 * level:.3g}%; '
+        elif level:
+            stop = f'the cap, {share} against a level of {100 * level:.3g}%; '
+        else:
+            stop = f'{share}; '
     return (f'  then its posterior mean: {posterior["samples"]} Gibbs sweeps after '
-            f'{posterior["burn_in"]} burn-in, {noise} ({posterior["seconds"]:.1f} s); '
+            f'{posterior["burn_in"]} burn-in, {noise} ({stop}{posterior["seconds"]:.1f} s); '
             f'the trained model alone scored eval RMSE {posterior["before"]["eval_rmse"]:.4f}')
 
 
@@ -169,14 +179,15 @@ def _train_lists(config: config_lib.TrainConfig, info: features.DatasetInfo,
     blend, like_weight, found = config.topn_blend, config.topn_like_weight, None
     ials_config, lam = config, config.ease_lambda
     if config.topn_search == 'on' and len(splits.validation) > 0:
-        with phases.phase('topn_search'):
-            found = topn_search.search(config, splits, sizes, info.seed, result.search_model,
-                                       _like_term(1.0, info, result))
+        searched = time.perf_counter()
+        found = topn_search.search(config, splits, sizes, info.seed, result.search_model,
+                                   _like_term(1.0, info, result))
+        # Its validation ranking is a phase of its own (as the top-N training's below).
+        phases.add('topn_search', time.perf_counter() - searched - found.validation_seconds)
+        phases.add('topn_validation', found.validation_seconds)
         family, blend, like_weight = found.family, found.blend, found.like_weight
         if found.ials is not None:
-            ials_config = dataclasses.replace(
-                topn_search.ials_config(config, found.ials),
-                topn_iterations=max(1, found.ials['iterations']))
+            ials_config = topn_search.refit_config(config, found)
         lam = found.ease_lambda or lam
     elif config.topn_search == 'on':
         logging.getLogger(__name__).info(
@@ -186,7 +197,8 @@ def _train_lists(config: config_lib.TrainConfig, info: features.DatasetInfo,
     ials_result = user_factors = item_factors = stored = seen_values = None
     if family != 'ease':
         ials_result = topn_train.train(ials_config, splits, *(
-            size + features.NUM_OOV_BUCKETS for size in sizes), info.seed)
+            size + features.NUM_OOV_BUCKETS for size in sizes), info.seed,
+            searched=None if found is None else found.ials_trial)
         user_factors, item_factors = ials_result.user_factors, ials_result.item_factors
     if family != 'ials':
         train = splits.train
@@ -197,7 +209,12 @@ def _train_lists(config: config_lib.TrainConfig, info: features.DatasetInfo,
                                            train.rating.numpy())
     model = lists_lib.ListModel(family, user_factors, item_factors, stored, seen_values,
                                 blend)
-    phases.add('topn_train', time.perf_counter() - fitted)
+    fit_seconds = time.perf_counter() - fitted
+    if ials_result is not None:  # the refit's iterations and the validation ranking apart
+        fit_seconds -= ials_result.refit_seconds + ials_result.validation_seconds
+        phases.add('topn_refit', ials_result.refit_seconds)
+        phases.add('topn_validation', ials_result.validation_seconds)
+    phases.add('topn_train', fit_seconds)
     return _Lists(model, _like_term(like_weight, info, result), ials_result, found,
                   time.perf_counter() - started)
 

@@ -3,9 +3,10 @@
 // The TensorFlow form of a step (trainer/rating/train.py) is a chain of about 45
 // small kernels; on a CPU their scheduling costs more than their arithmetic.
 // This op runs the same computation for a whole epoch: for each batch of the
-// (already shuffled) ratings it gathers the user and item rows, computes the
-// predictions, the objective and its per-example gradient rows (as
-// trainer/rating/model.py's loss_and_gradients), scales them by 1 / batch rows, sums
+// ratings, in the order `order` gives (the epoch's permutation), it gathers
+// the user and item rows, computes the predictions, the objective and its
+// per-example gradient rows (as trainer/rating/model.py's
+// loss_and_gradients), scales them by 1 / batch rows, sums
 // the rows that share an index in batch order, and applies one lazy Adam step
 // (as trainer/rating/optimizers.py's Adam) to each distinct row.  Every gradient of a
 // batch is computed before any row of it is updated, as in the TF form.
@@ -15,6 +16,14 @@
 // duplicate rows; each updates a contiguous part of every table's distinct
 // rows.  Every parameter comes out the same whatever the thread count; only
 // the order of the epoch's float64 totals changes.
+//
+// With an order, the threads first copy the user, item and rating columns
+// into that order, each a contiguous part, fetching entries 16 ahead: the
+// copies TensorFlow's three gathers made before the op (`data.shuffle`), for
+// about a sixth of their CPU time at 18M ratings.  Reading the ratings
+// through the order inside the training loop instead made the epoch 60%
+// slower than on the copies: three more cache misses per rating where the
+// table rows already wait for memory (docs/performance.md#the-fused-epoch).
 //
 // Built by trainer/ops/kernels.py with the compiler flags TensorFlow reports.
 
@@ -49,6 +58,7 @@ REGISTER_OP("MatrixFactorizationAdamEpoch")
     .Input("user: int32")
     .Input("item: int32")
     .Input("rating: float")
+    .Input("order: int32")
     .Input("user_weight: float")
     .Input("item_weight: float")
     .Input("penalty: float")
@@ -69,7 +79,9 @@ REGISTER_OP("MatrixFactorizationAdamEpoch")
     .Doc(R"doc(
 Trains one epoch of biased matrix factorisation with lazy Adam, in place.
 
-user, item, rating: the epoch's ratings in the order to train them.
+user, item, rating: the ratings.
+order: the positions of the ratings in the order to train them, or empty to
+  train them as they come.
 user_weight, item_weight: per-row penalty weights, or both empty for 1.
 penalty: the L2 strength of each column of a table row.
 first_step: the optimiser's step count plus one.
@@ -210,35 +222,44 @@ class MatrixFactorizationAdamEpochOp : public tf::OpKernel {
     const tf::Tensor& user = ctx->input(6);
     const tf::Tensor& item = ctx->input(7);
     const tf::Tensor& rating = ctx->input(8);
-    const int64_t n = rating.NumElements();
-    OP_REQUIRES(ctx, user.NumElements() == n && item.NumElements() == n,
+    const int64_t size = rating.NumElements();
+    OP_REQUIRES(ctx, user.NumElements() == size && item.NumElements() == size,
                 tf::errors::InvalidArgument("user, item and rating must have one length"));
     const int64_t columns = user_shape.dim_size(1);
     const int64_t user_rows = user_shape.dim_size(0), item_rows = item_shape.dim_size(0);
-    const tf::Tensor& user_weight = ctx->input(9);
-    const tf::Tensor& item_weight = ctx->input(10);
+    const tf::Tensor& order = ctx->input(9);
+    const tf::Tensor& user_weight = ctx->input(10);
+    const tf::Tensor& item_weight = ctx->input(11);
     const bool weighted = user_weight.NumElements() > 0 || item_weight.NumElements() > 0;
     OP_REQUIRES(ctx, !weighted || (user_weight.NumElements() == user_rows &&
                                    item_weight.NumElements() == item_rows),
                 tf::errors::InvalidArgument("row weights must be empty or one per table row"));
-    const tf::Tensor& penalty = ctx->input(11);
+    const tf::Tensor& penalty = ctx->input(12);
     OP_REQUIRES(ctx, penalty.NumElements() == columns,
                 tf::errors::InvalidArgument("penalty must have one value per table column"));
-    const tf::Tensor& range = ctx->input(16);
+    const tf::Tensor& range = ctx->input(17);
     OP_REQUIRES(ctx, range.NumElements() == 2,
                 tf::errors::InvalidArgument("rating_range must be [min, max]"));
-    const int64_t batch_size = ctx->input(15).scalar<int32_t>()();
+    const int64_t batch_size = ctx->input(16).scalar<int32_t>()();
     OP_REQUIRES(ctx, batch_size > 0, tf::errors::InvalidArgument("batch_size must be > 0"));
-    const int threads = std::max(1, std::min(ctx->input(17).scalar<int32_t>()(), 64));
+    const int threads = std::max(1, std::min(ctx->input(18).scalar<int32_t>()(), 64));
     const int32_t* users = user.flat<int32_t>().data();
     const int32_t* items = item.flat<int32_t>().data();
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = 0; i < size; ++i) {
       OP_REQUIRES(ctx, users[i] >= 0 && users[i] < user_rows,
                   tf::errors::InvalidArgument("user index ", users[i], " at ", i,
                                               " is not in [0, ", user_rows, ")"));
       OP_REQUIRES(ctx, items[i] >= 0 && items[i] < item_rows,
                   tf::errors::InvalidArgument("item index ", items[i], " at ", i,
                                               " is not in [0, ", item_rows, ")"));
+    }
+    const bool ordered = order.NumElements() > 0;
+    const int64_t n = ordered ? order.NumElements() : size;
+    const int32_t* positions = ordered ? order.flat<int32_t>().data() : nullptr;
+    for (int64_t i = 0; ordered && i < n; ++i) {
+      OP_REQUIRES(ctx, positions[i] >= 0 && positions[i] < size,
+                  tf::errors::InvalidArgument("order entry ", positions[i], " at ", i,
+                                              " is not in [0, ", size, ")"));
     }
 
     Epoch epoch;
@@ -247,9 +268,9 @@ class MatrixFactorizationAdamEpochOp : public tf::OpKernel {
     epoch.batch_size = batch_size;
     epoch.rating = rating.flat<float>().data();
     epoch.penalty = penalty.flat<float>().data();
-    epoch.mu = ctx->input(12).scalar<float>()();
-    epoch.learning_rate = ctx->input(13).scalar<float>()();
-    epoch.first_step = ctx->input(14).scalar<int64_t>()();
+    epoch.mu = ctx->input(13).scalar<float>()();
+    epoch.learning_rate = ctx->input(14).scalar<float>()();
+    epoch.first_step = ctx->input(15).scalar<int64_t>()();
     epoch.rating_min = range.flat<float>()(0);
     epoch.rating_max = range.flat<float>()(1);
     epoch.beta_1 = beta_1_;
@@ -265,6 +286,7 @@ class MatrixFactorizationAdamEpochOp : public tf::OpKernel {
           weighted ? (s == 0 ? user_weight : item_weight).flat<float>().data() : nullptr;
       sides[s]->gradient.resize(std::min(batch_size, std::max<int64_t>(n, 1)) * columns);
     }
+    if (ordered) epoch.Gather(positions, threads);
     epoch.Run(threads);
 
     tf::Tensor* totals;
@@ -287,6 +309,39 @@ class MatrixFactorizationAdamEpochOp : public tf::OpKernel {
     float mu, learning_rate, rating_min, rating_max, beta_1, beta_2, epsilon;
     Side user, item;
     std::vector<std::array<double, 3>> totals;  // per thread: objective, squared, absolute
+    std::vector<int32_t> gathered_user, gathered_item;  // with an order: the columns in it
+    std::vector<float> gathered_rating;
+
+    // Copies the columns into the order of positions[0, n), a contiguous part
+    // per thread, and trains on the copies.
+    void Gather(const int32_t* positions, int threads) {
+      gathered_user.resize(n);
+      gathered_item.resize(n);
+      gathered_rating.resize(n);
+      constexpr int64_t kAhead = 16;
+      auto gather = [&](int part) {
+        const int64_t low = n * part / threads, high = n * (part + 1) / threads;
+        for (int64_t i = low; i < high; ++i) {
+          if (i + kAhead < high) {
+            const int64_t ahead = positions[i + kAhead];
+            __builtin_prefetch(user.index + ahead);
+            __builtin_prefetch(item.index + ahead);
+            __builtin_prefetch(rating + ahead);
+          }
+          const int64_t r = positions[i];
+          gathered_user[i] = user.index[r];
+          gathered_item[i] = item.index[r];
+          gathered_rating[i] = rating[r];
+        }
+      };
+      std::vector<std::thread> helpers;
+      for (int t = 1; t < threads; ++t) helpers.emplace_back(gather, t);
+      gather(0);
+      for (auto& helper : helpers) helper.join();
+      user.index = gathered_user.data();
+      item.index = gathered_item.data();
+      rating = gathered_rating.data();
+    }
 
     void Run(int threads) {
       totals.assign(threads, {0.0, 0.0, 0.0});

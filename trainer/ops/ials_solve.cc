@@ -17,7 +17,17 @@
 // bit-identical for any `threads`.
 //
 // The pairs come grouped by row: those of row e are positions
-// offsets[e] .. offsets[e + 1] - 1 of `other`, `weight` and `target`.
+// offsets[e] .. offsets[e + 1] - 1 of `other`, `weight` and `target`.  A row
+// without pairs solves to 0 at once (its exact optimum: b = 0), so rows the
+// data leaves empty (a sample of the users, OOV rows) cost nothing.
+//
+// With `with_loss`, the op also returns each row's rated loss at its new
+// value, sum_n c_n (t_n - y_n . x)^2 (the dot in float32 as the scores are,
+// the sum in double), from the y_n it has already gathered: one more pass
+// over the row's pairs, where a separate pass over all pairs would gather
+// both factor rows of every pair again.  After both half-steps of an
+// iteration, the second's losses sum to the rated part of the objective
+// (`ials.py`); without `with_loss` the output is empty.
 //
 // Built by trainer/ops/kernels.py with the other ops.
 
@@ -45,14 +55,18 @@ REGISTER_OP("ImplicitAlsSolveRows")
     .Input("start: float")
     .Input("cg_steps: int32")
     .Input("threads: int32")
+    .Input("with_loss: bool")
     .Output("solved: float")
+    .Output("rated_loss: double")
     .SetShapeFn([](tf::shape_inference::InferenceContext* c) {
       c->set_output(0, c->input(7));
+      c->set_output(1, c->Vector(c->UnknownDim()));
       return absl::OkStatus();
     })
     .Doc(R"doc(
 Re-solves every row of one side of an implicit-feedback ALS model by a few
-conjugate-gradient steps from its current value.
+conjugate-gradient steps from its current value; with with_loss, also each
+row's rated loss sum c (t - y.x)^2 at its new value (else an empty vector).
 )doc");
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -79,6 +93,7 @@ struct Solve {
   int64_t width;
   int cg_steps;
   float* solved;
+  double* loss;  // per row, or null
 
   // out = (gram + l2 I + sum_n c_n y_n y_n^T) v for row e; ys holds the
   // row's y_n one after another (gathered once per row, read once per pass).
@@ -114,14 +129,19 @@ struct Solve {
   __attribute__((always_inline)) inline void Row(int64_t e, std::vector<float>* scratch,
                                                  std::vector<float>* gathered) const {
     const int64_t w = kWidth > 0 ? kWidth : width;
+    const int64_t first = offsets[e];
+    const int64_t count = offsets[e + 1] - first;
+    if (count == 0) {  // b = 0 and A is positive definite: the row's optimum is 0
+      for (int64_t i = 0; i < w; ++i) solved[e * w + i] = 0.0f;
+      if (loss != nullptr) loss[e] = 0.0;
+      return;
+    }
     scratch->assign(4 * w, 0.0f);
     float* x = scratch->data();
     float* r = x + w;
     float* p = r + w;
     float* ap = p + w;
     for (int64_t i = 0; i < w; ++i) x[i] = start[e * w + i];
-    const int64_t first = offsets[e];
-    const int64_t count = offsets[e + 1] - first;
     if (static_cast<int64_t>(gathered->size()) < count * w) gathered->resize(count * w);
     float* ys = gathered->data();
     for (int64_t n = 0; n < count; ++n) {  // gather the y_n; r = b
@@ -162,6 +182,19 @@ struct Solve {
     }
     float* row = solved + e * w;
     for (int64_t i = 0; i < w; ++i) row[i] = x[i];
+    if (loss != nullptr) {
+      const float* c = weight + first;
+      const float* t = target + first;
+      double total = 0.0;
+      for (int64_t n = 0; n < count; ++n) {
+        const float* y = ys + n * w;
+        float dot = 0.0f;
+        for (int64_t i = 0; i < w; ++i) dot += y[i] * x[i];
+        const double error = static_cast<double>(t[n]) - static_cast<double>(dot);
+        total += static_cast<double>(c[n]) * error * error;
+      }
+      loss[e] = total;
+    }
   }
 };
 
@@ -201,11 +234,15 @@ class SolveRowsOp : public tf::OpKernel {
 
     tf::Tensor* solved = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, start.shape(), &solved));
+    const bool with_loss = ctx->input(10).scalar<bool>()();
+    tf::Tensor* loss = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, tf::TensorShape({with_loss ? rows : 0}), &loss));
     const Solve solve{offset.data(), other_index.data(), weight.flat<float>().data(),
                       target.flat<float>().data(), other_table.flat<float>().data(),
                       gram.flat<float>().data(), l2.flat<float>().data(),
                       start.flat<float>().data(), width, cg_steps,
-                      solved->flat<float>().data()};
+                      solved->flat<float>().data(),
+                      with_loss ? loss->flat<double>().data() : nullptr};
     const int threads = ctx->input(9).scalar<int32_t>()();
     RunChunks(ChunkRows(offset.data(), rows, kChunkPairs, kChunkRows), threads, [&solve] {
       return [&solve, scratch = std::vector<float>(), gathered = std::vector<float>()](

@@ -41,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 # The C++ sources, built into one library, and the header two of them share.
 SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in
-                ('fused_epoch.cc', 'read_ratings.cc', 'sample_rows.cc', 'ials_solve.cc'))
+                ('fused_epoch.cc', 'read_ratings.cc', 'sample_rows.cc', 'ials_solve.cc',
+                 'score_ratings.cc', 'shuffle_order.cc'))
 HEADERS = (pathlib.Path(__file__).with_name('grouped_rows.h'),)
 ENV_CACHE = 'MOVIELENS_KERNEL_CACHE'
 # No -march=native: the library may be built in an image and run elsewhere.

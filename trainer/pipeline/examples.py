@@ -5,14 +5,17 @@ features.RAW_FEATURE_SPEC, and `raw_tensor_adapter_config`, their TFXIO
 description), the TFT `preprocessing_fn` (id vocabularies learnt on train
 only; ids unseen in training go to one OOV bucket) and `TransformRatings`,
 which analyses train, transforms both splits and encodes each transformed
-RecordBatch as one list of tf.Examples in C++ (tfx_bsl): no element is made
-per example.  TensorFlow, TFT and tfx_bsl are imported where they are used.
+RecordBatch as one Arrow array of serialized tf.Examples (`encode_examples`:
+column-wise with numpy and one Arrow gather, instead of tfx_bsl's
+per-example encoder, which it falls back to for shapes it does not handle): no element and no Python object is made per example.  TensorFlow,
+TFT and tfx_bsl are imported where they are used.
 This module lives in `trainer` so that Dataflow workers, which install the
 package, can import it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -86,10 +89,11 @@ def raw_tensor_adapter_config():
 
 
 class TransformRatings(beam.PTransform):
-    """(train, eval) RecordBatches -> lists of serialized tf.Examples per split + transform_fn.
+    """(train, eval) RecordBatches -> Arrow arrays of serialized tf.Examples per split
+    + transform_fn.
 
-    One list per transformed RecordBatch, encoded in C++ (tfx_bsl), so no
-    element per example is ever made.
+    One array per transformed RecordBatch (`encode_examples`), so no element
+    per example is ever made.
     """
 
     def expand(self, splits):
@@ -110,6 +114,169 @@ class TransformRatings(beam.PTransform):
         }
 
 
-def _encode_examples(batch_and_passthrough: tuple[pa.RecordBatch, Any]) -> list[bytes]:
-    from tfx_bsl.coders import example_coder  # pylint: disable=import-outside-toplevel
-    return example_coder.RecordBatchToExamples(batch_and_passthrough[0])
+def _encode_examples(batch_and_passthrough: tuple[pa.RecordBatch, Any]) -> pa.LargeBinaryArray:
+    return encode_examples(batch_and_passthrough[0])
+
+
+# --- Encoding: serialized tf.train.Examples, built column-wise. ------------------------
+# An Example is `0a <size> Features`; Features is one `0a <size> entry` per feature,
+# each entry `0a <len(name)> name 12 <size> Feature`, and a Feature
+# `<kind> <size> 0a <size> payload` (protobuf tags of field 1, 2 and 3, length-delimited):
+# kind 0a bytes_list, 12 float_list, 1a int64_list; the payload is one bytes value, one
+# little-endian float or one varint (packed lists of one value).
+_KIND_TAGS = {'bytes': 0x0A, 'float': 0x12, 'int64': 0x1A}
+# int64 columns whose values all lie in [0, this) are encoded once per value and taken.
+_MAX_DICTIONARY_VALUES = 1 << 22
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _varints(values: np.ndarray) -> tuple[pa.LargeBinaryArray, np.ndarray]:
+    """Protobuf varints of int64 or uint64 values, one array value each, and their sizes."""
+    values = np.asarray(values).astype(np.uint64)
+    sizes = np.ones(len(values), dtype=np.int64)
+    rest = values >> np.uint64(7)
+    while rest.any():
+        sizes += rest != 0
+        rest >>= np.uint64(7)
+    width = int(sizes.max()) if len(sizes) else 1
+    groups = np.empty((len(values), width), dtype=np.uint8)
+    for i in range(width):
+        low = ((values >> np.uint64(7 * i)) & np.uint64(0x7F)).astype(np.uint8)
+        groups[:, i] = low | ((sizes > i + 1).astype(np.uint8) << np.uint8(7))
+    data = groups[np.arange(width) < sizes[:, None]]
+    return _binary_array(data.tobytes(), sizes), sizes
+
+
+def _binary_array(data: bytes, lengths: np.ndarray) -> pa.LargeBinaryArray:
+    """Consecutive values of the given lengths, cut from `data`."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), len(lengths), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+# A piece of every row: (values, index of each row's value); index None is row i -> value i.
+_Piece = tuple[pa.LargeBinaryArray, 'np.ndarray | None']
+
+
+def interleave(pieces: Sequence[_Piece], num_rows: int) -> pa.LargeBinaryArray:
+    """Row i -> the concatenation of each piece's value for row i, in one gather.
+
+    The pieces' values are put end to end, and one `take` over them, row by
+    row and piece by piece, lays every row's bytes out in order.
+    """
+    if not num_rows:
+        return pa.array([], pa.large_binary())
+    indices = np.empty((num_rows, len(pieces)), dtype=np.int64)
+    base = 0
+    for column, (values, index) in enumerate(pieces):
+        indices[:, column] = base + (np.arange(num_rows) if index is None else index)
+        base += len(values)
+    taken = pa.concat_arrays([values for values, _ in pieces]).take(pa.array(indices.ravel()))
+    offsets = np.frombuffer(taken.buffers()[1], dtype=np.int64, count=len(taken) + 1,
+                            offset=taken.offset * 8)
+    return pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), num_rows,
+        [None, pa.py_buffer(np.ascontiguousarray(offsets[::len(pieces)] - offsets[0])),
+         taken.buffers()[2].slice(int(offsets[0]))])
+
+
+def _by_size(sizes: np.ndarray, encode) -> _Piece:
+    """A piece that depends on a row's size only: encoded once per size that occurs."""
+    distinct, index = np.unique(sizes, return_inverse=True)
+    return pa.array([encode(int(size)) for size in distinct], pa.large_binary()), index
+
+
+def _entry_head(name: bytes, kind: str, payload_size: int) -> bytes:
+    """A map entry's bytes before a payload of the given size."""
+    list_size = 1 + len(_varint_bytes(payload_size)) + payload_size
+    feature = (bytes([_KIND_TAGS[kind]]) + _varint_bytes(list_size) + b'\x0a'
+               + _varint_bytes(payload_size))
+    feature_size = len(feature) + payload_size
+    body = b'\x0a' + _varint_bytes(len(name)) + name + b'\x12' + _varint_bytes(feature_size)
+    return b'\x0a' + _varint_bytes(len(body) + feature_size) + body + feature
+
+
+def _feature_pieces(name: str, values: pa.Array) -> tuple[list[_Piece], np.ndarray] | None:
+    """One feature's map entry in every row, as pieces, and its size per row; None
+    for a type `encode_examples` leaves to tfx_bsl."""
+    key = name.encode()
+    if pa.types.is_int64(values.type):
+        numbers = np.asarray(values.to_numpy(zero_copy_only=False))
+        if len(numbers) and 0 <= numbers.min() and numbers.max() < _MAX_DICTIONARY_VALUES:
+            # Vocabulary indices: each value's entry is encoded once, then taken.
+            entries, sizes = _feature_pieces_of_varints(key, np.arange(numbers.max() + 1))
+            dictionary = interleave(entries, len(sizes))
+            return [(dictionary, numbers)], sizes[numbers]
+        return _feature_pieces_of_varints(key, numbers)
+    if pa.types.is_float32(values.type):
+        floats = np.asarray(values.to_numpy(zero_copy_only=False), dtype='<f4')
+        payload = _binary_array(floats.tobytes(), np.full(len(floats), 4, dtype=np.int64))
+        head = _entry_head(key, 'float', 4)
+        return ([(pa.array([head], pa.large_binary()), np.zeros(len(floats), dtype=np.int64)),
+                 (payload, None)], np.full(len(floats), len(head) + 4, dtype=np.int64))
+    if pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type):
+        payload = values.cast(pa.large_binary())
+        payload_sizes = np.asarray(pc.binary_length(payload).to_numpy(zero_copy_only=False),
+                                   dtype=np.int64)
+        return _with_heads(key, 'bytes', payload, payload_sizes)
+    return None
+
+
+def _feature_pieces_of_varints(key: bytes, numbers: np.ndarray):
+    payload, payload_sizes = _varints(numbers)
+    return _with_heads(key, 'int64', payload, payload_sizes)
+
+
+def _with_heads(key: bytes, kind: str, payload: pa.LargeBinaryArray,
+                payload_sizes: np.ndarray) -> tuple[list[_Piece], np.ndarray]:
+    heads = _by_size(payload_sizes, lambda size: _entry_head(key, kind, size))
+    head_sizes = np.asarray(pc.binary_length(heads[0]).to_numpy(zero_copy_only=False),
+                            dtype=np.int64)[heads[1]]
+    return [heads, (payload, None)], head_sizes + payload_sizes
+
+
+def _single_values(column: pa.Array) -> pa.Array | None:
+    """The values of a list column with exactly one non-null value per row, else None."""
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+        return None
+    if column.null_count:
+        return None
+    offsets = np.asarray(column.offsets.to_numpy(zero_copy_only=False))
+    if np.any(np.diff(offsets) != 1):
+        return None
+    values = column.values.slice(int(offsets[0]), len(column))
+    return None if values.null_count else values
+
+
+def encode_examples(batch: pa.RecordBatch) -> pa.LargeBinaryArray:
+    """A RecordBatch of list columns -> one serialized tf.train.Example per row.
+
+    Column-wise, with no Python object per row: each column is a feature of
+    every row's Example, in column order.  Columns of int64, float32 or
+    binary lists with one value in every row are encoded here (an int64
+    column of small non-negative values, such as vocabulary indices, once
+    per distinct value); a batch with any other column goes to tfx_bsl's
+    encoder, which handles every shape.  Either way TensorFlow parses the
+    same Example from each row.
+    """
+    pieces: list[_Piece] = []
+    sizes = np.zeros(batch.num_rows, dtype=np.int64)
+    for name, column in zip(batch.schema.names, batch.columns):
+        values = _single_values(column)
+        feature = None if values is None else _feature_pieces(name, values)
+        if feature is None:
+            from tfx_bsl.coders import example_coder  # pylint: disable=import-outside-toplevel
+            return pa.array(example_coder.RecordBatchToExamples(batch), pa.large_binary())
+        pieces += feature[0]
+        sizes += feature[1]
+    head = _by_size(sizes, lambda size: b'\x0a' + _varint_bytes(size))
+    return interleave([head, *pieces], batch.num_rows)

@@ -182,6 +182,37 @@ def parse_rating_lines(lines: Sequence[str] | Sequence[bytes] | pa.Array,
         rejected=rejected)
 
 
+def parse_id_pairs(lines: Sequence[str] | Sequence[bytes] | pa.Array,
+                   layout: features.DatasetLayout) -> pa.RecordBatch:
+    """The (user, movie) ids of every line `parse_rating_lines` accepts, and perhaps a few more.
+
+    For the repeated-pairs pass, which needs only the ids: a line that starts
+    with two ids as the strict pattern writes them gives them by one regular
+    expression (the rest of the line is not checked, so a line rejected later
+    may add its pair, which costs nothing but a row through the duplicate
+    check); every other line goes through `parse_rating_lines`.
+
+    Returns:
+      A RecordBatch of uint64 USER_ID and MOVIE_ID columns.
+    """
+    text = decode_lines(lines)
+    sep = re.escape(layout.ratings_separator)
+    digits = r'\d{1,%d}' % _MAX_ID_DIGITS
+    parts = pc.extract_regex(text, f'^(?P<user>{digits}){sep}(?P<movie>{digits}){sep}')
+    fast = np.asarray(parts.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    found = pc.filter(parts, pa.array(fast))
+    users = [np.asarray(pc.cast(found.field('user'), pa.uint64()).to_numpy(zero_copy_only=False))]
+    movies = [np.asarray(pc.cast(found.field('movie'), pa.uint64()).to_numpy(zero_copy_only=False))]
+    slow = np.flatnonzero(~fast)
+    if len(slow):
+        valid = parse_rating_lines(_take(lines, slow), layout).valid
+        users.append(valid.column(features.USER_ID).to_numpy())
+        movies.append(valid.column(features.MOVIE_ID).to_numpy())
+    return pa.RecordBatch.from_arrays(
+        [pa.array(np.concatenate(users), pa.uint64()),
+         pa.array(np.concatenate(movies), pa.uint64())], [features.USER_ID, features.MOVIE_ID])
+
+
 def decode_lines(lines: Sequence[str] | Sequence[bytes] | pa.Array) -> pa.Array:
     """The lines as a large_string array, null where bytes are not UTF-8.
 

@@ -69,6 +69,37 @@ class ReadRatings(beam.PTransform):
                 ParseRatings.REJECTED, ParseRatings.STATS, main=ParseRatings.VALID))
 
 
+class ReadIdPairs(beam.PTransform):
+    """Byte ranges of a ratings file -> RecordBatches of the (user, movie) ids of its rows.
+
+    For the repeated-pairs pass (`rating_parser.parse_id_pairs`): the ids of
+    every row `ReadRatings` accepts, and perhaps of a few it rejects; no
+    counts, no rejects.
+    """
+
+    def __init__(self, path: str, layout: features.DatasetLayout):
+        super().__init__()
+        self._path = path
+        self._layout = layout
+
+    def expand(self, ranges):
+        return (
+            ranges
+            | 'ReadLineRanges' >> blockio.ReadLineRanges(self._path)
+            | 'ParseIds' >> beam.ParDo(_ParseIdsFn(self._layout, self.label)))
+
+
+class _ParseIdsFn(beam.DoFn):
+    def __init__(self, layout: features.DatasetLayout, step: str):
+        super().__init__()
+        self._layout = layout
+        self._progress = logs.ProgressLog(f'{step}: rating rows read')
+
+    def process(self, lines: pa.Array) -> Iterator[pa.RecordBatch]:
+        self._progress.add(len(lines))
+        yield rating_parser.parse_id_pairs(lines, self._layout)
+
+
 class _ParseBatchFn(beam.DoFn):
     def __init__(self, layout: features.DatasetLayout, step: str):
         super().__init__()

@@ -75,6 +75,35 @@ selection bias 2: eval RMSE 0.8387 trained, 0.8400 averaged with a
 zero-mean prior).  The sampler draws the deviation from the prior mean,
 whose ratings' targets are less x_u . q_i.
 
+How many sweeps: the kept sweeps' average estimates the posterior mean, and
+its Monte Carlo error shrinks as the chain runs.  With a stop level
+(`mc_error`), `average` predicts a seeded sample of the validation slice
+(at most VALIDATION_SAMPLE ratings) after every kept sweep and stops at the
+first kept sweep n >= min_samples where
+
+    V_n / (2 MSE_n) <= mc_error
+
+MSE_n is the running average's mean squared error on the sample and V_n the
+Monte Carlo variance of its predictions, averaged over the sample:
+estimated by batch means (`BatchMeans`: 8 to 15 batches of equal length,
+whose length doubles as the chain grows, so batches stay longer than the
+chain's memory as long as it is under an eighth of the sweeps run).  An
+average of predictions with Monte Carlo variance V scores
+sqrt(MSE_inf + V), so V / (2 MSE) is the share by which the chain's finite
+length inflates the RMSE of the exported predictions over an endless
+chain's: mc_error 0.001 stops when that share is 0.1%.  A chain still
+climbing from its start moves its predictions together towards a better
+fit, which costs RMSE in proportion to the move, not its square: so V_n is
+replaced by how much better the last half of the kept sweeps alone fits the
+sample than all of them, when that is larger (`mc_error_share`).  Large data pin the
+posterior down, the draws vary little, and the rule stops sooner; no count
+is tuned per size.  `samples` is the cap.  The rule reads the chain's past:
+a chain that sits on a plateau before it climbs (from the default shrunk
+start at 5M, for 40 sweeps) looks settled, so the trainer leaves the rule
+off unless asked, and it is meant for a chain started from the trained
+model itself (start_scale 1), which settles within a few sweeps
+(docs/performance.md#how-many-sweeps).
+
 After each sweep `average` can hand its caller the chain's state
 (`ChainState`: the rows, precisions, noise factors, the generator's state and
 the running sums), and it resumes from such a state to the same tables, bit
@@ -118,8 +147,31 @@ PRIOR_RATE = 1.0
 # at 100k but not at 1M, where 20 burn-in sweeps are too few to grow the
 # factors from nothing.  The chain mixes slowly, so its start shows for
 # hundreds of sweeps: from 0.3, 200 and 400 sweeps scored 0.8908 and 0.8915
-# at 100k and 0.8455 at 1M, still ahead of the mode's start.
+# at 100k and 0.8455 at 1M, still ahead of the mode's start.  Those figures
+# are of one noise level; with a level per user and movie, on ml-25m-shaped
+# data, the mode's start (1) scored better and settled sooner from 1M on and
+# worse at 100k (docs/performance.md#how-many-sweeps).  `average`'s
+# start_scale (--posterior-start-scale) overrides it.
 START_FACTOR_SCALE = 0.3
+# The defaults by the ratings the chain averages over (--posterior-start-scale
+# and --posterior-mc-error left unset): from LARGE_CHAIN_RATINGS on the chain
+# starts from the trained model (scale 1) and stops by the Monte Carlo rule at
+# LARGE_CHAIN_MC_ERROR, below it starts from START_FACTOR_SCALE and runs all
+# its sweeps.  On ml-25m-shaped data (docs/performance.md#how-many-sweeps) the
+# trained model's start scored better than 0.3 from 0.8M ratings on (1M:
+# 0.8004 against 0.8075, 5M: 0.7833 at the rule's 37 sweeps against 0.7911 at
+# 100) and settled within a few sweeps, so the rule can be trusted there; at
+# 80k ratings it scored 0.26% worse (0.8823 against 0.8800) and the rule ran
+# to its cap anyway.  Sweeps are cheap where the data are small.
+LARGE_CHAIN_RATINGS = 500_000
+LARGE_CHAIN_MC_ERROR = 0.001
+
+
+def default_chain(num_ratings: int) -> tuple[float, float]:
+    """(start_scale, mc_error) a chain over num_ratings ratings uses by default."""
+    if num_ratings >= LARGE_CHAIN_RATINGS:
+        return 1.0, LARGE_CHAIN_MC_ERROR
+    return START_FACTOR_SCALE, 0.0
 # The running average of the factor products is recompressed when it has
 # more columns than this multiple of K, to this multiple of K.
 COMPRESS_WIDTH = 8
@@ -135,6 +187,13 @@ SHAPE_GRID = np.geomspace(0.5, 1000.0, 45)
 _LOG_GAMMA_GRID = np.array([math.lgamma(value) for value in SHAPE_GRID])
 # Seeds the sampler's stream apart from the epochs' shuffles.
 _STREAM = 0xBA7E5
+# The stopping rule predicts at most this many validation ratings (a seeded
+# sample) after each kept sweep.  The Monte Carlo variance is averaged over
+# them, so its estimate hardly varies with the sample: at 100,000 a sweep's
+# predictions take a few milliseconds.
+VALIDATION_SAMPLE = 100_000
+# Batch means keep between MIN_BATCHES and 2 x MIN_BATCHES - 1 batches.
+MIN_BATCHES = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +236,16 @@ class Result:
       noise_shapes: with 'user-movie', the last sweep's shapes a of the
         per-user and the per-movie noise factors' priors (small: noise levels
         differ widely; large: alike); None with 'shared'.
+      mc_error: at the last kept sweep, V / (2 MSE) of the validation sample
+        (the stopping rule's statistic: see the module doc); None without a
+        sample, or before MIN_BATCHES kept sweeps.
+      mc_error_level: the rule's level (0: the chain ran all `samples`).
+      stopped_by: 'mc_error' (the rule stopped the chain) or 'cap' (it ran
+        all `samples`).
+      validation_sample: validation ratings the rule predicted.
+      autocorrelation: the sweeps' integrated autocorrelation time by batch
+        means (the Monte Carlo variance over what independent sweeps would
+        give), or None.
     """
     user_table: np.ndarray
     item_table: np.ndarray
@@ -187,6 +256,11 @@ class Result:
     kernel: str
     noise: str = 'shared'
     noise_shapes: tuple[float, float] | None = None
+    mc_error: float | None = None
+    mc_error_level: float = 0.0
+    stopped_by: str = 'cap'
+    validation_sample: int = 0
+    autocorrelation: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +281,10 @@ class ChainState:
       product_left, product_right: the running sum of factor products, as
         `LowRankSum` holds it (one array per part, in order).
       user_bias_sum, item_bias_sum: running sums of the kept biases.
+      batches: the stopping rule's batch means (`BatchMeans.state`), or None
+        without a rule.
+      stopped: the rule stopped the chain at `sweep`: a resumed run does not
+        go on.
     """
     sweep: int
     settings: tuple
@@ -222,6 +300,169 @@ class ChainState:
     product_right: tuple[np.ndarray, ...]
     user_bias_sum: np.ndarray
     item_bias_sum: np.ndarray
+    batches: dict[str, Any] | None = None
+    stopped: bool = False
+
+
+class BatchMeans:
+    """The Monte Carlo variance of a running average of predictions, by batch means.
+
+    Each kept sweep's predictions of the validation sample are added
+    (`add`); consecutive sweeps are summed into batches of `size` sweeps.
+    When there are 2 x MIN_BATCHES whole batches, neighbours are merged and
+    the size doubles.  With a whole batches of b sweeps of n kept, and B_k
+    the batch means of a rating, the variance of its running average is
+    estimated as b / n x the variance of B_k (a - 1 degrees of freedom),
+    then averaged over the ratings.  A chain still drifting from its start
+    (the burn-in too short) hides from batch means that are short against
+    the drift, so the estimate is the larger of that and a drift estimate
+    (after Geweke's diagnostic): a quarter of the mean square difference
+    between the first and the last half of the batches' means, scaled to n
+    sweeps, which for a settled chain estimates the same variance.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.size = 1
+        self.kept = 0
+        self.whole = np.zeros((0, count))
+        self.current = np.zeros(count)
+        self.in_current = 0
+        self.total = np.zeros(count)
+        self.squares = np.zeros(count)
+
+    def add(self, prediction: np.ndarray) -> None:
+        prediction = np.asarray(prediction, np.float64)
+        self.kept += 1
+        self.total += prediction
+        self.squares += np.square(prediction)
+        self.current += prediction
+        self.in_current += 1
+        if self.in_current == self.size:
+            self.whole = np.vstack([self.whole, self.current[None]])
+            self.current = np.zeros_like(self.current)
+            self.in_current = 0
+            if len(self.whole) == 2 * MIN_BATCHES:
+                self.whole = self.whole[0::2] + self.whole[1::2]
+                self.size *= 2
+
+    def mean(self) -> np.ndarray:
+        """The running average of the predictions."""
+        return self.total / max(self.kept, 1)
+
+    def variance(self) -> float | None:
+        """The mean over the ratings of the running average's Monte Carlo
+        variance, or None with fewer than MIN_BATCHES whole batches."""
+        batches = len(self.whole)
+        if batches < MIN_BATCHES or not self.whole.shape[1]:
+            return None
+        means = self.whole / self.size
+        spread = np.square(means - means.mean(0)).sum(0) / (batches - 1)
+        # The first and the last half of the batches: for a chain that has
+        # settled, their means differ by noise alone, with 4 times the
+        # variance of the mean of both; a drift adds to it.
+        half = batches // 2
+        drift = np.square(means[:half].mean(0) - means[-half:].mean(0)).mean() / 4
+        return float(max(spread.mean() * self.size, drift * 2 * half * self.size)
+                     / self.kept)
+
+    def last_half_mean(self) -> np.ndarray | None:
+        """The mean of the last half of the whole batches, or None with fewer than MIN_BATCHES."""
+        batches = len(self.whole)
+        if batches < MIN_BATCHES:
+            return None
+        return self.whole[-(batches // 2):].sum(0) / (batches // 2 * self.size)
+
+    def autocorrelation(self) -> float | None:
+        """The variance over what independent sweeps would give (1: independent)."""
+        variance = self.variance()
+        if variance is None or self.kept < 2:
+            return None
+        single = (self.squares - self.kept * np.square(self.mean())) / (self.kept - 1)
+        single = float(np.maximum(single, 0.0).mean())
+        return variance * self.kept / single if single > 0 else None
+
+    def state(self) -> dict[str, Any]:
+        return {'size': self.size, 'kept': self.kept, 'whole': self.whole.copy(),
+                'current': self.current.copy(), 'in_current': self.in_current,
+                'total': self.total.copy(), 'squares': self.squares.copy()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.size, self.kept, self.in_current = (int(state['size']), int(state['kept']),
+                                                 int(state['in_current']))
+        self.whole = np.array(state['whole'], np.float64).reshape(-1, len(self.total))
+        self.current = np.array(state['current'], np.float64)
+        self.total = np.array(state['total'], np.float64)
+        self.squares = np.array(state['squares'], np.float64)
+
+
+class StopRule:
+    """Whether the chain has run long enough (module doc): V_n / (2 MSE_n) <= level."""
+
+    def __init__(self, user: np.ndarray, item: np.ndarray, target: np.ndarray,
+                 level: float, min_samples: int) -> None:
+        self.user, self.item, self.target = user, item, target
+        self.level = level
+        self.min_samples = min_samples
+        self.batches = BatchMeans(len(target))
+        self.statistic: float | None = None
+
+    def add(self, users_mean: np.ndarray, items: np.ndarray) -> None:
+        """Adds a kept sweep's predictions (less the global mean) of the sample."""
+        k = users_mean.shape[1] - 1
+        rows, columns = users_mean[self.user], items[self.item]
+        self.batches.add(rows[:, k].astype(np.float64) + columns[:, k]
+                         + np.einsum('nk,nk->n', rows[:, :k], columns[:, :k],
+                                     dtype=np.float64))
+        self.update()
+
+    def update(self) -> None:
+        """Sets `statistic` from the batches (after `add`, or a resume)."""
+        self.statistic = mc_error_share(self.batches, self.target)
+
+    def met(self) -> bool:
+        return (self.level > 0 and self.batches.kept >= self.min_samples
+                and self.statistic is not None and self.statistic <= self.level)
+
+    def describe(self) -> str:
+        """', Monte Carlo error x% of the validation RMSE (stop at y%)', or ''."""
+        if self.statistic is None:
+            return ''
+        stop = f' (stop at {100 * self.level:.3g}%)' if self.level > 0 else ''
+        return (f", Monte Carlo error {100 * self.statistic:.3g}% of the validation "
+                f'RMSE{stop}')
+
+
+def mc_error_share(batches: BatchMeans, target: np.ndarray) -> float | None:
+    """The stopping rule's statistic: max(V, MSE - MSE_last) / (2 MSE), or None.
+
+    MSE is the running average's mean squared error on the sample's targets,
+    V its Monte Carlo variance (`BatchMeans.variance`) and MSE_last that of
+    the average of the last half of the batches alone.  For a settled chain
+    the last half fits worse than the whole (by about V); a chain still
+    improving its fit (climbing from its start) fits better with its last
+    half alone, a systematic gain that V, a measure of noise, understates.
+    """
+    variance = batches.variance()
+    if variance is None:
+        return None
+    mse = float(np.square(batches.mean() - target).mean())
+    last = batches.last_half_mean()
+    gain = mse - float(np.square(last - target).mean())
+    return max(variance, gain) / (2 * mse) if mse > 0 else None
+
+
+def validation_sample(user: np.ndarray, item: np.ndarray, rating: np.ndarray,
+                      num_users: int, num_items: int, seed: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """At most VALIDATION_SAMPLE of the ratings (seeded), in their order;
+    ratings of rows outside the tables (out of vocabulary) are left out."""
+    user, item = np.asarray(user, np.int64), np.asarray(item, np.int64)
+    inside = np.flatnonzero((user < num_users) & (item < num_items))
+    if len(inside) > VALIDATION_SAMPLE:
+        rng = np.random.default_rng([_STREAM, seed, 1])
+        inside = np.sort(rng.choice(inside, VALIDATION_SAMPLE, replace=False))
+    return (user[inside].astype(np.int32), item[inside].astype(np.int32),
+            np.asarray(rating, np.float64)[inside])
 
 
 class LowRankSum:
@@ -501,8 +742,10 @@ def average(user_table: np.ndarray, item_table: np.ndarray, global_mean: float,
             samples: int, burn_in: int, seed: int, kernel: str = 'auto',
             progress_every: int = 20, user_prior_mean: np.ndarray | None = None,
             noise: str = NOISE_MODELS[0], resume: ChainState | None = None,
-            after_sweep: Callable[[int, Callable[[], ChainState]], None] | None = None
-            ) -> Result:
+            after_sweep: Callable[[int, Callable[[], ChainState], bool], None] | None = None,
+            validation: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+            mc_error: float = 0.0, min_samples: int = 1,
+            start_scale: float | None = None) -> Result:
     """Runs the chain from the given tables and returns the averaged tables.
 
     Args:
@@ -511,7 +754,7 @@ def average(user_table: np.ndarray, item_table: np.ndarray, global_mean: float,
         zero.
       global_mean: mu, fixed.
       user, item, rating: the ratings to condition on (vocabulary indices).
-      samples: sweeps averaged (>= 1).
+      samples: sweeps averaged (>= 1); with `mc_error`, the most.
       burn_in: sweeps run first and dropped.
       seed: seeds every draw.
       kernel: 'auto' (the op, else numpy), 'fused' (the op or
@@ -523,12 +766,25 @@ def average(user_table: np.ndarray, item_table: np.ndarray, global_mean: float,
         per user and one per movie: `NoisePrecisions`).
       resume: a chain state to continue from (`ChainState`), as `after_sweep`
         got it; ignored, with a log line, if it is another chain's.
-      after_sweep: called after each sweep with its number and a function
+      after_sweep: called after each sweep with its number, a function
         that returns the chain's state (the caller checkpoints it when it
-        wants: building it copies nothing, saving it costs).
+        wants: building it copies nothing, saving it costs) and whether it
+        was the chain's last.
+      validation: (user, item, rating) of the validation slice, for the
+        stopping rule (a seeded sample of at most VALIDATION_SAMPLE).
+      mc_error: stop at the first kept sweep, from min_samples on, where
+        the Monte Carlo error's share of the validation RMSE, V / (2 MSE),
+        is at most this (module doc); 0, or no validation ratings: run all
+        `samples`.
+      min_samples: the fewest sweeps the rule keeps.
+      start_scale: the chain starts from the trained factors times this
+        (None: START_FACTOR_SCALE; 1: the trained model itself).
     """
     if samples < 1 or burn_in < 0:
         raise ValueError(f'need samples >= 1 and burn_in >= 0, got {samples}, {burn_in}')
+    if not (mc_error >= 0 and 1 <= min_samples):
+        raise ValueError(f'need mc_error >= 0 and min_samples >= 1, got {mc_error}, '
+                         f'{min_samples}')
     if noise not in NOISE_MODELS:
         raise ValueError(f'noise must be one of {NOISE_MODELS}, got {noise!r}')
     start_time = time.perf_counter()
@@ -550,9 +806,12 @@ def average(user_table: np.ndarray, item_table: np.ndarray, global_mean: float,
     items_now = np.array(item_table[:num_items], np.float32)
     # The chain starts from the trained biases and the trained factors shrunk
     # towards their prior mean (see START_FACTOR_SCALE).
-    users_now[:, :k] = prior_mean[:, :k] + START_FACTOR_SCALE * (users_now[:, :k]
-                                                                 - prior_mean[:, :k])
-    items_now[:, :k] *= START_FACTOR_SCALE
+    scale = START_FACTOR_SCALE if start_scale is None else float(start_scale)
+    if not 0 <= scale <= 1:
+        raise ValueError(f'start_scale must be in [0, 1], got {scale}')
+    users_now[:, :k] = prior_mean[:, :k] + np.float32(scale) * (users_now[:, :k]
+                                                                - prior_mean[:, :k])
+    items_now[:, :k] *= np.float32(scale)
     precisions = NoisePrecisions(
         users, items, 1.0 / max(_squared_error(users_now, items_now, user, item, target)
                                 / max(len(target), 1), 1e-6), per_row=noise == 'user-movie')
@@ -563,9 +822,21 @@ def average(user_table: np.ndarray, item_table: np.ndarray, global_mean: float,
     products = LowRankSum(COMPRESS_WIDTH * k, KEEP_WIDTH * k)
     user_bias_sum = np.zeros(num_users)
     item_bias_sum = np.zeros(num_items)
+    rule = None
+    if validation is not None:
+        sample = validation_sample(*validation, num_users, num_items, seed)
+        if len(sample[2]):
+            rule = StopRule(sample[0], sample[1], sample[2] - float(np.float32(global_mean)),
+                            mc_error, min_samples)
+    if mc_error > 0 and rule is None:
+        logger.info('No validation ratings to measure the Monte Carlo error on: the chain '
+                    'runs all %d sweeps', samples)
     settings = (samples, burn_in, seed, noise, num_users, num_items, width, len(target),
-                _digest(user_table, item_table, user_prior_mean))
+                _digest(user_table, item_table, user_prior_mean),
+                mc_error if rule is not None else 0.0, min_samples, scale,
+                _digest(rule.user, rule.item, rule.target) if rule is not None else '')
     first = 1
+    stopped = False
     if resume is not None and tuple(resume.settings) != settings:
         logger.warning('The posterior chain checkpoint is of another chain (other flags or '
                        'another trained model: %s, this chain %s); starting afresh',
@@ -580,10 +851,16 @@ def average(user_table: np.ndarray, item_table: np.ndarray, global_mean: float,
         products.left = [part.copy() for part in resume.product_left]
         products.right = [part.copy() for part in resume.product_right]
         user_bias_sum, item_bias_sum = resume.user_bias_sum.copy(), resume.item_bias_sum.copy()
-        logger.info('Resuming the posterior chain after sweep %d/%d', resume.sweep,
-                    burn_in + samples)
+        if rule is not None and resume.batches is not None:
+            rule.batches.restore(resume.batches)
+            rule.update()
+        stopped = resume.stopped
+        logger.info('Resuming the posterior chain after sweep %d/%d%s', resume.sweep,
+                    burn_in + samples, ' (where it had stopped)' if stopped else '')
     noise_std = precisions.noise_std()
-    progress = logs.ProgressLog('Posterior sweeps', total=burn_in + samples - first + 1)
+    # With a stop level the total is the cap: the time left is at most that.
+    progress = logs.ProgressLog('Posterior sweeps' + (' (at most)' if mc_error and rule else ''),
+                                total=burn_in + samples - first + 1)
 
     def chain_state(sweep: int) -> ChainState:
         return ChainState(
@@ -593,9 +870,11 @@ def average(user_table: np.ndarray, item_table: np.ndarray, global_mean: float,
             alpha=precisions.alpha, beta=precisions.beta, rng=rng.bit_generator.state,
             product_left=tuple(products.left), product_right=tuple(products.right),
             # Copies: the running sums are added to in place.
-            user_bias_sum=user_bias_sum.copy(), item_bias_sum=item_bias_sum.copy())
+            user_bias_sum=user_bias_sum.copy(), item_bias_sum=item_bias_sum.copy(),
+            batches=None if rule is None else rule.batches.state(), stopped=stopped)
 
-    for sweep in range(first, burn_in + samples + 1):
+    sweep = first - 1
+    for sweep in range(first, first if stopped else burn_in + samples + 1):
         items_given = items_now
         deviation, users_mean, squared = sample_rows(
             users if shift is None else shift.side(items_given), items_given,
@@ -610,19 +889,32 @@ def average(user_table: np.ndarray, item_table: np.ndarray, global_mean: float,
         user_prior = _precisions(rng, deviation)
         item_prior = _precisions(rng, items_now)
         precisions.draw_tau(rng, squared)
-        last = sweep == burn_in + samples
         if sweep > burn_in:
             products.add(users_mean[:, :k], items_given[:, :k])
             user_bias_sum += users_mean[:, k]
             item_bias_sum += items_given[:, k]
+            if rule is not None:
+                rule.add(users_mean, items_given)
+                stopped = rule.met()
+        last = sweep == burn_in + samples or stopped
         if sweep % progress_every == 0 or last:
             noise_std = precisions.noise_std()
-            logger.info('Posterior sweep %d/%d (%d burn-in): %snoise std %.4f%s',
+            logger.info('Posterior sweep %d/%d (%d burn-in): %snoise std %.4f%s%s',
                         sweep, burn_in + samples, burn_in, precisions.train_rmse(squared),
-                        noise_std, precisions.spread())
+                        noise_std, precisions.spread(), '' if rule is None else rule.describe())
+        if stopped:
+            logger.info('Posterior chain stopped after %d kept sweeps: the Monte Carlo '
+                        "error's share of the validation RMSE, %.3g%%, is at most %.3g%%",
+                        sweep - burn_in, 100 * rule.statistic, 100 * mc_error)
         if after_sweep is not None:
-            after_sweep(sweep, lambda sweep=sweep: chain_state(sweep))
+            after_sweep(sweep, lambda sweep=sweep: chain_state(sweep), last)
         progress.add(1)
+        if stopped:
+            break
+    samples = max(sweep - burn_in, 0)
+    if samples < 1:
+        raise ValueError(f'the chain kept no sweep (resumed after sweep {sweep} of '
+                         f'{burn_in} burn-in)')
     left, right = products.truncated(k)
     scale = 1.0 / np.sqrt(samples)
     averaged = []
@@ -635,4 +927,9 @@ def average(user_table: np.ndarray, item_table: np.ndarray, global_mean: float,
     return Result(user_table=averaged[0], item_table=averaged[1], samples=samples,
                   burn_in=burn_in, seconds=time.perf_counter() - start_time,
                   noise_std=noise_std, kernel=kernel_used, noise=noise,
-                  noise_shapes=precisions.shapes())
+                  noise_shapes=precisions.shapes(),
+                  mc_error=None if rule is None else rule.statistic,
+                  mc_error_level=mc_error if rule is not None else 0.0,
+                  stopped_by='mc_error' if stopped else 'cap',
+                  validation_sample=0 if rule is None else len(rule.target),
+                  autocorrelation=None if rule is None else rule.batches.autocorrelation())

@@ -11,9 +11,11 @@ that names the fix.
 
 The posterior chain (`posterior.ChainState`: its rows, precisions, random
 generator and running sums) is saved to CHECKPOINT_DIR/posterior/chain.npz
-(temp file, then rename) every CHAIN_CHECKPOINT_SECONDS and when SIGTERM
-asks the run to stop, so a preempted chain resumes to the same posterior
-mean, bit for bit.
+(temp file, then rename) every CHAIN_CHECKPOINT_SECONDS, after its last
+sweep and when SIGTERM asks the run to stop, so a preempted chain resumes to
+the same posterior mean, bit for bit; the stopping rule's batch means and
+whether it stopped are part of that state, so a resumed chain stops at the
+same sweep.
 """
 
 from __future__ import annotations
@@ -197,6 +199,9 @@ _CHAIN_FILE = 'chain.npz'
 # and SIGTERM.
 CHAIN_CHECKPOINT_SECONDS = 60.0
 CHAIN_CHECKPOINT_SHARE = 0.1
+# `posterior.BatchMeans.state`: its counts (in the header) and its arrays.
+_BATCH_COUNTS = ('size', 'kept', 'in_current')
+_BATCH_ARRAYS = ('whole', 'current', 'total', 'squares')
 
 
 def chain_path(checkpoint_dir: str) -> str:
@@ -212,7 +217,12 @@ def save_chain(path: str, chain: posterior_lib.ChainState) -> None:
     arrays.update({f'product_right_{i}': part for i, part in enumerate(chain.product_right)})
     header = {'sweep': chain.sweep, 'settings': list(chain.settings),
               'noise': list(chain.noise), 'rng': chain.rng,
-              'parts': len(chain.product_left)}
+              'parts': len(chain.product_left), 'stopped': chain.stopped,
+              'batches': None}
+    if chain.batches is not None:  # the stopping rule's batch means
+        header['batches'] = {name: int(chain.batches[name])
+                             for name in _BATCH_COUNTS}
+        arrays.update({f'batches_{name}': chain.batches[name] for name in _BATCH_ARRAYS})
     fileio.makedirs(path.rsplit('/', 1)[0])
     with shutdown.writing():
         with fileio.open_file(path + '.tmp', 'wb') as f:
@@ -233,6 +243,10 @@ def load_chain(path: str) -> posterior_lib.ChainState | None:
         saved = np.load(io.BytesIO(f.read()))
         header = json.loads(str(saved['header']))
         parts = range(header['parts'])
+        batches = header.get('batches')
+        if batches is not None:
+            batches = dict(batches, **{name: saved[f'batches_{name}']
+                                       for name in _BATCH_ARRAYS})
         return posterior_lib.ChainState(
             sweep=header['sweep'], settings=tuple(header['settings']),
             users_now=saved['users_now'], items_now=saved['items_now'],
@@ -241,4 +255,5 @@ def load_chain(path: str) -> posterior_lib.ChainState | None:
             rng=header['rng'],
             product_left=tuple(saved[f'product_left_{i}'] for i in parts),
             product_right=tuple(saved[f'product_right_{i}'] for i in parts),
-            user_bias_sum=saved['user_bias_sum'], item_bias_sum=saved['item_bias_sum'])
+            user_bias_sum=saved['user_bias_sum'], item_bias_sum=saved['item_bias_sum'],
+            batches=batches, stopped=bool(header.get('stopped', False)))

@@ -4,7 +4,9 @@ The train split is loaded into memory once (`trainer.data`); a seeded share
 of it (`--validation-percent`) is set aside as the validation slice, the
 rest is what the model is fitted on.  By default (`--training-kernel auto`)
 one epoch over a seeded permutation of the fit ratings is one call of the
-fused C++ op (`trainer.ops.kernels`) where it applies: one replica, Adam.  Its
+fused C++ op (`trainer.ops.kernels`) where it applies: one replica, Adam; it
+takes the fit columns and the permutation (`fused.epoch_order`, the one
+`data.shuffle` applies) and copies the columns into that order itself.  Its
 TensorFlow form, which it matches to float32 rounding and which runs
 everywhere else, is one `tf.function` call: a `tf.range` loop slices each
 global batch, every replica takes its contiguous part of it, computes the
@@ -19,9 +21,11 @@ gradient of the mean over the global batch, exactly.
 The loss log's train columns are the running error of the epoch's batches,
 measured before each update (free to compute; Keras reports the same); after
 each epoch the validation slice and the eval split are scored, with
-predictions clipped to the rating scale, as served.  Validation is scored in
-full (it steers early stopping, and a sample of it moved the chosen epoch on
-small data: docs/performance.md); the eval split, only reported, on a fixed
+predictions clipped to the rating scale, as served (by a C++ op where the
+fused epoch's library builds and the model has no implicit-feedback term:
+`make_scorer`).  Validation is scored in full (it steers early stopping,
+and a sample of it moved the chosen epoch on small data:
+docs/performance.md); the eval split, only reported, on a fixed
 seeded sample of at most --epoch-eval-ratings ratings (500,000: standard
 error of the sampled RMSE about RMSE / sqrt(2 x 500,000), 0.0009 at 0.88),
 keyed by the split seed, so every epoch and every run of a split scores the
@@ -335,13 +339,26 @@ def choose_train_epoch(config: TrainConfig, strategy: tf.distribute.Strategy,
 
 
 def make_scorer(model: model_lib.MatrixFactorization, rating_min: float,
-                rating_max: float, chunk_size: int
+                rating_max: float, chunk_size: int, kernel: str = 'tf'
                 ) -> Callable[[data.Ratings], dict[str, float]]:
     """Builds Ratings -> {mse, rmse, mae} of predictions clipped to the scale.
 
     Scores on the calling worker alone (every worker holds every rating, so
     all compute the same numbers without a collective); NaN for no ratings.
+    With kernel 'auto' or 'fused' (--training-kernel) a plain model held in
+    plain variables is scored by the C++ op (`fused.make_scorer`: the rows
+    read in place, two threads), where it builds; otherwise, and with 'tf',
+    by TensorFlow ops in chunks of chunk_size ratings.  The two agree to
+    float32 rounding of each prediction.
     """
+    if (kernel != 'tf' and not model.implicit_feedback
+            and not isinstance(model.user_embedding, tf.distribute.DistributedValues)):
+        try:
+            fused_sums = fused.make_scorer(model, rating_min, rating_max)
+        except kernels.KernelUnavailable:
+            pass  # the epoch said why, if it was to be fused
+        else:
+            return _scorer(fused_sums)
 
     @tf.function
     def error_sums(user, item, rating) -> tf.Tensor:
@@ -356,13 +373,16 @@ def make_scorer(model: model_lib.MatrixFactorization, rating_min: float,
                               tf.reduce_sum(tf.abs(error))])
         return sums
 
+    return _scorer(error_sums)
+
+
+def _scorer(error_sums: Callable[..., Any]) -> Callable[[data.Ratings], dict[str, float]]:
+    """Ratings -> RMSE and MAE, from error_sums(user, item, rating) = [sum e^2, sum |e|]."""
     def score(ratings: data.Ratings) -> dict[str, float]:
         if len(ratings) == 0:
             return _metrics(math.nan, math.nan, 0)
-        squared, absolute = error_sums(ratings.user, ratings.item,
-                                       ratings.rating).numpy()
+        squared, absolute = error_sums(ratings.user, ratings.item, ratings.rating).numpy()
         return _metrics(float(squared), float(absolute), len(ratings))
-
     return score
 
 
@@ -477,19 +497,30 @@ def _start_phase(config: TrainConfig, info: features.DatasetInfo,
         model_lib.penalty_weights(config.num_factors, config.l2, config.l2_bias),
         info.rating_min, info.rating_max)
     score = make_scorer(state.model, info.rating_min, info.rating_max,
-                        config.eval_batch_size)
+                        config.eval_batch_size, config.training_kernel)
     return _Phase(config, state, train_epoch, score, user_weights, item_weights)
 
 
 def _run_epoch(phase: _Phase, fit: data.Ratings, number: int) -> dict[str, float]:
-    """Trains one epoch on a seeded shuffle of fit; returns its running metrics."""
-    shuffled = data.shuffle(fit, data.epoch_seed(phase.config.seed, number))
+    """Trains one epoch on a seeded shuffle of fit; returns its running metrics.
+
+    The fused epoch takes fit and the shuffle's permutation
+    (`fused.epoch_order`, the one `data.shuffle` applies) and copies the
+    columns into that order itself; the TensorFlow form trains on
+    `data.shuffle`'s copy.
+    """
+    seed = data.epoch_seed(phase.config.seed, number)
     phase.state.optimizer.learning_rate.assign(
         phase.config.learning_rate * phase.config.learning_rate_decay ** (number - 1))
+    if getattr(phase.train_epoch, 'reads_order', False):
+        columns = (fit.user, fit.item, fit.rating)
+        order = {'order': fused.epoch_order(len(fit), seed)}
+    else:
+        shuffled = data.shuffle(fit, seed)
+        columns, order = (shuffled.user, shuffled.item, shuffled.rating), {}
     start = time.perf_counter()
     objective, count, squared, absolute = phase.train_epoch(
-        shuffled.user, shuffled.item, shuffled.rating, phase.user_weights,
-        phase.item_weights).numpy()
+        *columns, phase.user_weights, phase.item_weights, **order).numpy()
     seconds = time.perf_counter() - start
     phase.train_seconds += seconds
     phase.ratings += int(count)
@@ -598,7 +629,7 @@ def _train_loaded(config: TrainConfig, info: features.DatasetInfo, sizes: tuple[
     final_score = final_phase.score
     if final_model is not final_phase.state.model:
         final_score = make_scorer(final_model, info.rating_min, info.rating_max,
-                                  config.eval_batch_size)
+                                  config.eval_batch_size, config.training_kernel)
 
     def final_metrics() -> EpochMetrics:
         return _epoch_metrics(
@@ -614,14 +645,15 @@ def _train_loaded(config: TrainConfig, info: features.DatasetInfo, sizes: tuple[
         prior_mean = (final_phase.state.model.implicit_offsets().numpy()
                       if config.implicit_feedback else None)
         with phases.phase('posterior'):
-            posterior = _average_posterior(config, final_model, final_fit, prior_mean)
+            posterior = _average_posterior(config, final_model, final_fit, prior_mean,
+                                           splits.validation)
             trained, final = final, final_metrics()
         posterior['before'] = dataclasses.asdict(trained)
         validation = ('' if math.isnan(final.validation_rmse) else
                       f'validation RMSE {final.validation_rmse:.4f} (trained model '
                       f'{trained.validation_rmse:.4f}), ')
         logger.info('Posterior mean of %d sweeps: %seval RMSE %.4f (trained model %.4f), '
-                    '%.1f s', config.posterior_samples, validation, final.eval_rmse,
+                    '%.1f s', posterior['samples'], validation, final.eval_rmse,
                     trained.eval_rmse, posterior['seconds'])
     return TrainResult(
         model=final_model, history=history, initial_epoch=initial_epoch,
@@ -637,8 +669,10 @@ def _train_loaded(config: TrainConfig, info: features.DatasetInfo, sizes: tuple[
 
 def _average_posterior(config: TrainConfig, model: model_lib.MatrixFactorization,
                        ratings: data.Ratings,
-                       user_prior_mean: Any = None) -> dict[str, Any]:
-    """Replaces the model's tables by their posterior mean given ratings.
+                       user_prior_mean: Any = None,
+                       validation: data.Ratings | None = None) -> dict[str, Any]:
+    """Replaces the model's tables by their posterior mean given ratings
+    (the chain stops by its rule on the validation ratings).
 
     The chain is checkpointed (`state.save_chain`) every
     CHAIN_CHECKPOINT_SECONDS and at SIGTERM, and resumed from its checkpoint.
@@ -648,31 +682,46 @@ def _average_posterior(config: TrainConfig, model: model_lib.MatrixFactorization
         config.resume_checkpoint_dir or config.checkpoint_dir))
     saved = {'at': time.monotonic(), 'seconds': 0.0}
 
-    def after_sweep(sweep: int, chain: Callable[[], posterior_lib.ChainState]) -> None:
+    def after_sweep(sweep: int, chain: Callable[[], posterior_lib.ChainState],
+                    last: bool) -> None:
         since = time.monotonic() - saved['at']
         # The last sweep too: a run stopped later (in the top-N search) keeps the chain.
         due = (since >= max(state_lib.CHAIN_CHECKPOINT_SECONDS,
-                            saved['seconds'] / state_lib.CHAIN_CHECKPOINT_SHARE)
-               or sweep == config.posterior_burn_in + config.posterior_samples)
+                            saved['seconds'] / state_lib.CHAIN_CHECKPOINT_SHARE) or last)
         if due or shutdown.requested():
             started = time.monotonic()
             state_lib.save_chain(path, chain())
             saved.update(at=time.monotonic(), seconds=time.monotonic() - started)
             shutdown.check(f'posterior sweep {sweep}')
 
+    start_scale, mc_error = posterior_lib.default_chain(len(ratings))
+    if config.posterior_start_scale is not None:
+        start_scale = config.posterior_start_scale
+    if config.posterior_mc_error is not None:
+        mc_error = config.posterior_mc_error
     result = posterior_lib.average(
         model.user_embedding.numpy(), model.item_embedding.numpy(),
         float(model.global_mean.numpy()), ratings.user.numpy(), ratings.item.numpy(),
         ratings.rating.numpy(), samples=config.posterior_samples,
         burn_in=config.posterior_burn_in, seed=config.seed,
         kernel=config.training_kernel, user_prior_mean=user_prior_mean,
-        noise=config.posterior_noise, resume=resume, after_sweep=after_sweep)
+        noise=config.posterior_noise, resume=resume, after_sweep=after_sweep,
+        validation=(None if validation is None or not len(validation) else
+                    (validation.user.numpy(), validation.item.numpy(),
+                     validation.rating.numpy())),
+        mc_error=mc_error, min_samples=config.posterior_min_samples,
+        start_scale=start_scale)
     model.user_embedding.assign(result.user_table)
     model.item_embedding.assign(result.item_table)
     return {'samples': result.samples, 'burn_in': result.burn_in,
             'seconds': result.seconds, 'kernel': result.kernel,
             'noise_std': result.noise_std, 'ratings': len(ratings), 'noise': result.noise,
-            'noise_shapes': result.noise_shapes}
+            'noise_shapes': result.noise_shapes, 'max_samples': config.posterior_samples,
+            'min_samples': config.posterior_min_samples, 'stopped_by': result.stopped_by,
+            'mc_error': result.mc_error, 'mc_error_level': result.mc_error_level,
+            'mc_validation_ratings': result.validation_sample,
+            'autocorrelation': result.autocorrelation,
+            'start_scale': start_scale}
 
 
 def _keep_best(config: TrainConfig, state: state_lib.State,

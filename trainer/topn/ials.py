@@ -182,8 +182,21 @@ def objective(user_factors: np.ndarray, item_factors: np.ndarray, users: np.ndar
     rated = float(_rated_loss(tf.constant(user_factors, dtype), tf.constant(item_factors, dtype),
                               tf.constant(users), tf.constant(items),
                               tf.constant(weight, dtype), tf.constant(target, dtype)))
+    return objective_from_rated(rated, user_factors, item_factors, user_l2, item_l2,
+                                unobserved_weight)
+
+
+def objective_from_rated(rated: float, user_factors: np.ndarray, item_factors: np.ndarray,
+                         user_l2: np.ndarray, item_l2: np.ndarray, unobserved_weight: float,
+                         user_gram: np.ndarray | None = None) -> float:
+    """L from its rated part, sum over rated pairs of c (t - s)^2, computed elsewhere
+    (the C++ half-step returns it): the unobserved pull and the penalties need
+    only the factors, O((users + movies) x factors^2), in float64.  user_gram:
+    P^T P in float64, if the caller has it."""
     p, q = np.asarray(user_factors, np.float64), np.asarray(item_factors, np.float64)
-    everything = float(np.sum((p.T @ p) * (q.T @ q)))
+    if user_gram is None:
+        user_gram = p.T @ p
+    everything = float(np.sum(user_gram * (q.T @ q)))
     penalty = float(np.sum(user_l2 * np.sum(p * p, axis=1))
                     + np.sum(item_l2 * np.sum(q * q, axis=1)))
     return rated + unobserved_weight * everything + penalty

@@ -12,7 +12,9 @@ slice's ratings >= 4); the eval split is never read.  In order:
 2. iALS (`trainer.topn.train.trial`, with early stopping): first the flags'
    point, then seeded random points in IALS_SPACE (factors; ridge and
    unobserved weight as multiples of the flags' or data defaults;
-   confidence 0 or 1), at most IALS_TRIALS, within 70% of the budget;
+   confidence 0 or 1), at most IALS_TRIALS, within 70% of the budget
+   (on a sample of the users, `user_sample`, the points after the first are
+   ranked at the first's like weight, not each at its best);
 3. the served score: EASE's weight w in a blend of the two best models,
    each standardised per user (w = 0: iALS alone, 1: EASE alone), times
    the like weight beta of the rating model's log P(rating >= 4)
@@ -28,9 +30,15 @@ EASE is left out of the search past EASE_MAX_WORK ratings x movies in its
 Gram matrix (ml-25m), said in one line.
 
 The budget (`default_budget`) grows with the data: 30 s at 100k ratings, 53
-at 1M, 120 at 25M.  The slice is ranked on a seeded sample of at most
-SEARCH_USERS users and SEARCH_CELLS users x movies.  The points and their
-order are fixed by the seed;
+at 1M.  Past SEARCH_RATINGS (1M) fit ratings every point is fitted on a
+seeded sample of the users holding about that many (`user_sample`; each
+movie's ridge scaled to the share kept, `topn_train.UserSample`), so the
+search costs and is allowed what it is at 1M: 53 s at 5M and 25M; the
+chosen iALS point's iterations are then chosen again on all users, up to
+the sample's count, by the caller's run with validation (`refit_config`;
+the sample's count, refitted as it was, scored lower).  The slice is ranked on a
+seeded sample of at most SEARCH_USERS users and SEARCH_CELLS users x movies.
+The points, their order and the users sampled are fixed by the seed;
 a stage stops early only when the clock runs out (logged; each stage's
 first point runs in any case), so two runs agree whenever both finish
 their trials within the budget.  A best value at
@@ -40,6 +48,7 @@ result (`on_edge`).  The caller refits the best point on all of train.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -62,8 +71,12 @@ from trainer.topn import train as topn_train
 
 logger = logging.getLogger(__name__)
 
-# 30 s at 100k train ratings, x (ratings / 100k)^BUDGET_EXPONENT.
+# 30 s at 100k train ratings, x (ratings / 100k)^BUDGET_EXPONENT, up to SEARCH_RATINGS.
 BUDGET_SECONDS, BUDGET_RATINGS, BUDGET_EXPONENT = 30.0, 100_000, 0.25
+# Past this many fit ratings the search fits a seeded sample of the users
+# holding about this many (`user_sample`), so its cost, and its budget, stop
+# growing with the data: 53 s from 1M ratings on.
+SEARCH_RATINGS = 1_000_000
 # Validation users ranked per search point at most (a seeded sample past it).
 SEARCH_USERS = 5_000
 # ... and at most this many users x movies (40M: 320 MB per float64 score matrix).
@@ -85,12 +98,40 @@ EASE_SHARE = 0.35
 CLEAR_MARGIN = 2.0
 BLENDS = (0.0, 1.0, 0.15, 0.3, 0.5, 0.7, 0.85)
 LIKE_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0)
-_POINT_STREAM = 0x7E5C
+_POINT_STREAM, _SAMPLE_STREAM = 0x7E5C, 0x7E5D
 
 
 def default_budget(train_ratings: int) -> float:
-    """The search's seconds: BUDGET_SECONDS at BUDGET_RATINGS, growing as a power."""
-    return BUDGET_SECONDS * max(train_ratings / BUDGET_RATINGS, 1e-3) ** BUDGET_EXPONENT
+    """The search's seconds: BUDGET_SECONDS at BUDGET_RATINGS, growing as a power up to
+    SEARCH_RATINGS (past it the search fits a sample of that size)."""
+    ratings = min(train_ratings, SEARCH_RATINGS)
+    return BUDGET_SECONDS * max(ratings / BUDGET_RATINGS, 1e-3) ** BUDGET_EXPONENT
+
+
+def user_sample(fit: data.Ratings, validation: data.Ratings, num_users: int, num_items: int,
+                seed: int) -> tuple[data.Ratings, data.Ratings, topn_train.UserSample] | None:
+    """The fit and validation ratings of a seeded sample of users holding about
+    SEARCH_RATINGS fit ratings, and the sample's share (`topn_train.UserSample`);
+    None when fit holds no more than that.
+
+    Every user is kept with probability SEARCH_RATINGS / fit ratings, drawn from
+    the split seed: the same users in every run with that seed.  Indices stay
+    the vocabulary's (rows of users left out are empty and cost the solves
+    nothing), so the rating model's like term scores the same users.
+    """
+    if len(fit) <= SEARCH_RATINGS:
+        return None
+    share = SEARCH_RATINGS / len(fit)
+    kept = np.random.default_rng([seed, _SAMPLE_STREAM]).random(num_users) < share
+
+    def restrict(ratings: data.Ratings) -> data.Ratings:
+        users = ratings.user.numpy()
+        mask = kept[np.minimum(users, num_users - 1)] & (users < num_users)
+        return data.Ratings(*(tf.constant(column.numpy()[mask]) for column in
+                              (ratings.user, ratings.item, ratings.rating)))
+
+    item_counts = np.bincount(fit.item.numpy(), minlength=num_items + features.NUM_OOV_BUCKETS)
+    return restrict(fit), restrict(validation), topn_train.UserSample(share, item_counts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +153,10 @@ class SearchResult:
         CLEAR_MARGIN standard errors, so the flags' point was kept.
       seconds, budget: spent and allowed.
       users: validation users ranked per point.
+      sample: past SEARCH_RATINGS fit ratings, the users the points were fitted
+        on, {users, of_users, fit_ratings, of_fit_ratings} (`user_sample`); the
+        chosen iALS point's iterations are then chosen again on all users.
+      validation_seconds: of `seconds`, those spent ranking the slice.
     """
     family: str
     blend: float
@@ -126,9 +171,16 @@ class SearchResult:
     seconds: float
     budget: float
     users: int
+    sample: dict[str, int] | None = None
+    validation_seconds: float = 0.0
+    # The chosen iALS point's trial (`topn_train.train`'s `searched`), unless it ran
+    # on a sample of the users (its best count does not carry as it is; see
+    # `refit_config`); not recorded.
+    ials_trial: Any = None
 
     def record(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {key: value for key, value in dataclasses.asdict(self).items()
+                if key != 'ials_trial'}
 
 
 class _Clock:
@@ -156,11 +208,14 @@ class _Slice:
     rating model's log P(rating >= 4): each point's scores are ranked in numpy.
 
     Ranks at most SEARCH_CELLS users x movies (a seeded sample of users past it).
+    `seconds` counts the time spent setting up, scoring and ranking the slice
+    (the trials' own validation is counted apart).
     """
 
     def __init__(self, fit: data.Ratings, validation: data.Ratings, num_users: int,
                  num_items: int, max_users: int, seed: int, rating_model=None,
                  like: ranking.LikeTerm | None = None) -> None:
+        started = time.perf_counter()
         self.num_items = num_items
         cap = max(1, SEARCH_CELLS // max(num_items, 1))
         max_users = min(max_users, cap) if max_users > 0 else cap
@@ -174,20 +229,36 @@ class _Slice:
             z = (ranking.score_items(rating_model, self.judged.users, num_items).numpy()
                  - like.cut) / like.noise
             self.log_liked = np.log(np.maximum(0.5 * _erfc(-z / math.sqrt(2.0)), 1e-12))
+        self._log_raw: tuple[np.ndarray, np.ndarray] | None = None
+        self.seconds = time.perf_counter() - started
+
+    @contextlib.contextmanager
+    def _timed(self):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - started
 
     def raw(self, scorer) -> np.ndarray:
         """A scorer's [users, movies] scores of the judged users, float64."""
         users = self.judged.users
-        return np.concatenate([np.zeros((0, self.num_items))] + [
-            scorer(tf.constant(users[start:start + 1024], tf.int64)).numpy()
-            for start in range(0, users.size, 1024)]).astype(np.float64)
+        with self._timed():
+            return np.concatenate([np.zeros((0, self.num_items))] + [
+                scorer(tf.constant(users[start:start + 1024], tf.int64)).numpy()
+                for start in range(0, users.size, 1024)]).astype(np.float64)
 
     def served(self, raw: np.ndarray, like_weight: float) -> np.ndarray:
         """lists.ListScorer's per-model score: raw, or its log plus the like term."""
         if not like_weight or self.log_liked is None:
             return raw
-        return (np.log(np.maximum(raw, ranking.TOPN_SCORE_FLOOR))
-                + like_weight * self.log_liked)
+        with self._timed():
+            # The log of the last raw scores is kept: the like grid reuses it.
+            if self._log_raw is None or self._log_raw[0] is not raw:
+                self._log_raw = None
+                floored = np.maximum(raw, ranking.TOPN_SCORE_FLOOR)
+                self._log_raw = (raw, np.log(floored, out=floored))
+            return self._log_raw[1] + like_weight * self.log_liked
 
     def ndcg(self, scores: np.ndarray) -> float:
         """NDCG@10 of scores [users, movies], fit movies excluded, top-k as `ranking` takes it."""
@@ -196,8 +267,14 @@ class _Slice:
     def user_ndcg(self, scores: np.ndarray) -> np.ndarray:
         """Each judged user's NDCG@10 (users with a relevant movie), as `ranking_metrics`
         averages it."""
+        with self._timed():
+            return self._user_ndcg(scores)
+
+    def _user_ndcg(self, scores: np.ndarray) -> np.ndarray:
         k = min(ranking.TOP_K, self.num_items)
-        _, top, valid = ranking.top_k_unseen(tf.constant(scores, tf.float32), self.seen_rows, k)
+        # (cast by numpy: the same values, ten times faster than tf.constant's cast)
+        _, top, valid = ranking.top_k_unseen(tf.constant(scores.astype(np.float32)),
+                                             self.seen_rows, k)
         top = np.where(valid.numpy(), top.numpy(), -1)
         users = top.shape[0]
         keys = np.arange(users, dtype=np.int64)[:, None] * self.num_items + top
@@ -305,10 +382,14 @@ def ials_config(config: TrainConfig, point: dict[str, Any]) -> TrainConfig:
 
 
 def _ials_trials(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
-                 where: _Slice, likes: tuple[float, ...], table: list, clock: _Clock):
-    """(the best iALS point tried within the budget, the flags' point): _Bests."""
+                 where: _Slice, likes: tuple[float, ...], table: list, clock: _Clock,
+                 sample: topn_train.UserSample | None = None):
+    """(the best iALS point tried within the budget, the flags' point): _Bests; and the
+    seconds the trials spent ranking the slice."""
     rows = tuple(size + features.NUM_OOV_BUCKETS for size in sizes)
     best = first = None
+    first_like = 0.0
+    validation_seconds = 0.0
     trial_config = dataclasses.replace(config, ranking_users=where.judged.users.size)
     stage_started = clock.spent()
     for number, point in enumerate(_ials_points(config, seed)):
@@ -317,10 +398,18 @@ def _ials_trials(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
                         number, IALS_TRIALS)
             break
         started = time.perf_counter()
-        _, iterations, factors = topn_train.trial(ials_config(trial_config, point), splits.fit,
-                                            splits.validation, rows, seed)
+        tried = topn_train.trial(ials_config(trial_config, point), splits.fit,
+                                 splits.validation, rows, seed, sample, seen=where.seen)
+        validation_seconds += tried.validation_seconds
+        iterations, factors = tried.iteration, tried.factors
         raw = where.raw(ranking.factor_scorer(*factors, sizes[1]))
-        ndcg, weight = where.best_like(raw, likes)
+        # On a sample of the users (large data), the points after the first are
+        # ranked at the first's like weight, one ranking instead of a grid; the
+        # score grid still tries every like weight on the best point.
+        point_likes = likes if sample is None or first is None else (first_like,)
+        ndcg, weight = where.best_like(raw, point_likes)
+        if first is None:
+            first_like = weight
         point = {**point, 'iterations': iterations}
         table.append({'stage': 'ials', 'settings': point, 'like_weight': weight,
                       'validation_ndcg': ndcg, 'seconds': time.perf_counter() - started})
@@ -328,11 +417,11 @@ def _ials_trials(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
                     '%.1f s); point %d of %d, %s', point, ranking.TOP_K, ndcg, weight,
                     table[-1]['seconds'], number + 1, IALS_TRIALS,
                     _left_text(clock, number + 1, stage_started))
-        current = _Best(ndcg, point, raw, factors)
+        current = _Best(ndcg, point, raw, factors, tried)
         if best is None or ndcg > best.ndcg:
             best = current
         first = first or current
-    return best, first
+    return best, first, validation_seconds
 
 
 def ials_seconds_left(done: int, spent: float, stage_spent: float, budget: float) -> float:
@@ -351,11 +440,13 @@ def _left_text(clock: _Clock, done: int, stage_started: float) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class _Best:
-    """A family's best point: its NDCG, settings, raw validation scores, fitted model."""
+    """A family's best point: its NDCG, settings, raw validation scores, fitted model
+    (and for iALS its `topn_train.Trial`)."""
     ndcg: float
     settings: dict[str, Any]
     raw: np.ndarray
     model: Any
+    trial: Any = None
 
 
 def _row_of(table: list, best: '_Best') -> dict[str, Any]:
@@ -437,6 +528,19 @@ def search(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
     budget = config.topn_search_seconds or default_budget(len(splits.train))
     clock = _Clock(budget)
     max_users = min(config.ranking_users or SEARCH_USERS, SEARCH_USERS)
+    sampled = user_sample(splits.fit, splits.validation, *sizes, seed)
+    sample = sample_record = None
+    whole_fit = splits.fit
+    if sampled is not None:
+        splits = dataclasses.replace(splits, fit=sampled[0], validation=sampled[1])
+        sample = sampled[2]
+        sample_record = {'users': int(np.unique(splits.fit.user.numpy()).size),
+                         'of_users': int(np.unique(whole_fit.user.numpy()).size),
+                         'fit_ratings': len(splits.fit), 'of_fit_ratings': len(whole_fit)}
+        logger.info('Top-N search on a seeded sample of %d of %d users (%d of %d fit '
+                    'ratings; past %d the search fits a sample)', sample_record['users'],
+                    sample_record['of_users'], len(splits.fit), len(whole_fit),
+                    SEARCH_RATINGS)
     where = _Slice(splits.fit, splits.validation, *sizes, max_users, seed, rating_model, like)
     likes = LIKE_WEIGHTS if where.log_liked is not None else (0.0,)
     table: list[dict[str, Any]] = []
@@ -444,7 +548,7 @@ def search(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
         config.topn_model,)
     on_edge: list[str] = []
     ease_best = ials_best = seen_values = None
-    left_out = _ease_too_big(config, splits.fit, sizes[1]) if config.topn_model == 'auto' else None
+    left_out = _ease_too_big(config, whole_fit, sizes[1]) if config.topn_model == 'auto' else None
     if left_out:
         logger.info('Top-N search: EASE left out: %s', left_out)
         families = ('ials',)
@@ -454,9 +558,10 @@ def search(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
         if edge:
             on_edge.append(f'EASE lambda {ease_best.settings["lambda"]:g}')
     flags_point = None
+    trials_validation = 0.0
     if 'ials' in families:
-        ials_best, flags_point = _ials_trials(config, splits, sizes, seed, where, likes, table,
-                                              clock)
+        ials_best, flags_point, trials_validation = _ials_trials(
+            config, splits, sizes, seed, where, likes, table, clock, sample)
     blends = {'ials': (0.0,), 'ease': (1.0,), 'blend': BLENDS[2:]}.get(
         config.topn_model if len(families) == 2 else families[0], BLENDS)
     chosen = (-math.inf, 0.0, 0.0, None)
@@ -503,11 +608,23 @@ def search(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
         ials=None if family == 'ease' else ials_best.settings,
         validation_ndcg=ndcg, table=tuple(table), on_edge=tuple(on_edge), kept_flags=kept_flags,
         ease_left_out=left_out,
-        seconds=clock.spent(), budget=budget, users=int(where.judged.users.size))
-    logger.info('Top-N search: %s in %.1f s of %.0f s: %d points on %d validation users, '
-                'best validation NDCG@%d %.4f', describe(result), result.seconds, budget,
-                len(table), result.users, ranking.TOP_K, ndcg)
+        seconds=clock.spent(), budget=budget, users=int(where.judged.users.size),
+        sample=sample_record, validation_seconds=where.seconds + trials_validation,
+        ials_trial=None if family == 'ease' or sample is not None else ials_best.trial)
+    logger.info('Top-N search: %s in %.1f s of %.0f s (%.1f s ranking validation): %d points '
+                'on %d validation users, best validation NDCG@%d %.4f', describe(result),
+                result.seconds, budget, result.validation_seconds, len(table), result.users,
+                ranking.TOP_K, ndcg)
     return result
+
+
+def refit_config(config: TrainConfig, result: SearchResult) -> TrainConfig:
+    """The config that trains the chosen iALS point on all of train (with
+    `result.ials_trial` as `topn_train.train`'s `searched`): its values, and its
+    iterations as the cap.  Searched on a sample of the users, the iterations
+    are chosen again on all users by validation, up to the sample's count."""
+    point = ials_config(config, result.ials)
+    return dataclasses.replace(point, topn_iterations=max(1, result.ials['iterations']))
 
 
 def describe(result: SearchResult) -> str:

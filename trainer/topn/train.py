@@ -21,7 +21,10 @@ Every iteration is deterministic (full-batch alternating solves from seeded
 factors), so after each one the state (phase, iteration, factors, the best
 iteration so far) is written to CHECKPOINT_DIR/topn/state.npz (temp file,
 then rename) and a killed run resumes where it stopped and ends with the
-same factors.  One row per search iteration goes to topn_log.csv.
+same factors.  One row per search iteration goes to topn_log.csv: the
+objective L of `ials.py`, exact (its rated part summed by the C++ op in the
+iteration's last half-step, `ials_solve.cc`; by a pass over the pairs in
+TensorFlow ops without it), the validation NDCG@10 and the solves' seconds.
 
 In a multi-worker cluster every worker computes the same factors (the
 solves are not split across workers); only the chief's are kept.
@@ -77,6 +80,9 @@ class TopNResult:
       refit: the final factors were refitted on the whole train split.
       seconds: seconds spent in iterations in this run.
       history: (iteration, objective, validation NDCG, seconds) per search iteration.
+      refit_seconds: of this run's seconds, those of the refit's iterations.
+      validation_seconds: seconds spent ranking the validation slice in this run
+        (beside `seconds`).
     """
     user_factors: np.ndarray
     item_factors: np.ndarray
@@ -85,6 +91,8 @@ class TopNResult:
     refit: bool
     seconds: float
     history: tuple[tuple[int, float, float, float], ...]
+    refit_seconds: float = 0.0
+    validation_seconds: float = 0.0
 
 
 @dataclasses.dataclass
@@ -148,6 +156,25 @@ def _restore(config: TrainConfig, shape: tuple[int, int]) -> _State | None:
 
 
 @dataclasses.dataclass(frozen=True)
+class UserSample:
+    """Ratings of a seeded share of the users, fitted in place of all of them (the
+    top-N search at large data, `search.user_sample`).
+
+    A movie's rated pairs and its unobserved pull (alpha0 P^T P) then shrink by
+    about `share`, its ridge does not: each movie row's ridge is set to share x
+    its penalty on the whole split (`item_counts`), so its normal equations are
+    share x the whole data's in expectation and a point's ridge means on the
+    sample what it means on all users.  Users' rows are as on the whole data.
+
+    Attributes:
+      share: the expected share of users (so of each movie's ratings) kept.
+      item_counts: rated pairs of each movie row in the whole split [movie rows].
+    """
+    share: float
+    item_counts: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
 class _Side:
     """One side's rated pairs grouped by its rows, for the C++ op."""
     offsets: np.ndarray
@@ -169,7 +196,7 @@ class _Iterator:
     (`ials_solve.cc`) where it builds, else `ials.half_step` in TensorFlow ops."""
 
     def __init__(self, config: TrainConfig, ratings: data.Ratings,
-                 shape: tuple[int, int]) -> None:
+                 shape: tuple[int, int], sample: UserSample | None = None) -> None:
         self.config = config
         users, items = ratings.user.numpy(), ratings.item.numpy()
         self.users, self.items = tf.constant(users, tf.int64), tf.constant(items, tf.int64)
@@ -185,18 +212,29 @@ class _Iterator:
         vocabulary = [rows - features.NUM_OOV_BUCKETS for rows in shape]
         self.user_l2 = penalties(users, shape[0], vocabulary[1])
         self.item_l2 = penalties(items, shape[1], vocabulary[0])
+        if sample is not None:  # the whole split's movie penalties, times the share kept
+            self.item_l2 = tf.constant(sample.share * ials.row_penalties(
+                sample.item_counts, config.topn_l2, config.topn_l2_exponent,
+                config.topn_unobserved_weight, vocabulary[0]))
         # Rows without rated pairs (OOV rows, users only in the validation
         # slice) solve to zero; set them so exactly, not as CG leaves them.
         self.user_rated = np.bincount(users, minlength=shape[0])[:, None] > 0
         self.item_rated = np.bincount(items, minlength=shape[1])[:, None] > 0
         self.ops = _solver_ops(config)
+        # (user factors, movie factors, their rated loss or None) after the last step.
+        self._rated_loss: tuple[np.ndarray, np.ndarray, float | None] | None = None
+        # P^T P (float64) of the user factors of the last movie half-step with its loss.
+        self._fixed_gram: np.ndarray | None = None
         if self.ops is not None:
             self.sides = (_Side.group(users, items, weight, target, shape[0]),
                           _Side.group(items, users, weight, target, shape[1]))
 
-    def _solve(self, side: int, solved: np.ndarray, fixed: np.ndarray) -> np.ndarray:
+    def _solve(self, side: int, solved: np.ndarray, fixed: np.ndarray,
+               with_loss: bool = False) -> tuple[np.ndarray, float | None]:
+        """The side's new factors, and with_loss (C++ op only) their rated loss."""
         config = self.config
         l2 = (self.user_l2, self.item_l2)[side]
+        rated_loss = None
         if self.ops is None:
             rows, columns = (self.users, self.items) if side == 0 else (self.items, self.users)
             out = ials.half_step(tf.constant(solved), tf.constant(fixed), rows, columns,
@@ -204,27 +242,44 @@ class _Iterator:
                                  config.topn_unobserved_weight, config.topn_cg_steps).numpy()
         else:
             pairs = self.sides[side]
-            gram = config.topn_unobserved_weight * (fixed.T.astype(np.float64) @ fixed)
-            out = self.ops.implicit_als_solve_rows(
+            fixed_gram = fixed.T.astype(np.float64) @ fixed
+            if with_loss:  # the objective's unobserved pull needs it too
+                self._fixed_gram = fixed_gram
+            gram = config.topn_unobserved_weight * fixed_gram
+            out, loss = self.ops.implicit_als_solve_rows(
                 offsets=pairs.offsets, other=pairs.other, weight=pairs.weight,
                 target=pairs.target, other_table=fixed, gram=gram.astype(np.float32),
                 l2=l2, start=solved, cg_steps=config.topn_cg_steps,
-                threads=kernels.default_threads()).numpy()
+                threads=kernels.default_threads(), with_loss=with_loss)
+            out = out.numpy()
+            if with_loss:
+                rated_loss = float(np.sum(loss.numpy()))
         rated = self.user_rated if side == 0 else self.item_rated
-        return np.where(rated, out, 0.0).astype(np.float32)
+        # (rows without rated pairs add nothing to the loss, zeroed or not)
+        return np.where(rated, out, 0.0).astype(np.float32), rated_loss
 
     def step(self, state: _State) -> float:
         started = time.perf_counter()
-        state.user_factors = self._solve(0, state.user_factors, state.item_factors)
-        state.item_factors = self._solve(1, state.item_factors, state.user_factors)
+        state.user_factors, _ = self._solve(0, state.user_factors, state.item_factors)
+        state.item_factors, rated_loss = self._solve(1, state.item_factors, state.user_factors,
+                                                     with_loss=True)
         state.iteration += 1
+        self._rated_loss = (state.user_factors, state.item_factors, rated_loss)
         return time.perf_counter() - started
 
     def objective(self, state: _State) -> float:
+        """L of the state's factors (`ials.py`): its rated part from the last step's
+        C++ half-step where that solved these factors, else by a pass over the pairs."""
+        user_l2, item_l2 = self.user_l2.numpy(), self.item_l2.numpy()
+        alpha0 = self.config.topn_unobserved_weight
+        last = self._rated_loss
+        if (last is not None and last[2] is not None and last[0] is state.user_factors
+                and last[1] is state.item_factors):
+            return ials.objective_from_rated(last[2], state.user_factors, state.item_factors,
+                                             user_l2, item_l2, alpha0, self._fixed_gram)
         return ials.objective(state.user_factors, state.item_factors, self.users.numpy(),
                               self.items.numpy(), self.weight.numpy(), self.target.numpy(),
-                              self.user_l2.numpy(), self.item_l2.numpy(),
-                              self.config.topn_unobserved_weight)
+                              user_l2, item_l2, alpha0)
 
 
 def _solver_ops(config: TrainConfig):
@@ -249,7 +304,9 @@ class _Validation:
     """
 
     def __init__(self, config: TrainConfig, fit: data.Ratings, validation: data.Ratings,
-                 shape: tuple[int, int], seed: int) -> None:
+                 shape: tuple[int, int], seed: int, seen: tf.RaggedTensor | None = None) -> None:
+        """seen: fit's `pairs_catalog(...).seen()`, if the caller has it."""
+        started = time.perf_counter()
         num_users, num_items = (rows - features.NUM_OOV_BUCKETS for rows in shape)
         self.num_items = num_items
         self.judged = ranking.judge(num_users, num_items, validation.user.numpy(),
@@ -259,16 +316,21 @@ class _Validation:
         self.item_factors = tf.Variable(tf.zeros([num_items, config.topn_factors]))
         self.scorer = lambda user: tf.matmul(  # noqa: E731
             tf.gather(self.user_factors, user), self.item_factors, transpose_b=True)
-        self.seen = pairs_catalog(fit, num_users, num_items).seen()
+        self.seen = pairs_catalog(fit, num_users, num_items).seen() if seen is None else seen
         self.top_k = ranking.compile_top_k(self.scorer, self.seen, num_items, ranking.TOP_K)
+        # Seconds spent setting up and ranking, so far.
+        self.seconds = time.perf_counter() - started
 
     def ndcg(self, state: _State) -> float:
+        started = time.perf_counter()
         self.user_factors.assign(state.user_factors)
         self.item_factors.assign(state.item_factors[:self.num_items])
         top = ranking.rank_users(self.scorer, self.judged.users, self.seen, self.num_items,
                                  ranking.TOP_K, compiled=self.top_k)
-        return ranking.ranking_metrics(top, self.judged.rows, self.judged.items,
+        ndcg = ranking.ranking_metrics(top, self.judged.rows, self.judged.items,
                                        self.num_items, ranking.TOP_K)['ndcg']
+        self.seconds += time.perf_counter() - started
+        return ndcg
 
 
 def validation_users(config: TrainConfig, num_items: int) -> int:
@@ -299,8 +361,9 @@ def _write_log(config: TrainConfig, history: list) -> None:
 
 
 def _search(config: TrainConfig, state: _State, splits, sizes: tuple[int, int],
-            seed: int) -> float:
-    """Runs search iterations until patience or the cap; returns their seconds."""
+            seed: int) -> tuple[float, float]:
+    """Runs search iterations until patience or the cap; returns their seconds and
+    validation's."""
     iterator = _Iterator(config, splits.fit, sizes)
     has_validation = len(splits.validation) > 0
     validation = (_Validation(config, splits.fit, splits.validation, sizes, seed)
@@ -330,11 +393,11 @@ def _search(config: TrainConfig, state: _State, splits, sizes: tuple[int, int],
                     state.history[-1][1], ranking.TOP_K, ndcg, state.best_ndcg,
                     state.best_iteration, took)
         shutdown.check(f'top-N iteration {state.iteration}')
-    return seconds
+    return seconds, (validation.seconds if validation is not None else 0.0)
 
 
 def train(config: TrainConfig, splits, user_rows: int, item_rows: int,
-          seed: int) -> TopNResult:
+          seed: int, searched: Trial | None = None) -> TopNResult:
     """Fits (or resumes) the top-N model; see the module doc.
 
     Args:
@@ -343,6 +406,10 @@ def train(config: TrainConfig, splits, user_rows: int, item_rows: int,
       user_rows: users in the vocabulary plus OOV rows.
       item_rows: movies in the vocabulary plus OOV rows.
       seed: the split seed, which seeds the sample of ranked validation users.
+      searched: the search's trial of these settings.  With a refit, its best
+        iteration count and its history (topn_log.csv) stand for the search
+        iterations, which would only repeat it (on all users where it ran on a
+        sample: `search.user_sample`), and the run goes straight to the refit.
 
     Returns:
       The final factors and how they were chosen.
@@ -359,27 +426,38 @@ def train(config: TrainConfig, splits, user_rows: int, item_rows: int,
         config = dataclasses.replace(
             config, topn_l2=config_lib.default_topn_l2(len(splits.train), users, movies))
     fileio.makedirs(config.model_dir)
-    state = _restore(config, shape) or _fresh(config, _SEARCH, shape)
-    seconds = 0.0
+    state = _restore(config, shape)
+    seconds = validation_seconds = 0.0
+    if (state is None and searched is not None and config.final_model == 'refit'
+            and len(splits.validation) > 0):
+        state = _fresh(config, _REFIT, shape)
+        state.best_iteration = max(1, searched.iteration)
+        state.best_ndcg, state.history = searched.ndcg, list(searched.history)
+        _write_log(config, state.history)
+        _save(config, state)
+        logger.info('Top-N model: the search chose %d iterations; refit on all train ratings',
+                    state.best_iteration)
+    state = state or _fresh(config, _SEARCH, shape)
     if state.phase == _SEARCH:
-        seconds += _search(config, state, splits, shape, seed)
+        seconds, validation_seconds = _search(config, state, splits, shape, seed)
         refit = (config.final_model == 'refit' and len(splits.validation) > 0
                  and state.best_iteration > 0)
         best = state.best_iteration, state.best_ndcg, list(state.history)
         if not refit:
             _keep_best(config, state, splits.fit)
-            return _result(state, False, seconds)
+            return _result(state, False, seconds, 0.0, validation_seconds)
         state = _fresh(config, _REFIT, shape)
         state.best_iteration, state.best_ndcg, state.history = best
         _save(config, state)
     iterator = _Iterator(config, splits.train, shape)
+    refit_seconds = 0.0
     while state.iteration < state.best_iteration:
-        seconds += iterator.step(state)
+        refit_seconds += iterator.step(state)
         _save(config, state)
         logger.info('Top-N refit on all %d train ratings, iteration %d/%d',
                     len(splits.train), state.iteration, state.best_iteration)
         shutdown.check(f'top-N refit iteration {state.iteration}')
-    return _result(state, True, seconds)
+    return _result(state, True, seconds + refit_seconds, refit_seconds, validation_seconds)
 
 
 def _keep_best(config: TrainConfig, state: _State, fit: data.Ratings) -> None:
@@ -401,30 +479,53 @@ def _keep_best(config: TrainConfig, state: _State, fit: data.Ratings) -> None:
     state.user_factors, state.item_factors = state.best_factors
 
 
-def _result(state: _State, refit: bool, seconds: float) -> TopNResult:
+def _result(state: _State, refit: bool, seconds: float, refit_seconds: float,
+            validation_seconds: float) -> TopNResult:
     return TopNResult(state.user_factors, state.item_factors, state.best_iteration,
                       state.best_ndcg if math.isfinite(state.best_ndcg) else math.nan,
-                      refit, seconds, tuple(tuple(row) for row in state.history))
+                      refit, seconds, tuple(tuple(row) for row in state.history),
+                      refit_seconds, validation_seconds)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """What `trial` returns.
+
+    Attributes:
+      ndcg: the best validation NDCG@10.
+      iteration: its iteration.
+      factors: its (user, movie) factors.
+      validation_seconds: the seconds spent ranking validation.
+      history: (iteration, objective, validation NDCG, seconds) per iteration,
+        as topn_log.csv has them.
+    """
+    ndcg: float
+    iteration: int
+    factors: tuple[np.ndarray, np.ndarray]
+    validation_seconds: float
+    history: tuple[tuple[int, float, float, float], ...]
 
 
 def trial(config: TrainConfig, fit: data.Ratings, validation: data.Ratings,
-          shape: tuple[int, int], seed: int) -> tuple[float, int, tuple[np.ndarray, np.ndarray]]:
+          shape: tuple[int, int], seed: int, sample: UserSample | None = None,
+          seen: tf.RaggedTensor | None = None) -> Trial:
     """One search point: iterations on fit, NDCG@10 on validation after each,
-    early stopping as `train` does; no checkpoint, no log.
-
-    Returns:
-      (best validation NDCG, its iteration, its (user, movie) factors).
+    early stopping as `train` does; no checkpoint, no log.  With `sample`, fit
+    and validation hold a sample of the users (see `UserSample`); `seen` is
+    fit's `pairs_catalog(...).seen()`, if the caller has it.
     """
-    iterator = _Iterator(config, fit, shape)
-    validate = _Validation(config, fit, validation, shape, seed)
+    iterator = _Iterator(config, fit, shape, sample)
+    validate = _Validation(config, fit, validation, shape, seed, seen)
     state = _fresh(config, _SEARCH, shape)
     best = (-math.inf, 0, (state.user_factors, state.item_factors))
+    history = []
     while state.iteration < config.topn_iterations:
         if (config.early_stopping_patience
                 and state.iteration - best[1] >= config.early_stopping_patience):
             break
-        iterator.step(state)
+        took = iterator.step(state)
         ndcg = validate.ndcg(state)
+        history.append((state.iteration, iterator.objective(state), ndcg, took))
         if math.isfinite(ndcg) and ndcg > best[0] + _MIN_IMPROVEMENT:
             best = (ndcg, state.iteration, (state.user_factors, state.item_factors))
-    return best
+    return Trial(*best, validate.seconds, tuple(history))
