@@ -108,6 +108,35 @@ def test_tensorflow_scores_equal_x_times_b_and_unknown_users_get_nothing():
     assert not got[users].any()  # the OOV row has no train movies
 
 
+def test_by_default_b_is_stored_whole_and_scores_exactly_x_times_b(monkeypatch):
+    user, item, rating, users, movies = _franchise_ratings(5, users=60, franchises=8)
+    x = _dense(user, item, rating, users, movies)
+    weights = ease.weights_from_gram(x.T @ x, 5.0)
+    stored = ease.fit(user, item, rating, users, movies, lam=5.0,
+                      count=ease.stored_count(0, movies))
+    assert stored.dense is not None and stored.count == movies - 1
+    np.testing.assert_allclose(stored.dense, weights, rtol=1e-5, atol=1e-6)
+    seen_items, row_splits = catalog_lib.group_by_user(user, item, users + 1)
+    seen = tf.RaggedTensor.from_row_splits(seen_items, row_splits)
+    values = tf.RaggedTensor.from_row_splits(ease.user_values(user, item, rating), row_splits)
+    got = ease.dense_matrix_scores(tf.constant(stored.dense), seen, values,
+                                   tf.range(users + 1), movies + 1).numpy()
+    assert got.shape == (users + 1, movies + 1)
+    np.testing.assert_allclose(got[:users, :movies], x @ weights, rtol=1e-4, atol=1e-4)
+    assert not got[users].any() and not got[:, movies].any()  # OOV row and column
+    # The sparse form of the same B scores the same.
+    sparse = ease.scores(*ease.sparse_weights(stored), seen, values, tf.range(users + 1),
+                         movies).numpy()
+    np.testing.assert_allclose(sparse, got[:, :movies], rtol=1e-4, atol=1e-4)
+    # Past DENSE_MAX_MOVIES catalogue movies the default stores DEFAULT_NEIGHBOURS each;
+    # an explicit count is kept as given.
+    monkeypatch.setattr(ease, 'DENSE_MAX_MOVIES', movies - 1)
+    assert ease.stored_count(0, movies) == ease.DEFAULT_NEIGHBOURS
+    assert ease.stored_count(7, movies) == 7
+    cut = ease.fit(user, item, rating, users, movies, lam=5.0, count=movies - 1)
+    assert cut.dense is None and cut.index.shape == (movies, movies - 1)
+
+
 def test_movies_outside_the_kept_subset_have_no_neighbours():
     user, item, rating, users, movies = _franchise_ratings(4, users=80, franchises=10)
     stored = ease.fit(user, item, rating, users, movies, lam=5.0, max_movies=20, count=8)

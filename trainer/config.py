@@ -228,7 +228,8 @@ class TrainConfig:
         train ratings (`topn_search.default_budget`).
       ease_lambda: EASE's ridge lambda (the search's first rung).
       ease_max_movies: EASE keeps at most this many movies, the most rated.
-      ease_neighbours: neighbours stored per movie for serving.
+      ease_neighbours: neighbours stored per movie for serving; 0: all of B
+        (dense) up to `ease.DENSE_MAX_MOVIES` catalogue movies, else 200.
       topn_blend: EASE's weight in a blend of standardised scores.
       topn_factors: factors per user and movie of the top-N model.
       topn_l2: its ridge penalty, per row l2 * (n + alpha0 * other side)^nu;
@@ -309,7 +310,7 @@ class TrainConfig:
     topn_search_seconds: float | None = None
     ease_lambda: float = 800.0
     ease_max_movies: int = 5_000
-    ease_neighbours: int = 200
+    ease_neighbours: int = 0
     topn_blend: float = 0.5
     topn_factors: int = 64
     topn_l2: float | None = None
@@ -613,8 +614,9 @@ def _add_topn_flags(group: argparse._ArgumentGroup) -> None:
         help='EASE keeps the most-rated movies up to this many (a dense movies^2 '
              'inverse: 400 MB at 5,000)')
     add('--ease-neighbours', default=TrainConfig.ease_neighbours,
-        type=_bounded(int, '--ease-neighbours', 1, 50_000),
-        help='EASE neighbours stored per movie in the export')
+        type=_bounded(int, '--ease-neighbours', 0, 50_000),
+        help='EASE neighbours stored per movie in the export; 0 (default): all of '
+             'them, a dense movies^2 matrix, up to 4,096 movies, else 200')
     add('--topn-blend', default=TrainConfig.topn_blend,
         type=_bounded(float, '--topn-blend', 0, 1),
         help="EASE's weight in --topn-model blend (scores standardised per user)")

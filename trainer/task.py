@@ -204,7 +204,7 @@ def _train_lists(config: config_lib.TrainConfig, info: features.DatasetInfo,
         train = splits.train
         stored = ease_lib.fit(train.user.numpy(), train.item.numpy(), train.rating.numpy(),
                               sizes[0], sizes[1], lam, max_movies=config.ease_max_movies,
-                              count=config.ease_neighbours)
+                              count=ease_lib.stored_count(config.ease_neighbours, sizes[1]))
         seen_values = ease_lib.user_values(train.user.numpy(), train.item.numpy(),
                                            train.rating.numpy())
     model = lists_lib.ListModel(family, user_factors, item_factors, stored, seen_values,
@@ -232,8 +232,10 @@ def _topn_line(record: dict) -> str:
     if record.get('factors') is not None:
         parts.append(f'iALS, {record["factors"]} factors, {record["iterations"]} iterations')
     if record.get('ease_lambda') is not None:
+        stored = ('all of B stored' if record.get('ease_dense') else
+                  f'{record["ease_neighbours"]} neighbours each')
         parts.append(f'EASE, lambda {record["ease_lambda"]:g} on {record["ease_movies"]} '
-                     f'movies, {record["ease_neighbours"]} neighbours each')
+                     f'movies, {stored}')
     model = ' + '.join(parts)
     if record.get('family') == 'blend':
         model = f'a blend (EASE weight {record["blend"]:g}) of {model}'

@@ -18,11 +18,16 @@ Gram matrix and as much for its inverse, and O(movies^3) time.  Above
 others get no neighbours, so they score 0 for every user and are not
 recommended by EASE.  At 5,000 movies the two matrices take 400 MB.
 
-Serving stores, per movie j, its `neighbours` largest |B_jk|, not B, as
-a sparse matrix (`sparse_weights`: 16 + 4 bytes per entry): a user's scores
-are then their row of X times it, one sparse x dense product (`scores`).
-The cut is checked by `neighbour_recall`, the share of the
-dense model's top-k the stored neighbours reproduce.
+Serving stores all of B, dense in float32, when the catalogue holds at most
+DENSE_MAX_MOVIES movies (64 MiB; 11 MB at 1,682 movies): a user's scores
+are then their row of X times B, one matmul, exactly the closed form's.
+Past that (or with an explicit count, `stored_count`) it stores, per movie
+j, its `neighbours` largest |B_jk|, as a sparse matrix (`sparse_weights`:
+16 + 4 bytes per entry), one sparse x dense product (`scores`).  The cut
+is checked by `neighbour_recall`, the share of the dense model's top-k the
+stored neighbours reproduce.  It costs more than its recall suggests: on
+generated 100k (lambda 400) 200 neighbours per movie scored eval NDCG@10
+0.3894 against the dense 0.3996, and 400 still 0.3913 (docs/model.md).
 """
 
 from __future__ import annotations
@@ -38,8 +43,10 @@ from trainer.topn import ials
 
 logger = logging.getLogger(__name__)
 
-# The stored neighbours per movie (fewer when the model holds fewer movies).
+# The stored neighbours per movie past DENSE_MAX_MOVIES (fewer when the model holds fewer).
 DEFAULT_NEIGHBOURS = 200
+# Up to this many catalogue movies B is stored whole, dense float32 (64 MiB at most).
+DENSE_MAX_MOVIES = 4_096
 # EASE keeps at most this many movies (the most rated); see the module doc.
 DEFAULT_MAX_MOVIES = 5_000
 # Movie columns per block of the Gram matrix's sparse x dense products.
@@ -94,25 +101,49 @@ def weights_from_gram(gram_matrix: np.ndarray, lam: float) -> np.ndarray:
     return weights
 
 
+def stored_count(requested: int, num_items: int) -> int:
+    """Neighbours stored per movie: requested, or for 0 (the default) all of them (a
+    dense B, `Neighbours.dense`) up to DENSE_MAX_MOVIES catalogue movies, else
+    DEFAULT_NEIGHBOURS."""
+    if requested:
+        return requested
+    return max(num_items - 1, 1) if num_items <= DENSE_MAX_MOVIES else DEFAULT_NEIGHBOURS
+
+
 @dataclasses.dataclass(frozen=True)
 class Neighbours:
-    """Each movie's strongest EASE weights, as `scores` reads them.
+    """Each movie's strongest EASE weights, or all of B, as `scores` reads them.
 
     Attributes:
-      index: int32 [num_items, M]: movie j's neighbours k (movie indices).
+      index: int32 [num_items, M]: movie j's neighbours k (movie indices);
+        [num_items, 0] when B is stored dense.
       weight: float32 [num_items, M]: B_jk; 0 pads movies outside the model.
       lam: the ridge lambda B was solved with.
       movies: the movies in the model (all, or the most rated).
+      dense: float32 [num_items, num_items]: all of B (0 outside the model), or None.
     """
     index: np.ndarray
     weight: np.ndarray
     lam: float
     movies: int
+    dense: np.ndarray | None = None
+
+    @property
+    def count(self) -> int:
+        """Neighbours per movie (all but itself when B is stored dense)."""
+        return max(self.movies - 1, 1) if self.dense is not None else self.index.shape[1]
 
 
 def neighbours(weights: np.ndarray, subset: np.ndarray, num_items: int, count: int,
                lam: float) -> Neighbours:
-    """The count largest |B_jk| of each row j of B (subset coordinates), in movie indices."""
+    """The count largest |B_jk| of each row j of B (subset coordinates), in movie indices;
+    all of B, dense, when count covers every other movie of a catalogue of at most
+    DENSE_MAX_MOVIES."""
+    if count >= subset.size - 1 and num_items <= DENSE_MAX_MOVIES:
+        dense = np.zeros((num_items, num_items), np.float32)
+        dense[np.ix_(subset, subset)] = weights
+        return Neighbours(np.zeros((num_items, 0), np.int32), np.zeros((num_items, 0), np.float32),
+                          float(lam), int(subset.size), dense)
     count = max(1, min(count, subset.size - 1))
     strongest = np.argpartition(-np.abs(weights), count - 1, axis=1)[:, :count]
     index = np.zeros((num_items, count), np.int32)
@@ -126,14 +157,14 @@ def fit(users: np.ndarray, items: np.ndarray, ratings: np.ndarray, num_users: in
         num_items: int, lam: float, target: str = 'rating',
         max_movies: int = DEFAULT_MAX_MOVIES,
         count: int = DEFAULT_NEIGHBOURS) -> Neighbours:
-    """EASE on rated pairs, cut to each movie's `count` strongest neighbours."""
+    """EASE on rated pairs, cut to each movie's `count` strongest neighbours (all: dense)."""
     started = time.perf_counter()
     subset = movie_subset(np.bincount(items, minlength=num_items), max_movies)
     weights = weights_from_gram(
         gram(users, items, pair_values(ratings, target), num_users, subset, num_items), lam)
     out = neighbours(weights, subset, num_items, count, lam)
     logger.info('EASE on %d of %d movies, lambda %g, %d neighbours each: %.1f s',
-                subset.size, num_items, lam, out.index.shape[1],
+                subset.size, num_items, lam, out.count,
                 time.perf_counter() - started)
     return out
 
@@ -147,7 +178,11 @@ def user_values(users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
 
 def sparse_weights(stored: Neighbours) -> tuple[np.ndarray, np.ndarray]:
     """The stored neighbours as B's nonzero entries: int64 [nnz, 2] (j, k) in row order
-    and float32 [nnz] weights, for `scores`."""
+    and float32 [nnz] weights, for `scores` (all nonzero entries of a dense B)."""
+    if stored.dense is not None:
+        rows, columns = np.nonzero(stored.dense)
+        return (np.stack([rows, columns], axis=1).astype(np.int64),
+                stored.dense[rows, columns].astype(np.float32))
     rows = np.repeat(np.arange(stored.index.shape[0], dtype=np.int64), stored.index.shape[1])
     columns = stored.index.reshape(-1).astype(np.int64)
     weights = stored.weight.reshape(-1)
@@ -181,6 +216,23 @@ def scores(indices: tf.Tensor, weights: tf.Tensor, seen: tf.RaggedTensor,
     return tf.transpose(tf.sparse.sparse_dense_matmul(b, x, adjoint_a=True, adjoint_b=True))
 
 
+def dense_matrix_scores(dense: tf.Tensor, seen: tf.RaggedTensor,
+                        seen_values: tf.RaggedTensor, user: tf.Tensor,
+                        num_items: int | tf.Tensor) -> tf.Tensor:
+    """s_u = x_u B with all of B stored dense [n, n] (`Neighbours.dense`), [B, num_items]:
+    the users' rows of X scattered into a dense block, then one matmul (n^2 multiply-adds
+    per user); columns past n (none in an export) score 0."""
+    user = tf.cast(user, tf.int64)
+    rated, values = tf.gather(seen, user), tf.gather(seen_values, user)
+    num_items = tf.cast(num_items, tf.int64)
+    size = tf.cast(tf.shape(dense)[0], tf.int64)
+    where = tf.stack([rated.value_rowids(), tf.cast(rated.flat_values, tf.int64)], axis=1)
+    x = tf.scatter_nd(where, values.flat_values,
+                      tf.stack([tf.size(user, tf.int64), tf.maximum(num_items, size)]))
+    out = tf.matmul(x[:, :size], dense)
+    return tf.pad(out, [[0, 0], [0, tf.maximum(num_items - size, 0)]])[:, :num_items]
+
+
 def dense_scores(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """X B in numpy, for checks: [users, movies] rows of x times the dense weights."""
     return np.asarray(x, np.float64) @ np.asarray(weights, np.float64)
@@ -191,7 +243,9 @@ def neighbour_recall(x: np.ndarray, weights: np.ndarray, stored: Neighbours,
     """Share of the dense top-k (unrated movies) that the stored neighbours' top-k hold."""
     dense = dense_scores(x, weights)
     cut = np.zeros_like(dense)
-    for j in range(x.shape[1]):
+    if stored.dense is not None:
+        cut = dense_scores(x, stored.dense)
+    for j in range(stored.index.shape[0] if stored.dense is None else 0):
         cut[:, stored.index[j]] += x[:, [j]] * stored.weight[j][None, :]
     rated = x != 0
     dense[rated], cut[rated] = -np.inf, -np.inf

@@ -6,7 +6,7 @@ ranking evaluation both call, so what is measured is what is served:
 
 - 'ials': p_u . q_i (`trainer.topn.ials`);
 - 'ease': sum over the user's train movies j of x_uj B_ji over the stored
-  neighbours (`trainer.topn.ease`);
+  neighbours, or all of B (`trainer.topn.ease`);
 - 'blend': (1 - w) z(iALS) + w z(EASE), each standardised per user over
   the catalogue (z = (s - mean) / std), w chosen on validation.
 
@@ -97,13 +97,17 @@ class ListScorer(tf.Module):
         self.blend = float(lists.blend)
         self.user_factors = self.item_factors = None
         self.neighbour_index = self.neighbour_weight = self.seen_values = None
+        self.ease_dense = None
         if lists.uses_ials:
             self.user_factors = tensor(lists.user_factors, tf.float32, 'topn_user_factors')
             self.item_factors = tensor(lists.item_factors, tf.float32, 'topn_item_factors')
-        if lists.uses_ease:
+        if lists.uses_ease and lists.neighbours.dense is not None:
+            self.ease_dense = tensor(lists.neighbours.dense, tf.float32, 'ease_dense_weights')
+        elif lists.uses_ease:
             indices, weights = ease_lib.sparse_weights(lists.neighbours)
             self.neighbour_index = tensor(indices, tf.int64, 'ease_indices')
             self.neighbour_weight = tensor(weights, tf.float32, 'ease_weights')
+        if lists.uses_ease:
             self.seen_values = tensor(lists.seen_values, tf.float32, 'ease_seen_values')
             self.seen_row_splits = tf.constant(seen_row_splits, tf.int64)
 
@@ -115,12 +119,16 @@ class ListScorer(tf.Module):
         if self.user_factors is not None:
             parts.append(ranking.topn_scores(self.user_factors, self.item_factors, user,
                                              num_items, model, like))
-        if self.neighbour_index is not None:
+        if self.seen_values is not None:
             values = tf.RaggedTensor.from_row_splits(self.seen_values, seen.row_splits,
                                                      validate=False)
-            parts.append(_with_like(
-                ease_lib.scores(self.neighbour_index, self.neighbour_weight, seen, values,
-                                user, num_items), user, num_items, model, like))
+            if self.ease_dense is not None:
+                ease_scores = ease_lib.dense_matrix_scores(self.ease_dense, seen, values, user,
+                                                           num_items)
+            else:
+                ease_scores = ease_lib.scores(self.neighbour_index, self.neighbour_weight,
+                                              seen, values, user, num_items)
+            parts.append(_with_like(ease_scores, user, num_items, model, like))
         if len(parts) == 1:
             return parts[0]
         return ((1.0 - self.blend) * _standardised(parts[0])
@@ -142,5 +150,6 @@ def record(lists: ListModel) -> dict[str, object]:
         out['factors'] = int(lists.user_factors.shape[1])
     if lists.uses_ease:
         out.update(ease_lambda=lists.neighbours.lam, ease_movies=lists.neighbours.movies,
-                   ease_neighbours=int(lists.neighbours.index.shape[1]))
+                   ease_neighbours=int(lists.neighbours.count),
+                   ease_dense=lists.neighbours.dense is not None)
     return out

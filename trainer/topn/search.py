@@ -8,7 +8,9 @@ slice's ratings >= 4); the eval split is never read.  In order:
 
 1. EASE (`trainer.topn.ease`, graded targets max(r - 2, 0.2)): lambda on a
    ladder of doublings from --ease-lambda, walking towards the better
-   neighbour until it stops improving (at most EASE_RUNGS solves);
+   neighbour until it stops improving (at most EASE_RUNGS solves); the rungs
+   are ranked without the like term (it adds nothing to graded EASE on real
+   MovieLens 100k: docs/evaluation.md), step 3 tries it on the best rung;
 2. iALS (`trainer.topn.train.trial`, with early stopping): first the flags'
    point, then seeded random points in IALS_SPACE (factors; ridge and
    unobserved weight as multiples of the flags' or data defaults;
@@ -303,7 +305,7 @@ def _standardised(scores: np.ndarray) -> np.ndarray:
 
 
 def _ease_ladder(config: TrainConfig, fit: data.Ratings, sizes: tuple[int, int],
-                 where: _Slice, likes: tuple[float, ...], table: list, clock: _Clock):
+                 where: _Slice, table: list, clock: _Clock):
     """The lambda ladder's best: a _Best (settings {'lambda'}) and its neighbours,
     the fit pairs' values and whether it is on the edge; records each rung."""
     num_users, num_items = sizes
@@ -313,22 +315,23 @@ def _ease_ladder(config: TrainConfig, fit: data.Ratings, sizes: tuple[int, int],
     gram = ease_lib.gram(users, items, ease_lib.pair_values(ratings), num_users, subset,
                          num_items)
     seen_values = ease_lib.user_values(users, items, ratings)
+    count = ease_lib.stored_count(config.ease_neighbours, num_items)
     tried: dict[float, float] = {}
     kept: list[_Best] = []
 
     def score(lam: float) -> float:
         started = time.perf_counter()
         stored = ease_lib.neighbours(ease_lib.weights_from_gram(gram, lam), subset,
-                                     num_items, config.ease_neighbours, lam)
+                                     num_items, count, lam)
         model = lists_lib.ListModel('ease', neighbours=stored, seen_values=seen_values,
                                     blend=1.0)
         raw = where.raw(lists_lib.scorer(model, where.seen, num_items))
-        ndcg, weight = where.best_like(raw, likes)
+        ndcg, weight = where.ndcg(raw), 0.0
         tried[lam] = ndcg
         table.append({'stage': 'ease', 'settings': {'lambda': lam}, 'like_weight': weight,
                       'validation_ndcg': ndcg, 'seconds': time.perf_counter() - started})
-        logger.info('Top-N search, EASE lambda %g: validation NDCG@%d %.4f (like weight '
-                    '%g; %.1f s)', lam, ranking.TOP_K, ndcg, weight, table[-1]['seconds'])
+        logger.info('Top-N search, EASE lambda %g: validation NDCG@%d %.4f (%.1f s)',
+                    lam, ranking.TOP_K, ndcg, table[-1]['seconds'])
         if not kept or ndcg > kept[0].ndcg:
             kept[:] = [_Best(ndcg, {'lambda': lam}, raw, stored)]
         return ndcg
@@ -553,8 +556,8 @@ def search(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
         logger.info('Top-N search: EASE left out: %s', left_out)
         families = ('ials',)
     if 'ease' in families:
-        ease_best, seen_values, edge = _ease_ladder(config, splits.fit, sizes, where, likes,
-                                                    table, clock)
+        ease_best, seen_values, edge = _ease_ladder(config, splits.fit, sizes, where, table,
+                                                    clock)
         if edge:
             on_edge.append(f'EASE lambda {ease_best.settings["lambda"]:g}')
     flags_point = None
