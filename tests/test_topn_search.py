@@ -142,6 +142,19 @@ def test_the_lambda_ladder_climbs_to_the_best_rung_from_either_side(splits, tmp_
     assert result.family == 'ease' and result.ease_lambda == 16.0 and not result.on_edge
 
 
+def test_a_rung_whose_neighbours_the_budget_left_untried_is_on_the_edge(splits, tmp_path,
+                                                                        monkeypatch):
+    # Lambda 16 is this data's best (see above), but with the budget spent after
+    # the first rung nothing says so: what was searched is that rung alone.
+    monkeypatch.setattr(topn_search, 'EASE_RANGE', (0.01, 1e6))
+    result = topn_search.search(_config(tmp_path, topn_model='ease', ease_lambda=16.0,
+                                        topn_search_seconds=1e-3),
+                                splits, (USERS, 2 * PAIRS), seed=0)
+    assert [row['settings'] for row in result.table if row['stage'] == 'ease'] == [
+        {'lambda': 16.0}]
+    assert result.on_edge == ('EASE lambda 16',)
+
+
 def test_a_best_point_on_the_edge_is_said_in_one_line(splits, tmp_path, caplog, monkeypatch):
     # A ladder that may not go past 8 ends on its edge, still improving.
     monkeypatch.setattr(topn_search, 'EASE_RANGE', (0.5, 8.0))

@@ -348,8 +348,9 @@ def _ease_ladder(config: TrainConfig, fit: data.Ratings, sizes: tuple[int, int],
             if ndcg > best:
                 lam, best, direction = lam * step, ndcg, step
                 break
-    if direction is None:  # neither neighbour is better: on the edge only at the range's end
-        return kept[0], seen_values, not (in_range(lam * 2) and in_range(lam / 2))
+    if direction is None:  # neither tried neighbour is better: on the edge unless both were
+        # tried (one is not at the range's end, or when the budget ends the ladder first)
+        return kept[0], seen_values, not (lam * 2 in tried and lam / 2 in tried)
     on_edge = True  # unless the ladder stops improving before the range's end
     while len(tried) < EASE_RUNGS and clock.left(EASE_SHARE) and in_range(lam * direction):
         ndcg = score(lam * direction)
