@@ -89,6 +89,20 @@ def work_dir(tmp_path: pathlib.Path) -> str:
 
 
 @pytest.fixture(scope='session')
+def default_synthetic():
+    """The default generated 100k (`synthetic.SyntheticConfig()`, seed 0), generated once
+    for every test file that reads it (about 5 s); its arrays are read-only."""
+    import dataclasses  # pylint: disable=import-outside-toplevel
+    from trainer.pipeline import synthetic  # pylint: disable=import-outside-toplevel
+    generated = synthetic.generate(synthetic.SyntheticConfig())
+    for field in dataclasses.fields(generated):
+        value = getattr(generated, field.name)
+        if isinstance(value, np.ndarray):
+            value.setflags(write=False)
+    return generated
+
+
+@pytest.fixture(scope='session')
 def gcs():
     """A real GCS emulator on 127.0.0.1 with one bucket; see tests/gcs_emulator.py."""
     import gcs_emulator  # pylint: disable=import-outside-toplevel

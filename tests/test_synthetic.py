@@ -22,8 +22,8 @@ MEDIUM = dict(num_users=200, num_movies=400, num_ratings=20_000)
 
 
 @pytest.fixture(scope='module')
-def default_data() -> synthetic.SyntheticRatings:
-    return synthetic.generate(synthetic.SyntheticConfig())
+def default_data(default_synthetic) -> synthetic.SyntheticRatings:
+    return default_synthetic
 
 
 @pytest.fixture(scope='module')
