@@ -18,7 +18,6 @@ model before any blend (`ranking.topn_scores` for iALS: the same formula).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import tensorflow as tf
@@ -72,13 +71,12 @@ class ListModel:
 def _with_like(scores: tf.Tensor, user: tf.Tensor, num_items, model, like) -> tf.Tensor:
     if like is None or not like.weight:
         return scores
-    z = (ranking.score_items(model, user, num_items) - like.cut) / like.noise
-    liked = 0.5 * tf.math.erfc(-z / math.sqrt(2.0))
-    return (tf.math.log(tf.maximum(scores, ranking.TOPN_SCORE_FLOOR))
-            + like.weight * tf.math.log(tf.maximum(liked, 1e-12)))
+    return ranking.with_like(scores, like.weight,
+                             ranking.log_liked(user, num_items, model, like))
 
 
-def _standardised(scores: tf.Tensor) -> tf.Tensor:
+def standardised(scores: tf.Tensor) -> tf.Tensor:
+    """Each row's (scores - mean) / std: the blend's scale."""
     mean, variance = tf.nn.moments(scores, axes=[1], keepdims=True)
     return (scores - mean) / tf.maximum(tf.sqrt(variance), _MIN_STD)
 
@@ -131,8 +129,8 @@ class ListScorer(tf.Module):
             parts.append(_with_like(ease_scores, user, num_items, model, like))
         if len(parts) == 1:
             return parts[0]
-        return ((1.0 - self.blend) * _standardised(parts[0])
-                + self.blend * _standardised(parts[1]))
+        return ((1.0 - self.blend) * standardised(parts[0])
+                + self.blend * standardised(parts[1]))
 
 
 def scorer(lists: ListModel, seen: tf.RaggedTensor, num_items: int,

@@ -355,10 +355,24 @@ def topn_scores(user_factors: tf.Tensor, item_factors: tf.Tensor, user: tf.Tenso
                        transpose_b=True)
     if like is None or not like.weight:
         return scores
+    return with_like(scores, like.weight, log_liked(user, num_items, model, like))
+
+
+def log_liked(user: tf.Tensor, num_items: int | tf.Tensor, model: MatrixFactorization,
+              like: LikeTerm) -> tf.Tensor:
+    """log P(rating >= RELEVANT_RATING) [B, num_items] by the rating model (the
+    like term's factor; its weight aside)."""
     z = (score_items(model, user, num_items) - like.cut) / like.noise
     liked = 0.5 * tf.math.erfc(-z / math.sqrt(2.0))
-    return (tf.math.log(tf.maximum(scores, TOPN_SCORE_FLOOR))
-            + like.weight * tf.math.log(tf.maximum(liked, 1e-12)))
+    return tf.math.log(tf.maximum(liked, 1e-12))
+
+
+def with_like(scores: tf.Tensor, weight: float, liked: tf.Tensor | None) -> tf.Tensor:
+    """log(max(scores, TOPN_SCORE_FLOOR)) + weight x liked (`log_liked`); scores
+    as they are without a like term."""
+    if liked is None or not weight:
+        return scores
+    return tf.math.log(tf.maximum(scores, TOPN_SCORE_FLOOR)) + weight * liked
 
 
 def factor_scorer(user_factors: np.ndarray, item_factors: np.ndarray, num_items: int,

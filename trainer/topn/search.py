@@ -207,8 +207,11 @@ class _Clock:
 
 class _Slice:
     """The validation slice's judged users, their fit movies masked, and the
-    rating model's log P(rating >= 4): each point's scores are ranked in numpy.
+    rating model's log P(rating >= 4): each point's scores are ranked as served.
 
+    Scores stay float32 tensors and go through the functions `lists.ListScorer`
+    serves with (the like term, the blend's standardising), so the slice ranks
+    what `recommend` would, without copies between numpy and TensorFlow.
     Ranks at most SEARCH_CELLS users x movies (a seeded sample of users past it).
     `seconds` counts the time spent setting up, scoring and ranking the slice
     (the trials' own validation is counted apart).
@@ -225,13 +228,17 @@ class _Slice:
                                     validation.item.numpy(), validation.rating.numpy(),
                                     max_users=max_users, seed=seed)
         self.seen = topn_train.pairs_catalog(fit, num_users, num_items).seen()
-        self.seen_rows = tf.gather(self.seen, tf.constant(self.judged.users, tf.int64))
+        users = tf.constant(self.judged.users, tf.int64)
+        self.seen_rows = tf.gather(self.seen, users)
         self.log_liked = None
         if rating_model is not None and like is not None:
-            z = (ranking.score_items(rating_model, self.judged.users, num_items).numpy()
-                 - like.cut) / like.noise
-            self.log_liked = np.log(np.maximum(0.5 * _erfc(-z / math.sqrt(2.0)), 1e-12))
-        self._log_raw: tuple[np.ndarray, np.ndarray] | None = None
+            self.log_liked = ranking.log_liked(users, num_items, rating_model, like)
+        self._log_raw: tuple[tf.Tensor, tf.Tensor] | None = None
+        relevant_keys = (self.judged.rows.astype(np.int64) * num_items
+                         + self.judged.items.astype(np.int64))
+        self._relevant_keys = np.unique(relevant_keys)
+        self._relevant = np.bincount(self.judged.rows.astype(np.int64),
+                                     minlength=self.judged.users.size)
         self.seconds = time.perf_counter() - started
 
     @contextlib.contextmanager
@@ -242,15 +249,15 @@ class _Slice:
         finally:
             self.seconds += time.perf_counter() - started
 
-    def raw(self, scorer) -> np.ndarray:
-        """A scorer's [users, movies] scores of the judged users, float64."""
+    def raw(self, scorer) -> tf.Tensor:
+        """A scorer's float32 [users, movies] scores of the judged users."""
         users = self.judged.users
         with self._timed():
-            return np.concatenate([np.zeros((0, self.num_items))] + [
-                scorer(tf.constant(users[start:start + 1024], tf.int64)).numpy()
-                for start in range(0, users.size, 1024)]).astype(np.float64)
+            blocks = [scorer(tf.constant(users[start:start + 1024], tf.int64))
+                      for start in range(0, users.size, 1024)]
+            return tf.concat(blocks, 0) if blocks else tf.zeros([0, self.num_items])
 
-    def served(self, raw: np.ndarray, like_weight: float) -> np.ndarray:
+    def served(self, raw: tf.Tensor, like_weight: float) -> tf.Tensor:
         """lists.ListScorer's per-model score: raw, or its log plus the like term."""
         if not like_weight or self.log_liked is None:
             return raw
@@ -258,50 +265,42 @@ class _Slice:
             # The log of the last raw scores is kept: the like grid reuses it.
             if self._log_raw is None or self._log_raw[0] is not raw:
                 self._log_raw = None
-                floored = np.maximum(raw, ranking.TOPN_SCORE_FLOOR)
-                self._log_raw = (raw, np.log(floored, out=floored))
+                self._log_raw = (raw, tf.math.log(tf.maximum(raw, ranking.TOPN_SCORE_FLOOR)))
             return self._log_raw[1] + like_weight * self.log_liked
 
-    def ndcg(self, scores: np.ndarray) -> float:
+    def blended(self, blend: float, like_weight: float, ials_raw: tf.Tensor,
+                ease_raw: tf.Tensor) -> tf.Tensor:
+        """The served scores of a blend of the two (lists.ListScorer's)."""
+        with self._timed():
+            return ((1.0 - blend) * lists_lib.standardised(self.served(ials_raw, like_weight))
+                    + blend * lists_lib.standardised(self.served(ease_raw, like_weight)))
+
+    def ndcg(self, scores: tf.Tensor) -> float:
         """NDCG@10 of scores [users, movies], fit movies excluded, top-k as `ranking` takes it."""
         return float(np.mean(self.user_ndcg(scores)))
 
-    def user_ndcg(self, scores: np.ndarray) -> np.ndarray:
+    def user_ndcg(self, scores: tf.Tensor) -> np.ndarray:
         """Each judged user's NDCG@10 (users with a relevant movie), as `ranking_metrics`
         averages it."""
         with self._timed():
             return self._user_ndcg(scores)
 
-    def _user_ndcg(self, scores: np.ndarray) -> np.ndarray:
+    def _user_ndcg(self, scores: tf.Tensor) -> np.ndarray:
         k = min(ranking.TOP_K, self.num_items)
-        # (cast by numpy: the same values, ten times faster than tf.constant's cast)
-        _, top, valid = ranking.top_k_unseen(tf.constant(scores.astype(np.float32)),
-                                             self.seen_rows, k)
+        _, top, valid = ranking.top_k_unseen(scores, self.seen_rows, k)
         top = np.where(valid.numpy(), top.numpy(), -1)
         users = top.shape[0]
         keys = np.arange(users, dtype=np.int64)[:, None] * self.num_items + top
-        relevant_keys = (self.judged.rows.astype(np.int64) * self.num_items
-                         + self.judged.items.astype(np.int64))
-        hits = ((top >= 0) & np.isin(keys, relevant_keys)).astype(np.float64)
-        relevant = np.bincount(self.judged.rows.astype(np.int64), minlength=users)
+        hits = ((top >= 0) & np.isin(keys, self._relevant_keys)).astype(np.float64)
         discounts = 1.0 / np.log2(np.arange(2, ranking.TOP_K + 2, dtype=np.float64))
-        ideal = np.cumsum(discounts)[np.clip(relevant, 1, ranking.TOP_K) - 1]
-        judged = relevant > 0
+        ideal = np.cumsum(discounts)[np.clip(self._relevant, 1, ranking.TOP_K) - 1]
+        judged = self._relevant > 0
         return (hits @ discounts[:top.shape[1]])[judged] / ideal[judged]
 
-    def best_like(self, raw: np.ndarray, likes: tuple[float, ...]) -> tuple[float, float]:
+    def best_like(self, raw: tf.Tensor, likes: tuple[float, ...]) -> tuple[float, float]:
         """(best NDCG, its like weight) of one model's raw scores over the like grid."""
         ndcg, weight = max((self.ndcg(self.served(raw, weight)), -weight) for weight in likes)
         return ndcg, -weight
-
-
-def _erfc(x: np.ndarray) -> np.ndarray:
-    return tf.math.erfc(tf.constant(x, tf.float64)).numpy()
-
-
-def _standardised(scores: np.ndarray) -> np.ndarray:
-    std = np.maximum(scores.std(axis=1, keepdims=True), 1e-9)
-    return (scores - scores.mean(axis=1, keepdims=True)) / std
 
 
 def _ease_ladder(config: TrainConfig, fit: data.Ratings, sizes: tuple[int, int],
@@ -473,14 +472,13 @@ def _ease_too_big(config: TrainConfig, fit: data.Ratings, num_items: int) -> str
             f'{EASE_MAX_WORK:.0e}; --topn-model ease trains it anyway')
 
 
-def _blended(where: _Slice, blend: float, weight: float, ials_best, ease_best) -> np.ndarray:
-    """The served scores of a blend weight and like weight (lists.ListScorer's, in numpy)."""
+def _blended(where: _Slice, blend: float, weight: float, ials_best, ease_best) -> tf.Tensor:
+    """The served scores of a blend weight and like weight (lists.ListScorer's)."""
     if blend == 0.0:
         return where.served(ials_best.raw, weight)
     if blend == 1.0:
         return where.served(ease_best.raw, weight)
-    return ((1.0 - blend) * _standardised(where.served(ials_best.raw, weight))
-            + blend * _standardised(where.served(ease_best.raw, weight)))
+    return where.blended(blend, weight, ials_best.raw, ease_best.raw)
 
 
 def _unless_clearly_better(config: TrainConfig, where: _Slice, chosen, flags_point, likes,
