@@ -77,6 +77,26 @@ def test_confidences_and_targets_follow_the_rating():
         ials.targets(ratings, 'liked')
 
 
+@pytest.mark.parametrize('confidence', [0.0, 1.0])
+def test_weighted_targets_are_hu_et_al_s_loss_up_to_a_constant(confidence):
+    # Every rated pair towards 1 with weight alpha0 (1 + g^a), every other pair
+    # towards 0 with weight alpha0: the same loss, for any score s, as
+    # c (t - s)^2 + alpha0 s^2 with pair_weights' c and t, plus a constant.
+    ratings = np.array([1, 2, 3, 4, 5, 3.5], np.float32)
+    weight, target = ials.pair_weights(ratings, confidence, 'weighted', ALPHA0)
+    worth = ials.preference(ratings).astype(np.float64) ** confidence
+    differences = []
+    for s in (-1.0, 0.0, 0.3, 2.0):
+        ours = weight * (target - s) ** 2 + ALPHA0 * s ** 2
+        hu = ALPHA0 * (1.0 + worth) * (1.0 - s) ** 2
+        differences.append(ours - hu)
+    np.testing.assert_allclose(differences, [differences[0]] * 4, rtol=1e-5, atol=1e-5)
+    # Other kinds: the confidences and targets as they are.
+    weight, target = ials.pair_weights(ratings, 2.0, 'rating', ALPHA0)
+    np.testing.assert_allclose(weight, ials.confidences(ratings, 2.0))
+    np.testing.assert_allclose(target, ials.preference(ratings))
+
+
 @pytest.mark.parametrize('kind', ['rating', 'watched'])
 def test_as_many_cg_steps_as_factors_solve_both_sides_exactly(tiny, kind):
     users, items, ratings, rng = tiny

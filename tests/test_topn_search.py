@@ -116,6 +116,25 @@ def test_the_same_seed_searches_the_same_points(splits, tiny_grid, tmp_path):
     assert ials != [row['settings'] for row in first.table if row['stage'] == 'ials']
 
 
+def test_the_ials_points_draw_their_targets_and_the_config_follows(tmp_path):
+    config = _config(tmp_path, topn_target='watched')
+    points = topn_search._ials_points(config, seed=0)
+    assert points[0]['target'] == 'watched' and len(points) == topn_search.IALS_TRIALS
+    drawn = {point['target'] for point in points[1:]}
+    assert drawn == set(topn_search.IALS_SPACE['target'])
+    weighted = next(point for point in points if point['target'] == 'weighted')
+    assert topn_search.ials_config(config, weighted).topn_target == 'weighted'
+    assert 'weighted targets' in topn_search.describe(dataclasses.replace(
+        _any_result(), ials={**weighted, 'iterations': 3}))
+
+
+def _any_result() -> topn_search.SearchResult:
+    return topn_search.SearchResult(
+        family='ials', blend=0.0, like_weight=0.0, ease_lambda=None, ials=None,
+        validation_ndcg=0.0, table=(), on_edge=(), kept_flags=False, ease_left_out=None,
+        seconds=0.0, budget=1.0, users=0)
+
+
 def test_a_spent_budget_stops_each_stage_after_its_first_point(splits, tiny_grid, tmp_path,
                                                                caplog):
     caplog.set_level('INFO', logger='trainer.topn.search')

@@ -46,7 +46,7 @@ TOPN_MODELS = ('auto', 'ials', 'ease', 'blend', 'rating')
 # --topn-search choices: search the top-N hyperparameters on validation, or not.
 TOPN_SEARCH = ('on', 'off')
 # --topn-target choices: what a rated pair should score, 1 or g(r) (`trainer.topn.ials`).
-TOPN_TARGETS = ('rating', 'watched')
+TOPN_TARGETS = ('rating', 'watched', 'weighted')
 # --training-kernel choices: the fused C++ epoch (`trainer.ops.kernels`) where it
 # applies, else TensorFlow ops; the fused one (an error where it cannot run);
 # TensorFlow ops.
@@ -242,7 +242,8 @@ class TrainConfig:
         (0, the default: every rating weighs alike, the model learns who
         watches what and the like term adds how they rate).
       topn_target: what a rated pair should score: 'rating', max(r - 2, 0.2),
-        so a disliked movie counts as nearly unrated; 'watched', 1.
+        so a disliked movie counts as nearly unrated; 'watched', 1; 'weighted',
+        1 with weight alpha0 (1 + g^confidence), Hu et al.'s (`trainer.topn.ials`).
       topn_iterations: the most alternating iterations (fewer when validation
         NDCG@10 stops improving for early_stopping_patience iterations).
       topn_cg_steps: conjugate-gradient steps per half-iteration.
@@ -642,7 +643,8 @@ def _add_topn_flags(group: argparse._ArgumentGroup) -> None:
         help='a rated pair weighs max(rating - 2, 0.2) to this power (default 0: all alike; '
              '1 with --topn-like-weight 0)')
     add('--topn-target', default=TrainConfig.topn_target, choices=TOPN_TARGETS,
-        help='what a rated pair should score: watched, 1; rating, max(rating - 2, 0.2)')
+        help='what a rated pair should score: watched, 1; rating, max(rating - 2, 0.2); '
+             'weighted, 1 with weight unobserved weight x (1 + max(rating - 2, 0.2)^confidence)')
     add('--topn-iterations', default=TrainConfig.topn_iterations,
         type=_bounded(int, '--topn-iterations', 1, 10_000),
         help='the most alternating iterations; validation NDCG@10 stops earlier')

@@ -14,7 +14,8 @@ slice's ratings >= 4); the eval split is never read.  In order:
 2. iALS (`trainer.topn.train.trial`, with early stopping): first the flags'
    point, then seeded random points in IALS_SPACE (factors; ridge and
    unobserved weight as multiples of the flags' or data defaults;
-   confidence 0 or 1), at most IALS_TRIALS, within 70% of the budget
+   confidence 0 or 1; 'watched' or 'weighted' targets, `ials`), at most
+   IALS_TRIALS, within 70% of the budget
    (on a sample of the users, `user_sample`, the points after the first are
    ranked at the first's like weight, not each at its best);
 3. the served score: EASE's weight w in a blend of the two best models,
@@ -87,7 +88,7 @@ EASE_RUNGS = 8
 EASE_RANGE = (25.0, 409_600.0)
 IALS_SPACE = {'factors': (16, 24, 32, 48, 64, 96, 128, 192),
               'l2_scale': (1 / 8, 8.0), 'unobserved_scale': (1 / 4, 16.0),
-              'confidence': (0.0, 1.0)}
+              'confidence': (0.0, 1.0), 'target': ('watched', 'weighted')}
 IALS_TRIALS = 12
 IALS_SHARE = 0.7
 # The search leaves EASE out past this many ratings x movies in its Gram matrix
@@ -363,15 +364,18 @@ def _ease_ladder(config: TrainConfig, fit: data.Ratings, sizes: tuple[int, int],
 def _ials_points(config: TrainConfig, seed: int) -> list[dict[str, Any]]:
     """The flags' point, then seeded random points of IALS_SPACE."""
     rng = np.random.default_rng([seed, _POINT_STREAM])
+    targets = IALS_SPACE.get('target')
     points = [{'factors': config.topn_factors, 'l2_scale': 1.0, 'unobserved_scale': 1.0,
-               'confidence': config.topn_confidence}]
+               'confidence': config.topn_confidence,
+               **({'target': config.topn_target} if targets else {})}]
     for _ in range(IALS_TRIALS - 1):
         def log_uniform(low: float, high: float) -> float:
             return float(np.exp(rng.uniform(np.log(low), np.log(high))))
         points.append({'factors': int(rng.choice(IALS_SPACE['factors'])),
                        'l2_scale': round(log_uniform(*IALS_SPACE['l2_scale']), 4),
                        'unobserved_scale': round(log_uniform(*IALS_SPACE['unobserved_scale']), 4),
-                       'confidence': float(rng.choice(IALS_SPACE['confidence']))})
+                       'confidence': float(rng.choice(IALS_SPACE['confidence'])),
+                       **({'target': str(rng.choice(targets))} if targets else {})})
     return points
 
 
@@ -381,7 +385,8 @@ def ials_config(config: TrainConfig, point: dict[str, Any]) -> TrainConfig:
         config, topn_factors=int(point['factors']),
         topn_l2=config.topn_l2 * point['l2_scale'],
         topn_unobserved_weight=config.topn_unobserved_weight * point['unobserved_scale'],
-        topn_confidence=float(point['confidence']))
+        topn_confidence=float(point['confidence']),
+        topn_target=point.get('target', config.topn_target))
 
 
 def _ials_trials(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
@@ -636,7 +641,8 @@ def describe(result: SearchResult) -> str:
         point = result.ials
         parts.append(f'iALS ({point["factors"]} factors, l2 x{point["l2_scale"]:g}, '
                      f'unobserved weight x{point["unobserved_scale"]:g}, confidence '
-                     f'{point["confidence"]:g}, {point["iterations"]} iterations)')
+                     f'{point["confidence"]:g}, {point.get("target", "watched")} targets, '
+                     f'{point["iterations"]} iterations)')
     if result.ease_lambda is not None:
         parts.append(f'EASE (lambda {result.ease_lambda:g})')
     joined = ' + '.join(parts)

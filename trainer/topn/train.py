@@ -200,8 +200,8 @@ class _Iterator:
         self.config = config
         users, items = ratings.user.numpy(), ratings.item.numpy()
         self.users, self.items = tf.constant(users, tf.int64), tf.constant(items, tf.int64)
-        weight = ials.confidences(ratings.rating.numpy(), config.topn_confidence)
-        target = ials.targets(ratings.rating.numpy(), config.topn_target)
+        weight, target = ials.pair_weights(ratings.rating.numpy(), config.topn_confidence,
+                                           config.topn_target, config.topn_unobserved_weight)
         self.weight, self.target = tf.constant(weight), tf.constant(target)
 
         def penalties(indices: np.ndarray, rows: int, other_side: int) -> tf.Tensor:
