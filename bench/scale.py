@@ -27,14 +27,19 @@ Zips are named synthetic-<size>.zip, not ml-25m.zip, so the extractor stages
 them without the MD5 check (it records their MD5 instead).
 
     python bench/scale.py [--sizes 1m,5m,25m] [--epochs N] [--seed 0]
-                          [--data-sources ZIP ...] [--work-root DIR] [--keep]
-                          [--json-out PATH]
+                          [--data-sources ZIP ...] [--repeats N] [--work-root DIR]
+                          [--keep] [--json-out PATH]
     python bench/scale.py --growth RUN.json [RUN.json ...]
 
 With two sizes or more it also prints the growth table: each step's and
 each trainer phase's seconds by size, and the exponent b of
 seconds ~ ratings^b fitted over the sizes.  --growth prints it from the JSON
 of earlier runs (say 1M and 5M generated, 25M from a zip) without running.
+
+--repeats N runs each size's chain N times (from its one zip) and reports,
+per step and trainer phase, the median over the runs and the run whose chain
+time is the median (its table rows and the growth table's column are that
+run's); every run stays in the JSON.
 
 Timings depend on the machine's load: the table records the load average
 before and after each step. It asserts nothing about time.
@@ -105,6 +110,7 @@ class BenchConfig:
     keep: bool = False
     json_out: str = ''
     growth: tuple[str, ...] = ()
+    repeats: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--epochs', type=int, help="trainer --num-epochs (default: the "
                         "trainer's)")
     parser.add_argument('--seed', type=int, default=0, help='seed of the generated ratings')
+    parser.add_argument('--repeats', type=int, default=1, help="run each size's chain this "
+                        'many times and report the medians (default: 1)')
     parser.add_argument('--work-root', help='where the work dirs go (default: a temp dir, '
                         'removed at the end unless --keep)')
     parser.add_argument('--keep', action='store_true', help='keep the temp work root')
@@ -195,12 +203,14 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
         parser.error(f'--epochs {args.epochs}: must be >= 1')
     if args.seed < 0:
         parser.error(f'--seed {args.seed}: must be >= 0')
+    if args.repeats < 1:
+        parser.error(f'--repeats {args.repeats}: must be >= 1')
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%SZ')
     json_out = args.json_out or str(REPO / 'bench' / 'results' / f'scale-{stamp}.json')
     return BenchConfig(sizes=tuple(sizes), data_sources=tuple(args.data_sources),
                        epochs=args.epochs, seed=args.seed,
                        work_root=args.work_root, keep=args.keep, json_out=json_out,
-                       growth=tuple(args.growth))
+                       growth=tuple(args.growth), repeats=args.repeats)
 
 
 def synthetic_shape(num_ratings: int) -> tuple[int, int]:
@@ -388,6 +398,7 @@ def bench_one(label: str, zip_path: str, generated: int | None, work_dir: str,
             'epochs': metrics['epochs'], 'phase_seconds': metrics.get('phase_seconds'),
             'trainer_ratings_per_second': metrics['ratings_per_second']},
         'eval_rmse': metrics['eval_rmse'],
+        'served_ndcg': (metrics.get('ranking') or {}).get('model', {}).get('ndcg'),
         'noise_floor_rmse': info.get('noise_floor_rmse'),
         'global_mean_eval_rmse': info['global_mean_eval_rmse'],
     }
@@ -557,17 +568,77 @@ def run_all(config: BenchConfig, work_root: str) -> list[dict[str, Any]] | None:
                         label, what, *synthetic_shape(what), generate.seconds, zip_path)
         else:
             zip_path = os.path.abspath(what)
-        result = bench_one(label, zip_path, what if generate else None, work_dir, config)
-        if result is None:
-            return None
-        if generate is not None:
-            result['generate'] = {'seconds': generate.seconds,
-                                  'peak_tree_rss_bytes': generate.peak_tree_bytes,
-                                  'max_process_rss_bytes': generate.max_process_bytes,
-                                  'users': synthetic_shape(what)[0],
-                                  'movies': synthetic_shape(what)[1]}
-        results.append(result)
+        for run in range(1, config.repeats + 1):
+            run_label = label if config.repeats == 1 else f'{label}#{run}'
+            run_dir = work_dir if config.repeats == 1 else os.path.join(work_dir, f'run{run}')
+            result = bench_one(run_label, zip_path, what if generate else None, run_dir, config)
+            if result is None:
+                return None
+            result.update(size_label=label, run=run)
+            if generate is not None and run == 1:
+                result['generate'] = {'seconds': generate.seconds,
+                                      'peak_tree_rss_bytes': generate.peak_tree_bytes,
+                                      'max_process_rss_bytes': generate.max_process_bytes,
+                                      'users': synthetic_shape(what)[0],
+                                      'movies': synthetic_shape(what)[1]}
+            results.append(result)
     return results
+
+
+def median_runs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per size, the run whose chain time is the median (the lower one of an
+    even count), in the order the sizes first appear; runs without a
+    size_label (one run each) stand for themselves."""
+    by_size: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        by_size.setdefault(result.get('size_label', result['label']), []).append(result)
+    chosen = []
+    for runs in by_size.values():
+        if len(runs) > 1:
+            runs = sorted(runs, key=lambda result: result['total_seconds'])
+        chosen.append(runs[(len(runs) - 1) // 2])
+    return chosen
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def format_medians(results: list[dict[str, Any]]) -> str:
+    """Per size run more than once: each step's, phase's and the chain's seconds in
+    every run and their median, the largest peak memory, and the quality's range."""
+    by_size: dict[str, list[dict[str, Any]]] = {}
+    for result in results:
+        by_size.setdefault(result.get('size_label', result['label']), []).append(result)
+    mib = 1 << 20
+    lines = []
+    for label, runs in by_size.items():
+        if len(runs) < 2:
+            continue
+        median_run = median_runs(runs)[0]
+        lines.append(f'{label}: {len(runs)} runs; the median chain is run '
+                     f'{median_run["run"]} ({median_run["total_seconds"]:.1f} s)')
+        names = [step['name'] for step in runs[0]['steps']]
+        phases = list(runs[0]['trainer'].get('phase_seconds') or {})
+        rows = [(name, [next(step['seconds'] for step in run['steps'] if step['name'] == name)
+                        for run in runs]) for name in names]
+        rows += [(f'  trainer: {phase}', [(run['trainer'].get('phase_seconds') or {}).get(
+            phase, 0.0) for run in runs]) for phase in phases]
+        rows.append(('chain', [run['total_seconds'] for run in runs]))
+        lines.append(f'{"":<28}' + ''.join(f'{"run " + str(run["run"]):>10}' for run in runs)
+                     + f'{"median":>10}')
+        for name, seconds in rows:
+            lines.append(f'{name:<28}' + ''.join(f'{value:10.1f}' for value in seconds)
+                         + f'{_median(seconds):10.1f}')
+        peak = max(step['peak_tree_rss_bytes'] for run in runs for step in run['steps'])
+        rmse = [run['eval_rmse'] for run in runs]
+        ndcg = [run['served_ndcg'] for run in runs if run.get('served_ndcg') is not None]
+        lines.append(f'peak memory {peak / mib:.0f} MiB (largest step of any run); eval RMSE '
+                     f'{min(rmse):.4f}-{max(rmse):.4f}'
+                     + (f'; served NDCG@10 {min(ndcg):.4f}-{max(ndcg):.4f}' if ndcg else ''))
+    return '\n'.join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -575,8 +646,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO,
                         format='%(asctime)s %(levelname)s %(name)s: %(message)s')
     if config.growth:
-        print(format_growth([result for path in config.growth
-                             for result in read_json(path)['results']]))
+        print(format_growth(median_runs([result for path in config.growth
+                                         for result in read_json(path)['results']])))
         return 0
     if config.work_root is not None:
         os.makedirs(config.work_root, exist_ok=True)
@@ -602,9 +673,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     with open(config.json_out, 'w', encoding='utf-8') as stream:
         json.dump(document, stream, indent=2)
     print(format_table(results))
-    if len(results) > 1:
+    medians = format_medians(results)
+    if medians:
         print()
-        print(format_growth(results))
+        print(medians)
+    if len(median_runs(results)) > 1:
+        print()
+        print(format_growth(median_runs(results)))
     print(f'JSON: {config.json_out}')
     return 0
 

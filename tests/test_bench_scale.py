@@ -38,6 +38,7 @@ def test_parse_size_rejects(text: str) -> None:
 @pytest.mark.parametrize('argv, flag', [
     (['--sizes', '1x'], '--sizes'), (['--sizes', '5k'], '--sizes'),
     (['--epochs', '0'], '--epochs'), (['--seed', '-1'], '--seed'),
+    (['--repeats', '0'], '--repeats'),
     (['--data-sources', '/no/such.zip'], '--data-sources'),
     (['--sizes', '1m', '--data-sources', __file__], '--sizes')])
 def test_bad_flags_exit_2_with_one_line(argv: list[str], flag: str,
@@ -186,6 +187,33 @@ def test_growth_fits_the_exponent_of_each_step_and_phase(tmp_path: pathlib.Path)
     assert header.split()[:3] == ['1m', '5m', '25m']
     (ease_line,) = [line for line in lines if line.split()[:2] == ['trainer:', 'ease']]
     assert ease_line.split()[-1] == '1.50'
+
+
+def test_repeats_report_each_median_and_the_median_run() -> None:
+    # Planted: three runs of one size whose chains took 300, 250 and 280 s
+    # (median: run 3), and one size run once.
+    runs = []
+    for run, (preprocess, train) in enumerate([(100.0, 200.0), (90.0, 160.0), (95.0, 185.0)], 1):
+        result = _result(f'25m#{run}', 20_000_000, {'preprocess': preprocess, 'train': train},
+                         {'posterior': train / 4})
+        result.update(size_label='25m', run=run, total_seconds=preprocess + train,
+                      eval_rmse=0.778 + run / 1e4, served_ndcg=0.035 + run / 1e4)
+        for step in result['steps']:
+            step['peak_tree_rss_bytes'] = run << 30
+        runs.append(result)
+    once = _result('1m', 800_000, {'preprocess': 5.0, 'train': 10.0}, {})
+    once['total_seconds'] = 15.0
+    chosen = scale.median_runs(runs + [once])
+    assert [result['label'] for result in chosen] == ['25m#3', '1m']
+    printed = scale.format_medians(runs + [once]).splitlines()
+    assert printed[0] == '25m: 3 runs; the median chain is run 3 (280.0 s)'
+    rows = {line[:28].strip(): line[28:].split() for line in printed[2:-1]}
+    assert rows['preprocess'] == ['100.0', '90.0', '95.0', '95.0']
+    assert rows['trainer: posterior'][-1] == '46.2'  # the median of 50, 40 and 46.25
+    assert rows['chain'] == ['300.0', '250.0', '280.0', '280.0']
+    assert printed[-1] == ('peak memory 3072 MiB (largest step of any run); eval RMSE '
+                           '0.7781-0.7783; served NDCG@10 0.0351-0.0353')
+    assert '1m' not in '\n'.join(printed)  # one run: nothing to take a median of
 
 
 def test_growth_refuses_runs_with_it(tmp_path: pathlib.Path) -> None:
