@@ -142,7 +142,7 @@ def test_the_summary_and_metrics_name_the_lists_recommend_serves(preprocessed, t
     if '--validation-percent' in flags:  # nothing to choose by: all 3 iterations, no refit
         assert record['validation_ndcg'] is None and not record['refit']
         assert record['iterations'] == 3
-        assert 'top-N lists: iALS, 64 factors, 3 iterations (' in summary
+        assert 'top-N lists: iALS, 64 factors, 3 iterations, watched targets (' in summary
     else:
         assert 0 <= record['validation_ndcg'] <= 1 and record['refit']
         assert f"(best by validation NDCG@10 {record['validation_ndcg']:.4f})" in summary

@@ -55,7 +55,8 @@ def lists_phrase(topn: dict) -> str:
     names = {'ials': 'iALS', 'ease': 'EASE', 'blend': 'a blend of EASE and iALS'}
     parts = []
     if topn.get('factors') is not None:
-        parts.append(f'{topn["factors"]} factors')
+        parts.append(f'{topn["factors"]} factors'
+                     + (f', {topn["target"]} targets' if topn.get('target') else ''))
     if topn.get('ease_lambda') is not None:
         parts.append(f'lambda {topn["ease_lambda"]:g}')
     if topn.get('model') == 'blend':

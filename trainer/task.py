@@ -134,6 +134,8 @@ class _Lists:
     ials: topn_train.TopNResult | None
     search: topn_search.SearchResult | None
     seconds: float
+    # The iALS part's targets ('watched' or 'weighted'); None without one.
+    target: str | None = None
 
 
 def _topn_record(lists: _Lists | None) -> dict[str, object] | None:
@@ -144,6 +146,7 @@ def _topn_record(lists: _Lists | None) -> dict[str, object] | None:
             else ials.best_validation_ndcg if ials is not None else math.nan)
     return {'model': lists.model.family, **lists_lib.record(lists.model),
             'iterations': None if ials is None else ials.iterations,
+            'target': lists.target,
             'refit': True if ials is None else ials.refit,
             'validation_ndcg': None if math.isnan(ndcg) else ndcg, 'seconds': lists.seconds,
             'like': None if lists.like is None else dataclasses.asdict(lists.like),
@@ -216,7 +219,8 @@ def _train_lists(config: config_lib.TrainConfig, info: features.DatasetInfo,
         phases.add('topn_validation', ials_result.validation_seconds)
     phases.add('topn_train', fit_seconds)
     return _Lists(model, _like_term(like_weight, info, result), ials_result, found,
-                  time.perf_counter() - started)
+                  time.perf_counter() - started,
+                  None if ials_result is None else ials_config.topn_target)
 
 
 def _topn_line(record: dict) -> str:
@@ -230,7 +234,8 @@ def _topn_line(record: dict) -> str:
               f'{ranking.RELEVANT_RATING:g}) (rating model, noise {like["noise"]:.2f})')
     parts = []
     if record.get('factors') is not None:
-        parts.append(f'iALS, {record["factors"]} factors, {record["iterations"]} iterations')
+        parts.append(f'iALS, {record["factors"]} factors, {record["iterations"]} iterations'
+                     + (f', {record["target"]} targets' if record.get('target') else ''))
     if record.get('ease_lambda') is not None:
         stored = ('all of B stored' if record.get('ease_dense') else
                   f'{record["ease_neighbours"]} neighbours each')
