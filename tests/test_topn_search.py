@@ -204,6 +204,8 @@ def test_the_ease_walk_reaches_the_planted_best_dropout_and_lambda():
     assert (lam, dropout, edges) == (100.0, 0.5, [])
     # The lambda ladder at p = 0, the p ladder at 400, the lambda ladder again at 0.5.
     assert asked == list(MEASURED_100K)
+    assert 'EASE (lambda 100, dropout 0.5)' in topn_search.describe(dataclasses.replace(
+        _any_result(), family='ease', blend=1.0, ease_lambda=lam, ease_dropout=dropout))
 
 
 def test_a_dropout_at_the_top_of_its_ladder_is_on_the_edge():
