@@ -31,17 +31,37 @@ def _dense(user, item, rating, users, movies, target='rating'):
     return x
 
 
-def test_closed_form_equals_each_movie_s_ridge_regression_on_the_others():
+@pytest.mark.parametrize('dropout', [0.0, 0.4])
+def test_closed_form_equals_each_movie_s_ridge_regression_on_the_others(dropout):
+    # min |X - XB|^2 + sum_k Lambda_kk |B_k|^2, diag(B) = 0, column by column: movie j's
+    # column regressed on the others, weight k penalised by lam + p / (1 - p) G_kk.
     user, item, rating = _ratings(0, 50, 12, 0.35)
     x = _dense(user, item, rating, 50, 12)
     lam = 3.0
-    weights = ease.weights_from_gram(x.T @ x, lam)
+    weights = ease.weights_from_gram(x.T @ x, lam, dropout)
+    penalty = lam + dropout / (1 - dropout) * np.sum(x * x, axis=0)
     for j in range(12):
         others = [k for k in range(12) if k != j]
         a = x[:, others]
-        direct = np.linalg.solve(a.T @ a + lam * np.eye(11), a.T @ x[:, j])
+        direct = np.linalg.solve(a.T @ a + np.diag(penalty[others]), a.T @ x[:, j])
         np.testing.assert_allclose(weights[others, j], direct, rtol=1e-8, atol=1e-10)
         assert weights[j, j] == 0.0
+
+
+def test_no_dropout_is_ease_and_dropout_shrinks_popular_movies_weights_more():
+    user, item, rating = _ratings(2, 60, 10, 0.4)
+    x = _dense(user, item, rating, 60, 10)
+    gram = x.T @ x
+    np.testing.assert_array_equal(ease.weights_from_gram(gram, 5.0, 0.0),
+                                  ease.weights_from_gram(gram, 5.0))
+    # p = 0.5 adds each movie's Gram diagonal to its penalty: the most-rated movie's
+    # outgoing weights shrink by more than the least-rated one's.
+    plain, dropped = ease.weights_from_gram(gram, 5.0), ease.weights_from_gram(gram, 5.0, 0.5)
+    shrink = np.abs(dropped).sum(axis=1) / np.abs(plain).sum(axis=1)
+    diagonal = np.diag(gram)
+    assert shrink[np.argmax(diagonal)] < shrink[np.argmin(diagonal)]
+    with pytest.raises(ValueError, match='dropout'):
+        ease.weights_from_gram(gram, 5.0, 1.0)
 
 
 def test_graded_values_and_the_gram_matrix_of_the_most_rated_movies():

@@ -68,6 +68,10 @@ def test_the_lists_line_says_which_model_validation_chose_and_from_how_many_poin
         '(on the edge of its space: EASE weight 0.3)')
     fixed = {'model': 'ease', 'ease_lambda': 800.0, 'like': None, 'search': None}
     assert summary.lists_phrase(fixed) == 'EASE (lambda 800, no like term)'
+    dropped = {**fixed, 'ease_lambda': 100.0, 'ease_dropout': 0.5}
+    assert summary.lists_phrase(dropped) == 'EASE (lambda 100, dropout 0.5, no like term)'
+    assert summary.lists_phrase({**dropped, 'ease_dropout': 0.0}) == (
+        'EASE (lambda 100, no like term)')
     weighted = {'model': 'ials', 'factors': 48, 'target': 'weighted', 'like': None,
                 'search': None}
     assert summary.lists_phrase(weighted) == 'iALS (48 factors, weighted targets, no like term)'

@@ -78,10 +78,11 @@ def test_the_search_picks_the_planted_item_item_model(splits, tiny_grid, tmp_pat
     assert stages.count('ials') == 2 and stages.count('ease') >= 2
     best_ials = max(row['validation_ndcg'] for row in result.table if row['stage'] == 'ials')
     assert result.validation_ndcg > 0.9 > best_ials + 0.2
-    # The chosen lambda is the ladder's best rung; no rating model: no like term.
-    rungs = {row['settings']['lambda']: row['validation_ndcg'] for row in result.table
-             if row['stage'] == 'ease'}
-    assert rungs[result.ease_lambda] == max(rungs.values())
+    # The chosen (lambda, dropout) is the walk's best point; no rating model: no like term.
+    rungs = {(row['settings']['lambda'], row['settings']['dropout']): row['validation_ndcg']
+             for row in result.table if row['stage'] == 'ease'}
+    assert {0.0, 0.25} <= {dropout for _, dropout in rungs}  # the dropout ladder ran
+    assert rungs[result.ease_lambda, result.ease_dropout] == max(rungs.values())
     assert result.like_weight == 0.0
     # Every blend weight was tried on the two best models and scored no better.
     blends = [row['settings']['blend'] for row in result.table if row['stage'] == 'score']
@@ -94,7 +95,7 @@ def test_the_chosen_ease_serves_the_ndcg_the_search_measured(splits, tiny_grid, 
     result = topn_search.search(_config(tmp_path), splits, (USERS, 2 * PAIRS), seed=0)
     fit = splits.fit
     stored = ease.fit(fit.user.numpy(), fit.item.numpy(), fit.rating.numpy(), USERS,
-                      2 * PAIRS, result.ease_lambda, count=200)
+                      2 * PAIRS, result.ease_lambda, count=200, dropout=result.ease_dropout)
     model = lists.ListModel('ease', neighbours=stored, seen_values=ease.user_values(
         fit.user.numpy(), fit.item.numpy(), fit.rating.numpy()), blend=1.0)
     where = topn_search._Slice(fit, splits.validation, USERS, 2 * PAIRS, 5000, 0)
@@ -170,7 +171,7 @@ def test_a_rung_whose_neighbours_the_budget_left_untried_is_on_the_edge(splits, 
                                         topn_search_seconds=1e-3),
                                 splits, (USERS, 2 * PAIRS), seed=0)
     assert [row['settings'] for row in result.table if row['stage'] == 'ease'] == [
-        {'lambda': 16.0}]
+        {'lambda': 16.0, 'dropout': 0.0}]
     assert result.on_edge == ('EASE lambda 16',)
 
 
@@ -183,6 +184,53 @@ def test_a_best_point_on_the_edge_is_said_in_one_line(splits, tmp_path, caplog, 
     assert result.ease_lambda == 8.0 and result.on_edge == ('EASE lambda 8',)
     lines = [line for line in caplog.text.splitlines() if 'on the edge of its space' in line]
     assert len(lines) == 1 and 'EASE lambda 8' in lines[0]
+
+
+# Validation NDCG@10 of EASE (lambda, dropout) measured on generated 100k (default seed):
+# the walk from (800, 0) must ask these points, and only these, and end at (100, 0.5).
+MEASURED_100K = {(800.0, 0.0): .2084, (1600.0, 0.0): .1951, (400.0, 0.0): .2135,
+                 (200.0, 0.0): .2099, (400.0, 0.25): .2180, (400.0, 0.5): .2189,
+                 (400.0, 0.67): .2143, (800.0, 0.5): .2080, (200.0, 0.5): .2198,
+                 (100.0, 0.5): .2205, (50.0, 0.5): .2162}
+
+
+def test_the_ease_walk_reaches_the_planted_best_dropout_and_lambda():
+    asked = []
+
+    def score(lam, dropout):
+        asked.append((lam, dropout))
+        return MEASURED_100K[lam, dropout]
+    lam, dropout, edges = topn_search.ease_walk(score, 800.0, 0.0, topn_search._Clock(600.0))
+    assert (lam, dropout, edges) == (100.0, 0.5, [])
+    # The lambda ladder at p = 0, the p ladder at 400, the lambda ladder again at 0.5.
+    assert asked == list(MEASURED_100K)
+    assert 'EASE (lambda 100, dropout 0.5)' in topn_search.describe(dataclasses.replace(
+        _any_result(), family='ease', blend=1.0, ease_lambda=lam, ease_dropout=dropout))
+
+
+def test_a_dropout_at_the_top_of_its_ladder_is_on_the_edge():
+    # NDCG rises with p everywhere and peaks at lambda 100 at every p.
+    def score(lam, dropout):
+        return dropout - abs(np.log2(lam / 100.0))
+    lam, dropout, edges = topn_search.ease_walk(score, 100.0, 0.0, topn_search._Clock(600.0))
+    assert (lam, dropout) == (100.0, max(topn_search.EASE_DROPOUTS))
+    assert edges == [f'EASE dropout {max(topn_search.EASE_DROPOUTS):g}']
+    # Falling with p: p = 0 (EASE) is the best and not an edge (p cannot go below 0).
+    lam, dropout, edges = topn_search.ease_walk(lambda lam, p: -p - abs(np.log2(lam / 100.0)),
+                                                100.0, 0.25, topn_search._Clock(600.0))
+    assert (lam, dropout, edges) == (100.0, 0.0, [])
+
+
+def test_a_dropout_flag_off_the_ladder_is_walked_from_where_it_sits(splits, tiny_grid,
+                                                                   tmp_path):
+    result = topn_search.search(_config(tmp_path, topn_model='ease', ease_dropout=0.1),
+                                splits, (USERS, 2 * PAIRS), seed=0)
+    rows = [row['settings'] for row in result.table if row['stage'] == 'ease']
+    assert rows[0] == {'lambda': 8.0, 'dropout': 0.1}
+    assert {0.0, 0.25} <= {row['dropout'] for row in rows}  # its neighbours on the ladder
+    best = max((row for row in result.table if row['stage'] == 'ease'),
+               key=lambda row: row['validation_ndcg'])
+    assert best['settings'] == {'lambda': result.ease_lambda, 'dropout': result.ease_dropout}
 
 
 def test_the_default_budget_grows_with_the_data_up_to_the_searched_sample():

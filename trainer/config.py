@@ -227,6 +227,9 @@ class TrainConfig:
       topn_search_seconds: the search's time budget; None: grows with the
         train ratings (`topn_search.default_budget`).
       ease_lambda: EASE's ridge lambda (the search's first rung).
+      ease_dropout: EDLAE's dropout probability p in [0, 1): each movie's
+        penalty grows by p / (1 - p) times its Gram diagonal (`trainer.topn.ease`);
+        0 is EASE.  The search starts there and chooses p on validation.
       ease_max_movies: EASE keeps at most this many movies, the most rated.
       ease_neighbours: neighbours stored per movie for serving; 0: all of B
         (dense) up to `ease.DENSE_MAX_MOVIES` catalogue movies, else 200.
@@ -310,6 +313,7 @@ class TrainConfig:
     topn_search: str = 'on'
     topn_search_seconds: float | None = None
     ease_lambda: float = 800.0
+    ease_dropout: float = 0.0
     ease_max_movies: int = 5_000
     ease_neighbours: int = 0
     topn_blend: float = 0.5
@@ -413,14 +417,15 @@ _KIND_NAMES = {'int': 'an integer', 'float': 'a number'}
 
 def _bounded(kind: Callable[[str], float], flag: str, low: float, high: float,
              low_inclusive: bool = True,
-             typical: float | None = None) -> Callable[[str], float]:
-    """An argparse `type` that accepts kind(text) in [low, high] (or (low, high]).
+             typical: float | None = None,
+             high_inclusive: bool = True) -> Callable[[str], float]:
+    """An argparse `type` that accepts kind(text) in [low, high] (or with either end open).
 
     The error suggests the flag's default, or for a data-dependent default
     (None) `typical`, else a value near low.
     """
     opening = '[' if low_inclusive else '('
-    allowed = f'{opening}{low:g}, {high:g}]'
+    allowed = f'{opening}{low:g}, {high:g}{"]" if high_inclusive else ")"}'
     default = getattr(TrainConfig, flag[2:].replace('-', '_'))
     if default is not None:
         example = f'{flag} {default} (the default)'
@@ -433,7 +438,8 @@ def _bounded(kind: Callable[[str], float], flag: str, low: float, high: float,
         except ValueError:
             value = None
         in_range = value is not None and math.isfinite(value) and (
-            low <= value <= high if low_inclusive else low < value <= high)
+            low <= value if low_inclusive else low < value) and (
+            value <= high if high_inclusive else value < high)
         if not in_range:
             raise argparse.ArgumentTypeError(
                 f'{text!r} is not {_KIND_NAMES.get(kind.__name__, kind.__name__)} in '
@@ -610,6 +616,11 @@ def _add_topn_flags(group: argparse._ArgumentGroup) -> None:
     add('--ease-lambda', default=TrainConfig.ease_lambda,
         type=_bounded(float, '--ease-lambda', 0, 1e8, low_inclusive=False),
         help="EASE's ridge lambda (the search starts there)")
+    add('--ease-dropout', default=TrainConfig.ease_dropout,
+        type=_bounded(float, '--ease-dropout', 0, 1, high_inclusive=False),
+        help="EDLAE's dropout probability p in [0, 1): each movie's penalty grows by "
+             'p / (1 - p) x its Gram diagonal; 0 (default): EASE (the search starts '
+             'there and chooses p on validation)')
     add('--ease-max-movies', default=TrainConfig.ease_max_movies,
         type=_bounded(int, '--ease-max-movies', 2, 50_000),
         help='EASE keeps the most-rated movies up to this many (a dense movies^2 '

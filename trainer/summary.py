@@ -59,6 +59,8 @@ def lists_phrase(topn: dict) -> str:
                      + (f', {topn["target"]} targets' if topn.get('target') else ''))
     if topn.get('ease_lambda') is not None:
         parts.append(f'lambda {topn["ease_lambda"]:g}')
+        if topn.get('ease_dropout'):
+            parts.append(f'dropout {topn["ease_dropout"]:g}')
     if topn.get('model') == 'blend':
         parts.append(f'EASE weight {topn["blend"]:g}')
     like = topn.get('like')

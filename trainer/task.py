@@ -180,7 +180,7 @@ def _train_lists(config: config_lib.TrainConfig, info: features.DatasetInfo,
     splits = result.splits
     family = 'ials' if config.topn_model == 'auto' else config.topn_model
     blend, like_weight, found = config.topn_blend, config.topn_like_weight, None
-    ials_config, lam = config, config.ease_lambda
+    ials_config, lam, dropout = config, config.ease_lambda, config.ease_dropout
     if config.topn_search == 'on' and len(splits.validation) > 0:
         searched = time.perf_counter()
         found = topn_search.search(config, splits, sizes, info.seed, result.search_model,
@@ -191,7 +191,8 @@ def _train_lists(config: config_lib.TrainConfig, info: features.DatasetInfo,
         family, blend, like_weight = found.family, found.blend, found.like_weight
         if found.ials is not None:
             ials_config = topn_search.refit_config(config, found)
-        lam = found.ease_lambda or lam
+        if found.ease_lambda is not None:
+            lam, dropout = found.ease_lambda, found.ease_dropout
     elif config.topn_search == 'on':
         logging.getLogger(__name__).info(
             'Top-N search: no validation slice (--validation-percent 0); the flags as given')
@@ -207,7 +208,8 @@ def _train_lists(config: config_lib.TrainConfig, info: features.DatasetInfo,
         train = splits.train
         stored = ease_lib.fit(train.user.numpy(), train.item.numpy(), train.rating.numpy(),
                               sizes[0], sizes[1], lam, max_movies=config.ease_max_movies,
-                              count=ease_lib.stored_count(config.ease_neighbours, sizes[1]))
+                              count=ease_lib.stored_count(config.ease_neighbours, sizes[1]),
+                              dropout=dropout)
         seen_values = ease_lib.user_values(train.user.numpy(), train.item.numpy(),
                                            train.rating.numpy())
     model = lists_lib.ListModel(family, user_factors, item_factors, stored, seen_values,
@@ -239,8 +241,10 @@ def _topn_line(record: dict) -> str:
     if record.get('ease_lambda') is not None:
         stored = ('all of B stored' if record.get('ease_dense') else
                   f'{record["ease_neighbours"]} neighbours each')
-        parts.append(f'EASE, lambda {record["ease_lambda"]:g} on {record["ease_movies"]} '
-                     f'movies, {stored}')
+        dropout = (f', dropout {record["ease_dropout"]:g}' if record.get('ease_dropout')
+                   else '')
+        parts.append(f'EASE, lambda {record["ease_lambda"]:g}{dropout} on '
+                     f'{record["ease_movies"]} movies, {stored}')
     model = ' + '.join(parts)
     if record.get('family') == 'blend':
         model = f'a blend (EASE weight {record["blend"]:g}) of {model}'

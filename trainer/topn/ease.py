@@ -3,11 +3,18 @@
 The model scores user u and movie i by s_ui = sum_j x_uj B_ji, where x_u is
 the user's row of the graded train matrix and B the closed form of
 
-    min_B |X - X B|^2 + lam |B|^2   subject to diag(B) = 0:
+    min_B |X - X B|^2 + sum_j Lambda_jj |B_j|^2   subject to diag(B) = 0:
 
-    P = (X^T X + lam I)^-1,   B = I - P diag(1 / diag(P))
+    P = (G + Lambda)^-1,   B = I - P diag(1 / diag(P)),
+    G = X^T X,   Lambda = lam I + p / (1 - p) diag(G)
 
-(B_ij = -P_ij / P_jj off the diagonal, 0 on it).  X holds
+(B_ij = -P_ij / P_jj off the diagonal, 0 on it; B_j is row j, movie j's
+weights on the others).  p is the dropout probability of EDLAE (Steck,
+NeurIPS 2020, "Autoencoders that don't overfit towards the identity": the
+emphasised-denoising, zero-diagonal form): training to reconstruct X from X
+with each entry dropped with probability p penalises each movie's weights in
+proportion to its Gram diagonal, so popular movies' weights shrink more.
+p = 0 is EASE itself (Lambda = lam I).  X holds
 g(r) = max(r - 2, 0.2) per rated pair (`ials.preference`: 3 stars 1, 5
 stars 3, 1-2 stars 0.2), so a disliked movie pulls its neighbours up less
 than a loved one; 'watched' targets put 1 in every rated cell.
@@ -91,10 +98,18 @@ def gram(users: np.ndarray, items: np.ndarray, values: np.ndarray, num_users: in
     return out
 
 
-def weights_from_gram(gram_matrix: np.ndarray, lam: float) -> np.ndarray:
-    """B = I - P diag(1 / diag(P)), P = (G + lam I)^-1, float64 (see the module doc)."""
+def penalty(gram_matrix: np.ndarray, lam: float, dropout: float = 0.0) -> np.ndarray:
+    """Lambda's diagonal, lam + p / (1 - p) G_jj, float64 [E] (see the module doc)."""
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f'dropout {dropout} is not in [0, 1)')
+    return lam + dropout / (1.0 - dropout) * np.diag(np.asarray(gram_matrix, np.float64))
+
+
+def weights_from_gram(gram_matrix: np.ndarray, lam: float, dropout: float = 0.0) -> np.ndarray:
+    """B = I - P diag(1 / diag(P)), P = (G + Lambda)^-1, Lambda = lam I + p / (1 - p)
+    diag(G) with p = dropout (0: EASE), float64 (see the module doc)."""
     inverse = np.array(gram_matrix, np.float64, copy=True)
-    inverse[np.diag_indices_from(inverse)] += lam
+    inverse[np.diag_indices_from(inverse)] += penalty(gram_matrix, lam, dropout)
     inverse = np.linalg.inv(inverse)
     weights = -inverse / np.diag(inverse)
     weights[np.diag_indices_from(weights)] = 0.0
@@ -121,12 +136,14 @@ class Neighbours:
       lam: the ridge lambda B was solved with.
       movies: the movies in the model (all, or the most rated).
       dense: float32 [num_items, num_items]: all of B (0 outside the model), or None.
+      dropout: EDLAE's dropout probability p B was solved with (0: EASE).
     """
     index: np.ndarray
     weight: np.ndarray
     lam: float
     movies: int
     dense: np.ndarray | None = None
+    dropout: float = 0.0
 
     @property
     def count(self) -> int:
@@ -135,7 +152,7 @@ class Neighbours:
 
 
 def neighbours(weights: np.ndarray, subset: np.ndarray, num_items: int, count: int,
-               lam: float) -> Neighbours:
+               lam: float, dropout: float = 0.0) -> Neighbours:
     """The count largest |B_jk| of each row j of B (subset coordinates), in movie indices;
     all of B, dense, when count covers every other movie of a catalogue of at most
     DENSE_MAX_MOVIES."""
@@ -143,28 +160,30 @@ def neighbours(weights: np.ndarray, subset: np.ndarray, num_items: int, count: i
         dense = np.zeros((num_items, num_items), np.float32)
         dense[np.ix_(subset, subset)] = weights
         return Neighbours(np.zeros((num_items, 0), np.int32), np.zeros((num_items, 0), np.float32),
-                          float(lam), int(subset.size), dense)
+                          float(lam), int(subset.size), dense, float(dropout))
     count = max(1, min(count, subset.size - 1))
     strongest = np.argpartition(-np.abs(weights), count - 1, axis=1)[:, :count]
     index = np.zeros((num_items, count), np.int32)
     weight = np.zeros((num_items, count), np.float32)
     index[subset] = subset[strongest]
     weight[subset] = np.take_along_axis(weights, strongest, axis=1)
-    return Neighbours(index, weight, float(lam), int(subset.size))
+    return Neighbours(index, weight, float(lam), int(subset.size), dropout=float(dropout))
 
 
 def fit(users: np.ndarray, items: np.ndarray, ratings: np.ndarray, num_users: int,
         num_items: int, lam: float, target: str = 'rating',
         max_movies: int = DEFAULT_MAX_MOVIES,
-        count: int = DEFAULT_NEIGHBOURS) -> Neighbours:
-    """EASE on rated pairs, cut to each movie's `count` strongest neighbours (all: dense)."""
+        count: int = DEFAULT_NEIGHBOURS, dropout: float = 0.0) -> Neighbours:
+    """EASE on rated pairs, cut to each movie's `count` strongest neighbours (all: dense);
+    dropout p > 0: EDLAE's penalty (see the module doc)."""
     started = time.perf_counter()
     subset = movie_subset(np.bincount(items, minlength=num_items), max_movies)
     weights = weights_from_gram(
-        gram(users, items, pair_values(ratings, target), num_users, subset, num_items), lam)
-    out = neighbours(weights, subset, num_items, count, lam)
-    logger.info('EASE on %d of %d movies, lambda %g, %d neighbours each: %.1f s',
-                subset.size, num_items, lam, out.count,
+        gram(users, items, pair_values(ratings, target), num_users, subset, num_items), lam,
+        dropout)
+    out = neighbours(weights, subset, num_items, count, lam, dropout)
+    logger.info('EASE on %d of %d movies, lambda %g, dropout %g, %d neighbours each: %.1f s',
+                subset.size, num_items, lam, dropout, out.count,
                 time.perf_counter() - started)
     return out
 

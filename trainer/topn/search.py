@@ -7,9 +7,12 @@ validation slice) and scored by NDCG@10 on the slice, ranked as eval is
 slice's ratings >= 4); the eval split is never read.  In order:
 
 1. EASE (`trainer.topn.ease`, graded targets max(r - 2, 0.2)): lambda on a
-   ladder of doublings from --ease-lambda, walking towards the better
-   neighbour until it stops improving (at most EASE_RUNGS solves); the rungs
-   are ranked without the like term (it adds nothing to graded EASE on real
+   ladder of doublings from --ease-lambda at --ease-dropout, walking towards
+   the better neighbour until it stops improving (at most EASE_RUNGS solves);
+   then EDLAE's dropout p on EASE_DROPOUTS at that lambda, walked the same
+   way; then, if another p won, the lambda ladder again at it (all within
+   EASE_SHARE of the budget; p at the top of its ladder is on the edge).
+   The points are ranked without the like term (it adds nothing to graded EASE on real
    MovieLens 100k: docs/evaluation.md), step 3 tries it on the best rung;
 2. iALS (`trainer.topn.train.trial`, with early stopping): first the flags'
    point, then seeded random points in IALS_SPACE (factors; ridge and
@@ -86,6 +89,8 @@ SEARCH_USERS = 5_000
 SEARCH_CELLS = 40_000_000
 EASE_RUNGS = 8
 EASE_RANGE = (25.0, 409_600.0)
+# EDLAE's dropout probabilities p the search walks (0: EASE; `trainer.topn.ease`).
+EASE_DROPOUTS = (0.0, 0.25, 0.5, 0.67)
 IALS_SPACE = {'factors': (16, 24, 32, 48, 64, 96, 128, 192),
               'l2_scale': (1 / 8, 8.0), 'unobserved_scale': (1 / 4, 16.0),
               'confidence': (0.0, 1.0), 'target': ('watched', 'weighted')}
@@ -146,6 +151,7 @@ class SearchResult:
       blend: EASE's weight w (0 for ials, 1 for ease).
       like_weight: beta.
       ease_lambda: EASE's best lambda (None without EASE).
+      ease_dropout: its EDLAE dropout probability p (0: EASE; None without EASE).
       ials: the best iALS point {factors, l2, unobserved_weight, confidence,
         iterations} (None without iALS).
       validation_ndcg: the chosen point's NDCG@10 on the slice.
@@ -176,6 +182,7 @@ class SearchResult:
     users: int
     sample: dict[str, int] | None = None
     validation_seconds: float = 0.0
+    ease_dropout: float | None = None
     # The chosen iALS point's trial (`topn_train.train`'s `searched`), unless it ran
     # on a sample of the users (its best count does not carry as it is; see
     # `refit_config`); not recorded.
@@ -307,8 +314,13 @@ class _Slice:
 
 def _ease_ladder(config: TrainConfig, fit: data.Ratings, sizes: tuple[int, int],
                  where: _Slice, table: list, clock: _Clock):
-    """The lambda ladder's best: a _Best (settings {'lambda'}) and its neighbours,
-    the fit pairs' values and whether it is on the edge; records each rung."""
+    """The (dropout, lambda) walk's best: a _Best (settings {'lambda', 'dropout'}) and its
+    neighbours, the fit pairs' values and its edges (a list of phrases); records each
+    point.
+
+    The lambda ladder at --ease-dropout, then the dropout ladder (EASE_DROPOUTS) at
+    that lambda, then, if another p won, the lambda ladder again at it.
+    """
     num_users, num_items = sizes
     users, items, ratings = fit.user.numpy(), fit.item.numpy(), fit.rating.numpy()
     subset = ease_lib.movie_subset(np.bincount(items, minlength=num_items),
@@ -317,49 +329,106 @@ def _ease_ladder(config: TrainConfig, fit: data.Ratings, sizes: tuple[int, int],
                          num_items)
     seen_values = ease_lib.user_values(users, items, ratings)
     count = ease_lib.stored_count(config.ease_neighbours, num_items)
-    tried: dict[float, float] = {}
     kept: list[_Best] = []
 
-    def score(lam: float) -> float:
+    def score(lam: float, dropout: float) -> float:
         started = time.perf_counter()
-        stored = ease_lib.neighbours(ease_lib.weights_from_gram(gram, lam), subset,
-                                     num_items, count, lam)
+        stored = ease_lib.neighbours(ease_lib.weights_from_gram(gram, lam, dropout), subset,
+                                     num_items, count, lam, dropout)
         model = lists_lib.ListModel('ease', neighbours=stored, seen_values=seen_values,
                                     blend=1.0)
         raw = where.raw(lists_lib.scorer(model, where.seen, num_items))
         ndcg, weight = where.ndcg(raw), 0.0
-        tried[lam] = ndcg
-        table.append({'stage': 'ease', 'settings': {'lambda': lam}, 'like_weight': weight,
+        settings = {'lambda': lam, 'dropout': dropout}
+        table.append({'stage': 'ease', 'settings': settings, 'like_weight': weight,
                       'validation_ndcg': ndcg, 'seconds': time.perf_counter() - started})
-        logger.info('Top-N search, EASE lambda %g: validation NDCG@%d %.4f (%.1f s)',
-                    lam, ranking.TOP_K, ndcg, table[-1]['seconds'])
+        logger.info('Top-N search, EASE lambda %g, dropout %g: validation NDCG@%d %.4f '
+                    '(%.1f s)', lam, dropout, ranking.TOP_K, ndcg, table[-1]['seconds'])
         if not kept or ndcg > kept[0].ndcg:
-            kept[:] = [_Best(ndcg, {'lambda': lam}, raw, stored)]
+            kept[:] = [_Best(ndcg, settings, raw, stored)]
         return ndcg
 
-    def in_range(value: float) -> bool:
-        return EASE_RANGE[0] <= value <= EASE_RANGE[1]
+    lam, dropout = float(np.clip(config.ease_lambda, *EASE_RANGE)), config.ease_dropout
+    _, _, edges = ease_walk(score, lam, dropout, clock)
+    return kept[0], seen_values, edges
 
-    lam = float(np.clip(config.ease_lambda, *EASE_RANGE))
-    best = score(lam)
+
+def ease_walk(score, lam: float, dropout: float,
+              clock: _Clock) -> tuple[float, float, list[str]]:
+    """The coordinate walk over (lambda, dropout) of `_ease_ladder`, asking score(lam, p)
+    once per point: the best point tried, (lambda, p), and its edges (phrases)."""
+    tried: dict[tuple[float, float], float] = {}
+
+    def cached(value: float, probability: float) -> float:
+        if (value, probability) not in tried:
+            tried[value, probability] = score(value, probability)
+        return tried[value, probability]
+
+    lam, lam_edge = _ladder(lambda value: cached(value, dropout), lam, EASE_RANGE, clock)
+    dropouts = tuple(sorted(set(EASE_DROPOUTS) | {dropout}))
+    best_dropout, dropout_edge = _walk(lambda value: cached(lam, value), dropouts,
+                                       dropouts.index(dropout), clock)
+    if best_dropout != dropout:
+        lam, lam_edge = _ladder(lambda value: cached(value, best_dropout), lam, EASE_RANGE,
+                                clock)
+    edges = [f'EASE lambda {lam:g}'] if lam_edge else []
+    if dropout_edge and best_dropout > 0:  # p = 0 (EASE) is not an edge: p >= 0
+        edges.append(f'EASE dropout {best_dropout:g}')
+    return lam, best_dropout, edges
+
+
+def _ladder(score, start: float, bounds: tuple[float, float], clock: _Clock):
+    """A ladder of doublings from start within bounds, walking towards the better
+    neighbour until it stops improving (at most EASE_RUNGS rungs): (the best rung,
+    whether it is on the edge of what was searched)."""
+    tried: dict[float, float] = {}
+
+    def rung(value: float) -> float:
+        tried[value] = score(value)
+        return tried[value]
+
+    def in_range(value: float) -> bool:
+        return bounds[0] <= value <= bounds[1]
+
+    value, best = start, rung(start)
     direction = None
     for step in (2.0, 0.5):  # up first, then down
-        if in_range(lam * step) and clock.left(EASE_SHARE):
-            ndcg = score(lam * step)
+        if in_range(value * step) and clock.left(EASE_SHARE):
+            ndcg = rung(value * step)
             if ndcg > best:
-                lam, best, direction = lam * step, ndcg, step
+                value, best, direction = value * step, ndcg, step
                 break
     if direction is None:  # neither tried neighbour is better: on the edge unless both were
         # tried (one is not at the range's end, or when the budget ends the ladder first)
-        return kept[0], seen_values, not (lam * 2 in tried and lam / 2 in tried)
-    on_edge = True  # unless the ladder stops improving before the range's end
-    while len(tried) < EASE_RUNGS and clock.left(EASE_SHARE) and in_range(lam * direction):
-        ndcg = score(lam * direction)
+        return value, not (value * 2 in tried and value / 2 in tried)
+    while len(tried) < EASE_RUNGS and clock.left(EASE_SHARE) and in_range(value * direction):
+        ndcg = rung(value * direction)
         if ndcg <= best:
-            on_edge = False
+            return value, False
+        value, best = value * direction, ndcg
+    return value, True  # still improving where the ladder stopped
+
+
+def _walk(score, values: tuple[float, ...], start: int, clock: _Clock):
+    """The best of a sorted ladder of values, walked from values[start] towards the
+    better neighbour until it stops improving: (the best value, whether it is at the
+    top of the ladder or its neighbours went untried)."""
+    tried: dict[int, float] = {start: score(values[start])}
+    at, direction = start, None
+    for step in (1, -1):  # up first, then down
+        if 0 <= at + step < len(values) and clock.left(EASE_SHARE):
+            tried[at + step] = score(values[at + step])
+            if tried[at + step] > tried[at]:
+                at, direction = at + step, step
+                break
+    while direction is not None and 0 <= at + direction < len(values) and clock.left(
+            EASE_SHARE):
+        tried[at + direction] = score(values[at + direction])
+        if tried[at + direction] <= tried[at]:
             break
-        lam, best = lam * direction, ndcg
-    return kept[0], seen_values, on_edge
+        at += direction
+    untried = any(0 <= at + step < len(values) and at + step not in tried for step in (1, -1))
+    return values[at], at == len(values) - 1 or untried
 
 
 def _ials_points(config: TrainConfig, seed: int) -> list[dict[str, Any]]:
@@ -461,7 +530,7 @@ class _Best:
 def _row_of(table: list, best: '_Best') -> dict[str, Any]:
     """The table row of a family's best point (its like weight)."""
     stage = 'ease' if 'lambda' in best.settings else 'ials'
-    key = {'lambda': best.settings['lambda']} if stage == 'ease' else best.settings
+    key = best.settings
     return next(row for row in table if row['stage'] == stage and row['settings'] == key)
 
 
@@ -561,10 +630,9 @@ def search(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
         logger.info('Top-N search: EASE left out: %s', left_out)
         families = ('ials',)
     if 'ease' in families:
-        ease_best, seen_values, edge = _ease_ladder(config, splits.fit, sizes, where, table,
-                                                    clock)
-        if edge:
-            on_edge.append(f'EASE lambda {ease_best.settings["lambda"]:g}')
+        ease_best, seen_values, edges = _ease_ladder(config, splits.fit, sizes, where, table,
+                                                     clock)
+        on_edge += edges
     flags_point = None
     trials_validation = 0.0
     if 'ials' in families:
@@ -613,6 +681,7 @@ def search(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
     result = SearchResult(
         family=family, blend=blend, like_weight=weight,
         ease_lambda=None if family == 'ials' else ease_best.settings['lambda'],
+        ease_dropout=None if family == 'ials' else ease_best.settings['dropout'],
         ials=None if family == 'ease' else ials_best.settings,
         validation_ndcg=ndcg, table=tuple(table), on_edge=tuple(on_edge), kept_flags=kept_flags,
         ease_left_out=left_out,
@@ -645,7 +714,8 @@ def describe(result: SearchResult) -> str:
                      f'{point["confidence"]:g}, {point.get("target", "watched")} targets, '
                      f'{point["iterations"]} iterations)')
     if result.ease_lambda is not None:
-        parts.append(f'EASE (lambda {result.ease_lambda:g})')
+        dropout = f', dropout {result.ease_dropout:g}' if result.ease_dropout else ''
+        parts.append(f'EASE (lambda {result.ease_lambda:g}{dropout})')
     joined = ' + '.join(parts)
     if result.family == 'blend':
         joined = f'blend, EASE weight {result.blend:g}: {joined}'
