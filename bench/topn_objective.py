@@ -31,8 +31,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-# The ml-25m shape, the size flag and the timer are epoch_eval's (no TensorFlow at import).
-from epoch_eval import _ML25M, _median_seconds, _shape, _size  # noqa: E402
+# The ml-25m shape, its random ratings, the size flag and the timer are epoch_eval's
+# (no TensorFlow at import).
+from epoch_eval import _ML25M, _median_seconds, _ratings, _shape, _size  # noqa: E402
 
 logger = logging.getLogger('bench.topn_objective')
 
@@ -47,21 +48,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error('--ratings must be at least 10k and --repeats at least 1')
     logging.basicConfig(level=logging.INFO,
                         format='%(asctime)s %(levelname)s %(name)s: %(message)s')
-    import tensorflow as tf
     from trainer import config as config_lib
     from trainer import data
     from trainer import features
     from trainer.topn import train as topn_train
 
     users, movies = _shape(args.ratings)
-    rng = np.random.default_rng(0)
-    size = round(args.ratings * 0.8)
-    user = rng.integers(0, users, size)
-    weight = 1.0 / (np.arange(movies) + 0.002 * movies + 1.0) ** 0.9
-    item = rng.choice(movies, size, p=weight / weight.sum())
-    order = np.lexsort((item, user))
-    train = data.Ratings(tf.constant(user[order], tf.int32), tf.constant(item[order], tf.int32),
-                         tf.constant(rng.integers(1, 11, size)[order] / 2.0, tf.float32))
+    train = _ratings(np.random.default_rng(0), round(args.ratings * 0.8), users, movies)
     config = config_lib.make_config(work_dir='unused', model_dir='unused')
     fit, _ = data.split_validation(train, config.validation_percent, 0)
     config = dataclasses.replace(
