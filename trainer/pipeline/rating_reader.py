@@ -48,18 +48,22 @@ class ParseRatings(beam.PTransform):
                 self.REJECTED, self.STATS, main=self.VALID))
 
 
-class ReadRatings(beam.PTransform):
+class _ReadLineRanges(beam.PTransform):
+    """Byte ranges of one ratings file of a layout; subclasses parse what they read."""
+
+    def __init__(self, path: str, layout: features.DatasetLayout):
+        super().__init__()
+        self._path = path
+        self._layout = layout
+
+
+class ReadRatings(_ReadLineRanges):
     """Byte ranges of a ratings file -> the outputs of `ParseRatings`.
 
     `blockio.ReadLineRanges` reads each range (`blockio.PlanLineRanges`) as an
     Arrow array of lines, parsed where it is read: one element per block,
     never per line.
     """
-
-    def __init__(self, path: str, layout: features.DatasetLayout):
-        super().__init__()
-        self._path = path
-        self._layout = layout
 
     def expand(self, ranges):
         return (
@@ -69,18 +73,13 @@ class ReadRatings(beam.PTransform):
                 ParseRatings.REJECTED, ParseRatings.STATS, main=ParseRatings.VALID))
 
 
-class ReadIdPairs(beam.PTransform):
+class ReadIdPairs(_ReadLineRanges):
     """Byte ranges of a ratings file -> RecordBatches of the (user, movie) ids of its rows.
 
     For the repeated-pairs pass (`rating_parser.parse_id_pairs`): the ids of
     every row `ReadRatings` accepts, and perhaps of a few it rejects; no
     counts, no rejects.
     """
-
-    def __init__(self, path: str, layout: features.DatasetLayout):
-        super().__init__()
-        self._path = path
-        self._layout = layout
 
     def expand(self, ranges):
         return (
