@@ -60,23 +60,26 @@ def test_served_lists_score_what_the_trainer_measured(trained):
     assert topn['validation_ndcg'] == search['validation_ndcg']
     assert (search['validation_ndcg'] <= best) if search['kept_flags'] else (
         search['validation_ndcg'] == pytest.approx(best))
-    if topn['model'] != 'ials':  # the refit is the searched EASE point, dropout included
-        assert (topn['ease_lambda'], topn['ease_dropout']) == (
-            search['ease_lambda'], search['ease_dropout'])
+    if topn['model'] != 'ials':  # the refit is the searched EASE point, dropout and form
+        assert (topn['ease_lambda'], topn['ease_dropout'], topn['ease_form']) == (
+            search['ease_lambda'], search['ease_dropout'], search['ease_form'])
 
 
-@pytest.mark.parametrize('model, dropout', [('ease', '0'), ('ease', '0.5'), ('ials', '0'),
-                                            ('blend', '0')])
-def test_each_top_n_family_serves_what_the_trainer_measured(trained, tmp_path, model, dropout):
+@pytest.mark.parametrize('model, dropout, form', [
+    ('ease', '0', 'ease'), ('ease', '0.5', 'ease'), ('ease', '0.25', 'dlae'),
+    ('ials', '0', 'ease'), ('blend', '0', 'ease')])
+def test_each_top_n_family_serves_what_the_trainer_measured(trained, tmp_path, model, dropout,
+                                                            form):
     model_dir = str(tmp_path / model)
     assert task.main(['--work-dir', trained, '--job-dir', model_dir, '--posterior-samples', '0',
                       '--topn-model', model, '--topn-search', 'off', '--num-epochs', '4',
-                      '--ease-dropout', dropout]) == 0
+                      '--ease-dropout', dropout, '--ease-form', form]) == 0
     metrics = features.read_json(features.join(model_dir, features.METRICS_FILE))
     assert metrics['topn']['model'] == model and metrics['topn']['search'] is None
     assert (metrics['topn'].get('ease_lambda') is not None) == (model != 'ials')
     if model != 'ials':
         assert metrics['topn']['ease_dropout'] == float(dropout)
+        assert metrics['topn']['ease_form'] == form
     tuning, final, facts = bench.load_problems(trained)
     row = bench.served_row(trained, model_dir, final, 0, facts['seed'])
     for name in ('ndcg', 'precision', 'recall', 'coverage'):

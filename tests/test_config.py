@@ -84,6 +84,7 @@ def test_os_environ_is_read_when_no_mapping_is_given(monkeypatch):
     ('--ease-dropout', '1'),
     ('--ease-dropout', '-0.1'),
     ('--ease-dropout', 'half'),
+    ('--ease-form', 'slim'),
     ('--ease-max-movies', '1'),
     ('--topn-blend', '1.5'),
     ('--topn-model', 'slim'),
@@ -96,7 +97,7 @@ def test_bad_values_get_one_line_naming_flag_value_and_range(flag, value, capsys
     assert len(errors) == 1 and 'error:' in errors[0] and '(see --help)' in errors[0]
     assert flag in errors[0] and repr(value) in errors[0]
     assert 'is not a int' not in errors[0]
-    if flag not in ('--optimizer', '--topn-search', '--topn-model'):
+    if flag not in ('--optimizer', '--topn-search', '--topn-model', '--ease-form'):
         assert 'in [' in errors[0] or 'in (' in errors[0]
         assert f'pass e.g. {flag} ' in errors[0]
 

@@ -48,6 +48,29 @@ def test_closed_form_equals_each_movie_s_ridge_regression_on_the_others(dropout)
         assert weights[j, j] == 0.0
 
 
+@pytest.mark.parametrize('dropout', [0.0, 0.4])
+def test_the_dlae_form_is_each_movie_s_ridge_regression_on_all_movies(dropout):
+    # Without diag(B) = 0: min |X - XB|^2 + sum_k Lambda_kk |B_k|^2, column j regressed on
+    # every movie, itself included (the stacked least-squares problem [X; Lambda^1/2]).
+    # The stored B drops the diagonal (it scores only rated movies, never recommended).
+    user, item, rating = _ratings(3, 50, 12, 0.35)
+    x = _dense(user, item, rating, 50, 12)
+    lam = 3.0
+    weights = ease.weights_from_gram(x.T @ x, lam, dropout, 'dlae')
+    penalty = lam + dropout / (1 - dropout) * np.sum(x * x, axis=0)
+    stacked = np.vstack([x, np.diag(np.sqrt(penalty))])
+    direct = np.linalg.lstsq(stacked, np.vstack([x, np.zeros((12, 12))]), rcond=None)[0]
+    np.fill_diagonal(direct, 0.0)
+    np.testing.assert_allclose(weights, direct, rtol=1e-7, atol=1e-10)
+    # The two forms differ by a scale per column k: Lambda_kk against 1 / P_kk.
+    inverse, diagonal = ease.penalised_inverse(x.T @ x, lam, dropout)
+    np.testing.assert_allclose(
+        weights, ease.weights_from_gram(x.T @ x, lam, dropout) * (diagonal * np.diag(inverse)),
+        rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match='form'):
+        ease.weights_from_inverse(inverse, diagonal, 'slim')
+
+
 def test_no_dropout_is_ease_and_dropout_shrinks_popular_movies_weights_more():
     user, item, rating = _ratings(2, 60, 10, 0.4)
     x = _dense(user, item, rating, 60, 10)

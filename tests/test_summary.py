@@ -72,6 +72,10 @@ def test_the_lists_line_says_which_model_validation_chose_and_from_how_many_poin
     assert summary.lists_phrase(dropped) == 'EASE (lambda 100, dropout 0.5, no like term)'
     assert summary.lists_phrase({**dropped, 'ease_dropout': 0.0}) == (
         'EASE (lambda 100, no like term)')
+    assert summary.lists_phrase({**dropped, 'ease_form': 'dlae'}) == (
+        'EASE (lambda 100, dropout 0.5, DLAE form, no like term)')
+    assert summary.lists_phrase({**dropped, 'ease_form': 'ease'}) == (
+        'EASE (lambda 100, dropout 0.5, no like term)')
     weighted = {'model': 'ials', 'factors': 48, 'target': 'weighted', 'like': None,
                 'search': None}
     assert summary.lists_phrase(weighted) == 'iALS (48 factors, weighted targets, no like term)'

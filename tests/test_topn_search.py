@@ -78,11 +78,13 @@ def test_the_search_picks_the_planted_item_item_model(splits, tiny_grid, tmp_pat
     assert stages.count('ials') == 2 and stages.count('ease') >= 2
     best_ials = max(row['validation_ndcg'] for row in result.table if row['stage'] == 'ials')
     assert result.validation_ndcg > 0.9 > best_ials + 0.2
-    # The chosen (lambda, dropout) is the walk's best point; no rating model: no like term.
-    rungs = {(row['settings']['lambda'], row['settings']['dropout']): row['validation_ndcg']
-             for row in result.table if row['stage'] == 'ease'}
-    assert {0.0, 0.25} <= {dropout for _, dropout in rungs}  # the dropout ladder ran
-    assert rungs[result.ease_lambda, result.ease_dropout] == max(rungs.values())
+    # The chosen (lambda, dropout, form) is the walk's best point, each scored in both
+    # forms; no rating model: no like term.
+    rungs = {(row['settings']['lambda'], row['settings']['dropout'], row['settings']['form']):
+             row['validation_ndcg'] for row in result.table if row['stage'] == 'ease'}
+    assert {0.0, 0.25} <= {dropout for _, dropout, _ in rungs}  # the dropout ladder ran
+    assert {(lam, dropout, form) for lam, dropout, _ in rungs for form in ease.FORMS} == set(rungs)
+    assert rungs[result.ease_lambda, result.ease_dropout, result.ease_form] == max(rungs.values())
     assert result.like_weight == 0.0
     # Every blend weight was tried on the two best models and scored no better.
     blends = [row['settings']['blend'] for row in result.table if row['stage'] == 'score']
@@ -95,7 +97,8 @@ def test_the_chosen_ease_serves_the_ndcg_the_search_measured(splits, tiny_grid, 
     result = topn_search.search(_config(tmp_path), splits, (USERS, 2 * PAIRS), seed=0)
     fit = splits.fit
     stored = ease.fit(fit.user.numpy(), fit.item.numpy(), fit.rating.numpy(), USERS,
-                      2 * PAIRS, result.ease_lambda, count=200, dropout=result.ease_dropout)
+                      2 * PAIRS, result.ease_lambda, count=200, dropout=result.ease_dropout,
+                      form=result.ease_form)
     model = lists.ListModel('ease', neighbours=stored, seen_values=ease.user_values(
         fit.user.numpy(), fit.item.numpy(), fit.rating.numpy()), blend=1.0)
     where = topn_search._Slice(fit, splits.validation, USERS, 2 * PAIRS, 5000, 0)
@@ -142,7 +145,8 @@ def test_a_spent_budget_stops_each_stage_after_its_first_point(splits, tiny_grid
     result = topn_search.search(_config(tmp_path, topn_search_seconds=1e-3), splits,
                                 (USERS, 2 * PAIRS), seed=0)
     stages = [row['stage'] for row in result.table]
-    assert stages.count('ease') == 1 and stages.count('ials') == 1
+    # EASE's first point, in each of its forms (one inverse), and iALS's first point.
+    assert stages.count('ease') == len(ease.FORMS) and stages.count('ials') == 1
     # The score grid still compares the two families' best, no blend.
     assert [row['settings']['blend'] for row in result.table if row['stage'] == 'score'] == [
         0.0, 1.0]
@@ -171,7 +175,7 @@ def test_a_rung_whose_neighbours_the_budget_left_untried_is_on_the_edge(splits, 
                                         topn_search_seconds=1e-3),
                                 splits, (USERS, 2 * PAIRS), seed=0)
     assert [row['settings'] for row in result.table if row['stage'] == 'ease'] == [
-        {'lambda': 16.0, 'dropout': 0.0}]
+        {'lambda': 16.0, 'dropout': 0.0, 'form': form} for form in ease.FORMS]
     assert result.on_edge == ('EASE lambda 16',)
 
 
@@ -221,16 +225,22 @@ def test_a_dropout_at_the_top_of_its_ladder_is_on_the_edge():
     assert (lam, dropout, edges) == (100.0, 0.0, [])
 
 
+@pytest.mark.parametrize('form', ['ease', 'dlae'])
 def test_a_dropout_flag_off_the_ladder_is_walked_from_where_it_sits(splits, tiny_grid,
-                                                                   tmp_path):
-    result = topn_search.search(_config(tmp_path, topn_model='ease', ease_dropout=0.1),
+                                                                   tmp_path, form):
+    result = topn_search.search(_config(tmp_path, topn_model='ease', ease_dropout=0.1,
+                                        ease_form=form),
                                 splits, (USERS, 2 * PAIRS), seed=0)
     rows = [row['settings'] for row in result.table if row['stage'] == 'ease']
-    assert rows[0] == {'lambda': 8.0, 'dropout': 0.1}
+    # The flags' point first, in the flags' form, then the other form.
+    other = next(value for value in ease.FORMS if value != form)
+    assert rows[:2] == [{'lambda': 8.0, 'dropout': 0.1, 'form': form},
+                        {'lambda': 8.0, 'dropout': 0.1, 'form': other}]
     assert {0.0, 0.25} <= {row['dropout'] for row in rows}  # its neighbours on the ladder
     best = max((row for row in result.table if row['stage'] == 'ease'),
                key=lambda row: row['validation_ndcg'])
-    assert best['settings'] == {'lambda': result.ease_lambda, 'dropout': result.ease_dropout}
+    assert best['settings'] == {'lambda': result.ease_lambda, 'dropout': result.ease_dropout,
+                                'form': result.ease_form}
 
 
 def test_the_default_budget_grows_with_the_data_up_to_the_searched_sample():
@@ -299,7 +309,7 @@ def test_a_sampled_search_respects_its_budget(splits, tiny_grid, sampled, tmp_pa
                                 (USERS, 2 * PAIRS), seed=0)
     assert result.sample is not None and result.budget == 1e-3
     stages = [row['stage'] for row in result.table]
-    assert stages.count('ease') == 1 and stages.count('ials') == 1
+    assert stages.count('ease') == len(ease.FORMS) and stages.count('ials') == 1
 
 
 def test_the_flags_point_stays_unless_the_best_is_clearly_better(splits, tiny_grid, tmp_path,

@@ -47,6 +47,8 @@ TOPN_MODELS = ('auto', 'ials', 'ease', 'blend', 'rating')
 TOPN_SEARCH = ('on', 'off')
 # --topn-target choices: what a rated pair should score, 1 or g(r) (`trainer.topn.ials`).
 TOPN_TARGETS = ('rating', 'watched', 'weighted')
+# --ease-form choices: EASE's closed form with diag(B) = 0, or without (`trainer.topn.ease`).
+EASE_FORMS = ('ease', 'dlae')
 # --training-kernel choices: the fused C++ epoch (`trainer.ops.kernels`) where it
 # applies, else TensorFlow ops; the fused one (an error where it cannot run);
 # TensorFlow ops.
@@ -230,6 +232,9 @@ class TrainConfig:
       ease_dropout: EDLAE's dropout probability p in [0, 1): each movie's
         penalty grows by p / (1 - p) times its Gram diagonal (`trainer.topn.ease`);
         0 is EASE.  The search starts there and chooses p on validation.
+      ease_form: 'ease' (B's diagonal held at 0 while fitting: EASE, EDLAE) or
+        'dlae' (the denoising autoencoder, unconstrained; `trainer.topn.ease`).
+        The search tries both at every point.
       ease_max_movies: EASE keeps at most this many movies, the most rated.
       ease_neighbours: neighbours stored per movie for serving; 0: all of B
         (dense) up to `ease.DENSE_MAX_MOVIES` catalogue movies, else 200.
@@ -314,6 +319,7 @@ class TrainConfig:
     topn_search_seconds: float | None = None
     ease_lambda: float = 800.0
     ease_dropout: float = 0.0
+    ease_form: str = 'ease'
     ease_max_movies: int = 5_000
     ease_neighbours: int = 0
     topn_blend: float = 0.5
@@ -621,6 +627,10 @@ def _add_topn_flags(group: argparse._ArgumentGroup) -> None:
         help="EDLAE's dropout probability p in [0, 1): each movie's penalty grows by "
              'p / (1 - p) x its Gram diagonal; 0 (default): EASE (the search starts '
              'there and chooses p on validation)')
+    add('--ease-form', default=TrainConfig.ease_form, choices=EASE_FORMS,
+        help="'ease' (default): B's diagonal held at 0 while fitting (EASE; EDLAE with "
+             "dropout); 'dlae': the denoising autoencoder without that constraint "
+             '(the search tries both)')
     add('--ease-max-movies', default=TrainConfig.ease_max_movies,
         type=_bounded(int, '--ease-max-movies', 2, 50_000),
         help='EASE keeps the most-rated movies up to this many (a dense movies^2 '

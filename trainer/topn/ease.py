@@ -14,7 +14,15 @@ NeurIPS 2020, "Autoencoders that don't overfit towards the identity": the
 emphasised-denoising, zero-diagonal form): training to reconstruct X from X
 with each entry dropped with probability p penalises each movie's weights in
 proportion to its Gram diagonal, so popular movies' weights shrink more.
-p = 0 is EASE itself (Lambda = lam I).  X holds
+p = 0 is EASE itself (Lambda = lam I).
+
+The same penalty without the constraint diag(B) = 0 is the denoising linear
+autoencoder (DLAE, the same paper): B = (G + Lambda)^-1 G = I - P Lambda, so
+B_jk = -P_jk Lambda_kk off the diagonal.  Its diagonal scores only the movies a
+user rated, which are never recommended, so it is stored as 0 and the two
+forms rank alike but for each movie's column scale: Lambda_kk against
+1 / P_kk.  `FORMS` names the two; the search tries both at every (lambda,
+p) point, from one inverse (`weights_from_inverse`).  X holds
 g(r) = max(r - 2, 0.2) per rated pair (`ials.preference`: 3 stars 1, 5
 stars 3, 1-2 stars 0.2), so a disliked movie pulls its neighbours up less
 than a loved one; 'watched' targets put 1 in every rated cell.
@@ -46,6 +54,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from trainer import config
 from trainer.topn import ials
 
 logger = logging.getLogger(__name__)
@@ -56,6 +65,8 @@ DEFAULT_NEIGHBOURS = 200
 DENSE_MAX_MOVIES = 4_096
 # EASE keeps at most this many movies (the most rated); see the module doc.
 DEFAULT_MAX_MOVIES = 5_000
+# 'ease': the zero-diagonal closed form (EASE, EDLAE with dropout); 'dlae': unconstrained.
+FORMS = config.EASE_FORMS
 # Movie columns per block of the Gram matrix's sparse x dense products.
 _GRAM_BLOCK = 512
 
@@ -105,15 +116,33 @@ def penalty(gram_matrix: np.ndarray, lam: float, dropout: float = 0.0) -> np.nda
     return lam + dropout / (1.0 - dropout) * np.diag(np.asarray(gram_matrix, np.float64))
 
 
-def weights_from_gram(gram_matrix: np.ndarray, lam: float, dropout: float = 0.0) -> np.ndarray:
-    """B = I - P diag(1 / diag(P)), P = (G + Lambda)^-1, Lambda = lam I + p / (1 - p)
-    diag(G) with p = dropout (0: EASE), float64 (see the module doc)."""
+def penalised_inverse(gram_matrix: np.ndarray, lam: float,
+                      dropout: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """(P, Lambda's diagonal): P = (G + Lambda)^-1, float64 (see the module doc)."""
+    diagonal = penalty(gram_matrix, lam, dropout)
     inverse = np.array(gram_matrix, np.float64, copy=True)
-    inverse[np.diag_indices_from(inverse)] += penalty(gram_matrix, lam, dropout)
-    inverse = np.linalg.inv(inverse)
-    weights = -inverse / np.diag(inverse)
+    inverse[np.diag_indices_from(inverse)] += diagonal
+    return np.linalg.inv(inverse), diagonal
+
+
+def weights_from_inverse(inverse: np.ndarray, diagonal: np.ndarray,
+                         form: str = 'ease') -> np.ndarray:
+    """B of either form from `penalised_inverse`, its diagonal 0, float64: 'ease'
+    B = I - P diag(1 / diag(P)); 'dlae' B = I - P Lambda (see the module doc)."""
+    if form not in FORMS:
+        raise ValueError(f'form {form!r} is not one of {FORMS}')
+    scale = 1.0 / np.diag(inverse) if form == 'ease' else np.asarray(diagonal, np.float64)
+    weights = -inverse * scale[None, :]
     weights[np.diag_indices_from(weights)] = 0.0
     return weights
+
+
+def weights_from_gram(gram_matrix: np.ndarray, lam: float, dropout: float = 0.0,
+                      form: str = 'ease') -> np.ndarray:
+    """B of the given form (`weights_from_inverse`), P = (G + Lambda)^-1, Lambda = lam I
+    + p / (1 - p) diag(G) with p = dropout (0 and 'ease': EASE), float64 (see the
+    module doc)."""
+    return weights_from_inverse(*penalised_inverse(gram_matrix, lam, dropout), form)
 
 
 def stored_count(requested: int, num_items: int) -> int:
@@ -137,6 +166,7 @@ class Neighbours:
       movies: the movies in the model (all, or the most rated).
       dense: float32 [num_items, num_items]: all of B (0 outside the model), or None.
       dropout: EDLAE's dropout probability p B was solved with (0: EASE).
+      form: 'ease' (diag(B) = 0 while fitting) or 'dlae' (`FORMS`).
     """
     index: np.ndarray
     weight: np.ndarray
@@ -144,6 +174,7 @@ class Neighbours:
     movies: int
     dense: np.ndarray | None = None
     dropout: float = 0.0
+    form: str = 'ease'
 
     @property
     def count(self) -> int:
@@ -152,7 +183,7 @@ class Neighbours:
 
 
 def neighbours(weights: np.ndarray, subset: np.ndarray, num_items: int, count: int,
-               lam: float, dropout: float = 0.0) -> Neighbours:
+               lam: float, dropout: float = 0.0, form: str = 'ease') -> Neighbours:
     """The count largest |B_jk| of each row j of B (subset coordinates), in movie indices;
     all of B, dense, when count covers every other movie of a catalogue of at most
     DENSE_MAX_MOVIES."""
@@ -160,30 +191,33 @@ def neighbours(weights: np.ndarray, subset: np.ndarray, num_items: int, count: i
         dense = np.zeros((num_items, num_items), np.float32)
         dense[np.ix_(subset, subset)] = weights
         return Neighbours(np.zeros((num_items, 0), np.int32), np.zeros((num_items, 0), np.float32),
-                          float(lam), int(subset.size), dense, float(dropout))
+                          float(lam), int(subset.size), dense, float(dropout), form)
     count = max(1, min(count, subset.size - 1))
     strongest = np.argpartition(-np.abs(weights), count - 1, axis=1)[:, :count]
     index = np.zeros((num_items, count), np.int32)
     weight = np.zeros((num_items, count), np.float32)
     index[subset] = subset[strongest]
     weight[subset] = np.take_along_axis(weights, strongest, axis=1)
-    return Neighbours(index, weight, float(lam), int(subset.size), dropout=float(dropout))
+    return Neighbours(index, weight, float(lam), int(subset.size), dropout=float(dropout),
+                      form=form)
 
 
 def fit(users: np.ndarray, items: np.ndarray, ratings: np.ndarray, num_users: int,
         num_items: int, lam: float, target: str = 'rating',
         max_movies: int = DEFAULT_MAX_MOVIES,
-        count: int = DEFAULT_NEIGHBOURS, dropout: float = 0.0) -> Neighbours:
+        count: int = DEFAULT_NEIGHBOURS, dropout: float = 0.0,
+        form: str = 'ease') -> Neighbours:
     """EASE on rated pairs, cut to each movie's `count` strongest neighbours (all: dense);
-    dropout p > 0: EDLAE's penalty (see the module doc)."""
+    dropout p > 0: EDLAE's penalty; form 'dlae': without diag(B) = 0 (see the module
+    doc)."""
     started = time.perf_counter()
     subset = movie_subset(np.bincount(items, minlength=num_items), max_movies)
     weights = weights_from_gram(
         gram(users, items, pair_values(ratings, target), num_users, subset, num_items), lam,
-        dropout)
-    out = neighbours(weights, subset, num_items, count, lam, dropout)
-    logger.info('EASE on %d of %d movies, lambda %g, dropout %g, %d neighbours each: %.1f s',
-                subset.size, num_items, lam, dropout, out.count,
+        dropout, form)
+    out = neighbours(weights, subset, num_items, count, lam, dropout, form)
+    logger.info('EASE (%s form) on %d of %d movies, lambda %g, dropout %g, %d neighbours '
+                'each: %.1f s', form, subset.size, num_items, lam, dropout, out.count,
                 time.perf_counter() - started)
     return out
 

@@ -12,6 +12,8 @@ slice's ratings >= 4); the eval split is never read.  In order:
    then EDLAE's dropout p on EASE_DROPOUTS at that lambda, walked the same
    way; then, if another p won, the lambda ladder again at it (all within
    EASE_SHARE of the budget; p at the top of its ladder is on the edge).
+   Each point is scored in both of EASE's forms, B's diagonal held at 0
+   while fitting (EASE, EDLAE) or not (DLAE), from the same inverse.
    The points are ranked without the like term (it adds nothing to graded EASE on real
    MovieLens 100k: docs/evaluation.md), step 3 tries it on the best rung;
 2. iALS (`trainer.topn.train.trial`, with early stopping): first the flags'
@@ -152,6 +154,7 @@ class SearchResult:
       like_weight: beta.
       ease_lambda: EASE's best lambda (None without EASE).
       ease_dropout: its EDLAE dropout probability p (0: EASE; None without EASE).
+      ease_form: its form, 'ease' or 'dlae' (`ease.FORMS`; None without EASE).
       ials: the best iALS point {factors, l2, unobserved_weight, confidence,
         iterations} (None without iALS).
       validation_ndcg: the chosen point's NDCG@10 on the slice.
@@ -183,6 +186,7 @@ class SearchResult:
     sample: dict[str, int] | None = None
     validation_seconds: float = 0.0
     ease_dropout: float | None = None
+    ease_form: str | None = None
     # The chosen iALS point's trial (`topn_train.train`'s `searched`), unless it ran
     # on a sample of the users (its best count does not carry as it is; see
     # `refit_config`); not recorded.
@@ -314,12 +318,14 @@ class _Slice:
 
 def _ease_ladder(config: TrainConfig, fit: data.Ratings, sizes: tuple[int, int],
                  where: _Slice, table: list, clock: _Clock):
-    """The (dropout, lambda) walk's best: a _Best (settings {'lambda', 'dropout'}) and its
-    neighbours, the fit pairs' values and its edges (a list of phrases); records each
-    point.
+    """The (dropout, lambda) walk's best: a _Best (settings {'lambda', 'dropout', 'form'})
+    and its neighbours, the fit pairs' values and its edges (a list of phrases); records
+    each point, once per form.
 
     The lambda ladder at --ease-dropout, then the dropout ladder (EASE_DROPOUTS) at
-    that lambda, then, if another p won, the lambda ladder again at it.
+    that lambda, then, if another p won, the lambda ladder again at it.  Each point
+    is scored in both of `ease.FORMS` (one inverse, two rankings) and counts as the
+    better of the two.
     """
     num_users, num_items = sizes
     users, items, ratings = fit.user.numpy(), fit.item.numpy(), fit.rating.numpy()
@@ -331,22 +337,32 @@ def _ease_ladder(config: TrainConfig, fit: data.Ratings, sizes: tuple[int, int],
     count = ease_lib.stored_count(config.ease_neighbours, num_items)
     kept: list[_Best] = []
 
+    forms = (config.ease_form,) + tuple(form for form in ease_lib.FORMS
+                                        if form != config.ease_form)
+
     def score(lam: float, dropout: float) -> float:
+        """Both forms from one inverse: the better one's NDCG (the flags' form on a tie)."""
         started = time.perf_counter()
-        stored = ease_lib.neighbours(ease_lib.weights_from_gram(gram, lam, dropout), subset,
-                                     num_items, count, lam, dropout)
-        model = lists_lib.ListModel('ease', neighbours=stored, seen_values=seen_values,
-                                    blend=1.0)
-        raw = where.raw(lists_lib.scorer(model, where.seen, num_items))
-        ndcg, weight = where.ndcg(raw), 0.0
-        settings = {'lambda': lam, 'dropout': dropout}
-        table.append({'stage': 'ease', 'settings': settings, 'like_weight': weight,
-                      'validation_ndcg': ndcg, 'seconds': time.perf_counter() - started})
-        logger.info('Top-N search, EASE lambda %g, dropout %g: validation NDCG@%d %.4f '
-                    '(%.1f s)', lam, dropout, ranking.TOP_K, ndcg, table[-1]['seconds'])
-        if not kept or ndcg > kept[0].ndcg:
-            kept[:] = [_Best(ndcg, settings, raw, stored)]
-        return ndcg
+        inverse = ease_lib.penalised_inverse(gram, lam, dropout)
+        best = -math.inf
+        for form in forms:
+            stored = ease_lib.neighbours(ease_lib.weights_from_inverse(*inverse, form), subset,
+                                         num_items, count, lam, dropout, form)
+            model = lists_lib.ListModel('ease', neighbours=stored, seen_values=seen_values,
+                                        blend=1.0)
+            raw = where.raw(lists_lib.scorer(model, where.seen, num_items))
+            ndcg = where.ndcg(raw)
+            settings = {'lambda': lam, 'dropout': dropout, 'form': form}
+            table.append({'stage': 'ease', 'settings': settings, 'like_weight': 0.0,
+                          'validation_ndcg': ndcg, 'seconds': time.perf_counter() - started})
+            logger.info('Top-N search, EASE lambda %g, dropout %g, %s form: validation '
+                        'NDCG@%d %.4f (%.1f s)', lam, dropout, form, ranking.TOP_K, ndcg,
+                        table[-1]['seconds'])
+            started = time.perf_counter()
+            best = max(best, ndcg)
+            if not kept or ndcg > kept[0].ndcg:
+                kept[:] = [_Best(ndcg, settings, raw, stored)]
+        return best
 
     lam, dropout = float(np.clip(config.ease_lambda, *EASE_RANGE)), config.ease_dropout
     _, _, edges = ease_walk(score, lam, dropout, clock)
@@ -682,6 +698,7 @@ def search(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
         family=family, blend=blend, like_weight=weight,
         ease_lambda=None if family == 'ials' else ease_best.settings['lambda'],
         ease_dropout=None if family == 'ials' else ease_best.settings['dropout'],
+        ease_form=None if family == 'ials' else ease_best.settings['form'],
         ials=None if family == 'ease' else ials_best.settings,
         validation_ndcg=ndcg, table=tuple(table), on_edge=tuple(on_edge), kept_flags=kept_flags,
         ease_left_out=left_out,
@@ -715,7 +732,8 @@ def describe(result: SearchResult) -> str:
                      f'{point["iterations"]} iterations)')
     if result.ease_lambda is not None:
         dropout = f', dropout {result.ease_dropout:g}' if result.ease_dropout else ''
-        parts.append(f'EASE (lambda {result.ease_lambda:g}{dropout})')
+        form = ', DLAE form' if result.ease_form == 'dlae' else ''
+        parts.append(f'EASE (lambda {result.ease_lambda:g}{dropout}{form})')
     joined = ' + '.join(parts)
     if result.family == 'blend':
         joined = f'blend, EASE weight {result.blend:g}: {joined}'
