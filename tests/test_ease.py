@@ -87,6 +87,39 @@ def test_no_dropout_is_ease_and_dropout_shrinks_popular_movies_weights_more():
         ease.weights_from_gram(gram, 5.0, 1.0)
 
 
+def test_user_weights_make_each_user_s_total_weight_their_count_to_the_power_1_minus_a(
+        monkeypatch):
+    user, item, rating = _ratings(4, 45, 20, 0.3)
+    user = np.concatenate([user, np.full(15, 7)])  # one heavy user...
+    item = np.concatenate([item, np.arange(15)])
+    keep = np.unique(np.stack([user, item], 1), axis=0, return_index=True)[1]
+    user, item = user[keep], item[keep]
+    rating = np.resize(rating, user.size)
+    user[user == 44] = 43  # ... and user 44 with none
+    counts = np.bincount(user, minlength=45).astype(float)
+    assert ease.user_scale(user, 45, 0.0).tolist() == [1.0] * 45
+    scale = ease.user_scale(user, 45, 1.0)
+    rated = counts > 0
+    # a = 1: scale^2 x n_u is the mean count for every user (each weighs alike in total).
+    np.testing.assert_allclose(scale[rated] ** 2 * counts[rated], counts[rated].mean())
+    assert scale[44] == 1.0
+    # The Gram matrix of the scaled rows, summed block by block (blocks of 4 users here).
+    monkeypatch.setattr(ease, '_GRAM_BLOCK_CELLS', 4 * 20)
+    x = _dense(user, item, rating, 45, 20) * scale[:, None]
+    np.testing.assert_allclose(ease.gram(user, item, ease.pair_values(rating), 45,
+                                         np.arange(20), 20, scale), x.T @ x,
+                               rtol=1e-5, atol=1e-5)
+    # With weights, each column of B is the weighted ridge regression on the others.
+    lam = 2.0
+    weights = ease.weights_from_gram(x.T @ x, lam, 0.25)
+    penalty = lam + 0.25 / 0.75 * np.sum(x * x, axis=0)
+    for j in (0, 7, 19):
+        others = [k for k in range(20) if k != j]
+        direct = np.linalg.solve(x[:, others].T @ x[:, others] + np.diag(penalty[others]),
+                                 x[:, others].T @ x[:, j])
+        np.testing.assert_allclose(weights[others, j], direct, rtol=1e-7, atol=1e-10)
+
+
 def test_graded_values_and_the_gram_matrix_of_the_most_rated_movies():
     user, item, rating = _ratings(1, 40, 30, 0.3)
     assert ease.pair_values(np.array([1.0, 2.0, 3.0, 4.0, 5.0])).tolist() == pytest.approx(

@@ -58,6 +58,9 @@ def tiny_grid(monkeypatch):
     monkeypatch.setattr(topn_search, 'EASE_RANGE', (1.0, 64.0))
 
 
+DEFAULTS = config_lib.TrainConfig  # the flags' defaults (the walk's start)
+
+
 def _config(tmp_path, **overrides) -> config_lib.TrainConfig:
     values = dict(topn_factors=4, topn_l2=1.0, topn_unobserved_weight=0.05, topn_iterations=4,
                   ease_lambda=8.0, topn_search_seconds=600.0)
@@ -80,11 +83,14 @@ def test_the_search_picks_the_planted_item_item_model(splits, tiny_grid, tmp_pat
     assert result.validation_ndcg > 0.9 > best_ials + 0.2
     # The chosen (lambda, dropout, form) is the walk's best point, each scored in both
     # forms; no rating model: no like term.
-    rungs = {(row['settings']['lambda'], row['settings']['dropout'], row['settings']['form']):
-             row['validation_ndcg'] for row in result.table if row['stage'] == 'ease'}
-    assert {0.0, 0.25} <= {dropout for _, dropout, _ in rungs}  # the dropout ladder ran
-    assert {(lam, dropout, form) for lam, dropout, _ in rungs for form in ease.FORMS} == set(rungs)
-    assert rungs[result.ease_lambda, result.ease_dropout, result.ease_form] == max(rungs.values())
+    rungs = {tuple(row['settings'][key] for key in ('lambda', 'dropout', 'user_exponent',
+                                                    'form')): row['validation_ndcg']
+             for row in result.table if row['stage'] == 'ease'}
+    assert {0.0, 0.25} <= {point[1] for point in rungs}  # the dropout ladder ran
+    assert {0.0, 0.5} <= {point[2] for point in rungs}  # and the user exponent's
+    assert {(*point[:3], form) for point in rungs for form in ease.FORMS} == set(rungs)
+    assert rungs[result.ease_lambda, result.ease_dropout, result.ease_user_exponent,
+                 result.ease_form] == max(rungs.values())
     assert result.like_weight == 0.0
     # Every blend weight was tried on the two best models and scored no better.
     blends = [row['settings']['blend'] for row in result.table if row['stage'] == 'score']
@@ -98,7 +104,7 @@ def test_the_chosen_ease_serves_the_ndcg_the_search_measured(splits, tiny_grid, 
     fit = splits.fit
     stored = ease.fit(fit.user.numpy(), fit.item.numpy(), fit.rating.numpy(), USERS,
                       2 * PAIRS, result.ease_lambda, count=200, dropout=result.ease_dropout,
-                      form=result.ease_form)
+                      form=result.ease_form, user_exponent=result.ease_user_exponent)
     model = lists.ListModel('ease', neighbours=stored, seen_values=ease.user_values(
         fit.user.numpy(), fit.item.numpy(), fit.rating.numpy()), blend=1.0)
     where = topn_search._Slice(fit, splits.validation, USERS, 2 * PAIRS, 5000, 0)
@@ -175,8 +181,11 @@ def test_a_rung_whose_neighbours_the_budget_left_untried_is_on_the_edge(splits, 
                                         topn_search_seconds=1e-3),
                                 splits, (USERS, 2 * PAIRS), seed=0)
     assert [row['settings'] for row in result.table if row['stage'] == 'ease'] == [
-        {'lambda': 16.0, 'dropout': 0.0, 'form': form} for form in ease.FORMS]
-    assert result.on_edge == ('EASE lambda 16',)
+        {'lambda': 16.0, 'dropout': DEFAULTS.ease_dropout,
+         'user_exponent': DEFAULTS.ease_user_exponent, 'form': form} for form in ease.FORMS]
+    # ... and so are the dropout and the user exponent, whose neighbours went untried.
+    assert result.on_edge == ('EASE lambda 16', f'EASE dropout {DEFAULTS.ease_dropout:g}',
+                              f'EASE user exponent {DEFAULTS.ease_user_exponent:g}')
 
 
 def test_a_best_point_on_the_edge_is_said_in_one_line(splits, tmp_path, caplog, monkeypatch):
@@ -201,28 +210,49 @@ MEASURED_100K = {(800.0, 0.0): .2084, (1600.0, 0.0): .1951, (400.0, 0.0): .2135,
 def test_the_ease_walk_reaches_the_planted_best_dropout_and_lambda():
     asked = []
 
-    def score(lam, dropout):
-        asked.append((lam, dropout))
-        return MEASURED_100K[lam, dropout]
-    lam, dropout, edges = topn_search.ease_walk(score, 800.0, 0.0, topn_search._Clock(600.0))
-    assert (lam, dropout, edges) == (100.0, 0.5, [])
-    # The lambda ladder at p = 0, the p ladder at 400, the lambda ladder again at 0.5.
-    assert asked == list(MEASURED_100K)
+    def score(lam, dropout, exponent):  # planted: any user weighting scores less
+        asked.append((lam, dropout, exponent))
+        return MEASURED_100K[lam, dropout] - 0.01 * exponent
+    lam, dropout, exponent, edges = topn_search.ease_walk(score, 800.0, 0.0, 0.0,
+                                                          topn_search._Clock(600.0))
+    assert (lam, dropout, exponent, edges) == (100.0, 0.5, 0.0, [])
+    # The lambda ladder at p = 0, the p ladder at 400, the lambda ladder again at 0.5,
+    # then the exponent's first rung up, which scores less.
+    assert asked == [(*point, 0.0) for point in MEASURED_100K] + [(100.0, 0.5, 0.5)]
     assert 'EASE (lambda 100, dropout 0.5)' in topn_search.describe(dataclasses.replace(
         _any_result(), family='ease', blend=1.0, ease_lambda=lam, ease_dropout=dropout))
 
 
-def test_a_dropout_at_the_top_of_its_ladder_is_on_the_edge():
-    # NDCG rises with p everywhere and peaks at lambda 100 at every p.
-    def score(lam, dropout):
-        return dropout - abs(np.log2(lam / 100.0))
-    lam, dropout, edges = topn_search.ease_walk(score, 100.0, 0.0, topn_search._Clock(600.0))
-    assert (lam, dropout) == (100.0, max(topn_search.EASE_DROPOUTS))
-    assert edges == [f'EASE dropout {max(topn_search.EASE_DROPOUTS):g}']
-    # Falling with p: p = 0 (EASE) is the best and not an edge (p cannot go below 0).
-    lam, dropout, edges = topn_search.ease_walk(lambda lam, p: -p - abs(np.log2(lam / 100.0)),
-                                                100.0, 0.25, topn_search._Clock(600.0))
-    assert (lam, dropout, edges) == (100.0, 0.0, [])
+def test_a_user_exponent_that_wins_walks_lambda_again_at_it():
+    asked = []
+
+    def score(lam, dropout, exponent):  # planted best: lambda 100, p 0, a 1
+        asked.append((lam, dropout, exponent))
+        return -dropout - abs(exponent - 1.0) - abs(np.log2(lam / 100.0))
+    lam, dropout, exponent, edges = topn_search.ease_walk(score, 100.0, 0.0, 0.0,
+                                                          topn_search._Clock(600.0))
+    assert (lam, dropout, exponent, edges) == (100.0, 0.0, 1.0, [])
+    assert asked[-2:] == [(200.0, 0.0, 1.0), (50.0, 0.0, 1.0)]  # lambda's ladder at a = 1
+    assert 'EASE (lambda 100, user exponent 1, DLAE form)' in topn_search.describe(
+        dataclasses.replace(_any_result(), family='ease', blend=1.0, ease_lambda=lam,
+                            ease_dropout=dropout, ease_user_exponent=exponent,
+                            ease_form='dlae'))
+
+
+def test_a_dropout_or_exponent_at_the_top_of_its_ladder_is_on_the_edge():
+    # NDCG rises with p and a everywhere and peaks at lambda 100 at every p.
+    def score(lam, dropout, exponent):
+        return dropout + exponent - abs(np.log2(lam / 100.0))
+    lam, dropout, exponent, edges = topn_search.ease_walk(score, 100.0, 0.0, 0.0,
+                                                          topn_search._Clock(600.0))
+    top_p, top_a = max(topn_search.EASE_DROPOUTS), max(topn_search.EASE_USER_EXPONENTS)
+    assert (lam, dropout, exponent) == (100.0, top_p, top_a)
+    assert edges == [f'EASE dropout {top_p:g}', f'EASE user exponent {top_a:g}']
+    # Falling with p and a: 0 is the best and not an edge (neither can go below 0).
+    lam, dropout, exponent, edges = topn_search.ease_walk(
+        lambda lam, p, a: -p - a - abs(np.log2(lam / 100.0)), 100.0, 0.25, 0.5,
+        topn_search._Clock(600.0))
+    assert (lam, dropout, exponent, edges) == (100.0, 0.0, 0.0, [])
 
 
 @pytest.mark.parametrize('form', ['ease', 'dlae'])
@@ -234,12 +264,15 @@ def test_a_dropout_flag_off_the_ladder_is_walked_from_where_it_sits(splits, tiny
     rows = [row['settings'] for row in result.table if row['stage'] == 'ease']
     # The flags' point first, in the flags' form, then the other form.
     other = next(value for value in ease.FORMS if value != form)
-    assert rows[:2] == [{'lambda': 8.0, 'dropout': 0.1, 'form': form},
-                        {'lambda': 8.0, 'dropout': 0.1, 'form': other}]
+    exponent = DEFAULTS.ease_user_exponent
+    assert rows[:2] == [
+        {'lambda': 8.0, 'dropout': 0.1, 'user_exponent': exponent, 'form': form},
+        {'lambda': 8.0, 'dropout': 0.1, 'user_exponent': exponent, 'form': other}]
     assert {0.0, 0.25} <= {row['dropout'] for row in rows}  # its neighbours on the ladder
     best = max((row for row in result.table if row['stage'] == 'ease'),
                key=lambda row: row['validation_ndcg'])
     assert best['settings'] == {'lambda': result.ease_lambda, 'dropout': result.ease_dropout,
+                                'user_exponent': result.ease_user_exponent,
                                 'form': result.ease_form}
 
 

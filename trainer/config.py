@@ -231,7 +231,12 @@ class TrainConfig:
       ease_lambda: EASE's ridge lambda (the search's first rung).
       ease_dropout: EDLAE's dropout probability p in [0, 1): each movie's
         penalty grows by p / (1 - p) times its Gram diagonal (`trainer.topn.ease`);
-        0 is EASE.  The search starts there and chooses p on validation.
+        0 is EASE.  The search starts there (0.25: Steck's choice on MovieLens
+        20M, and generated data's) and chooses p on validation.
+      ease_user_exponent: a in each user's weight (ratings / mean ratings per
+        user)^-a in EASE's fit (`trainer.topn.ease`); 0 is EASE's unweighted sum.
+        The search starts there (0.5: generated data's best) and chooses a on
+        validation.
       ease_form: 'ease' (B's diagonal held at 0 while fitting: EASE, EDLAE) or
         'dlae' (the denoising autoencoder, unconstrained; `trainer.topn.ease`).
         The search tries both at every point.
@@ -318,8 +323,9 @@ class TrainConfig:
     topn_search: str = 'on'
     topn_search_seconds: float | None = None
     ease_lambda: float = 800.0
-    ease_dropout: float = 0.0
+    ease_dropout: float = 0.25
     ease_form: str = 'ease'
+    ease_user_exponent: float = 0.5
     ease_max_movies: int = 5_000
     ease_neighbours: int = 0
     topn_blend: float = 0.5
@@ -625,8 +631,13 @@ def _add_topn_flags(group: argparse._ArgumentGroup) -> None:
     add('--ease-dropout', default=TrainConfig.ease_dropout,
         type=_bounded(float, '--ease-dropout', 0, 1, high_inclusive=False),
         help="EDLAE's dropout probability p in [0, 1): each movie's penalty grows by "
-             'p / (1 - p) x its Gram diagonal; 0 (default): EASE (the search starts '
+             'p / (1 - p) x its Gram diagonal; 0: EASE (default 0.25; the search starts '
              'there and chooses p on validation)')
+    add('--ease-user-exponent', default=TrainConfig.ease_user_exponent,
+        type=_bounded(float, '--ease-user-exponent', 0, 4),
+        help="a in each user's weight in EASE's fit, (ratings / mean ratings per user)^-a: "
+             '0 weighs users as plain EASE, 1 weighs every user alike (default 0.5; the '
+             'search starts there and chooses a on validation)')
     add('--ease-form', default=TrainConfig.ease_form, choices=EASE_FORMS,
         help="'ease' (default): B's diagonal held at 0 while fitting (EASE; EDLAE with "
              "dropout); 'dlae': the denoising autoencoder without that constraint "

@@ -61,6 +61,8 @@ def lists_phrase(topn: dict) -> str:
         parts.append(f'lambda {topn["ease_lambda"]:g}')
         if topn.get('ease_dropout'):
             parts.append(f'dropout {topn["ease_dropout"]:g}')
+        if topn.get('ease_user_exponent'):
+            parts.append(f'user exponent {topn["ease_user_exponent"]:g}')
         if topn.get('ease_form') == 'dlae':
             parts.append('DLAE form')
     if topn.get('model') == 'blend':

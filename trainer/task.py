@@ -181,7 +181,7 @@ def _train_lists(config: config_lib.TrainConfig, info: features.DatasetInfo,
     family = 'ials' if config.topn_model == 'auto' else config.topn_model
     blend, like_weight, found = config.topn_blend, config.topn_like_weight, None
     ials_config, lam, dropout = config, config.ease_lambda, config.ease_dropout
-    form = config.ease_form
+    form, exponent = config.ease_form, config.ease_user_exponent
     if config.topn_search == 'on' and len(splits.validation) > 0:
         searched = time.perf_counter()
         found = topn_search.search(config, splits, sizes, info.seed, result.search_model,
@@ -194,6 +194,7 @@ def _train_lists(config: config_lib.TrainConfig, info: features.DatasetInfo,
             ials_config = topn_search.refit_config(config, found)
         if found.ease_lambda is not None:
             lam, dropout, form = found.ease_lambda, found.ease_dropout, found.ease_form
+            exponent = found.ease_user_exponent
     elif config.topn_search == 'on':
         logging.getLogger(__name__).info(
             'Top-N search: no validation slice (--validation-percent 0); the flags as given')
@@ -210,7 +211,7 @@ def _train_lists(config: config_lib.TrainConfig, info: features.DatasetInfo,
         stored = ease_lib.fit(train.user.numpy(), train.item.numpy(), train.rating.numpy(),
                               sizes[0], sizes[1], lam, max_movies=config.ease_max_movies,
                               count=ease_lib.stored_count(config.ease_neighbours, sizes[1]),
-                              dropout=dropout, form=form)
+                              dropout=dropout, form=form, user_exponent=exponent)
         seen_values = ease_lib.user_values(train.user.numpy(), train.item.numpy(),
                                            train.rating.numpy())
     model = lists_lib.ListModel(family, user_factors, item_factors, stored, seen_values,
@@ -244,6 +245,8 @@ def _topn_line(record: dict) -> str:
                   f'{record["ease_neighbours"]} neighbours each')
         dropout = (f', dropout {record["ease_dropout"]:g}' if record.get('ease_dropout')
                    else '')
+        dropout += (f', user exponent {record["ease_user_exponent"]:g}'
+                    if record.get('ease_user_exponent') else '')
         dropout += ', DLAE form' if record.get('ease_form') == 'dlae' else ''
         parts.append(f'EASE, lambda {record["ease_lambda"]:g}{dropout} on '
                      f'{record["ease_movies"]} movies, {stored}')

@@ -27,8 +27,17 @@ g(r) = max(r - 2, 0.2) per rated pair (`ials.preference`: 3 stars 1, 5
 stars 3, 1-2 stars 0.2), so a disliked movie pulls its neighbours up less
 than a loved one; 'watched' targets put 1 in every rated cell.
 
+Each user's squared error can weigh (n_u / mean n)^-a in the fit, n_u the
+user's rated pairs (`user_scale`: X's rows scaled by its square root in G
+only; a user's scores are scaled alike, which leaves their ranking as it
+is).  a = 0 is EASE's unweighted sum, where a user with 10 times the mean
+count adds 100 times the movie pairs of an average one to G; a = 1 weighs
+every user's error by 1 / n_u.  The search chooses a on validation.
+
 The inverse is dense, movies x movies in float64: 8 bytes x movies^2 for the
-Gram matrix and as much for its inverse, and O(movies^3) time.  Above
+Gram matrix and as much for its inverse, and O(movies^3) time.  The Gram
+matrix is summed over dense blocks of users, one BLAS product each (0.4 s at
+generated 1M).  Above
 `max_movies` the model keeps the most-rated movies only (ties by index); the
 others get no neighbours, so they score 0 for every user and are not
 recommended by EASE.  At 5,000 movies the two matrices take 400 MB.
@@ -67,8 +76,8 @@ DENSE_MAX_MOVIES = 4_096
 DEFAULT_MAX_MOVIES = 5_000
 # 'ease': the zero-diagonal closed form (EASE, EDLAE with dropout); 'dlae': unconstrained.
 FORMS = config.EASE_FORMS
-# Movie columns per block of the Gram matrix's sparse x dense products.
-_GRAM_BLOCK = 512
+# Users x movies per dense float32 block of the Gram matrix's products (64 MiB).
+_GRAM_BLOCK_CELLS = 16_777_216
 
 
 def pair_values(ratings: np.ndarray, target: str = 'rating') -> np.ndarray:
@@ -85,27 +94,41 @@ def movie_subset(item_counts: np.ndarray, max_movies: int) -> np.ndarray:
     return np.sort(order[:max_movies])
 
 
+def user_scale(users: np.ndarray, num_users: int, exponent: float) -> np.ndarray:
+    """Each user's row scale in the Gram matrix, (n_u / mean n)^(-exponent / 2), float64
+    [num_users] (n_u: the user's rated pairs; users with none get 1): the user's squared
+    error then weighs (n_u / mean n)^-exponent in the fit (see the module doc)."""
+    counts = np.bincount(np.asarray(users, np.int64), minlength=num_users).astype(np.float64)
+    scale = np.ones(num_users)
+    if exponent == 0.0 or not np.any(counts):
+        return scale
+    rated = counts > 0
+    scale[rated] = (counts[rated] / counts[rated].mean()) ** (-exponent / 2.0)
+    return scale
+
+
 def gram(users: np.ndarray, items: np.ndarray, values: np.ndarray, num_users: int,
-         subset: np.ndarray, num_items: int) -> np.ndarray:
-    """X^T X over the subset's movies, float64 [E, E]: sparse x dense products in
-    TensorFlow ops, a block of movie columns at a time."""
+         subset: np.ndarray, num_items: int, row_scale: np.ndarray | None = None) -> np.ndarray:
+    """X^T X over the subset's movies, float64 [E, E], X's rows scaled by row_scale (None:
+    1): dense float32 blocks of users, one BLAS product each, summed in float64."""
     column = np.full(num_items, -1, np.int64)
     column[subset] = np.arange(subset.size)
     keep = column[items] >= 0
     rows, cols = np.asarray(users, np.int64)[keep], column[items[keep]]
-    order = np.lexsort((cols, rows))
-    rows, cols, vals = rows[order], cols[order], np.asarray(values, np.float32)[keep][order]
-    x = tf.sparse.SparseTensor(np.stack([rows, cols], 1), vals, [num_users, subset.size])
-    x_t = tf.sparse.reorder(tf.sparse.transpose(x))
-    out = np.empty((subset.size, subset.size), np.float64)
-    by_column = np.argsort(cols, kind='stable')
-    column_starts = np.searchsorted(cols[by_column], np.arange(0, subset.size + 1))
-    for start in range(0, subset.size, _GRAM_BLOCK):
-        end = min(start + _GRAM_BLOCK, subset.size)
-        pick = by_column[column_starts[start]:column_starts[end]]
-        block = np.zeros((num_users, end - start), np.float32)
-        block[rows[pick], cols[pick] - start] = vals[pick]
-        out[:, start:end] = tf.sparse.sparse_dense_matmul(x_t, block).numpy()
+    vals = np.asarray(values, np.float64)[keep]
+    if row_scale is not None:
+        vals = vals * np.asarray(row_scale, np.float64)[rows]
+    order = np.argsort(rows, kind='stable')
+    rows, cols, vals = rows[order], cols[order], vals[order].astype(np.float32)
+    out = np.zeros((subset.size, subset.size), np.float64)
+    block_users = max(1, _GRAM_BLOCK_CELLS // max(subset.size, 1))
+    starts = np.searchsorted(rows, np.arange(0, num_users + block_users, block_users))
+    for first, begin, end in zip(range(0, num_users, block_users), starts[:-1], starts[1:]):
+        if begin == end:
+            continue
+        block = np.zeros((min(block_users, num_users - first), subset.size), np.float32)
+        block[rows[begin:end] - first, cols[begin:end]] = vals[begin:end]
+        out += block.T @ block
     return out
 
 
@@ -167,6 +190,7 @@ class Neighbours:
       dense: float32 [num_items, num_items]: all of B (0 outside the model), or None.
       dropout: EDLAE's dropout probability p B was solved with (0: EASE).
       form: 'ease' (diag(B) = 0 while fitting) or 'dlae' (`FORMS`).
+      user_exponent: a in the users' weights (n_u / mean n)^-a of the fit (`user_scale`).
     """
     index: np.ndarray
     weight: np.ndarray
@@ -175,6 +199,7 @@ class Neighbours:
     dense: np.ndarray | None = None
     dropout: float = 0.0
     form: str = 'ease'
+    user_exponent: float = 0.0
 
     @property
     def count(self) -> int:
@@ -183,7 +208,8 @@ class Neighbours:
 
 
 def neighbours(weights: np.ndarray, subset: np.ndarray, num_items: int, count: int,
-               lam: float, dropout: float = 0.0, form: str = 'ease') -> Neighbours:
+               lam: float, dropout: float = 0.0, form: str = 'ease',
+               user_exponent: float = 0.0) -> Neighbours:
     """The count largest |B_jk| of each row j of B (subset coordinates), in movie indices;
     all of B, dense, when count covers every other movie of a catalogue of at most
     DENSE_MAX_MOVIES."""
@@ -191,7 +217,8 @@ def neighbours(weights: np.ndarray, subset: np.ndarray, num_items: int, count: i
         dense = np.zeros((num_items, num_items), np.float32)
         dense[np.ix_(subset, subset)] = weights
         return Neighbours(np.zeros((num_items, 0), np.int32), np.zeros((num_items, 0), np.float32),
-                          float(lam), int(subset.size), dense, float(dropout), form)
+                          float(lam), int(subset.size), dense, float(dropout), form,
+                          float(user_exponent))
     count = max(1, min(count, subset.size - 1))
     strongest = np.argpartition(-np.abs(weights), count - 1, axis=1)[:, :count]
     index = np.zeros((num_items, count), np.int32)
@@ -199,25 +226,26 @@ def neighbours(weights: np.ndarray, subset: np.ndarray, num_items: int, count: i
     index[subset] = subset[strongest]
     weight[subset] = np.take_along_axis(weights, strongest, axis=1)
     return Neighbours(index, weight, float(lam), int(subset.size), dropout=float(dropout),
-                      form=form)
+                      form=form, user_exponent=float(user_exponent))
 
 
 def fit(users: np.ndarray, items: np.ndarray, ratings: np.ndarray, num_users: int,
         num_items: int, lam: float, target: str = 'rating',
         max_movies: int = DEFAULT_MAX_MOVIES,
         count: int = DEFAULT_NEIGHBOURS, dropout: float = 0.0,
-        form: str = 'ease') -> Neighbours:
+        form: str = 'ease', user_exponent: float = 0.0) -> Neighbours:
     """EASE on rated pairs, cut to each movie's `count` strongest neighbours (all: dense);
-    dropout p > 0: EDLAE's penalty; form 'dlae': without diag(B) = 0 (see the module
-    doc)."""
+    dropout p > 0: EDLAE's penalty; form 'dlae': without diag(B) = 0; user_exponent a:
+    each user's error weighs (n_u / mean n)^-a (see the module doc)."""
     started = time.perf_counter()
     subset = movie_subset(np.bincount(items, minlength=num_items), max_movies)
     weights = weights_from_gram(
-        gram(users, items, pair_values(ratings, target), num_users, subset, num_items), lam,
-        dropout, form)
-    out = neighbours(weights, subset, num_items, count, lam, dropout, form)
-    logger.info('EASE (%s form) on %d of %d movies, lambda %g, dropout %g, %d neighbours '
-                'each: %.1f s', form, subset.size, num_items, lam, dropout, out.count,
+        gram(users, items, pair_values(ratings, target), num_users, subset, num_items,
+             user_scale(users, num_users, user_exponent)), lam, dropout, form)
+    out = neighbours(weights, subset, num_items, count, lam, dropout, form, user_exponent)
+    logger.info('EASE (%s form) on %d of %d movies, lambda %g, dropout %g, user exponent %g, '
+                '%d neighbours each: %.1f s', form, subset.size, num_items, lam, dropout,
+                user_exponent, out.count,
                 time.perf_counter() - started)
     return out
 

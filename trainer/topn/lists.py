@@ -149,6 +149,7 @@ def record(lists: ListModel) -> dict[str, object]:
     if lists.uses_ease:
         out.update(ease_lambda=lists.neighbours.lam, ease_dropout=lists.neighbours.dropout,
                    ease_form=lists.neighbours.form,
+                   ease_user_exponent=lists.neighbours.user_exponent,
                    ease_movies=lists.neighbours.movies,
                    ease_neighbours=int(lists.neighbours.count),
                    ease_dense=lists.neighbours.dense is not None)

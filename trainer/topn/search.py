@@ -10,8 +10,10 @@ slice's ratings >= 4); the eval split is never read.  In order:
    ladder of doublings from --ease-lambda at --ease-dropout, walking towards
    the better neighbour until it stops improving (at most EASE_RUNGS solves);
    then EDLAE's dropout p on EASE_DROPOUTS at that lambda, walked the same
-   way; then, if another p won, the lambda ladder again at it (all within
-   EASE_SHARE of the budget; p at the top of its ladder is on the edge).
+   way; then, if another p won, the lambda ladder again at it; then the same
+   for the users' weight exponent a on EASE_USER_EXPONENTS from
+   --ease-user-exponent (all within EASE_SHARE of the budget; p or a at the
+   top of its ladder is on the edge).
    Each point is scored in both of EASE's forms, B's diagonal held at 0
    while fitting (EASE, EDLAE) or not (DLAE), from the same inverse.
    The points are ranked without the like term (it adds nothing to graded EASE on real
@@ -93,6 +95,8 @@ EASE_RUNGS = 8
 EASE_RANGE = (25.0, 409_600.0)
 # EDLAE's dropout probabilities p the search walks (0: EASE; `trainer.topn.ease`).
 EASE_DROPOUTS = (0.0, 0.25, 0.5, 0.67)
+# The users' weight exponents a the search walks (0: EASE's unweighted sum; `ease.user_scale`).
+EASE_USER_EXPONENTS = (0.0, 0.5, 1.0, 1.5)
 IALS_SPACE = {'factors': (16, 24, 32, 48, 64, 96, 128, 192),
               'l2_scale': (1 / 8, 8.0), 'unobserved_scale': (1 / 4, 16.0),
               'confidence': (0.0, 1.0), 'target': ('watched', 'weighted')}
@@ -102,7 +106,7 @@ IALS_SHARE = 0.7
 # (1M: 2.7e9, 21 s on a loaded 2-core machine; ml-25m: about 9e10).
 EASE_MAX_WORK = 5e9
 # ... and EASE's ladder climbs within this share.
-EASE_SHARE = 0.35
+EASE_SHARE = 0.45
 # The chosen point must beat the flags' iALS point by this many standard errors
 # of the paired per-user NDCG difference on the slice, else the flags' point is kept.
 CLEAR_MARGIN = 2.0
@@ -155,6 +159,8 @@ class SearchResult:
       ease_lambda: EASE's best lambda (None without EASE).
       ease_dropout: its EDLAE dropout probability p (0: EASE; None without EASE).
       ease_form: its form, 'ease' or 'dlae' (`ease.FORMS`; None without EASE).
+      ease_user_exponent: its users' weight exponent a (`ease.user_scale`; None without
+        EASE).
       ials: the best iALS point {factors, l2, unobserved_weight, confidence,
         iterations} (None without iALS).
       validation_ndcg: the chosen point's NDCG@10 on the slice.
@@ -187,6 +193,7 @@ class SearchResult:
     validation_seconds: float = 0.0
     ease_dropout: float | None = None
     ease_form: str | None = None
+    ease_user_exponent: float | None = None
     # The chosen iALS point's trial (`topn_train.train`'s `searched`), unless it ran
     # on a sample of the users (its best count does not carry as it is; see
     # `refit_config`); not recorded.
@@ -318,21 +325,19 @@ class _Slice:
 
 def _ease_ladder(config: TrainConfig, fit: data.Ratings, sizes: tuple[int, int],
                  where: _Slice, table: list, clock: _Clock):
-    """The (dropout, lambda) walk's best: a _Best (settings {'lambda', 'dropout', 'form'})
-    and its neighbours, the fit pairs' values and its edges (a list of phrases); records
-    each point, once per form.
+    """The walk's best (`ease_walk`): a _Best (settings {'lambda', 'dropout',
+    'user_exponent', 'form'}) and its neighbours, the fit pairs' values and its edges (a
+    list of phrases); records each point, once per form.
 
-    The lambda ladder at --ease-dropout, then the dropout ladder (EASE_DROPOUTS) at
-    that lambda, then, if another p won, the lambda ladder again at it.  Each point
-    is scored in both of `ease.FORMS` (one inverse, two rankings) and counts as the
-    better of the two.
+    Each point is scored in both of `ease.FORMS` (one inverse, two rankings) and counts
+    as the better of the two.  The Gram matrix is built once per user exponent.
     """
     num_users, num_items = sizes
     users, items, ratings = fit.user.numpy(), fit.item.numpy(), fit.rating.numpy()
     subset = ease_lib.movie_subset(np.bincount(items, minlength=num_items),
                                    config.ease_max_movies)
-    gram = ease_lib.gram(users, items, ease_lib.pair_values(ratings), num_users, subset,
-                         num_items)
+    values = ease_lib.pair_values(ratings)
+    grams: dict[float, np.ndarray] = {}  # by user exponent: the best point's and the last
     seen_values = ease_lib.user_values(users, items, ratings)
     count = ease_lib.stored_count(config.ease_neighbours, num_items)
     kept: list[_Best] = []
@@ -340,57 +345,77 @@ def _ease_ladder(config: TrainConfig, fit: data.Ratings, sizes: tuple[int, int],
     forms = (config.ease_form,) + tuple(form for form in ease_lib.FORMS
                                         if form != config.ease_form)
 
-    def score(lam: float, dropout: float) -> float:
+    def gram(exponent: float) -> np.ndarray:
+        if exponent not in grams:
+            for key in [key for key in grams
+                        if not kept or key != kept[0].settings['user_exponent']]:
+                del grams[key]
+            grams[exponent] = ease_lib.gram(users, items, values, num_users, subset, num_items,
+                                            ease_lib.user_scale(users, num_users, exponent))
+        return grams[exponent]
+
+    def score(lam: float, dropout: float, exponent: float) -> float:
         """Both forms from one inverse: the better one's NDCG (the flags' form on a tie)."""
         started = time.perf_counter()
-        inverse = ease_lib.penalised_inverse(gram, lam, dropout)
+        inverse = ease_lib.penalised_inverse(gram(exponent), lam, dropout)
         best = -math.inf
         for form in forms:
             stored = ease_lib.neighbours(ease_lib.weights_from_inverse(*inverse, form), subset,
-                                         num_items, count, lam, dropout, form)
+                                         num_items, count, lam, dropout, form, exponent)
             model = lists_lib.ListModel('ease', neighbours=stored, seen_values=seen_values,
                                         blend=1.0)
             raw = where.raw(lists_lib.scorer(model, where.seen, num_items))
             ndcg = where.ndcg(raw)
-            settings = {'lambda': lam, 'dropout': dropout, 'form': form}
+            settings = {'lambda': lam, 'dropout': dropout, 'user_exponent': exponent,
+                        'form': form}
             table.append({'stage': 'ease', 'settings': settings, 'like_weight': 0.0,
                           'validation_ndcg': ndcg, 'seconds': time.perf_counter() - started})
-            logger.info('Top-N search, EASE lambda %g, dropout %g, %s form: validation '
-                        'NDCG@%d %.4f (%.1f s)', lam, dropout, form, ranking.TOP_K, ndcg,
-                        table[-1]['seconds'])
+            logger.info('Top-N search, EASE lambda %g, dropout %g, user exponent %g, %s form: '
+                        'validation NDCG@%d %.4f (%.1f s)', lam, dropout, exponent, form,
+                        ranking.TOP_K, ndcg, table[-1]['seconds'])
             started = time.perf_counter()
             best = max(best, ndcg)
             if not kept or ndcg > kept[0].ndcg:
                 kept[:] = [_Best(ndcg, settings, raw, stored)]
         return best
 
-    lam, dropout = float(np.clip(config.ease_lambda, *EASE_RANGE)), config.ease_dropout
-    _, _, edges = ease_walk(score, lam, dropout, clock)
+    lam = float(np.clip(config.ease_lambda, *EASE_RANGE))
+    *_, edges = ease_walk(score, lam, config.ease_dropout, config.ease_user_exponent, clock)
     return kept[0], seen_values, edges
 
 
-def ease_walk(score, lam: float, dropout: float,
-              clock: _Clock) -> tuple[float, float, list[str]]:
-    """The coordinate walk over (lambda, dropout) of `_ease_ladder`, asking score(lam, p)
-    once per point: the best point tried, (lambda, p), and its edges (phrases)."""
-    tried: dict[tuple[float, float], float] = {}
+def ease_walk(score, lam: float, dropout: float, exponent: float,
+              clock: _Clock) -> tuple[float, float, float, list[str]]:
+    """The coordinate walk of `_ease_ladder` over lambda, then the dropout p, then the
+    user exponent a, asking score(lam, p, a) once per point; after a ladder that moves
+    p or a, lambda's ladder again: the best point tried, (lambda, p, a), and its edges
+    (phrases)."""
+    tried: dict[tuple[float, float, float], float] = {}
+    point = {'lambda': lam, 'dropout': dropout, 'user_exponent': exponent}
 
-    def cached(value: float, probability: float) -> float:
-        if (value, probability) not in tried:
-            tried[value, probability] = score(value, probability)
-        return tried[value, probability]
+    def at(**changes: float) -> float:
+        key = tuple({**point, **changes}.values())
+        if key not in tried:
+            tried[key] = score(*key)
+        return tried[key]
 
-    lam, lam_edge = _ladder(lambda value: cached(value, dropout), lam, EASE_RANGE, clock)
-    dropouts = tuple(sorted(set(EASE_DROPOUTS) | {dropout}))
-    best_dropout, dropout_edge = _walk(lambda value: cached(lam, value), dropouts,
-                                       dropouts.index(dropout), clock)
-    if best_dropout != dropout:
-        lam, lam_edge = _ladder(lambda value: cached(value, best_dropout), lam, EASE_RANGE,
-                                clock)
-    edges = [f'EASE lambda {lam:g}'] if lam_edge else []
-    if dropout_edge and best_dropout > 0:  # p = 0 (EASE) is not an edge: p >= 0
-        edges.append(f'EASE dropout {best_dropout:g}')
-    return lam, best_dropout, edges
+    point['lambda'], lam_edge = _ladder(lambda value: at(**{'lambda': value}), lam,
+                                        EASE_RANGE, clock)
+    edges = []
+    for name, ladder, phrase in (('dropout', EASE_DROPOUTS, 'EASE dropout'),
+                                 ('user_exponent', EASE_USER_EXPONENTS,
+                                  'EASE user exponent')):
+        values = tuple(sorted(set(ladder) | {point[name]}))
+        best, edge = _walk(lambda value, name=name: at(**{name: value}), values,
+                           values.index(point[name]), clock)
+        if edge and best > 0:  # 0 is no edge: p >= 0, a >= 0
+            edges.append(f'{phrase} {best:g}')
+        if best != point[name]:
+            point[name] = best
+            point['lambda'], lam_edge = _ladder(lambda value: at(**{'lambda': value}),
+                                                point['lambda'], EASE_RANGE, clock)
+    edges = ([f'EASE lambda {point["lambda"]:g}'] if lam_edge else []) + edges
+    return point['lambda'], point['dropout'], point['user_exponent'], edges
 
 
 def _ladder(score, start: float, bounds: tuple[float, float], clock: _Clock):
@@ -699,6 +724,7 @@ def search(config: TrainConfig, splits, sizes: tuple[int, int], seed: int,
         ease_lambda=None if family == 'ials' else ease_best.settings['lambda'],
         ease_dropout=None if family == 'ials' else ease_best.settings['dropout'],
         ease_form=None if family == 'ials' else ease_best.settings['form'],
+        ease_user_exponent=None if family == 'ials' else ease_best.settings['user_exponent'],
         ials=None if family == 'ease' else ials_best.settings,
         validation_ndcg=ndcg, table=tuple(table), on_edge=tuple(on_edge), kept_flags=kept_flags,
         ease_left_out=left_out,
@@ -733,7 +759,9 @@ def describe(result: SearchResult) -> str:
     if result.ease_lambda is not None:
         dropout = f', dropout {result.ease_dropout:g}' if result.ease_dropout else ''
         form = ', DLAE form' if result.ease_form == 'dlae' else ''
-        parts.append(f'EASE (lambda {result.ease_lambda:g}{dropout}{form})')
+        exponent = (f', user exponent {result.ease_user_exponent:g}'
+                    if result.ease_user_exponent else '')
+        parts.append(f'EASE (lambda {result.ease_lambda:g}{dropout}{exponent}{form})')
     joined = ' + '.join(parts)
     if result.family == 'blend':
         joined = f'blend, EASE weight {result.blend:g}: {joined}'
