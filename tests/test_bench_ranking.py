@@ -23,7 +23,7 @@ import pytest
 
 import preprocess
 from conftest import load_script
-from trainer import features, task
+from trainer import config, features, task
 
 data_extractor = load_script('data-extractor.py')
 bench = load_script('bench/ranking.py')
@@ -80,6 +80,7 @@ def test_each_top_n_family_serves_what_the_trainer_measured(trained, tmp_path, m
     if model != 'ials':
         assert metrics['topn']['ease_dropout'] == float(dropout)
         assert metrics['topn']['ease_form'] == form
+        assert metrics['topn']['ease_user_exponent'] == config.TrainConfig.ease_user_exponent
     tuning, final, facts = bench.load_problems(trained)
     row = bench.served_row(trained, model_dir, final, 0, facts['seed'])
     for name in ('ndcg', 'precision', 'recall', 'coverage'):
