@@ -231,8 +231,8 @@ class TrainConfig:
       ease_lambda: EASE's ridge lambda (the search's first rung).
       ease_dropout: EDLAE's dropout probability p in [0, 1): each movie's
         penalty grows by p / (1 - p) times its Gram diagonal (`trainer.topn.ease`);
-        0 is EASE.  The search starts there (0.25: Steck's choice on MovieLens
-        20M, and generated data's) and chooses p on validation.
+        0 is EASE.  The search starts there (0.25: generated data's best at
+        100k and 1M) and chooses p on validation.
       ease_user_exponent: a in each user's weight (ratings / mean ratings per
         user)^-a in EASE's fit (`trainer.topn.ease`); 0 is EASE's unweighted sum.
         The search starts there (0.5: generated data's best) and chooses a on
