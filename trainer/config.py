@@ -66,6 +66,15 @@ UNOBSERVED_MASS = 2000.0
 TOPN_L2_SCALE = 1.3
 
 
+def ease_phrases(dropout: float | None, user_exponent: float | None,
+                 form: str | None) -> list[str]:
+    """EASE's settings that differ from plain EASE, as the summary and logs name them:
+    ['dropout 0.25', 'user exponent 0.5', 'DLAE form'] (none for p 0, a 0, 'ease')."""
+    return ([f'dropout {dropout:g}'] if dropout else []) + (
+        [f'user exponent {user_exponent:g}'] if user_exponent else []) + (
+        ['DLAE form'] if form == 'dlae' else [])
+
+
 def default_topn_l2(train_ratings: int, users: int, movies: int) -> float:
     """The ridge --topn-l2 defaults to: stronger the more ratings each row has.
 

@@ -14,6 +14,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+from trainer import config
 from trainer import features
 from trainer import fileio
 from trainer import phases
@@ -59,12 +60,8 @@ def lists_phrase(topn: dict) -> str:
                      + (f', {topn["target"]} targets' if topn.get('target') else ''))
     if topn.get('ease_lambda') is not None:
         parts.append(f'lambda {topn["ease_lambda"]:g}')
-        if topn.get('ease_dropout'):
-            parts.append(f'dropout {topn["ease_dropout"]:g}')
-        if topn.get('ease_user_exponent'):
-            parts.append(f'user exponent {topn["ease_user_exponent"]:g}')
-        if topn.get('ease_form') == 'dlae':
-            parts.append('DLAE form')
+        parts += config.ease_phrases(topn.get('ease_dropout'), topn.get('ease_user_exponent'),
+                                     topn.get('ease_form'))
     if topn.get('model') == 'blend':
         parts.append(f'EASE weight {topn["blend"]:g}')
     like = topn.get('like')

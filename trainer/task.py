@@ -243,12 +243,10 @@ def _topn_line(record: dict) -> str:
     if record.get('ease_lambda') is not None:
         stored = ('all of B stored' if record.get('ease_dense') else
                   f'{record["ease_neighbours"]} neighbours each')
-        dropout = (f', dropout {record["ease_dropout"]:g}' if record.get('ease_dropout')
-                   else '')
-        dropout += (f', user exponent {record["ease_user_exponent"]:g}'
-                    if record.get('ease_user_exponent') else '')
-        dropout += ', DLAE form' if record.get('ease_form') == 'dlae' else ''
-        parts.append(f'EASE, lambda {record["ease_lambda"]:g}{dropout} on '
+        settings = ''.join(f', {phrase}' for phrase in config_lib.ease_phrases(
+            record.get('ease_dropout'), record.get('ease_user_exponent'),
+            record.get('ease_form')))
+        parts.append(f'EASE, lambda {record["ease_lambda"]:g}{settings} on '
                      f'{record["ease_movies"]} movies, {stored}')
     model = ' + '.join(parts)
     if record.get('family') == 'blend':

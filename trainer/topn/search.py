@@ -73,7 +73,7 @@ from trainer import data
 from trainer import features
 from trainer import logs
 from trainer import shutdown
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, ease_phrases
 from trainer.topn import ease as ease_lib
 from trainer.topn import lists as lists_lib
 from trainer.topn import ranking
@@ -757,11 +757,9 @@ def describe(result: SearchResult) -> str:
                      f'{point["confidence"]:g}, {point.get("target", "watched")} targets, '
                      f'{point["iterations"]} iterations)')
     if result.ease_lambda is not None:
-        dropout = f', dropout {result.ease_dropout:g}' if result.ease_dropout else ''
-        form = ', DLAE form' if result.ease_form == 'dlae' else ''
-        exponent = (f', user exponent {result.ease_user_exponent:g}'
-                    if result.ease_user_exponent else '')
-        parts.append(f'EASE (lambda {result.ease_lambda:g}{dropout}{exponent}{form})')
+        settings = ''.join(f', {phrase}' for phrase in ease_phrases(
+            result.ease_dropout, result.ease_user_exponent, result.ease_form))
+        parts.append(f'EASE (lambda {result.ease_lambda:g}{settings})')
     joined = ' + '.join(parts)
     if result.family == 'blend':
         joined = f'blend, EASE weight {result.blend:g}: {joined}'
